@@ -1,0 +1,143 @@
+"""From a model name to a loaded model: resolve, read config and tokenizer, build on meta, quantize, load."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from backend import hub
+from backend.config import DTYPES, EngineConfig
+from backend.errors import EngineError, QuantizationError, UnsupportedModelError
+from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
+from backend.models import build_model, select_model_impl
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    hf_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    model: nn.Module
+    impl: str
+    dtype: torch.dtype
+    device: torch.device
+    eos_token_ids: set[int]
+    quantization: str | None
+    swapped_modules: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
+
+    @property
+    def weights_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.data_ptr() in seen or t.is_meta:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+
+def load_hf_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UnsupportedModelError(f"{path.name} needs custom code: pass trust_remote_code=True to run it") from e
+        raise UnsupportedModelError(f"cannot read the config of {path}: {e}") from e
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config is not config:
+        raise UnsupportedModelError(
+            f"{type(config).__name__} is a multimodal model; only decoder language models are supported for now"
+        )
+    return config
+
+
+def resolve_dtype(requested: str, config: PretrainedConfig) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in DTYPES.values() else torch.float32
+
+
+def eos_ids(path: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids: set[int] = set()
+    candidates = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
+    try:
+        candidates.append(GenerationConfig.from_pretrained(path).eos_token_id)
+    except (OSError, ValueError):
+        pass
+    for c in candidates:
+        if isinstance(c, int):
+            ids.add(c)
+        elif isinstance(c, (list, tuple)):
+            ids.update(int(x) for x in c)
+    return ids
+
+
+def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedModel:
+    start = time.perf_counter()
+    path = hub.resolve_model(cfg.model, revision=cfg.revision, progress=progress)
+    hf_config = load_hf_config(path, cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    device = cfg.torch_device
+    dtype = resolve_dtype(cfg.dtype, hf_config)
+    impl = select_model_impl(hf_config, cfg.model_impl)
+    model = build_model(hf_config, impl, dtype, cfg.trust_remote_code)
+    swapped: list[str] = []
+    quant_name = None
+    method = _quant_method(cfg.quantization, hf_config)
+    if method is not None:
+        from backend.quantization import apply_quantization
+
+        method.check_device(device)
+        swapped = apply_quantization(model, method)
+        quant_name = method.name
+    target = getattr(model, "hf", model)  # the module whose names match the checkpoint
+    if impl == "transformers" and not names_match(target, checkpoint_keys(path)):
+        # The checkpoint needs transformers' own name conversions (renamed modules, per-expert MoE
+        # tensors merged into fused ones...): let transformers' loader (also lazy, per tensor) do it.
+        if method is not None:
+            raise QuantizationError(
+                f"{cfg.model}: its checkpoint needs transformers' weight conversions, which cannot be combined "
+                "with on-the-fly quantization yet; load it without quantization")
+        model.load_with_transformers(path, device)
+    else:
+        report = StreamingLoader(target, device, dtype).load(path)
+        materialize_leftovers(target, report, device, cfg.model)
+        if report.unexpected:
+            logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])
+    model.eval()
+    return LoadedModel(path, hf_config, tokenizer, model, impl, dtype, device, eos_ids(path, hf_config, tokenizer),
+                       quant_name, swapped, time.perf_counter() - start)
+
+
+def _quant_method(requested: str | None, hf_config: PretrainedConfig):
+    has_checkpoint_quant = getattr(hf_config, "quantization_config", None) is not None
+    if requested is None and not has_checkpoint_quant:
+        return None
+    try:
+        from backend.quantization import resolve_quantization
+    except ImportError as e:  # pragma: no cover - the package ships with the project
+        raise QuantizationError(f"quantization is not available: {e}") from e
+    try:
+        return resolve_quantization(requested, hf_config)
+    except EngineError:
+        raise
+    except Exception as e:
+        raise QuantizationError(f"cannot set up quantization {requested!r}: {e}") from e

@@ -1,0 +1,77 @@
+"""EngineConfig: every engine option in one validated dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from backend.errors import EngineError
+
+MODEL_IMPLS = ("auto", "native", "transformers")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    model_impl: str = "auto"
+    quantization: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    # KV cache
+    block_size: int = 16
+    kv_cache_memory_gb: float | None = None  # budget for the KV cache; None = a share of free memory
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
+    max_model_len: int | None = None  # defaults to the model's context, capped by max_model_len_cap
+    enable_prefix_caching: bool = True
+    # scheduler
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per-step token budget; prefills are chunked to fit
+    # kernels
+    attention_backend: str = "auto"  # torch on CPU, triton on CUDA
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise EngineError("model must be a Hub id or a local folder path, got an empty value")
+        if self.model_impl not in MODEL_IMPLS:
+            raise EngineError(f"model_impl must be one of {MODEL_IMPLS}, got {self.model_impl!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise EngineError(f"dtype must be 'auto' or one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise EngineError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError("device='cuda' was asked for but no CUDA device is available; use device='cpu'")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise EngineError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise EngineError(f"{name} must be a positive integer, got {value!r}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise EngineError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise EngineError("num_kv_blocks must be positive")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise EngineError("kv_cache_memory_gb must be positive")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise EngineError("max_model_len must be positive")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise EngineError(f"unknown engine option(s) {unknown}; known options: {sorted(known - {'extra'})}")
+        return cls(model=model, **kwargs)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,170 @@
+"""Stream safetensors checkpoints into a model built on the meta device.
+
+Each tensor is read from disk, cast and moved to the target device one at a time and put in place of
+its meta parameter, so the model is never in memory twice. Quantized linear modules (see
+backend/quantization) receive their tensors through `load_tensor` and quantize on arrival.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from backend.errors import UnsupportedModelError
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if list(path.glob("*.gguf")):
+            raise UnsupportedModelError("GGUF is not supported; use a safetensors checkpoint of the model instead")
+        raise UnsupportedModelError(
+            f"no *.safetensors weights in {path}; only safetensors checkpoints are loaded "
+            "(convert .bin weights with `save_pretrained(..., safe_serialization=True)`)"
+        )
+    return files
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, load) pairs over every tensor of the checkpoint; `load()` reads one tensor from disk."""
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, (lambda f=f, name=name: f.get_tensor(name))
+
+
+def checkpoint_keys(path: Path) -> set[str]:
+    """Tensor names of the checkpoint, read from the safetensors headers only."""
+    keys: set[str] = set()
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def names_match(model: nn.Module, keys: set[str]) -> bool:
+    """Whether every weight of `model` (tied ones aside) is in the checkpoint under its own name."""
+    prefix = getattr(model, "base_model_prefix", "")
+    tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
+    stripped = {k.removeprefix(prefix + ".") for k in keys} if prefix else keys
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        if name in tied or name in keys or name.removeprefix(prefix + ".") in stripped:
+            continue
+        return False
+    return True
+
+
+@dataclass
+class LoadReport:
+    loaded: set[str] = field(default_factory=set)
+    unexpected: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Replace parameter or buffer `name` (dotted) with `value`, keeping its kind."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        value = nn.Parameter(value, requires_grad=False)
+        module._parameters[attr] = value
+    else:
+        module._buffers[attr] = value
+    value._is_hf_initialized = True  # transformers' init functions skip flagged tensors
+    return value
+
+
+class StreamingLoader:
+    """Maps checkpoint names to the model and puts each tensor in place."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype,
+                 rename: Callable[[str], str | None] | None = None) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.rename = rename
+        self.targets = dict(model.named_parameters(remove_duplicate=False))
+        self.targets.update(dict(model.named_buffers(remove_duplicate=False)))
+        self.quant_modules = {n: m for n, m in model.named_modules() if hasattr(m, "load_tensor")}
+        prefix = getattr(model, "base_model_prefix", "")
+        self.base_prefix = f"{prefix}." if prefix else ""
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        self.keep_fp32 = re.compile("|".join(re.escape(k) for k in keep)) if keep else None
+
+    def _resolve(self, name: str) -> str | None:
+        if self.rename is not None:
+            renamed = self.rename(name)
+            if renamed is None:
+                return None
+            name = renamed
+        for candidate in (name, self.base_prefix + name, name.removeprefix(self.base_prefix)):
+            module_name = candidate.rpartition(".")[0]
+            if candidate in self.targets or module_name in self.quant_modules:
+                return candidate
+        return None
+
+    def load(self, checkpoint: Path) -> LoadReport:
+        report = LoadReport()
+        for raw_name, read in iter_checkpoint(checkpoint):
+            name = self._resolve(raw_name)
+            if name is None:
+                report.unexpected.append(raw_name)
+                continue
+            self.put(name, read())
+            report.loaded.add(name)
+        for module in self.quant_modules.values():
+            module.finalize()
+        return report
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        module_name, _, attr = name.rpartition(".")
+        if module_name in self.quant_modules:
+            self.quant_modules[module_name].load_tensor(attr, tensor, self.device, self.dtype)
+            return
+        target = self.targets[name]
+        dtype = tensor.dtype
+        if tensor.is_floating_point():
+            keep = self.keep_fp32 is not None and self.keep_fp32.search(name)
+            dtype = torch.float32 if keep else self.dtype
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise UnsupportedModelError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+            )
+        set_tensor(self.model, name, tensor.to(device=self.device, dtype=dtype))
+
+
+def materialize_leftovers(model: nn.Module, report: LoadReport, device: torch.device, model_name: str) -> None:
+    """Tie shared weights, rebuild non-persistent buffers, and refuse a model with missing weights."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for target, source in tied.items():
+        if target not in report.loaded and source in params and not params[source].is_meta:
+            set_tensor(model, target, params[source])
+            report.tied.append(target)
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if missing:
+        raise UnsupportedModelError(
+            f"{model_name}: {len(missing)} weights were not found in the checkpoint (e.g. {missing[:4]}); the checkpoint "
+            "names do not match the model. If transformers converts this checkpoint on load, it is not supported here yet."
+        )
+    meta_buffers = [n for n, b in model.named_buffers(remove_duplicate=False) if b.is_meta]
+    for name in meta_buffers:
+        buf = model.get_buffer(name)
+        module_name, _, attr = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[attr] = torch.empty_like(buf, device=device)
+    if meta_buffers and hasattr(model, "initialize_weights"):
+        model.initialize_weights()  # only unflagged tensors (the buffers) are written
+    still = [n for n, b in model.named_buffers() if b.is_meta]
+    if still:
+        raise UnsupportedModelError(f"{model_name}: could not rebuild buffers {still[:4]}")

@@ -1,0 +1,79 @@
+"""Per-step statistics and memory probes that every caller (UI, server, bench) can read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+
+
+@dataclass
+class MemorySnapshot:
+    weights_bytes: int
+    kv_cache_bytes: int  # allocated for the cache
+    kv_used_bytes: int  # held by live blocks
+    rss_bytes: int
+    cuda_allocated_bytes: int = 0
+    cuda_reserved_bytes: int = 0
+
+
+@dataclass
+class StepStats:
+    step: int
+    time: float  # seconds since the engine started
+    duration: float  # seconds spent in the step
+    batch_size: int
+    prefill_tokens: int
+    decode_tokens: int
+    sampled_tokens: int
+    tokens_per_s: float  # (prefill + decode) / duration
+    output_tokens_per_s: float  # sampled / duration
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_hit_blocks: int  # cumulative
+    preemptions: int  # cumulative
+    memory: MemorySnapshot
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_snapshot(weights_bytes: int, kv_cache_bytes: int, kv_used_bytes: int, device: torch.device) -> MemorySnapshot:
+    snap = MemorySnapshot(weights_bytes, kv_cache_bytes, kv_used_bytes, psutil.Process().memory_info().rss)
+    if device.type == "cuda":
+        snap.cuda_allocated_bytes = torch.cuda.memory_allocated(device)
+        snap.cuda_reserved_bytes = torch.cuda.memory_reserved(device)
+    return snap
+
+
+class Metrics:
+    """A bounded, thread-safe history of StepStats."""
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        self.start = time.perf_counter()
+        self._history: deque[StepStats] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+        self.total_steps = 0
+
+    def record(self, stats: StepStats) -> None:
+        with self._lock:
+            self._history.append(stats)
+            self.total_steps += 1
+
+    def history(self, since_step: int = -1) -> list[StepStats]:
+        with self._lock:
+            return [s for s in self._history if s.step > since_step]
+
+    def last(self) -> StepStats | None:
+        with self._lock:
+            return self._history[-1] if self._history else None
+
+    def reset(self) -> None:
+        with self._lock:
+            self._history.clear()

@@ -1,0 +1,49 @@
+"""Model registry and the implementation switch (auto | native | transformers)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from backend.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+# HF architecture name -> "module:Class" of our native implementation.
+NATIVE_MODELS: dict[str, str] = {}
+
+
+def architecture_of(config: PretrainedConfig) -> str:
+    archs = getattr(config, "architectures", None) or []
+    return archs[0] if archs else type(config).__name__.replace("Config", "ForCausalLM")
+
+
+def select_model_impl(config: PretrainedConfig, requested: str) -> str:
+    arch = architecture_of(config)
+    if requested == "transformers":
+        return "transformers"
+    if arch in NATIVE_MODELS:
+        return "native"
+    if requested == "native":
+        raise UnsupportedModelError(
+            f"no native implementation for {arch}; natively supported: {sorted(NATIVE_MODELS) or 'none'}. "
+            "Use model_impl='transformers' (or 'auto') to run it through the transformers fallback."
+        )
+    logger.info("%s has no native implementation: using the transformers fallback", arch)
+    return "transformers"
+
+
+def build_model(config: PretrainedConfig, impl: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """Build the model on the meta device (weights are streamed in afterwards)."""
+    if impl == "native":
+        module_name, cls_name = NATIVE_MODELS[architecture_of(config)].split(":")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        with torch.device("meta"):
+            return cls(config, dtype)
+    from backend.models.transformers import TransformersModel
+
+    return TransformersModel(config, dtype, trust_remote_code)

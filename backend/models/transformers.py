@@ -1,0 +1,129 @@
+"""The transformers fallback: the HF modeling code owns the module tree, our paged attention is injected.
+
+We register an attention function under our own name with transformers' `AttentionInterface` and
+build the model with `attn_implementation=` that name. The whole mixed batch runs as one row
+`[1, num_tokens]` with per-token `position_ids`; the step's metadata (`ForwardBatch`) travels as a
+forward kwarg, which transformers hands down to every attention call. Because the name is not
+registered as a mask function, transformers builds no attention mask: the engine owns causality.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig
+
+from backend.errors import UnsupportedModelError
+from backend.forward_batch import ForwardBatch
+from backend.layers.attention import paged_attention
+
+ATTENTION_NAME = "fallback_lab_paged"
+BATCH_KWARG = "flab_batch"
+
+
+def fallback_lab_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # (1, Hq, T, D)
+    key: torch.Tensor,  # (1, Hkv, T, D)
+    value: torch.Tensor,  # (1, Hkv, T, D)
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    batch: ForwardBatch | None = kwargs.get(BATCH_KWARG)
+    if batch is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention was called outside the engine (no {BATCH_KWARG} kwarg)")
+    q = query[0].transpose(0, 1)  # (T, Hq, D)
+    k = key[0].transpose(0, 1)  # (T, Hkv, D)
+    v = value[0].transpose(0, 1)
+    out = paged_attention(
+        q, k, v, module.layer_idx, batch,
+        scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
+        softcap=kwargs.get("softcap"),
+        sliding_window=kwargs.get("sliding_window"),
+        sinks=kwargs.get("s_aux"),
+    )
+    return out.unsqueeze(0), None  # (1, T, Hq, D)
+
+
+def register_attention() -> str:
+    """Register our attention function with transformers (idempotent) and return its name."""
+    AttentionInterface.register(ATTENTION_NAME, fallback_lab_attention)
+    return ATTENTION_NAME
+
+
+def resolve_model_class(config: PretrainedConfig, trust_remote_code: bool) -> type:
+    auto_map = getattr(config, "auto_map", None) or {}
+    if "AutoModelForCausalLM" in auto_map and trust_remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], config.name_or_path)
+    if "AutoModelForCausalLM" in auto_map and type(config) not in AutoModelForCausalLM._model_mapping:
+        raise UnsupportedModelError(
+            f"{config.name_or_path} uses custom modeling code (auto_map); pass trust_remote_code=True to run it"
+        )
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"{type(config).__name__} (model_type={config.model_type!r}) has no causal-LM class in transformers; "
+            "only decoder language models are supported"
+        ) from None
+
+
+def check_attention_support(cls: type) -> None:
+    if not getattr(cls, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{cls.__name__} cannot run with the injected paged attention: its class does not set "
+            "`_supports_attention_backend = True`. A model works here when (1) its attention modules call "
+            "`ALL_ATTENTION_FUNCTIONS[config._attn_implementation](self, q, k, v, ..., **kwargs)` and pass the "
+            "forward kwargs down, and (2) its PreTrainedModel class sets `_supports_attention_backend = True`."
+        )
+
+
+class TransformersModel(nn.Module):
+    """Wraps an HF `*ForCausalLM`; `forward(batch)` returns logits of the sampled positions only."""
+
+    impl = "transformers"
+
+    def __init__(self, hf_config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> None:
+        super().__init__()
+        cls = resolve_model_class(hf_config, trust_remote_code)
+        check_attention_support(cls)
+        self.attention_name = register_attention()
+        config = copy.deepcopy(hf_config)  # from_config mutates the config it is given
+        with torch.device("meta"):
+            self.hf = cls._from_config(config, attn_implementation=self.attention_name, dtype=dtype)
+        self.hf.eval()
+        self.config = self.hf.config
+        self._cls, self._dtype, self._trust_remote_code = cls, dtype, trust_remote_code
+        params = inspect.signature(self.hf.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        self._check_layer_indices()
+
+    def load_with_transformers(self, path, device: torch.device) -> None:
+        """Load through transformers' own `from_pretrained` (for checkpoints that need its name conversions)."""
+        self.hf = self._cls.from_pretrained(
+            path, config=copy.deepcopy(self.config), attn_implementation=self.attention_name, dtype=self._dtype,
+            trust_remote_code=self._trust_remote_code,
+        ).to(device).eval()
+        self.config = self.hf.config
+
+    def _check_layer_indices(self) -> None:
+        names = [type(m).__name__ for m in self.hf.modules() if type(m).__name__.endswith("Attention")]
+        without = [n for n, m in self.hf.named_modules() if type(m).__name__.endswith("Attention") and not hasattr(m, "layer_idx")]
+        if names and without:
+            raise UnsupportedModelError(f"attention modules without `layer_idx` ({without[:2]}): cannot map them to KV cache layers")
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> (R, V)
+        kwargs = {BATCH_KWARG: batch, "use_cache": False}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = batch.logits_indices
+        out = self.hf(input_ids=batch.input_ids[None], position_ids=batch.positions[None], **kwargs)
+        logits = out.logits[0]  # (R or T, V)
+        return logits if self._logits_to_keep else logits[batch.logits_indices]

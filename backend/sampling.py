@@ -1,0 +1,111 @@
+"""SamplingParams (validated per request) and the batched sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from backend.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # transformers' semantics: over prompt and generated tokens
+    seed: int | None = None  # same seed, same output (independent of the rest of the batch)
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = no logprobs; 0 = chosen token only; n = also the top-n
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs must be None or 0..20"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative ints"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float] | None  # logprob of each chosen token (None when no row asked)
+    top_logprobs: list[list[tuple[int, float]] | None] | None
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalties: list[float]) -> torch.Tensor:
+    for row, (tokens, penalty) in enumerate(zip(history, penalties)):
+        if penalty == 1.0 or not tokens:
+            continue
+        idx = torch.tensor(tokens, device=logits.device, dtype=torch.long)
+        scores = logits[row, idx]
+        logits[row, idx] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:  # (V,) -> (V,) with -inf where cut
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if p.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,  # (B, V) float
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    history: list[list[int]],  # prompt + generated tokens per row (for repetition penalty)
+) -> SampleOutput:
+    logits = logits.float()
+    want_logprobs = any(p.logprobs is not None for p in params)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    if any(p.repetition_penalty != 1.0 for p in params):
+        logits = _apply_repetition_penalty(logits.clone(), history, [p.repetition_penalty for p in params])
+    chosen = logits.argmax(dim=-1)  # (B,)
+    for row, p in enumerate(params):
+        if p.greedy:
+            continue
+        row_logits = _filter(logits[row] / p.temperature, p)
+        probs = torch.softmax(row_logits, dim=-1)
+        chosen[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
+    token_ids = chosen.tolist()
+    if raw_logprobs is None:
+        return SampleOutput(token_ids, None, None)
+    chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    tops: list[list[tuple[int, float]] | None] = []
+    for row, p in enumerate(params):
+        if not p.logprobs:
+            tops.append(None)
+            continue
+        values, ids = torch.topk(raw_logprobs[row], p.logprobs)
+        tops.append(list(zip(ids.tolist(), values.tolist())))
+    return SampleOutput(token_ids, chosen_lp, tops)

@@ -1,0 +1,163 @@
+"""Continuous batching: who runs this step and how many new tokens each.
+
+Every step has a token budget (max_num_batched_tokens). Running sequences go first (decodes, and
+the next chunk of prefills already started), then waiting ones are admitted in arrival order with
+their prompt chunked to what is left of the budget. When the cache runs out of blocks the most
+recently admitted running sequence is preempted: its blocks are freed and it goes back to the front
+of the queue, to be recomputed later (its full blocks usually come back from the prefix cache).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from backend.kv_cache import BlockAllocator, block_hashes
+from backend.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # per sequence, this step
+    sample: list[bool]  # whether the step reaches the sequence's last known token (then it samples)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for s, n in zip(self.seqs, self.num_new_tokens) if s.num_computed_tokens < len(s.prompt_token_ids))
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        batch = ScheduledBatch([], [], [])
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self._grow(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break  # seq preempted itself: everything after it was preempted too
+            self._add_to_batch(batch, seq, n)
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._admit(seq, budget):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            self._add_to_batch(batch, seq, n)
+            budget -= n
+        return batch
+
+    def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(n)
+        batch.sample.append(seq.num_computed_tokens + n == seq.num_tokens)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make the block table cover `num_tokens` tokens; False when the cache is full."""
+        need = math.ceil(num_tokens / self.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_free:
+            return False
+        seq.block_table.extend(self.allocator.allocate(need))
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        tokens = seq.all_token_ids
+        # Leave at least one token to compute: the step must produce logits for the last one.
+        hashes = block_hashes(tokens[: len(tokens) - 1], self.block_size)
+        cached = self.allocator.match_prefix(hashes)
+        seq.block_table = cached
+        seq.num_computed_tokens = len(cached) * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens
+        seq.block_hashes = hashes[: len(cached)]
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        if not self._grow(seq, seq.num_computed_tokens + n):
+            self.allocator.free(seq.block_table)
+            seq.block_table, seq.block_hashes, seq.num_computed_tokens, seq.num_cached_tokens = [], [], 0, 0
+            return False
+        seq.status = SeqStatus.RUNNING
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.num_computed_tokens = [], [], 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # --- after the forward pass ---------------------------------------------------------------
+
+    def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
+        """Advance computed counts, publish newly full blocks to the prefix cache.
+
+        `sampled` maps seq_id -> token for the sequences that sampled; the engine appends tokens and
+        decides on finishing (it owns detokenization and stop strings) through `finish`.
+        """
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += n
+            done = len(seq.block_hashes)
+            full = seq.num_computed_tokens // self.block_size
+            if full > done:
+                tokens = seq.all_token_ids[: full * self.block_size]
+                prev = seq.block_hashes[-1] if done else None
+                new = block_hashes(tokens, self.block_size, done, prev)
+                for b, h in zip(seq.block_table[done:full], new):
+                    self.allocator.register(b, h)
+                seq.block_hashes.extend(new)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish (or abort) a sequence wherever it is and free its blocks at once."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = time.perf_counter()

@@ -1,0 +1,127 @@
+"""Write random-weight checkpoints of real architectures, with a real tokenizer, into a folder.
+
+Used by the tests, the examples, the benchmarks and the app's offline default. The folder looks like
+a Hub snapshot (config.json, model.safetensors, tokenizer files), so it loads through the same path.
+
+    python -m backend.tiny_models llama /tmp/tiny-llama
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|eos|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A paged KV cache splits memory into blocks. "
+    "Continuous batching lets requests join and leave between steps. Hello world! Once upon a time, "
+    "there was a small model that ran on a laptop. It counted 1 2 3 4 5 6 7 8 9 10 and said hello. "
+    "Attention is all you need; transformers, tokens, layers, heads, rotary embeddings and norms. "
+)
+
+# Architecture presets: HF model_type plus the options that make a tiny but representative model.
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512)
+ARCHS: dict[str, dict] = {
+    "llama": dict(model_type="llama", **_COMMON),
+    "llama3": dict(model_type="llama", **_COMMON, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)),
+    "mistral": dict(model_type="mistral", **_COMMON, sliding_window=8),
+    "qwen2": dict(model_type="qwen2", **_COMMON),
+    "qwen3": dict(model_type="qwen3", **_COMMON, head_dim=32),
+    "gemma": dict(model_type="gemma", **_COMMON, head_dim=16),
+    "gemma2": dict(model_type="gemma2", **_COMMON, head_dim=16, sliding_window=8,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=16),
+    "gemma3": dict(model_type="gemma3_text", **_COMMON, head_dim=16, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(model_type="phi3", **_COMMON),
+    "phi": dict(model_type="phi", **{k: v for k, v in _COMMON.items()}, partial_rotary_factor=0.5),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    "opt": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=512, word_embed_proj_dim=64),
+    "olmo": dict(model_type="olmo", **_COMMON),
+    "olmo2": dict(model_type="olmo2", **_COMMON),
+    "granite": dict(model_type="granite", **_COMMON, embedding_multiplier=2.0, logits_scaling=2.0,
+                    residual_multiplier=0.5, attention_multiplier=0.2),
+    "starcoder2": dict(model_type="starcoder2", **_COMMON),
+    "gptj": dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
+    "cohere": dict(model_type="cohere", **_COMMON),
+    "smollm3": dict(model_type="smollm3", **_COMMON),
+    "mixtral": dict(model_type="mixtral", **_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(model_type="qwen2_moe", **_COMMON, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    "gpt_oss": dict(model_type="gpt_oss", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=8, max_position_embeddings=512,
+                    layer_types=["sliding_attention", "full_attention"]),
+    # The shape of HuggingFaceTB/SmolLM2-135M (random weights), for benchmarks.
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True, vocab_size=49152),
+}
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a small corpus (every string round-trips)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_model(arch: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     init_std: float = 0.1, **overrides) -> Path:
+    """Write a random-weight `arch` checkpoint and its tokenizer to `path`; returns the path.
+
+    `init_std` is larger than transformers' default (0.02) so that greedy decoding of random weights
+    has clear winners (no near-ties that would make token-for-token comparisons fragile)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {sorted(ARCHS)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    options = dict(ARCHS[arch], **overrides)
+    model_type = options.pop("model_type")
+    tokenizer = build_tokenizer()
+    if "vocab_size" not in options:
+        options["vocab_size"] = len(tokenizer)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(model_type, **special, **options)
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("arch", choices=sorted(ARCHS))
+    parser.add_argument("path")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = build_tiny_model(args.arch, args.path, seed=args.seed, dtype=getattr(torch, args.dtype))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

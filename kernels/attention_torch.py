@@ -1,0 +1,173 @@
+"""Paged attention in plain torch: the CPU path of the engine and the reference for the Triton kernels.
+
+Cache layout (shared with the Triton kernels and both model implementations):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+Per step metadata:
+    slot_mapping    [num_tokens]   int64  block_id * block_size + offset of each new token
+    block_tables    [num_seqs, max_blocks] int32
+    seq_lens        [num_seqs]     int32  cached + new tokens
+    query_start_loc [num_seqs + 1] int32  cumulative new-token counts
+
+The new tokens of sequence i are the last `n_i = qsl[i+1] - qsl[i]` of its `seq_lens[i]` tokens and
+attend causally to everything before them (and, with a sliding window W, only to the last W tokens
+including themselves, the convention transformers uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_torch(
+    key: torch.Tensor,  # (T, Hkv, D)
+    value: torch.Tensor,  # (T, Hkv, D)
+    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # (T,) int64
+) -> None:
+    """Write the new tokens' K/V into their slots."""
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+@dataclass
+class TorchAttentionPlan:
+    """Gather indices built once per step and reused by every layer.
+
+    Decode sequences (one new token) are batched into one padded attention call; prefill
+    sequences (several new tokens) are handled one by one, each over its gathered context.
+    """
+
+    decode_tokens: torch.Tensor  # (Sd,) token index in the batch of each decode sequence
+    decode_slots: torch.Tensor  # (Sd, Lmax) flat cache slot of each context token (0 where padded)
+    decode_kv_pos: torch.Tensor  # (Lmax,) position of each context column
+    decode_lens: torch.Tensor  # (Sd,) context length
+    prefills: list[tuple[int, int, torch.Tensor]]  # (q_start, q_end, slots (L,)) per prefill sequence
+
+    @property
+    def num_decode(self) -> int:
+        return int(self.decode_tokens.numel())
+
+
+def build_plan(
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    block_tables: torch.Tensor,  # (S, MB) int32
+    block_size: int,
+) -> TorchAttentionPlan:
+    """Precompute the gather indices of one step (python lists in, index tensors out)."""
+    device = block_tables.device
+    num_seqs = len(seq_lens)
+    decode_ids = [i for i in range(num_seqs) if query_start_loc[i + 1] - query_start_loc[i] == 1]
+    decode_set = set(decode_ids)
+    max_len = max((seq_lens[i] for i in decode_ids), default=0)
+    arange = torch.arange(max(max_len, 1), device=device)
+    if decode_ids:
+        sel = torch.tensor(decode_ids, device=device, dtype=torch.long)
+        lens = torch.tensor([seq_lens[i] for i in decode_ids], device=device, dtype=torch.long)
+        tables = block_tables[sel].long()  # (Sd, MB)
+        blocks = tables.gather(1, (arange // block_size).clamp_max(tables.shape[1] - 1).expand(len(decode_ids), -1))
+        slots = blocks * block_size + arange % block_size  # (Sd, Lmax)
+        slots = torch.where(arange < lens[:, None], slots, torch.zeros_like(slots))
+        tokens = torch.tensor([query_start_loc[i] for i in decode_ids], device=device, dtype=torch.long)
+    else:
+        slots = torch.zeros(0, 1, dtype=torch.long, device=device)
+        lens = torch.zeros(0, dtype=torch.long, device=device)
+        tokens = torch.zeros(0, dtype=torch.long, device=device)
+    prefills = []
+    for i in range(num_seqs):
+        if i in decode_set:
+            continue
+        length = seq_lens[i]
+        pos = torch.arange(length, device=device)
+        seq_slots = block_tables[i, pos // block_size].long() * block_size + pos % block_size
+        prefills.append((query_start_loc[i], query_start_loc[i + 1], seq_slots))
+    return TorchAttentionPlan(tokens, slots, arange, lens, prefills)
+
+
+def _attend(
+    q: torch.Tensor,  # (S, Hq, Q, D)
+    k: torch.Tensor,  # (S, Hkv, L, D)
+    v: torch.Tensor,  # (S, Hkv, L, D)
+    mask: torch.Tensor,  # (S, 1, Q, L) bool, True = attend
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,  # (Hq,)
+) -> torch.Tensor:  # (S, Hq, Q, D)
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (S, Hq, Q, L)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink_col = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        scores = torch.cat([scores, sink_col], dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def paged_attention_planned(
+    q: torch.Tensor,  # (T, Hq, D)
+    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor,
+    plan: TorchAttentionPlan,
+    scale: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
+    nb, bs, hkv, d = k_cache.shape
+    flat_k = k_cache.view(nb * bs, hkv, d)
+    flat_v = v_cache.view(nb * bs, hkv, d)
+    out = torch.empty_like(q)
+    if plan.num_decode:
+        qd = q[plan.decode_tokens].unsqueeze(2)  # (Sd, Hq, 1, D)
+        kd = flat_k[plan.decode_slots].transpose(1, 2)  # (Sd, Hkv, Lmax, D)
+        vd = flat_v[plan.decode_slots].transpose(1, 2)
+        lens = plan.decode_lens[:, None]
+        mask = plan.decode_kv_pos[None, :] < lens  # (Sd, Lmax)
+        if sliding_window is not None:
+            mask &= plan.decode_kv_pos[None, :] > lens - 1 - sliding_window
+        od = _attend(qd, kd.to(q.dtype), vd.to(q.dtype), mask[:, None, None, :], scale, softcap, sinks)
+        out[plan.decode_tokens] = od.squeeze(2)
+    for start, end, slots in plan.prefills:
+        n, length = end - start, slots.numel()
+        qp = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
+        kp = flat_k[slots].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
+        vp = flat_v[slots].transpose(0, 1).unsqueeze(0)
+        q_pos = torch.arange(length - n, length, device=q.device)[:, None]
+        kv_pos = torch.arange(length, device=q.device)[None, :]
+        mask = kv_pos <= q_pos  # (n, L)
+        if sliding_window is not None:
+            mask &= kv_pos > q_pos - sliding_window
+        op = _attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask[None, None], scale, softcap, sinks)
+        out[start:end] = op[0].transpose(0, 1)
+    return out
+
+
+def paged_attention_torch(
+    q: torch.Tensor,  # (T, Hq, D)
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # (S+1,) int32
+    seq_lens: torch.Tensor,  # (S,) int32
+    block_tables: torch.Tensor,  # (S, MB) int32
+    scale: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
+    """Reference entry point with the same signature as the Triton kernel."""
+    plan = build_plan(query_start_loc.tolist(), seq_lens.tolist(), block_tables, k_cache.shape[1])
+    return paged_attention_planned(q, k_cache, v_cache, plan, scale, softcap, sliding_window, sinks)

@@ -109,7 +109,9 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         swapped = apply_quantization(model, method)
         quant_name = method.name
     target = getattr(model, "hf", model)  # the module whose names match the checkpoint
-    if impl == "transformers" and not names_match(target, checkpoint_keys(path)):
+    if impl == "native":
+        model.load_checkpoint(path, device, dtype)  # native models map (and fuse) checkpoint names themselves
+    elif not names_match(target, checkpoint_keys(path)):
         # The checkpoint needs transformers' own name conversions (renamed modules, per-expert MoE
         # tensors merged into fused ones...): let transformers' loader (also lazy, per tensor) do it.
         if method is not None:

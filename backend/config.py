@@ -53,8 +53,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise EngineError(f"{name} must be a positive integer, got {value!r}")
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise EngineError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise EngineError(f"block_size must be a power of two up to 256, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise EngineError("num_kv_blocks must be positive")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:

@@ -12,3 +12,22 @@ if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch, **overrides) -> path of a random-weight checkpoint (built once per session)."""
+    from backend.tiny_models import build_tiny_model
+
+    built: dict = {}
+
+    def make(arch: str = "llama", **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in built:
+            name = arch + "".join(f"-{k}{v}" for k, v in key[1])
+            built[key] = build_tiny_model(arch, tmp_path_factory.mktemp(name), **overrides)
+        return built[key]
+
+    return make

@@ -1,0 +1,135 @@
+"""The Engine API: token-id prompts, streaming, abort, concurrency, metrics, bad input."""
+
+import threading
+
+import pytest
+
+from backend import Engine, SamplingParams
+from backend.errors import EngineError, KVCacheError, ModelNotFoundError, RequestError, UnsupportedModelError
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    with Engine(str(tiny_model("llama")), dtype="float32", max_model_len=128) as e:
+        yield e
+
+
+def test_generate_from_token_ids_equals_text(engine):
+    text = engine.generate(["Hello world"], GREEDY)[0]
+    ids = engine.generate(prompt_token_ids=[text.prompt_token_ids], sampling_params=GREEDY)[0]
+    assert ids.token_ids == text.token_ids
+    assert ids.text == text.text and ids.finish_reason == "length"
+
+
+def test_stream_yields_deltas_that_add_up(engine):
+    full = engine.generate(["Once upon a time"], GREEDY)[0]
+    deltas = list(engine.stream("Once upon a time", GREEDY))
+    assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+    assert [t for d in deltas for t in d.token_ids] == full.token_ids
+    assert "".join(d.text for d in deltas) == full.text
+    assert any(d.stats is not None and d.stats.kv_blocks_total > 0 for d in deltas)
+
+
+def test_breaking_out_of_a_stream_aborts_and_frees_blocks(engine):
+    stream = engine.stream("The quick brown fox", SamplingParams(max_new_tokens=100, ignore_eos=True))
+    next(stream)
+    stream.close()  # like `break` in a for loop: the generator aborts the request on the spot
+    assert engine.allocator.num_used == 0
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    engine.check_invariants()
+
+
+def test_abort_by_id_frees_blocks_and_others_keep_going(engine):
+    keep = engine.add_request("Hello world", GREEDY)
+    drop = engine.add_request("1 2 3", SamplingParams(max_new_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort(drop)
+    while engine.has_unfinished():
+        engine.step()
+    reqs = engine._requests
+    assert reqs[drop].seq.finish_reason == "abort"
+    assert reqs[keep].seq.finish_reason == "length" and len(reqs[keep].seq.output_token_ids) == 8
+    engine.check_invariants()
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    reqs.pop(drop), reqs.pop(keep)
+
+
+def test_concurrent_streams_share_the_batch(engine):
+    results: dict[int, list[int]] = {}
+    expected = {i: o.token_ids for i, o in enumerate(engine.generate(["a b", "Hello", "1 2 3"], GREEDY))}
+
+    def worker(i, prompt):
+        results[i] = [t for d in engine.stream(prompt, GREEDY) for t in d.token_ids]
+
+    threads = [threading.Thread(target=worker, args=(i, p)) for i, p in enumerate(["a b", "Hello", "1 2 3"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == expected
+    assert max(s.batch_size for s in engine.metrics.history()) >= 2
+
+
+def test_metrics_are_recorded(engine):
+    engine.generate(["Hello world"], GREEDY)
+    last = engine.metrics.last()
+    assert last.duration > 0 and last.tokens_per_s > 0
+    assert last.kv_blocks_total == engine.allocator.num_blocks
+    assert last.memory.weights_bytes == engine.weights_bytes > 0
+    assert last.memory.kv_cache_bytes == engine.kv_cache.nbytes > 0
+    assert last.memory.rss_bytes > 0
+
+
+@pytest.mark.parametrize("bad", ["", None])
+def test_bad_prompts_raise_and_engine_keeps_serving(engine, bad):
+    with pytest.raises(RequestError):
+        engine.generate([bad], GREEDY)
+    assert engine.generate(["Hello"], GREEDY)[0].finish_reason == "length"
+
+
+def test_prompt_longer_than_context(engine):
+    with pytest.raises(RequestError, match="context"):
+        engine.generate(prompt_token_ids=[[5] * 200], sampling_params=GREEDY)
+    with pytest.raises(RequestError):
+        engine.generate(prompt_token_ids=[[10**9]], sampling_params=GREEDY)
+    assert not engine.scheduler.waiting
+    assert engine.generate(["Hello"], GREEDY)[0].finish_reason == "length"
+
+
+def test_generation_stops_at_the_context_limit(tiny_model):
+    with Engine(str(tiny_model("llama")), dtype="float32", max_model_len=32, block_size=8) as e:
+        out = e.generate(prompt_token_ids=[[5] * 28], sampling_params=SamplingParams(max_new_tokens=50, ignore_eos=True))
+        assert out[0].finish_reason == "length" and len(out[0].token_ids) == 4
+
+
+def test_unknown_path():
+    with pytest.raises(ModelNotFoundError):
+        Engine("/nonexistent/model/folder")
+
+
+def test_gguf_is_refused(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UnsupportedModelError, match="GGUF is not supported"):
+        Engine(str(tmp_path / "model.gguf"))
+
+
+def test_model_without_attention_backend_support_is_refused(tiny_model, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
+    with pytest.raises(UnsupportedModelError, match="_supports_attention_backend"):
+        Engine(str(tiny_model("llama")), model_impl="transformers")
+
+
+def test_kv_budget_too_small_for_one_sequence(tiny_model):
+    with pytest.raises(KVCacheError, match="max_model_len"):
+        Engine(str(tiny_model("llama")), max_model_len=256, num_kv_blocks=4, block_size=16)
+
+
+@pytest.mark.parametrize("opts", [dict(model_impl="fast"), dict(dtype="float8"), dict(block_size=12),
+                                  dict(max_num_seqs=0), dict(nonsense=1), dict(device="tpu")])
+def test_bad_engine_options(tiny_model, opts):
+    with pytest.raises(EngineError):
+        Engine(str(tiny_model("llama")), **opts)

@@ -112,6 +112,43 @@ def build_tiny_model(arch: str, path: str | Path, seed: int = 0, dtype: torch.dt
     return path
 
 
+REMOTE_CODE_DIR = Path(__file__).resolve().parent.parent / "examples" / "remote_code_model"
+
+
+def build_remote_code_model(path: str | Path, seed: int = 0, supports_attention_backend: bool = True) -> Path:
+    """Write a checkpoint whose modeling code ships in the folder (auto_map), like a trust_remote_code Hub repo.
+
+    The code is examples/remote_code_model/; with `supports_attention_backend=False` the copy has the flag
+    turned off (the engine must then refuse it with a clear error)."""
+    import json
+    import shutil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("configuration_flab.py", "modeling_flab.py"):
+        shutil.copy(REMOTE_CODE_DIR / name, path / name)
+    if not supports_attention_backend:
+        modeling = path / "modeling_flab.py"
+        modeling.write_text(modeling.read_text().replace("_supports_attention_backend = True",
+                                                         "_supports_attention_backend = False"))
+    tokenizer = build_tokenizer()
+    config = {
+        "model_type": "flab_tiny", "architectures": ["FlabForCausalLM"], "vocab_size": len(tokenizer),
+        "auto_map": {"AutoConfig": "configuration_flab.FlabTinyConfig",
+                     "AutoModelForCausalLM": "modeling_flab.FlabForCausalLM"},
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    loaded = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(loaded, trust_remote_code=True, dtype=torch.float32)
+    model.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(config, indent=2))  # keep the auto_map as written
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("arch", choices=sorted(ARCHS))

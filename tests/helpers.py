@@ -13,10 +13,10 @@ PROMPTS = [
 ]
 
 
-def hf_greedy(path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+def hf_greedy(path, prompts: list[str], max_new_tokens: int, trust_remote_code: bool = False) -> list[list[int]]:
     """Greedy continuation of each prompt with HF generate() (fp32, CPU, one prompt at a time)."""
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.generation_config.eos_token_id = None  # like ignore_eos=True: always max_new_tokens tokens
     outs = []
     for p in prompts:

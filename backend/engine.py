@@ -354,11 +354,33 @@ class Engine:
             self._weights_bytes = self.loaded.weights_bytes
         return self._weights_bytes
 
-    def kv_block_owners(self) -> dict[int, list[int]]:
-        """request id -> block table, for live views of the cache."""
+    def describe(self) -> dict:
+        """What runs: implementation, injected/swapped modules, model shape, cache geometry (for UI and notebook)."""
+        from backend.models.describe import describe_model
+
+        info = describe_model(self.loaded.model)
+        spec = self.kv_cache.spec
+        info.update(
+            model=self.config.model, path=str(self.loaded.path), requested_impl=self.config.model_impl,
+            dtype=str(self.loaded.dtype).removeprefix("torch."), device=str(self.device),
+            quantization=self.loaded.quantization, quantized_modules=len(self.loaded.swapped_modules),
+            attention_backend=self.attention_backend, weights_bytes=self.weights_bytes,
+            kv_cache=dict(num_blocks=self.kv_cache.num_blocks, block_size=spec.block_size, layers=spec.num_layers,
+                          kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, bytes=self.kv_cache.nbytes,
+                          max_model_len=self.max_model_len),
+        )
+        return info
+
+    def kv_cache_view(self) -> list[dict]:
+        """One entry per KV block: owners (request ids), reference count, whether it holds a cached prefix."""
         with self._lock:
-            return {r.seq.seq_id: list(r.seq.block_table) for r in self._requests.values()
-                    if r.seq.status is SeqStatus.RUNNING}
+            owners: list[list[int]] = [[] for _ in range(self.allocator.num_blocks)]
+            for seq in self.scheduler.running:
+                for b in seq.block_table:
+                    owners[b].append(seq.seq_id)
+            return [dict(block=b, owners=owners[b], ref_count=self.allocator.ref_count[b],
+                         cached=self.allocator.block_hash[b] is not None)
+                    for b in range(self.allocator.num_blocks)]
 
     def check_invariants(self) -> None:
         with self._lock:

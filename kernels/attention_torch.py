@@ -43,7 +43,7 @@ class TorchAttentionPlan:
     """
 
     decode_tokens: torch.Tensor  # (Sd,) token index in the batch of each decode sequence
-    decode_slots: torch.Tensor  # (Sd, Lmax) flat cache slot of each context token (0 where padded)
+    decode_slots: torch.Tensor  # (Sd, Lmax) flat cache slot of each context token (its first slot where padded)
     decode_kv_pos: torch.Tensor  # (Lmax,) position of each context column
     decode_lens: torch.Tensor  # (Sd,) context length
     prefills: list[tuple[int, int, torch.Tensor]]  # (q_start, q_end, slots (L,)) per prefill sequence
@@ -72,7 +72,8 @@ def build_plan(
         tables = block_tables[sel].long()  # (Sd, MB)
         blocks = tables.gather(1, (arange // block_size).clamp_max(tables.shape[1] - 1).expand(len(decode_ids), -1))
         slots = blocks * block_size + arange % block_size  # (Sd, Lmax)
-        slots = torch.where(arange < lens[:, None], slots, torch.zeros_like(slots))
+        # Padding reads the sequence's own first slot (always written): never another block's stale data.
+        slots = torch.where(arange < lens[:, None], slots, slots[:, :1])
         tokens = torch.tensor([query_start_loc[i] for i in decode_ids], device=device, dtype=torch.long)
     else:
         slots = torch.zeros(0, 1, dtype=torch.long, device=device)

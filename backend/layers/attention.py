@@ -23,13 +23,12 @@ def paged_attention(
     k_cache, v_cache = batch.kv_cache.k[layer_idx], batch.kv_cache.v[layer_idx]
     if batch.backend == "triton":
         from kernels.kv_store import store_kv_triton
-        from kernels.paged_attention import paged_attention_triton
+        from kernels.ops import paged_attention_triton_auto
 
         store_kv_triton(k, v, k_cache, v_cache, batch.slot_mapping)
-        return paged_attention_triton(
+        return paged_attention_triton_auto(
             q.contiguous(), k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, scale,
-            softcap=softcap, sliding_window=sliding_window, sinks=sinks,
-            max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+            softcap, sliding_window, sinks, batch.max_query_len, batch.max_seq_len,
         )
     store_kv_torch(k, v, k_cache, v_cache, batch.slot_mapping)
     return paged_attention_planned(q, k_cache, v_cache, batch.plan, scale, softcap, sliding_window, sinks)

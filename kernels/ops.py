@@ -1,0 +1,124 @@
+"""The engine's kernel entry points: Triton on CUDA tensors (or with FLAB_FORCE_TRITON=1), torch otherwise.
+
+    store_kv, paged_attention, rms_norm, apply_rotary, silu_and_mul, gelu_and_mul
+
+Triton is imported only by the kernel modules, through `kernels._triton`'s guarded import, so this
+module imports (and serves the torch paths) without Triton. `paged_attention` on the Triton path
+chooses between the unified kernel and split-KV decode with `choose_attention_kernel`; the env var
+FLAB_ATTENTION_KERNEL=unified|split_kv|auto (default auto) overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels._triton import use_triton
+from kernels.activation import gelu_and_mul, silu_and_mul
+from kernels.attention_choice import SPLIT_KV, UNIFIED, KernelChoice, KernelChoiceConfig, choose_attention_kernel
+from kernels.attention_torch import paged_attention_torch, store_kv_torch
+from kernels.norm import rms_norm
+from kernels.rotary import apply_rotary
+
+__all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "silu_and_mul", "gelu_and_mul",
+           "attention_kernel_for"]
+
+_ATTENTION_KERNELS = ("auto", UNIFIED, SPLIT_KV)
+
+
+def store_kv(
+    key: torch.Tensor,  # (T, Hkv, D)
+    value: torch.Tensor,  # (T, Hkv, D)
+    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # (T,) int64
+) -> None:
+    if use_triton(key):
+        from kernels.kv_store import store_kv_triton
+
+        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_torch(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter runs (FLAB_FORCE_TRITON on CPU): pretend an H100-sized GPU
+
+
+def attention_kernel_for(
+    num_seqs: int,
+    num_tokens: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    device: torch.device,
+    max_query_len: int | None = None,
+    config: KernelChoiceConfig = KernelChoiceConfig(),
+) -> KernelChoice:
+    """`choose_attention_kernel` with the device's SM count and the FLAB_ATTENTION_KERNEL override."""
+    forced = os.environ.get("FLAB_ATTENTION_KERNEL", "auto")
+    if forced not in _ATTENTION_KERNELS:
+        raise ValueError(f"FLAB_ATTENTION_KERNEL must be one of {_ATTENTION_KERNELS}, got {forced!r}")
+    choice = choose_attention_kernel(num_seqs, num_tokens, num_kv_heads, max_seq_len, _sm_count(device),
+                                     config, max_query_len)
+    decode_only = num_seqs > 0 and (max_query_len == 1 if max_query_len is not None else num_tokens == num_seqs)
+    if forced == UNIFIED or (forced == SPLIT_KV and not decode_only):
+        return KernelChoice(UNIFIED, 1)
+    if forced == SPLIT_KV and choice.kernel == UNIFIED:
+        return KernelChoice(SPLIT_KV, max(2, min(config.max_splits, -(-max_seq_len // config.min_tokens_per_split))))
+    return choice
+
+
+def paged_attention(
+    q: torch.Tensor,  # (T, Hq, D)
+    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # (S+1,) int32
+    seq_lens: torch.Tensor,  # (S,) int32
+    block_tables: torch.Tensor,  # (S, MB) int32
+    scale: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,  # (Hq,)
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
+    """Paged attention of a mixed batch. On the Triton path `max_seq_len` (host int) enables the
+    split-KV choice; without it (None) the unified kernel runs (no device sync to find it)."""
+    if not use_triton(q):
+        return paged_attention_torch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                     softcap, sliding_window, sinks)
+    return paged_attention_triton_auto(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                       softcap, sliding_window, sinks, max_query_len, max_seq_len)
+
+
+def paged_attention_triton_auto(
+    q: torch.Tensor,  # (T, Hq, D)
+    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
+    """The Triton path: the unified mixed-batch kernel or split-KV decode, chosen per step."""
+    choice = KernelChoice(UNIFIED, 1)
+    if max_seq_len is not None:
+        choice = attention_kernel_for(seq_lens.shape[0], q.shape[0], k_cache.shape[2], max_seq_len, q.device,
+                                      max_query_len)
+    if choice.kernel == SPLIT_KV:
+        from kernels.paged_decode import paged_decode_triton
+
+        return paged_decode_triton(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                   softcap, sliding_window, sinks, num_splits=choice.num_splits)
+    from kernels.paged_attention import paged_attention_triton
+
+    return paged_attention_triton(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                  softcap, sliding_window, sinks, max_query_len, max_seq_len)

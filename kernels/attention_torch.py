@@ -38,15 +38,17 @@ def store_kv_torch(
 class TorchAttentionPlan:
     """Gather indices built once per step and reused by every layer.
 
-    Decode sequences (one new token) are batched into one padded attention call; prefill
-    sequences (several new tokens) are handled one by one, each over its gathered context.
+    Context is gathered a whole block at a time (`k_cache[blocks]`), not slot by slot. Decode
+    sequences (one new token) are batched into one padded attention call; prefill sequences
+    (several new tokens) are handled one by one, each over its gathered context.
     """
 
     decode_tokens: torch.Tensor  # (Sd,) token index in the batch of each decode sequence
-    decode_slots: torch.Tensor  # (Sd, Lmax) flat cache slot of each context token (its first slot where padded)
-    decode_kv_pos: torch.Tensor  # (Lmax,) position of each context column
+    decode_blocks: torch.Tensor  # (Sd, NBmax) cache blocks of each decode sequence (its first block where padded)
+    decode_kv_pos: torch.Tensor  # (NBmax * BS,) position of each gathered context column
     decode_lens: torch.Tensor  # (Sd,) context length
-    prefills: list[tuple[int, int, torch.Tensor]]  # (q_start, q_end, slots (L,)) per prefill sequence
+    prefills: list[tuple[int, int, int, torch.Tensor]]  # (q_start, q_end, context length, blocks) per prefill
+    all_decode: bool  # every token of the batch is a decode token, in order (no scatter needed)
 
     @property
     def num_decode(self) -> int:
@@ -63,31 +65,28 @@ def build_plan(
     device = block_tables.device
     num_seqs = len(seq_lens)
     decode_ids = [i for i in range(num_seqs) if query_start_loc[i + 1] - query_start_loc[i] == 1]
-    decode_set = set(decode_ids)
-    max_len = max((seq_lens[i] for i in decode_ids), default=0)
-    arange = torch.arange(max(max_len, 1), device=device)
+    max_blocks = -(-max((seq_lens[i] for i in decode_ids), default=1) // block_size)
+    col = torch.arange(max_blocks, device=device)
     if decode_ids:
         sel = torch.tensor(decode_ids, device=device, dtype=torch.long)
         lens = torch.tensor([seq_lens[i] for i in decode_ids], device=device, dtype=torch.long)
-        tables = block_tables[sel].long()  # (Sd, MB)
-        blocks = tables.gather(1, (arange // block_size).clamp_max(tables.shape[1] - 1).expand(len(decode_ids), -1))
-        slots = blocks * block_size + arange % block_size  # (Sd, Lmax)
-        # Padding reads the sequence's own first slot (always written): never another block's stale data.
-        slots = torch.where(arange < lens[:, None], slots, slots[:, :1])
+        tables = block_tables[sel, :max_blocks].long()  # (Sd, NBmax)
+        # Padding reads the sequence's own first block (always written): never another block's stale data.
+        blocks = torch.where(col < ((lens + block_size - 1) // block_size)[:, None], tables, tables[:, :1])
         tokens = torch.tensor([query_start_loc[i] for i in decode_ids], device=device, dtype=torch.long)
     else:
-        slots = torch.zeros(0, 1, dtype=torch.long, device=device)
+        blocks = torch.zeros(0, 1, dtype=torch.long, device=device)
         lens = torch.zeros(0, dtype=torch.long, device=device)
         tokens = torch.zeros(0, dtype=torch.long, device=device)
+    decode_set = set(decode_ids)
     prefills = []
     for i in range(num_seqs):
-        if i in decode_set:
-            continue
-        length = seq_lens[i]
-        pos = torch.arange(length, device=device)
-        seq_slots = block_tables[i, pos // block_size].long() * block_size + pos % block_size
-        prefills.append((query_start_loc[i], query_start_loc[i + 1], seq_slots))
-    return TorchAttentionPlan(tokens, slots, arange, lens, prefills)
+        if i not in decode_set:
+            nb = -(-seq_lens[i] // block_size)
+            prefills.append((query_start_loc[i], query_start_loc[i + 1], seq_lens[i], block_tables[i, :nb].long()))
+    kv_pos = torch.arange(max_blocks * block_size, device=device)
+    all_decode = len(decode_ids) == num_seqs == query_start_loc[-1]
+    return TorchAttentionPlan(tokens, blocks, kv_pos, lens, prefills, all_decode)
 
 
 def _attend(
@@ -129,30 +128,36 @@ def paged_attention_planned(
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (T, Hq, D)
     nb, bs, hkv, d = k_cache.shape
-    flat_k = k_cache.view(nb * bs, hkv, d)
-    flat_v = v_cache.view(nb * bs, hkv, d)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if not plan.all_decode else None
     if plan.num_decode:
-        qd = q[plan.decode_tokens].unsqueeze(2)  # (Sd, Hq, 1, D)
-        kd = flat_k[plan.decode_slots].transpose(1, 2)  # (Sd, Hkv, Lmax, D)
-        vd = flat_v[plan.decode_slots].transpose(1, 2)
+        sd = plan.num_decode
+        qd = (q if plan.all_decode else q[plan.decode_tokens]).unsqueeze(2)  # (Sd, Hq, 1, D)
+        kd = k_cache[plan.decode_blocks].view(sd, -1, hkv, d).transpose(1, 2)  # (Sd, Hkv, NBmax*BS, D)
+        vd = v_cache[plan.decode_blocks].view(sd, -1, hkv, d).transpose(1, 2)
         lens = plan.decode_lens[:, None]
-        mask = plan.decode_kv_pos[None, :] < lens  # (Sd, Lmax)
+        mask = plan.decode_kv_pos[None, :] < lens  # (Sd, NBmax*BS)
         if sliding_window is not None:
             mask &= plan.decode_kv_pos[None, :] > lens - 1 - sliding_window
-        od = _attend(qd, kd.to(q.dtype), vd.to(q.dtype), mask[:, None, None, :], scale, softcap, sinks)
-        out[plan.decode_tokens] = od.squeeze(2)
-    for start, end, slots in plan.prefills:
-        n, length = end - start, slots.numel()
+        od = _attend(qd, kd.to(q.dtype), vd.to(q.dtype), mask[:, None, None, :], scale, softcap, sinks).squeeze(2)
+        if plan.all_decode:
+            return od
+        out[plan.decode_tokens] = od
+    for start, end, length, blocks in plan.prefills:
+        n = end - start
         qp = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
-        kp = flat_k[slots].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
-        vp = flat_v[slots].transpose(0, 1).unsqueeze(0)
-        q_pos = torch.arange(length - n, length, device=q.device)[:, None]
-        kv_pos = torch.arange(length, device=q.device)[None, :]
-        mask = kv_pos <= q_pos  # (n, L)
-        if sliding_window is not None:
-            mask &= kv_pos > q_pos - sliding_window
-        op = _attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask[None, None], scale, softcap, sinks)
+        kp = k_cache[blocks].view(-1, hkv, d)[:length].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
+        vp = v_cache[blocks].view(-1, hkv, d)[:length].transpose(0, 1).unsqueeze(0)
+        if n == length and sliding_window is None and softcap is None and sinks is None:
+            # no cached prefix: plain causal attention (lets SDPA take its fused causal kernel)
+            op = F.scaled_dot_product_attention(qp, kp.to(q.dtype), vp.to(q.dtype), is_causal=True, scale=scale,
+                                                enable_gqa=True)
+        else:
+            q_pos = torch.arange(length - n, length, device=q.device)[:, None]
+            kv_pos = torch.arange(length, device=q.device)[None, :]
+            mask = kv_pos <= q_pos  # (n, L)
+            if sliding_window is not None:
+                mask &= kv_pos > q_pos - sliding_window
+            op = _attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask[None, None], scale, softcap, sinks)
         out[start:end] = op[0].transpose(0, 1)
     return out
 

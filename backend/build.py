@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from backend import hub
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
+from backend.layers.upcast import cpu_has_fast_half_matmul, upcast_linears
 from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
 from backend.models import build_model, select_model_impl
 
@@ -34,6 +35,7 @@ class LoadedModel:
     quantization: str | None
     swapped_modules: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    num_upcast_linears: int = 0  # 16-bit linears computing many-token steps in fp32 (CPU without bf16 matmul)
 
     @property
     def weights_bytes(self) -> int:
@@ -125,8 +127,12 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         if report.unexpected:
             logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])
     model.eval()
+    upcast = 0
+    if device.type == "cpu" and dtype != torch.float32 and cfg.cpu_upcast is not False:
+        if cfg.cpu_upcast or not cpu_has_fast_half_matmul():
+            upcast = upcast_linears(model)
     return LoadedModel(path, hf_config, tokenizer, model, impl, dtype, device, eos_ids(path, hf_config, tokenizer),
-                       quant_name, swapped, time.perf_counter() - start)
+                       quant_name, swapped, time.perf_counter() - start, upcast)
 
 
 def _quant_method(requested: str | None, hf_config: PretrainedConfig):

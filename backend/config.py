@@ -33,6 +33,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget; prefills are chunked to fit
     # kernels
     attention_backend: str = "auto"  # torch on CPU, triton on CUDA
+    cpu_upcast: bool | None = None  # fp32 matmuls for 16-bit weights on CPUs without bf16 matmul; None = auto
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

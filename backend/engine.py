@@ -101,7 +101,7 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * 0.8)
         else:
-            budget = min(int(psutil.virtual_memory().available * 0.25), 4 * 2**30)
+            budget = min(int(psutil.virtual_memory().available * 0.25), 2**30)  # CPU: 1 GiB unless asked
         if cfg.max_model_len is None:  # take what the budget holds, up to the model's context
             max_len = min(model_len, (budget // spec.bytes_per_block) * spec.block_size)
             if max_len < spec.block_size:

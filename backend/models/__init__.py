@@ -14,7 +14,17 @@ from backend.errors import UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 # HF architecture name -> "module:Class" of our native implementation.
-NATIVE_MODELS: dict[str, str] = {}
+NATIVE_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": "backend.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "backend.models.llama:MistralForCausalLM",
+    "Qwen2ForCausalLM": "backend.models.qwen:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "backend.models.qwen:Qwen3ForCausalLM",
+    "GemmaForCausalLM": "backend.models.gemma:GemmaForCausalLM",
+    "Gemma2ForCausalLM": "backend.models.gemma:Gemma2ForCausalLM",
+    "Phi3ForCausalLM": "backend.models.phi3:Phi3ForCausalLM",
+    "MixtralForCausalLM": "backend.models.moe:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "backend.models.moe:Qwen2MoeForCausalLM",
+}
 
 
 def architecture_of(config: PretrainedConfig) -> str:
@@ -25,6 +35,10 @@ def architecture_of(config: PretrainedConfig) -> str:
 def select_model_impl(config: PretrainedConfig, requested: str) -> str:
     arch = architecture_of(config)
     if requested == "transformers":
+        return "transformers"
+    custom_code = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if requested == "auto" and custom_code:
+        logger.info("%s ships its own modeling code (auto_map): using the transformers fallback", arch)
         return "transformers"
     if arch in NATIVE_MODELS:
         return "native"

@@ -1,0 +1,132 @@
+"""Rotary position embedding from a precomputed cos/sin cache indexed by positions (neox / rotate-half style).
+
+Frequencies come from transformers' own `ROPE_INIT_FUNCTIONS`, so every rope_type it knows (llama3,
+linear, yarn, longrope, dynamic, ...) gives the same `inv_freq` and `attention_scaling` as the HF model.
+Cache: `cos_sin_cache[max_position, rotary_dim]` = [cos | sin] in fp32, scaled by attention_scaling.
+The torch math rounds cos/sin to the activation dtype and rotates in that dtype, exactly like HF's
+`q * cos + rotate_half(q) * sin`; on CUDA `kernels.ops.apply_rotary` runs (fp32 math, one rounding).
+
+longrope: the cache holds the short-factor rows [0, P) and the long-factor rows [P, 2P); like HF, which
+picks the long factors for a whole forward call once it reaches past `original_max_position_embeddings`, a
+sequence whose length this step exceeds it reads the long rows (`cache_positions`).
+Limit: `dynamic` NTK uses its base frequencies (as HF does within the original context).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from backend.errors import UnsupportedModelError
+from backend.layers._kernels import cuda_kernel
+
+
+def rope_parameters(config: PretrainedConfig) -> dict:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return params
+    return {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+
+
+def rotary_dim_of(config: PretrainedConfig, head_dim: int) -> int:
+    return int(head_dim * rope_parameters(config).get("partial_rotary_factor", 1.0))
+
+
+def _default_inv_freq(base: float, dim: int) -> torch.Tensor:  # (dim/2,)
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def longrope_original_max(config: PretrainedConfig) -> int | None:
+    params = rope_parameters(config)
+    return params["original_max_position_embeddings"] if params.get("rope_type") == "longrope" else None
+
+
+def compute_cos_sin_cache(config: PretrainedConfig, head_dim: int, max_position: int) -> torch.Tensor:
+    """(P, rotary_dim) fp32 [cos | sin] on the CPU, computed like the HF rotary module ((2P, rd) for longrope:
+    short-factor rows, then long-factor rows)."""
+    params = rope_parameters(config)
+    rope_type = params.get("rope_type", "default")
+    dim = rotary_dim_of(config, head_dim)
+    with torch.device("cpu"):
+        if rope_type == "default":
+            inv_freq, scaling = _default_inv_freq(params["rope_theta"], dim), 1.0
+            long_inv_freq = None
+        elif rope_type in ROPE_INIT_FUNCTIONS:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+            long_inv_freq = None
+            if rope_type == "longrope":
+                original = params["original_max_position_embeddings"]
+                long_inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), seq_len=original + 1)
+        else:
+            raise UnsupportedModelError(f"rope_type {rope_type!r} is unknown to transformers' ROPE_INIT_FUNCTIONS")
+        t = torch.arange(max_position, dtype=torch.float)  # (P,)
+        freqs = t[:, None] * inv_freq.float()[None, :]  # (P, rd/2), like HF's position.float() * inv_freq
+        if long_inv_freq is not None:
+            freqs = torch.cat([freqs, t[:, None] * long_inv_freq.float()[None, :]])  # (2P, rd/2)
+        return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)  # (P, rd)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (T, H, D); cos, sin: (T, 1, rd/2) in x.dtype -> (T, H, D)
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if 2 * half < x.shape[-1]:
+        parts.append(x[..., 2 * half :])
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rotary(
+    q: torch.Tensor,  # (T, Hq * D)
+    k: torch.Tensor,  # (T, Hkv * D)
+    positions: torch.Tensor,  # (T,)
+    cos_sin_cache: torch.Tensor,  # (P, rd) fp32
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (T, Hq * D), (T, Hkv * D)
+    kernel = cuda_kernel("apply_rotary", q)
+    if kernel is not None:
+        return kernel(q, k, positions, cos_sin_cache, is_neox=True, head_dim=head_dim)
+    t = q.shape[0]
+    half = cos_sin_cache.shape[-1] // 2
+    cs = cos_sin_cache[positions].to(q.dtype)  # (T, rd), HF rounds cos/sin to the model dtype
+    cos, sin = cs[:, None, :half], cs[:, None, half:]  # (T, 1, rd/2)
+    q = _rotate(q.view(t, -1, head_dim), cos, sin).view(t, -1)
+    k = _rotate(k.reshape(t, -1, head_dim), cos, sin).view(t, -1)
+    return q, k
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin cache (a non-persistent buffer, built on the device by `build`)."""
+
+    def __init__(self, config: PretrainedConfig, head_dim: int, max_position: int) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = head_dim
+        self.max_position = max_position
+        self.rotary_dim = rotary_dim_of(config, head_dim)
+        self.rope_type = rope_parameters(config).get("rope_type", "default")
+        self.original_max = longrope_original_max(config)
+        rows = max_position if self.original_max is None else 2 * max_position
+        self.register_buffer("cos_sin_cache", torch.empty(rows, self.rotary_dim), persistent=False)
+
+    def build(self, device: torch.device) -> None:
+        cache = compute_cos_sin_cache(self.config, self.head_dim, self.max_position)
+        self._buffers["cos_sin_cache"] = cache.to(device)
+
+    def cache_positions(self, positions: torch.Tensor, seq_lens: torch.Tensor,
+                        query_start_loc: torch.Tensor) -> torch.Tensor:  # (T,)
+        """Cache row of each token: its position, shifted to the long-factor rows (longrope) when its sequence
+        is longer than the original context this step. Computed once per forward, used by every layer."""
+        if self.original_max is None:
+            return positions
+        long_seq = (seq_lens > self.original_max).long()  # (S,)
+        per_token = torch.repeat_interleave(long_seq, query_start_loc.diff(), output_size=positions.numel())
+        return positions + per_token * self.max_position
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, k, positions, self.cos_sin_cache, self.head_dim)
+
+    def extra_repr(self) -> str:
+        return f"rope_type={self.rope_type}, rotary_dim={self.rotary_dim}, max_position={self.max_position}"

@@ -1,0 +1,103 @@
+"""describe_model(model) -> dict: what runs, for the UI, the notebook and `engine.describe()`.
+
+Works for native models and for the transformers wrapper: implementation, the attention used, which
+modules were swapped (quantized linears, per class) or injected into (the attention function), and the
+model's shape (parameters, layers, heads, kv heads, head dim).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import nn
+
+NATIVE_ATTENTION = "paged (native PagedAttention)"
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+def _count_parameters(model: nn.Module) -> int:
+    """Unique parameters, plus the logical size (in x out (+ bias)) of quantized linears, whose tensors are buffers."""
+    unique = {(p.data_ptr(), p.shape) if not p.is_meta else id(p): p for p in model.parameters()}  # tied: same storage
+    total = sum(p.numel() for p in unique.values())
+    for module in model.modules():
+        if hasattr(module, "load_tensor") and hasattr(module, "in_features"):
+            total += module.in_features * module.out_features
+            if getattr(module, "has_bias", False):
+                total += module.out_features
+    return total
+
+
+def _quantized(model: nn.Module) -> dict[str, int]:
+    return dict(Counter(type(m).__name__ for m in model.modules() if hasattr(m, "load_tensor")))
+
+
+def _shape(model: nn.Module) -> dict:
+    cfg = _text_config(model)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    return dict(
+        architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+        model_type=getattr(cfg, "model_type", None),
+        layers=getattr(cfg, "num_hidden_layers", None),
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        vocab_size=getattr(cfg, "vocab_size", None),
+    )
+
+
+def _describe_native(model: nn.Module) -> dict:
+    opts = model.options
+    attention_layers = [m for m in model.modules() if type(m).__name__ == "PagedAttention"]
+    windows = sorted({w for w in opts.sliding_windows if w is not None})
+    return dict(
+        implementation="native",
+        model_class=f"{type(model).__module__}.{type(model).__name__}",
+        attention=NATIVE_ATTENTION,
+        attention_modules=len(attention_layers),
+        injected={},
+        fused_projections=sorted({k for m in model.modules() for k in getattr(m, "fused_shards", {})}),
+        rope_type=model.model.rotary_emb.rope_type,
+        sliding_window=windows or None,
+        attn_softcap=opts.attn_softcap,
+        final_softcap=opts.final_softcap,
+        layers=opts.num_layers, heads=opts.num_heads, kv_heads=opts.num_kv_heads, head_dim=opts.head_dim,
+    )
+
+
+def _describe_transformers(model: nn.Module) -> dict:
+    hf = model.hf
+    attention_modules = [m for m in hf.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    name = getattr(model, "attention_name", None) or getattr(hf.config, "_attn_implementation", None)
+    classes = Counter(type(m).__name__ for m in attention_modules)
+    return dict(
+        implementation="transformers",
+        model_class=f"{type(hf).__module__}.{type(hf).__name__}",
+        attention=name,
+        attention_modules=len(attention_modules),
+        injected={f"attention function {name!r}": dict(classes)},
+    )
+
+
+def describe_model(model: nn.Module) -> dict:
+    """A plain dict (JSON-serialisable) describing `model` (a native model or a TransformersModel)."""
+    info = _shape(model)
+    if getattr(model, "impl", None) == "native":
+        info.update(_describe_native(model))
+    elif hasattr(model, "hf"):
+        info.update(_describe_transformers(model))
+    else:
+        info.update(implementation=getattr(model, "impl", "unknown"), attention=None, injected={})
+    quantized = _quantized(model)
+    info["swapped"] = {f"quantized linear {cls}": n for cls, n in quantized.items()}
+    info["quantized_linears"] = sum(quantized.values())
+    info["parameters"] = _count_parameters(model)
+    return info

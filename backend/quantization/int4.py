@@ -1,0 +1,89 @@
+"""int4: on-the-fly weight-only group-wise quantization with scales and integer zero points (W4A16).
+
+Group size rule: the requested group (default 128; 32, 64, 128 or 256) if it divides in_features, else
+the largest of 256/128/64/32 not above it that does; if none divides in_features, one group per row.
+Each weight is quantized on arrival (asymmetric min/max over [min(w,0), max(w,0)], codes 0..15) and
+dropped. CPU: torch._weight_int4pack_mm_for_cpu when out_features % 16 == 0, else the torch reference;
+CUDA: Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from backend.errors import QuantizationError
+from backend.quantization.base import QuantMethod
+from backend.quantization.intquant import IntLinearBase, quantize_groupwise
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass
+class Int4Config:
+    group_size: int = 128
+    kernel: str = "auto"  # auto | torch | triton
+
+    def __post_init__(self) -> None:
+        if self.group_size not in GROUP_SIZES:
+            raise QuantizationError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
+
+
+def effective_group_size(in_features: int, requested: int) -> int:
+    for g in sorted(GROUP_SIZES, reverse=True):
+        if g <= requested and in_features % g == 0:
+            return g
+    return in_features
+
+
+class Int4Linear(IntLinearBase):
+    method = "int4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
+                 config: Int4Config | None = None) -> None:
+        config = config or Int4Config()
+        super().__init__(in_features, out_features, bias, prefix, bits=4,
+                         group_size=effective_group_size(in_features, config.group_size), kernel=config.kernel)
+
+    def checkpoint_tensor_names(self) -> set[str]:
+        return {"weight", "bias"}
+
+    def output_dim(self, name: str) -> int | None:
+        self._check_name(name)
+        return 0  # weight (N, K), bias (N,)
+
+    def _load(self, name: str, tensor: torch.Tensor) -> None:
+        self._check_shape(name, tensor, (self.out_features, self.in_features))
+        if not tensor.is_floating_point():
+            raise QuantizationError(f"{self._where()}: weight is {tensor.dtype}, on-the-fly int4 needs a float weight")
+        q, scales, zeros = quantize_groupwise(tensor.to(self.device), 4, self.group_size, False, self.act_dtype)
+        self._set_int_weight(q, scales, zeros)
+
+
+class Int4Method(QuantMethod):
+    name = "int4"
+    on_the_fly = True
+
+    def __init__(self, config: Int4Config | None = None, ignore: list[str] | None = None) -> None:
+        super().__init__(ignore)
+        self.config = config or Int4Config()
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "Int4Method":
+        group = options.pop("group_size", "128")
+        kernel = options.pop("kernel", "auto")
+        if options:
+            raise QuantizationError(f"int4 options are g<N>/group_size=<N> and kernel=, got {sorted(options)}")
+        try:
+            group_size = int(group)
+        except ValueError:
+            raise QuantizationError(f"int4 group size must be an integer, got {group!r}") from None
+        return cls(Int4Config(group_size=group_size, kernel=kernel))
+
+    def create_linear(self, linear: nn.Linear, prefix: str) -> Int4Linear:
+        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, prefix, self.config)
+
+    def describe(self) -> str:
+        return f"int4 (W4A16, group {self.config.group_size}, asymmetric, on the fly)"

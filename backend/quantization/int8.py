@@ -1,0 +1,68 @@
+"""int8: on-the-fly weight-only quantization, per-output-channel symmetric scales (W8A16).
+
+Each full-precision weight is quantized the moment it arrives in `load_tensor` and dropped, so the
+full-precision model is never in memory. CPU: torch._weight_int8pack_mm (fp32/bf16/fp16); CUDA: Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from backend.errors import QuantizationError
+from backend.quantization.base import QuantMethod
+from backend.quantization.intquant import IntLinearBase, quantize_groupwise
+
+
+@dataclass
+class Int8Config:
+    kernel: str = "auto"  # auto | torch | triton
+
+
+class Int8Linear(IntLinearBase):
+    method = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
+                 config: Int8Config | None = None) -> None:
+        config = config or Int8Config()
+        super().__init__(in_features, out_features, bias, prefix, bits=8, group_size=in_features,
+                         kernel=config.kernel)
+
+    def checkpoint_tensor_names(self) -> set[str]:
+        return {"weight", "bias"}
+
+    def output_dim(self, name: str) -> int | None:
+        self._check_name(name)
+        return 0  # weight (N, K), bias (N,)
+
+    def _load(self, name: str, tensor: torch.Tensor) -> None:
+        self._check_shape(name, tensor, (self.out_features, self.in_features))
+        if not tensor.is_floating_point():
+            raise QuantizationError(f"{self._where()}: weight is {tensor.dtype}, on-the-fly int8 needs a float weight")
+        # (N, K) int8, (N, 1) scales
+        q, scales, _ = quantize_groupwise(tensor.to(self.device), 8, self.in_features, True, self.act_dtype)
+        self._set_int_weight(q, scales, None)
+
+
+class Int8Method(QuantMethod):
+    name = "int8"
+    on_the_fly = True
+
+    def __init__(self, config: Int8Config | None = None, ignore: list[str] | None = None) -> None:
+        super().__init__(ignore)
+        self.config = config or Int8Config()
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "Int8Method":
+        kernel = options.pop("kernel", "auto")
+        if options:
+            raise QuantizationError(f"int8 takes no options besides kernel=, got {sorted(options)}")
+        return cls(Int8Config(kernel=kernel))
+
+    def create_linear(self, linear: nn.Linear, prefix: str) -> Int8Linear:
+        return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, prefix, self.config)
+
+    def describe(self) -> str:
+        return "int8 (W8A16, per-channel symmetric, on the fly)"

@@ -1,0 +1,59 @@
+"""Fixtures for the UI tests: the default tiny model in a temp cache, a Lab, and the app on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Engine options that keep the tiny model light: a 4 MiB KV cache (512 blocks of 16 tokens).
+LOAD_ARGS = dict(choice="default:tiny-llama", impl="auto", quant="as in checkpoint", dtype="float32", device="cpu",
+                 kv_mb=4, block_size=16, max_batch=16, max_len=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ui_cache(tmp_path_factory):
+    """A cache dir holding the offline default model (built once per session)."""
+    from ui.defaults import ensure_default_model
+
+    root = tmp_path_factory.mktemp("flab-cache")
+    ensure_default_model(root)
+    return root
+
+
+@pytest.fixture
+def lab(ui_cache):
+    """A Lab with the default model loaded; its engine is closed afterwards."""
+    from ui.callbacks import Lab
+
+    lab = Lab(cache_root=ui_cache, update_s=0.1)
+    lab.load(**LOAD_ARGS)
+    yield lab
+    lab.session.close()
+
+
+@pytest.fixture(scope="session")
+def app_url(ui_cache):
+    """The app (same Blocks and queue as app.py) served on a free local port in this process."""
+    import app as app_module
+    from ui.callbacks import Lab
+    from ui.layout import CSS, THEME, build_demo
+
+    lab = Lab(cache_root=ui_cache, update_s=0.2)
+    demo = build_demo(lab).queue(default_concurrency_limit=app_module.QUEUE_CONCURRENCY)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=THEME,
+                css=CSS)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    lab.session.close()

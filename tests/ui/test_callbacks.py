@@ -1,0 +1,182 @@
+"""Callbacks called as plain functions on the tiny random-weight model (no server, no browser)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import gradio as gr
+import plotly.graph_objects as go
+import pytest
+
+from tests.ui.conftest import LOAD_ARGS
+from ui import defaults
+from ui.callbacks import Lab, quantization_value
+from ui.errors import to_gr_error
+from ui.session import LoadSpec, Session
+
+GEN = dict(prompt="Once upon a time", use_chat_template=True, mode="copies", copies=3, temperature=0.0, top_p=1.0,
+           top_k=0, max_new=12, seed=0, ignore_eos=True)
+
+
+def test_default_model_is_built_once_and_labelled(ui_cache):
+    path = defaults.ensure_default_model(ui_cache)
+    assert (path / "config.json").exists() and defaults.ensure_default_model(ui_cache) == path
+    assert "random weights" in defaults.DEFAULT_LABEL
+    assert defaults.resolve_choice(defaults.DEFAULT_CHOICE, ui_cache) == str(path)
+    assert defaults.resolve_choice("org/model") == "org/model"
+
+
+def test_picker_offline(lab):
+    assert lab.offline()  # the tests run with HF_HUB_OFFLINE=1
+    assert "Offline" in lab.picker_note()
+    assert lab.model_choices()[0] == (defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)
+    assert lab.search("llama") == []  # a warning, not an error
+    est = lab.estimate(defaults.DEFAULT_CHOICE, "auto", "int8", 4, 0, 4)
+    assert "Memory estimate" in est and "int8" in est
+
+
+def test_quantization_labels():
+    assert quantization_value("as in checkpoint") is None and quantization_value("none") is None
+    assert quantization_value("int4") == "int4"
+
+
+def test_load_reports_and_reuses(lab):
+    engine = lab.session.current()
+    status, desc, kv = lab.load(**LOAD_ARGS)
+    assert "random weights" in status and "reused" in status and "auto resolved to" in status
+    assert lab.session.current() is engine  # nothing changed: same engine
+    assert "| **implementation** |" in desc and isinstance(kv, go.Figure)
+    status, _, _ = lab.load(**dict(LOAD_ARGS, impl="transformers"))
+    assert lab.session.current() is not engine and engine._closed  # settings changed: old engine closed
+    assert "**transformers**" in status and "loaded in" in status
+
+
+def test_generate_streams_and_frees_blocks(lab):
+    updates = list(lab.generate(**dict(GEN, max_new=48)))
+    first, rows, status, thr, ttft, batch, mem, summary_rows, kv = updates[-1]
+    assert len(rows) == 3 and all(r[1] == "length" and r[2] == 48 for r in rows)
+    assert first == rows[0][5] and "done" in status and "KV blocks in use now: 0/" in status
+    assert all(isinstance(f, go.Figure) for f in (thr, ttft, batch, mem, kv))
+    assert max(batch.data[0].y) == 3  # the three requests shared the batch
+    assert dict(summary_rows)["generated tokens"] == "144"
+    assert lab.session.current().allocator.num_used == 0
+
+
+def test_generate_one_prompt_per_line_and_greedy_copies_agree(lab):
+    *_, last = lab.generate(**dict(GEN, prompt="Hello world\n\nThe quick brown fox", mode="lines"))
+    rows = last[1]
+    assert [r[4] for r in rows] == ["Hello world", "The quick brown fox"]
+    *_, last = lab.generate(**GEN)
+    texts = [r[5] for r in last[1]]
+    assert texts[0] == texts[1] == texts[2]  # greedy copies: same text
+
+
+def test_stop_aborts_and_frees_kv_blocks(lab):
+    gen = lab.generate(**dict(GEN, max_new=400, copies=4, temperature=0.8))
+    next(gen)  # running
+    stopper = threading.Timer(0.3, lab.stop)
+    stopper.start()
+    t = time.perf_counter()
+    *_, last = gen
+    assert time.perf_counter() - t < 10
+    assert "stopped" in last[2] and "KV blocks in use now: 0/" in last[2]
+    assert all(r[1] == "abort" and r[2] < 400 for r in last[1])
+    engine = lab.session.current()
+    assert engine.allocator.num_used == 0 and not engine.scheduler.running
+    assert lab.stop() == "Nothing is running."
+
+
+def test_compare_two_implementations(lab):
+    args = dict(choice=defaults.DEFAULT_CHOICE, a_impl="auto", a_quant="as in checkpoint", b_impl="transformers",
+                b_quant="as in checkpoint", dtype="float32", device="cpu", kv_mb=4, block_size=16, max_batch=16,
+                max_len=0, prompt="Hello world\nThe quick brown fox", use_chat_template=False, mode="lines", copies=1,
+                max_new=10, ignore_eos=True)
+    updates = list(lab.compare(**args))
+    status, thr, ttft, mem, batch, table, agree, _ = updates[-1]
+    assert "agree token for token" in status
+    assert list(table.columns)[0] == "metric" and len(table.columns) == 3
+    assert {t.name.split(":")[0] for t in thr.data} == {"A", "B"}
+    assert [row[2] for row in agree] == ["identical (10 tokens)"] * 2
+    with pytest.raises(gr.Error, match="same settings"):
+        list(lab.compare(**dict(args, b_impl="auto")))
+
+
+def test_errors_become_gr_errors_and_the_app_keeps_working(lab, tmp_path):
+    with pytest.raises(gr.Error, match="prompt"):
+        list(lab.generate(**dict(GEN, prompt="   ")))
+    with pytest.raises(gr.Error) as err:
+        lab.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
+    assert err.value.title == "ModelNotFoundError"
+    with pytest.raises(gr.Error, match="No model is loaded"):
+        list(lab.generate(**GEN))
+    with pytest.raises(gr.Error) as err:  # a KV budget too small for one block
+        lab.load(**dict(LOAD_ARGS, kv_mb=0.001))
+    assert err.value.title == "KVCacheError"
+    lab.load(**LOAD_ARGS)  # back to work
+    *_, last = lab.generate(**GEN)
+    assert "done" in last[2]
+
+
+def test_oom_and_unexpected_errors_say_what_to_do():
+    import torch
+
+    oom = to_gr_error(torch.OutOfMemoryError("CUDA out of memory"), "loading the model")
+    assert oom.title == "Out of memory" and "KV cache budget" in oom.message and "int8/int4" in oom.message
+    other = to_gr_error(ZeroDivisionError("boom"))
+    assert "still running" in other.message
+
+
+def test_session_closes_old_engine_only_when_settings_change():
+    made, closed = [], []
+
+    class Fake:
+        def __init__(self, model, **kw):
+            self.kw = kw
+            made.append(self)
+
+        def close(self):
+            closed.append(self)
+
+    session = Session(engine_factory=Fake)
+    a, reused = session.load(LoadSpec.make("m", block_size=16))
+    assert not reused
+    b, reused = session.load(LoadSpec.make("m", block_size=16))
+    assert reused and b is a and not closed
+    c, _ = session.load(LoadSpec.make("m", block_size=32))
+    assert closed == [a] and c is not a and c.kw["block_size"] == 32
+    session.close()
+    assert closed == [a, c] and session.current() is None
+
+
+def test_inspect_without_engine(ui_cache):
+    md, fig = Lab(cache_root=ui_cache).inspect()
+    assert md == "_No engine loaded._" and isinstance(fig, go.Figure)
+
+
+def test_search_online_and_pick_a_result(ui_cache, monkeypatch):
+    from backend import hub
+
+    lab = Lab(cache_root=ui_cache)
+    monkeypatch.setattr(lab, "offline", lambda: False)
+    found = hub.SearchResults([hub.HubModel("org/small", downloads=1234, likes=5, params=135_000_000,
+                                            size_bytes=270 * 2**20, gated=False, library="transformers")])
+    monkeypatch.setattr(hub, "search_models", lambda query, limit=20: found)
+    rows = lab.search("small")
+    assert rows == [["org/small", "135.0M", "270.0 MiB", "1,234", "5", "", "transformers"]]
+    assert lab.search_table("small").visible is True
+    evt = gr.SelectData(None, {"index": [0, 0], "value": "org/small", "row_value": rows[0]})
+    assert lab.pick_search_result(evt) == "org/small"
+    assert any(value == hub.SUGGESTED_MODELS[0] for _, value in lab.model_choices())  # online: suggestions shown
+
+
+def test_progress_adapter_reports_bytes_then_weight_loading():
+    from backend.hub import DownloadProgress
+    from ui.callbacks import _progress_adapter
+
+    calls = []
+    report = _progress_adapter(lambda value, desc=None: calls.append((value, desc)))
+    report(DownloadProgress("download", 50, 200, "model.safetensors", 1, 3))
+    report(DownloadProgress("done", 200, 200))
+    assert calls[0][0] == 0.25 and "model.safetensors" in calls[0][1] and "(1/3 files)" in calls[0][1]
+    assert calls[1] == ((0, None), "loading weights into the model (streaming safetensors)…")

@@ -1,0 +1,124 @@
+"""Pure figure builders, summaries and text views (no Gradio server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.metrics import MemorySnapshot, StepStats
+from ui import plots, summary, views
+
+
+def _stats(n: int, prefill_first: int = 20, batch: int = 4, cuda: int = 0) -> list[StepStats]:
+    out = []
+    for i in range(n):
+        prefill = prefill_first if i == 0 else 0
+        out.append(StepStats(
+            step=i, time=10.0 + 0.01 * (i + 1), duration=0.01, batch_size=batch, prefill_tokens=prefill,
+            decode_tokens=0 if i == 0 else batch, sampled_tokens=batch, tokens_per_s=0.0, output_tokens_per_s=0.0,
+            num_running=batch, num_waiting=0, kv_blocks_used=i // 4, kv_blocks_total=64, prefix_hit_blocks=0,
+            preemptions=0, memory=MemorySnapshot(1000, 64 * 100, (i // 4) * 100, 10**8, cuda, 2 * cuda)))
+    return out
+
+
+def test_series_from_stats_shifts_time_to_the_run_start():
+    s = plots.series_from_stats(_stats(5), t0=10.0)
+    assert len(s) == 5 and s.time[0] == pytest.approx(0.01) and s.prefill_tokens[0] == 20
+    assert s.kv_allocated[0] == 6400 and s.rss[-1] == 10**8
+    assert plots.series_from_stats([st.to_dict() for st in _stats(5)], 10.0).time == s.time  # dicts work too
+
+
+def test_rolling_rate_recovers_a_constant_rate():
+    time = [0.01 * (i + 1) for i in range(200)]
+    rates = plots.rolling_rate(time, [0.01] * 200, [4] * 200, window=0.1)
+    assert rates[-1] == pytest.approx(400, rel=0.05)
+    assert max(rates) == pytest.approx(400, rel=0.05)  # no spike at the start
+    assert plots.rolling_rate([], [], []) == []
+
+
+def test_throughput_figure_has_prefill_and_decode_and_overlays_runs():
+    s = plots.series_from_stats(_stats(30), 10.0)
+    fig = plots.throughput_figure({"run": s})
+    assert [t.name for t in fig.data] == ["decode tok/s", "prefill tok/s"]
+    assert len(fig.data[0].x) == 30
+    overlay = plots.throughput_figure({"A": s, "B": s})
+    names = [t.name for t in overlay.data]
+    assert names == ["A: decode tok/s", "A: prefill tok/s", "B: decode tok/s", "B: prefill tok/s"]
+    assert overlay.data[0].line.color != overlay.data[2].line.color  # one colour per run
+    assert plots.throughput_figure({}).layout.annotations  # an empty plot says why
+
+
+def test_memory_figure_shows_cuda_only_on_gpu():
+    cpu = plots.memory_figure({"run": plots.series_from_stats(_stats(5), 10.0)})
+    assert [t.name for t in cpu.data] == ["weights", "KV allocated", "KV used", "RSS"]
+    gpu = plots.memory_figure({"run": plots.series_from_stats(_stats(5, cuda=5 * 2**20), 10.0)})
+    assert "CUDA allocated" in [t.name for t in gpu.data] and "CUDA reserved" in [t.name for t in gpu.data]
+    assert gpu.layout.yaxis.title.text == "MiB"
+
+
+def test_batch_and_ttft_figures():
+    fig = plots.batch_figure({"run": plots.series_from_stats(_stats(5), 10.0)})
+    assert [t.name for t in fig.data] == ["batch size", "waiting"] and list(fig.data[0].y) == [4] * 5
+    ttft = plots.ttft_figure({"A": [0.01, None, 0.03], "B": [0.02]})
+    assert list(ttft.data[0].y) == pytest.approx([10.0, 30.0]) and list(ttft.data[0].x) == ["#0", "#2"]
+    assert ttft.layout.barmode == "group"
+
+
+def test_kv_block_states():
+    assert plots.kv_block_state(dict(block=0, owners=[], ref_count=0, cached=False)) == plots.KV_FREE
+    assert plots.kv_block_state(dict(block=0, owners=[], ref_count=0, cached=True)) == plots.KV_CACHED
+    assert plots.kv_block_state(dict(block=0, owners=[1, 2], ref_count=2, cached=True)) == plots.KV_SHARED
+    assert plots.kv_block_state(dict(block=0, owners=[], ref_count=1, cached=False)) == plots.KV_ORPHAN
+    assert plots.kv_block_state(dict(block=0, owners=[3], ref_count=1, cached=False)) == plots.KV_OWNER0 + 3
+
+
+def test_kv_cache_figure_grid_and_legend():
+    view = [dict(block=b, owners=[b % 3] if b < 10 else [1, 2] if b < 12 else [], ref_count=1 if b < 10 else
+                 2 if b < 12 else 0, cached=12 <= b < 20) for b in range(100)]
+    fig = plots.kv_cache_figure(view)
+    heat = fig.data[0]
+    cells = [v for row in heat.z for v in row if v is not None]
+    assert len(cells) == 100 and len(heat.z[0]) == 16  # 16 columns for small caches
+    legend = " ".join(t.name for t in fig.data[1:])
+    assert "shared prefix (ref > 1) (2)" in legend and "cached prefix (reusable) (8)" in legend
+    assert "owned by one request (10)" in legend and "free (80)" in legend
+    assert "block 10" in heat.customdata[0][10] and "requests 1, 2" in heat.customdata[0][10]
+
+
+def test_kv_cache_figure_groups_blocks_on_large_caches():
+    view = [dict(block=b, owners=[], ref_count=0, cached=False) for b in range(3 * plots.MAX_CELLS)]
+    fig = plots.kv_cache_figure(view)
+    cells = [v for row in fig.data[0].z for v in row if v is not None]
+    assert len(cells) == plots.MAX_CELLS and "one cell = 3 blocks" in fig.layout.title.text
+    assert plots.kv_cache_figure([]).layout.annotations[0].text == "no engine loaded"
+
+
+def test_summary_and_agreement():
+    results = [summary.RequestResult(0, "a", "xy", [1, 2, 3], "length", ttft=0.01, latency=0.05),
+               summary.RequestResult(1, "b", "", [4], "abort", ttft=0.02)]
+    s = plots.series_from_stats(_stats(10), 10.0)
+    rows = summary.summarize(results, s, wall_s=0.1)
+    assert rows["requests"].startswith("2 (1 done, 1 stopped")
+    assert rows["generated tokens"] == "4" and rows["TTFT mean / max"] == "15.0 / 20.0 ms"
+    assert rows["max batch size"] == "4" and rows["decode tok/s (decode-only steps)"] == "400.0"
+    table = summary.summary_table({"A": rows, "B": rows})
+    assert table[0][0] == "requests" and len(table[0]) == 3
+    assert summary.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert summary.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert summary.first_difference([1, 2], [1, 2, 3]) == 2
+    b = [summary.RequestResult(0, "a", token_ids=[1, 9, 3]), summary.RequestResult(1, "b", token_ids=[4])]
+    agree = summary.agreement_rows(results, b, decode=lambda ids: "".join(chr(96 + i) for i in ids))
+    assert agree[0][2] == "differ at token 1 of 3" and "'b'" in agree[0][3] and "'i'" in agree[0][3]
+    assert agree[1][2] == "identical (1 tokens)"
+
+
+def test_views():
+    info = dict(model="m", implementation="transformers", attention="flab_paged", injected={"attention fn": {"A": 2}},
+                swapped={}, parameters=1234567, weights_bytes=3 * 2**20, kv_cache=dict(num_blocks=8, bytes=2048))
+    md = views.describe_markdown(info)
+    assert "| **implementation** | transformers |" in md and "| **swapped** | none |" in md
+    assert "attention fn: A: 2" in md and "1,234,567 (1.2M)" in md and "3.0 MiB" in md
+    assert "| **kv_cache.num_blocks** | 8 |" in md
+    assert views.describe_markdown(None) == "_No engine loaded._"
+    res = [summary.RequestResult(0, "hello", "world", [1, 2], "stop", ttft=0.0123)]
+    assert views.result_rows(res) == [[0, "stop", 2, 12.3, "hello", "world"]]
+    assert "done" in views.run_status_markdown(res, 3, True, False, 0, 8)

@@ -1,0 +1,379 @@
+"""What the Blocks call: plain methods of `Lab` (which holds the engine session), testable without a browser.
+
+Each method takes the component values as plain Python values and returns (or yields, for live updates)
+plain values and Plotly figures. Errors become gr.Error with what to do (ui/errors.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from ui import defaults, views
+from ui.errors import user_errors
+from ui.plots import Series, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
+from ui.session import LoadSpec, Runs, Session
+from ui.summary import agreement_rows, summarize, summary_table
+from ui.workload import Workload, split_prompts
+
+IMPL_CHOICES = ["auto", "native", "transformers"]
+QUANT_CHOICES = ["as in checkpoint", "none", "int8", "int4", "fp8"]
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+BLOCK_SIZES = [8, 16, 32, 64, 128]
+MODE_CHOICES = [("copies of the prompt", "copies"), ("one prompt per line", "lines")]
+SUMMARY_HEADERS = ["metric", "value"]
+AGREEMENT_HEADERS = ["request", "prompt", "greedy outputs", "first difference"]
+LOAD_WAIT_S = 600.0  # Generate waits this long for a model that is still loading
+
+
+def quantization_value(label: str | None) -> str | None:
+    """UI label -> Engine(quantization=...). 'as in checkpoint' and 'none' are both None: the engine loads a
+    full-precision checkpoint unquantized and a pre-quantized checkpoint as it is (it cannot dequantize)."""
+    return None if label in (None, "", "as in checkpoint", "none") else label
+
+
+def device_choices() -> list[str]:
+    import torch
+
+    return ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())][1:]
+                              if torch.cuda.is_available() else [])
+
+
+def session_key(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def _hub():
+    from backend import hub
+
+    return hub
+
+
+def _progress_adapter(progress):
+    """hub DownloadProgress(stage, bytes_done, bytes_total, file) -> gr.Progress (bytes, then weight loading)."""
+
+    def callback(p) -> None:
+        stage = str(getattr(p, "stage", "") or "download")
+        done, total = getattr(p, "bytes_done", 0) or 0, getattr(p, "bytes_total", 0) or 0
+        files = f" ({p.files_done}/{p.files_total} files)" if getattr(p, "files_total", 0) else ""
+        name = f" {p.file}" if getattr(p, "file", None) else ""
+        if stage == "done":
+            progress((0, None), desc="loading weights into the model (streaming safetensors)…")
+        elif total:
+            progress(min(1.0, done / total),
+                     desc=f"downloading{name} {views.fmt_bytes(done)} / {views.fmt_bytes(total)}{files}")
+        else:
+            progress((0, None), desc=f"downloading{name}{files}…")
+
+    return callback
+
+
+def _describe(engine) -> dict:
+    try:
+        return engine.describe()
+    except Exception as e:  # the view must not fail a load: show what the engine object itself knows
+        info = dict(model=engine.config.model, implementation=engine.model_impl, describe_error=str(e))
+        for key, get in (("dtype", lambda: str(engine.loaded.dtype).removeprefix("torch.")),
+                         ("device", lambda: str(engine.device)), ("quantization", lambda: engine.loaded.quantization),
+                         ("attention_backend", lambda: engine.attention_backend),
+                         ("weights_bytes", lambda: engine.weights_bytes),
+                         ("kv_cache", lambda: dict(num_blocks=engine.kv_cache.num_blocks,
+                                                   block_size=engine.kv_cache.spec.block_size,
+                                                   bytes=engine.kv_cache.nbytes, max_model_len=engine.max_model_len))):
+            try:
+                info[key] = get()
+            except Exception:
+                pass
+        return info
+
+
+def _thin(series: Series, max_points: int = 1500) -> Series:
+    """Keep every k-th step so long runs stay light to send to the browser."""
+    n = len(series)
+    if n <= max_points:
+        return series
+    k = -(-n // max_points)
+    return Series(**{name: values[::k] for name, values in vars(series).items()})
+
+
+class Lab:
+    """The app's state: one engine session per process and the runs in flight per browser session."""
+
+    def __init__(self, cache_root: str | Path | None = None, session: Session | None = None,
+                 update_s: float = 0.3) -> None:
+        self.cache_root = cache_root
+        self.session = session or Session()
+        self.runs = Runs()
+        self.update_s = update_s
+        self._connectivity = None  # hub.HubConnectivity, probed at most once a minute
+
+    def offline(self) -> bool:
+        hub = _hub()
+        if self._connectivity is None:
+            self._connectivity = hub.HubConnectivity()
+        return hub.is_offline(self._connectivity)
+
+    # --- model picker ---------------------------------------------------------------------------
+
+    def picker_note(self) -> str:
+        if self.offline():
+            return ("**Offline**: Hub search and downloads are off. Pick the built-in tiny model "
+                    "(random weights — for trying the app offline), a cached model, or type a local folder path.")
+        return ("**Online**: search the Hub (text-generation models, most downloaded first), pick a suggested "
+                "or cached model, or type a Hub id or a local folder path.")
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        hub = _hub()
+        choices = [(defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)]
+        try:
+            cached = list(hub.list_cached_models())
+        except Exception:
+            cached = []
+        if not self.offline():
+            choices += [(f"{m}  (suggested)", m) for m in hub.SUGGESTED_MODELS if m not in cached]
+        choices += [(f"{m}  (cached)", m) for m in cached]
+        return choices
+
+    def refresh_picker(self):
+        return self.picker_note(), gr.Dropdown(choices=self.model_choices())
+
+    @user_errors("searching the Hub")
+    def search(self, query: str) -> list[list]:
+        if self.offline():
+            gr.Warning("Offline: Hub search is unavailable. Pick the built-in model, a cached model or a local folder.")
+            return []
+        found = _hub().search_models((query or "").strip(), limit=20)
+        if getattr(found, "error", None):
+            gr.Warning(found.error)
+        elif not found:
+            gr.Info(f"No text-generation models found for {query!r}.")
+        return views.search_rows(found)
+
+    def search_table(self, query: str):
+        """search() as a Dataframe update: shown only when there are results."""
+        rows = self.search(query)
+        return gr.Dataframe(value=rows, visible=bool(rows))
+
+    def pick_search_result(self, evt: gr.SelectData) -> str:
+        row = getattr(evt, "row_value", None) or []
+        return row[0] if row else gr.skip()
+
+    def suggest_kv_mb(self, choice: str) -> float:
+        return defaults.suggested_kv_mb(choice)
+
+    def estimate(self, choice: str, dtype: str, quant: str, kv_mb: float, max_len: float, max_batch: float) -> str:
+        try:
+            name = defaults.resolve_choice(choice, self.cache_root)
+            context = int(max_len) if max_len and max_len > 0 else 4096
+            est = _hub().estimate_memory(name, dtype=dtype or "auto", quantization=quantization_value(quant),
+                                         context_len=context, num_seqs=max(1, int(max_batch or 1)))
+        except Exception as e:  # an estimate is advisory: say why there is none
+            return f"_No memory estimate for {choice}: {e}_"
+        return views.estimate_markdown(est, kv_mb, fmt=_hub().format_bytes)
+
+    # --- load -----------------------------------------------------------------------------------
+
+    def spec(self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
+             trust_remote_code=False) -> LoadSpec:
+        return LoadSpec.make(
+            defaults.resolve_choice(choice, self.cache_root), impl or "auto", quantization_value(quant),
+            dtype or "auto", device or "auto", bool(trust_remote_code), block_size=int(block_size),
+            kv_cache_memory_gb=float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None,
+            max_num_seqs=int(max_batch), max_model_len=int(max_len) if max_len and max_len > 0 else None)
+
+    @user_errors("loading the model")
+    def load(self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
+             trust_remote_code=False, progress=gr.Progress()):
+        """-> (status markdown, engine description markdown, KV block figure)."""
+        progress(0, desc="resolving the model…")
+        spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code)
+        engine, reused = self.session.load(spec, progress=_progress_adapter(progress))
+        return self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))
+
+    def _loaded_views(self, engine, reused: bool, impl: str, quant: str, is_default: bool):
+        info = _describe(engine)
+        if quant == "none" and info.get("quantization"):
+            gr.Warning(f"This checkpoint is quantized ({info['quantization']}); it loads as it is "
+                       "(dequantizing to full precision is not supported).")
+        status = views.load_status_markdown(info, impl, reused, self.session.load_seconds, is_default)
+        return status, views.describe_markdown(info), kv_cache_figure(engine.kv_cache_view())
+
+    def startup(self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
+                trust_remote_code=False, progress=gr.Progress()):
+        """Page load: fill the picker and make sure some engine is there (the default model when none is)."""
+        note, dropdown = self.refresh_picker()
+        try:
+            spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
+                             trust_remote_code)
+            # never replaces an engine someone is using
+            engine, already = self.session.load_if_empty(spec, progress=_progress_adapter(progress))
+            if already:
+                status, desc, kv = self._current_views(engine)
+            else:
+                status, desc, kv = self._loaded_views(engine, False, impl, quant, defaults.is_default(choice))
+        except Exception as e:  # the page must open even when the default cannot load
+            status, desc, kv = f"**Could not load** {choice}: {e}. Pick another model and press Load.", "", gr.skip()
+        return note, dropdown, status, desc, kv
+
+    def _current_views(self, engine):
+        info = _describe(engine)
+        spec = self.session.spec
+        is_default = str(engine.config.model) == str(defaults.default_model_path(self.cache_root))
+        status = views.load_status_markdown(info, spec.model_impl if spec else "auto", True, self.session.load_seconds,
+                                            is_default, how="already loaded (one engine, shared by this app's users)")
+        return status, views.describe_markdown(info), kv_cache_figure(engine.kv_cache_view())
+
+    def _engine(self):
+        engine = self.session.current(wait=LOAD_WAIT_S)  # a load in progress (e.g. at page load) finishes first
+        if engine is None:
+            raise gr.Error("No model is loaded: pick one in the Model panel and press Load.", title="No model")
+        return engine
+
+    # --- generate -------------------------------------------------------------------------------
+
+    def _params(self, n: int, temperature, top_p, top_k, max_new, seed, ignore_eos):
+        from backend import SamplingParams
+
+        base = None if seed is None or seed < 0 else int(seed)
+        return [SamplingParams(max_new_tokens=int(max_new), temperature=float(temperature), top_p=float(top_p),
+                               top_k=int(top_k), ignore_eos=bool(ignore_eos),
+                               seed=None if base is None else base + i)  # copies differ when sampling
+                for i in range(n)]
+
+    def _prompts(self, prompt: str, mode: str, copies) -> list[str]:
+        prompts = split_prompts(prompt, mode, int(copies or 1))
+        if not prompts:
+            raise gr.Error("Type a prompt first (one per line in 'one prompt per line' mode).", title="No prompt")
+        return prompts
+
+    @user_errors("generating")
+    def generate(self, prompt, use_chat_template, mode, copies, temperature, top_p, top_k, max_new, seed,
+                 ignore_eos, request: gr.Request = None):
+        """Yields (first output, outputs table, run status, throughput, TTFT, batch, memory, summary, KV view)."""
+        engine = self._engine()
+        prompts = self._prompts(prompt, mode, copies)
+        if use_chat_template and not getattr(engine.tokenizer, "chat_template", None):
+            gr.Warning("This tokenizer has no chat template: the prompt is sent as it is.")
+        params = self._params(len(prompts), temperature, top_p, top_k, max_new, seed, ignore_eos)
+        key = session_key(request)
+        handle = self.runs.start(key)
+        wl = Workload(engine, prompts, params, bool(use_chat_template), handle.cancel).start()
+        handle.stoppers.append(wl.stop)
+        try:
+            last_kv = 0.0
+            while True:
+                finished = wl.wait(self.update_s)
+                results, series = wl.snapshot()
+                now = time.perf_counter()
+                kv = gr.skip()
+                if finished or now - last_kv > 1.0:
+                    kv, last_kv = kv_cache_figure(engine.kv_cache_view()), now
+                yield self._generate_views(engine, results, series, finished, handle.cancel.is_set(), wl.wall_s, kv)
+                if finished:
+                    return
+        finally:
+            if not wl.done:  # the browser went away or the event was cancelled
+                wl.stop()
+            self.runs.finish(key, handle)
+
+    def _generate_views(self, engine, results, series: Series, finished: bool, stopped: bool, wall_s: float, kv):
+        kv_used = kv_total = None
+        if finished:
+            kv_used, kv_total = engine.allocator.num_used, engine.allocator.num_blocks
+        status = views.run_status_markdown(results, len(series), finished, stopped, kv_used, kv_total)
+        thin = _thin(series)
+        runs = {"run": thin}
+        table = summary_table({"value": summarize(results, series, wall_s)})
+        return (results[0].text if results else "", views.result_rows(results), status, throughput_figure(runs),
+                ttft_figure({"run": [r.ttft for r in results]}), batch_figure(runs), memory_figure(runs), table, kv)
+
+    def stop(self, request: gr.Request = None) -> str:
+        n = self.runs.stop(session_key(request))
+        return "**stopping**: requests aborted, their KV blocks are freed." if n else "Nothing is running."
+
+    # --- compare --------------------------------------------------------------------------------
+
+    @user_errors("comparing")
+    def compare(self, choice, a_impl, a_quant, b_impl, b_quant, dtype, device, kv_mb, block_size, max_batch, max_len,
+                prompt, use_chat_template, mode, copies, max_new, ignore_eos, trust_remote_code=False,
+                request: gr.Request = None, progress=gr.Progress()):
+        """Run the same greedy workload with settings A then B (one engine at a time); overlay the curves.
+
+        Yields (status, throughput, TTFT, memory, batch, summary table, agreement table, load status)."""
+        from backend import SamplingParams
+
+        prompts = self._prompts(prompt, mode, copies)
+        params = SamplingParams(max_new_tokens=int(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
+        settings = [("A", a_impl, a_quant), ("B", b_impl, b_quant)]
+        if (a_impl, quantization_value(a_quant)) == (b_impl, quantization_value(b_quant)):
+            raise gr.Error("A and B are the same settings: change the implementation or the quantization of one.",
+                           title="Nothing to compare")
+        key = session_key(request)
+        handle = self.runs.start(key)
+        done: dict[str, tuple] = {}  # "A" / "B" -> (results, series, wall_s)
+        labels: dict[str, str] = {}  # "A" -> "A: native · int8" (table headers)
+        decode = None
+        skip = gr.skip()
+        try:
+            for name, impl, quant in settings:
+                if handle.cancel.is_set():
+                    break
+                yield (f"**Loading** {name}: {impl} / {quant}…",) + (skip,) * 7
+                spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
+                                 trust_remote_code)
+                engine, reused = self.session.load(spec, progress=_progress_adapter(progress))
+                label = f"{name}: {engine.model_impl}" + (f" ({impl})" if impl == "auto" else "") + \
+                        f" · {quantization_value(quant) or 'no quant'}"
+                load_status = self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))[0]
+                decode = engine.tokenizer.decode
+                wl = Workload(engine, prompts, [params] * len(prompts), bool(use_chat_template), handle.cancel).start()
+                handle.stoppers.append(wl.stop)
+                try:
+                    while True:
+                        finished = wl.wait(self.update_s)
+                        results, series = wl.snapshot()
+                        done[name], labels[name] = (results, series, wl.wall_s), label
+                        status = f"**Running** {label}: {sum(r.num_tokens for r in results)} tokens"
+                        yield (status,) + self._compare_figures(done) + (skip, skip, load_status)
+                        if finished:
+                            break
+                finally:
+                    if not wl.done:
+                        wl.stop()
+                    handle.stoppers.remove(wl.stop)
+            summaries = {labels[name]: summarize(r, s, w) for name, (r, s, w) in done.items()}
+            rows = summary_table(summaries)
+            table = pd.DataFrame(rows, columns=["metric"] + list(summaries))
+            agree = []
+            if len(done) == 2 and decode is not None:
+                (ra, _, _), (rb, _, _) = done.values()
+                agree = agreement_rows(ra, rb, decode)
+            stopped = handle.cancel.is_set()
+            verdict = ("**stopped**" if stopped else "**done**") + ": " + (
+                "greedy outputs agree token for token" if agree and all(r[3] == "" for r in agree)
+                else "greedy outputs differ (see the table)" if agree else "incomplete") + \
+                "  \n" + " vs ".join(labels.values())
+            yield (verdict,) + self._compare_figures(done) + (table, agree, skip)
+        finally:
+            self.runs.finish(key, handle)
+
+    def _compare_figures(self, done: dict[str, tuple]) -> tuple:
+        runs = {label: _thin(s) for label, (_, s, _) in done.items()}
+        ttfts = {label: [r.ttft for r in results] for label, (results, _, _) in done.items()}
+        return throughput_figure(runs), ttft_figure(ttfts), memory_figure(runs), batch_figure(runs)
+
+    # --- inside the engine ----------------------------------------------------------------------
+
+    def inspect(self):
+        """-> (engine description markdown, KV block figure)."""
+        engine = self.session.current()
+        if engine is None:
+            return views.describe_markdown(None), kv_cache_figure([])
+        return views.describe_markdown(_describe(engine)), kv_cache_figure(engine.kv_cache_view())
+
+    def kv_view(self):
+        engine = self.session.current()
+        return kv_cache_figure(engine.kv_cache_view() if engine is not None else [])

@@ -1,0 +1,248 @@
+"""Plotly figure builders: pure functions from engine measurements to figures (no Gradio, no engine).
+
+Inputs are `Series` (per-run columns derived from StepStats) keyed by a run label, so the same builders draw
+one live run or several runs overlaid (Compare).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import plotly.graph_objects as go
+
+PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563",
+           "#65a30d"]
+DASHES = ["solid", "dash", "dot", "dashdot"]
+MIB = 2**20
+
+
+@dataclass
+class Series:
+    """Columns over engine steps, time in seconds since the run started."""
+
+    time: list[float] = field(default_factory=list)
+    duration: list[float] = field(default_factory=list)
+    prefill_tokens: list[int] = field(default_factory=list)
+    decode_tokens: list[int] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
+    kv_blocks_used: list[int] = field(default_factory=list)
+    kv_blocks_total: list[int] = field(default_factory=list)
+    weights: list[int] = field(default_factory=list)
+    kv_allocated: list[int] = field(default_factory=list)
+    kv_used: list[int] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    cuda_allocated: list[int] = field(default_factory=list)
+    cuda_reserved: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+
+def series_from_stats(stats, t0: float = 0.0) -> Series:
+    """StepStats (or their dicts) -> Series; `t0` is the run start on the engine's clock."""
+    s = Series()
+    for st in stats:
+        d = st if isinstance(st, dict) else st.to_dict()
+        m = d["memory"]
+        s.time.append(d["time"] - t0)
+        s.duration.append(d["duration"])
+        s.prefill_tokens.append(d["prefill_tokens"])
+        s.decode_tokens.append(d["decode_tokens"])
+        s.batch_size.append(d["batch_size"])
+        s.waiting.append(d["num_waiting"])
+        s.kv_blocks_used.append(d["kv_blocks_used"])
+        s.kv_blocks_total.append(d["kv_blocks_total"])
+        s.weights.append(m["weights_bytes"])
+        s.kv_allocated.append(m["kv_cache_bytes"])
+        s.kv_used.append(m["kv_used_bytes"])
+        s.rss.append(m["rss_bytes"])
+        s.cuda_allocated.append(m.get("cuda_allocated_bytes", 0))
+        s.cuda_reserved.append(m.get("cuda_reserved_bytes", 0))
+    return s
+
+
+def rolling_rate(time: list[float], duration: list[float], counts: list[int],
+                 window: float | None = None) -> list[float]:
+    """Tokens per second over a trailing time window ending at each step (smooths per-step noise).
+
+    The window defaults to a tenth of the run (between 50 ms and 1 s). At the start it shrinks to the
+    time elapsed since the first step began, so the first points are not inflated."""
+    if not time:
+        return []
+    start = time[0] - duration[0]
+    if window is None:
+        window = min(1.0, max(0.05, (time[-1] - start) / 10))
+    rates, lo, total = [], 0, 0
+    for hi, t in enumerate(time):
+        total += counts[hi]
+        while time[lo] <= t - window + 1e-9:  # steps that ended before the window
+            total -= counts[lo]
+            lo += 1
+        span = min(window, t - start)
+        rates.append(total / span if span > 0 else 0.0)
+    return rates
+
+
+def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str, height: int = 320) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=14)), height=height, template="plotly_white",
+                      margin=dict(l=55, r=10, t=40, b=10), xaxis_title=xaxis, yaxis_title=yaxis, uirevision=title,
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11)))
+    fig.update_xaxes(title_standoff=4)
+    return fig
+
+
+def _empty_note(fig: go.Figure, runs: dict) -> None:
+    if not any(len(s) for s in runs.values()):
+        fig.add_annotation(text="no steps yet: load a model and generate", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper", font=dict(color="#6b7280"))
+
+
+def _style(run_idx: int, trace_idx: int, overlay: bool) -> dict:
+    """Single run: colour per curve. Several runs: colour per run, dash per curve."""
+    if overlay:
+        return dict(color=PALETTE[run_idx % len(PALETTE)], dash=DASHES[trace_idx % len(DASHES)])
+    return dict(color=PALETTE[trace_idx % len(PALETTE)], dash="solid")
+
+
+def _name(label: str, curve: str, overlay: bool) -> str:
+    return f"{label}: {curve}" if overlay else curve
+
+
+def throughput_figure(runs: dict[str, Series], window: float | None = None) -> go.Figure:
+    """Prefill and decode tokens/s over time (trailing-window rates)."""
+    fig = go.Figure()
+    overlay = len(runs) > 1
+    for r, (label, s) in enumerate(runs.items()):
+        for c, (curve, counts) in enumerate((("decode tok/s", s.decode_tokens), ("prefill tok/s", s.prefill_tokens))):
+            fig.add_trace(go.Scatter(x=s.time, y=rolling_rate(s.time, s.duration, counts, window), mode="lines",
+                                     name=_name(label, curve, overlay), line=_style(r, c, overlay)))
+    _empty_note(fig, runs)
+    return _layout(fig, "Throughput (tokens/s)", "time (s)", "tokens/s")
+
+
+def ttft_figure(ttfts: dict[str, list[float | None]]) -> go.Figure:
+    """Time to first token per request (bars; grouped by run when several)."""
+    fig = go.Figure()
+    for r, (label, values) in enumerate(ttfts.items()):
+        xs = [f"#{i}" for i, v in enumerate(values) if v is not None]
+        ys = [v * 1000 for v in values if v is not None]
+        fig.add_trace(go.Bar(x=xs, y=ys, name=label, marker_color=PALETTE[r % len(PALETTE)],
+                             hovertemplate="request %{x}: %{y:.1f} ms<extra>" + label + "</extra>"))
+    if not any(v is not None for values in ttfts.values() for v in values):
+        fig.add_annotation(text="no first token yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                           font=dict(color="#6b7280"))
+    fig.update_layout(barmode="group", showlegend=len(ttfts) > 1)
+    return _layout(fig, "Time to first token", "request", "ms")
+
+
+def batch_figure(runs: dict[str, Series]) -> go.Figure:
+    """Running batch size and waiting queue per step, over time."""
+    fig = go.Figure()
+    overlay = len(runs) > 1
+    for r, (label, s) in enumerate(runs.items()):
+        fig.add_trace(go.Scatter(x=s.time, y=s.batch_size, mode="lines", line_shape="hv",
+                                 name=_name(label, "batch size", overlay), line=_style(r, 0, overlay)))
+        fig.add_trace(go.Scatter(x=s.time, y=s.waiting, mode="lines", line_shape="hv",
+                                 name=_name(label, "waiting", overlay), line=_style(r, 1, overlay)))
+    _empty_note(fig, runs)
+    return _layout(fig, "Batch size (continuous batching)", "time (s)", "requests")
+
+
+def memory_figure(runs: dict[str, Series]) -> go.Figure:
+    """Weights, KV cache used vs allocated, process RSS, and CUDA allocated/reserved when on a GPU (MiB)."""
+    fig = go.Figure()
+    overlay = len(runs) > 1
+    for r, (label, s) in enumerate(runs.items()):
+        curves = [("weights", s.weights), ("KV allocated", s.kv_allocated), ("KV used", s.kv_used), ("RSS", s.rss)]
+        if any(s.cuda_allocated) or any(s.cuda_reserved):
+            curves += [("CUDA allocated", s.cuda_allocated), ("CUDA reserved", s.cuda_reserved)]
+        for c, (curve, values) in enumerate(curves):
+            line = dict(color=PALETTE[c % len(PALETTE)], dash=DASHES[r % len(DASHES)])
+            fig.add_trace(go.Scatter(x=s.time, y=[v / MIB if v else None for v in values], mode="lines", line=line,
+                                     name=_name(label, curve, overlay)))
+    _empty_note(fig, runs)
+    fig.update_yaxes(type="log")  # weights, KV and RSS differ by orders of magnitude on small models
+    return _layout(fig, "Memory (log scale)", "time (s)", "MiB")
+
+
+# --- KV cache block view ---------------------------------------------------------------------------
+
+KV_FREE, KV_CACHED, KV_SHARED, KV_ORPHAN, KV_OWNER0 = 0, 1, 2, 3, 4
+KV_STATE_COLORS = {KV_FREE: "#f3f4f6", KV_CACHED: "#a7f3d0", KV_SHARED: "#facc15", KV_ORPHAN: "#9ca3af"}
+KV_STATE_NAMES = {KV_FREE: "free", KV_CACHED: "free, cached prefix (reusable)", KV_SHARED: "shared prefix (ref > 1)",
+                  KV_ORPHAN: "held (no running owner)"}
+MAX_CELLS = 4096
+
+
+def kv_block_state(entry: dict) -> int:
+    """Category of one kv_cache_view() entry (see KV_* constants); owners map to KV_OWNER0 + owner % 10."""
+    ref, owners = entry.get("ref_count", 0), entry.get("owners") or []
+    if ref <= 0:
+        return KV_CACHED if entry.get("cached") else KV_FREE
+    if ref > 1 or len(owners) > 1:
+        return KV_SHARED
+    if not owners:
+        return KV_ORPHAN
+    return KV_OWNER0 + owners[0] % len(PALETTE)
+
+
+def _discrete_colorscale() -> list:
+    colors = [KV_STATE_COLORS[i] for i in range(KV_OWNER0)] + PALETTE
+    n = len(colors)
+    scale = []
+    for i, c in enumerate(colors):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+def kv_grid_shape(num_cells: int) -> tuple[int, int]:
+    cols = 16 if num_cells <= 256 else 32 if num_cells <= 1024 else 64
+    return max(1, math.ceil(num_cells / cols)), cols
+
+
+def kv_cache_figure(view: list[dict], title: str = "KV cache blocks") -> go.Figure:
+    """A grid with one cell per block (or per group of blocks on large caches): who owns it, shared, cached."""
+    n = len(view)
+    group = max(1, math.ceil(n / MAX_CELLS))
+    cells = math.ceil(n / group) if n else 0
+    rows, cols = kv_grid_shape(cells) if cells else (1, 1)
+    z = [[None] * cols for _ in range(rows)]
+    text = [[""] * cols for _ in range(rows)]
+    label = [[""] * cols for _ in range(rows)]
+    counts = {KV_FREE: 0, KV_CACHED: 0, KV_SHARED: 0, KV_ORPHAN: 0, "owned": 0}
+    for c in range(cells):
+        chunk = view[c * group : (c + 1) * group]
+        states = [kv_block_state(e) for e in chunk]
+        for st in states:
+            counts[st if st < KV_OWNER0 else "owned"] += 1
+        state = max(states, key=lambda s: (s >= KV_OWNER0, s == KV_SHARED, s == KV_ORPHAN, s == KV_CACHED))
+        owners = sorted({o for e in chunk for o in e.get("owners") or []})
+        row, col = divmod(c, cols)
+        z[row][col] = state + 0.5  # cell centre of its colour band
+        first, last = chunk[0]["block"], chunk[-1]["block"]
+        where = f"block {first}" if group == 1 else f"blocks {first}–{last}"
+        who = ("requests " + ", ".join(map(str, owners))) if owners else KV_STATE_NAMES.get(state, "")
+        refs = max(e.get("ref_count", 0) for e in chunk)
+        cached = "<br>cached prefix" if any(e.get("cached") for e in chunk) else ""
+        text[row][col] = f"{where}<br>{who}<br>ref_count {refs}{cached}"
+        label[row][col] = ",".join(map(str, owners[:2])) if owners and cells <= 512 else ""
+    fig = go.Figure(go.Heatmap(
+        z=z, text=label, customdata=text, texttemplate="%{text}", hovertemplate="%{customdata}<extra></extra>",
+        colorscale=_discrete_colorscale(), zmin=0, zmax=KV_OWNER0 + len(PALETTE), showscale=False, xgap=1, ygap=1,
+    ))
+    for state in (KV_FREE, KV_CACHED, KV_SHARED, KV_ORPHAN):  # legend entries
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{KV_STATE_NAMES[state]} ({counts[state]})",
+                                 marker=dict(size=10, symbol="square", color=KV_STATE_COLORS[state])))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"owned by one request ({counts['owned']})",
+                             marker=dict(size=10, symbol="square", color=PALETTE[0])))
+    sub = f"{n} blocks" + (f", one cell = {group} blocks" if group > 1 else "")
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
+    fig.update_layout(title=dict(text=f"{title} — {sub}", x=0.01, font=dict(size=14)), template="plotly_white",
+                      height=max(220, min(620, 60 + rows * 16)), margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(orientation="h", y=-0.02, yanchor="top", x=0), uirevision="kv")
+    if not n:
+        fig.add_annotation(text="no engine loaded", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    return fig

@@ -1,0 +1,140 @@
+"""The engine cache: one engine per process, reused while its settings do not change, guarded by a lock.
+
+Loading with the same settings returns the engine already loaded; loading with different settings closes
+the old engine first (its memory is freed before the new weights arrive), then builds the new one.
+Also keeps track of the runs in flight per browser session so that Stop can cancel them.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    model: str  # a local folder or a Hub id (already resolved from the picker)
+    model_impl: str = "auto"
+    quantization: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    options: tuple[tuple[str, Any], ...] = ()  # engine options (block_size, kv_cache_memory_gb, ...), sorted
+
+    @classmethod
+    def make(cls, model: str, model_impl: str = "auto", quantization: str | None = None, dtype: str = "auto",
+             device: str = "auto", trust_remote_code: bool = False, **options) -> "LoadSpec":
+        opts = tuple(sorted((k, v) for k, v in options.items() if v is not None))
+        return cls(model, model_impl, quantization, dtype, device, trust_remote_code, opts)
+
+    def engine_kwargs(self) -> dict:
+        return dict(model_impl=self.model_impl, quantization=self.quantization, dtype=self.dtype, device=self.device,
+                    trust_remote_code=self.trust_remote_code, **dict(self.options))
+
+
+def _default_factory(model: str, **kwargs):
+    from backend import Engine
+
+    return Engine(model, **kwargs)
+
+
+class Session:
+    """Holds at most one engine. Thread-safe."""
+
+    def __init__(self, engine_factory: Callable[..., Any] | None = None) -> None:
+        self._factory = engine_factory or _default_factory
+        self._lock = threading.RLock()
+        self.engine = None
+        self.spec: LoadSpec | None = None
+        self.load_seconds = 0.0
+
+    def load(self, spec: LoadSpec, progress: Callable | None = None) -> tuple[Any, bool]:
+        """Return (engine, reused). Closes the current engine when the settings differ."""
+        with self._lock:
+            if self.engine is not None and self.spec == spec:
+                return self.engine, True
+            self._close_locked()
+            start = time.perf_counter()
+            engine = self._factory(spec.model, progress=progress, **spec.engine_kwargs())
+            self.engine, self.spec, self.load_seconds = engine, spec, time.perf_counter() - start
+            return engine, False
+
+    def load_if_empty(self, spec: LoadSpec, progress: Callable | None = None) -> tuple[Any, bool]:
+        """Load `spec` only when no engine is loaded (after any load in progress); else keep the current one."""
+        with self._lock:
+            if self.engine is not None:
+                return self.engine, True
+            return self.load(spec, progress)
+
+    def current(self, wait: float = 0.0):
+        """The loaded engine (or None). With `wait`, first wait up to that many seconds for a load in progress."""
+        if wait > 0 and self._lock.acquire(timeout=wait):
+            self._lock.release()
+        return self.engine
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        engine, self.engine, self.spec = self.engine, None, None
+        if engine is not None:
+            try:
+                engine.close()
+            finally:
+                del engine
+                gc.collect()
+                try:
+                    import torch
+
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                except Exception:  # pragma: no cover - freeing is best effort
+                    pass
+
+
+@dataclass
+class RunHandle:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stoppers: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        self.cancel.set()
+        for fn in list(self.stoppers):
+            fn()
+
+
+class Runs:
+    """Runs in flight per browser session (key = gradio's session hash), so Stop cancels only your own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, list[RunHandle]] = {}
+
+    def start(self, key: str) -> RunHandle:
+        handle = RunHandle()
+        with self._lock:
+            self._runs.setdefault(key, []).append(handle)
+        return handle
+
+    def finish(self, key: str, handle: RunHandle) -> None:
+        with self._lock:
+            runs = self._runs.get(key, [])
+            if handle in runs:
+                runs.remove(handle)
+            if not runs:
+                self._runs.pop(key, None)
+
+    def stop(self, key: str) -> int:
+        with self._lock:
+            handles = list(self._runs.get(key, []))
+        for h in handles:
+            h.stop()
+        return len(handles)
+
+    def active(self, key: str) -> int:
+        with self._lock:
+            return len(self._runs.get(key, []))

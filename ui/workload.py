@@ -1,0 +1,113 @@
+"""Run several prompts at once on an engine: one engine.stream() consumer thread per request.
+
+The engine's background loop batches them (continuous batching); this object only collects what each
+stream yields and the engine's per-step stats, so the UI can poll a snapshot a few times per second.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ui.plots import Series, series_from_stats
+from ui.summary import RequestResult
+
+
+def build_prompt_ids(tokenizer, prompt: str, use_chat_template: bool) -> list[int] | None:
+    """Token ids of the prompt with the chat template applied, or None when it does not apply."""
+    if not use_chat_template or not getattr(tokenizer, "chat_template", None):
+        return None
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True)
+    if hasattr(ids, "keys"):  # a BatchEncoding
+        ids = ids["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(t) for t in ids]
+
+
+def split_prompts(prompt: str, mode: str, copies: int) -> list[str]:
+    """'copies': the prompt `copies` times; 'lines': one prompt per non-empty line."""
+    if mode == "lines":
+        return [line.strip() for line in (prompt or "").splitlines() if line.strip()]
+    return [prompt] * max(1, int(copies)) if (prompt or "").strip() else []
+
+
+class Workload:
+    def __init__(self, engine, prompts: list[str], params, use_chat_template: bool = True,
+                 cancel: threading.Event | None = None) -> None:
+        self.engine = engine
+        self.params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        self.cancel = cancel or threading.Event()
+        self.results = [RequestResult(i, p) for i, p in enumerate(prompts)]
+        self._ids = [build_prompt_ids(engine.tokenizer, p, use_chat_template) for p in prompts]
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.since_step = engine.metrics.total_steps - 1
+        self.t0 = 0.0
+        self.start_time = 0.0
+        self.end_time: float | None = None
+
+    def start(self) -> "Workload":
+        self.engine.start_background_loop()
+        self.start_time = time.perf_counter()
+        self.t0 = self.start_time - self.engine.metrics.start  # the run's start on the engine's clock
+        for i in range(len(self.results)):
+            t = threading.Thread(target=self._consume, args=(i,), name=f"ui-request-{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def _consume(self, i: int) -> None:
+        res = self.results[i]
+        try:
+            stream = self.engine.stream(None if self._ids[i] else res.prompt, self.params[i],
+                                        prompt_token_ids=self._ids[i])
+            try:
+                for delta in stream:
+                    out = delta.output
+                    with self._lock:
+                        res.request_id = delta.request_id
+                        res.text, res.token_ids = out.text, list(out.token_ids)
+                        res.finish_reason, res.ttft, res.latency = out.finish_reason, out.ttft, out.latency
+                        res.error = out.error
+                    if self.cancel.is_set() and not delta.finished:
+                        break
+            finally:
+                stream.close()  # leaving early aborts the request and frees its blocks
+            if self.cancel.is_set() and res.finish_reason is None:
+                res.finish_reason = "abort"
+        except Exception as e:  # a bad request (too long, closed engine...) fails only this row
+            with self._lock:
+                res.error = f"{type(e).__name__}: {e}"
+        finally:
+            with self._lock:
+                self.end_time = time.perf_counter()  # the last thread to finish sets it last
+
+    def stop(self) -> None:
+        """Cancel: abort every request already known to the engine; the others stop at their first token."""
+        self.cancel.set()
+        with self._lock:
+            ids = [r.request_id for r in self.results if r.request_id is not None and r.finish_reason is None]
+        for rid in ids:
+            self.engine.abort(rid)
+
+    @property
+    def done(self) -> bool:
+        return all(not t.is_alive() for t in self._threads)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.perf_counter()))
+        return self.done
+
+    @property
+    def wall_s(self) -> float:
+        end = self.end_time if self.done and self.end_time is not None else time.perf_counter()
+        return end - self.start_time
+
+    def snapshot(self) -> tuple[list[RequestResult], Series]:
+        with self._lock:
+            results = [RequestResult(**vars(r)) for r in self.results]
+        return results, series_from_stats(self.engine.metrics.history(self.since_step), self.t0)

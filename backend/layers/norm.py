@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from backend.layers._kernels import cuda_kernel
+from kernels.norm import rms_norm_torch
 
 
 def rms_norm(
@@ -25,17 +26,7 @@ def rms_norm(
     kernel = cuda_kernel("rms_norm", x)
     if kernel is not None:
         return kernel(x, weight, eps, residual=residual, offset=offset)
-    dtype = x.dtype
-    if residual is not None:
-        x = x + residual  # HF: residual + hidden, in the model dtype
-        residual = x
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if offset == 0.0:
-        out = weight * normed.to(dtype)
-    else:
-        out = (normed * (offset + weight.float())).to(dtype)
-    return out if residual is None else (out, residual)
+    return rms_norm_torch(x, weight, eps, residual=residual, offset=offset)
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,6 @@ at once (UI, server); without it, `generate` drives the steps itself.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import random
 import threading
@@ -28,7 +27,7 @@ from backend.outputs import RequestOutput, StreamDelta
 from backend.runner import ModelRunner
 from backend.sampling import SamplingParams
 from backend.scheduler import Scheduler
-from backend.sequence import Sequence, SeqStatus
+from backend.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

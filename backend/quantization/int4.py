@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from backend.errors import QuantizationError
 from backend.quantization.base import QuantMethod
-from backend.quantization.intquant import IntLinearBase, quantize_groupwise
+from backend.quantization.intquant import OnTheFlyIntLinear
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -38,28 +37,15 @@ def effective_group_size(in_features: int, requested: int) -> int:
     return in_features
 
 
-class Int4Linear(IntLinearBase):
+class Int4Linear(OnTheFlyIntLinear):
     method = "int4"
+    quantize_symmetric = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
                  config: Int4Config | None = None) -> None:
         config = config or Int4Config()
         super().__init__(in_features, out_features, bias, prefix, bits=4,
                          group_size=effective_group_size(in_features, config.group_size), kernel=config.kernel)
-
-    def checkpoint_tensor_names(self) -> set[str]:
-        return {"weight", "bias"}
-
-    def output_dim(self, name: str) -> int | None:
-        self._check_name(name)
-        return 0  # weight (N, K), bias (N,)
-
-    def _load(self, name: str, tensor: torch.Tensor) -> None:
-        self._check_shape(name, tensor, (self.out_features, self.in_features))
-        if not tensor.is_floating_point():
-            raise QuantizationError(f"{self._where()}: weight is {tensor.dtype}, on-the-fly int4 needs a float weight")
-        q, scales, zeros = quantize_groupwise(tensor.to(self.device), 4, self.group_size, False, self.act_dtype)
-        self._set_int_weight(q, scales, zeros)
 
 
 class Int4Method(QuantMethod):

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from backend.errors import QuantizationError
 from backend.quantization.base import QuantMethod
-from backend.quantization.intquant import IntLinearBase, quantize_groupwise
+from backend.quantization.intquant import OnTheFlyIntLinear
 
 
 @dataclass
@@ -21,7 +20,7 @@ class Int8Config:
     kernel: str = "auto"  # auto | torch | triton
 
 
-class Int8Linear(IntLinearBase):
+class Int8Linear(OnTheFlyIntLinear):
     method = "int8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
@@ -29,21 +28,6 @@ class Int8Linear(IntLinearBase):
         config = config or Int8Config()
         super().__init__(in_features, out_features, bias, prefix, bits=8, group_size=in_features,
                          kernel=config.kernel)
-
-    def checkpoint_tensor_names(self) -> set[str]:
-        return {"weight", "bias"}
-
-    def output_dim(self, name: str) -> int | None:
-        self._check_name(name)
-        return 0  # weight (N, K), bias (N,)
-
-    def _load(self, name: str, tensor: torch.Tensor) -> None:
-        self._check_shape(name, tensor, (self.out_features, self.in_features))
-        if not tensor.is_floating_point():
-            raise QuantizationError(f"{self._where()}: weight is {tensor.dtype}, on-the-fly int8 needs a float weight")
-        # (N, K) int8, (N, 1) scales
-        q, scales, _ = quantize_groupwise(tensor.to(self.device), 8, self.in_features, True, self.act_dtype)
-        self._set_int_weight(q, scales, None)
 
 
 class Int8Method(QuantMethod):

@@ -207,3 +207,26 @@ class IntLinearBase(QuantLinearBase):
         sym = "sym" if self.symmetric else "asym"
         order = ", act_order" if self.w_perm is not None or self.w_gidx is not None else ""
         return f"method={self.method}, bits={self.bits}, {group}, {sym}{order}, W{self.bits}A16"
+
+
+class OnTheFlyIntLinear(IntLinearBase):
+    """Integer weights quantized from a full-precision checkpoint as the weight arrives (int8, int4)."""
+
+    quantize_symmetric: bool = True  # int8: symmetric scales; int4: scales and zero points
+
+    def checkpoint_tensor_names(self) -> set[str]:
+        return {"weight", "bias"}
+
+    def output_dim(self, name: str) -> int | None:
+        self._check_name(name)
+        return 0  # weight (N, K), bias (N,)
+
+    def _load(self, name: str, tensor: torch.Tensor) -> None:
+        self._check_shape(name, tensor, (self.out_features, self.in_features))
+        if not tensor.is_floating_point():
+            raise QuantizationError(
+                f"{self._where()}: weight is {tensor.dtype}, on-the-fly {self.method} needs a float weight")
+        # (N, K) integer codes, (N, G) scales, (N, G) zero points or None when symmetric
+        q, scales, zeros = quantize_groupwise(tensor.to(self.device), self.bits, self.group_size, self.quantize_symmetric,
+                                              self.act_dtype)
+        self._set_int_weight(q, scales, None if self.quantize_symmetric else zeros)

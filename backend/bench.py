@@ -119,7 +119,7 @@ def run_engine(path: str, impl: str, wl: Workload, args) -> Result:
             res.ttft_ms = o.ttft * 1000
             res.tpot_ms = (o.latency - o.ttft) / (len(o.token_ids) - 1) * 1000
             res.decode_tok_s = 1000 / res.tpot_ms
-            res.weight_bandwidth_gbs = engine.weights_bytes * res.decode_tok_s / 1e9
+            res.weight_bandwidth_gbs = engine.loaded.decode_weight_bytes * res.decode_tok_s / 1e9
         return res
     finally:
         engine.close()

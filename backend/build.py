@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
@@ -15,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from backend import hub
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
-from backend.layers.upcast import cpu_has_fast_half_matmul, upcast_linears
+from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, upcast_linears
 from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
 from backend.models import build_model, select_model_impl
 
@@ -35,7 +36,8 @@ class LoadedModel:
     quantization: str | None
     swapped_modules: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
-    num_upcast_linears: int = 0  # 16-bit linears computing many-token steps in fp32 (CPU without bf16 matmul)
+    cpu_upcast: bool = False  # 16-bit model on a CPU without fast 16-bit matmul: fp32 attention math
+    num_upcast_linears: int = 0  # of those, linears with an fp32 copy for many-row products (layers/upcast.py)
 
     @property
     def weights_bytes(self) -> int:
@@ -47,6 +49,13 @@ class LoadedModel:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
         return total
+
+    @property
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one single-row decode step reads: all but the fp32 copies of layers/upcast.py."""
+        copies = sum(b.numel() * b.element_size() for m in self.model.modules() if isinstance(m, UpcastLinear)
+                     for b in (m.weight_t, m.bias_f32) if b is not None)
+        return self.weights_bytes - copies
 
     @property
     def num_parameters(self) -> int:
@@ -127,12 +136,24 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         if report.unexpected:
             logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])
     model.eval()
-    upcast = 0
-    if device.type == "cpu" and dtype != torch.float32 and cfg.cpu_upcast is not False:
-        if cfg.cpu_upcast or not cpu_has_fast_half_matmul():
-            upcast = upcast_linears(model)
+    cpu_upcast = (device.type == "cpu" and dtype != torch.float32 and cfg.cpu_upcast is not False
+                  and (cfg.cpu_upcast or not cpu_has_fast_half_matmul()))
+    upcast = _upcast_linears_if_memory_allows(model, forced=bool(cfg.cpu_upcast)) if cpu_upcast else 0
     return LoadedModel(path, hf_config, tokenizer, model, impl, dtype, device, eos_ids(path, hf_config, tokenizer),
-                       quant_name, swapped, time.perf_counter() - start, upcast)
+                       quant_name, swapped, time.perf_counter() - start, cpu_upcast, upcast)
+
+
+def _upcast_linears_if_memory_allows(model: nn.Module, forced: bool) -> int:
+    """fp32 copies of the 16-bit linear weights (2x their bytes) unless they would take over half the available
+    memory (then the 16-bit weights are used for every product; `cpu_upcast=True` insists)."""
+    half_bytes = sum(m.weight.numel() * 2 for m in model.modules()
+                     if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16))
+    available = psutil.virtual_memory().available
+    if not forced and 2 * half_bytes > available // 2:
+        logger.warning("not making fp32 copies of the linear weights (%.1f GB) with %.1f GB available: many-token "
+                       "steps will use the slower 16-bit matmul", 2 * half_bytes / 1e9, available / 1e9)
+        return 0
+    return upcast_linears(model)
 
 
 def _quant_method(requested: str | None, hf_config: PretrainedConfig):

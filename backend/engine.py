@@ -25,7 +25,7 @@ from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_bloc
 from backend.metrics import Metrics, StepStats, memory_snapshot
 from backend.outputs import RequestOutput, StreamDelta
 from backend.runner import ModelRunner
-from backend.sampling import SamplingParams
+from backend.sampling import PromptLogprobs, SamplingParams, TopLogprobs
 from backend.scheduler import Scheduler
 from backend.sequence import Sequence
 
@@ -40,6 +40,14 @@ class _Request:
     emitted_tokens: int = 0
     listener: queue.Queue | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    prompt_logprobs: list[float | None] | None = None  # filled as the prefill advances
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
+
+    def store_prompt_logprobs(self, scored: PromptLogprobs) -> None:
+        end = scored.start + len(scored.logprobs)
+        self.prompt_logprobs[scored.start : end] = scored.logprobs
+        if self.prompt_top_logprobs is not None:
+            self.prompt_top_logprobs[scored.start : end] = scored.top_logprobs
 
 
 def kv_spec_from_config(config, dtype: torch.dtype, block_size: int) -> KVCacheSpec:
@@ -75,7 +83,8 @@ class Engine:
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, self.attention_backend)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, self.attention_backend,
+                                  torch.float32 if self.loaded.cpu_upcast else None)
         self.metrics = Metrics()
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
@@ -140,7 +149,11 @@ class Engine:
             rid = self._next_id
             self._next_id += 1
             seq = Sequence(rid, ids, params, generator)
-            self._requests[rid] = _Request(seq, prompt, listener=_listener)
+            req = _Request(seq, prompt, listener=_listener)
+            if params.prompt_logprobs is not None:
+                req.prompt_logprobs = [None] * len(ids)
+                req.prompt_top_logprobs = [None] * len(ids) if params.prompt_logprobs else None
+            self._requests[rid] = req
             self.scheduler.add(seq)
             self._wake.notify_all()
         return rid
@@ -176,6 +189,8 @@ class Engine:
                     self.scheduler.finish(seq, "error")
                 return [self._publish(self._requests[s.seq_id], None) for s in batch.seqs]
             self.scheduler.update(batch, {})
+            for seq_id, scored in out.prompt_logprobs.items():
+                self._requests[seq_id].store_prompt_logprobs(scored)
             sampled = [s for s, flag in zip(batch.seqs, batch.sample) if flag]
             now = time.perf_counter()
             touched = []
@@ -250,7 +265,10 @@ class Engine:
             request_id=seq.seq_id, prompt=req.prompt, prompt_token_ids=seq.prompt_token_ids,
             token_ids=list(seq.output_token_ids), text=seq.text if text is None else text, finished=seq.is_finished,
             finish_reason=seq.finish_reason, logprobs=list(seq.output_logprobs) if want_lp else None,
-            top_logprobs=list(seq.output_top_logprobs) if want_lp else None, num_cached_tokens=seq.num_cached_tokens,
+            top_logprobs=list(seq.output_top_logprobs) if want_lp else None,
+            prompt_logprobs=None if req.prompt_logprobs is None else list(req.prompt_logprobs),
+            prompt_top_logprobs=None if req.prompt_top_logprobs is None else list(req.prompt_top_logprobs),
+            num_cached_tokens=seq.num_cached_tokens,
             num_preemptions=seq.num_preemptions, ttft=seq.ttft,
             latency=None if seq.finish_time is None else seq.finish_time - seq.arrival_time, error=seq.error,
         )

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from backend.kv_cache import KVCache
 from backend.scheduler import ScheduledBatch
 from kernels.attention_torch import TorchAttentionPlan, build_plan
+
+
+@dataclass
+class PromptRows:
+    """Consecutive logits rows of one sequence that score its prompt: row `first_row + i` is at token position
+    `first_pos + i` and predicts prompt token `first_pos + i + 1`."""
+    seq_index: int  # in the scheduled batch
+    first_row: int
+    first_pos: int
+    count: int
 
 
 @dataclass
@@ -19,19 +29,23 @@ class ForwardBatch:
     block_tables: torch.Tensor  # (S, max_blocks) int32
     seq_lens: torch.Tensor  # (S,) int32, cached + new
     query_start_loc: torch.Tensor  # (S + 1,) int32
-    logits_indices: torch.Tensor  # (R,) int64, token index of each row that is sampled
+    logits_indices: torch.Tensor  # (R,) int64, token index of each row whose logits the model computes
     max_query_len: int
     max_seq_len: int
     kv_cache: KVCache
     backend: str  # "torch" | "triton"
     plan: TorchAttentionPlan | None  # gather indices for the torch backend
+    # Rows beyond one per sampling sequence exist only for requests that want prompt logprobs:
+    sample_rows: torch.Tensor | None = None  # (S',) the rows that are sampled; None = every row
+    prompt_rows: list[PromptRows] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
 
-def build_forward_batch(batch: ScheduledBatch, kv_cache: KVCache, device: torch.device, backend: str) -> ForwardBatch:
+def build_forward_batch(batch: ScheduledBatch, kv_cache: KVCache, device: torch.device, backend: str,
+                        attention_dtype: torch.dtype | None = None) -> ForwardBatch:
     block_size = kv_cache.spec.block_size
     input_ids: list[int] = []
     positions: list[int] = []
@@ -39,7 +53,9 @@ def build_forward_batch(batch: ScheduledBatch, kv_cache: KVCache, device: torch.
     seq_lens: list[int] = []
     qsl = [0]
     logits_indices: list[int] = []
-    for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
+    sample_rows: list[int] = []
+    prompt_rows: list[PromptRows] = []
+    for i, (seq, n, sample) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.sample)):
         start = seq.num_computed_tokens
         tokens = seq.all_token_ids[start : start + n]
         input_ids.extend(tokens)
@@ -49,7 +65,12 @@ def build_forward_batch(batch: ScheduledBatch, kv_cache: KVCache, device: torch.
             slots.append(table[pos // block_size] * block_size + pos % block_size)
         seq_lens.append(start + n)
         qsl.append(qsl[-1] + n)
+        scored = prompt_positions_to_score(seq.params.prompt_logprobs, len(seq.prompt_token_ids), start, n)
+        if scored:
+            prompt_rows.append(PromptRows(i, len(logits_indices), start, scored))
+            logits_indices.extend(range(qsl[-2], qsl[-2] + scored))
         if sample:
+            sample_rows.append(len(logits_indices))
             logits_indices.append(qsl[-1] - 1)
     max_blocks = max(len(s.block_table) for s in batch.seqs)
     tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
@@ -58,7 +79,7 @@ def build_forward_batch(batch: ScheduledBatch, kv_cache: KVCache, device: torch.
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
     block_tables = t(tables, torch.int32)
-    plan = build_plan(qsl, seq_lens, block_tables, block_size) if backend == "torch" else None
+    plan = build_plan(qsl, seq_lens, block_tables, block_size, attention_dtype) if backend == "torch" else None
     return ForwardBatch(
         input_ids=t(input_ids, torch.long),
         positions=t(positions, torch.long),
@@ -72,4 +93,13 @@ def build_forward_batch(batch: ScheduledBatch, kv_cache: KVCache, device: torch.
         kv_cache=kv_cache,
         backend=backend,
         plan=plan,
+        sample_rows=t(sample_rows, torch.long) if prompt_rows else None,
+        prompt_rows=prompt_rows,
     )
+
+
+def prompt_positions_to_score(prompt_logprobs: int | None, prompt_len: int, start: int, n: int) -> int:
+    """How many of the step's positions start..start+n-1 predict a prompt token (when prompt logprobs are asked)."""
+    if prompt_logprobs is None:
+        return 0
+    return max(0, min(start + n, prompt_len - 1) - start)

@@ -18,6 +18,9 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     logprobs: list[float] | None = None  # of each chosen token
     top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # When SamplingParams.prompt_logprobs is set: one entry per prompt token, None for token 0 (no prefix)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # when prompt_logprobs > 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     ttft: float | None = None  # seconds from arrival to the first token

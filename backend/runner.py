@@ -5,27 +5,47 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backend.forward_batch import build_forward_batch
+from backend.forward_batch import ForwardBatch, build_forward_batch
 from backend.kv_cache import KVCache
-from backend.sampling import SampleOutput, sample
+from backend.sampling import PromptLogprobs, SampleOutput, sample, score_prompt
 from backend.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device, attention_backend: str) -> None:
+    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device, attention_backend: str,
+                 attention_dtype: torch.dtype | None = None) -> None:
         self.model = model
+        self.attention_dtype = attention_dtype  # torch attention math dtype (None = the model's)
         self.kv_cache = kv_cache
         self.device = device
         self.attention_backend = attention_backend
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SampleOutput:
-        """One forward pass over the batch; one sampled token per sequence whose step reaches its end."""
-        fb = build_forward_batch(batch, self.kv_cache, self.device, self.attention_backend)
-        logits = self.model(fb)  # (R, V), R = sequences that sample
+        """One forward pass over the batch; one sampled token per sequence whose step reaches its end, and the
+        logprobs of the prompt tokens this step scores for requests that asked for prompt logprobs."""
+        fb = build_forward_batch(batch, self.kv_cache, self.device, self.attention_backend, self.attention_dtype)
+        logits = self.model(fb)  # (R, V): prompt-scoring rows (if any) + one row per sequence that samples
+        prompt_logprobs = score_prompts(batch, fb, logits)
+        if fb.sample_rows is not None:
+            logits = logits[fb.sample_rows]  # (S', V)
         rows = [seq for seq, s in zip(batch.seqs, batch.sample) if s]
         if not rows:
-            return SampleOutput([], None, None)
+            return SampleOutput([], None, None, prompt_logprobs)
         params = [s.params for s in rows]
         history = [s.all_token_ids for s in rows] if any(p.repetition_penalty != 1.0 for p in params) else []
-        return sample(logits, params, [s.generator for s in rows], history)
+        out = sample(logits, params, [s.generator for s in rows], history)
+        out.prompt_logprobs = prompt_logprobs
+        return out
+
+
+def score_prompts(batch: ScheduledBatch, fb: ForwardBatch, logits: torch.Tensor) -> dict[int, PromptLogprobs]:
+    """Prompt logprobs of this step, by seq_id, from the rows `build_forward_batch` added for them."""
+    scored = {}
+    for r in fb.prompt_rows:
+        seq = batch.seqs[r.seq_index]
+        start = r.first_pos + 1  # the first prompt token these rows predict
+        targets = seq.prompt_token_ids[start : start + r.count]
+        scored[seq.seq_id] = score_prompt(logits[r.first_row : r.first_row + r.count], targets, start,
+                                          seq.params.prompt_logprobs)
+    return scored

@@ -9,6 +9,13 @@ import torch
 from backend.errors import RequestError
 
 
+MAX_LOGPROBS = 20
+
+
+def _valid_top_n(n) -> bool:
+    return n is None or (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_LOGPROBS)
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 16
@@ -22,6 +29,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = no logprobs; 0 = chosen token only; n = also the top-n
+    prompt_logprobs: int | None = None  # None = off; 0 = each prompt token given its prefix; n = also the top-n
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -34,7 +42,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs must be None or 0..20"),
+            (_valid_top_n(self.logprobs), "logprobs must be None or an integer 0..20"),
+            (_valid_top_n(self.prompt_logprobs), "prompt_logprobs must be None or an integer 0..20"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative ints"),
         ]
@@ -47,11 +56,37 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of consecutive prompt tokens scored in one step (a prefill may take several steps)."""
+    start: int  # prompt index of the first scored token (>= 1: token 0 has no prefix)
+    logprobs: list[float]
+    top_logprobs: list[TopLogprobs] | None  # when prompt_logprobs > 0
+
+
 @dataclass
 class SampleOutput:
     token_ids: list[int]
     logprobs: list[float] | None  # logprob of each chosen token (None when no row asked)
-    top_logprobs: list[list[tuple[int, float]] | None] | None
+    top_logprobs: list[TopLogprobs | None] | None
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # by seq_id
+
+
+def _top(logprobs: torch.Tensor, n: int) -> list[TopLogprobs]:  # (N, V) -> N lists of n (id, logprob)
+    values, ids = torch.topk(logprobs, n, dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+def score_prompt(logits: torch.Tensor, targets: list[int], start: int, top_n: int) -> PromptLogprobs:
+    """Row i of `logits` (N, V) predicts prompt token `start + i`, whose id is targets[i]: its raw logprob
+    (fp32 log_softmax, no temperature or penalties) and, when top_n > 0, the top_n alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    index = torch.tensor(targets, dtype=torch.long, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    return PromptLogprobs(start, chosen, _top(logprobs, top_n) if top_n else None)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalties: list[float]) -> torch.Tensor:
@@ -101,11 +136,5 @@ def sample(
     if raw_logprobs is None:
         return SampleOutput(token_ids, None, None)
     chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
-    tops: list[list[tuple[int, float]] | None] = []
-    for row, p in enumerate(params):
-        if not p.logprobs:
-            tops.append(None)
-            continue
-        values, ids = torch.topk(raw_logprobs[row], p.logprobs)
-        tops.append(list(zip(ids.tolist(), values.tolist())))
+    tops = [_top(raw_logprobs[row : row + 1], p.logprobs)[0] if p.logprobs else None for row, p in enumerate(params)]
     return SampleOutput(token_ids, chosen_lp, tops)

@@ -101,7 +101,9 @@ class Scheduler:
         tokens = seq.all_token_ids
         # Leave at least one token to compute: the step must produce logits for the last one.
         hashes = block_hashes(tokens[: len(tokens) - 1], self.block_size)
-        cached = self.allocator.match_prefix(hashes)
+        # A request scoring its prompt (prompt_logprobs) computes every position: no prefix-cache hits (as vLLM);
+        # its blocks are still published for later requests.
+        cached = [] if seq.params.prompt_logprobs is not None else self.allocator.match_prefix(hashes)
         seq.block_table = cached
         seq.num_computed_tokens = len(cached) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens

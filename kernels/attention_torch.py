@@ -15,7 +15,7 @@ including themselves, the convention transformers uses).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +38,37 @@ def store_kv_torch(
 class TorchAttentionPlan:
     """Gather indices built once per step and reused by every layer.
 
-    Context is gathered a whole block at a time (`k_cache[blocks]`), not slot by slot. Decode
-    sequences (one new token) are batched into one padded attention call; prefill sequences
-    (several new tokens) are handled one by one, each over its gathered context.
+    Context is gathered a whole block at a time (`index_select` over cache blocks, not slot by slot).
+    Decode sequences (one new token) are batched into one padded attention call; prefill sequences
+    (several new tokens) are handled one by one, each over its gathered context. `compute_dtype`
+    (None = the query's dtype) is the dtype the attention math runs in: fp32 for 16-bit models on
+    CPUs whose 16-bit kernels are slow (the cache keeps the model dtype).
     """
 
     decode_tokens: torch.Tensor  # (Sd,) token index in the batch of each decode sequence
-    decode_blocks: torch.Tensor  # (Sd, NBmax) cache blocks of each decode sequence (its first block where padded)
+    decode_blocks: torch.Tensor  # (Sd * NBmax,) cache blocks of each decode sequence (its first block where padded)
     decode_kv_pos: torch.Tensor  # (NBmax * BS,) position of each gathered context column
     decode_lens: torch.Tensor  # (Sd,) context length
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (q_start, q_end, context length, blocks) per prefill
     all_decode: bool  # every token of the batch is a decode token, in order (no scatter needed)
+    compute_dtype: torch.dtype | None = None
+    _masks: dict = field(default_factory=dict, repr=False)  # (window, dtype) -> additive decode mask
 
     @property
     def num_decode(self) -> int:
         return int(self.decode_tokens.numel())
+
+    def decode_mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:  # (Sd, 1, 1, NBmax*BS)
+        """Additive mask (0 = attend, -inf = not), built once per step and window and shared by the layers."""
+        key = (sliding_window, dtype)
+        if key not in self._masks:
+            lens = self.decode_lens[:, None]
+            keep = self.decode_kv_pos[None, :] < lens  # (Sd, L)
+            if sliding_window is not None:
+                keep &= self.decode_kv_pos[None, :] > lens - 1 - sliding_window
+            mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
 
 
 def build_plan(
@@ -60,6 +76,7 @@ def build_plan(
     seq_lens: list[int],
     block_tables: torch.Tensor,  # (S, MB) int32
     block_size: int,
+    compute_dtype: torch.dtype | None = None,
 ) -> TorchAttentionPlan:
     """Precompute the gather indices of one step (python lists in, index tensors out)."""
     device = block_tables.device
@@ -86,14 +103,20 @@ def build_plan(
             prefills.append((query_start_loc[i], query_start_loc[i + 1], seq_lens[i], block_tables[i, :nb].long()))
     kv_pos = torch.arange(max_blocks * block_size, device=device)
     all_decode = len(decode_ids) == num_seqs == query_start_loc[-1]
-    return TorchAttentionPlan(tokens, blocks, kv_pos, lens, prefills, all_decode)
+    return TorchAttentionPlan(tokens, blocks.reshape(-1), kv_pos, lens, prefills, all_decode, compute_dtype)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(NB, BS, Hkv, D) cache, (n,) block ids -> (n * BS, Hkv, D) in `dtype` (index_select: one copy per block)."""
+    nb, bs, hkv, d = cache.shape
+    return torch.index_select(cache, 0, blocks).view(-1, hkv, d).to(dtype)
 
 
 def _attend(
     q: torch.Tensor,  # (S, Hq, Q, D)
     k: torch.Tensor,  # (S, Hkv, L, D)
     v: torch.Tensor,  # (S, Hkv, L, D)
-    mask: torch.Tensor,  # (S, 1, Q, L) bool, True = attend
+    mask: torch.Tensor,  # (S, 1, Q, L) bool (True = attend) or additive float
     scale: float,
     softcap: float | None,
     sinks: torch.Tensor | None,  # (Hq,)
@@ -107,7 +130,7 @@ def _attend(
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (S, Hq, Q, L)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     if sinks is not None:
         sink_col = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
         scores = torch.cat([scores, sink_col], dim=-1)
@@ -127,38 +150,35 @@ def paged_attention_planned(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (T, Hq, D)
-    nb, bs, hkv, d = k_cache.shape
+    hkv, d = k_cache.shape[2:]
+    cd = plan.compute_dtype or q.dtype
     out = torch.empty_like(q) if not plan.all_decode else None
     if plan.num_decode:
         sd = plan.num_decode
-        qd = (q if plan.all_decode else q[plan.decode_tokens]).unsqueeze(2)  # (Sd, Hq, 1, D)
-        kd = k_cache[plan.decode_blocks].view(sd, -1, hkv, d).transpose(1, 2)  # (Sd, Hkv, NBmax*BS, D)
-        vd = v_cache[plan.decode_blocks].view(sd, -1, hkv, d).transpose(1, 2)
-        lens = plan.decode_lens[:, None]
-        mask = plan.decode_kv_pos[None, :] < lens  # (Sd, NBmax*BS)
-        if sliding_window is not None:
-            mask &= plan.decode_kv_pos[None, :] > lens - 1 - sliding_window
-        od = _attend(qd, kd.to(q.dtype), vd.to(q.dtype), mask[:, None, None, :], scale, softcap, sinks).squeeze(2)
+        qd = (q if plan.all_decode else q[plan.decode_tokens]).unsqueeze(2).to(cd)  # (Sd, Hq, 1, D)
+        kd = _gather(k_cache, plan.decode_blocks, cd).view(sd, -1, hkv, d).transpose(1, 2)  # (Sd, Hkv, NBmax*BS, D)
+        vd = _gather(v_cache, plan.decode_blocks, cd).view(sd, -1, hkv, d).transpose(1, 2)
+        mask = plan.decode_mask(sliding_window, torch.float32 if softcap is not None or sinks is not None else cd)
+        od = _attend(qd, kd, vd, mask, scale, softcap, sinks).squeeze(2).to(q.dtype)  # (Sd, Hq, D)
         if plan.all_decode:
             return od
         out[plan.decode_tokens] = od
     for start, end, length, blocks in plan.prefills:
         n = end - start
-        qp = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
-        kp = k_cache[blocks].view(-1, hkv, d)[:length].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
-        vp = v_cache[blocks].view(-1, hkv, d)[:length].transpose(0, 1).unsqueeze(0)
+        qp = q[start:end].transpose(0, 1).unsqueeze(0).to(cd)  # (1, Hq, n, D)
+        kp = _gather(k_cache, blocks, cd)[:length].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
+        vp = _gather(v_cache, blocks, cd)[:length].transpose(0, 1).unsqueeze(0)
         if n == length and sliding_window is None and softcap is None and sinks is None:
             # no cached prefix: plain causal attention (lets SDPA take its fused causal kernel)
-            op = F.scaled_dot_product_attention(qp, kp.to(q.dtype), vp.to(q.dtype), is_causal=True, scale=scale,
-                                                enable_gqa=True)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
             q_pos = torch.arange(length - n, length, device=q.device)[:, None]
             kv_pos = torch.arange(length, device=q.device)[None, :]
             mask = kv_pos <= q_pos  # (n, L)
             if sliding_window is not None:
                 mask &= kv_pos > q_pos - sliding_window
-            op = _attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask[None, None], scale, softcap, sinks)
-        out[start:end] = op[0].transpose(0, 1)
+            op = _attend(qp, kp, vp, mask[None, None], scale, softcap, sinks)
+        out[start:end] = op[0].transpose(0, 1).to(q.dtype)
     return out
 
 

@@ -14,6 +14,8 @@ Limit: `dynamic` NTK uses its base frequencies (as HF does within the original c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -68,32 +70,47 @@ def compute_cos_sin_cache(config: PretrainedConfig, head_dim: int, max_position:
         return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)  # (P, rd)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (T, H, D); cos, sin: (T, 1, rd/2) in x.dtype -> (T, H, D)
-    half = cos.shape[-1]
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-    if 2 * half < x.shape[-1]:
-        parts.append(x[..., 2 * half :])
-    return torch.cat(parts, dim=-1)
+@dataclass
+class RopeStep:
+    """The rotary inputs of one step, gathered once and shared by every layer."""
+
+    rows: torch.Tensor  # (T,) cache row of each token (its position; shifted for longrope's long factors)
+    cos: torch.Tensor | None  # (T, 1, rd) [cos | cos] in the activation dtype (None when a CUDA kernel rotates)
+    sin: torch.Tensor | None  # (T, 1, rd) [-sin | sin]
+
+
+def rope_step(rows: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+    """Gather cos/sin for the step's tokens, rounded to the activation dtype as HF does."""
+    if cos_sin_cache.is_cuda:
+        return RopeStep(rows, None, None)
+    cos, sin = cos_sin_cache[rows].to(dtype).chunk(2, dim=-1)  # (T, rd/2) each
+    return RopeStep(rows, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
+
+
+def _rotate(x: torch.Tensor, rope: RopeStep) -> torch.Tensor:
+    # x: (T, H, D) -> (T, H, D). HF: x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2 | x1];
+    # [x2 | x1] * [-sin | sin] is the same product element by element (negation is exact).
+    t, h, d = x.shape
+    rd = rope.cos.shape[-1]
+    xr = x[..., :rd]
+    swapped = xr.unflatten(-1, (2, rd // 2)).flip(-2).view(t, h, rd)  # [x2 | x1]
+    out = xr * rope.cos + swapped * rope.sin
+    return out if rd == d else torch.cat([out, x[..., rd:]], dim=-1)
 
 
 def apply_rotary(
     q: torch.Tensor,  # (T, Hq * D)
     k: torch.Tensor,  # (T, Hkv * D)
-    positions: torch.Tensor,  # (T,)
+    rope: RopeStep,
     cos_sin_cache: torch.Tensor,  # (P, rd) fp32
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (T, Hq * D), (T, Hkv * D)
     kernel = cuda_kernel("apply_rotary", q)
     if kernel is not None:
-        return kernel(q, k, positions, cos_sin_cache, is_neox=True, head_dim=head_dim)
+        return kernel(q, k, rope.rows, cos_sin_cache, is_neox=True, head_dim=head_dim)
     t = q.shape[0]
-    half = cos_sin_cache.shape[-1] // 2
-    cs = cos_sin_cache[positions].to(q.dtype)  # (T, rd), HF rounds cos/sin to the model dtype
-    cos, sin = cs[:, None, :half], cs[:, None, half:]  # (T, 1, rd/2)
-    q = _rotate(q.view(t, -1, head_dim), cos, sin).view(t, -1)
-    k = _rotate(k.reshape(t, -1, head_dim), cos, sin).view(t, -1)
+    q = _rotate(q.view(t, -1, head_dim), rope).view(t, -1)
+    k = _rotate(k.reshape(t, -1, head_dim), rope).view(t, -1)
     return q, k
 
 
@@ -115,18 +132,20 @@ class RotaryEmbedding(nn.Module):
         cache = compute_cos_sin_cache(self.config, self.head_dim, self.max_position)
         self._buffers["cos_sin_cache"] = cache.to(device)
 
-    def cache_positions(self, positions: torch.Tensor, seq_lens: torch.Tensor,
-                        query_start_loc: torch.Tensor) -> torch.Tensor:  # (T,)
-        """Cache row of each token: its position, shifted to the long-factor rows (longrope) when its sequence
-        is longer than the original context this step. Computed once per forward, used by every layer."""
-        if self.original_max is None:
-            return positions
-        long_seq = (seq_lens > self.original_max).long()  # (S,)
-        per_token = torch.repeat_interleave(long_seq, query_start_loc.diff(), output_size=positions.numel())
-        return positions + per_token * self.max_position
+    def prepare(self, positions: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                dtype: torch.dtype) -> RopeStep:
+        """Once per forward, for every layer: the cache row of each token (its position, shifted to the
+        long-factor rows (longrope) when its sequence is longer than the original context this step) and,
+        on CPU, the gathered cos/sin."""
+        rows = positions
+        if self.original_max is not None:
+            long_seq = (seq_lens > self.original_max).long()  # (S,)
+            per_token = torch.repeat_interleave(long_seq, query_start_loc.diff(), output_size=positions.numel())
+            rows = positions + per_token * self.max_position
+        return rope_step(rows, self.cos_sin_cache, dtype)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(q, k, positions, self.cos_sin_cache, self.head_dim)
+    def forward(self, rope: RopeStep, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, k, rope, self.cos_sin_cache, self.head_dim)
 
     def extra_repr(self) -> str:
         return f"rope_type={self.rope_type}, rotary_dim={self.rotary_dim}, max_position={self.max_position}"

@@ -98,6 +98,9 @@ def describe_model(model: nn.Module) -> dict:
         info.update(implementation=getattr(model, "impl", "unknown"), attention=None, injected={})
     quantized = _quantized(model)
     info["swapped"] = {f"quantized linear {cls}": n for cls, n in quantized.items()}
+    upcast = sum(type(m).__name__ == "UpcastLinear" for m in model.modules())
+    if upcast:  # backend/layers/upcast.py: 16-bit weights plus an fp32 copy for many-row CPU products
+        info["swapped"]["UpcastLinear (fp32 copy for CPU matmuls)"] = upcast
     info["quantized_linears"] = sum(quantized.values())
     info["parameters"] = _count_parameters(model)
     return info

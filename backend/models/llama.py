@@ -19,7 +19,7 @@ from backend.forward_batch import ForwardBatch
 from backend.layers.activation import act_and_mul
 from backend.layers.attention import PagedAttention
 from backend.layers.norm import RMSNorm
-from backend.layers.rotary import RotaryEmbedding
+from backend.layers.rotary import RopeStep, RotaryEmbedding
 from backend.models.options import ModelOptions, options_from_config, uniform_windows
 from backend.models.weights import LLAMA_STACKED, NativeWeightLoader, build_buffers
 
@@ -37,7 +37,7 @@ class Attention(nn.Module):
         self.attn = PagedAttention(opts.num_heads, opts.num_kv_heads, opts.head_dim, layer_idx,
                                    scale=opts.attn_scale, softcap=opts.attn_softcap, sliding_window=window)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch,
+    def forward(self, rope: RopeStep, x: torch.Tensor, batch: ForwardBatch,
                 rotary: RotaryEmbedding) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, Hq*D + 2*Hkv*D)
@@ -45,7 +45,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # per-head RMSNorm over D
             q = self.q_norm(q.reshape(t, -1, self.head_dim)).view(t, self.q_size)
             k = self.k_norm(k.reshape(t, -1, self.head_dim)).view(t, self.kv_size)
-        q, k = rotary(positions, q, k)  # (T, Hq*D), (T, Hkv*D)
+        q, k = rotary(rope, q, k)  # (T, Hq*D), (T, Hkv*D)
         return self.o_proj(self.attn(q, k, v, batch))  # (T, H)
 
 
@@ -78,14 +78,14 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch, rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         # the true hidden state is h + residual (the add is fused into the next norm)
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(positions, h, batch, rotary)
+        h = self.self_attn(rope, h, batch, rotary)
         if self.sandwich:
             h = self.post_attention_layernorm(h)
             h, residual = self.pre_feedforward_layernorm(h, residual)
@@ -114,9 +114,9 @@ class DecoderModel(nn.Module):
         if self.embed_scale is not None:
             h = h * self.embed_scale
         residual = None
-        rope_rows = self.rotary_emb.cache_positions(positions, batch.seq_lens, batch.query_start_loc)  # (T,)
+        rope = self.rotary_emb.prepare(positions, batch.seq_lens, batch.query_start_loc, h.dtype)
         for layer in self.layers:
-            h, residual = layer(rope_rows, h, residual, batch, self.rotary_emb)
+            h, residual = layer(rope, h, residual, batch, self.rotary_emb)
         h, _ = self.norm(h, residual)
         return h  # (T, H)
 

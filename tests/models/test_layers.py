@@ -10,7 +10,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from backend.layers.activation import act_and_mul
 from backend.layers.norm import rms_norm
-from backend.layers.rotary import apply_rotary, compute_cos_sin_cache
+from backend.layers.rotary import apply_rotary, compute_cos_sin_cache, rope_step
 
 DT = torch.bfloat16
 
@@ -53,7 +53,7 @@ def test_rotary_matches_hf_for_every_rope_type(rope):
     q, k = torch.randn(6, 2 * 32, dtype=DT), torch.randn(6, 32, dtype=DT)
     cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
     hf_q, hf_k = apply_rotary_pos_emb(q.view(1, 6, 2, 32).transpose(1, 2), k.view(1, 6, 1, 32).transpose(1, 2), cos, sin)
-    got_q, got_k = apply_rotary(q, k, positions, cache, 32)
+    got_q, got_k = apply_rotary(q, k, rope_step(positions, cache, DT), cache, 32)
     # same ops as HF; cos/sin are evaluated over differently shaped tensors (vectorised vs tail loops of the
     # fp32 cos may differ by an ulp), so allow one bf16 ulp
     torch.testing.assert_close(got_q, hf_q.transpose(1, 2).reshape(6, 64), atol=2**-7, rtol=2**-7)

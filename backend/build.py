@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from backend import hub
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
-from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, upcast_linears
+from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, upcast_candidates, upcast_linears
 from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
 from backend.models import build_model, select_model_impl
 
@@ -146,14 +146,14 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
 def _upcast_linears_if_memory_allows(model: nn.Module, forced: bool) -> int:
     """fp32 copies of the 16-bit linear weights (2x their bytes) unless they would take over half the available
     memory (then the 16-bit weights are used for every product; `cpu_upcast=True` insists)."""
-    half_bytes = sum(m.weight.numel() * 2 for m in model.modules()
-                     if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16))
+    linears = upcast_candidates(model)
+    half_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     available = psutil.virtual_memory().available
     if not forced and 2 * half_bytes > available // 2:
         logger.warning("not making fp32 copies of the linear weights (%.1f GB) with %.1f GB available: many-token "
                        "steps will use the slower 16-bit matmul", 2 * half_bytes / 1e9, available / 1e9)
         return 0
-    return upcast_linears(model)
+    return upcast_linears(linears)
 
 
 def _quant_method(requested: str | None, hf_config: PretrainedConfig):

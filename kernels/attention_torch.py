@@ -108,7 +108,7 @@ def build_plan(
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(NB, BS, Hkv, D) cache, (n,) block ids -> (n * BS, Hkv, D) in `dtype` (index_select: one copy per block)."""
-    nb, bs, hkv, d = cache.shape
+    hkv, d = cache.shape[2:]
     return torch.index_select(cache, 0, blocks).view(-1, hkv, d).to(dtype)
 
 

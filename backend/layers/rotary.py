@@ -81,7 +81,7 @@ class RopeStep:
 
 def rope_step(rows: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> RopeStep:
     """Gather cos/sin for the step's tokens, rounded to the activation dtype as HF does."""
-    if cos_sin_cache.is_cuda:
+    if cuda_kernel("apply_rotary", cos_sin_cache) is not None:  # the kernel reads the cache itself
         return RopeStep(rows, None, None)
     cos, sin = cos_sin_cache[rows].to(dtype).chunk(2, dim=-1)  # (T, rd/2) each
     return RopeStep(rows, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])

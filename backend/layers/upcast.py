@@ -11,8 +11,8 @@ AVX512 without BF16, 2 cores) over the 30 layers of a SmolLM2-135M-shaped model:
 So a layer keeps its 16-bit weight for one or two rows (single-sequence decode: memory-bound, the
 smaller weight reads faster) and multiplies anything larger by an fp32 `(K, N)` copy made once at
 load time. The copy takes 4 bytes per weight (with the 16-bit weight, 3x its bytes in all); it is
-counted in the engine's weight bytes, skipped when memory is short, and `cpu_upcast=False` turns it off. Results are the same
-products at higher precision than the 16-bit path.
+counted in the engine's weight bytes, skipped when memory is short, and `cpu_upcast=False` turns it
+off. Results are the same products at higher precision than the 16-bit path.
 """
 
 from __future__ import annotations
@@ -54,16 +54,18 @@ class UpcastLinear(nn.Linear):
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
-def upcast_linears(model: nn.Module) -> int:
-    """Give every plain 16-bit nn.Linear of `model` its fp32 (K, N) copy, in place; returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype in (torch.bfloat16, torch.float16):
-            weight_t = module.weight.detach().t().float().contiguous()
-            bias = None if module.bias is None else module.bias.detach().float()
-            module.__class__ = UpcastLinear
-            module.register_buffer("weight_t", weight_t, persistent=False)
-            module.register_buffer("bias_f32", bias, persistent=False)
-            count += 1
-    return count
+def upcast_candidates(model: nn.Module) -> list[nn.Linear]:
+    """The plain 16-bit nn.Linear modules of `model` (quantized and fp32 linears are left alone)."""
+    return [m for m in model.modules()
+            if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16)]
 
+
+def upcast_linears(modules: list[nn.Linear]) -> int:
+    """Give each of `modules` (from `upcast_candidates`) its fp32 (K, N) copy, in place; returns how many."""
+    for module in modules:
+        weight_t = module.weight.detach().t().float().contiguous()
+        bias = None if module.bias is None else module.bias.detach().float()
+        module.__class__ = UpcastLinear
+        module.register_buffer("weight_t", weight_t, persistent=False)
+        module.register_buffer("bias_f32", bias, persistent=False)
+    return len(modules)

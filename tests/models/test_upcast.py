@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend import Engine, SamplingParams
-from backend.layers.upcast import MAX_HALF_ROWS, UpcastLinear, upcast_linears
+from backend.layers.upcast import MAX_HALF_ROWS, UpcastLinear, upcast_candidates, upcast_linears
 from backend.tiny_models import build_tiny_model
 
 
@@ -22,7 +22,7 @@ def test_few_rows_use_the_16bit_weight_many_rows_the_fp32_copy(bias):
     layer = _linear(bias)
     plain = nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
     plain.load_state_dict(layer.state_dict())
-    assert upcast_linears(nn.Sequential(layer)) == 1 and type(layer) is UpcastLinear
+    assert upcast_linears(upcast_candidates(nn.Sequential(layer))) == 1 and type(layer) is UpcastLinear
     assert layer.weight_t.shape == (64, 48) and layer.weight_t.dtype == torch.float32
     assert "weight_t" not in layer.state_dict()  # never saved: rebuilt from the 16-bit weight
     x = torch.randn(MAX_HALF_ROWS, 64).to(torch.bfloat16)
@@ -36,7 +36,7 @@ def test_few_rows_use_the_16bit_weight_many_rows_the_fp32_copy(bias):
 
 def test_only_plain_16bit_linears_are_upcast():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.float16), nn.Linear(8, 8).to(torch.bfloat16))
-    assert upcast_linears(model) == 2
+    assert upcast_linears(upcast_candidates(model)) == 2
     assert [type(m) for m in model] == [nn.Linear, UpcastLinear, UpcastLinear]
 
 

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from backend import hub
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
+from backend.layers.packed import PackedLinear, pack_linears, packing_available
 from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, upcast_candidates, upcast_linears
 from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
 from backend.models import build_model, select_model_impl
@@ -36,26 +37,37 @@ class LoadedModel:
     quantization: str | None
     swapped_modules: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
-    cpu_upcast: bool = False  # 16-bit model on a CPU without fast 16-bit matmul: fp32 attention math
-    num_upcast_linears: int = 0  # of those, linears with an fp32 copy for many-row products (layers/upcast.py)
+    cpu_linear: str = "none"  # how its 16-bit linears run on CPU: "packed", "upcast" or "none" (EngineConfig)
+    num_cpu_linears: int = 0  # linears swapped for PackedLinear / UpcastLinear
+
+    @property
+    def cpu_upcast(self) -> bool:
+        """16-bit model with fp32 linear copies (a CPU without fast 16-bit math): attention math in fp32 too."""
+        return self.cpu_linear == "upcast"
 
     @property
     def weights_bytes(self) -> int:
         seen: set[int] = set()
         total = 0
         for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if t.data_ptr() in seen or t.is_meta:
+            key = id(t) if t.is_mkldnn else t.data_ptr()  # packed (mkldnn) tensors have no data pointer
+            if key in seen or t.is_meta:
                 continue
-            seen.add(t.data_ptr())
+            seen.add(key)
             total += t.numel() * t.element_size()
         return total
 
     @property
     def decode_weight_bytes(self) -> int:
-        """Bytes of weights one single-row decode step reads: all but the fp32 copies of layers/upcast.py."""
-        copies = sum(b.numel() * b.element_size() for m in self.model.modules() if isinstance(m, UpcastLinear)
-                     for b in (m.weight_t, m.bias_f32) if b is not None)
-        return self.weights_bytes - copies
+        """Bytes of weights one single-row decode step reads: all but the fp32 copies of layers/upcast.py and the
+        plain tied weights that PackedLinears keep for the embedding (a decode reads their packed copy)."""
+        unread = 0
+        for m in self.model.modules():
+            if isinstance(m, UpcastLinear):
+                unread += sum(b.numel() * b.element_size() for b in (m.weight_t, m.bias_f32) if b is not None)
+            elif isinstance(m, PackedLinear) and m.shared_weight is not None:
+                unread += m.shared_weight.numel() * m.shared_weight.element_size()
+        return self.weights_bytes - unread
 
     @property
     def num_parameters(self) -> int:
@@ -136,16 +148,37 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         if report.unexpected:
             logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])
     model.eval()
-    cpu_upcast = (device.type == "cpu" and dtype != torch.float32 and cfg.cpu_upcast is not False
-                  and (cfg.cpu_upcast or not cpu_has_fast_half_matmul()))
-    upcast = _upcast_linears_if_memory_allows(model, forced=bool(cfg.cpu_upcast)) if cpu_upcast else 0
+    cpu_linear, swapped_linears = _swap_cpu_linears(model, cfg.cpu_linear, device, dtype)
     return LoadedModel(path, hf_config, tokenizer, model, impl, dtype, device, eos_ids(path, hf_config, tokenizer),
-                       quant_name, swapped, time.perf_counter() - start, cpu_upcast, upcast)
+                       quant_name, swapped, time.perf_counter() - start, cpu_linear, swapped_linears)
+
+
+def choose_cpu_linear(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"packed", "upcast" or "none" for a model of `dtype` on `device` (EngineConfig.cpu_linear)."""
+    if device.type != "cpu" or dtype == torch.float32 or requested == "none":
+        return "none"
+    if requested == "auto":
+        if not cpu_has_fast_half_matmul():
+            return "upcast"
+        return "packed" if packing_available() else "none"
+    if requested == "packed" and not packing_available():
+        raise EngineError("cpu_linear='packed' needs oneDNN linear prepacking, which this torch build lacks")
+    return requested
+
+
+def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:
+    kind = choose_cpu_linear(requested, device, dtype)
+    if kind == "packed":
+        return kind, pack_linears(model, upcast_candidates(model))
+    if kind == "upcast":
+        # skipped copies (short memory) still leave the attention math in fp32 on such a CPU
+        return kind, _upcast_linears_if_memory_allows(model, forced=requested == "upcast")
+    return "none", 0
 
 
 def _upcast_linears_if_memory_allows(model: nn.Module, forced: bool) -> int:
     """fp32 copies of the 16-bit linear weights (2x their bytes) unless they would take over half the available
-    memory (then the 16-bit weights are used for every product; `cpu_upcast=True` insists)."""
+    memory (then the 16-bit weights are used for every product; `cpu_linear="upcast"` insists)."""
     linears = upcast_candidates(model)
     half_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     available = psutil.virtual_memory().available

@@ -11,6 +11,7 @@ from backend.errors import EngineError
 MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+CPU_LINEARS = ("auto", "packed", "upcast", "none")  # how 16-bit linears run on CPU (backend/layers)
 
 
 @dataclass
@@ -33,7 +34,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget; prefills are chunked to fit
     # kernels
     attention_backend: str = "auto"  # torch on CPU, triton on CUDA
-    cpu_upcast: bool | None = None  # fp32 matmuls for 16-bit weights on CPUs without bf16 matmul; None = auto
+    # 16-bit linears on CPU: "packed" (oneDNN prepacked weights; CPUs with bf16/fp16 matmul), "upcast" (fp32
+    # copies for many-row products; CPUs without), "none" (plain F.linear); "auto" picks by CPU
+    cpu_linear: str = "auto"
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -50,6 +53,8 @@ class EngineConfig:
             raise EngineError("device='cuda' was asked for but no CUDA device is available; use device='cpu'")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise EngineError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
+        if self.cpu_linear not in CPU_LINEARS:
+            raise EngineError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

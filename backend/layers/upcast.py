@@ -11,7 +11,7 @@ AVX512 without BF16, 2 cores) over the 30 layers of a SmolLM2-135M-shaped model:
 So a layer keeps its 16-bit weight for one or two rows (single-sequence decode: memory-bound, the
 smaller weight reads faster) and multiplies anything larger by an fp32 `(K, N)` copy made once at
 load time. The copy takes 4 bytes per weight (with the 16-bit weight, 3x its bytes in all); it is
-counted in the engine's weight bytes, skipped when memory is short, and `cpu_upcast=False` turns it
+counted in the engine's weight bytes, skipped when memory is short, and `cpu_linear="none"` turns it
 off. Results are the same products at higher precision than the 16-bit path.
 """
 

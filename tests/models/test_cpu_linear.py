@@ -1,0 +1,143 @@
+"""16-bit linears on CPU: UpcastLinear (fp32 (K, N) copy for many-row products) and PackedLinear (oneDNN prepacked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backend import Engine, SamplingParams
+from backend.build import choose_cpu_linear
+from backend.errors import EngineError
+from backend.layers.packed import PackedLinear, pack_linears, packing_available
+from backend.layers.upcast import MAX_HALF_ROWS, UpcastLinear, upcast_candidates, upcast_linears
+from backend.tiny_models import build_tiny_model
+
+
+def _linear(bias: bool) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_use_the_16bit_weight_many_rows_the_fp32_copy(bias):
+    layer = _linear(bias)
+    plain = nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
+    plain.load_state_dict(layer.state_dict())
+    assert upcast_linears(upcast_candidates(nn.Sequential(layer))) == 1 and type(layer) is UpcastLinear
+    assert layer.weight_t.shape == (64, 48) and layer.weight_t.dtype == torch.float32
+    assert "weight_t" not in layer.state_dict()  # never saved: rebuilt from the 16-bit weight
+    x = torch.randn(MAX_HALF_ROWS, 64).to(torch.bfloat16)
+    assert torch.equal(layer(x), plain(x))  # decode rows: the 16-bit path, bit for bit
+    x = torch.randn(2, 5, 64).to(torch.bfloat16)  # 10 rows: fp32 product, one rounding to bf16
+    ref = F.linear(x.float(), plain.weight.float(), None if plain.bias is None else plain.bias.float())
+    out = layer(x)
+    assert out.shape == (2, 5, 48) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0, rtol=2**-8)  # half a bf16 ulp
+
+
+def test_only_plain_16bit_linears_are_upcast():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.float16), nn.Linear(8, 8).to(torch.bfloat16))
+    assert upcast_linears(upcast_candidates(model)) == 2
+    assert [type(m) for m in model] == [nn.Linear, UpcastLinear, UpcastLinear]
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bf16") / "llama"
+    build_tiny_model("llama", path, dtype=torch.bfloat16)
+    return str(path)
+
+
+def test_engine_upcast_on_and_off(bf16_llama):
+    on = Engine(bf16_llama, device="cpu", cpu_linear="upcast", num_kv_blocks=64)
+    off = Engine(bf16_llama, device="cpu", cpu_linear="none", num_kv_blocks=64)
+    try:
+        assert on.loaded.cpu_upcast and on.runner.attention_dtype == torch.float32
+        assert off.loaded.num_cpu_linears == 0 and off.runner.attention_dtype is None
+        linears = [m for m in on.loaded.model.modules() if isinstance(m, UpcastLinear)]
+        assert on.loaded.num_cpu_linears == len(linears) > 0
+        assert "UpcastLinear (fp32 copy for CPU matmuls)" in on.describe()["swapped"]
+        extra = sum(m.weight.numel() * 4 + (0 if m.bias is None else m.bias.numel() * 4) for m in linears)
+        assert on.weights_bytes == off.weights_bytes + extra  # the fp32 copies are counted
+        assert on.loaded.decode_weight_bytes == off.weights_bytes  # a 1-row decode reads the 16-bit weights
+        params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+        a = on.generate("the cat sat on", params)[0]
+        b = off.generate("the cat sat on", params)[0]
+        assert len(a.token_ids) == len(b.token_ids) == 12
+        on.check_invariants()
+    finally:
+        on.close()
+        off.close()
+
+
+needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN linear prepacking")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(dtype, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48, bias=bias).to(dtype)
+    ref = nn.Linear(64, 48, bias=bias).to(dtype)
+    ref.load_state_dict(layer.state_dict())
+    model = nn.Sequential(layer)
+    assert pack_linears(model, upcast_candidates(model)) == 1
+    packed = model[0]
+    assert type(packed) is PackedLinear and packed.shared_weight is None
+    assert "packed" not in packed.state_dict() and not any(p.shape == (48, 64) for p in packed.parameters())
+    assert torch.equal(packed.weight, ref.weight)  # the packed layout converts back exactly
+    for shape in [(1, 64), (3, 64), (2, 7, 64), (40, 64)]:
+        x = torch.randn(*shape).to(dtype)
+        out = packed(x)
+        assert out.shape == (*shape[:-1], 48) and out.dtype == dtype
+        # oneDNN behind both calls: equal up to its choice of kernel per shape (fp32 accumulation, one rounding)
+        torch.testing.assert_close(out.float(), ref(x).float(), atol=1e-6, rtol=2**-7)
+
+
+@needs_packing
+def test_packing_keeps_a_tied_weight_shared():
+    emb = nn.Embedding(32, 16).to(torch.bfloat16)
+    head = nn.Linear(16, 32, bias=False).to(torch.bfloat16)
+    head.weight = emb.weight
+    model = nn.ModuleDict(dict(emb=emb, head=head, other=nn.Linear(16, 16).to(torch.bfloat16)))
+    assert pack_linears(model, upcast_candidates(model)) == 2
+    assert model["head"].shared_weight is emb.weight  # the embedding still reads it
+    assert model["other"].shared_weight is None
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    torch.testing.assert_close(model["head"](x).float(), F.linear(x, emb.weight).float(), atol=1e-6, rtol=2**-7)
+
+
+def test_cpu_linear_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_cpu_linear("auto", cpu, torch.float32) == "none"  # fp32 models: F.linear, bit-equal to HF
+    assert choose_cpu_linear("packed", cuda, torch.bfloat16) == "none"
+    assert choose_cpu_linear("upcast", cpu, torch.bfloat16) == "upcast"
+    assert choose_cpu_linear("auto", cpu, torch.bfloat16) in ("packed", "upcast", "none")
+    with pytest.raises(EngineError, match="cpu_linear must be one of"):
+        Engine("unused", cpu_linear="fast")
+
+
+@needs_packing
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_engine_packed_equals_plain(bf16_llama, impl):
+    packed = Engine(bf16_llama, device="cpu", model_impl=impl, cpu_linear="packed", num_kv_blocks=64)
+    plain = Engine(bf16_llama, device="cpu", model_impl=impl, cpu_linear="none", num_kv_blocks=64)
+    try:
+        assert packed.loaded.cpu_linear == "packed" and packed.runner.attention_dtype is None
+        linears = [m for m in packed.loaded.model.modules() if isinstance(m, PackedLinear)]
+        assert packed.loaded.num_cpu_linears == len(linears) > 0
+        assert "PackedLinear (oneDNN prepacked 16-bit weight)" in packed.describe()["swapped"]
+        assert packed.describe()["parameters"] == plain.describe()["parameters"]
+        assert packed.loaded.decode_weight_bytes == plain.weights_bytes
+        params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+        prompts = ["the cat sat on", "a b c d e f g h i j k"]
+        a = packed.generate(prompts, params)
+        b = plain.generate(prompts, params)
+        assert [o.token_ids for o in a] == [o.token_ids for o in b]  # same oneDNN products, same tokens
+        packed.check_invariants()
+    finally:
+        packed.close()
+        plain.close()

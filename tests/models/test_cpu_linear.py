@@ -141,3 +141,19 @@ def test_engine_packed_equals_plain(bf16_llama, impl):
     finally:
         packed.close()
         plain.close()
+
+
+@needs_packing
+@pytest.mark.parametrize("arch,impl", [("gpt2", "transformers"), ("phi", "transformers"), ("gemma2", "native"),
+                                       ("mixtral", "native"), ("qwen2_moe", "transformers")])
+def test_packed_tokens_across_architectures(tmp_path, arch, impl):
+    """Biases, tied heads, Conv1D models (only the head is an nn.Linear), MoE experts: same greedy tokens."""
+    path = build_tiny_model(arch, tmp_path / arch, dtype=torch.bfloat16)
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    outs = {}
+    for mode in ("packed", "none"):
+        with Engine(str(path), model_impl=impl, cpu_linear=mode, num_kv_blocks=64) as engine:
+            outs[mode] = [o.token_ids for o in engine.generate(["the cat sat on the mat", "1 2 3"], params)]
+            if mode == "packed":
+                assert engine.loaded.num_cpu_linears > 0
+    assert outs["packed"] == outs["none"]

@@ -24,6 +24,7 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
+from backend.config import DTYPES
 
 SYSTEMS = ("flab-native", "flab-transformers", "hf-generate", "hf-generate_batch")
 
@@ -54,7 +55,8 @@ class Result:
     error: str | None = None
 
 
-def make_workloads(names: list[str], vocab: int, num_requests: int, seed: int) -> list[Workload]:
+def make_workloads(names: list[str], vocab: int, num_requests: int, seed: int, context: int = 4096) -> list[Workload]:
+    """Seeded workloads; the shared system prompt is 512 tokens, or half the context of a model with less."""
     rng = random.Random(seed)
     tok = lambda n: [rng.randrange(10, vocab - 10) for _ in range(n)]  # noqa: E731
     out = []
@@ -65,7 +67,7 @@ def make_workloads(names: list[str], vocab: int, num_requests: int, seed: int) -
         elif name == "latency":
             out.append(Workload(name, [tok(128)], [128]))
         elif name == "shared_prefix":
-            system = tok(512)
+            system = tok(min(512, context // 2))
             prompts = [system + tok(rng.randint(8, 32)) for _ in range(num_requests)]
             out.append(Workload(name, prompts, [32] * num_requests))
         else:
@@ -200,6 +202,17 @@ RUNNERS = {
 }
 
 
+def cpu_summary(device: torch.device, dtype: str) -> str:
+    """The CPU flags that decide how 16-bit linears run, and the path `cpu_linear="auto"` takes."""
+    from backend.build import choose_cpu_linear
+    from backend.layers.upcast import cpu_matmul_flags
+
+    flags = cpu_matmul_flags()
+    model_dtype = DTYPES.get(dtype, torch.float32)
+    return (f"cpu flags {'/'.join(flags) if flags else 'unknown' if flags is None else 'none'} | "
+            f"cpu_linear {choose_cpu_linear('auto', device, model_dtype)}")
+
+
 def markdown(results: list[Result], bandwidth: float) -> str:
     lines = []
     for wl in dict.fromkeys(r.workload for r in results):
@@ -246,11 +259,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
                                     init_std=0.02))
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(path).get_text_config().vocab_size
+    text_config = AutoConfig.from_pretrained(path).get_text_config()
+    vocab = text_config.vocab_size
+    context = args.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     bandwidth = measure_memory_bandwidth(device)
     results = []
-    for wl in make_workloads(args.workloads, vocab, args.num_requests, args.seed):
+    for wl in make_workloads(args.workloads, vocab, args.num_requests, args.seed, context):
         for system in args.systems:
             try:
                 res = RUNNERS[system](path, wl, args)
@@ -261,8 +276,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
                   flush=True)
             gc.collect()
     header = (f"{platform.node()} | {platform.processor() or platform.machine()} | {psutil.cpu_count()} cores | "
-              f"torch {torch.__version__} | device {device} | model {args.model} | dtype {args.dtype} | "
-              f"measured memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+              f"{cpu_summary(device, args.dtype)} | torch {torch.__version__} | device {device} | model {args.model} | "
+              f"dtype {args.dtype} | measured memory bandwidth {bandwidth / 1e9:.1f} GB/s")
     print("\n" + header + "\n" + markdown(results, bandwidth))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header=header, args=vars(args), memory_bandwidth=bandwidth,

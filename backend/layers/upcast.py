@@ -27,14 +27,24 @@ from torch import nn
 MAX_HALF_ROWS = 2  # up to this many rows the 16-bit weight is used as is
 
 
+MATMUL_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")  # x86 flags that decide the CPU linear path
+FAST_HALF_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_fp16")
+
+
 @functools.cache
+def cpu_matmul_flags() -> tuple[str, ...] | None:
+    """Which of MATMUL_FLAGS this CPU has (None where /proc/cpuinfo cannot be read)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    return tuple(f for f in MATMUL_FLAGS if f in flags)
+
+
 def cpu_has_fast_half_matmul() -> bool:
     """True when the CPU has native bf16/fp16 matmul instructions (or the platform is unknown)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # unknown platform: leave the model alone
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx512_fp16"))
+    flags = cpu_matmul_flags()
+    return flags is None or any(f in flags for f in FAST_HALF_FLAGS)
 
 
 class UpcastLinear(nn.Linear):

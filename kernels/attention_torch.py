@@ -30,8 +30,13 @@ def store_kv_torch(
 ) -> None:
     """Write the new tokens' K/V into their slots."""
     nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, _as(key, k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, _as(value, v_cache.dtype))
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)` without a dispatch when it already has it (these run per layer on every decode step)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 @dataclass
@@ -109,7 +114,7 @@ def build_plan(
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(NB, BS, Hkv, D) cache, (n,) block ids -> (n * BS, Hkv, D) in `dtype` (index_select: one copy per block)."""
     hkv, d = cache.shape[2:]
-    return torch.index_select(cache, 0, blocks).view(-1, hkv, d).to(dtype)
+    return _as(torch.index_select(cache, 0, blocks).view(-1, hkv, d), dtype)
 
 
 def _attend(
@@ -155,11 +160,11 @@ def paged_attention_planned(
     out = torch.empty_like(q) if not plan.all_decode else None
     if plan.num_decode:
         sd = plan.num_decode
-        qd = (q if plan.all_decode else q[plan.decode_tokens]).unsqueeze(2).to(cd)  # (Sd, Hq, 1, D)
+        qd = _as((q if plan.all_decode else q[plan.decode_tokens]).unsqueeze(2), cd)  # (Sd, Hq, 1, D)
         kd = _gather(k_cache, plan.decode_blocks, cd).view(sd, -1, hkv, d).transpose(1, 2)  # (Sd, Hkv, NBmax*BS, D)
         vd = _gather(v_cache, plan.decode_blocks, cd).view(sd, -1, hkv, d).transpose(1, 2)
         mask = plan.decode_mask(sliding_window, torch.float32 if softcap is not None or sinks is not None else cd)
-        od = _attend(qd, kd, vd, mask, scale, softcap, sinks).squeeze(2).to(q.dtype)  # (Sd, Hq, D)
+        od = _as(_attend(qd, kd, vd, mask, scale, softcap, sinks).squeeze(2), q.dtype)  # (Sd, Hq, D)
         if plan.all_decode:
             return od
         out[plan.decode_tokens] = od

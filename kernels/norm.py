@@ -24,16 +24,16 @@ def rms_norm_torch(
     residual: torch.Tensor | None = None,  # (..., H)
     offset: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    dtype = x.dtype
     if residual is not None:
         x = x + residual  # HF: hidden = residual + hidden, in the model dtype
         residual = x
-    # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one fused pass (same fp32 math, fewer ops)
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     if offset == 0.0:
-        out = (weight * normed.to(dtype)).to(dtype)
+        # F.rms_norm upcasts to fp32, normalises (x * rsqrt(mean(x^2) + eps)) and rounds back to x's dtype:
+        # HF's `hidden.to(input_dtype)`; the weight multiplies in the model dtype as in HF (bit for bit).
+        out = weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
     else:
-        out = (normed * (offset + weight.float())).to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+        out = (normed * (offset + weight.float())).to(x.dtype)
     return out if residual is None else (out, residual)
 
 

@@ -147,5 +147,14 @@ class RotaryEmbedding(nn.Module):
     def forward(self, rope: RopeStep, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary(q, k, rope, self.cos_sin_cache, self.head_dim)
 
+    def rotate_qk(self, rope: RopeStep, qk: torch.Tensor, q_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k side by side in one projection output, (T, Hq*D + Hkv*D) -> (T, Hq*D), (T, Hkv*D) views.
+        The torch math rotates every head in one pass (half the small ops of rotating q and k apart)."""
+        if cuda_kernel("apply_rotary", qk) is not None:
+            return apply_rotary(qk[:, :q_size], qk[:, q_size:], rope, self.cos_sin_cache, self.head_dim)
+        t = qk.shape[0]
+        out = _rotate(qk.view(t, -1, self.head_dim), rope).view(t, -1)
+        return out[:, :q_size], out[:, q_size:]
+
     def extra_repr(self) -> str:
         return f"rope_type={self.rope_type}, rotary_dim={self.rotary_dim}, max_position={self.max_position}"

@@ -41,11 +41,14 @@ class Attention(nn.Module):
                 rotary: RotaryEmbedding) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, Hq*D + 2*Hkv*D)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:  # per-head RMSNorm over D
+        if self.q_norm is None:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            q, k = rotary.rotate_qk(rope, qk, self.q_size)  # (T, Hq*D), (T, Hkv*D)
+        else:  # per-head RMSNorm over D, then rotary
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = self.q_norm(q.reshape(t, -1, self.head_dim)).view(t, self.q_size)
             k = self.k_norm(k.reshape(t, -1, self.head_dim)).view(t, self.kv_size)
-        q, k = rotary(rope, q, k)  # (T, Hq*D), (T, Hkv*D)
+            q, k = rotary(rope, q, k)  # (T, Hq*D), (T, Hkv*D)
         return self.o_proj(self.attn(q, k, v, batch))  # (T, H)
 
 

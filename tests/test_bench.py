@@ -45,3 +45,14 @@ def test_latency_and_report_fields(report):
     assert data["memory_bandwidth"] > 0 and "cpu_linear" in data["header"] and "cpu flags" in data["header"]
     table = bench.markdown(results, data["memory_bandwidth"])
     assert "**throughput**" in table and "| flab-native |" in table and "1.00x" in table
+
+
+def test_median_run_and_repeat_validation():
+    runs = [bench.Result("flab-native", "throughput", 1.0, 10, 10, tok, tok, 1) for tok in (30.0, 10.0, 20.0)]
+    chosen = bench.median_run(runs)
+    assert chosen.output_tok_s == 20.0 and chosen.repeat_tok_s == [30.0, 10.0, 20.0]
+    assert "20.0 (10.0-30.0)" in bench.markdown([chosen], 1e9)
+    failed = bench.Result("flab-native", "throughput", 0, 0, 0, 0, 0, 0, error="boom")
+    assert bench.median_run([runs[0], failed]).error == "boom"
+    with pytest.raises(SystemExit):
+        bench.main(["--repeat", "0"])

@@ -17,7 +17,7 @@ from backend import hub
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
 from backend.layers.packed import PackedLinear, pack_linears, packing_available
-from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, upcast_candidates, upcast_linears
+from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
 from backend.models import build_model, select_model_impl
 
@@ -169,7 +169,7 @@ def choose_cpu_linear(requested: str, device: torch.device, dtype: torch.dtype) 
 def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:
     kind = choose_cpu_linear(requested, device, dtype)
     if kind == "packed":
-        return kind, pack_linears(model, upcast_candidates(model))
+        return kind, pack_linears(model, half_linears(model))
     if kind == "upcast":
         # skipped copies (short memory) still leave the attention math in fp32 on such a CPU
         return kind, _upcast_linears_if_memory_allows(model, forced=requested == "upcast")
@@ -179,7 +179,7 @@ def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dt
 def _upcast_linears_if_memory_allows(model: nn.Module, forced: bool) -> int:
     """fp32 copies of the 16-bit linear weights (2x their bytes) unless they would take over half the available
     memory (then the 16-bit weights are used for every product; `cpu_linear="upcast"` insists)."""
-    linears = upcast_candidates(model)
+    linears = half_linears(model)
     half_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     available = psutil.virtual_memory().available
     if not forced and 2 * half_bytes > available // 2:

@@ -68,7 +68,7 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module, modules: list[nn.Linear]) -> int:
-    """Replace each of `modules` (children of `model`, from `upcast_candidates`) by a PackedLinear, in place."""
+    """Replace each of `modules` (children of `model`, from `half_linears`) by a PackedLinear, in place."""
     targets = {id(m) for m in modules}
     uses: dict[int, int] = {}  # storage -> modules holding it (tied weights may be one Parameter or two)
     for m in model.modules():

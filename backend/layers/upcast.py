@@ -64,14 +64,15 @@ class UpcastLinear(nn.Linear):
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
-def upcast_candidates(model: nn.Module) -> list[nn.Linear]:
-    """The plain 16-bit nn.Linear modules of `model` (quantized and fp32 linears are left alone)."""
+def half_linears(model: nn.Module) -> list[nn.Linear]:
+    """The plain 16-bit nn.Linear modules of `model`, which the CPU linear paths (upcast, packed) replace; quantized
+    and fp32 linears are left alone."""
     return [m for m in model.modules()
             if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16)]
 
 
 def upcast_linears(modules: list[nn.Linear]) -> int:
-    """Give each of `modules` (from `upcast_candidates`) its fp32 (K, N) copy, in place; returns how many."""
+    """Give each of `modules` (from `half_linears`) its fp32 (K, N) copy, in place; returns how many."""
     for module in modules:
         weight_t = module.weight.detach().t().float().contiguous()
         bias = None if module.bias is None else module.bias.detach().float()

@@ -11,7 +11,7 @@ from backend import Engine, SamplingParams
 from backend.build import choose_cpu_linear
 from backend.errors import EngineError
 from backend.layers.packed import PackedLinear, pack_linears, packing_available
-from backend.layers.upcast import MAX_HALF_ROWS, UpcastLinear, upcast_candidates, upcast_linears
+from backend.layers.upcast import MAX_HALF_ROWS, UpcastLinear, half_linears, upcast_linears
 from backend.tiny_models import build_tiny_model
 
 
@@ -25,7 +25,7 @@ def test_few_rows_use_the_16bit_weight_many_rows_the_fp32_copy(bias):
     layer = _linear(bias)
     plain = nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
     plain.load_state_dict(layer.state_dict())
-    assert upcast_linears(upcast_candidates(nn.Sequential(layer))) == 1 and type(layer) is UpcastLinear
+    assert upcast_linears(half_linears(nn.Sequential(layer))) == 1 and type(layer) is UpcastLinear
     assert layer.weight_t.shape == (64, 48) and layer.weight_t.dtype == torch.float32
     assert "weight_t" not in layer.state_dict()  # never saved: rebuilt from the 16-bit weight
     x = torch.randn(MAX_HALF_ROWS, 64).to(torch.bfloat16)
@@ -39,7 +39,7 @@ def test_few_rows_use_the_16bit_weight_many_rows_the_fp32_copy(bias):
 
 def test_only_plain_16bit_linears_are_upcast():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.float16), nn.Linear(8, 8).to(torch.bfloat16))
-    assert upcast_linears(upcast_candidates(model)) == 2
+    assert upcast_linears(half_linears(model)) == 2
     assert [type(m) for m in model] == [nn.Linear, UpcastLinear, UpcastLinear]
 
 
@@ -84,7 +84,7 @@ def test_packed_linear_matches_f_linear(dtype, bias):
     ref = nn.Linear(64, 48, bias=bias).to(dtype)
     ref.load_state_dict(layer.state_dict())
     model = nn.Sequential(layer)
-    assert pack_linears(model, upcast_candidates(model)) == 1
+    assert pack_linears(model, half_linears(model)) == 1
     packed = model[0]
     assert type(packed) is PackedLinear and packed.shared_weight is None
     assert "packed" not in packed.state_dict() and not any(p.shape == (48, 64) for p in packed.parameters())
@@ -103,7 +103,7 @@ def test_packing_keeps_a_tied_weight_shared():
     head = nn.Linear(16, 32, bias=False).to(torch.bfloat16)
     head.weight = emb.weight
     model = nn.ModuleDict(dict(emb=emb, head=head, other=nn.Linear(16, 16).to(torch.bfloat16)))
-    assert pack_linears(model, upcast_candidates(model)) == 2
+    assert pack_linears(model, half_linears(model)) == 2
     assert model["head"].shared_weight is emb.weight  # the embedding still reads it
     assert model["other"].shared_weight is None
     x = torch.randn(5, 16).to(torch.bfloat16)

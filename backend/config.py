@@ -37,6 +37,9 @@ class EngineConfig:
     # 16-bit linears on CPU: "packed" (oneDNN prepacked weights; CPUs with bf16/fp16 matmul), "upcast" (fp32
     # copies for many-row products; CPUs without), "none" (plain F.linear); "auto" picks by CPU
     cpu_linear: str = "auto"
+    # CPU: keep freed memory in the process (glibc mallopt, backend/host_allocator.py) so per-step activations
+    # are not page-faulted in again on every layer; process-wide
+    keep_freed_memory: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -21,6 +21,7 @@ import torch
 from backend.build import LoadedModel, load_model
 from backend.config import EngineConfig
 from backend.errors import KVCacheError, RequestError
+from backend.host_allocator import keep_freed_memory
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_blocks
 from backend.metrics import Metrics, StepStats, memory_snapshot
 from backend.outputs import RequestOutput, StreamDelta
@@ -72,6 +73,7 @@ class Engine:
         self.config = EngineConfig.from_kwargs(model, model_impl=model_impl, quantization=quantization, dtype=dtype,
                                                device=device, trust_remote_code=trust_remote_code, **engine_options)
         cfg = self.config
+        self.malloc_tuned = cfg.keep_freed_memory and cfg.torch_device.type == "cpu" and keep_freed_memory()
         self.loaded: LoadedModel = load_model(cfg, progress)
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
@@ -381,7 +383,8 @@ class Engine:
             model=self.config.model, path=str(self.loaded.path), requested_impl=self.config.model_impl,
             dtype=str(self.loaded.dtype).removeprefix("torch."), device=str(self.device),
             quantization=self.loaded.quantization, quantized_modules=len(self.loaded.swapped_modules),
-            attention_backend=self.attention_backend, weights_bytes=self.weights_bytes,
+            attention_backend=self.attention_backend, malloc_keeps_freed_memory=self.malloc_tuned,
+            weights_bytes=self.weights_bytes,
             kv_cache=dict(num_blocks=self.kv_cache.num_blocks, block_size=spec.block_size, layers=spec.num_layers,
                           kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, bytes=self.kv_cache.nbytes,
                           max_model_len=self.max_model_len),

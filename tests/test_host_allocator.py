@@ -1,0 +1,48 @@
+"""backend/host_allocator.py: after keep_freed_memory(), mid-sized blocks come from glibc's heap (reused from
+step to step) instead of fresh mmap pages; blocks above the threshold are still mapped on their own."""
+
+import ctypes
+import platform
+
+import pytest
+import torch
+
+from backend import Engine
+from backend.host_allocator import MMAP_THRESHOLD, keep_freed_memory
+
+glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mapped_bytes() -> int:
+    """Bytes glibc currently holds in mmapped chunks (mallinfo2, glibc >= 2.33)."""
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc without mallinfo2")
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2().hblkhd
+
+
+@pytest.mark.skipif(not glibc, reason="glibc malloc only")
+def test_mid_sized_blocks_come_from_the_heap_and_big_ones_stay_mapped():
+    assert keep_freed_memory()
+    before = mapped_bytes()
+    mid = torch.empty(16 * 2**20, dtype=torch.uint8)  # a prefill chunk's activation
+    assert mapped_bytes() - before < 2**20, "a 16 MiB block was mmapped: the threshold was not raised"
+    del mid
+    big = torch.empty(2 * MMAP_THRESHOLD, dtype=torch.uint8)  # a KV cache or a large weight
+    assert mapped_bytes() - before >= big.numel()
+    del big
+    assert keep_freed_memory()  # idempotent
+
+
+@pytest.mark.skipif(not glibc, reason="glibc malloc only")
+def test_engine_reports_the_setting(tiny_model):
+    with Engine(str(tiny_model("llama")), device="cpu", num_kv_blocks=16) as engine:
+        assert engine.describe()["malloc_keeps_freed_memory"] is True
+    with Engine(str(tiny_model("llama")), device="cpu", num_kv_blocks=16, keep_freed_memory=False) as engine:
+        assert engine.describe()["malloc_keeps_freed_memory"] is False

@@ -17,6 +17,7 @@ import platform
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,28 @@ import torch
 
 from backend import Engine, SamplingParams
 from backend.config import DTYPES
+from backend.host_allocator import keep_freed_memory
 
 SYSTEMS = ("flab-native", "flab-transformers", "hf-generate", "hf-generate_batch")
+WORKLOADS = ("throughput", "latency", "shared_prefix")
+
+
+@dataclass
+class BenchOptions:
+    """How every system is run (the CLI flags; the app's Benchmark tab fills the same fields)."""
+
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    quantization: str | None = None  # our engine only: the HF baselines run the checkpoint as it is
+    max_model_len: int | None = None
+    seed: int = 0
+    num_requests: int = 32
+    repeat: int = 1
+    trust_remote_code: bool = False
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @dataclass
@@ -103,9 +124,16 @@ def _result(system: str, wl: Workload, seconds: float, outputs: list[list[int]],
                   torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0, outputs=outputs)
 
 
-def run_engine(path: str, impl: str, wl: Workload, args) -> Result:
-    engine = Engine(path, model_impl=impl, dtype=args.dtype, device=args.device, quantization=args.quantization,
-                    max_num_seqs=max(len(wl.prompts), 1), max_model_len=args.max_model_len)
+def kv_blocks_for(wl: Workload, block_size: int = 16) -> int:
+    """KV blocks that hold every request of the workload at once, plus the warm-up request's block (as
+    generate_batch gets in `_cb_cache_size`: no system runs short of cache, none holds more than it needs)."""
+    return sum(-(-(len(p) + n) // block_size) for p, n in zip(wl.prompts, wl.output_lens)) + 1
+
+
+def run_engine(path: str, impl: str, wl: Workload, opts: BenchOptions) -> Result:
+    engine = Engine(path, model_impl=impl, dtype=opts.dtype, device=opts.device, quantization=opts.quantization,
+                    trust_remote_code=opts.trust_remote_code, max_num_seqs=max(len(wl.prompts), 1),
+                    max_model_len=opts.max_model_len, block_size=16, num_kv_blocks=kv_blocks_for(wl, 16))
     try:
         params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in wl.output_lens]
         engine.generate(prompt_token_ids=[wl.prompts[0][:8]], sampling_params=SamplingParams(max_new_tokens=2,
@@ -128,19 +156,20 @@ def run_engine(path: str, impl: str, wl: Workload, args) -> Result:
         engine.close()
 
 
-def _hf_model(path: str, args):
+def _hf_model(path: str, opts: BenchOptions):
     from transformers import AutoModelForCausalLM
 
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    dtype = "auto" if opts.dtype == "auto" else getattr(torch, opts.dtype)
+    device = opts.torch_device
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                 trust_remote_code=opts.trust_remote_code).to(device).eval()
     model.generation_config.eos_token_id = None
     return model, device
 
 
-def run_hf_generate(path: str, wl: Workload, args) -> Result:
+def run_hf_generate(path: str, wl: Workload, opts: BenchOptions) -> Result:
     """One padded batch (left padding), max_new_tokens = the longest request; each request counts its own length."""
-    model, device = _hf_model(path, args)
+    model, device = _hf_model(path, opts)
     width = max(len(p) for p in wl.prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in wl.prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in wl.prompts], device=device)
@@ -165,7 +194,8 @@ def run_hf_generate(path: str, wl: Workload, args) -> Result:
         res.ttft_ms = first * 1000
         res.tpot_ms = (seconds - first) / (n - 1) * 1000
         res.decode_tok_s = 1000 / res.tpot_ms
-        res.weight_bandwidth_gbs = sum(p.numel() * p.element_size() for p in model.parameters()) * res.decode_tok_s / 1e9
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        res.weight_bandwidth_gbs = weight_bytes * res.decode_tok_s / 1e9
     return res
 
 
@@ -180,11 +210,11 @@ def _cb_cache_size(wl: Workload, page_size: int = 256) -> dict:
     return {"continuous_batching_config": ContinuousBatchingConfig(page_size=page_size, num_blocks=pages + 1)}
 
 
-def run_hf_generate_batch(path: str, wl: Workload, args) -> Result:
+def run_hf_generate_batch(path: str, wl: Workload, opts: BenchOptions) -> Result:
     """transformers' own continuous batching, each request with its own max_new_tokens."""
     from transformers import GenerationConfig
 
-    model, device = _hf_model(path, args)
+    model, device = _hf_model(path, opts)
     config = GenerationConfig(do_sample=False, max_new_tokens=max(wl.output_lens), eos_token_id=None, pad_token_id=0)
     manager = model.init_continuous_batching(generation_config=config, **_cb_cache_size(wl))
     manager.start()
@@ -207,8 +237,8 @@ def run_hf_generate_batch(path: str, wl: Workload, args) -> Result:
 
 
 RUNNERS = {
-    "flab-native": lambda path, wl, args: run_engine(path, "native", wl, args),
-    "flab-transformers": lambda path, wl, args: run_engine(path, "transformers", wl, args),
+    "flab-native": lambda path, wl, opts: run_engine(path, "native", wl, opts),
+    "flab-transformers": lambda path, wl, opts: run_engine(path, "transformers", wl, opts),
     "hf-generate": run_hf_generate,
     "hf-generate_batch": run_hf_generate_batch,
 }
@@ -236,82 +266,157 @@ def cpu_summary(device: torch.device, dtype: str) -> str:
             f"cpu_linear {choose_cpu_linear('auto', device, model_dtype)}")
 
 
+@dataclass
+class Setup:
+    """A resolved model and everything measured once before the systems run."""
+
+    path: str  # local folder
+    label: str  # what the user asked for (a Hub id, a folder, tiny:<arch>)
+    workloads: list[Workload]
+    device: torch.device
+    dtype: str  # the model dtype the systems run in ("auto" resolved from the checkpoint)
+    bandwidth: float  # bytes/s of a large copy on the device
+    malloc: str  # "kept" (host_allocator.keep_freed_memory applied for every system) or "default"
+
+    def header(self) -> str:
+        """One line saying where and how the numbers were measured."""
+        return (f"{platform.node()} | {platform.processor() or platform.machine()} | {psutil.cpu_count()} cores | "
+                f"{cpu_summary(self.device, self.dtype)} | freed memory {self.malloc} (all systems) | "
+                f"torch {torch.__version__} | device {self.device} | model {self.label} | dtype {self.dtype} | "
+                f"measured memory bandwidth {self.bandwidth / 1e9:.1f} GB/s")
+
+
+def prepare(path: str, workloads: list[str], opts: BenchOptions, label: str | None = None) -> Setup:
+    """Seeded workloads for the model at `path` (a local folder) and the machine's copy bandwidth."""
+    from transformers import AutoConfig
+
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        raise ValueError(f"workloads must be some of {WORKLOADS}, got {workloads}")
+    text_config = AutoConfig.from_pretrained(path, trust_remote_code=opts.trust_remote_code).get_text_config()
+    context = opts.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
+    device = opts.torch_device
+    # process-wide, so set before any system runs: the baselines get the same allocator as our engine
+    malloc = "kept" if device.type == "cpu" and keep_freed_memory() else "default"
+    wls = make_workloads(workloads, text_config.vocab_size, opts.num_requests, opts.seed, context)
+    dtype = opts.dtype if opts.dtype != "auto" else str(getattr(text_config, "dtype", None) or "float32")
+    return Setup(path, label or path, wls, device, dtype.removeprefix("torch."), measure_memory_bandwidth(device),
+                 malloc)
+
+
+def run_all(setup: Setup, systems: list[str], opts: BenchOptions,
+            stop: Callable[[], bool] = lambda: False) -> Iterator[Result]:
+    """Every run as it finishes: per workload, the systems round robin `opts.repeat` times (so a slow spell of
+    a shared machine hits every system). A system that fails gives a Result with `error` (not fatal).
+    `stop()` is checked between runs."""
+    unknown = [s for s in systems if s not in RUNNERS]
+    if unknown or not systems:
+        raise ValueError(f"systems must be some of {SYSTEMS}, got {systems}")
+    for wl in setup.workloads:
+        for _ in range(opts.repeat):
+            for system in systems:
+                if stop():
+                    return
+                try:
+                    res = RUNNERS[system](setup.path, wl, opts)
+                except Exception as e:
+                    res = Result(system, wl.name, 0, 0, 0, 0, 0, 0, error=f"{type(e).__name__}: {e}")
+                gc.collect()
+                yield res
+
+
+def medians(runs: list[Result]) -> list[Result]:
+    """The median run of each (workload, system), in the order they first ran."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in runs:
+        groups.setdefault((r.workload, r.system), []).append(r)
+    return [median_run(group) for group in groups.values()]
+
+
+TABLE_HEADERS = ["workload", "system", "output tok/s", "total tok/s", "vs HF generate", "vs HF generate_batch",
+                 "peak RSS", "TTFT ms", "decode tok/s", "weight GB/s (of measured)"]
+
+
+def table_rows(results: list[Result], bandwidth: float) -> list[list[str]]:
+    """One row of TABLE_HEADERS per result; ratios are to the baselines of the same workload."""
+    base = {(r.workload, r.system): r.output_tok_s for r in results if r.error is None}
+    rows = []
+    for r in results:
+        if r.error:
+            rows.append([r.workload, r.system, f"error: {r.error[:60]}"] + [""] * 7)
+            continue
+        ratio = lambda k: (f"{r.output_tok_s / base[r.workload, k]:.2f}x"  # noqa: E731
+                           if (r.workload, k) in base else "-")
+        bw = (f"{r.weight_bandwidth_gbs:.2f} ({r.weight_bandwidth_gbs * 1e9 / bandwidth:.0%})"
+              if r.weight_bandwidth_gbs else "-")
+        spread = f" ({min(r.repeat_tok_s):.1f}-{max(r.repeat_tok_s):.1f})" if len(r.repeat_tok_s) > 1 else ""
+        rows.append([r.workload, r.system, f"{r.output_tok_s:.1f}{spread}", f"{r.total_tok_s:.1f}",
+                     ratio("hf-generate"), ratio("hf-generate_batch"), f"{r.peak_rss_bytes / 2**30:.2f} GiB",
+                     "-" if r.ttft_ms is None else f"{r.ttft_ms:.0f}",
+                     "-" if r.decode_tok_s is None else f"{r.decode_tok_s:.1f}", bw])
+    return rows
+
+
 def markdown(results: list[Result], bandwidth: float) -> str:
+    """A table per workload (the rows of `table_rows` without the workload column)."""
     lines = []
-    for wl in dict.fromkeys(r.workload for r in results):
-        rows = [r for r in results if r.workload == wl]
-        base = {r.system: r.output_tok_s for r in rows if r.error is None}
-        lines += [f"\n**{wl}**\n", "| system | output tok/s | total tok/s | vs HF generate | vs HF generate_batch "
-                  "| peak RSS | TTFT ms | decode tok/s | weight GB/s (of measured) |", "|" + "---|" * 9]
-        for r in rows:
-            if r.error:
-                lines.append(f"| {r.system} | error: {r.error[:60]} |" + " |" * 7)
-                continue
-            ratio = lambda k: f"{r.output_tok_s / base[k]:.2f}x" if k in base else "-"  # noqa: E731
-            bw = (f"{r.weight_bandwidth_gbs:.2f} ({r.weight_bandwidth_gbs * 1e9 / bandwidth:.0%})"
-                  if r.weight_bandwidth_gbs else "-")
-            spread = (f" ({min(r.repeat_tok_s):.1f}-{max(r.repeat_tok_s):.1f})" if len(r.repeat_tok_s) > 1 else "")
-            lines.append(f"| {r.system} | {r.output_tok_s:.1f}{spread} | {r.total_tok_s:.1f} | {ratio('hf-generate')} | "
-                         f"{ratio('hf-generate_batch')} | {r.peak_rss_bytes / 2**30:.2f} GiB | "
-                         f"{'-' if r.ttft_ms is None else f'{r.ttft_ms:.0f}'} | "
-                         f"{'-' if r.decode_tok_s is None else f'{r.decode_tok_s:.1f}'} | {bw} |")
+    rows = table_rows(results, bandwidth)
+    for wl in dict.fromkeys(r[0] for r in rows):
+        lines += [f"\n**{wl}**\n", "| " + " | ".join(TABLE_HEADERS[1:]) + " |", "|" + "---|" * 9]
+        lines += ["| " + " | ".join(row[1:]) + " |" for row in rows if row[0] == wl]
     return "\n".join(lines)
+
+
+def resolve_path(model: str, dtype: str) -> str:
+    """tiny:<arch> -> a random-weight model of that shape built in a temporary folder; a Hub id -> its
+    downloaded folder (the same resolution the engine uses); a folder -> itself."""
+    if model.startswith("tiny:"):
+        from backend.tiny_models import build_tiny_model
+
+        build_dtype = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
+        return str(build_tiny_model(model[5:], Path(tempfile.mkdtemp()) / "model", dtype=build_dtype, init_std=0.02))
+    from backend.hub import resolve_model
+
+    return str(resolve_model(model))
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:smollm2-135m", help="path, Hub id, or tiny:<arch>")
-    parser.add_argument("--workloads", nargs="+", default=["throughput", "latency", "shared_prefix"])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--quantization", default=None, help="our engine only (the HF baselines run unquantized)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every system this many times (round robin) and report the median run")
+    parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--model-impl", default=None, choices=["native", "transformers"],
                         help="only our engine with this implementation (plus the HF baselines asked for)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if args.model_impl:
-        args.systems = [s for s in args.systems if not s.startswith("flab-") or s == f"flab-{args.model_impl}"]
-    path = args.model
-    if path.startswith("tiny:"):
-        from backend.tiny_models import build_tiny_model
-
-        path = str(build_tiny_model(path[5:], Path(tempfile.mkdtemp()) / "model", dtype=getattr(torch, args.dtype),
-                                    init_std=0.02))
-    from transformers import AutoConfig
-
-    text_config = AutoConfig.from_pretrained(path).get_text_config()
-    vocab = text_config.vocab_size
-    context = args.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    bandwidth = measure_memory_bandwidth(device)
-    results = []
-    for wl in make_workloads(args.workloads, vocab, args.num_requests, args.seed, context):
-        runs: dict[str, list[Result]] = {system: [] for system in args.systems}
-        for _ in range(args.repeat):  # round robin, so a slow spell of a shared machine hits every system
-            for system in args.systems:
-                try:
-                    res = RUNNERS[system](path, wl, args)
-                except Exception as e:  # a baseline that cannot run is reported, not fatal
-                    res = Result(system, wl.name, 0, 0, 0, 0, 0, 0, error=f"{type(e).__name__}: {e}")
-                runs[system].append(res)
-                print(f"{wl.name:14s} {system:18s} {res.output_tok_s:8.1f} out tok/s"
-                      + (f"  {res.error}" if res.error else ""), flush=True)
-                gc.collect()
-        results += [median_run(runs[system]) for system in args.systems]
-    header = (f"{platform.node()} | {platform.processor() or platform.machine()} | {psutil.cpu_count()} cores | "
-              f"{cpu_summary(device, args.dtype)} | torch {torch.__version__} | device {device} | model {args.model} | "
-              f"dtype {args.dtype} | measured memory bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print("\n" + header + "\n" + markdown(results, bandwidth))
+    if args.num_requests < 1:
+        parser.error("--num-requests must be at least 1")
+    systems = [s for s in args.systems
+               if not (args.model_impl and s.startswith("flab-") and s != f"flab-{args.model_impl}")]
+    opts = BenchOptions(args.dtype, args.device, args.quantization, args.max_model_len, args.seed, args.num_requests,
+                        args.repeat, args.trust_remote_code)
+    setup = prepare(resolve_path(args.model, args.dtype), args.workloads, opts, label=args.model)
+    runs = []
+    for res in run_all(setup, systems, opts):
+        runs.append(res)
+        print(f"{res.workload:14s} {res.system:18s} {res.output_tok_s:8.1f} out tok/s"
+              + (f"  {res.error}" if res.error else ""), flush=True)
+    results = medians(runs)
+    header = setup.header()
+    print("\n" + header + "\n" + markdown(results, setup.bandwidth))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(header=header, args=vars(args), memory_bandwidth=bandwidth,
+        Path(args.json).write_text(json.dumps(dict(header=header, args=vars(args), memory_bandwidth=setup.bandwidth,
                                                    results=[asdict(r) for r in results]), indent=1))
     return results
 

@@ -19,7 +19,6 @@ import math
 import platform
 import random
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
-from backend.bench import Workload, measure_memory_bandwidth, run_engine
+from backend.bench import BenchOptions, Workload, measure_memory_bandwidth, resolve_path, run_engine
 from backend.train_tiny import DEFAULT_DIR, EVAL_MODULE, ensure_trained, eval_text
 
 DEFAULT_METHODS = ("none", "int8", "int4", "int4:g32", "fp8")
@@ -102,7 +101,7 @@ def speed_workloads(vocab: int, args) -> tuple[Workload, Workload]:
 
 def measure_speed(path: str, impl: str, method: str | None, args, row: Row, vocab: int) -> None:
     latency, batch = speed_workloads(vocab, args)
-    engine_args = argparse.Namespace(dtype=args.dtype, device=args.device, quantization=method, max_model_len=None)
+    engine_args = BenchOptions(dtype=args.dtype, device=args.device, quantization=method)
     # best of `repeats` runs: on a shared machine the fastest run is the least disturbed one
     res = max((run_engine(path, impl, latency, engine_args) for _ in range(args.repeats)), key=lambda r: r.decode_tok_s)
     row.decode_tok_s, row.ttft_ms, row.weight_bandwidth_gbs = res.decode_tok_s, res.ttft_ms, res.weight_bandwidth_gbs
@@ -169,15 +168,10 @@ def markdown(rows: list[Row], batch: int) -> str:
 
 
 def resolve_model(model: str, dtype: str) -> str:
-    """'trained' -> the trained tiny model (trained on first use); 'tiny:<arch>' -> random weights; else a path/id."""
+    """'trained' -> the trained tiny model (trained on first use); else as the throughput bench resolves it."""
     if model == "trained":
         return str(ensure_trained(DEFAULT_DIR))
-    if model.startswith("tiny:"):
-        from backend.tiny_models import build_tiny_model
-
-        build_dtype = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
-        return str(build_tiny_model(model[5:], Path(tempfile.mkdtemp()) / "model", dtype=build_dtype, init_std=0.02))
-    return model
+    return resolve_path(model, dtype)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from ui import defaults, views
+from ui import benchmark, defaults, views
 from ui.errors import user_errors
 from ui.plots import Series, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.session import LoadSpec, Runs, Session
@@ -364,6 +364,35 @@ class Lab:
         runs = {label: _thin(s) for label, (_, s, _) in done.items()}
         ttfts = {label: [r.ttft for r in results] for label, (results, _, _) in done.items()}
         return throughput_figure(runs), ttft_figure(ttfts), memory_figure(runs), batch_figure(runs)
+
+    # --- benchmark ------------------------------------------------------------------------------
+
+    @user_errors("benchmarking")
+    def benchmark(self, choice, dtype, device, quant, max_len, trust_remote_code, workloads, systems, num_requests,
+                  repeat, request: gr.Request = None, progress=gr.Progress()):
+        """backend/bench.py from the app (ui/benchmark.py). The lab's engine is closed first: every system
+        loads the model itself. Yields (status, bar figure, results table, load status)."""
+        from backend.bench import BenchOptions, prepare
+
+        n, reps = benchmark.validate(workloads, systems, num_requests, repeat)
+        key = session_key(request)
+        handle = self.runs.start(key)
+        try:
+            name = defaults.resolve_choice(choice, self.cache_root)
+            path = str(_hub().resolve_model(name, progress=_progress_adapter(progress)))
+            self.session.close()
+            closed = "No engine loaded: the benchmark closed it to free memory. Press Load to load one again."
+            opts = BenchOptions(dtype=dtype or "auto", device=device or "auto", quantization=quantization_value(quant),
+                                max_model_len=int(max_len) if max_len and max_len > 0 else None, num_requests=n,
+                                repeat=reps, trust_remote_code=bool(trust_remote_code))
+            yield "**Preparing**: seeded workloads, memory bandwidth…", gr.skip(), gr.skip(), closed
+            setup = prepare(path, list(workloads), opts, label=name)
+            note = (f"Quantization {opts.quantization} applies to our engine only; the HF baselines run the "
+                    "checkpoint as it is." if opts.quantization else "")
+            for update in benchmark.run(setup, list(systems), opts, handle.cancel, max(self.update_s, 1.0), note):
+                yield update + (gr.skip(),)
+        finally:
+            self.runs.finish(key, handle)
 
     # --- inside the engine ----------------------------------------------------------------------
 

@@ -7,8 +7,10 @@ import gradio as gr
 from ui import defaults
 from ui.callbacks import (AGREEMENT_HEADERS, BLOCK_SIZES, DTYPE_CHOICES, IMPL_CHOICES, MODE_CHOICES, QUANT_CHOICES,
                           SUMMARY_HEADERS, Lab, device_choices)
+from ui.benchmark import MAX_REPEAT, MAX_REQUESTS, SYSTEM_CHOICES, WORKLOAD_CHOICES
+from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
 from ui.gpu import gpu
-from ui.plots import batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
+from ui.plots import bench_figure, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.views import RESULT_HEADERS, SEARCH_HEADERS
 
 CSS = """
@@ -128,6 +130,31 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         cmp_summary = gr.Dataframe(headers=["metric", "A", "B"], label="Side by side")
                         cmp_agree = gr.Dataframe(headers=AGREEMENT_HEADERS, label="Greedy agreement", wrap=True)
 
+                    with gr.Tab("Benchmark", id="benchmark"):
+                        gr.Markdown("Our engine against transformers' own `generate()` (padded batch) and "
+                                    "`generate_batch()` (its continuous batching) on the same seeded prompts, in one "
+                                    "run, as ratios: the harness of `python -m backend.bench`. Each system loads the "
+                                    "model itself, so the engine loaded in the lab is closed first. Model, dtype, "
+                                    "device, max context and quantization come from the left panel; quantization "
+                                    "applies to our engine only.")
+                        with gr.Row():
+                            bench_workloads = gr.CheckboxGroup(WORKLOAD_CHOICES, value=["throughput", "latency"],
+                                                               label="Workloads")
+                            bench_systems = gr.CheckboxGroup(SYSTEM_CHOICES, value=[v for _, v in SYSTEM_CHOICES],
+                                                             label="Systems")
+                        with gr.Row():
+                            bench_n = gr.Slider(1, MAX_REQUESTS, value=16, step=1,
+                                                label="requests (throughput and shared prefix)")
+                            bench_repeat = gr.Slider(1, MAX_REPEAT, value=1, step=1,
+                                                     label="repeats (round robin; the median run is reported)")
+                        with gr.Row():
+                            bench_btn = gr.Button("Run benchmark", variant="primary", elem_id="flab-bench")
+                            bench_stop = gr.Button("Stop", variant="stop")
+                        bench_status = gr.Markdown(elem_classes="flab-status", elem_id="flab-bench-status")
+                        bench_plot = gr.Plot(bench_figure([]), show_label=False, elem_id="flab-bench-plot")
+                        bench_table = gr.Dataframe(headers=BENCH_HEADERS, label="Results (same rows as the CLI)",
+                                                   wrap=True)
+
                     with gr.Tab("Inside the engine", id="inside"):
                         with gr.Row():
                             refresh_btn = gr.Button("Refresh", size="sm")
@@ -162,6 +189,13 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         cmp_btn.click(gpu(lab.compare, duration=240), cmp_inputs, cmp_outputs, api_name="compare",
                       concurrency_id="engine", concurrency_limit=1)
         cmp_stop.click(lab.stop, None, cmp_status, api_name="stop_compare", concurrency_limit=None)
+
+        bench_inputs = [model, dtype, device, quant, max_len, trust, bench_workloads, bench_systems, bench_n,
+                        bench_repeat]
+        bench_btn.click(gpu(lab.benchmark, duration=300), bench_inputs,
+                        [bench_status, bench_plot, bench_table, load_status], api_name="benchmark",
+                        concurrency_id="engine", concurrency_limit=1)
+        bench_stop.click(lab.stop, None, bench_status, api_name="stop_benchmark", concurrency_limit=None)
 
         refresh_btn.click(lab.inspect, None, [describe_md, kv_plot], api_name="inspect")
         live.change(lambda on: gr.Timer(active=bool(on)), live, timer, api_name=False)

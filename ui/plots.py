@@ -122,6 +122,22 @@ def throughput_figure(runs: dict[str, Series], window: float | None = None) -> g
     return _layout(fig, "Throughput (tokens/s)", "time (s)", "tokens/s")
 
 
+def bench_figure(bars: list[tuple[str, str, float, str]]) -> go.Figure:
+    """Benchmark: (workload, system, output tok/s, note) -> bars grouped by workload, one colour per system;
+    the note (the ratio to HF generate) is written on the bar."""
+    fig = go.Figure()
+    systems = list(dict.fromkeys(system for _, system, _, _ in bars))
+    for i, system in enumerate(systems):
+        mine = [b for b in bars if b[1] == system]
+        fig.add_trace(go.Bar(x=[b[0] for b in mine], y=[b[2] for b in mine], text=[b[3] for b in mine],
+                             textposition="outside", name=system, marker_color=PALETTE[i % len(PALETTE)]))
+    if not bars:
+        fig.add_annotation(text="no runs yet: pick workloads and systems, then Run benchmark", showarrow=False,
+                           x=0.5, y=0.5, xref="paper", yref="paper", font=dict(color="#6b7280"))
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Output tokens/s (ratio to HF generate on the bar)", "workload", "output tok/s", height=360)
+
+
 def ttft_figure(ttfts: dict[str, list[float | None]]) -> go.Figure:
     """Time to first token per request (bars; grouped by run when several)."""
     fig = go.Figure()

@@ -73,3 +73,21 @@ def test_compare_in_the_browser(page):
     expect(page.get_by_text("identical (32 tokens)", exact=False).first).to_be_attached()
     page.wait_for_timeout(500)
     page.screenshot(path=str(DOCS / "screenshot_compare.png"), full_page=True)
+
+
+def test_benchmark_in_the_browser(page):
+    """Last in this file: the benchmark closes the lab's engine."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Benchmark").click()
+    page.locator("#flab-bench").click()
+    status = page.locator("#flab-bench-status")
+    expect(status).to_contain_text("done: 8/8 runs", timeout=180_000)
+    expect(status).to_contain_text("measured memory bandwidth")
+    expect(page.get_by_text("No engine loaded: the benchmark closed it", exact=False).first).to_be_visible()
+    bars = page.locator("#flab-bench-plot .js-plotly-plot .barlayer .trace")
+    expect(bars.first).to_be_attached()
+    assert bars.count() == 4  # one trace per system
+    expect(page.get_by_text("hf-generate_batch", exact=True).first).to_be_attached()  # a table row
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(DOCS / "screenshot_benchmark.png"), full_page=True)

@@ -1,0 +1,59 @@
+"""The Benchmark tab (ui/benchmark.py via Lab.benchmark): backend/bench.py's harness from the app, streamed run by
+run, with the CLI's table rows; Stop takes effect between runs; bad choices are refused before anything runs."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pytest
+
+from backend import bench
+from ui import defaults
+from ui.benchmark import TABLE_HEADERS
+from ui.plots import bench_figure
+
+ARGS = dict(choice=defaults.DEFAULT_CHOICE, dtype="float32", device="cpu", quant="as in checkpoint", max_len=0,
+            trust_remote_code=False, workloads=["throughput", "latency"], systems=list(bench.SYSTEMS),
+            num_requests=3, repeat=1)
+
+
+def test_benchmark_runs_every_system_and_reports_ratios(lab):
+    updates = list(lab.benchmark(**ARGS))
+    assert "closed it to free memory" in updates[0][3] and lab.session.current() is None
+    status, figure, table, _ = updates[-1]
+    assert status.startswith("**done**: 8/8 runs") and "cpu flags" in status and "dtype float32" in status
+    assert list(table.columns) == TABLE_HEADERS and len(table) == 8
+    assert set(zip(table["workload"], table["system"])) == {
+        (w, s) for w in ("throughput", "latency") for s in bench.SYSTEMS}
+    assert not table["output tok/s"].str.startswith("error").any()
+    assert set(table[table["system"] == "hf-generate"]["vs HF generate"]) == {"1.00x"}
+    assert (table[table["workload"] == "latency"]["TTFT ms"] != "-").sum() == 3  # generate_batch has no TTFT
+    assert [t.name for t in figure.data] == list(bench.SYSTEMS)
+    assert all(list(t.x) == ["throughput", "latency"] for t in figure.data)
+    streamed = [u for u in updates[:-1] if "runs** done" in str(u[0])]
+    assert [len(u[2]) for u in streamed] == list(range(1, 9))  # the table grows run by run
+
+
+def test_stop_takes_effect_between_runs(lab):
+    updates = lab.benchmark(**dict(ARGS, workloads=["throughput"], repeat=3))
+    for status, *_ in updates:
+        if "1/12 runs" in str(status):
+            assert "Nothing" not in lab.stop()
+            break
+    *_, (status, _, table, _) = updates
+    assert status.startswith("**stopped**") and 1 <= len(table) <= 2
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(workloads=[]), "at least one workload"), (dict(systems=[]), "at least one system"),
+    (dict(num_requests=0), "between 1 and 64"), (dict(repeat=9), "between 1 and 5")])
+def test_bad_choices_are_refused_before_anything_runs(lab, change, message):
+    with pytest.raises(gr.Error, match=message):
+        list(lab.benchmark(**dict(ARGS, **change)))
+    assert lab.session.current() is not None  # the loaded engine was left alone
+
+
+def test_bench_figure_empty_and_with_bars():
+    assert "no runs yet" in bench_figure([]).layout.annotations[0].text
+    fig = bench_figure([("throughput", "flab-native", 20.0, "2.00x"), ("throughput", "hf-generate", 10.0, "1.00x")])
+    assert [(t.name, list(t.y), list(t.text)) for t in fig.data] == [
+        ("flab-native", [20.0], ["2.00x"]), ("hf-generate", [10.0], ["1.00x"])]

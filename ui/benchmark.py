@@ -1,0 +1,98 @@
+"""The Benchmark tab: `python -m backend.bench` run from the app.
+
+Our engine (native and transformers) against transformers' own `generate()` and `generate_batch()` on the
+same seeded prompts, reported as ratios. The workloads, runners and table rows are backend/bench.py's, so
+the app shows the numbers the CLI prints. The runs happen in a worker thread, one system at a time; the
+table and the bar chart update as each run finishes and Stop takes effect between runs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from backend import bench
+from ui.plots import bench_figure
+
+WORKLOAD_CHOICES = [("throughput (all requests at once)", "throughput"), ("latency (batch 1)", "latency"),
+                    ("shared prefix (one long system prompt)", "shared_prefix")]
+SYSTEM_CHOICES = [("our engine · native", "flab-native"), ("our engine · transformers", "flab-transformers"),
+                  ("HF generate()", "hf-generate"), ("HF generate_batch()", "hf-generate_batch")]
+TABLE_HEADERS = bench.TABLE_HEADERS
+MAX_REQUESTS = 64
+MAX_REPEAT = 5
+_DONE = object()
+
+
+def bars(results: list[bench.Result], bandwidth: float) -> list[tuple[str, str, float, str]]:
+    """(workload, system, output tok/s, ratio to HF generate) for the bar chart, from the table rows."""
+    ratio_col = TABLE_HEADERS.index("vs HF generate")
+    return [(r.workload, r.system, r.output_tok_s, row[ratio_col] if row[ratio_col] != "-" else "")
+            for r, row in zip(results, bench.table_rows(results, bandwidth)) if r.error is None]
+
+
+def validate(workloads: list[str] | None, systems: list[str] | None, num_requests, repeat) -> tuple[int, int]:
+    if not workloads:
+        raise gr.Error("Pick at least one workload.", title="Nothing to run")
+    if not systems:
+        raise gr.Error("Pick at least one system.", title="Nothing to run")
+    n, r = int(num_requests or 0), int(repeat or 0)
+    if not 1 <= n <= MAX_REQUESTS:
+        raise gr.Error(f"The number of requests must be between 1 and {MAX_REQUESTS}, got {n}.")
+    if not 1 <= r <= MAX_REPEAT:
+        raise gr.Error(f"Repeats must be between 1 and {MAX_REPEAT}, got {r}.")
+    return n, r
+
+
+def _worker(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, out: queue.Queue,
+            stop: Callable[[], bool]) -> None:
+    try:
+        for result in bench.run_all(setup, systems, opts, stop):
+            out.put(result)
+    except BaseException as e:  # handed to the UI thread, which raises it as a gr.Error
+        out.put(e)
+    finally:
+        out.put(_DONE)
+
+
+def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel: threading.Event,
+        update_s: float = 1.0, note: str = "") -> Iterator[tuple]:
+    """Yield (status markdown, bar figure, results table) while the runs go on: a status line every
+    `update_s`, the figure and table after each finished run. `cancel` stops between runs."""
+    schedule = [(wl.name, s) for wl in setup.workloads for _ in range(opts.repeat) for s in systems]
+    out: queue.Queue = queue.Queue()
+    worker = threading.Thread(target=_worker, args=(setup, systems, opts, out, cancel.is_set), daemon=True,
+                              name="flab-benchmark")
+    runs: list[bench.Result] = []
+    start = run_start = time.perf_counter()
+    worker.start()
+    while True:
+        try:
+            item = out.get(timeout=update_s)
+        except queue.Empty:
+            workload, system = schedule[min(len(runs), len(schedule) - 1)]
+            stopping = " — stopping after this run" if cancel.is_set() else ""
+            yield (f"**Running** {system} on {workload} ({len(runs) + 1}/{len(schedule)}), "
+                   f"{time.perf_counter() - run_start:.0f} s{stopping}", gr.skip(), gr.skip())
+            continue
+        if item is _DONE:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        runs.append(item)
+        run_start = time.perf_counter()
+        results = bench.medians(runs)
+        yield (f"**{len(runs)}/{len(schedule)} runs** done", bench_figure(bars(results, setup.bandwidth)),
+               pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))
+    results = bench.medians(runs)
+    failed = [f"{r.system} on {r.workload}: {r.error}" for r in results if r.error]
+    verdict = "**stopped**" if cancel.is_set() and len(runs) < len(schedule) else "**done**"
+    lines = [f"{verdict}: {len(runs)}/{len(schedule)} runs in {time.perf_counter() - start:.0f} s. {note}".strip(),
+             f"`{setup.header()}`"] + [f"failed: {f}" for f in failed]
+    yield ("  \n".join(lines), bench_figure(bars(results, setup.bandwidth)),
+           pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))

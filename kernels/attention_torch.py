@@ -39,41 +39,88 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+GROUP_SPLIT_MIN_SAVING = 512  # padded context tokens a split must save to pay for another gather + SDPA per layer
+MAX_DECODE_GROUPS = 3
+
+
+@dataclass
+class DecodeGroup:
+    """Decode sequences (one new token each) attended in one padded call over their gathered context."""
+
+    tokens: torch.Tensor  # (Sg,) token index in the batch of each sequence
+    blocks: torch.Tensor  # (Sg * NBg,) cache blocks of each sequence (its first block where padded)
+    kv_pos: torch.Tensor  # (NBg * BS,) position of each gathered context column
+    lens: torch.Tensor  # (Sg,) context length
+    _masks: dict = field(default_factory=dict, repr=False)  # (window, dtype) -> additive mask
+
+    def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:  # (Sg, 1, 1, NBg*BS)
+        """Additive mask (0 = attend, -inf = not), built once per step and window and shared by the layers."""
+        key = (sliding_window, dtype)
+        if key not in self._masks:
+            lens = self.lens[:, None]
+            keep = self.kv_pos[None, :] < lens  # (Sg, L)
+            if sliding_window is not None:
+                keep &= self.kv_pos[None, :] > lens - 1 - sliding_window
+            mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+
 @dataclass
 class TorchAttentionPlan:
     """Gather indices built once per step and reused by every layer.
 
     Context is gathered a whole block at a time (`index_select` over cache blocks, not slot by slot).
-    Decode sequences (one new token) are batched into one padded attention call; prefill sequences
-    (several new tokens) are handled one by one, each over its gathered context. `compute_dtype`
-    (None = the query's dtype) is the dtype the attention math runs in: fp32 for 16-bit models on
-    CPUs whose 16-bit kernels are slow (the cache keeps the model dtype).
+    Decode sequences are batched into padded attention calls, grouped by context length when that saves
+    enough padding (`split_by_length`); prefill sequences (several new tokens) are handled one by one, each
+    over its gathered context. `compute_dtype` (None = the query's dtype) is the dtype the attention math
+    runs in: fp32 for 16-bit models on CPUs whose 16-bit kernels are slow (the cache keeps the model dtype).
     """
 
-    decode_tokens: torch.Tensor  # (Sd,) token index in the batch of each decode sequence
-    decode_blocks: torch.Tensor  # (Sd * NBmax,) cache blocks of each decode sequence (its first block where padded)
-    decode_kv_pos: torch.Tensor  # (NBmax * BS,) position of each gathered context column
-    decode_lens: torch.Tensor  # (Sd,) context length
+    decode_groups: list[DecodeGroup]
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (q_start, q_end, context length, blocks) per prefill
-    all_decode: bool  # every token of the batch is a decode token, in order (no scatter needed)
+    all_decode: bool  # every token of the batch is a decode token, in order, in one group (no scatter needed)
     compute_dtype: torch.dtype | None = None
-    _masks: dict = field(default_factory=dict, repr=False)  # (window, dtype) -> additive decode mask
 
     @property
     def num_decode(self) -> int:
-        return int(self.decode_tokens.numel())
+        return sum(int(g.tokens.numel()) for g in self.decode_groups)
 
-    def decode_mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:  # (Sd, 1, 1, NBmax*BS)
-        """Additive mask (0 = attend, -inf = not), built once per step and window and shared by the layers."""
-        key = (sliding_window, dtype)
-        if key not in self._masks:
-            lens = self.decode_lens[:, None]
-            keep = self.decode_kv_pos[None, :] < lens  # (Sd, L)
-            if sliding_window is not None:
-                keep &= self.decode_kv_pos[None, :] > lens - 1 - sliding_window
-            mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
-            self._masks[key] = mask[:, None, None, :]
-        return self._masks[key]
+
+def split_by_length(lens: list[int], block_size: int, max_groups: int = MAX_DECODE_GROUPS,
+                    min_saving: int = GROUP_SPLIT_MIN_SAVING) -> list[int]:
+    """Cut points into `lens` (sorted ascending) so that each group pads to its own longest context.
+
+    Greedy: take the cut that saves the most padded tokens, while it saves at least `min_saving` and there
+    are fewer than `max_groups` groups. Returns the sorted inner cut indices ([] = one group)."""
+    padded = [-(-n // block_size) * block_size for n in lens]
+    cuts: list[int] = []
+    while len(cuts) + 1 < max_groups:
+        bounds = [0] + cuts + [len(lens)]
+        best, best_cut = min_saving - 1, None
+        for lo, hi in zip(bounds, bounds[1:]):
+            for cut in range(lo + 1, hi):  # [lo, cut) pads to padded[cut-1], [cut, hi) to padded[hi-1]
+                saving = (cut - lo) * (padded[hi - 1] - padded[cut - 1])
+                if saving > best:
+                    best, best_cut = saving, cut
+        if best_cut is None:
+            return cuts
+        cuts = sorted(cuts + [best_cut])
+    return cuts
+
+
+def _decode_group(ids: list[int], query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor,
+                  block_size: int) -> DecodeGroup:
+    device = block_tables.device
+    max_blocks = -(-max(seq_lens[i] for i in ids) // block_size)
+    col = torch.arange(max_blocks, device=device)
+    sel = torch.tensor(ids, device=device, dtype=torch.long)
+    lens = torch.tensor([seq_lens[i] for i in ids], device=device, dtype=torch.long)
+    tables = block_tables[sel, :max_blocks].long()  # (Sg, NBg)
+    # Padding reads the sequence's own first block (always written): never another block's stale data.
+    blocks = torch.where(col < ((lens + block_size - 1) // block_size)[:, None], tables, tables[:, :1])
+    tokens = torch.tensor([query_start_loc[i] for i in ids], device=device, dtype=torch.long)
+    return DecodeGroup(tokens, blocks.reshape(-1), torch.arange(max_blocks * block_size, device=device), lens)
 
 
 def build_plan(
@@ -84,31 +131,25 @@ def build_plan(
     compute_dtype: torch.dtype | None = None,
 ) -> TorchAttentionPlan:
     """Precompute the gather indices of one step (python lists in, index tensors out)."""
-    device = block_tables.device
     num_seqs = len(seq_lens)
     decode_ids = [i for i in range(num_seqs) if query_start_loc[i + 1] - query_start_loc[i] == 1]
-    max_blocks = -(-max((seq_lens[i] for i in decode_ids), default=1) // block_size)
-    col = torch.arange(max_blocks, device=device)
+    groups = []
     if decode_ids:
-        sel = torch.tensor(decode_ids, device=device, dtype=torch.long)
-        lens = torch.tensor([seq_lens[i] for i in decode_ids], device=device, dtype=torch.long)
-        tables = block_tables[sel, :max_blocks].long()  # (Sd, NBmax)
-        # Padding reads the sequence's own first block (always written): never another block's stale data.
-        blocks = torch.where(col < ((lens + block_size - 1) // block_size)[:, None], tables, tables[:, :1])
-        tokens = torch.tensor([query_start_loc[i] for i in decode_ids], device=device, dtype=torch.long)
-    else:
-        blocks = torch.zeros(0, 1, dtype=torch.long, device=device)
-        lens = torch.zeros(0, dtype=torch.long, device=device)
-        tokens = torch.zeros(0, dtype=torch.long, device=device)
+        by_len = sorted(decode_ids, key=lambda i: seq_lens[i])
+        cuts = split_by_length([seq_lens[i] for i in by_len], block_size)
+        if not cuts:
+            by_len = decode_ids  # one group: keep batch order, so an all-decode step needs no scatter
+        bounds = [0] + cuts + [len(by_len)]
+        groups = [_decode_group(by_len[lo:hi], query_start_loc, seq_lens, block_tables, block_size)
+                  for lo, hi in zip(bounds, bounds[1:])]
     decode_set = set(decode_ids)
     prefills = []
     for i in range(num_seqs):
         if i not in decode_set:
             nb = -(-seq_lens[i] // block_size)
             prefills.append((query_start_loc[i], query_start_loc[i + 1], seq_lens[i], block_tables[i, :nb].long()))
-    kv_pos = torch.arange(max_blocks * block_size, device=device)
-    all_decode = len(decode_ids) == num_seqs == query_start_loc[-1]
-    return TorchAttentionPlan(tokens, blocks.reshape(-1), kv_pos, lens, prefills, all_decode, compute_dtype)
+    all_decode = len(decode_ids) == num_seqs == query_start_loc[-1] and len(groups) == 1
+    return TorchAttentionPlan(groups, prefills, all_decode, compute_dtype)
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -158,16 +199,17 @@ def paged_attention_planned(
     hkv, d = k_cache.shape[2:]
     cd = plan.compute_dtype or q.dtype
     out = torch.empty_like(q) if not plan.all_decode else None
-    if plan.num_decode:
-        sd = plan.num_decode
-        qd = _as((q if plan.all_decode else q[plan.decode_tokens]).unsqueeze(2), cd)  # (Sd, Hq, 1, D)
-        kd = _gather(k_cache, plan.decode_blocks, cd).view(sd, -1, hkv, d).transpose(1, 2)  # (Sd, Hkv, NBmax*BS, D)
-        vd = _gather(v_cache, plan.decode_blocks, cd).view(sd, -1, hkv, d).transpose(1, 2)
-        mask = plan.decode_mask(sliding_window, torch.float32 if softcap is not None or sinks is not None else cd)
-        od = _as(_attend(qd, kd, vd, mask, scale, softcap, sinks).squeeze(2), q.dtype)  # (Sd, Hq, D)
+    mask_dtype = torch.float32 if softcap is not None or sinks is not None else cd
+    for g in plan.decode_groups:
+        sg = int(g.tokens.numel())
+        qd = _as((q if plan.all_decode else q[g.tokens]).unsqueeze(2), cd)  # (Sg, Hq, 1, D)
+        kd = _gather(k_cache, g.blocks, cd).view(sg, -1, hkv, d).transpose(1, 2)  # (Sg, Hkv, NBg*BS, D)
+        vd = _gather(v_cache, g.blocks, cd).view(sg, -1, hkv, d).transpose(1, 2)
+        od = _as(_attend(qd, kd, vd, g.mask(sliding_window, mask_dtype), scale, softcap, sinks).squeeze(2),
+                 q.dtype)  # (Sg, Hq, D)
         if plan.all_decode:
             return od
-        out[plan.decode_tokens] = od
+        out.index_copy_(0, g.tokens, od)
     for start, end, length, blocks in plan.prefills:
         n = end - start
         qp = q[start:end].transpose(0, 1).unsqueeze(0).to(cd)  # (1, Hq, n, D)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kernels.attention_torch import build_plan, paged_attention_planned
+from kernels.attention_torch import build_plan, paged_attention_planned, split_by_length
 from tests.kernels.helpers import make_paged_batch
 
 MIXED = ([7, 1, 19, 1, 3, 1], [0, 31, 13, 5, 45, 70])
@@ -75,8 +75,33 @@ def test_decode_mask_is_built_once_per_window():
     b = make_paged_batch([1, 1], [20, 3], num_q_heads=2, num_kv_heads=1, head_dim=8, block_size=4,
                          dtype=torch.float32)
     plan = build_plan(b.query_start_loc.tolist(), b.seq_lens.tolist(), b.block_tables, 4)
-    m1 = plan.decode_mask(None, torch.float32)
-    assert plan.decode_mask(None, torch.float32) is m1
-    assert plan.decode_mask(5, torch.float32) is not m1
+    assert len(plan.decode_groups) == 1 and plan.all_decode  # too little padding to split
+    m1 = plan.decode_groups[0].mask(None, torch.float32)
+    assert plan.decode_groups[0].mask(None, torch.float32) is m1
+    assert plan.decode_groups[0].mask(5, torch.float32) is not m1
     # sequence 2 has 4 tokens: its columns past 4 are masked with -inf, the rest are 0
     assert torch.isinf(m1[1, 0, 0, 4:]).all() and (m1[1, 0, 0, :4] == 0).all()
+
+
+def test_split_by_length_takes_the_cuts_that_save_most_padding():
+    assert split_by_length([16, 16, 32], 16) == []  # saves 32 padded tokens: not worth another call
+    assert split_by_length([10, 20, 700, 710], 16) == [2]  # the short pair no longer pads to 720
+    assert split_by_length([10] * 4 + [300] * 4 + [900] * 4, 16) == [4, 8]
+    assert split_by_length([10] * 4 + [300] * 4 + [900] * 4, 16, max_groups=2) == [8]
+    assert split_by_length([5] * 8, 16) == [] and split_by_length([7], 16) == []
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("new_lens", [[1] * 7, [1, 1, 5, 1, 1, 1, 1]], ids=["decode", "with-prefill"])
+def test_length_groups_match_naive(feature, new_lens):
+    """Decode contexts of very different lengths are split into groups (each padded to its own longest),
+    attended separately and scattered back into batch order."""
+    cached = [700, 9, 20, 650, 3, 15, 980]
+    b = make_paged_batch(new_lens, cached, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                         dtype=torch.float32, seed=7)
+    plan = build_plan(b.query_start_loc.tolist(), b.seq_lens.tolist(), b.block_tables, 16)
+    assert len(plan.decode_groups) >= 2 and not plan.all_decode
+    grouped = sorted(t for g in plan.decode_groups for t in g.tokens.tolist())
+    assert grouped == [b.query_start_loc[i].item() for i, n in enumerate(new_lens) if n == 1]
+    out = paged_attention_planned(b.q, b.k_cache, b.v_cache, plan, 0.3, **FEATURES[feature])
+    torch.testing.assert_close(out.double(), naive_attention(b, 0.3, **FEATURES[feature]), atol=1e-5, rtol=0)

@@ -26,7 +26,7 @@ import torch
 
 from backend import Engine, SamplingParams
 from backend.config import DTYPES
-from backend.host_allocator import keep_freed_memory
+from backend.host_allocator import keep_freed_memory, release_freed_memory
 
 SYSTEMS = ("flab-native", "flab-transformers", "hf-generate", "hf-generate_batch")
 WORKLOADS = ("throughput", "latency", "shared_prefix")
@@ -66,7 +66,7 @@ class Result:
     input_tokens: int
     output_tok_s: float
     total_tok_s: float
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # the process's peak during this run (model load included)
     cuda_peak_bytes: int = 0
     ttft_ms: float | None = None
     tpot_ms: float | None = None
@@ -111,6 +111,29 @@ def measure_memory_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) ->
     return 2 * nbytes / best
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window: return the memory glibc keeps, then reset the kernel's high-water mark
+    (Linux: writing 5 to /proc/self/clear_refs), so one run's peak does not carry over to the next."""
+    gc.collect()
+    release_freed_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """The process's resident high-water mark (VmHWM) since `reset_peak_rss`; the current RSS elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -120,7 +143,7 @@ def _result(system: str, wl: Workload, seconds: float, outputs: list[list[int]],
     out_tokens = sum(min(len(o), n) for o, n in zip(outputs, wl.output_lens))
     in_tokens = sum(len(p) for p in wl.prompts)
     return Result(system, wl.name, seconds, out_tokens, in_tokens, out_tokens / seconds,
-                  (out_tokens + in_tokens) / seconds, psutil.Process().memory_info().rss,
+                  (out_tokens + in_tokens) / seconds, peak_rss(),
                   torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0, outputs=outputs)
 
 
@@ -317,6 +340,7 @@ def run_all(setup: Setup, systems: list[str], opts: BenchOptions,
             for system in systems:
                 if stop():
                     return
+                reset_peak_rss()
                 try:
                     res = RUNNERS[system](setup.path, wl, opts)
                 except Exception as e:

@@ -1,14 +1,17 @@
 """backend/host_allocator.py: after keep_freed_memory(), mid-sized blocks come from glibc's heap (reused from
-step to step) instead of fresh mmap pages; blocks above the threshold are still mapped on their own."""
+step to step) instead of fresh mmap pages, blocks above the threshold are still mapped on their own, and
+release_freed_memory() hands the kept memory back; the bench's per-run peak-RSS window built on it."""
 
 import ctypes
 import platform
 
+import psutil
 import pytest
 import torch
 
 from backend import Engine
-from backend.host_allocator import MMAP_THRESHOLD, keep_freed_memory
+from backend.bench import peak_rss, reset_peak_rss
+from backend.host_allocator import MMAP_THRESHOLD, keep_freed_memory, release_freed_memory
 
 glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -46,3 +49,26 @@ def test_engine_reports_the_setting(tiny_model):
         assert engine.describe()["malloc_keeps_freed_memory"] is True
     with Engine(str(tiny_model("llama")), device="cpu", num_kv_blocks=16, keep_freed_memory=False) as engine:
         assert engine.describe()["malloc_keeps_freed_memory"] is False
+
+
+@pytest.mark.skipif(not glibc, reason="glibc malloc only")
+def test_freed_memory_is_kept_until_released():
+    assert keep_freed_memory()
+    rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
+    held = [torch.ones(4 * 2**20 // 4) for _ in range(16)]  # 64 MiB in 4 MiB heap blocks, touched
+    before_free = rss()
+    del held
+    assert rss() > before_free - 16 * 2**20  # freed, but still resident: kept for the next step
+    assert release_freed_memory()
+    assert rss() < before_free - 48 * 2**20  # handed back
+
+
+@pytest.mark.skipif(not glibc, reason="Linux /proc only")
+def test_peak_rss_window_resets_between_runs():
+    reset_peak_rss()
+    base = peak_rss()
+    big = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    del big
+    assert peak_rss() >= base + 200 * 2**20
+    reset_peak_rss()
+    assert peak_rss() < base + 64 * 2**20  # the next run does not inherit that peak

@@ -71,28 +71,31 @@ def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel
     runs: list[bench.Result] = []
     start = run_start = time.perf_counter()
     worker.start()
-    while True:
-        try:
-            item = out.get(timeout=update_s)
-        except queue.Empty:
-            workload, system = schedule[min(len(runs), len(schedule) - 1)]
-            stopping = " — stopping after this run" if cancel.is_set() else ""
-            yield (f"**Running** {system} on {workload} ({len(runs) + 1}/{len(schedule)}), "
-                   f"{time.perf_counter() - run_start:.0f} s{stopping}", gr.skip(), gr.skip())
-            continue
-        if item is _DONE:
-            break
-        if isinstance(item, BaseException):
-            raise item
-        runs.append(item)
-        run_start = time.perf_counter()
+    try:
+        while True:
+            try:
+                item = out.get(timeout=update_s)
+            except queue.Empty:
+                workload, system = schedule[min(len(runs), len(schedule) - 1)]
+                stopping = " — stopping after this run" if cancel.is_set() else ""
+                yield (f"**Running** {system} on {workload} ({len(runs) + 1}/{len(schedule)}), "
+                       f"{time.perf_counter() - run_start:.0f} s{stopping}", gr.skip(), gr.skip())
+                continue
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            runs.append(item)
+            run_start = time.perf_counter()
+            results = bench.medians(runs)
+            yield (f"**{len(runs)}/{len(schedule)} runs** done", bench_figure(bars(results, setup.bandwidth)),
+                   pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))
         results = bench.medians(runs)
-        yield (f"**{len(runs)}/{len(schedule)} runs** done", bench_figure(bars(results, setup.bandwidth)),
+        failed = [f"{r.system} on {r.workload}: {r.error}" for r in results if r.error]
+        verdict = "**stopped**" if cancel.is_set() and len(runs) < len(schedule) else "**done**"
+        lines = [f"{verdict}: {len(runs)}/{len(schedule)} runs in {time.perf_counter() - start:.0f} s. {note}".strip(),
+                 f"`{setup.header()}`"] + [f"failed: {f}" for f in failed]
+        yield ("  \n".join(lines), bench_figure(bars(results, setup.bandwidth)),
                pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))
-    results = bench.medians(runs)
-    failed = [f"{r.system} on {r.workload}: {r.error}" for r in results if r.error]
-    verdict = "**stopped**" if cancel.is_set() and len(runs) < len(schedule) else "**done**"
-    lines = [f"{verdict}: {len(runs)}/{len(schedule)} runs in {time.perf_counter() - start:.0f} s. {note}".strip(),
-             f"`{setup.header()}`"] + [f"failed: {f}" for f in failed]
-    yield ("  \n".join(lines), bench_figure(bars(results, setup.bandwidth)),
-           pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))
+    finally:
+        cancel.set()  # also when the page went away and the generator was closed: the worker stops after its run

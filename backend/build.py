@@ -17,6 +17,7 @@ from backend import hub
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
 from backend.layers.packed import PackedLinear, pack_linears, packing_available
+from backend.layers.siblings import fuse_siblings
 from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
 from backend.models import build_model, select_model_impl
@@ -169,7 +170,9 @@ def choose_cpu_linear(requested: str, device: torch.device, dtype: torch.dtype) 
 def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:
     kind = choose_cpu_linear(requested, device, dtype)
     if kind == "packed":
-        return kind, pack_linears(model, half_linears(model))
+        count = pack_linears(model, half_linears(model))
+        fuse_siblings(model)  # a transformers model's q/k/v and gate/up: one product each (native ones are fused)
+        return kind, count
     if kind == "upcast":
         # skipped copies (short memory) still leave the attention math in fp32 on such a CPU
         return kind, _upcast_linears_if_memory_allows(model, forced=requested == "upcast")

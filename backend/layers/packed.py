@@ -56,6 +56,11 @@ class PackedLinear(nn.Module):
         self.shared_weight = linear.weight if shared_weight else None
 
     @property
+    def packed_numel(self) -> int:
+        """Parameters this module stands for that are not nn.Parameters (for describe's parameter count)."""
+        return 0 if self.shared_weight is not None else self.in_features * self.out_features
+
+    @property
     def weight(self) -> torch.Tensor:  # (N, K) plain tensor, for introspection (copies unless shared)
         return self.shared_weight if self.shared_weight is not None else self.packed.to_dense()
 

@@ -23,7 +23,7 @@ def _text_config(model: nn.Module):
 
 def _count_parameters(model: nn.Module) -> int:
     """Unique parameters, plus the logical size (in x out (+ bias)) of quantized linears, whose tensors are buffers,
-    and the weights of PackedLinears (a packed buffer; a tied one keeps its shared parameter)."""
+    and the weights of PackedLinears and SiblingLinears (packed buffers; a tied one keeps its shared parameter)."""
     unique = {(p.data_ptr(), p.shape) if not p.is_meta else id(p): p for p in model.parameters()}  # tied: same storage
     total = sum(p.numel() for p in unique.values())
     for module in model.modules():
@@ -31,8 +31,8 @@ def _count_parameters(model: nn.Module) -> int:
             total += module.in_features * module.out_features
             if getattr(module, "has_bias", False):
                 total += module.out_features
-        elif type(module).__name__ == "PackedLinear" and module.shared_weight is None:
-            total += module.in_features * module.out_features
+        else:  # PackedLinear / SiblingLinear: weights held as packed buffers
+            total += getattr(module, "packed_numel", 0)
     return total
 
 
@@ -93,6 +93,7 @@ def _describe_transformers(model: nn.Module) -> dict:
 CPU_LINEAR_CLASSES = {
     "UpcastLinear": "fp32 copy for CPU matmuls",
     "PackedLinear": "oneDNN prepacked 16-bit weight",
+    "SiblingLinear": "q/k/v or gate/up as one oneDNN product",
 }
 
 
@@ -107,7 +108,7 @@ def describe_model(model: nn.Module) -> dict:
         info.update(implementation=getattr(model, "impl", "unknown"), attention=None, injected={})
     quantized = _quantized(model)
     info["swapped"] = {f"quantized linear {cls}": n for cls, n in quantized.items()}
-    for cls, what in CPU_LINEAR_CLASSES.items():  # backend/layers/{upcast,packed}.py
+    for cls, what in CPU_LINEAR_CLASSES.items():  # backend/layers/{upcast,packed,siblings}.py
         count = sum(type(m).__name__ == cls for m in model.modules())
         if count:
             info["swapped"][f"{cls} ({what})"] = count

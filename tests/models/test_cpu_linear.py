@@ -11,6 +11,7 @@ from backend import Engine, SamplingParams
 from backend.build import choose_cpu_linear
 from backend.errors import EngineError
 from backend.layers.packed import PackedLinear, pack_linears, packing_available
+from backend.layers.siblings import SiblingLinear, fuse_siblings
 from backend.layers.upcast import MAX_HALF_ROWS, UpcastLinear, half_linears, upcast_linears
 from backend.tiny_models import build_tiny_model
 
@@ -127,9 +128,13 @@ def test_engine_packed_equals_plain(bf16_llama, impl):
     plain = Engine(bf16_llama, device="cpu", model_impl=impl, cpu_linear="none", num_kv_blocks=64)
     try:
         assert packed.loaded.cpu_linear == "packed" and packed.runner.attention_dtype is None
-        linears = [m for m in packed.loaded.model.modules() if isinstance(m, PackedLinear)]
+        linears = [m for m in packed.loaded.model.modules() if isinstance(m, (PackedLinear, SiblingLinear))]
         assert packed.loaded.num_cpu_linears == len(linears) > 0
-        assert "PackedLinear (oneDNN prepacked 16-bit weight)" in packed.describe()["swapped"]
+        swapped = packed.describe()["swapped"]
+        assert "PackedLinear (oneDNN prepacked 16-bit weight)" in swapped
+        # transformers' separate q/k/v and gate/up share one product each; native models fused them at load
+        siblings = swapped.get("SiblingLinear (q/k/v or gate/up as one oneDNN product)", 0)
+        assert siblings == (5 * packed.loaded.hf_config.num_hidden_layers if impl == "transformers" else 0)
         assert packed.describe()["parameters"] == plain.describe()["parameters"]
         assert packed.loaded.decode_weight_bytes == plain.weights_bytes
         params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
@@ -145,9 +150,11 @@ def test_engine_packed_equals_plain(bf16_llama, impl):
 
 @needs_packing
 @pytest.mark.parametrize("arch,impl", [("gpt2", "transformers"), ("phi", "transformers"), ("gemma2", "native"),
-                                       ("mixtral", "native"), ("qwen2_moe", "transformers")])
+                                       ("mixtral", "native"), ("qwen2_moe", "transformers"),
+                                       ("qwen2", "transformers")])
 def test_packed_tokens_across_architectures(tmp_path, arch, impl):
-    """Biases, tied heads, Conv1D models (only the head is an nn.Linear), MoE experts: same greedy tokens."""
+    """Biases, tied heads, Conv1D models (only the head is an nn.Linear), MoE experts, q/k/v siblings with biases:
+    same greedy tokens."""
     path = build_tiny_model(arch, tmp_path / arch, dtype=torch.bfloat16)
     params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     outs = {}
@@ -157,3 +164,39 @@ def test_packed_tokens_across_architectures(tmp_path, arch, impl):
             if mode == "packed":
                 assert engine.loaded.num_cpu_linears > 0
     assert outs["packed"] == outs["none"]
+
+
+class _Attention(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(64, n, bias=bias) for n in (64, 16, 16))
+        self.o_proj = nn.Linear(64, 64, bias=bias)
+
+
+@needs_packing
+@pytest.mark.parametrize("bias", [False, True])
+def test_siblings_share_one_product(bias):
+    torch.manual_seed(0)
+    ref = _Attention(bias).to(torch.bfloat16)
+    separate, model = _Attention(bias).to(torch.bfloat16), _Attention(bias).to(torch.bfloat16)
+    for m in (separate, model):
+        m.load_state_dict(ref.state_dict())
+        pack_linears(m, half_linears(m))
+    assert fuse_siblings(model) == 3 and type(model.o_proj) is PackedLinear  # o_proj has no sibling
+    q, k, v = model.q_proj, model.k_proj, model.v_proj
+    assert q.product is k.product is v.product and [m.out_features for m in (q, k, v)] == [64, 16, 16]
+    # the group's packed weight (and bias) are registered once, on its first member
+    expected = ["q_proj.packed"] + (["q_proj.fused_bias"] if bias else []) + ["o_proj.packed"]
+    assert [name for name, _ in model.named_buffers()] == expected
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(model, name).weight, getattr(ref, name).weight)
+    for rows in (1, 5, 33):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        fused = (q(x), k(x), v(x))
+        assert q.product.input is None and q.product.output is None  # the last sibling let go of the product
+        for out, name in zip(fused, ("q_proj", "k_proj", "v_proj")):
+            assert torch.equal(out, getattr(separate, name)(x))  # decode sizes: bit for bit
+    # called out of order or on another input, a sibling computes its own product: still correct
+    x, y = torch.randn(3, 64).to(torch.bfloat16), torch.randn(3, 64).to(torch.bfloat16)
+    q(x)
+    assert torch.equal(k(y), separate.k_proj(y)) and torch.equal(v(y), separate.v_proj(y))

@@ -82,10 +82,8 @@ class AWQLinear(IntLinearBase):
 
 class AWQMethod(QuantMethod):
     name = "awq"
-
-    def __init__(self, config: AWQConfig | None = None, ignore: list[str] | None = None) -> None:
-        super().__init__(ignore)
-        self.config = config or AWQConfig()
+    config_class = AWQConfig
+    config: AWQConfig
 
     @classmethod
     def from_checkpoint(cls, qcfg: dict) -> "AWQMethod":

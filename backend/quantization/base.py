@@ -18,6 +18,7 @@ buffers) measure it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -43,6 +44,14 @@ def module_matches(prefix: str, pattern: str) -> bool:
         regex = re.compile(pattern[3:])
         return any(regex.match(".".join(parts[i:])) for i in range(len(parts)))
     return f".{pattern}." in f".{prefix}."
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 class QuantLinearBase(nn.Module, ABC):
@@ -175,9 +184,33 @@ class QuantMethod(ABC):
 
     name: ClassVar[str]
     on_the_fly: ClassVar[bool] = False  # True: quantizes a full-precision checkpoint while loading it
+    config_class: ClassVar[type | None] = None  # the method's settings (a dataclass); None: it keeps its own
 
-    def __init__(self, ignore: list[str] | None = None) -> None:
+    def __init__(self, config=None, ignore: list[str] | None = None) -> None:
         self.ignore = list(ignore) if ignore is not None else ["lm_head"]
+        self.config = config if config is not None or self.config_class is None else self.config_class()
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "QuantMethod":
+        """An on-the-fly request's options ("int4:g64,kernel=torch", see `parse_request`) -> the method. Each
+        option names a field of `config_class` and is converted to the type of that field's default."""
+        if not cls.on_the_fly or cls.config_class is None:
+            raise QuantizationError(f"{cls.name!r} is not quantized on the fly, so it takes no options")
+        fields = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise QuantizationError(f"{cls.name} options are {sorted(fields)} (e.g. '{cls.name}:kernel=torch'), "
+                                    f"got {unknown}")
+        values = {}
+        for key, text in options.items():
+            kind = type(fields[key])
+            try:
+                values[key] = _parse_bool(text) if kind is bool else kind(text)
+            except ValueError:
+                raise QuantizationError(f"{cls.name} option {key} must be of type {kind.__name__}, got {text!r}") from None
+        if values.get("kernel", "auto") not in KERNELS:
+            raise QuantizationError(f"kernel must be one of {KERNELS}, got {values['kernel']!r}")
+        return cls(cls.config_class(**values))
 
     def check_device(self, device: torch.device) -> None:
         device = torch.device(device)

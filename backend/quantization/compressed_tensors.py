@@ -178,7 +178,7 @@ class CompressedTensorsMethod(QuantMethod):
     name = "compressed-tensors"
 
     def __init__(self, schemes: list[CTScheme], ignore: list[str]) -> None:
-        super().__init__(ignore)
+        super().__init__(ignore=ignore)
         self.schemes = schemes
 
     @classmethod

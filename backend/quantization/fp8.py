@@ -132,17 +132,8 @@ class Fp8Linear(Fp8LinearBase):
 class Fp8Method(QuantMethod):
     name = "fp8"
     on_the_fly = True
-
-    def __init__(self, config: Fp8Config | None = None, ignore: list[str] | None = None) -> None:
-        super().__init__(ignore)
-        self.config = config or Fp8Config()
-
-    @classmethod
-    def from_options(cls, options: dict[str, str]) -> "Fp8Method":
-        kernel = options.pop("kernel", "auto")
-        if options:
-            raise QuantizationError(f"fp8 takes no options besides kernel=, got {sorted(options)}")
-        return cls(Fp8Config(kernel=kernel))
+    config_class = Fp8Config
+    config: Fp8Config
 
     def check_device(self, device: torch.device) -> None:
         super().check_device(device)

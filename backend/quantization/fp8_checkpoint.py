@@ -109,10 +109,8 @@ class Fp8CheckpointLinear(Fp8LinearBase):
 
 class Fp8CheckpointMethod(QuantMethod):
     name = "fp8_checkpoint"
-
-    def __init__(self, config: Fp8CheckpointConfig | None = None, ignore: list[str] | None = None) -> None:
-        super().__init__(ignore)
-        self.config = config or Fp8CheckpointConfig()
+    config_class = Fp8CheckpointConfig
+    config: Fp8CheckpointConfig
 
     @classmethod
     def from_checkpoint(cls, qcfg: dict) -> "Fp8CheckpointMethod":

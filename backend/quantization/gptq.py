@@ -108,10 +108,8 @@ class GPTQLinear(IntLinearBase):
 
 class GPTQMethod(QuantMethod):
     name = "gptq"
-
-    def __init__(self, config: GPTQConfig | None = None, ignore: list[str] | None = None) -> None:
-        super().__init__(ignore)
-        self.config = config or GPTQConfig()
+    config_class = GPTQConfig
+    config: GPTQConfig
 
     @classmethod
     def from_checkpoint(cls, qcfg: dict) -> "GPTQMethod":

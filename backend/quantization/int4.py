@@ -51,22 +51,8 @@ class Int4Linear(OnTheFlyIntLinear):
 class Int4Method(QuantMethod):
     name = "int4"
     on_the_fly = True
-
-    def __init__(self, config: Int4Config | None = None, ignore: list[str] | None = None) -> None:
-        super().__init__(ignore)
-        self.config = config or Int4Config()
-
-    @classmethod
-    def from_options(cls, options: dict[str, str]) -> "Int4Method":
-        group = options.pop("group_size", "128")
-        kernel = options.pop("kernel", "auto")
-        if options:
-            raise QuantizationError(f"int4 options are g<N>/group_size=<N> and kernel=, got {sorted(options)}")
-        try:
-            group_size = int(group)
-        except ValueError:
-            raise QuantizationError(f"int4 group size must be an integer, got {group!r}") from None
-        return cls(Int4Config(group_size=group_size, kernel=kernel))
+    config_class = Int4Config
+    config: Int4Config
 
     def create_linear(self, linear: nn.Linear, prefix: str) -> Int4Linear:
         return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, prefix, self.config)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from backend.errors import QuantizationError
 from backend.quantization.base import QuantMethod
 from backend.quantization.intquant import OnTheFlyIntLinear
 
@@ -33,17 +32,8 @@ class Int8Linear(OnTheFlyIntLinear):
 class Int8Method(QuantMethod):
     name = "int8"
     on_the_fly = True
-
-    def __init__(self, config: Int8Config | None = None, ignore: list[str] | None = None) -> None:
-        super().__init__(ignore)
-        self.config = config or Int8Config()
-
-    @classmethod
-    def from_options(cls, options: dict[str, str]) -> "Int8Method":
-        kernel = options.pop("kernel", "auto")
-        if options:
-            raise QuantizationError(f"int8 takes no options besides kernel=, got {sorted(options)}")
-        return cls(Int8Config(kernel=kernel))
+    config_class = Int8Config
+    config: Int8Config
 
     def create_linear(self, linear: nn.Linear, prefix: str) -> Int8Linear:
         return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, prefix, self.config)

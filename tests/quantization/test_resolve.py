@@ -78,6 +78,16 @@ def test_on_the_fly_requests_and_options():
         resolve_quantization("int8:g64", {})
     with pytest.raises(QuantizationError, match="parse"):
         resolve_quantization("int4:fast", {})
+    # every on-the-fly option is a field of the method's config, converted to that field's type
+    with pytest.raises(QuantizationError, match=r"int8 options are \['kernel'\].*got \['group_size'\]"):
+        resolve_quantization("int8:g64", {})
+    with pytest.raises(QuantizationError, match="group_size must be of type int, got 'abc'"):
+        resolve_quantization("int4:group_size=abc", {})
+    with pytest.raises(QuantizationError, match="kernel must be one of"):
+        resolve_quantization("fp8:kernel=fast", {})
+    assert resolve_quantization("fp8:kernel=triton", {}).config.kernel == "triton"
+    with pytest.raises(QuantizationError, match="not quantized on the fly"):
+        GPTQMethod.from_options({"kernel": "torch"})
 
 
 def test_int4_group_size_rule():

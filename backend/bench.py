@@ -391,6 +391,14 @@ def markdown(results: list[Result], bandwidth: float) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str | Path, setup: Setup, results: list[Result], options: dict) -> Path:
+    """Every number of a run (the CLI's --json, the app's download): header, options, bandwidth, results."""
+    path = Path(path)
+    path.write_text(json.dumps(dict(header=setup.header(), args=options, memory_bandwidth=setup.bandwidth,
+                                    results=[asdict(r) for r in results]), indent=1))
+    return path
+
+
 def resolve_path(model: str, dtype: str) -> str:
     """tiny:<arch> -> a random-weight model of that shape built in a temporary folder; a Hub id -> its
     downloaded folder (the same resolution the engine uses); a folder -> itself."""
@@ -440,8 +448,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     header = setup.header()
     print("\n" + header + "\n" + markdown(results, setup.bandwidth))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(header=header, args=vars(args), memory_bandwidth=setup.bandwidth,
-                                                   results=[asdict(r) for r in results]), indent=1))
+        write_json(args.json, setup, results, vars(args))
     return results
 
 

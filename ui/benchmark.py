@@ -9,9 +9,12 @@ table and the bar chart update as each run finishes and Stop takes effect betwee
 from __future__ import annotations
 
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -62,8 +65,9 @@ def _worker(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, ou
 
 def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel: threading.Event,
         update_s: float = 1.0, note: str = "") -> Iterator[tuple]:
-    """Yield (status markdown, bar figure, results table) while the runs go on: a status line every
-    `update_s`, the figure and table after each finished run. `cancel` stops between runs."""
+    """Yield (status markdown, bar figure, results table, JSON file) while the runs go on: a status line every
+    `update_s`, the figure and table after each finished run, the JSON of every number at the end.
+    `cancel` stops between runs."""
     schedule = [(wl.name, s) for wl in setup.workloads for _ in range(opts.repeat) for s in systems]
     out: queue.Queue = queue.Queue()
     worker = threading.Thread(target=_worker, args=(setup, systems, opts, out, cancel.is_set), daemon=True,
@@ -79,7 +83,7 @@ def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel
                 workload, system = schedule[min(len(runs), len(schedule) - 1)]
                 stopping = " — stopping after this run" if cancel.is_set() else ""
                 yield (f"**Running** {system} on {workload} ({len(runs) + 1}/{len(schedule)}), "
-                       f"{time.perf_counter() - run_start:.0f} s{stopping}", gr.skip(), gr.skip())
+                       f"{time.perf_counter() - run_start:.0f} s{stopping}", gr.skip(), gr.skip(), gr.skip())
                 continue
             if item is _DONE:
                 break
@@ -89,13 +93,16 @@ def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel
             run_start = time.perf_counter()
             results = bench.medians(runs)
             yield (f"**{len(runs)}/{len(schedule)} runs** done", bench_figure(bars(results, setup.bandwidth)),
-                   pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))
+                   pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS), gr.skip())
         results = bench.medians(runs)
+        options = dict(asdict(opts), systems=systems, workloads=[wl.name for wl in setup.workloads], model=setup.label)
+        report = bench.write_json(Path(tempfile.mkdtemp(prefix="flab-bench-")) / "benchmark.json", setup, results,
+                                  options)
         failed = [f"{r.system} on {r.workload}: {r.error}" for r in results if r.error]
         verdict = "**stopped**" if cancel.is_set() and len(runs) < len(schedule) else "**done**"
         lines = [f"{verdict}: {len(runs)}/{len(schedule)} runs in {time.perf_counter() - start:.0f} s. {note}".strip(),
                  f"`{setup.header()}`"] + [f"failed: {f}" for f in failed]
         yield ("  \n".join(lines), bench_figure(bars(results, setup.bandwidth)),
-               pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))
+               pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS), str(report))
     finally:
         cancel.set()  # also when the page went away and the generator was closed: the worker stops after its run

@@ -371,7 +371,7 @@ class Lab:
     def benchmark(self, choice, dtype, device, quant, max_len, trust_remote_code, workloads, systems, num_requests,
                   repeat, request: gr.Request = None, progress=gr.Progress()):
         """backend/bench.py from the app (ui/benchmark.py). The lab's engine is closed first: every system
-        loads the model itself. Yields (status, bar figure, results table, load status)."""
+        loads the model itself. Yields (status, bar figure, results table, JSON file, load status)."""
         from backend.bench import BenchOptions, prepare
 
         n, reps = benchmark.validate(workloads, systems, num_requests, repeat)
@@ -385,7 +385,7 @@ class Lab:
             opts = BenchOptions(dtype=dtype or "auto", device=device or "auto", quantization=quantization_value(quant),
                                 max_model_len=int(max_len) if max_len and max_len > 0 else None, num_requests=n,
                                 repeat=reps, trust_remote_code=bool(trust_remote_code))
-            yield "**Preparing**: seeded workloads, memory bandwidth…", gr.skip(), gr.skip(), closed
+            yield "**Preparing**: seeded workloads, memory bandwidth…", gr.skip(), gr.skip(), gr.skip(), closed
             setup = prepare(path, list(workloads), opts, label=name)
             note = (f"Quantization {opts.quantization} applies to our engine only; the HF baselines run the "
                     "checkpoint as it is." if opts.quantization else "")

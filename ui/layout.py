@@ -154,6 +154,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         bench_plot = gr.Plot(bench_figure([]), show_label=False, elem_id="flab-bench-plot")
                         bench_table = gr.Dataframe(headers=BENCH_HEADERS, label="Results (same rows as the CLI)",
                                                    wrap=True)
+                        bench_json = gr.File(label="Every number (JSON, as `--json` writes it)", interactive=False)
 
                     with gr.Tab("Inside the engine", id="inside"):
                         with gr.Row():
@@ -193,7 +194,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         bench_inputs = [model, dtype, device, quant, max_len, trust, bench_workloads, bench_systems, bench_n,
                         bench_repeat]
         bench_btn.click(gpu(lab.benchmark, duration=300), bench_inputs,
-                        [bench_status, bench_plot, bench_table, load_status], api_name="benchmark",
+                        [bench_status, bench_plot, bench_table, bench_json, load_status], api_name="benchmark",
                         concurrency_id="engine", concurrency_limit=1)
         bench_stop.click(lab.stop, None, bench_status, api_name="stop_benchmark", concurrency_limit=None)
 

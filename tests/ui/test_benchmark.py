@@ -3,6 +3,9 @@ run, with the CLI's table rows; Stop takes effect between runs; bad choices are 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import gradio as gr
 import pytest
 
@@ -18,8 +21,8 @@ ARGS = dict(choice=defaults.DEFAULT_CHOICE, dtype="float32", device="cpu", quant
 
 def test_benchmark_runs_every_system_and_reports_ratios(lab):
     updates = list(lab.benchmark(**ARGS))
-    assert "closed it to free memory" in updates[0][3] and lab.session.current() is None
-    status, figure, table, _ = updates[-1]
+    assert "closed it to free memory" in updates[0][4] and lab.session.current() is None
+    status, figure, table, report, _ = updates[-1]
     assert status.startswith("**done**: 8/8 runs") and "cpu flags" in status and "dtype float32" in status
     assert list(table.columns) == TABLE_HEADERS and len(table) == 8
     assert set(zip(table["workload"], table["system"])) == {
@@ -31,6 +34,10 @@ def test_benchmark_runs_every_system_and_reports_ratios(lab):
     assert all(list(t.x) == ["throughput", "latency"] for t in figure.data)
     streamed = [u for u in updates[:-1] if "runs** done" in str(u[0])]
     assert [len(u[2]) for u in streamed] == list(range(1, 9))  # the table grows run by run
+    data = json.loads(Path(report).read_text())  # the download: every number, as the CLI's --json
+    assert data["header"] in status and data["args"]["num_requests"] == 3
+    assert [(r["workload"], r["system"]) for r in data["results"]] == list(zip(table["workload"], table["system"]))
+    assert all(r["outputs"] for r in data["results"])
 
 
 def test_stop_takes_effect_between_runs(lab):
@@ -39,7 +46,7 @@ def test_stop_takes_effect_between_runs(lab):
         if "1/12 runs" in str(status):
             assert "Nothing" not in lab.stop()
             break
-    *_, (status, _, table, _) = updates
+    *_, (status, _, table, _, _) = updates
     assert status.startswith("**stopped**") and 1 <= len(table) <= 2
 
 

@@ -20,6 +20,7 @@ import torch
 
 from backend.build import LoadedModel, load_model
 from backend.config import EngineConfig
+from backend.detokenizer import Detokenizer
 from backend.errors import KVCacheError, RequestError
 from backend.host_allocator import keep_freed_memory
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_blocks
@@ -43,6 +44,7 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     prompt_logprobs: list[float | None] | None = None  # filled as the prefill advances
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
+    detokenizer: Detokenizer | None = None  # seq.text, one new token at a time
 
     def store_prompt_logprobs(self, scored: PromptLogprobs) -> None:
         end = scored.start + len(scored.logprobs)
@@ -56,6 +58,12 @@ def kv_spec_from_config(config, dtype: torch.dtype, block_size: int) -> KVCacheS
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "multi_query_group_num", None) or heads
     return KVCacheSpec(config.num_hidden_layers, kv_heads, head_dim, dtype, block_size)
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first of the stop strings starts in `text` (None: none occurs)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
 
 
 def model_max_len(config) -> int:
@@ -151,7 +159,8 @@ class Engine:
             rid = self._next_id
             self._next_id += 1
             seq = Sequence(rid, ids, params, generator)
-            req = _Request(seq, prompt, listener=_listener)
+            req = _Request(seq, prompt, listener=_listener,
+                           detokenizer=Detokenizer(self.tokenizer, params.skip_special_tokens))
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(ids)
                 req.prompt_top_logprobs = [None] * len(ids) if params.prompt_logprobs else None
@@ -210,18 +219,19 @@ class Engine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         p = seq.params
-        seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+        detok = self._requests[seq.seq_id].detokenizer
+        seq.text = detok.add(seq.output_token_ids)
         reason = None
         if (token in self.loaded.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif p.stop:
-            hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
-            if hits:
-                seq.text = seq.text[: min(hits)]
-                reason = "stop"
+        elif p.stop and _first_stop(seq.text, p.stop) is not None:
+            reason = "stop"
         if reason is None and (len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            text = detok.finish(seq.output_token_ids)  # exact: one full decode
+            cut = _first_stop(text, p.stop) if p.stop else None
+            seq.text = text if cut is None else text[:cut]
             self.scheduler.finish(seq, reason)
 
     def _record(self, batch, prefill_tokens: int, sampled: int, duration: float) -> StepStats:

@@ -245,7 +245,8 @@ class Engine:
             kv_blocks_used=alloc.num_used, kv_blocks_total=alloc.num_blocks, prefix_hit_blocks=alloc.prefix_hits,
             preemptions=self.scheduler.num_preemptions,
             memory=memory_snapshot(self.weights_bytes, self.kv_cache.nbytes,
-                                   alloc.num_used * self.kv_cache.spec.bytes_per_block, self.device),
+                                   alloc.num_used * self.kv_cache.spec.bytes_per_block, self.device,
+                                   self.metrics.process),
         )
         self.metrics.record(stats)
         return stats

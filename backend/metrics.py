@@ -44,8 +44,11 @@ class StepStats:
         return asdict(self)
 
 
-def memory_snapshot(weights_bytes: int, kv_cache_bytes: int, kv_used_bytes: int, device: torch.device) -> MemorySnapshot:
-    snap = MemorySnapshot(weights_bytes, kv_cache_bytes, kv_used_bytes, psutil.Process().memory_info().rss)
+def memory_snapshot(weights_bytes: int, kv_cache_bytes: int, kv_used_bytes: int, device: torch.device,
+                    process: psutil.Process | None = None) -> MemorySnapshot:
+    """`process`: a kept psutil handle (building one per step reads /proc/<pid>/stat again: ~16 vs ~6 µs)."""
+    rss = (process or psutil.Process()).memory_info().rss
+    snap = MemorySnapshot(weights_bytes, kv_cache_bytes, kv_used_bytes, rss)
     if device.type == "cuda":
         snap.cuda_allocated_bytes = torch.cuda.memory_allocated(device)
         snap.cuda_reserved_bytes = torch.cuda.memory_reserved(device)
@@ -60,6 +63,7 @@ class Metrics:
         self._history: deque[StepStats] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
         self.total_steps = 0
+        self.process = psutil.Process()  # this process, for the RSS of every step
 
     def record(self, stats: StepStats) -> None:
         with self._lock:

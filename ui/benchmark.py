@@ -52,6 +52,12 @@ def validate(workloads: list[str] | None, systems: list[str] | None, num_request
     return n, r
 
 
+def _views(results: list[bench.Result], setup: bench.Setup) -> tuple:
+    """(bar figure, results table) of the median runs so far."""
+    return (bench_figure(bars(results, setup.bandwidth)),
+            pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))
+
+
 def _worker(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, out: queue.Queue,
             stop: Callable[[], bool]) -> None:
     try:
@@ -91,9 +97,7 @@ def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel
                 raise item
             runs.append(item)
             run_start = time.perf_counter()
-            results = bench.medians(runs)
-            yield (f"**{len(runs)}/{len(schedule)} runs** done", bench_figure(bars(results, setup.bandwidth)),
-                   pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS), gr.skip())
+            yield (f"**{len(runs)}/{len(schedule)} runs** done",) + _views(bench.medians(runs), setup) + (gr.skip(),)
         results = bench.medians(runs)
         options = dict(asdict(opts), systems=systems, workloads=[wl.name for wl in setup.workloads], model=setup.label)
         report = bench.write_json(Path(tempfile.mkdtemp(prefix="flab-bench-")) / "benchmark.json", setup, results,
@@ -102,7 +106,6 @@ def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel
         verdict = "**stopped**" if cancel.is_set() and len(runs) < len(schedule) else "**done**"
         lines = [f"{verdict}: {len(runs)}/{len(schedule)} runs in {time.perf_counter() - start:.0f} s. {note}".strip(),
                  f"`{setup.header()}`"] + [f"failed: {f}" for f in failed]
-        yield ("  \n".join(lines), bench_figure(bars(results, setup.bandwidth)),
-               pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS), str(report))
+        yield ("  \n".join(lines),) + _views(results, setup) + (str(report),)
     finally:
         cancel.set()  # also when the page went away and the generator was closed: the worker stops after its run

@@ -47,10 +47,9 @@ class SiblingLinear(nn.Module):
         self.lo, self.hi = lo, hi
         self.in_features, self.out_features = in_features, hi - lo
         self.first, self.last = first, last
-        if first:  # the group's tensors are registered once, so memory and device moves count them once
+        if first:  # the group's tensors are registered once, so weight-byte counts see them once (CPU only)
             self.register_buffer("packed", product.packed, persistent=False)
             self.register_buffer("fused_bias", product.bias, persistent=False)
-        self.shared_weight = None
 
     @property
     def packed_numel(self) -> int:

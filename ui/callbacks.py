@@ -184,12 +184,21 @@ class Lab:
             kv_cache_memory_gb=float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None,
             max_num_seqs=int(max_batch), max_model_len=int(max_len) if max_len and max_len > 0 else None)
 
+    def _refuse_if_others_run(self, key: str, what: str) -> None:
+        """The engine is shared by every browser session: never close it under another user's run."""
+        others = self.runs.active_elsewhere(key)
+        if others:
+            raise gr.Error(f"{what} would replace the loaded engine, which {others} run(s) of other users are "
+                           "using right now. Try again when they have finished.", title="Engine busy")
+
     @user_errors("loading the model")
     def load(self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
-             trust_remote_code=False, progress=gr.Progress()):
+             trust_remote_code=False, request: gr.Request = None, progress=gr.Progress()):
         """-> (status markdown, engine description markdown, KV block figure)."""
         progress(0, desc="resolving the model…")
         spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code)
+        if self.session.spec != spec:
+            self._refuse_if_others_run(session_key(request), "Loading these settings")
         engine, reused = self.session.load(spec, progress=_progress_adapter(progress))
         return self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))
 
@@ -312,6 +321,7 @@ class Lab:
             raise gr.Error("A and B are the same settings: change the implementation or the quantization of one.",
                            title="Nothing to compare")
         key = session_key(request)
+        self._refuse_if_others_run(key, "Comparing")
         handle = self.runs.start(key)
         done: dict[str, tuple] = {}  # "A" / "B" -> (results, series, wall_s)
         labels: dict[str, str] = {}  # "A" -> "A: native · int8" (table headers)
@@ -376,6 +386,7 @@ class Lab:
 
         n, reps = benchmark.validate(workloads, systems, num_requests, repeat)
         key = session_key(request)
+        self._refuse_if_others_run(key, "The benchmark")
         handle = self.runs.start(key)
         try:
             name = defaults.resolve_choice(choice, self.cache_root)

@@ -138,3 +138,8 @@ class Runs:
     def active(self, key: str) -> int:
         with self._lock:
             return len(self._runs.get(key, []))
+
+    def active_elsewhere(self, key: str) -> int:
+        """Runs in flight for other browser sessions (they use the one shared engine)."""
+        with self._lock:
+            return sum(len(handles) for k, handles in self._runs.items() if k != key)

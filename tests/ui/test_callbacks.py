@@ -102,6 +102,32 @@ def test_compare_two_implementations(lab):
         list(lab.compare(**dict(args, b_impl="auto")))
 
 
+def test_another_users_run_keeps_the_shared_engine(lab):
+    """Load (other settings), Compare and Benchmark would replace the one engine: refused while another browser
+    session has a run in flight; loading the same settings (a reuse) is fine."""
+    engine = lab.session.current()
+    other = lab.runs.start("someone-else")
+    try:
+        with pytest.raises(gr.Error, match="1 run\\(s\\) of other users"):
+            lab.load(**dict(LOAD_ARGS, max_batch=8))
+        with pytest.raises(gr.Error, match="other users"):
+            list(lab.compare(choice=defaults.DEFAULT_CHOICE, a_impl="auto", a_quant="as in checkpoint",
+                             b_impl="transformers", b_quant="as in checkpoint", dtype="float32", device="cpu",
+                             kv_mb=4, block_size=16, max_batch=16, max_len=0, prompt="Hello", use_chat_template=False,
+                             mode="lines", copies=1, max_new=4, ignore_eos=True))
+        with pytest.raises(gr.Error, match="other users"):
+            list(lab.benchmark(choice=defaults.DEFAULT_CHOICE, dtype="float32", device="cpu", quant="none", max_len=0,
+                               trust_remote_code=False, workloads=["latency"], systems=["flab-native"],
+                               num_requests=1, repeat=1))
+        assert lab.session.current() is engine  # untouched
+        lab.load(**LOAD_ARGS)  # the same settings: the loaded engine is reused, nobody's run is disturbed
+        assert lab.session.current() is engine
+    finally:
+        lab.runs.finish("someone-else", other)
+    lab.load(**dict(LOAD_ARGS, max_batch=8))  # nobody else running: replaced
+    assert lab.session.current() is not engine
+
+
 def test_errors_become_gr_errors_and_the_app_keeps_working(lab, tmp_path):
     with pytest.raises(gr.Error, match="prompt"):
         list(lab.generate(**dict(GEN, prompt="   ")))

@@ -56,3 +56,15 @@ def test_median_run_and_repeat_validation():
     assert bench.median_run([runs[0], failed]).error == "boom"
     with pytest.raises(SystemExit):
         bench.main(["--repeat", "0"])
+
+
+def test_resolve_path(tiny_model, tmp_path):
+    """A folder resolves through the engine's hub code (checked like the engine checks it); tiny:<arch> builds."""
+    from backend.errors import ModelNotFoundError
+
+    folder = tiny_model("llama")
+    assert bench.resolve_path(str(folder), "float32") == str(folder)
+    with pytest.raises(ModelNotFoundError):
+        bench.resolve_path(str(tmp_path / "missing"), "float32")
+    built = bench.resolve_path("tiny:llama", "float32")
+    assert (bench.Path(built) / "config.json").exists()

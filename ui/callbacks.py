@@ -13,91 +13,12 @@ import gradio as gr
 import pandas as pd
 
 from ui import benchmark, defaults, views
+from ui.common import LOAD_WAIT_S, describe, hub_module, progress_adapter, quantization_value, session_key, thin
 from ui.errors import user_errors
 from ui.plots import Series, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.session import LoadSpec, Runs, Session
 from ui.summary import agreement_rows, summarize, summary_table
 from ui.workload import Workload, split_prompts
-
-IMPL_CHOICES = ["auto", "native", "transformers"]
-QUANT_CHOICES = ["as in checkpoint", "none", "int8", "int4", "fp8"]
-DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
-BLOCK_SIZES = [8, 16, 32, 64, 128]
-MODE_CHOICES = [("copies of the prompt", "copies"), ("one prompt per line", "lines")]
-SUMMARY_HEADERS = ["metric", "value"]
-AGREEMENT_HEADERS = ["request", "prompt", "greedy outputs", "first difference"]
-LOAD_WAIT_S = 600.0  # Generate waits this long for a model that is still loading
-
-
-def quantization_value(label: str | None) -> str | None:
-    """UI label -> Engine(quantization=...). 'as in checkpoint' and 'none' are both None: the engine loads a
-    full-precision checkpoint unquantized and a pre-quantized checkpoint as it is (it cannot dequantize)."""
-    return None if label in (None, "", "as in checkpoint", "none") else label
-
-
-def device_choices() -> list[str]:
-    import torch
-
-    return ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())][1:]
-                              if torch.cuda.is_available() else [])
-
-
-def session_key(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "local"
-
-
-def _hub():
-    from backend import hub
-
-    return hub
-
-
-def _progress_adapter(progress):
-    """hub DownloadProgress(stage, bytes_done, bytes_total, file) -> gr.Progress (bytes, then weight loading)."""
-
-    def callback(p) -> None:
-        stage = str(getattr(p, "stage", "") or "download")
-        done, total = getattr(p, "bytes_done", 0) or 0, getattr(p, "bytes_total", 0) or 0
-        files = f" ({p.files_done}/{p.files_total} files)" if getattr(p, "files_total", 0) else ""
-        name = f" {p.file}" if getattr(p, "file", None) else ""
-        if stage == "done":
-            progress((0, None), desc="loading weights into the model (streaming safetensors)…")
-        elif total:
-            progress(min(1.0, done / total),
-                     desc=f"downloading{name} {views.fmt_bytes(done)} / {views.fmt_bytes(total)}{files}")
-        else:
-            progress((0, None), desc=f"downloading{name}{files}…")
-
-    return callback
-
-
-def _describe(engine) -> dict:
-    try:
-        return engine.describe()
-    except Exception as e:  # the view must not fail a load: show what the engine object itself knows
-        info = dict(model=engine.config.model, implementation=engine.model_impl, describe_error=str(e))
-        for key, get in (("dtype", lambda: str(engine.loaded.dtype).removeprefix("torch.")),
-                         ("device", lambda: str(engine.device)), ("quantization", lambda: engine.loaded.quantization),
-                         ("attention_backend", lambda: engine.attention_backend),
-                         ("weights_bytes", lambda: engine.weights_bytes),
-                         ("kv_cache", lambda: dict(num_blocks=engine.kv_cache.num_blocks,
-                                                   block_size=engine.kv_cache.spec.block_size,
-                                                   bytes=engine.kv_cache.nbytes, max_model_len=engine.max_model_len))):
-            try:
-                info[key] = get()
-            except Exception:
-                pass
-        return info
-
-
-def _thin(series: Series, max_points: int = 1500) -> Series:
-    """Keep every k-th step so long runs stay light to send to the browser."""
-    n = len(series)
-    if n <= max_points:
-        return series
-    k = -(-n // max_points)
-    return Series(**{name: values[::k] for name, values in vars(series).items()})
-
 
 class Lab:
     """The app's state: one engine session per process and the runs in flight per browser session."""
@@ -111,7 +32,7 @@ class Lab:
         self._connectivity = None  # hub.HubConnectivity, probed at most once a minute
 
     def offline(self) -> bool:
-        hub = _hub()
+        hub = hub_module()
         if self._connectivity is None:
             self._connectivity = hub.HubConnectivity()
         return hub.is_offline(self._connectivity)
@@ -126,7 +47,7 @@ class Lab:
                 "or cached model, or type a Hub id or a local folder path.")
 
     def model_choices(self) -> list[tuple[str, str]]:
-        hub = _hub()
+        hub = hub_module()
         choices = [(defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)]
         try:
             cached = list(hub.list_cached_models())
@@ -145,7 +66,7 @@ class Lab:
         if self.offline():
             gr.Warning("Offline: Hub search is unavailable. Pick the built-in model, a cached model or a local folder.")
             return []
-        found = _hub().search_models((query or "").strip(), limit=20)
+        found = hub_module().search_models((query or "").strip(), limit=20)
         if getattr(found, "error", None):
             gr.Warning(found.error)
         elif not found:
@@ -168,11 +89,11 @@ class Lab:
         try:
             name = defaults.resolve_choice(choice, self.cache_root)
             context = int(max_len) if max_len and max_len > 0 else 4096
-            est = _hub().estimate_memory(name, dtype=dtype or "auto", quantization=quantization_value(quant),
+            est = hub_module().estimate_memory(name, dtype=dtype or "auto", quantization=quantization_value(quant),
                                          context_len=context, num_seqs=max(1, int(max_batch or 1)))
         except Exception as e:  # an estimate is advisory: say why there is none
             return f"_No memory estimate for {choice}: {e}_"
-        return views.estimate_markdown(est, kv_mb, fmt=_hub().format_bytes)
+        return views.estimate_markdown(est, kv_mb, fmt=hub_module().format_bytes)
 
     # --- load -----------------------------------------------------------------------------------
 
@@ -199,11 +120,11 @@ class Lab:
         spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code)
         if self.session.spec != spec:
             self._refuse_if_others_run(session_key(request), "Loading these settings")
-        engine, reused = self.session.load(spec, progress=_progress_adapter(progress))
+        engine, reused = self.session.load(spec, progress=progress_adapter(progress))
         return self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))
 
     def _loaded_views(self, engine, reused: bool, impl: str, quant: str, is_default: bool):
-        info = _describe(engine)
+        info = describe(engine)
         if quant == "none" and info.get("quantization"):
             gr.Warning(f"This checkpoint is quantized ({info['quantization']}); it loads as it is "
                        "(dequantizing to full precision is not supported).")
@@ -218,7 +139,7 @@ class Lab:
             spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
                              trust_remote_code)
             # never replaces an engine someone is using
-            engine, already = self.session.load_if_empty(spec, progress=_progress_adapter(progress))
+            engine, already = self.session.load_if_empty(spec, progress=progress_adapter(progress))
             if already:
                 status, desc, kv = self._current_views(engine)
             else:
@@ -228,7 +149,7 @@ class Lab:
         return note, dropdown, status, desc, kv
 
     def _current_views(self, engine):
-        info = _describe(engine)
+        info = describe(engine)
         spec = self.session.spec
         is_default = str(engine.config.model) == str(defaults.default_model_path(self.cache_root))
         status = views.load_status_markdown(info, spec.model_impl if spec else "auto", True, self.session.load_seconds,
@@ -293,8 +214,7 @@ class Lab:
         if finished:
             kv_used, kv_total = engine.allocator.num_used, engine.allocator.num_blocks
         status = views.run_status_markdown(results, len(series), finished, stopped, kv_used, kv_total)
-        thin = _thin(series)
-        runs = {"run": thin}
+        runs = {"run": thin(series)}
         table = summary_table({"value": summarize(results, series, wall_s)})
         return (results[0].text if results else "", views.result_rows(results), status, throughput_figure(runs),
                 ttft_figure({"run": [r.ttft for r in results]}), batch_figure(runs), memory_figure(runs), table, kv)
@@ -334,7 +254,7 @@ class Lab:
                 yield (f"**Loading** {name}: {impl} / {quant}…",) + (skip,) * 7
                 spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
                                  trust_remote_code)
-                engine, reused = self.session.load(spec, progress=_progress_adapter(progress))
+                engine, reused = self.session.load(spec, progress=progress_adapter(progress))
                 label = f"{name}: {engine.model_impl}" + (f" ({impl})" if impl == "auto" else "") + \
                         f" · {quantization_value(quant) or 'no quant'}"
                 load_status = self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))[0]
@@ -371,7 +291,7 @@ class Lab:
             self.runs.finish(key, handle)
 
     def _compare_figures(self, done: dict[str, tuple]) -> tuple:
-        runs = {label: _thin(s) for label, (_, s, _) in done.items()}
+        runs = {label: thin(s) for label, (_, s, _) in done.items()}
         ttfts = {label: [r.ttft for r in results] for label, (results, _, _) in done.items()}
         return throughput_figure(runs), ttft_figure(ttfts), memory_figure(runs), batch_figure(runs)
 
@@ -390,7 +310,7 @@ class Lab:
         handle = self.runs.start(key)
         try:
             name = defaults.resolve_choice(choice, self.cache_root)
-            path = str(_hub().resolve_model(name, progress=_progress_adapter(progress)))
+            path = str(hub_module().resolve_model(name, progress=progress_adapter(progress)))
             self.session.close()
             closed = "No engine loaded: the benchmark closed it to free memory. Press Load to load one again."
             opts = BenchOptions(dtype=dtype or "auto", device=device or "auto", quantization=quantization_value(quant),
@@ -412,7 +332,7 @@ class Lab:
         engine = self.session.current()
         if engine is None:
             return views.describe_markdown(None), kv_cache_figure([])
-        return views.describe_markdown(_describe(engine)), kv_cache_figure(engine.kv_cache_view())
+        return views.describe_markdown(describe(engine)), kv_cache_figure(engine.kv_cache_view())
 
     def kv_view(self):
         engine = self.session.current()

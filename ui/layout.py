@@ -5,8 +5,9 @@ from __future__ import annotations
 import gradio as gr
 
 from ui import defaults
-from ui.callbacks import (AGREEMENT_HEADERS, BLOCK_SIZES, DTYPE_CHOICES, IMPL_CHOICES, MODE_CHOICES, QUANT_CHOICES,
-                          SUMMARY_HEADERS, Lab, device_choices)
+from ui.callbacks import Lab
+from ui.common import (AGREEMENT_HEADERS, BLOCK_SIZES, DTYPE_CHOICES, IMPL_CHOICES, MODE_CHOICES, QUANT_CHOICES,
+                       SUMMARY_HEADERS, device_choices)
 from ui.benchmark import MAX_REPEAT, MAX_REQUESTS, SYSTEM_CHOICES, WORKLOAD_CHOICES
 from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
 from ui.gpu import gpu

@@ -11,7 +11,8 @@ import pytest
 
 from tests.ui.conftest import LOAD_ARGS
 from ui import defaults
-from ui.callbacks import Lab, quantization_value
+from ui.callbacks import Lab
+from ui.common import quantization_value
 from ui.errors import to_gr_error
 from ui.session import LoadSpec, Session
 
@@ -198,10 +199,10 @@ def test_search_online_and_pick_a_result(ui_cache, monkeypatch):
 
 def test_progress_adapter_reports_bytes_then_weight_loading():
     from backend.hub import DownloadProgress
-    from ui.callbacks import _progress_adapter
+    from ui.common import progress_adapter
 
     calls = []
-    report = _progress_adapter(lambda value, desc=None: calls.append((value, desc)))
+    report = progress_adapter(lambda value, desc=None: calls.append((value, desc)))
     report(DownloadProgress("download", 50, 200, "model.safetensors", 1, 3))
     report(DownloadProgress("done", 200, 200))
     assert calls[0][0] == 0.25 and "model.safetensors" in calls[0][1] and "(1/3 files)" in calls[0][1]

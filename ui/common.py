@@ -1,0 +1,87 @@
+"""What the callbacks share: the choices offered in the panels and small helpers (no engine state)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ui import views
+from ui.plots import Series
+
+IMPL_CHOICES = ["auto", "native", "transformers"]
+QUANT_CHOICES = ["as in checkpoint", "none", "int8", "int4", "fp8"]
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+BLOCK_SIZES = [8, 16, 32, 64, 128]
+MODE_CHOICES = [("copies of the prompt", "copies"), ("one prompt per line", "lines")]
+SUMMARY_HEADERS = ["metric", "value"]
+AGREEMENT_HEADERS = ["request", "prompt", "greedy outputs", "first difference"]
+LOAD_WAIT_S = 600.0  # Generate waits this long for a model that is still loading
+
+
+def quantization_value(label: str | None) -> str | None:
+    """UI label -> Engine(quantization=...). 'as in checkpoint' and 'none' are both None: the engine loads a
+    full-precision checkpoint unquantized and a pre-quantized checkpoint as it is (it cannot dequantize)."""
+    return None if label in (None, "", "as in checkpoint", "none") else label
+
+
+def device_choices() -> list[str]:
+    import torch
+
+    return ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())][1:]
+                              if torch.cuda.is_available() else [])
+
+
+def session_key(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def hub_module():
+    from backend import hub
+
+    return hub
+
+
+def progress_adapter(progress):
+    """hub DownloadProgress(stage, bytes_done, bytes_total, file) -> gr.Progress (bytes, then weight loading)."""
+
+    def callback(p) -> None:
+        stage = str(getattr(p, "stage", "") or "download")
+        done, total = getattr(p, "bytes_done", 0) or 0, getattr(p, "bytes_total", 0) or 0
+        files = f" ({p.files_done}/{p.files_total} files)" if getattr(p, "files_total", 0) else ""
+        name = f" {p.file}" if getattr(p, "file", None) else ""
+        if stage == "done":
+            progress((0, None), desc="loading weights into the model (streaming safetensors)…")
+        elif total:
+            progress(min(1.0, done / total),
+                     desc=f"downloading{name} {views.fmt_bytes(done)} / {views.fmt_bytes(total)}{files}")
+        else:
+            progress((0, None), desc=f"downloading{name}{files}…")
+
+    return callback
+
+
+def describe(engine) -> dict:
+    try:
+        return engine.describe()
+    except Exception as e:  # the view must not fail a load: show what the engine object itself knows
+        info = dict(model=engine.config.model, implementation=engine.model_impl, describe_error=str(e))
+        for key, get in (("dtype", lambda: str(engine.loaded.dtype).removeprefix("torch.")),
+                         ("device", lambda: str(engine.device)), ("quantization", lambda: engine.loaded.quantization),
+                         ("attention_backend", lambda: engine.attention_backend),
+                         ("weights_bytes", lambda: engine.weights_bytes),
+                         ("kv_cache", lambda: dict(num_blocks=engine.kv_cache.num_blocks,
+                                                   block_size=engine.kv_cache.spec.block_size,
+                                                   bytes=engine.kv_cache.nbytes, max_model_len=engine.max_model_len))):
+            try:
+                info[key] = get()
+            except Exception:
+                pass
+        return info
+
+
+def thin(series: Series, max_points: int = 1500) -> Series:
+    """Keep every k-th step so long runs stay light to send to the browser."""
+    n = len(series)
+    if n <= max_points:
+        return series
+    k = -(-n // max_points)
+    return Series(**{name: values[::k] for name, values in vars(series).items()})

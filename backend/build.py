@@ -21,6 +21,7 @@ from backend.layers.siblings import fuse_siblings
 from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
 from backend.models import build_model, select_model_impl
+from backend.models.moe import Experts
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,9 @@ def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dt
     if kind == "packed":
         count = pack_linears(model, half_linears(model))
         fuse_siblings(model)  # a transformers model's q/k/v and gate/up: one product each (native ones are fused)
+        for m in model.modules():  # native MoE experts (stacked parameters, not nn.Linear)
+            if isinstance(m, Experts):
+                m.pack()
         return kind, count
     if kind == "upcast":
         # skipped copies (short memory) still leave the attention math in fp32 on such a CPU

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from backend.layers.activation import act_and_mul
+from backend.layers.packed import PACK_ROWS_HINT, packing_available
 from backend.models.llama import MLP, LlamaForCausalLM
 from backend.models.options import ModelOptions, options_from_config, uniform_windows
 from backend.models.weights import Region
@@ -44,6 +45,32 @@ class Experts(nn.Module):
         self.num_experts, self.act = num_experts, act
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (gate_up, down) per expert
+
+    def pack(self) -> bool:
+        """CPUs with 16-bit matmul (EngineConfig.cpu_linear "packed"): reorder each expert's weights once for
+        oneDNN, as layers/packed.py does for linears (`F.linear` on a bf16 slice reorders it on every call). The
+        packed tensors are buffers and the stacked parameters become meta placeholders of the same shape, so
+        memory holds one copy and the parameter count is unchanged. Products stay bit for bit `F.linear`'s."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if self.packed is not None or gate_up.is_meta or gate_up.device.type != "cpu" or not packing_available():
+            return False
+        if gate_up.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        self.packed = ([], [])
+        for e in range(self.num_experts):
+            for name, stacked, out in (("gate_up", gate_up, self.packed[0]), ("down", down, self.packed[1])):
+                packed = torch.ops.mkldnn._reorder_linear_weight(stacked[e].detach().contiguous(), PACK_ROWS_HINT)
+                self.register_buffer(f"packed_{name}_{e}", packed, persistent=False)
+                out.append(packed)
+        self.gate_up_proj = nn.Parameter(torch.empty_like(gate_up, device="meta"), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty_like(down, device="meta"), requires_grad=False)
+        return True
+
+    def _product(self, x: torch.Tensor, e: int, which: int) -> torch.Tensor:  # (n, K) -> (n, N) with expert e
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed[which][e], None, "none", [], "")
+        return F.linear(x, (self.gate_up_proj, self.down_proj)[which][e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: (T, H); weights, ids: (T, K) -> (T, H)
@@ -55,8 +82,8 @@ class Experts(nn.Module):
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                h = act_and_mul(F.linear(xs[start : start + n], self.gate_up_proj[e]), self.act)  # (n, I)
-                outs.append(F.linear(h, self.down_proj[e]))  # (n, H)
+                h = act_and_mul(self._product(xs[start : start + n], e, 0), self.act)  # (n, I)
+                outs.append(self._product(h, e, 1))  # (n, H)
                 start += n
         weighted = torch.cat(outs) * weights.reshape(-1)[order, None]  # (S, H), in the weights' dtype
         unsorted = torch.empty_like(weighted)

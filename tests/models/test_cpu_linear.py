@@ -200,3 +200,22 @@ def test_siblings_share_one_product(bias):
     x, y = torch.randn(3, 64).to(torch.bfloat16), torch.randn(3, 64).to(torch.bfloat16)
     q(x)
     assert torch.equal(k(y), separate.k_proj(y)) and torch.equal(v(y), separate.v_proj(y))
+
+
+@needs_packing
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_native_moe_experts_are_packed(tmp_path, arch):
+    """Stacked expert weights: one packed tensor per expert replaces the stacked parameter (meta placeholder of
+    the same shape), the parameter count and weight bytes stay those of the plain model, tokens are the same."""
+    path = build_tiny_model(arch, tmp_path / arch, dtype=torch.bfloat16)
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    with Engine(str(path), model_impl="native", cpu_linear="packed", num_kv_blocks=64) as packed, \
+            Engine(str(path), model_impl="native", cpu_linear="none", num_kv_blocks=64) as plain:
+        experts = [m for m in packed.loaded.model.modules() if type(m).__name__ == "Experts"]
+        assert experts and all(m.packed is not None and m.gate_up_proj.is_meta for m in experts)
+        assert packed.describe()["swapped"]["Experts (oneDNN prepacked per expert)"] == len(experts)
+        assert packed.describe()["parameters"] == plain.describe()["parameters"]
+        assert packed.weights_bytes == plain.weights_bytes
+        prompts = ["the cat sat on the mat", "1 2 3"]
+        assert ([o.token_ids for o in packed.generate(prompts, params)]
+                == [o.token_ids for o in plain.generate(prompts, params)])

@@ -17,6 +17,7 @@ from backend import hub
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
 from backend.layers.packed import PackedLinear, pack_linears, packing_available
+from backend.layers.packed_experts import pack_hf_experts
 from backend.layers.siblings import fuse_siblings
 from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
@@ -176,6 +177,7 @@ def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dt
         for m in model.modules():  # native MoE experts (stacked parameters, not nn.Linear)
             if isinstance(m, Experts):
                 m.pack()
+        pack_hf_experts(model)  # a transformers model's experts, through transformers' ExpertsInterface
         return kind, count
     if kind == "upcast":
         # skipped copies (short memory) still leave the attention math in fp32 on such a CPU

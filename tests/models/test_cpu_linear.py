@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.moe import grouped_mm_experts_forward
 
 from backend import Engine, SamplingParams
 from backend.build import choose_cpu_linear
 from backend.errors import EngineError
 from backend.layers.packed import PackedLinear, pack_linears, packing_available
+from backend.layers.packed_experts import EXPERTS_NAME, pack_hf_experts, packed_experts_forward
 from backend.layers.siblings import SiblingLinear, fuse_siblings
 from backend.layers.upcast import MAX_HALF_ROWS, UpcastLinear, half_linears, upcast_linears
 from backend.tiny_models import build_tiny_model
@@ -213,9 +215,41 @@ def test_native_moe_experts_are_packed(tmp_path, arch):
             Engine(str(path), model_impl="native", cpu_linear="none", num_kv_blocks=64) as plain:
         experts = [m for m in packed.loaded.model.modules() if type(m).__name__ == "Experts"]
         assert experts and all(m.packed is not None and m.gate_up_proj.is_meta for m in experts)
-        assert packed.describe()["swapped"]["Experts (oneDNN prepacked per expert)"] == len(experts)
+        assert packed.describe()["swapped"]["MoE experts (oneDNN prepacked per expert)"] == len(experts)
         assert packed.describe()["parameters"] == plain.describe()["parameters"]
         assert packed.weights_bytes == plain.weights_bytes
         prompts = ["the cat sat on the mat", "1 2 3"]
         assert ([o.token_ids for o in packed.generate(prompts, params)]
                 == [o.token_ids for o in plain.generate(prompts, params)])
+
+
+@needs_packing
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_transformers_moe_experts_are_packed(tmp_path, arch):
+    """A transformers model's experts modules get per-expert packed weights and our experts function through
+    transformers' ExpertsInterface; the outputs are bit for bit grouped_mm's (gpt_oss: transposed layout with
+    biases), so the greedy tokens and every logit are the same."""
+    path = build_tiny_model(arch, tmp_path / arch, dtype=torch.bfloat16)
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    with Engine(str(path), model_impl="transformers", cpu_linear="packed", num_kv_blocks=64) as packed, \
+            Engine(str(path), model_impl="transformers", cpu_linear="none", num_kv_blocks=64) as plain:
+        hf = packed.loaded.model.hf
+        modules = [m for m in hf.modules() if getattr(m, "flab_packed", None) is not None]
+        assert modules and hf.config._experts_implementation == EXPERTS_NAME
+        assert plain.loaded.model.hf.config._experts_implementation != EXPERTS_NAME
+        assert packed.describe()["swapped"]["MoE experts (oneDNN prepacked per expert)"] == len(modules)
+        assert packed.describe()["parameters"] == plain.describe()["parameters"]
+        assert packed.weights_bytes == plain.weights_bytes
+        prompts = ["the cat sat on the mat", "1 2 3"]
+        a, b = packed.generate(prompts, params), plain.generate(prompts, params)
+        assert [o.token_ids for o in a] == [o.token_ids for o in b]
+        assert [o.logprobs for o in a] == [o.logprobs for o in b]
+        # one module against transformers' own grouped_mm on the same stacked weights
+        experts = [m for m in plain.loaded.model.hf.modules() if hasattr(m, "is_transposed")][0]
+        torch.manual_seed(0)
+        x = torch.randn(7, experts.gate_up_proj.shape[-1 if not experts.is_transposed else 1]).to(torch.bfloat16)
+        ids = torch.randint(0, experts.num_experts, (7, 2))
+        weights = torch.rand(7, 2)
+        ref = grouped_mm_experts_forward(experts, x, ids, weights)
+        assert pack_hf_experts(plain.loaded.model) == len(modules)
+        assert torch.equal(packed_experts_forward(experts, x, ids, weights), ref)

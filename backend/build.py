@@ -163,9 +163,13 @@ def choose_cpu_linear(requested: str, device: torch.device, dtype: torch.dtype) 
     if requested == "auto":
         if not cpu_has_fast_half_matmul():
             return "upcast"
-        return "packed" if packing_available() else "none"
-    if requested == "packed" and not packing_available():
-        raise EngineError("cpu_linear='packed' needs oneDNN linear prepacking, which this torch build lacks")
+        if packing_available(dtype):
+            return "packed"
+        # oneDNN packs bf16 here but not this dtype (fp16 without AVX512-FP16), whose matmul is slow as well
+        return "upcast" if packing_available(torch.bfloat16) else "none"
+    if requested == "packed" and not packing_available(dtype):
+        raise EngineError(f"cpu_linear='packed' needs oneDNN linear prepacking for {str(dtype).removeprefix('torch.')}"
+                          ", which this torch build or CPU lacks (fp16 needs AVX512-FP16); use 'auto' or 'upcast'")
     return requested
 
 

@@ -27,14 +27,15 @@ PACK_ROWS_HINT = 16  # oneDNN picks the blocked layout for about this many rows 
 
 
 @functools.cache
-def packing_available() -> bool:
-    """True when this torch build has oneDNN's linear prepacking (x86/aarch64 CPU builds do)."""
+def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when this torch build and CPU can prepack `dtype` linears for oneDNN (x86/aarch64 CPU builds do for
+    bf16; fp16 needs AVX512-FP16 or AVX-NE-CONVERT, and oneDNN refuses it elsewhere)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
     try:
-        w = torch.ones(8, 8, dtype=torch.bfloat16)
+        w = torch.ones(8, 8, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
-        return bool(torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=torch.bfloat16), packed, None,
+        return bool(torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=dtype), packed, None,
                                                         "none", [], "").eq(8).all())
     except RuntimeError:
         return False

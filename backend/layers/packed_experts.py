@@ -72,7 +72,7 @@ def register_experts() -> str:
 def pack_hf_experts(model: nn.Module) -> int:
     """Pack every transformers experts module with 16-bit CPU weights (in, out layouts both handled) and select
     our experts function for it; returns how many modules were packed."""
-    if ExpertsInterface is None or not packing_available():
+    if ExpertsInterface is None:
         return 0
     count = 0
     for module in model.modules():
@@ -80,7 +80,8 @@ def pack_hf_experts(model: nn.Module) -> int:
         up, down = getattr(module, up_name, None), getattr(module, "down_proj", None)
         if (not hasattr(module, "is_transposed") or not isinstance(up, nn.Parameter)
                 or not isinstance(down, nn.Parameter) or getattr(module, "_is_expert_parallel", False)
-                or up.device.type != "cpu" or up.dtype not in (torch.bfloat16, torch.float16)):
+                or up.device.type != "cpu" or up.dtype not in (torch.bfloat16, torch.float16)
+                or not packing_available(up.dtype)):
             continue
         register_experts()
         packed: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])

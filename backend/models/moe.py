@@ -53,9 +53,9 @@ class Experts(nn.Module):
         packed tensors are buffers and the stacked parameters become meta placeholders of the same shape, so
         memory holds one copy and the parameter count is unchanged. Products stay bit for bit `F.linear`'s."""
         gate_up, down = self.gate_up_proj, self.down_proj
-        if self.packed is not None or gate_up.is_meta or gate_up.device.type != "cpu" or not packing_available():
+        if self.packed is not None or gate_up.is_meta or gate_up.device.type != "cpu":
             return False
-        if gate_up.dtype not in (torch.bfloat16, torch.float16):
+        if gate_up.dtype not in (torch.bfloat16, torch.float16) or not packing_available(gate_up.dtype):
             return False
         self.packed = ([], [])
         for e in range(self.num_experts):

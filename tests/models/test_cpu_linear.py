@@ -82,6 +82,8 @@ needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch b
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_f_linear(dtype, bias):
+    if not packing_available(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU (fp16 needs AVX512-FP16 or AVX-NE-CONVERT)")
     torch.manual_seed(0)
     layer = nn.Linear(64, 48, bias=bias).to(dtype)
     ref = nn.Linear(64, 48, bias=bias).to(dtype)
@@ -111,6 +113,20 @@ def test_packing_keeps_a_tied_weight_shared():
     assert model["other"].shared_weight is None
     x = torch.randn(5, 16).to(torch.bfloat16)
     torch.testing.assert_close(model["head"](x).float(), F.linear(x, emb.weight).float(), atol=1e-6, rtol=2**-7)
+
+
+def test_packing_is_checked_per_dtype(monkeypatch):
+    """A CPU that packs bf16 but not fp16 (AVX512-BF16 without AVX512-FP16): an fp16 model takes the fp32 copies in
+    auto mode, and asking for 'packed' says why it cannot."""
+    import backend.build as build
+
+    monkeypatch.setattr(build, "packing_available", lambda dtype=torch.bfloat16: dtype == torch.bfloat16)
+    monkeypatch.setattr(build, "cpu_has_fast_half_matmul", lambda: True)
+    cpu = torch.device("cpu")
+    assert build.choose_cpu_linear("auto", cpu, torch.bfloat16) == "packed"
+    assert build.choose_cpu_linear("auto", cpu, torch.float16) == "upcast"
+    with pytest.raises(EngineError, match="prepacking for float16.*AVX512-FP16"):
+        build.choose_cpu_linear("packed", cpu, torch.float16)
 
 
 def test_cpu_linear_choice():

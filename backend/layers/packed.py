@@ -34,11 +34,38 @@ def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
         return False
     try:
         w = torch.ones(8, 8, dtype=dtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
-        return bool(torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=dtype), packed, None,
-                                                        "none", [], "").eq(8).all())
+        return bool(packed_linear(torch.ones(1, 8, dtype=dtype), pack_weight(w)).eq(8).all())
     except RuntimeError:
         return False
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:  # (N, K) plain -> (N, K) in oneDNN's blocked layout
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` with the weight from `pack_weight`: (..., K) -> (..., N), bit for bit."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """A 16-bit CPU tensor whose dtype oneDNN prepacks here (fp32 weights are left to F.linear, bit-equal to HF)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+            and packing_available(weight.dtype))
+
+
+def pack_stacked(module: nn.Module, name: str, transposed: bool = False) -> list[torch.Tensor]:
+    """MoE experts' stacked weights `module.<name>`, (E, N, K) or (E, K, N) when `transposed`, packed one expert
+    at a time. Each packed tensor becomes a buffer `<name>_packed_<e>` and the parameter a meta placeholder of the
+    same shape, so memory holds one copy and the parameter count still sees it. Returns the packed tensors."""
+    stacked = getattr(module, name)
+    packed = []
+    for e in range(stacked.shape[0]):
+        weight = stacked[e].detach()
+        packed.append(pack_weight((weight.t() if transposed else weight).contiguous()))
+        module.register_buffer(f"{name}_packed_{e}", packed[-1], persistent=False)
+    setattr(module, name, nn.Parameter(torch.empty_like(stacked, device="meta"), requires_grad=False))
+    return packed
 
 
 class PackedLinear(nn.Module):
@@ -50,8 +77,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT),
-                             persistent=False)
+        self.register_buffer("packed", pack_weight(weight), persistent=False)
         self.bias = linear.bias
         # a plain weight shared with another module (tied embeddings) stays a parameter here too
         self.shared_weight = linear.weight if shared_weight else None
@@ -66,7 +92,7 @@ class PackedLinear(nn.Module):
         return self.shared_weight if self.shared_weight is not None else self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - transformers without the experts interface
     ExpertsInterface = grouped_mm_experts_forward = None
 
-from backend.layers.packed import PACK_ROWS_HINT, packing_available
+from backend.layers.packed import can_pack, pack_stacked, packed_linear
 
 EXPERTS_NAME = "fallback_lab_packed"
 
@@ -33,7 +33,7 @@ def _products(x: torch.Tensor, packed: list[torch.Tensor], counts: list[int]) ->
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            outs.append(torch.ops.mkldnn._linear_pointwise(x[start:start + n], packed[e], None, "none", [], ""))
+            outs.append(packed_linear(x[start:start + n], packed[e]))
             start += n
     return torch.cat(outs)
 
@@ -80,19 +80,10 @@ def pack_hf_experts(model: nn.Module) -> int:
         up, down = getattr(module, up_name, None), getattr(module, "down_proj", None)
         if (not hasattr(module, "is_transposed") or not isinstance(up, nn.Parameter)
                 or not isinstance(down, nn.Parameter) or getattr(module, "_is_expert_parallel", False)
-                or up.device.type != "cpu" or up.dtype not in (torch.bfloat16, torch.float16)
-                or not packing_available(up.dtype)):
+                or not can_pack(up)):
             continue
         register_experts()
-        packed: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        for name, stacked, out in ((up_name, up, packed[0]), ("down_proj", down, packed[1])):
-            for e in range(stacked.shape[0]):
-                weight = stacked[e].detach()  # (out, in), or (in, out) when the module stores it transposed
-                weight = (weight.t() if module.is_transposed else weight).contiguous()
-                out.append(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT))
-                module.register_buffer(f"flab_packed_{name}_{e}", out[-1], persistent=False)
-            setattr(module, name, nn.Parameter(torch.empty_like(stacked, device="meta"), requires_grad=False))
-        module.flab_packed = packed
+        module.flab_packed = tuple(pack_stacked(module, name, module.is_transposed) for name in (up_name, "down_proj"))
         module.config._experts_implementation = EXPERTS_NAME
         count += 1
     return count

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backend.layers.packed import PACK_ROWS_HINT, PackedLinear
+from backend.layers.packed import PackedLinear, pack_weight, packed_linear
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -28,13 +28,13 @@ class SiblingProduct:
     """The shared weight and the last product of one sibling group (a plain object: no module state)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)  # (sum N, K) blocked
+        self.packed = pack_weight(weight)  # (sum N, K) blocked
         self.bias = bias
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None  # (..., sum N) for `input`
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.input, self.output = x, torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        self.input, self.output = x, packed_linear(x, self.packed, self.bias)
         return self.output
 
 

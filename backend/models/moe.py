@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from backend.layers.activation import act_and_mul
-from backend.layers.packed import PACK_ROWS_HINT, packing_available
+from backend.layers.packed import can_pack, pack_stacked, packed_linear
 from backend.models.llama import MLP, LlamaForCausalLM
 from backend.models.options import ModelOptions, options_from_config, uniform_windows
 from backend.models.weights import Region
@@ -49,27 +49,16 @@ class Experts(nn.Module):
 
     def pack(self) -> bool:
         """CPUs with 16-bit matmul (EngineConfig.cpu_linear "packed"): reorder each expert's weights once for
-        oneDNN, as layers/packed.py does for linears (`F.linear` on a bf16 slice reorders it on every call). The
-        packed tensors are buffers and the stacked parameters become meta placeholders of the same shape, so
-        memory holds one copy and the parameter count is unchanged. Products stay bit for bit `F.linear`'s."""
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if self.packed is not None or gate_up.is_meta or gate_up.device.type != "cpu":
+        oneDNN (`pack_stacked`), as layers/packed.py does for linears (`F.linear` on a bf16 slice reorders it on
+        every call). Products stay bit for bit `F.linear`'s."""
+        if self.packed is not None or not can_pack(self.gate_up_proj):  # a meta placeholder is not a CPU tensor
             return False
-        if gate_up.dtype not in (torch.bfloat16, torch.float16) or not packing_available(gate_up.dtype):
-            return False
-        self.packed = ([], [])
-        for e in range(self.num_experts):
-            for name, stacked, out in (("gate_up", gate_up, self.packed[0]), ("down", down, self.packed[1])):
-                packed = torch.ops.mkldnn._reorder_linear_weight(stacked[e].detach().contiguous(), PACK_ROWS_HINT)
-                self.register_buffer(f"packed_{name}_{e}", packed, persistent=False)
-                out.append(packed)
-        self.gate_up_proj = nn.Parameter(torch.empty_like(gate_up, device="meta"), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty_like(down, device="meta"), requires_grad=False)
+        self.packed = (pack_stacked(self, "gate_up_proj"), pack_stacked(self, "down_proj"))
         return True
 
     def _product(self, x: torch.Tensor, e: int, which: int) -> torch.Tensor:  # (n, K) -> (n, N) with expert e
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed[which][e], None, "none", [], "")
+            return packed_linear(x, self.packed[which][e])
         return F.linear(x, (self.gate_up_proj, self.down_proj)[which][e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -345,7 +345,6 @@ def run_all(setup: Setup, systems: list[str], opts: BenchOptions,
                     res = RUNNERS[system](setup.path, wl, opts)
                 except Exception as e:
                     res = Result(system, wl.name, 0, 0, 0, 0, 0, 0, error=f"{type(e).__name__}: {e}")
-                gc.collect()
                 yield res
 
 

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     path = resolve_model(args.model, args.dtype)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = BenchOptions(device=args.device).torch_device
     bandwidth = measure_memory_bandwidth(device)
     t0 = time.perf_counter()
     rows = run(path, args)

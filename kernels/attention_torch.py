@@ -82,10 +82,6 @@ class TorchAttentionPlan:
     all_decode: bool  # every token of the batch is a decode token, in order, in one group (no scatter needed)
     compute_dtype: torch.dtype | None = None
 
-    @property
-    def num_decode(self) -> int:
-        return sum(int(g.tokens.numel()) for g in self.decode_groups)
-
 
 def split_by_length(lens: list[int], block_size: int, max_groups: int = MAX_DECODE_GROUPS,
                     min_saving: int = GROUP_SPLIT_MIN_SAVING) -> list[int]:

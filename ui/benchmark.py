@@ -32,11 +32,11 @@ MAX_REPEAT = 5
 _DONE = object()
 
 
-def bars(results: list[bench.Result], bandwidth: float) -> list[tuple[str, str, float, str]]:
+def bars(results: list[bench.Result], rows: list[list[str]]) -> list[tuple[str, str, float, str]]:
     """(workload, system, output tok/s, ratio to HF generate) for the bar chart, from the table rows."""
     ratio_col = TABLE_HEADERS.index("vs HF generate")
     return [(r.workload, r.system, r.output_tok_s, row[ratio_col] if row[ratio_col] != "-" else "")
-            for r, row in zip(results, bench.table_rows(results, bandwidth)) if r.error is None]
+            for r, row in zip(results, rows) if r.error is None]
 
 
 def validate(workloads: list[str] | None, systems: list[str] | None, num_requests, repeat) -> tuple[int, int]:
@@ -54,8 +54,8 @@ def validate(workloads: list[str] | None, systems: list[str] | None, num_request
 
 def _views(results: list[bench.Result], setup: bench.Setup) -> tuple:
     """(bar figure, results table) of the median runs so far."""
-    return (bench_figure(bars(results, setup.bandwidth)),
-            pd.DataFrame(bench.table_rows(results, setup.bandwidth), columns=TABLE_HEADERS))
+    rows = bench.table_rows(results, setup.bandwidth)
+    return bench_figure(bars(results, rows)), pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
 def _worker(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, out: queue.Queue,

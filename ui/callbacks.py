@@ -13,7 +13,8 @@ import gradio as gr
 import pandas as pd
 
 from ui import benchmark, defaults, views
-from ui.common import LOAD_WAIT_S, describe, hub_module, progress_adapter, quantization_value, session_key, thin
+from ui.common import (LOAD_WAIT_S, describe, hub_module, max_len_value, progress_adapter, quantization_value,
+                       session_key, thin)
 from ui.errors import user_errors
 from ui.plots import Series, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.session import LoadSpec, Runs, Session
@@ -88,7 +89,7 @@ class Lab:
     def estimate(self, choice: str, dtype: str, quant: str, kv_mb: float, max_len: float, max_batch: float) -> str:
         try:
             name = defaults.resolve_choice(choice, self.cache_root)
-            context = int(max_len) if max_len and max_len > 0 else 4096
+            context = max_len_value(max_len) or 4096
             est = hub_module().estimate_memory(name, dtype=dtype or "auto", quantization=quantization_value(quant),
                                          context_len=context, num_seqs=max(1, int(max_batch or 1)))
         except Exception as e:  # an estimate is advisory: say why there is none
@@ -103,7 +104,7 @@ class Lab:
             defaults.resolve_choice(choice, self.cache_root), impl or "auto", quantization_value(quant),
             dtype or "auto", device or "auto", bool(trust_remote_code), block_size=int(block_size),
             kv_cache_memory_gb=float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None,
-            max_num_seqs=int(max_batch), max_model_len=int(max_len) if max_len and max_len > 0 else None)
+            max_num_seqs=int(max_batch), max_model_len=max_len_value(max_len))
 
     def _refuse_if_others_run(self, key: str, what: str) -> None:
         """The engine is shared by every browser session: never close it under another user's run."""
@@ -314,7 +315,7 @@ class Lab:
             self.session.close()
             closed = "No engine loaded: the benchmark closed it to free memory. Press Load to load one again."
             opts = BenchOptions(dtype=dtype or "auto", device=device or "auto", quantization=quantization_value(quant),
-                                max_model_len=int(max_len) if max_len and max_len > 0 else None, num_requests=n,
+                                max_model_len=max_len_value(max_len), num_requests=n,
                                 repeat=reps, trust_remote_code=bool(trust_remote_code))
             yield "**Preparing**: seeded workloads, memory bandwidth…", gr.skip(), gr.skip(), gr.skip(), closed
             setup = prepare(path, list(workloads), opts, label=name)

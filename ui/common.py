@@ -23,6 +23,11 @@ def quantization_value(label: str | None) -> str | None:
     return None if label in (None, "", "as in checkpoint", "none") else label
 
 
+def max_len_value(max_len) -> int | None:
+    """The 'Max context' number -> Engine(max_model_len=...): 0 or empty means the model's own context."""
+    return int(max_len) if max_len and max_len > 0 else None
+
+
 def device_choices() -> list[str]:
     import torch
 

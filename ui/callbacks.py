@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 
-from ui import benchmark, defaults, views
+from ui import benchmark, compare, defaults, views
 from ui.common import (LOAD_WAIT_S, describe, hub_module, max_len_value, progress_adapter, quantization_value,
                        session_key, thin)
 from ui.errors import user_errors
 from ui.plots import Series, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.session import LoadSpec, Runs, Session
-from ui.summary import agreement_rows, summarize, summary_table
+from ui.summary import summarize, summary_table
 from ui.workload import Workload, split_prompts
+
 
 class Lab:
     """The app's state: one engine session per process and the runs in flight per browser session."""
@@ -237,27 +237,22 @@ class Lab:
 
         prompts = self._prompts(prompt, mode, copies)
         params = SamplingParams(max_new_tokens=int(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
-        settings = [("A", a_impl, a_quant), ("B", b_impl, b_quant)]
-        if (a_impl, quantization_value(a_quant)) == (b_impl, quantization_value(b_quant)):
-            raise gr.Error("A and B are the same settings: change the implementation or the quantization of one.",
-                           title="Nothing to compare")
+        sides_to_run = compare.settings(a_impl, a_quant, b_impl, b_quant)
         key = session_key(request)
         self._refuse_if_others_run(key, "Comparing")
         handle = self.runs.start(key)
-        done: dict[str, tuple] = {}  # "A" / "B" -> (results, series, wall_s)
-        labels: dict[str, str] = {}  # "A" -> "A: native · int8" (table headers)
+        sides: dict[str, compare.Side] = {}
         decode = None
         skip = gr.skip()
         try:
-            for name, impl, quant in settings:
+            for name, impl, quant in sides_to_run:
                 if handle.cancel.is_set():
                     break
                 yield (f"**Loading** {name}: {impl} / {quant}…",) + (skip,) * 7
                 spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
                                  trust_remote_code)
                 engine, reused = self.session.load(spec, progress=progress_adapter(progress))
-                label = f"{name}: {engine.model_impl}" + (f" ({impl})" if impl == "auto" else "") + \
-                        f" · {quantization_value(quant) or 'no quant'}"
+                label = compare.label(name, engine.model_impl, impl, quant)
                 load_status = self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))[0]
                 decode = engine.tokenizer.decode
                 wl = Workload(engine, prompts, [params] * len(prompts), bool(use_chat_template), handle.cancel).start()
@@ -266,35 +261,19 @@ class Lab:
                     while True:
                         finished = wl.wait(self.update_s)
                         results, series = wl.snapshot()
-                        done[name], labels[name] = (results, series, wl.wall_s), label
+                        sides[name] = compare.Side(label, results, series, wl.wall_s)
                         status = f"**Running** {label}: {sum(r.num_tokens for r in results)} tokens"
-                        yield (status,) + self._compare_figures(done) + (skip, skip, load_status)
+                        yield (status,) + compare.figures(sides) + (skip, skip, load_status)
                         if finished:
                             break
                 finally:
                     if not wl.done:
                         wl.stop()
                     handle.stoppers.remove(wl.stop)
-            summaries = {labels[name]: summarize(r, s, w) for name, (r, s, w) in done.items()}
-            rows = summary_table(summaries)
-            table = pd.DataFrame(rows, columns=["metric"] + list(summaries))
-            agree = []
-            if len(done) == 2 and decode is not None:
-                (ra, _, _), (rb, _, _) = done.values()
-                agree = agreement_rows(ra, rb, decode)
-            stopped = handle.cancel.is_set()
-            verdict = ("**stopped**" if stopped else "**done**") + ": " + (
-                "greedy outputs agree token for token" if agree and all(r[3] == "" for r in agree)
-                else "greedy outputs differ (see the table)" if agree else "incomplete") + \
-                "  \n" + " vs ".join(labels.values())
-            yield (verdict,) + self._compare_figures(done) + (table, agree, skip)
+            table, agree = compare.tables(sides, decode)
+            yield (compare.verdict(sides, agree, handle.cancel.is_set()),) + compare.figures(sides) + (table, agree, skip)
         finally:
             self.runs.finish(key, handle)
-
-    def _compare_figures(self, done: dict[str, tuple]) -> tuple:
-        runs = {label: thin(s) for label, (_, s, _) in done.items()}
-        ttfts = {label: [r.ttft for r in results] for label, (results, _, _) in done.items()}
-        return throughput_figure(runs), ttft_figure(ttfts), memory_figure(runs), batch_figure(runs)
 
     # --- benchmark ------------------------------------------------------------------------------
 

@@ -135,10 +135,6 @@ class Runs:
             h.stop()
         return len(handles)
 
-    def active(self, key: str) -> int:
-        with self._lock:
-            return len(self._runs.get(key, []))
-
     def active_elsewhere(self, key: str) -> int:
         """Runs in flight for other browser sessions (they use the one shared engine)."""
         with self._lock:

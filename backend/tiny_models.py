@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -69,6 +69,16 @@ ARCHS: dict[str, dict] = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                          rope_theta=100000.0, tie_word_embeddings=True, vocab_size=49152),
+    # The shapes the GPU benchmarks use (tests/gpu_check.sh): meta-llama/Llama-3.2-1B and Qwen/Qwen3-0.6B.
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, vocab_size=128256,
+                         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
+                                              low_freq_factor=1.0, high_freq_factor=4.0,
+                                              original_max_position_embeddings=8192)),
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, vocab_size=151936),
 }
 
 
@@ -86,24 +96,28 @@ def build_tokenizer(vocab_size: int = 512, texts: list[str] | None = None) -> Pr
     )
 
 
+def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast, **overrides) -> PretrainedConfig:
+    """The transformers config of `arch` (ARCHS) with the tokenizer's special ids (and its vocab size unless set)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {sorted(ARCHS)}")
+    options = dict(ARCHS[arch], **overrides)
+    model_type = options.pop("model_type")
+    options.setdefault("vocab_size", len(tokenizer))
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    return AutoConfig.for_model(model_type, **special, **options)
+
+
 def build_tiny_model(arch: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
                      init_std: float = 0.1, **overrides) -> Path:
     """Write a random-weight `arch` checkpoint and its tokenizer to `path`; returns the path.
 
     `init_std` is larger than transformers' default (0.02) so that greedy decoding of random weights
     has clear winners (no near-ties that would make token-for-token comparisons fragile)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; known: {sorted(ARCHS)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    options = dict(ARCHS[arch], **overrides)
-    model_type = options.pop("model_type")
     tokenizer = build_tokenizer()
-    if "vocab_size" not in options:
-        options["vocab_size"] = len(tokenizer)
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-    config = AutoConfig.for_model(model_type, **special, **options)
+    config = tiny_config(arch, tokenizer, **overrides)
     config.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -68,3 +68,23 @@ def test_resolve_path(tiny_model, tmp_path):
         bench.resolve_path(str(tmp_path / "missing"), "float32")
     built = bench.resolve_path("tiny:llama", "float32")
     assert (bench.Path(built) / "config.json").exists()
+
+
+@pytest.mark.parametrize("arch, params", [("smollm2-135m", 134_515_008), ("llama-3.2-1b", 1_235_814_400),
+                                          ("qwen3-0.6b", 596_049_920)])
+def test_benchmark_shapes_are_the_real_models(arch, params):
+    """tiny:<shape> stands in for the Hub model offline: same parameter count as the published checkpoint
+    (SmolLM2-135M, Llama-3.2-1B, Qwen3-0.6B), and our native implementation builds it with the same count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from backend.models import build_model
+    from backend.tiny_models import build_tokenizer, tiny_config
+
+    config = tiny_config(arch, build_tokenizer())
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in hf.parameters()) == params
+    native = build_model(config, "native", torch.bfloat16, trust_remote_code=False)
+    tied = native.lm_head.weight.numel() if config.tie_word_embeddings else 0  # tied to the embedding at load
+    assert sum(p.numel() for p in native.parameters()) - tied == params

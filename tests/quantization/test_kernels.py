@@ -64,6 +64,18 @@ def test_fp8_decoder_covers_every_code():
     assert torch.equal(y.t().cpu(), codes.view(torch.float8_e4m3fn).float()[:, None].expand(-1, 16))
 
 
+def test_fp8_table_decodes_every_code_like_torch():
+    """The CPU table lookup of fp8_bits_to_float gives torch's own conversion for all 256 codes (NaN too), in
+    any shape: (N, K) bits -> (N, K) float32."""
+    from kernels.quant_torch import fp8_bits_to_float
+
+    bits = torch.randperm(256).to(torch.uint8).repeat(3, 2)  # (3, 512): every code, shuffled, twice per row
+    got, want = fp8_bits_to_float(bits), bits.view(torch.float8_e4m3fn).float()
+    assert got.shape == bits.shape and got.dtype == torch.float32
+    assert torch.equal(got.isnan(), want.isnan()) and int(want.isnan().sum()) == 12
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("request_", ["int8", "int4:g32", "fp8"])
 def test_on_the_fly_modules_on_triton(dtype, request_):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (a lent device machine: one command, ~10 minutes): the test suite on CUDA (Triton
-# kernels for real, engine against HF generate), the Triton kernel timings, and the engine benchmark on the
+# The GPU checks in one run (a lent device machine: one command, ~10 minutes): the test suite on CUDA (the Triton
+# kernel tests on CUDA tensors, compiled for real: tests/kernels/conftest.py; the engine against HF generate), the Triton kernel timings, and the engine benchmark on the
 # Llama-3.2-1B and Qwen3-0.6B shapes (random weights, built on the machine). Every stage has its own time limit,
 # so one that hangs costs only its share. Logs, markdown tables and JSON land in $OUT (default gpu_out/).
 #

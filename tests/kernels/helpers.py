@@ -28,6 +28,16 @@ class PagedBatch:
     def args(self) -> tuple:
         return (self.q, self.k_cache, self.v_cache, self.query_start_loc, self.seq_lens, self.block_tables)
 
+    def to(self, device: torch.device) -> "PagedBatch":
+        return PagedBatch(*(t.to(device) for t in (self.q, self.k_cache, self.v_cache, self.query_start_loc,
+                                                   self.seq_lens, self.block_tables, self.slot_mapping)))
+
+
+def seeded_randn(*shape: int, seed: int) -> torch.Tensor:
+    """Seeded normal values generated on the CPU (the same on every machine), on the test's device."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(
+        torch.get_default_device())
+
 
 def make_paged_batch(
     new_lens: list[int],  # new tokens per sequence (1 = decode)
@@ -41,7 +51,16 @@ def make_paged_batch(
     spare_blocks: int = 3,
 ) -> PagedBatch:
     """Blocks are a random permutation of the pool (so tables are not the identity); the cache is
-    filled everywhere with random values, the new tokens' K/V included (as if already stored)."""
+    filled everywhere with random values, the new tokens' K/V included (as if already stored). Generated on
+    the CPU, returned on the test's default device (CUDA for the kernel tests where there is one)."""
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        return _make_paged_batch(new_lens, cached_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
+                                 seed, spare_blocks).to(device)
+
+
+def _make_paged_batch(new_lens, cached_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed,
+                      spare_blocks) -> PagedBatch:
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + n for c, n in zip(cached_lens, new_lens)]
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]

@@ -22,6 +22,7 @@ def test_torch_reference_is_hf_mlp():
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=2e-3)}
 
 
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("inter", [24, 1500])  # 1500: several column blocks and a masked tail
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
@@ -36,6 +37,7 @@ def test_triton_matches_reference(dtype, inter, act):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 def test_bad_arguments():
     with pytest.raises(ValueError, match="approximate"):
         gelu_and_mul_triton(torch.randn(2, 8), "erf")

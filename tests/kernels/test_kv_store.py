@@ -18,6 +18,7 @@ def _caches(num_blocks, block_size, heads, head_dim, dtype):
 @pytest.mark.parametrize("heads,head_dim", [(1, 16), (4, 80)])
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                                (torch.float32, torch.float16)])  # cast on store
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 def test_store_matches_reference(block_size, heads, head_dim, dtype, cache_dtype):
     t = 11
     key = torch.randn(t, heads, head_dim).to(dtype)
@@ -30,6 +31,7 @@ def test_store_matches_reference(block_size, heads, head_dim, dtype, cache_dtype
     assert torch.equal(k_tri, k_ref) and torch.equal(v_tri, v_ref)  # a copy (and cast): exact
 
 
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 def test_strided_views_and_padding_slots():
     t, h, d, bs = 5, 2, 16, 16
     kv = torch.randn(t, 2 * h * d)

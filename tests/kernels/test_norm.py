@@ -41,6 +41,7 @@ def test_torch_reference_is_hf(dtype):
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=1e-3)}
 
 
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [48, 256])
 @pytest.mark.parametrize("offset", [0.0, 1.0])

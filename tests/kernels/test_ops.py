@@ -44,6 +44,7 @@ def test_cpu_defaults_to_torch(monkeypatch):
     ("unified", [1, 1], [2500, 100], "paged_attention_triton"),
     ("split_kv", [1, 1], [10, 20], "paged_decode_triton"),
 ])
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 def test_forced_triton_routes_and_matches(monkeypatch, forced, new, cached, expected):
     monkeypatch.setenv("FLAB_FORCE_TRITON", "1")
     monkeypatch.setenv("FLAB_ATTENTION_KERNEL", forced)
@@ -58,6 +59,7 @@ def test_forced_triton_routes_and_matches(monkeypatch, forced, new, cached, expe
     torch.testing.assert_close(out, paged_attention_torch(*b.args(), 0.3), atol=2e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 def test_forced_triton_small_ops(monkeypatch):
     monkeypatch.setenv("FLAB_FORCE_TRITON", "1")
     x = torch.randn(3, 32)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from kernels.paged_attention import paged_attention_triton, unified_launch_config
-from tests.kernels.helpers import ATOL, make_paged_batch, reference_attention
+from tests.kernels.helpers import ATOL, make_paged_batch, reference_attention, seeded_randn
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
 
 # Ragged mixed batch: prefill without prefix, decode crossing a block boundary (31 cached -> 32),
 # prefill with a cached prefix spanning blocks, a short decode, a small chunked-prefill tail.
@@ -45,7 +47,7 @@ def test_softcap_window_sinks(dtype, feature):
     kw = dict(FEATURES[feature])
     batch = make_paged_batch(*MIXED, num_q_heads=8, num_kv_heads=2, head_dim=16, block_size=16, dtype=dtype, seed=1)
     if kw.pop("sinks", False):
-        kw["sinks"] = torch.randn(8, generator=torch.Generator().manual_seed(2)) * 2
+        kw["sinks"] = seeded_randn(8, seed=2) * 2
     _check(batch, dtype, scale=0.5, **kw)
 
 

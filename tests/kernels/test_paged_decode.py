@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from kernels.paged_decode import paged_decode_triton
-from tests.kernels.helpers import ATOL, make_paged_batch, reference_attention
+from tests.kernels.helpers import ATOL, make_paged_batch, reference_attention, seeded_randn
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
 
 DECODE = ([1, 1, 1], [0, 47, 200])  # a first token, a mid-block length, a long context
 
@@ -25,7 +27,7 @@ def test_split_kv_equals_reference(dtype, num_splits, group):
 def test_split_kv_features(kw):
     kw = dict(kw)
     if kw.pop("sinks", False):
-        kw["sinks"] = torch.randn(8, generator=torch.Generator().manual_seed(1)) * 3
+        kw["sinks"] = seeded_randn(8, seed=1) * 3
     batch = make_paged_batch(*DECODE, num_q_heads=8, num_kv_heads=2, head_dim=16, block_size=32,
                              dtype=torch.float16, seed=2)
     out = paged_decode_triton(*batch.args(), 0.4, num_splits=4, **kw)

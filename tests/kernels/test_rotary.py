@@ -9,12 +9,14 @@ from kernels.rotary import (apply_rotary, apply_rotary_torch, apply_rotary_trito
                             rope_inv_freq)
 
 
-def _inputs(t, hq, hkv, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(t, hq, d, generator=g).to(dtype)
-    k = torch.randn(t, hkv, d, generator=g).to(dtype)
-    positions = torch.randint(0, 200, (t,), generator=g)
-    return q, k, positions
+def _inputs(t, hq, hkv, d, dtype, seed=0):  # generated on the CPU, returned on the test's device
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(t, hq, d, generator=g).to(dtype)
+        k = torch.randn(t, hkv, d, generator=g).to(dtype)
+        positions = torch.randint(0, 200, (t,), generator=g)
+    return q.to(device), k.to(device), positions.to(device)
 
 
 @pytest.mark.parametrize("rotary_dim", [32, 16])  # 16 of 32: partial rotary (phi / gpt-neox style)
@@ -54,6 +56,7 @@ def test_gptj_reference_is_hf_gptj():
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=1e-3)}
 
 
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("head_dim,rotary_dim", [(32, 32), (80, 40), (16, 8)])
@@ -71,6 +74,7 @@ def test_triton_matches_reference(dtype, is_neox, head_dim, rotary_dim, inplace)
     torch.testing.assert_close(ok, rk, **TOL[dtype])
 
 
+@pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 def test_triton_on_strided_2d_views():
     # q and k as column slices of a fused qkv projection, (T, H * D) with head_dim given
     t, hq, hkv, d = 5, 4, 2, 16

@@ -112,8 +112,7 @@ def describe_model(model: nn.Module) -> dict:
         count = sum(type(m).__name__ == cls for m in model.modules())
         if count:
             info["swapped"][f"{cls} ({what})"] = count
-    packed_experts = sum((type(m).__name__ == "Experts" and getattr(m, "packed", None) is not None)
-                         or getattr(m, "flab_packed", None) is not None for m in model.modules())
+    packed_experts = sum(getattr(m, "flab_packed", None) is not None for m in model.modules())
     if packed_experts:  # backend/models/moe.py (native), backend/layers/packed_experts.py (transformers)
         info["swapped"]["MoE experts (oneDNN prepacked per expert)"] = packed_experts
     info["quantized_linears"] = sum(quantized.values())

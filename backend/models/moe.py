@@ -45,20 +45,22 @@ class Experts(nn.Module):
         self.num_experts, self.act = num_experts, act
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (gate_up, down) per expert
+        # (gate_up, down) per expert once packed; the attribute name is the one the transformers experts get too
+        # (layers/packed_experts.py), so describe finds both
+        self.flab_packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def pack(self) -> bool:
         """CPUs with 16-bit matmul (EngineConfig.cpu_linear "packed"): reorder each expert's weights once for
         oneDNN (`pack_stacked`), as layers/packed.py does for linears (`F.linear` on a bf16 slice reorders it on
         every call). Products stay bit for bit `F.linear`'s."""
-        if self.packed is not None or not can_pack(self.gate_up_proj):  # a meta placeholder is not a CPU tensor
+        if self.flab_packed is not None or not can_pack(self.gate_up_proj):  # a meta placeholder is not a CPU tensor
             return False
-        self.packed = (pack_stacked(self, "gate_up_proj"), pack_stacked(self, "down_proj"))
+        self.flab_packed = (pack_stacked(self, "gate_up_proj"), pack_stacked(self, "down_proj"))
         return True
 
     def _product(self, x: torch.Tensor, e: int, which: int) -> torch.Tensor:  # (n, K) -> (n, N) with expert e
-        if self.packed is not None:
-            return packed_linear(x, self.packed[which][e])
+        if self.flab_packed is not None:
+            return packed_linear(x, self.flab_packed[which][e])
         return F.linear(x, (self.gate_up_proj, self.down_proj)[which][e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

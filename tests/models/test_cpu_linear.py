@@ -230,7 +230,7 @@ def test_native_moe_experts_are_packed(tmp_path, arch):
     with Engine(str(path), model_impl="native", cpu_linear="packed", num_kv_blocks=64) as packed, \
             Engine(str(path), model_impl="native", cpu_linear="none", num_kv_blocks=64) as plain:
         experts = [m for m in packed.loaded.model.modules() if type(m).__name__ == "Experts"]
-        assert experts and all(m.packed is not None and m.gate_up_proj.is_meta for m in experts)
+        assert experts and all(m.flab_packed is not None and m.gate_up_proj.is_meta for m in experts)
         assert packed.describe()["swapped"]["MoE experts (oneDNN prepacked per expert)"] == len(experts)
         assert packed.describe()["parameters"] == plain.describe()["parameters"]
         assert packed.weights_bytes == plain.weights_bytes

@@ -1,6 +1,6 @@
 """Fallback Lab: `python app.py` opens the Gradio app (module-level `demo` for Hugging Face Spaces).
 
-    python app.py [--host 0.0.0.0] [--port 7860] [--share] [--model HUB_ID_OR_FOLDER]
+python app.py [--host 0.0.0.0] [--port 7860] [--share] [--model HUB_ID_OR_FOLDER]
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    parser.add_argument("--model", default=None, help="model selected at start (Hub id or local folder); "
-                                                       "default: the built-in tiny random-weight model")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model selected at start (Hub id or local folder); default: the built-in tiny random-weight model",
+    )
     return parser.parse_args(argv)
 
 

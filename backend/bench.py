@@ -142,9 +142,18 @@ def _sync(device: torch.device) -> None:
 def _result(system: str, wl: Workload, seconds: float, outputs: list[list[int]], device: torch.device) -> Result:
     out_tokens = sum(min(len(o), n) for o, n in zip(outputs, wl.output_lens))
     in_tokens = sum(len(p) for p in wl.prompts)
-    return Result(system, wl.name, seconds, out_tokens, in_tokens, out_tokens / seconds,
-                  (out_tokens + in_tokens) / seconds, peak_rss(),
-                  torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0, outputs=outputs)
+    return Result(
+        system,
+        wl.name,
+        seconds,
+        out_tokens,
+        in_tokens,
+        out_tokens / seconds,
+        (out_tokens + in_tokens) / seconds,
+        peak_rss(),
+        torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+        outputs=outputs,
+    )
 
 
 def kv_blocks_for(wl: Workload, block_size: int = 16) -> int:
@@ -154,15 +163,26 @@ def kv_blocks_for(wl: Workload, block_size: int = 16) -> int:
 
 
 def run_engine(path: str, impl: str, wl: Workload, opts: BenchOptions) -> Result:
-    engine = Engine(path, model_impl=impl, dtype=opts.dtype, device=opts.device, quantization=opts.quantization,
-                    trust_remote_code=opts.trust_remote_code, max_num_seqs=max(len(wl.prompts), 1),
-                    max_model_len=opts.max_model_len, block_size=16, num_kv_blocks=kv_blocks_for(wl, 16))
+    engine = Engine(
+        path,
+        model_impl=impl,
+        dtype=opts.dtype,
+        device=opts.device,
+        quantization=opts.quantization,
+        trust_remote_code=opts.trust_remote_code,
+        max_num_seqs=max(len(wl.prompts), 1),
+        max_model_len=opts.max_model_len,
+        block_size=16,
+        num_kv_blocks=kv_blocks_for(wl, 16),
+    )
     try:
         params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in wl.output_lens]
-        engine.generate(prompt_token_ids=[wl.prompts[0][:8]], sampling_params=SamplingParams(max_new_tokens=2,
-                                                                                            ignore_eos=True))
-        engine.allocator.__init__(engine.allocator.num_blocks, engine.allocator.block_size,
-                                  engine.allocator.enable_prefix_caching)  # forget the warm-up's cached prefix
+        engine.generate(
+            prompt_token_ids=[wl.prompts[0][:8]], sampling_params=SamplingParams(max_new_tokens=2, ignore_eos=True)
+        )
+        engine.allocator.__init__(
+            engine.allocator.num_blocks, engine.allocator.block_size, engine.allocator.enable_prefix_caching
+        )  # forget the warm-up's cached prefix
         _sync(engine.device)
         t = time.perf_counter()
         outs = engine.generate(prompt_token_ids=wl.prompts, sampling_params=params)
@@ -184,8 +204,13 @@ def _hf_model(path: str, opts: BenchOptions):
 
     dtype = "auto" if opts.dtype == "auto" else getattr(torch, opts.dtype)
     device = opts.torch_device
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                 trust_remote_code=opts.trust_remote_code).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=opts.trust_remote_code
+        )
+        .to(device)
+        .eval()
+    )
     model.generation_config.eos_token_id = None
     return model, device
 
@@ -206,11 +231,12 @@ def run_hf_generate(path: str, wl: Workload, opts: BenchOptions) -> Result:
             _sync(device)
             first = time.perf_counter() - t
             t = time.perf_counter()
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=max(wl.output_lens), do_sample=False,
-                             pad_token_id=0)
+        gen = model.generate(
+            ids, attention_mask=mask, max_new_tokens=max(wl.output_lens), do_sample=False, pad_token_id=0
+        )
         _sync(device)
         seconds = time.perf_counter() - t
-    outs = [gen[i, width: width + n].tolist() for i, n in enumerate(wl.output_lens)]
+    outs = [gen[i, width : width + n].tolist() for i, n in enumerate(wl.output_lens)]
     res = _result("hf-generate", wl, seconds, outs, device)
     if first is not None:
         n = wl.output_lens[0]
@@ -285,8 +311,10 @@ def cpu_summary(device: torch.device, dtype: str) -> str:
 
     flags = cpu_matmul_flags()
     model_dtype = DTYPES.get(dtype, torch.float32)
-    return (f"cpu flags {'/'.join(flags) if flags else 'unknown' if flags is None else 'none'} | "
-            f"cpu_linear {choose_cpu_linear('auto', device, model_dtype)}")
+    return (
+        f"cpu flags {'/'.join(flags) if flags else 'unknown' if flags is None else 'none'} | "
+        f"cpu_linear {choose_cpu_linear('auto', device, model_dtype)}"
+    )
 
 
 @dataclass
@@ -303,10 +331,12 @@ class Setup:
 
     def header(self) -> str:
         """One line saying where and how the numbers were measured."""
-        return (f"{platform.node()} | {platform.processor() or platform.machine()} | {psutil.cpu_count()} cores | "
-                f"{cpu_summary(self.device, self.dtype)} | freed memory {self.malloc} (all systems) | "
-                f"torch {torch.__version__} | device {self.device} | model {self.label} | dtype {self.dtype} | "
-                f"measured memory bandwidth {self.bandwidth / 1e9:.1f} GB/s")
+        return (
+            f"{platform.node()} | {platform.processor() or platform.machine()} | {psutil.cpu_count()} cores | "
+            f"{cpu_summary(self.device, self.dtype)} | freed memory {self.malloc} (all systems) | "
+            f"torch {torch.__version__} | device {self.device} | model {self.label} | dtype {self.dtype} | "
+            f"measured memory bandwidth {self.bandwidth / 1e9:.1f} GB/s"
+        )
 
 
 def prepare(path: str, workloads: list[str], opts: BenchOptions, label: str | None = None) -> Setup:
@@ -323,12 +353,14 @@ def prepare(path: str, workloads: list[str], opts: BenchOptions, label: str | No
     malloc = "kept" if device.type == "cpu" and keep_freed_memory() else "default"
     wls = make_workloads(workloads, text_config.vocab_size, opts.num_requests, opts.seed, context)
     dtype = opts.dtype if opts.dtype != "auto" else str(getattr(text_config, "dtype", None) or "float32")
-    return Setup(path, label or path, wls, device, dtype.removeprefix("torch."), measure_memory_bandwidth(device),
-                 malloc)
+    return Setup(
+        path, label or path, wls, device, dtype.removeprefix("torch."), measure_memory_bandwidth(device), malloc
+    )
 
 
-def run_all(setup: Setup, systems: list[str], opts: BenchOptions,
-            stop: Callable[[], bool] = lambda: False) -> Iterator[Result]:
+def run_all(
+    setup: Setup, systems: list[str], opts: BenchOptions, stop: Callable[[], bool] = lambda: False
+) -> Iterator[Result]:
     """Every run as it finishes: per workload, the systems round robin `opts.repeat` times (so a slow spell of
     a shared machine hits every system). A system that fails gives a Result with `error` (not fatal).
     `stop()` is checked between runs."""
@@ -356,8 +388,18 @@ def medians(runs: list[Result]) -> list[Result]:
     return [median_run(group) for group in groups.values()]
 
 
-TABLE_HEADERS = ["workload", "system", "output tok/s", "total tok/s", "vs HF generate", "vs HF generate_batch",
-                 "peak RSS", "TTFT ms", "decode tok/s", "weight GB/s (of measured)"]
+TABLE_HEADERS = [
+    "workload",
+    "system",
+    "output tok/s",
+    "total tok/s",
+    "vs HF generate",
+    "vs HF generate_batch",
+    "peak RSS",
+    "TTFT ms",
+    "decode tok/s",
+    "weight GB/s (of measured)",
+]
 
 
 def table_rows(results: list[Result], bandwidth: float) -> list[list[str]]:
@@ -368,15 +410,30 @@ def table_rows(results: list[Result], bandwidth: float) -> list[list[str]]:
         if r.error:
             rows.append([r.workload, r.system, f"error: {r.error[:60]}"] + [""] * 7)
             continue
-        ratio = lambda k: (f"{r.output_tok_s / base[r.workload, k]:.2f}x"  # noqa: E731
-                           if (r.workload, k) in base else "-")
-        bw = (f"{r.weight_bandwidth_gbs:.2f} ({r.weight_bandwidth_gbs * 1e9 / bandwidth:.0%})"
-              if r.weight_bandwidth_gbs else "-")
+
+        def ratio(k: str, r: Result = r) -> str:
+            return f"{r.output_tok_s / base[r.workload, k]:.2f}x" if (r.workload, k) in base else "-"
+
+        bw = (
+            f"{r.weight_bandwidth_gbs:.2f} ({r.weight_bandwidth_gbs * 1e9 / bandwidth:.0%})"
+            if r.weight_bandwidth_gbs
+            else "-"
+        )
         spread = f" ({min(r.repeat_tok_s):.1f}-{max(r.repeat_tok_s):.1f})" if len(r.repeat_tok_s) > 1 else ""
-        rows.append([r.workload, r.system, f"{r.output_tok_s:.1f}{spread}", f"{r.total_tok_s:.1f}",
-                     ratio("hf-generate"), ratio("hf-generate_batch"), f"{r.peak_rss_bytes / 2**30:.2f} GiB",
-                     "-" if r.ttft_ms is None else f"{r.ttft_ms:.0f}",
-                     "-" if r.decode_tok_s is None else f"{r.decode_tok_s:.1f}", bw])
+        rows.append(
+            [
+                r.workload,
+                r.system,
+                f"{r.output_tok_s:.1f}{spread}",
+                f"{r.total_tok_s:.1f}",
+                ratio("hf-generate"),
+                ratio("hf-generate_batch"),
+                f"{r.peak_rss_bytes / 2**30:.2f} GiB",
+                "-" if r.ttft_ms is None else f"{r.ttft_ms:.0f}",
+                "-" if r.decode_tok_s is None else f"{r.decode_tok_s:.1f}",
+                bw,
+            ]
+        )
     return rows
 
 
@@ -393,8 +450,17 @@ def markdown(results: list[Result], bandwidth: float) -> str:
 def write_json(path: str | Path, setup: Setup, results: list[Result], options: dict) -> Path:
     """Every number of a run (the CLI's --json, the app's download): header, options, bandwidth, results."""
     path = Path(path)
-    path.write_text(json.dumps(dict(header=setup.header(), args=options, memory_bandwidth=setup.bandwidth,
-                                    results=[asdict(r) for r in results]), indent=1))
+    path.write_text(
+        json.dumps(
+            dict(
+                header=setup.header(),
+                args=options,
+                memory_bandwidth=setup.bandwidth,
+                results=[asdict(r) for r in results],
+            ),
+            indent=1,
+        )
+    )
     return path
 
 
@@ -422,27 +488,44 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--quantization", default=None, help="our engine only (the HF baselines run unquantized)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run every system this many times (round robin) and report the median run")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run every system this many times (round robin) and report the median run"
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--json", default=None, help="write results here")
-    parser.add_argument("--model-impl", default=None, choices=["native", "transformers"],
-                        help="only our engine with this implementation (plus the HF baselines asked for)")
+    parser.add_argument(
+        "--model-impl",
+        default=None,
+        choices=["native", "transformers"],
+        help="only our engine with this implementation (plus the HF baselines asked for)",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.num_requests < 1:
         parser.error("--num-requests must be at least 1")
-    systems = [s for s in args.systems
-               if not (args.model_impl and s.startswith("flab-") and s != f"flab-{args.model_impl}")]
-    opts = BenchOptions(args.dtype, args.device, args.quantization, args.max_model_len, args.seed, args.num_requests,
-                        args.repeat, args.trust_remote_code)
+    systems = [
+        s for s in args.systems if not (args.model_impl and s.startswith("flab-") and s != f"flab-{args.model_impl}")
+    ]
+    opts = BenchOptions(
+        args.dtype,
+        args.device,
+        args.quantization,
+        args.max_model_len,
+        args.seed,
+        args.num_requests,
+        args.repeat,
+        args.trust_remote_code,
+    )
     setup = prepare(resolve_path(args.model, args.dtype), args.workloads, opts, label=args.model)
     runs = []
     for res in run_all(setup, systems, opts):
         runs.append(res)
-        print(f"{res.workload:14s} {res.system:18s} {res.output_tok_s:8.1f} out tok/s"
-              + (f"  {res.error}" if res.error else ""), flush=True)
+        print(
+            f"{res.workload:14s} {res.system:18s} {res.output_tok_s:8.1f} out tok/s"
+            + (f"  {res.error}" if res.error else ""),
+            flush=True,
+        )
     results = medians(runs)
     header = setup.header()
     print("\n" + header + "\n" + markdown(results, setup.bandwidth))

@@ -148,8 +148,20 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-COLUMNS = ("impl", "method", "weights MiB", "NLL (nats/token)", "PPL", "ΔNLL vs full", "top-1 = full",
-           "prefill tok/s", "TTFT ms", "batch-1 decode tok/s", "weight GB/s", "batch-{batch} output tok/s")
+COLUMNS = (
+    "impl",
+    "method",
+    "weights MiB",
+    "NLL (nats/token)",
+    "PPL",
+    "ΔNLL vs full",
+    "top-1 = full",
+    "prefill tok/s",
+    "TTFT ms",
+    "batch-1 decode tok/s",
+    "weight GB/s",
+    "batch-{batch} output tok/s",
+)
 
 
 def markdown(rows: list[Row], batch: int) -> str:
@@ -160,9 +172,20 @@ def markdown(rows: list[Row], batch: int) -> str:
             lines.append(f"| {r.impl} | {r.method} | error: {r.error[:80]} |" + " |" * (len(header) - 3))
             continue
         delta = "-" if r.delta_nll is None else f"{r.delta_nll:+.4f} ± {r.delta_nll_se:.4f}"
-        cells = [r.impl, r.method, f"{r.weights_bytes / 2**20:.2f}", _fmt(r.nll, ".4f"), _fmt(r.ppl, ".2f"), delta,
-                 _fmt(r.top1_agree, ".1%"), _fmt(r.prefill_tok_s, ".0f"), _fmt(r.ttft_ms, ".0f"),
-                 _fmt(r.decode_tok_s, ".1f"), _fmt(r.weight_bandwidth_gbs, ".2f"), _fmt(r.batch_tok_s, ".1f")]
+        cells = [
+            r.impl,
+            r.method,
+            f"{r.weights_bytes / 2**20:.2f}",
+            _fmt(r.nll, ".4f"),
+            _fmt(r.ppl, ".2f"),
+            delta,
+            _fmt(r.top1_agree, ".1%"),
+            _fmt(r.prefill_tok_s, ".0f"),
+            _fmt(r.ttft_ms, ".0f"),
+            _fmt(r.decode_tok_s, ".1f"),
+            _fmt(r.weight_bandwidth_gbs, ".2f"),
+            _fmt(r.batch_tok_s, ".1f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -197,16 +220,31 @@ def main(argv: list[str] | None = None) -> list[Row]:
     bandwidth = measure_memory_bandwidth(device)
     t0 = time.perf_counter()
     rows = run(path, args)
-    text = ("" if args.skip_quality else f"eval text: {args.eval_windows} x {args.eval_len} tokens of Python "
-            f"{platform.python_version()}'s {EVAL_MODULE} module source | ")
-    header = (f"{platform.node()} | {platform.processor() or platform.machine()} | {psutil.cpu_count()} cores | "
-              f"torch {torch.__version__} | device {device} | model {args.model} | dtype {args.dtype} | {text}"
-              f"measured memory bandwidth {bandwidth / 1e9:.1f} GB/s | {time.perf_counter() - t0:.0f}s")
+    text = (
+        ""
+        if args.skip_quality
+        else f"eval text: {args.eval_windows} x {args.eval_len} tokens of Python "
+        f"{platform.python_version()}'s {EVAL_MODULE} module source | "
+    )
+    header = (
+        f"{platform.node()} | {platform.processor() or platform.machine()} | {psutil.cpu_count()} cores | "
+        f"torch {torch.__version__} | device {device} | model {args.model} | dtype {args.dtype} | {text}"
+        f"measured memory bandwidth {bandwidth / 1e9:.1f} GB/s | {time.perf_counter() - t0:.0f}s"
+    )
     print("\n" + header + "\n\n" + markdown(rows, args.batch))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(header=header, args=vars(args), path=path,
-                                                   memory_bandwidth=bandwidth, rows=[asdict(r) for r in rows]),
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                dict(
+                    header=header,
+                    args=vars(args),
+                    path=path,
+                    memory_bandwidth=bandwidth,
+                    rows=[asdict(r) for r in rows],
+                ),
+                indent=1,
+            )
+        )
     return rows
 
 

@@ -143,7 +143,8 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         if method is not None:
             raise QuantizationError(
                 f"{cfg.model}: its checkpoint needs transformers' weight conversions, which cannot be combined "
-                "with on-the-fly quantization yet; load it without quantization")
+                "with on-the-fly quantization yet; load it without quantization"
+            )
         model.load_with_transformers(path, device)
     else:
         report = StreamingLoader(target, device, dtype).load(path)
@@ -152,12 +153,25 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
             logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])
     model.eval()
     cpu_linear, swapped_linears = _swap_cpu_linears(model, cfg.cpu_linear, device, dtype)
-    return LoadedModel(path, hf_config, tokenizer, model, impl, dtype, device, eos_ids(path, hf_config, tokenizer),
-                       quant_name, swapped, time.perf_counter() - start, cpu_linear, swapped_linears)
+    return LoadedModel(
+        path,
+        hf_config,
+        tokenizer,
+        model,
+        impl,
+        dtype,
+        device,
+        eos_ids(path, hf_config, tokenizer),
+        quant_name,
+        swapped,
+        time.perf_counter() - start,
+        cpu_linear,
+        swapped_linears,
+    )
 
 
 def choose_cpu_linear(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"packed", "upcast" or "none" for a model of `dtype` on `device` (EngineConfig.cpu_linear)."""
+    """ "packed", "upcast" or "none" for a model of `dtype` on `device` (EngineConfig.cpu_linear)."""
     if device.type != "cpu" or dtype == torch.float32 or requested == "none":
         return "none"
     if requested == "auto":
@@ -168,8 +182,10 @@ def choose_cpu_linear(requested: str, device: torch.device, dtype: torch.dtype) 
         # oneDNN packs bf16 here but not this dtype (fp16 without AVX512-FP16), whose matmul is slow as well
         return "upcast" if packing_available(torch.bfloat16) else "none"
     if requested == "packed" and not packing_available(dtype):
-        raise EngineError(f"cpu_linear='packed' needs oneDNN linear prepacking for {str(dtype).removeprefix('torch.')}"
-                          ", which this torch build or CPU lacks (fp16 needs AVX512-FP16); use 'auto' or 'upcast'")
+        raise EngineError(
+            f"cpu_linear='packed' needs oneDNN linear prepacking for {str(dtype).removeprefix('torch.')}"
+            ", which this torch build or CPU lacks (fp16 needs AVX512-FP16); use 'auto' or 'upcast'"
+        )
     return requested
 
 
@@ -196,8 +212,12 @@ def _upcast_linears_if_memory_allows(model: nn.Module, forced: bool) -> int:
     half_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     available = psutil.virtual_memory().available
     if not forced and 2 * half_bytes > available // 2:
-        logger.warning("not making fp32 copies of the linear weights (%.1f GB) with %.1f GB available: many-token "
-                       "steps will use the slower 16-bit matmul", 2 * half_bytes / 1e9, available / 1e9)
+        logger.warning(
+            "not making fp32 copies of the linear weights (%.1f GB) with %.1f GB available: many-token "
+            "steps will use the slower 16-bit matmul",
+            2 * half_bytes / 1e9,
+            available / 1e9,
+        )
         return 0
     return upcast_linears(linears)
 

@@ -29,9 +29,12 @@ except ImportError:  # pragma: no cover - tokenizers < 0.21
 
 def streams(tokenizer) -> bool:
     """True when DecodeStream over the tokenizer's Rust backend gives what its `decode` gives."""
-    return (DecodeStream is not None and isinstance(tokenizer, PreTrainedTokenizerFast)
-            and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
-            and not getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    return (
+        DecodeStream is not None
+        and isinstance(tokenizer, PreTrainedTokenizerFast)
+        and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+    )
 
 
 class Detokenizer:

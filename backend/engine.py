@@ -75,26 +75,49 @@ def model_max_len(config) -> int:
 
 
 class Engine:
-    def __init__(self, model: str, model_impl: str = "auto", quantization: str | None = None, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False, progress: Callable | None = None,
-                 **engine_options) -> None:
-        self.config = EngineConfig.from_kwargs(model, model_impl=model_impl, quantization=quantization, dtype=dtype,
-                                               device=device, trust_remote_code=trust_remote_code, **engine_options)
+    def __init__(
+        self,
+        model: str,
+        model_impl: str = "auto",
+        quantization: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        progress: Callable | None = None,
+        **engine_options,
+    ) -> None:
+        self.config = EngineConfig.from_kwargs(
+            model,
+            model_impl=model_impl,
+            quantization=quantization,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            **engine_options,
+        )
         cfg = self.config
         self.malloc_tuned = cfg.keep_freed_memory and cfg.torch_device.type == "cpu" and keep_freed_memory()
         self.loaded: LoadedModel = load_model(cfg, progress)
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
         self.model_impl = self.loaded.impl
-        self.attention_backend = cfg.attention_backend if cfg.attention_backend != "auto" else (
-            "triton" if self.device.type == "cuda" else "torch")
+        self.attention_backend = (
+            cfg.attention_backend
+            if cfg.attention_backend != "auto"
+            else ("triton" if self.device.type == "cuda" else "torch")
+        )
         spec = kv_spec_from_config(self.loaded.hf_config, self.loaded.dtype, cfg.block_size)
         self.max_model_len, num_blocks = self._size_kv_cache(spec)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, self.attention_backend,
-                                  torch.float32 if self.loaded.cpu_upcast else None)
+        self.runner = ModelRunner(
+            self.loaded.model,
+            self.kv_cache,
+            self.device,
+            self.attention_backend,
+            torch.float32 if self.loaded.cpu_upcast else None,
+        )
         self.metrics = Metrics()
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
@@ -123,8 +146,10 @@ class Engine:
         if cfg.max_model_len is None:  # take what the budget holds, up to the model's context
             max_len = min(model_len, (budget // spec.bytes_per_block) * spec.block_size)
             if max_len < spec.block_size:
-                raise KVCacheError(f"the KV cache budget ({budget / 2**20:.1f} MiB) holds no block of "
-                                   f"{spec.block_size} tokens ({spec.bytes_per_block / 2**20:.2f} MiB each)")
+                raise KVCacheError(
+                    f"the KV cache budget ({budget / 2**20:.1f} MiB) holds no block of "
+                    f"{spec.block_size} tokens ({spec.bytes_per_block / 2**20:.2f} MiB each)"
+                )
         else:
             max_len = cfg.max_model_len
         return max_len, plan_num_blocks(spec, budget, max_len)
@@ -136,8 +161,13 @@ class Engine:
             raise RequestError("prompt must be a non-empty string")
         return self.tokenizer.encode(prompt)
 
-    def add_request(self, prompt: str | None = None, params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None, _listener: queue.Queue | None = None) -> int:
+    def add_request(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        _listener: queue.Queue | None = None,
+    ) -> int:
         """Queue a request; returns its id. Raises RequestError for bad input (nothing is queued then)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -149,8 +179,10 @@ class Engine:
         if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         if len(ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
-                               "(prompt plus at least one new token): shorten it")
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
+                "(prompt plus at least one new token): shorten it"
+            )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
         with self._lock:
@@ -159,8 +191,9 @@ class Engine:
             rid = self._next_id
             self._next_id += 1
             seq = Sequence(rid, ids, params, generator)
-            req = _Request(seq, prompt, listener=_listener,
-                           detokenizer=Detokenizer(self.tokenizer, params.skip_special_tokens))
+            req = _Request(
+                seq, prompt, listener=_listener, detokenizer=Detokenizer(self.tokenizer, params.skip_special_tokens)
+            )
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(ids)
                 req.prompt_top_logprobs = [None] * len(ids) if params.prompt_logprobs else None
@@ -238,15 +271,28 @@ class Engine:
         alloc = self.allocator
         duration = max(duration, 1e-9)
         stats = StepStats(
-            step=self.metrics.total_steps, time=time.perf_counter() - self.metrics.start, duration=duration,
-            batch_size=len(batch), prefill_tokens=prefill_tokens, decode_tokens=batch.num_tokens - prefill_tokens,
-            sampled_tokens=sampled, tokens_per_s=batch.num_tokens / duration, output_tokens_per_s=sampled / duration,
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_blocks_used=alloc.num_used, kv_blocks_total=alloc.num_blocks, prefix_hit_blocks=alloc.prefix_hits,
+            step=self.metrics.total_steps,
+            time=time.perf_counter() - self.metrics.start,
+            duration=duration,
+            batch_size=len(batch),
+            prefill_tokens=prefill_tokens,
+            decode_tokens=batch.num_tokens - prefill_tokens,
+            sampled_tokens=sampled,
+            tokens_per_s=batch.num_tokens / duration,
+            output_tokens_per_s=sampled / duration,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=alloc.num_used,
+            kv_blocks_total=alloc.num_blocks,
+            prefix_hit_blocks=alloc.prefix_hits,
             preemptions=self.scheduler.num_preemptions,
-            memory=memory_snapshot(self.weights_bytes, self.kv_cache.nbytes,
-                                   alloc.num_used * self.kv_cache.spec.bytes_per_block, self.device,
-                                   self.metrics.process),
+            memory=memory_snapshot(
+                self.weights_bytes,
+                self.kv_cache.nbytes,
+                alloc.num_used * self.kv_cache.spec.bytes_per_block,
+                self.device,
+                self.metrics.process,
+            ),
         )
         self.metrics.record(stats)
         return stats
@@ -262,8 +308,15 @@ class Engine:
             while end > req.emitted_text and text[end - 1] == "\ufffd":
                 end -= 1
             text = text[: max(end, req.emitted_text)]
-        delta = StreamDelta(seq.seq_id, text[req.emitted_text:], seq.output_token_ids[req.emitted_tokens:],
-                            finished, seq.finish_reason, self._output(req, text), stats)
+        delta = StreamDelta(
+            seq.seq_id,
+            text[req.emitted_text :],
+            seq.output_token_ids[req.emitted_tokens :],
+            finished,
+            seq.finish_reason,
+            self._output(req, text),
+            stats,
+        )
         req.emitted_text, req.emitted_tokens = len(text), len(seq.output_token_ids)
         if req.listener is not None:
             req.listener.put(delta)
@@ -275,21 +328,32 @@ class Engine:
         seq = req.seq
         want_lp = seq.params.logprobs is not None
         return RequestOutput(
-            request_id=seq.seq_id, prompt=req.prompt, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids), text=seq.text if text is None else text, finished=seq.is_finished,
-            finish_reason=seq.finish_reason, logprobs=list(seq.output_logprobs) if want_lp else None,
+            request_id=seq.seq_id,
+            prompt=req.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=seq.text if text is None else text,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.output_logprobs) if want_lp else None,
             top_logprobs=list(seq.output_top_logprobs) if want_lp else None,
             prompt_logprobs=None if req.prompt_logprobs is None else list(req.prompt_logprobs),
             prompt_top_logprobs=None if req.prompt_top_logprobs is None else list(req.prompt_top_logprobs),
             num_cached_tokens=seq.num_cached_tokens,
-            num_preemptions=seq.num_preemptions, ttft=seq.ttft,
-            latency=None if seq.finish_time is None else seq.finish_time - seq.arrival_time, error=seq.error,
+            num_preemptions=seq.num_preemptions,
+            ttft=seq.ttft,
+            latency=None if seq.finish_time is None else seq.finish_time - seq.arrival_time,
+            error=seq.error,
         )
 
     # --- high-level API -------------------------------------------------------------------------
 
-    def generate(self, prompts: str | list[str] | None = None, sampling_params: SamplingParams | list | None = None,
-                 prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | list[str] | None = None,
+        sampling_params: SamplingParams | list | None = None,
+        prompt_token_ids: list[list[int]] | None = None,
+    ) -> list[RequestOutput]:
         if isinstance(prompts, str):
             prompts = [prompts]
         items = [(p, None) for p in prompts] if prompts is not None else [(None, ids) for ids in prompt_token_ids or []]
@@ -319,8 +383,9 @@ class Engine:
                 self._requests.pop(rid, None)
         return outputs
 
-    def stream(self, prompt: str | None = None, params: SamplingParams | None = None,
-               prompt_token_ids: list[int] | None = None) -> Iterator[StreamDelta]:
+    def stream(
+        self, prompt: str | None = None, params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None
+    ) -> Iterator[StreamDelta]:
         """Yield deltas as tokens are produced. Leaving the loop early aborts the request."""
         self.start_background_loop()
         listener: queue.Queue = queue.Queue()
@@ -391,14 +456,25 @@ class Engine:
         info = describe_model(self.loaded.model)
         spec = self.kv_cache.spec
         info.update(
-            model=self.config.model, path=str(self.loaded.path), requested_impl=self.config.model_impl,
-            dtype=str(self.loaded.dtype).removeprefix("torch."), device=str(self.device),
-            quantization=self.loaded.quantization, quantized_modules=len(self.loaded.swapped_modules),
-            attention_backend=self.attention_backend, malloc_keeps_freed_memory=self.malloc_tuned,
+            model=self.config.model,
+            path=str(self.loaded.path),
+            requested_impl=self.config.model_impl,
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            device=str(self.device),
+            quantization=self.loaded.quantization,
+            quantized_modules=len(self.loaded.swapped_modules),
+            attention_backend=self.attention_backend,
+            malloc_keeps_freed_memory=self.malloc_tuned,
             weights_bytes=self.weights_bytes,
-            kv_cache=dict(num_blocks=self.kv_cache.num_blocks, block_size=spec.block_size, layers=spec.num_layers,
-                          kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, bytes=self.kv_cache.nbytes,
-                          max_model_len=self.max_model_len),
+            kv_cache=dict(
+                num_blocks=self.kv_cache.num_blocks,
+                block_size=spec.block_size,
+                layers=spec.num_layers,
+                kv_heads=spec.num_kv_heads,
+                head_dim=spec.head_dim,
+                bytes=self.kv_cache.nbytes,
+                max_model_len=self.max_model_len,
+            ),
         )
         return info
 
@@ -409,10 +485,18 @@ class Engine:
             for seq in self.scheduler.running:
                 for b in seq.block_table:
                     owners[b].append(seq.seq_id)
-            return [dict(block=b, owners=owners[b], ref_count=self.allocator.ref_count[b],
-                         cached=self.allocator.block_hash[b] is not None)
-                    for b in range(self.allocator.num_blocks)]
+            return [
+                dict(
+                    block=b,
+                    owners=owners[b],
+                    ref_count=self.allocator.ref_count[b],
+                    cached=self.allocator.block_hash[b] is not None,
+                )
+                for b in range(self.allocator.num_blocks)
+            ]
 
     def check_invariants(self) -> None:
         with self._lock:
-            self.allocator.check_invariants([s.block_table for s in self.scheduler.running + list(self.scheduler.waiting)])
+            self.allocator.check_invariants(
+                [s.block_table for s in self.scheduler.running + list(self.scheduler.waiting)]
+            )

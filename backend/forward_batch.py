@@ -15,6 +15,7 @@ from kernels.attention_torch import TorchAttentionPlan, build_plan
 class PromptRows:
     """Consecutive logits rows of one sequence that score its prompt: row `first_row + i` is at token position
     `first_pos + i` and predicts prompt token `first_pos + i + 1`."""
+
     seq_index: int  # in the scheduled batch
     first_row: int
     first_pos: int
@@ -44,8 +45,13 @@ class ForwardBatch:
         return int(self.input_ids.numel())
 
 
-def build_forward_batch(batch: ScheduledBatch, kv_cache: KVCache, device: torch.device, backend: str,
-                        attention_dtype: torch.dtype | None = None) -> ForwardBatch:
+def build_forward_batch(
+    batch: ScheduledBatch,
+    kv_cache: KVCache,
+    device: torch.device,
+    backend: str,
+    attention_dtype: torch.dtype | None = None,
+) -> ForwardBatch:
     block_size = kv_cache.spec.block_size
     input_ids: list[int] = []
     positions: list[int] = []

@@ -38,24 +38,57 @@ from backend.hub_common import (
 from backend.hub_memory import MemoryEstimate, estimate_memory, format_bytes
 
 __all__ = [
-    "DownloadProgress", "HubConnectivity", "HubModel", "MemoryEstimate", "SearchResults", "SUGGESTED_MODELS",
-    "estimate_memory", "format_bytes", "is_offline", "list_cached_models", "resolve_model", "search_models",
+    "DownloadProgress",
+    "HubConnectivity",
+    "HubModel",
+    "MemoryEstimate",
+    "SearchResults",
+    "SUGGESTED_MODELS",
+    "estimate_memory",
+    "format_bytes",
+    "is_offline",
+    "list_cached_models",
+    "resolve_model",
+    "search_models",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Everything but the weights: config, tokenizer (all common formats), chat templates, remote code.
 METADATA_PATTERNS: tuple[str, ...] = (
-    "config.json", "generation_config.json", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken",
-    "chat_template.jinja", "chat_template.json", "*.py",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.py",
 )
 WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors",)
 # Never fetched, even when an allow pattern would match (defence in depth).
 IGNORE_PATTERNS: tuple[str, ...] = (
-    "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.ot",
-    "*.tflite", "*.mlmodel", "*.npz",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.gguf",
+    "*.msgpack",
+    "*.h5",
+    "*.onnx",
+    "*.onnx_data",
+    "*.ot",
+    "*.tflite",
+    "*.mlmodel",
+    "*.npz",
 )
 
 SUGGESTED_MODELS: tuple[str, ...] = (
@@ -116,8 +149,12 @@ class _ProgressSink:
             self.expected_bytes = max(self.expected_bytes, total) + int(extra_bytes)
 
     def totals(self) -> tuple[int, int, int, int]:
-        return (sum(b.n for b in self.byte_bars), max(self.expected_bytes, sum(b.total for b in self.byte_bars)),
-                sum(b.n for b in self.file_bars), sum(b.total for b in self.file_bars))
+        return (
+            sum(b.n for b in self.byte_bars),
+            max(self.expected_bytes, sum(b.total for b in self.byte_bars)),
+            sum(b.n for b in self.file_bars),
+            sum(b.total for b in self.file_bars),
+        )
 
     def report(self, stage: Literal["download", "done"] = "download") -> None:
         with self.lock:
@@ -198,39 +235,55 @@ def resolve_model(
             size = sum(p.stat().st_size for p in safetensors_files(folder))
             progress(DownloadProgress("done", size, size, None))
         return folder
-    return _download(name_or_path, revision, progress, token,
-                     offline_mode_enabled() if offline is None else offline)
+    return _download(name_or_path, revision, progress, token, offline_mode_enabled() if offline is None else offline)
 
 
-def _download(repo_id: str, revision: str | None, progress: Callable[[DownloadProgress], None] | None,
-              token: str | None, offline: bool) -> Path:
+def _download(
+    repo_id: str,
+    revision: str | None,
+    progress: Callable[[DownloadProgress], None] | None,
+    token: str | None,
+    offline: bool,
+) -> Path:
     sink = _ProgressSink(progress) if progress is not None else None
-    common = dict(token=token, local_files_only=offline, cache_dir=hub_cache_dir(),
-                  ignore_patterns=list(IGNORE_PATTERNS))
+    common = dict(
+        token=token, local_files_only=offline, cache_dir=hub_cache_dir(), ignore_patterns=list(IGNORE_PATTERNS)
+    )
     with hub_errors(repo_id, revision):
         # 1) small files first: config, tokenizer, the weight index (pins the commit for step 2)
-        folder = _snapshot(repo_id, revision=revision, allow_patterns=list(METADATA_PATTERNS),
-                           tqdm_class=sink.tqdm_class() if sink else None, **common)
+        folder = _snapshot(
+            repo_id,
+            revision=revision,
+            allow_patterns=list(METADATA_PATTERNS),
+            tqdm_class=sink.tqdm_class() if sink else None,
+            **common,
+        )
         commit = folder.name if _is_commit(folder.name) else revision
         tree = _repo_tree(repo_id, commit, token, offline)
         # 2) the weights: exactly the files the index names, else the repository's top-level *.safetensors
         weights = _weight_files(folder, repo_id, tree)
         if sink is not None and tree is not None:
             sink.expect(sum(tree.get(w) or 0 for w in weights if not (folder / w).exists()))
-        folder = _snapshot(repo_id, revision=commit, allow_patterns=weights,
-                           tqdm_class=sink.tqdm_class() if sink else None, **common)
+        folder = _snapshot(
+            repo_id, revision=commit, allow_patterns=weights, tqdm_class=sink.tqdm_class() if sink else None, **common
+        )
     if not any(folder.glob("*.safetensors")):
         raise no_safetensors_error(f"the repository {repo_id}", list(tree or [p.name for p in folder.iterdir()]))
     if not (folder / "config.json").is_file():
         raise UnsupportedModelError(
             f"{repo_id} has no config.json, so it is not a transformers checkpoint this engine can load; "
-            "pick the original (transformers) repository of the model")
+            "pick the original (transformers) repository of the model"
+        )
     missing = [p.name for p in safetensors_files(folder) if not p.is_file()]
     if missing:
         raise ModelNotFoundError(
             f"{repo_id}: weight files {', '.join(missing[:3])} are not in the local cache"
-            + (" and offline mode is on; go online once to complete the download" if offline else
-               "; run the download again"))
+            + (
+                " and offline mode is on; go online once to complete the download"
+                if offline
+                else "; run the download again"
+            )
+        )
     if sink is not None:
         sink.report("done")
     return folder
@@ -319,8 +372,14 @@ class SearchResults(list):
 SEARCH_EXPAND = ["downloads", "likes", "gated", "library_name", "safetensors", "pipeline_tag"]
 
 
-def search_models(query: str, limit: int = 20, *, token: str | None = None, safetensors_only: bool = True,
-                  connectivity: HubConnectivity | None = None) -> SearchResults:
+def search_models(
+    query: str,
+    limit: int = 20,
+    *,
+    token: str | None = None,
+    safetensors_only: bool = True,
+    connectivity: HubConnectivity | None = None,
+) -> SearchResults:
     """Text-generation models whose id matches `query`, most downloaded first.
 
     Never raises for network trouble: offline mode, an unreachable Hub (one quick probe first, since
@@ -331,13 +390,20 @@ def search_models(query: str, limit: int = 20, *, token: str | None = None, safe
         return SearchResults(offline=True, error="offline mode is on (HF_HUB_OFFLINE): Hub search is unavailable")
     connectivity = connectivity or HubConnectivity()
     if not connectivity.reachable():
-        return SearchResults(offline=True, error=f"the Hub ({connectivity.endpoint}) cannot be reached: "
-                                                 "search is unavailable; local folders and cached models still work")
+        return SearchResults(
+            offline=True,
+            error=f"the Hub ({connectivity.endpoint}) cannot be reached: "
+            "search is unavailable; local folders and cached models still work",
+        )
     try:
         infos = hf.HfApi(token=token).list_models(
-            search=query.strip() or None, pipeline_tag="text-generation",
+            search=query.strip() or None,
+            pipeline_tag="text-generation",
             filter="safetensors" if safetensors_only else None,
-            sort="downloads", limit=max(1, int(limit)), expand=SEARCH_EXPAND)
+            sort="downloads",
+            limit=max(1, int(limit)),
+            expand=SEARCH_EXPAND,
+        )
         models = [_hub_model(info) for info in infos]
     except (_TransportError, OSError) as e:
         offline = not isinstance(e, HfHubHTTPError)
@@ -357,8 +423,15 @@ def _hub_model(info) -> HubModel:
         per_dtype = getattr(st, "parameters", None) or {}
         if per_dtype and all(d in SAFETENSORS_DTYPE_BYTES for d in per_dtype):
             size = int(sum(n * SAFETENSORS_DTYPE_BYTES[d] for d, n in per_dtype.items()))
-    return HubModel(id=info.id, downloads=int(info.downloads or 0), likes=int(info.likes or 0), params=params,
-                    size_bytes=size, gated=bool(info.gated), library=getattr(info, "library_name", None))
+    return HubModel(
+        id=info.id,
+        downloads=int(info.downloads or 0),
+        likes=int(info.likes or 0),
+        params=params,
+        size_bytes=size,
+        gated=bool(info.gated),
+        library=getattr(info, "library_name", None),
+    )
 
 
 # -------------------------------------------------------------------------------------------- cache

@@ -37,9 +37,27 @@ GGUF_MESSAGE = "GGUF is not supported; use a safetensors checkpoint (e.g. the or
 
 # Bytes per element of each safetensors dtype (https://huggingface.co/docs/safetensors).
 SAFETENSORS_DTYPE_BYTES: dict[str, float] = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
-    "F4": 0.5, "U4": 0.5, "I4": 0.5,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75,
+    "F4": 0.5,
+    "U4": 0.5,
+    "I4": 0.5,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
@@ -133,16 +151,17 @@ def local_path(name_or_path: str) -> Path | None:
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(
-                f"{path} is a file; pass the folder that holds config.json and the *.safetensors weights")
+                f"{path} is a file; pass the folder that holds config.json and the *.safetensors weights"
+            )
         return path
     looks_like_path = (
-        path.is_absolute() or name_or_path.startswith((".", "~")) or "\\" in name_or_path
-        or name_or_path.count("/") > 1
+        path.is_absolute() or name_or_path.startswith((".", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1
     )
     if looks_like_path:
         raise ModelNotFoundError(
             f"no folder at {path}: pass an existing folder with config.json and *.safetensors weights, "
-            "or a Hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'")
+            "or a Hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'"
+        )
     return None
 
 
@@ -161,13 +180,19 @@ def no_safetensors_error(where: str, files: list[str]) -> UnsupportedModelError:
     """GGUF-only -> the GGUF message; otherwise say which formats are there and what to do."""
     if any(is_gguf_name(f) for f in files):
         return UnsupportedModelError(f"{where} holds GGUF weights only. {GGUF_MESSAGE}")
-    formats = sorted({Path(f).suffix for f in files if Path(f).suffix in (".bin", ".pt", ".pth", ".h5",
-                                                                          ".msgpack", ".ckpt", ".onnx")})
+    formats = sorted(
+        {
+            Path(f).suffix
+            for f in files
+            if Path(f).suffix in (".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx")
+        }
+    )
     found = f" (it has {', '.join(formats)} files)" if formats else ""
     return UnsupportedModelError(
         f"{where} has no *.safetensors weights{found}; only safetensors checkpoints are loaded. Pick a "
         "repository that ships model.safetensors, or convert with "
-        "`AutoModelForCausalLM.from_pretrained(...).save_pretrained(folder, safe_serialization=True)`")
+        "`AutoModelForCausalLM.from_pretrained(...).save_pretrained(folder, safe_serialization=True)`"
+    )
 
 
 def check_local_folder(folder: Path) -> None:
@@ -179,14 +204,16 @@ def check_local_folder(folder: Path) -> None:
     if "config.json" not in names:
         raise ModelNotFoundError(
             f"{folder} has no config.json; a model folder needs config.json, *.safetensors weights and the "
-            "tokenizer files (as written by save_pretrained, or fetched with `hf download <repo id>`)")
+            "tokenizer files (as written by save_pretrained, or fetched with `hf download <repo id>`)"
+        )
     if not has_weights:
         raise no_safetensors_error(str(folder), names)
     missing = [p.name for p in safetensors_files(folder) if not p.is_file()]
     if missing:
         raise ModelNotFoundError(
             f"{folder}: model.safetensors.index.json names weight files that are missing: {', '.join(missing[:3])}"
-            f"{' ...' if len(missing) > 3 else ''}; download them again")
+            f"{' ...' if len(missing) > 3 else ''}; download them again"
+        )
 
 
 # -------------------------------------------------------------------------------------- hub errors
@@ -198,7 +225,8 @@ def offline_help(repo_id: str) -> str:
         f"To get it: (1) connect to the internet and unset HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE; "
         f"(2) or, on a machine with internet, run `hf download {repo_id}` and copy its cache into {cache} "
         "(or point HF_HUB_CACHE at a copied cache); (3) or pass a local folder that holds config.json, "
-        "*.safetensors weights and the tokenizer files.")
+        "*.safetensors weights and the tokenizer files."
+    )
 
 
 @contextmanager
@@ -210,27 +238,33 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     except GatedRepoError as e:  # before RepositoryNotFoundError: it subclasses it
         raise GatedModelError(
             f"{repo_id} is gated: accept the terms at https://huggingface.co/{repo_id} and set HF_TOKEN "
-            "(or run `hf auth login`) with a token of the account that accepted them") from e
+            "(or run `hf auth login`) with a token of the account that accepted them"
+        ) from e
     except RevisionNotFoundError as e:
         raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}: check the branch, tag or commit") from e
     except RepositoryNotFoundError as e:
         raise ModelNotFoundError(
             f"no model {repo_id!r} on the Hub (or it is private) and no local folder of that name: check the id "
             "or log in "
-            "(set HF_TOKEN or run `hf auth login`)") from e
+            "(set HF_TOKEN or run `hf auth login`)"
+        ) from e
     except DisabledRepoError as e:
         raise ModelNotFoundError(f"{repo_id} has been disabled on the Hub; pick another repository") from e
     except HFValidationError as e:
         raise ModelNotFoundError(
             f"{repo_id!r} is neither an existing local folder nor a valid Hub id ('owner/name'): check the id "
-            "or the path") from e
+            "or the path"
+        ) from e
     except IncompleteSnapshotError as e:
         raise ModelNotFoundError(
-            f"{repo_id}{rev} is only partly in the local cache and the Hub cannot be reached. "
-            f"{offline_help(repo_id)}") from e
+            f"{repo_id}{rev} is only partly in the local cache and the Hub cannot be reached. {offline_help(repo_id)}"
+        ) from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, _TransportError) as e:
-        why = ("offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)" if offline_mode_enabled()
-               else f"the Hub cannot be reached ({type(e).__name__})")
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+            if offline_mode_enabled()
+            else f"the Hub cannot be reached ({type(e).__name__})"
+        )
         raise ModelNotFoundError(
             f"{repo_id}{rev} is not in the local cache ({hub_cache_dir()}) and {why}. {offline_help(repo_id)}"
         ) from e
@@ -241,5 +275,6 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
         if status in (401, 403):
             raise ModelNotFoundError(
                 f"the Hub refused access to {repo_id} (HTTP {status}): check the id or log in "
-                "(set HF_TOKEN or run `hf auth login`)") from e
+                "(set HF_TOKEN or run `hf auth login`)"
+            ) from e
         raise ModelNotFoundError(f"the Hub request for {repo_id} failed (HTTP {status}): try again later ({e})") from e

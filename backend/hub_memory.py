@@ -44,8 +44,16 @@ from backend.hub_common import (
 )
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
-DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
-                                 "float": "float32", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+DTYPE_ALIASES: dict[str, str] = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "float": "float32",
+    "F32": "float32",
+    "BF16": "bfloat16",
+    "F16": "float16",
+}
 QUANT_METHODS = ("int8", "int4", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 UNQUANTIZED_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "shared", "word_embeddings")
@@ -82,9 +90,11 @@ class MemoryEstimate:
     @property
     def human(self) -> str:
         quant = f", {self.quantization}" if self.quantization else ""
-        return (f"{format_bytes(self.total_bytes)} total: weights {format_bytes(self.weight_bytes)} "
-                f"({_format_count(self.params)} params, {self.dtype}{quant}) + KV cache "
-                f"{format_bytes(self.kv_cache_bytes)} ({self.num_seqs} x {self.context_len} tokens)")
+        return (
+            f"{format_bytes(self.total_bytes)} total: weights {format_bytes(self.weight_bytes)} "
+            f"({_format_count(self.params)} params, {self.dtype}{quant}) + KV cache "
+            f"{format_bytes(self.kv_cache_bytes)} ({self.num_seqs} x {self.context_len} tokens)"
+        )
 
     def __str__(self) -> str:
         return self.human
@@ -123,8 +133,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
         if length > 100_000_000:
             raise UnsupportedModelError(f"{path} is not a safetensors file (header of {length} bytes)")
         header = json.loads(f.read(length))
-    return {name: TensorMeta(name, info["dtype"], tuple(info["shape"]))
-            for name, info in header.items() if name != "__metadata__"}
+    return {
+        name: TensorMeta(name, info["dtype"], tuple(info["shape"]))
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
 
 
 def _local_sources(folder: Path) -> tuple[dict, list[TensorMeta]]:
@@ -147,15 +160,20 @@ def _hub_sources(repo_id: str, revision: str | None, token: str | None) -> tuple
         except SafetensorsParsingError as e:
             raise UnsupportedModelError(f"cannot read the safetensors headers of {repo_id}: {e}") from e
         try:
-            config_path = hf.hf_hub_download(repo_id, "config.json", revision=revision, token=token,
-                                             cache_dir=hub_cache_dir())
+            config_path = hf.hf_hub_download(
+                repo_id, "config.json", revision=revision, token=token, cache_dir=hub_cache_dir()
+            )
         except RemoteEntryNotFoundError:
             raise UnsupportedModelError(
                 f"{repo_id} has no config.json, so it is not a transformers checkpoint this engine can load; "
-                "pick the original (transformers) repository of the model") from None
+                "pick the original (transformers) repository of the model"
+            ) from None
     config = json.loads(Path(config_path).read_text())
-    tensors = {name: TensorMeta(name, info.dtype, tuple(info.shape))
-               for file_meta in meta.files_metadata.values() for name, info in file_meta.tensors.items()}
+    tensors = {
+        name: TensorMeta(name, info.dtype, tuple(info.shape))
+        for file_meta in meta.files_metadata.values()
+        for name, info in file_meta.tensors.items()
+    }
     return config, list(tensors.values())
 
 
@@ -215,9 +233,16 @@ def estimate_memory(
     return compute_estimate(config, tensors, dtype_name, quant, group_size, context_len, num_seqs, kv_dtype_bytes)
 
 
-def compute_estimate(config: dict, tensors: list[TensorMeta], dtype: str = "auto", quantization: str | None = None,
-                     group_size: int = 128, context_len: int = 4096, num_seqs: int = 1,
-                     kv_dtype_bytes: int | None = None) -> MemoryEstimate:
+def compute_estimate(
+    config: dict,
+    tensors: list[TensorMeta],
+    dtype: str = "auto",
+    quantization: str | None = None,
+    group_size: int = 128,
+    context_len: int = 4096,
+    num_seqs: int = 1,
+    kv_dtype_bytes: int | None = None,
+) -> MemoryEstimate:
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     notes: list[str] = []
     act_bytes = DTYPE_BYTES[dtype] if dtype != "auto" else _auto_activation_bytes(config, text, tensors)
@@ -232,11 +257,14 @@ def compute_estimate(config: dict, tensors: list[TensorMeta], dtype: str = "auto
         else:
             weight_bytes += t.numel * DTYPE_BYTES[dtype]
     if quantization is not None:
-        notes.append(f"{quantization}: {quantized} linear weights quantized; embeddings, lm_head, norms and "
-                     "biases stay at the activation dtype")
+        notes.append(
+            f"{quantization}: {quantized} linear weights quantized; embeddings, lm_head, norms and "
+            "biases stay at the activation dtype"
+        )
         if already_quantized:
-            notes.append("the checkpoint already holds non-float weights (a quantized checkpoint): those are "
-                         "counted as stored")
+            notes.append(
+                "the checkpoint already holds non-float weights (a quantized checkpoint): those are counted as stored"
+            )
     if dtype == "auto":
         stored = sorted({t.dtype for t in tensors})
         dtype_label = f"auto ({'/'.join(stored)})"
@@ -251,8 +279,18 @@ def compute_estimate(config: dict, tensors: list[TensorMeta], dtype: str = "auto
     kv_bytes = kv_per_token * context_len * num_seqs
     notes.append("not included: activations, CUDA context and allocator overhead (often 0.5-2 GiB more)")
     params = sum(t.numel for t in tensors)
-    return MemoryEstimate(params, int(weight_bytes), int(kv_bytes), int(weight_bytes + kv_bytes), dtype_label,
-                          tuple(notes), quantization, context_len, num_seqs, int(kv_per_token))
+    return MemoryEstimate(
+        params,
+        int(weight_bytes),
+        int(kv_bytes),
+        int(weight_bytes + kv_bytes),
+        dtype_label,
+        tuple(notes),
+        quantization,
+        context_len,
+        num_seqs,
+        int(kv_per_token),
+    )
 
 
 def _check_dtype(dtype: str) -> str:
@@ -270,13 +308,16 @@ def _parse_quantization(quantization: str | None) -> tuple[str | None, int]:
     if method not in QUANT_METHODS:
         raise QuantizationError(
             f"cannot estimate quantization {quantization!r}: use one of {', '.join(QUANT_METHODS)} or None "
-            "(pre-quantized checkpoints: leave it None, their stored bytes are counted)")
+            "(pre-quantized checkpoints: leave it None, their stored bytes are counted)"
+        )
     group = 128
     if option:
         value = option.split("=", 1)[1] if "=" in option else option.lstrip("g")
         if method != "int4" or not value.isdigit() or int(value) not in INT4_GROUP_SIZES:
-            raise QuantizationError(f"bad option in {quantization!r}: only int4 takes a group size "
-                                    f"({', '.join(map(str, INT4_GROUP_SIZES))}), e.g. 'int4:g64'")
+            raise QuantizationError(
+                f"bad option in {quantization!r}: only int4 takes a group size "
+                f"({', '.join(map(str, INT4_GROUP_SIZES))}), e.g. 'int4:g64'"
+            )
         group = int(value)
     return method, group
 
@@ -355,7 +396,9 @@ def _kv_bytes_per_token(cfg: dict, kv_bytes: int) -> tuple[int, list[str]]:
         v_dim = _first_int(cfg, "v_head_dim") or head_dim
         kv_heads = heads
         notes.append("MLA model: KV counted as expanded per-head K and V")
-    notes.append(f"KV cache: 2 x {layers} layers x {kv_heads} kv heads x {head_dim} head_dim x {kv_bytes} bytes "
-                 "per token" if k_dim == v_dim == head_dim else
-                 f"KV cache: {layers} layers x {kv_heads} kv heads x ({k_dim} + {v_dim}) x {kv_bytes} bytes per token")
+    notes.append(
+        f"KV cache: 2 x {layers} layers x {kv_heads} kv heads x {head_dim} head_dim x {kv_bytes} bytes per token"
+        if k_dim == v_dim == head_dim
+        else f"KV cache: {layers} layers x {kv_heads} kv heads x ({k_dim} + {v_dim}) x {kv_bytes} bytes per token"
+    )
     return layers * kv_heads * (k_dim + v_dim) * kv_bytes, notes

@@ -88,8 +88,13 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor
 class StreamingLoader:
     """Maps checkpoint names to the model and puts each tensor in place."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype,
-                 rename: Callable[[str], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        rename: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -155,8 +160,9 @@ def materialize_leftovers(model: nn.Module, report: LoadReport, device: torch.de
     missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     if missing:
         raise UnsupportedModelError(
-            f"{model_name}: {len(missing)} weights were not found in the checkpoint (e.g. {missing[:4]}); the checkpoint "
-            "names do not match the model. If transformers converts this checkpoint on load, it is not supported here yet."
+            f"{model_name}: {len(missing)} weights were not found in the checkpoint (e.g. {missing[:4]}); the "
+            "checkpoint names do not match the model. If transformers converts this checkpoint on load, it is not "
+            "supported here yet."
         )
     meta_buffers = [n for n, b in model.named_buffers(remove_duplicate=False) if b.is_meta]
     for name in meta_buffers:

@@ -12,8 +12,14 @@ from backend.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device, attention_backend: str,
-                 attention_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: KVCache,
+        device: torch.device,
+        attention_backend: str,
+        attention_dtype: torch.dtype | None = None,
+    ) -> None:
         self.model = model
         self.attention_dtype = attention_dtype  # torch attention math dtype (None = the model's)
         self.kv_cache = kv_cache
@@ -46,6 +52,7 @@ def score_prompts(batch: ScheduledBatch, fb: ForwardBatch, logits: torch.Tensor)
         seq = batch.seqs[r.seq_index]
         start = r.first_pos + 1  # the first prompt token these rows predict
         targets = seq.prompt_token_ids[start : start + r.count]
-        scored[seq.seq_id] = score_prompt(logits[r.first_row : r.first_row + r.count], targets, start,
-                                          seq.params.prompt_logprobs)
+        scored[seq.seq_id] = score_prompt(
+            logits[r.first_row : r.first_row + r.count], targets, start, seq.params.prompt_logprobs
+        )
     return scored

@@ -8,7 +8,6 @@ import torch
 
 from backend.errors import RequestError
 
-
 MAX_LOGPROBS = 20
 
 
@@ -36,7 +35,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                "max_new_tokens must be an integer >= 1",
+            ),
             (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -45,7 +47,10 @@ class SamplingParams:
             (_valid_top_n(self.logprobs), "logprobs must be None or an integer 0..20"),
             (_valid_top_n(self.prompt_logprobs), "prompt_logprobs must be None or an integer 0..20"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative ints"),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                "stop_token_ids must be non-negative ints",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -62,6 +67,7 @@ TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
 @dataclass
 class PromptLogprobs:
     """Logprobs of consecutive prompt tokens scored in one step (a prefill may take several steps)."""
+
     start: int  # prompt index of the first scored token (>= 1: token 0 has no prefix)
     logprobs: list[float]
     top_logprobs: list[TopLogprobs] | None  # when prompt_logprobs > 0

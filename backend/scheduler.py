@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from backend.kv_cache import BlockAllocator, block_hashes
-from backend.sequence import Sequence, SeqStatus
+from backend.sequence import SeqStatus, Sequence
 
 
 @dataclass

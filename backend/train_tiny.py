@@ -27,11 +27,47 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from backend.tiny_models import build_tokenizer
 
 TRAIN_MODULES = (
-    "argparse", "ast", "asyncio.base_events", "calendar", "configparser", "contextlib", "csv", "dataclasses", "dis",
-    "doctest", "email.message", "enum", "fractions", "functools", "gettext", "heapq", "http.client", "imaplib",
-    "inspect", "ipaddress", "logging", "mailbox", "optparse", "pickle", "pprint", "selectors", "shutil", "smtplib",
-    "socket", "statistics", "subprocess", "tarfile", "tempfile", "threading", "tokenize", "typing",
-    "unittest.case", "urllib.parse", "uuid", "weakref", "zipfile",
+    "argparse",
+    "ast",
+    "asyncio.base_events",
+    "calendar",
+    "configparser",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "dis",
+    "doctest",
+    "email.message",
+    "enum",
+    "fractions",
+    "functools",
+    "gettext",
+    "heapq",
+    "http.client",
+    "imaplib",
+    "inspect",
+    "ipaddress",
+    "logging",
+    "mailbox",
+    "optparse",
+    "pickle",
+    "pprint",
+    "selectors",
+    "shutil",
+    "smtplib",
+    "socket",
+    "statistics",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "threading",
+    "tokenize",
+    "typing",
+    "unittest.case",
+    "urllib.parse",
+    "uuid",
+    "weakref",
+    "zipfile",
 )
 EVAL_MODULE = "collections"  # held out: collections/__init__.py
 DEFAULT_DIR = Path("~/.cache/fallback_lab/trained-tiny").expanduser()
@@ -93,10 +129,17 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), log: Callable[[str]
     if len(ids) <= cfg.seq_len:
         raise ValueError(f"the training text has {len(ids)} tokens, fewer than seq_len={cfg.seq_len}")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)  # fp32
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -121,9 +164,14 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), log: Callable[[str]
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = dict(config=_config_key(cfg), python=platform.python_version(), train_tokens=len(ids),
-                first_loss=result.losses[0], final_loss=sum(result.losses[-10:]) / len(result.losses[-10:]),
-                seconds=round(result.seconds, 1))
+    info = dict(
+        config=_config_key(cfg),
+        python=platform.python_version(),
+        train_tokens=len(ids),
+        first_loss=result.losses[0],
+        final_loss=sum(result.losses[-10:]) / len(result.losses[-10:]),
+        seconds=round(result.seconds, 1),
+    )
     (out / INFO_FILE).write_text(json.dumps(info, indent=1))
     return result
 
@@ -132,8 +180,9 @@ def _config_key(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as read back from JSON
 
 
-def ensure_trained(out: str | Path = DEFAULT_DIR, cfg: TrainConfig = TrainConfig(),
-                   log: Callable[[str], None] = print) -> Path:
+def ensure_trained(
+    out: str | Path = DEFAULT_DIR, cfg: TrainConfig = TrainConfig(), log: Callable[[str], None] = print
+) -> Path:
     """The trained checkpoint at `out`, training it first unless it was trained with these settings."""
     out = Path(out).expanduser()
     info_path = out / INFO_FILE

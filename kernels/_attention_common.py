@@ -16,7 +16,9 @@ def check_attention_args(
 ) -> None:
     """Raise ValueError for inputs the Triton attention kernels do not support."""
     if q.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError(f"q must be (T, Hq, D) and the caches (NB, BS, Hkv, D); got {tuple(q.shape)}, {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"q must be (T, Hq, D) and the caches (NB, BS, Hkv, D); got {tuple(q.shape)}, {tuple(k_cache.shape)}"
+        )
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must have the same shape and strides")
     if q.shape[-1] != k_cache.shape[-1]:

@@ -27,8 +27,10 @@ def gelu_and_mul_torch(x: torch.Tensor, approximate: str = "none") -> torch.Tens
 
 @triton.jit
 def _act_and_mul_kernel(
-    x_ptr, out_ptr,
-    stride_x, stride_o,
+    x_ptr,
+    out_ptr,
+    stride_x,
+    stride_o,
     inter,  # I
     ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh approximation)
     BLOCK: tl.constexpr,
@@ -62,7 +64,13 @@ def _act_and_mul_triton(x: torch.Tensor, act: int) -> torch.Tensor:
     block = min(triton.next_power_of_2(inter), 1024)
     if x2.shape[0]:
         _act_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), inter, ACT=act, BLOCK=block,
+            x2,
+            out,
+            x2.stride(0),
+            out.stride(0),
+            inter,
+            ACT=act,
+            BLOCK=block,
         )
     return out.view(*x.shape[:-1], inter)
 

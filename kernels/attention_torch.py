@@ -83,8 +83,9 @@ class TorchAttentionPlan:
     compute_dtype: torch.dtype | None = None
 
 
-def split_by_length(lens: list[int], block_size: int, max_groups: int = MAX_DECODE_GROUPS,
-                    min_saving: int = GROUP_SPLIT_MIN_SAVING) -> list[int]:
+def split_by_length(
+    lens: list[int], block_size: int, max_groups: int = MAX_DECODE_GROUPS, min_saving: int = GROUP_SPLIT_MIN_SAVING
+) -> list[int]:
     """Cut points into `lens` (sorted ascending) so that each group pads to its own longest context.
 
     Greedy: take the cut that saves the most padded tokens, while it saves at least `min_saving` and there
@@ -105,8 +106,9 @@ def split_by_length(lens: list[int], block_size: int, max_groups: int = MAX_DECO
     return cuts
 
 
-def _decode_group(ids: list[int], query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor,
-                  block_size: int) -> DecodeGroup:
+def _decode_group(
+    ids: list[int], query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int
+) -> DecodeGroup:
     device = block_tables.device
     max_blocks = -(-max(seq_lens[i] for i in ids) // block_size)
     col = torch.arange(max_blocks, device=device)
@@ -136,8 +138,10 @@ def build_plan(
         if not cuts:
             by_len = decode_ids  # one group: keep batch order, so an all-decode step needs no scatter
         bounds = [0] + cuts + [len(by_len)]
-        groups = [_decode_group(by_len[lo:hi], query_start_loc, seq_lens, block_tables, block_size)
-                  for lo, hi in zip(bounds, bounds[1:])]
+        groups = [
+            _decode_group(by_len[lo:hi], query_start_loc, seq_lens, block_tables, block_size)
+            for lo, hi in zip(bounds, bounds[1:])
+        ]
     decode_set = set(decode_ids)
     prefills = []
     for i in range(num_seqs):
@@ -201,8 +205,9 @@ def paged_attention_planned(
         qd = _as((q if plan.all_decode else q[g.tokens]).unsqueeze(2), cd)  # (Sg, Hq, 1, D)
         kd = _gather(k_cache, g.blocks, cd).view(sg, -1, hkv, d).transpose(1, 2)  # (Sg, Hkv, NBg*BS, D)
         vd = _gather(v_cache, g.blocks, cd).view(sg, -1, hkv, d).transpose(1, 2)
-        od = _as(_attend(qd, kd, vd, g.mask(sliding_window, mask_dtype), scale, softcap, sinks).squeeze(2),
-                 q.dtype)  # (Sg, Hq, D)
+        od = _as(
+            _attend(qd, kd, vd, g.mask(sliding_window, mask_dtype), scale, softcap, sinks).squeeze(2), q.dtype
+        )  # (Sg, Hq, D)
         if plan.all_decode:
             return od
         out.index_copy_(0, g.tokens, od)

@@ -19,8 +19,9 @@ import torch
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _paged_setup(batch: int, ctx: int, new: int, hkv: int, hq: int, d: int, bs: int, dtype: torch.dtype,
-                 device: torch.device) -> dict:
+def _paged_setup(
+    batch: int, ctx: int, new: int, hkv: int, hq: int, d: int, bs: int, dtype: torch.dtype, device: torch.device
+) -> dict:
     """Caches holding `ctx` tokens per sequence in shuffled blocks, plus the matching contiguous K/V."""
     blocks_per_seq = -(-ctx // bs)
     nb = batch * blocks_per_seq
@@ -35,8 +36,19 @@ def _paged_setup(batch: int, ctx: int, new: int, hkv: int, hq: int, d: int, bs: 
     k = k_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2).contiguous()  # (B, Hkv, L, D)
     v = v_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2).contiguous()
     q4 = q.view(batch, new, hq, d).transpose(1, 2).contiguous()  # (B, Hq, new, D)
-    return dict(q=q, k_cache=k_cache, v_cache=v_cache, qsl=qsl, seq_lens=seq_lens, tables=tables,
-                k=k, v=v, q4=q4, new=new, ctx=ctx)
+    return dict(
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        qsl=qsl,
+        seq_lens=seq_lens,
+        tables=tables,
+        k=k,
+        v=v,
+        q4=q4,
+        new=new,
+        ctx=ctx,
+    )
 
 
 def _time_ms(fn: Callable[[], torch.Tensor]) -> float | None:
@@ -64,8 +76,9 @@ def _methods(s: dict, scale: float, causal: bool) -> dict[str, Callable[[], torc
 
     def sdpa() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(s["q4"], s["k"], s["v"], is_causal=causal,
-                                                                    scale=scale, enable_gqa=True)
+            return torch.nn.functional.scaled_dot_product_attention(
+                s["q4"], s["k"], s["v"], is_causal=causal, scale=scale, enable_gqa=True
+            )
 
     methods = {
         "triton_unified": lambda: paged_attention_triton(*args, max_query_len=new, max_seq_len=ctx),
@@ -76,16 +89,18 @@ def _methods(s: dict, scale: float, causal: bool) -> dict[str, Callable[[], torc
         if causal:
             block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, new, ctx, device=s["q"].device)
         flex = torch.compile(flex_attention, dynamic=False)
-        methods["flex(contig)"] = lambda: flex(s["q4"], s["k"], s["v"], block_mask=block_mask, scale=scale,
-                                               enable_gqa=True)
+        methods["flex(contig)"] = lambda: flex(
+            s["q4"], s["k"], s["v"], block_mask=block_mask, scale=scale, enable_gqa=True
+        )
     except Exception as exc:  # FlexAttention unavailable on this torch/GPU
         print(f"  (flex skipped: {type(exc).__name__}: {exc})", file=sys.stderr)
     if new == 1:
         choice = attention_kernel_for(batch, batch, s["k_cache"].shape[2], ctx, s["q"].device, max_query_len=1)
         splits = choice.num_splits if choice.num_splits > 1 else 8
         methods[f"triton_split_kv({splits})"] = lambda: paged_decode_triton(*args, num_splits=splits)
-        methods[f"auto->{choice.kernel}"] = (methods["triton_unified"] if choice.kernel == "unified"
-                                             else methods[f"triton_split_kv({splits})"])
+        methods[f"auto->{choice.kernel}"] = (
+            methods["triton_unified"] if choice.kernel == "unified" else methods[f"triton_split_kv({splits})"]
+        )
     return methods
 
 
@@ -106,8 +121,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                 out = fn().reshape(batch, hq, d) if ms is not None else None
                 if name == "sdpa_flash(contig)" and out is not None:
                     ref = out
-                rows.append(dict(phase="decode", method=name, batch=batch, context=ctx, ms=ms,
-                                 gb_s=None if ms is None else kv_bytes / ms / 1e6, tflops=None, out=out))
+                rows.append(
+                    dict(
+                        phase="decode",
+                        method=name,
+                        batch=batch,
+                        context=ctx,
+                        ms=ms,
+                        gb_s=None if ms is None else kv_bytes / ms / 1e6,
+                        tflops=None,
+                        out=out,
+                    )
+                )
             for r in rows:
                 if r["phase"] == "decode" and r["batch"] == batch and r["context"] == ctx and "max_err" not in r:
                     o = r.pop("out")
@@ -118,8 +143,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         flops = 4 * length * length / 2 * hq * d
         for name, fn in _methods(s, scale, causal=True).items():
             ms = _time_ms(fn)
-            rows.append(dict(phase="prefill", method=name, batch=1, context=length, ms=ms, gb_s=None,
-                             tflops=None if ms is None else flops / ms / 1e9, max_err=None))
+            rows.append(
+                dict(
+                    phase="prefill",
+                    method=name,
+                    batch=1,
+                    context=length,
+                    ms=ms,
+                    gb_s=None,
+                    tflops=None if ms is None else flops / ms / 1e9,
+                    max_err=None,
+                )
+            )
         del s
     return rows
 
@@ -129,11 +164,17 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| phase | method | batch | context | ms | GB/s | TFLOP/s | max err vs sdpa |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "| phase | method | batch | context | ms | GB/s | TFLOP/s | max err vs sdpa |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['phase']} | {r['method']} | {r['batch']} | {r['context']} | {_fmt(r['ms'], '.3f')} | "
-                     f"{_fmt(r['gb_s'], '.0f')} | {_fmt(r['tflops'], '.1f')} | {_fmt(r.get('max_err'), '.1e')} |")
+        lines.append(
+            f"| {r['phase']} | {r['method']} | {r['batch']} | {r['context']} | {_fmt(r['ms'], '.3f')} | "
+            f"{_fmt(r['gb_s'], '.0f')} | {_fmt(r['tflops'], '.1f')} | {_fmt(r.get('max_err'), '.1e')} |"
+        )
     return "\n".join(lines)
 
 
@@ -154,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = run(args)
     props = torch.cuda.get_device_properties(0)
-    header = (f"GPU: {props.name}, torch {torch.__version__}, {args.dtype}, Hq={args.q_heads} Hkv={args.kv_heads} "
-              f"D={args.head_dim} block={args.block_size}")
+    header = (
+        f"GPU: {props.name}, torch {torch.__version__}, {args.dtype}, Hq={args.q_heads} Hkv={args.kv_heads} "
+        f"D={args.head_dim} block={args.block_size}"
+    )
     print(markdown(rows, header))
     if args.json:
         with open(args.json, "w") as f:

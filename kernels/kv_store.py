@@ -9,9 +9,18 @@ from kernels._triton import require_triton, tl, triton
 
 @triton.jit
 def _store_kv_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch,  # cache strides: block, slot-in-block, head (head_dim is contiguous)
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,  # cache strides: block, slot-in-block, head (head_dim is contiguous)
     block_size,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -52,9 +61,18 @@ def store_kv_triton(
     if value.stride(-1) != 1:
         value = value.contiguous()
     _store_kv_kernel[(num_tokens, num_heads)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         k_cache.shape[1],
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),

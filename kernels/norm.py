@@ -39,9 +39,18 @@ def rms_norm_torch(
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    stride_x, stride_r, stride_o, stride_ro,
-    hidden, eps, offset,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    hidden,
+    eps,
+    offset,
     HAS_RESIDUAL: tl.constexpr,
     GEMMA: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -89,9 +98,18 @@ def rms_norm_triton(
     block = triton.next_power_of_2(hidden)
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, out, res_out,
-            x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
-            hidden, eps, offset,
+            x2,
+            r2,
+            weight,
+            out,
+            res_out,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            hidden,
+            eps,
+            offset,
             HAS_RESIDUAL=residual is not None,
             GEMMA=offset != 0.0,
             BLOCK=block,

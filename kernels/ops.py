@@ -21,8 +21,15 @@ from kernels.attention_torch import paged_attention_torch, store_kv_torch
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary
 
-__all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "silu_and_mul", "gelu_and_mul",
-           "attention_kernel_for"]
+__all__ = [
+    "store_kv",
+    "paged_attention",
+    "rms_norm",
+    "apply_rotary",
+    "silu_and_mul",
+    "gelu_and_mul",
+    "attention_kernel_for",
+]
 
 _ATTENTION_KERNELS = ("auto", UNIFIED, SPLIT_KV)
 
@@ -61,8 +68,9 @@ def attention_kernel_for(
     forced = os.environ.get("FLAB_ATTENTION_KERNEL", "auto")
     if forced not in _ATTENTION_KERNELS:
         raise ValueError(f"FLAB_ATTENTION_KERNEL must be one of {_ATTENTION_KERNELS}, got {forced!r}")
-    choice = choose_attention_kernel(num_seqs, num_tokens, num_kv_heads, max_seq_len, _sm_count(device),
-                                     config, max_query_len)
+    choice = choose_attention_kernel(
+        num_seqs, num_tokens, num_kv_heads, max_seq_len, _sm_count(device), config, max_query_len
+    )
     decode_only = num_seqs > 0 and (max_query_len == 1 if max_query_len is not None else num_tokens == num_seqs)
     if forced == UNIFIED or (forced == SPLIT_KV and not decode_only):
         return KernelChoice(UNIFIED, 1)
@@ -88,10 +96,23 @@ def paged_attention(
     """Paged attention of a mixed batch. On the Triton path `max_seq_len` (host int) enables the
     split-KV choice; without it (None) the unified kernel runs (no device sync to find it)."""
     if not use_triton(q):
-        return paged_attention_torch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                     softcap, sliding_window, sinks)
-    return paged_attention_triton_auto(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                       softcap, sliding_window, sinks, max_query_len, max_seq_len)
+        return paged_attention_torch(
+            q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, softcap, sliding_window, sinks
+        )
+    return paged_attention_triton_auto(
+        q,
+        k_cache,
+        v_cache,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale,
+        softcap,
+        sliding_window,
+        sinks,
+        max_query_len,
+        max_seq_len,
+    )
 
 
 def paged_attention_triton_auto(
@@ -111,14 +132,38 @@ def paged_attention_triton_auto(
     """The Triton path: the unified mixed-batch kernel or split-KV decode, chosen per step."""
     choice = KernelChoice(UNIFIED, 1)
     if max_seq_len is not None:
-        choice = attention_kernel_for(seq_lens.shape[0], q.shape[0], k_cache.shape[2], max_seq_len, q.device,
-                                      max_query_len)
+        choice = attention_kernel_for(
+            seq_lens.shape[0], q.shape[0], k_cache.shape[2], max_seq_len, q.device, max_query_len
+        )
     if choice.kernel == SPLIT_KV:
         from kernels.paged_decode import paged_decode_triton
 
-        return paged_decode_triton(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                   softcap, sliding_window, sinks, num_splits=choice.num_splits)
+        return paged_decode_triton(
+            q,
+            k_cache,
+            v_cache,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            scale,
+            softcap,
+            sliding_window,
+            sinks,
+            num_splits=choice.num_splits,
+        )
     from kernels.paged_attention import paged_attention_triton
 
-    return paged_attention_triton(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                  softcap, sliding_window, sinks, max_query_len, max_seq_len)
+    return paged_attention_triton(
+        q,
+        k_cache,
+        v_cache,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale,
+        softcap,
+        sliding_window,
+        sinks,
+        max_query_len,
+        max_seq_len,
+    )

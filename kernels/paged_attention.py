@@ -38,11 +38,25 @@ def _find_seq_idx(qsl_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _unified_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr,
-    qsl_ptr, seq_lens_ptr, block_tables_ptr,
-    num_seqs, scale, softcap, window,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cb, stride_cs, stride_ch,  # cache strides: block, slot-in-block, kv head
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    sinks_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    num_seqs,
+    scale,
+    softcap,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,  # cache strides: block, slot-in-block, kv head
     stride_bt,  # block_tables row stride
     NUM_Q_PER_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # cache block size (any value; constexpr so // and % are cheap)
@@ -76,8 +90,11 @@ def _unified_attention_kernel(
     d_valid = d < HEAD_DIM
 
     token = (q_start + q_local).to(tl.int64)
-    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # (M, BD)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )  # (M, BD)
 
     if USE_SINKS:  # the sink starts the running max and contributes exp(0) = 1 to the denominator
         m_i = tl.load(sinks_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -100,10 +117,12 @@ def _unified_attention_kernel(
         kv_valid = kv_pos < kv_end
         phys = tl.load(block_tables_ptr + seq * stride_bt + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0)
         kv_off = phys.to(tl.int64) * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # (N,)
-        k = tl.load(k_cache_ptr + kv_off[None, :] + d[:, None],
-                    mask=d_valid[:, None] & kv_valid[None, :], other=0.0)  # (BD, N)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :],
-                    mask=kv_valid[:, None] & d_valid[None, :], other=0.0)  # (N, BD)
+        k = tl.load(
+            k_cache_ptr + kv_off[None, :] + d[:, None], mask=d_valid[:, None] & kv_valid[None, :], other=0.0
+        )  # (BD, N)
+        v = tl.load(
+            v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_valid[:, None] & d_valid[None, :], other=0.0
+        )  # (N, BD)
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # (M, N) fp32
         if USE_SOFTCAP:
             s = softcap * tanh_f32(s * (scale / softcap)) * 1.4426950408889634
@@ -123,12 +142,16 @@ def _unified_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    tl.store(
+        out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & d_valid[None, :],
+    )
 
 
-def unified_launch_config(max_query_len: int, num_q_per_kv: int, head_dim: int,
-                          dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+def unified_launch_config(
+    max_query_len: int, num_q_per_kv: int, head_dim: int, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, int]:
     """Tile sizes. Chosen so the sm_90 builds do not spill registers (checked with
     tests/kernels/compile_sm90.py + cuobjdump); their speed is UNMEASURED (no GPU in this session)."""
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
@@ -180,11 +203,25 @@ def paged_attention_triton(
     cfg = unified_launch_config(max_query_len, group, head_dim, q.dtype)
     num_q_blocks = num_tokens // cfg["BLOCK_Q"] + num_seqs
     _unified_attention_kernel[(num_q_blocks, num_kv_heads)](
-        q, k_cache, v_cache, out, sinks if sinks is not None else q,
-        query_start_loc, seq_lens, block_tables,
-        num_seqs, scale, softcap or 0.0, sliding_window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        out,
+        sinks if sinks is not None else q,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        num_seqs,
+        scale,
+        softcap or 0.0,
+        sliding_window or 0,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
         NUM_Q_PER_KV=group,
         BLOCK_SIZE=k_cache.shape[1],

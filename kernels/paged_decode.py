@@ -20,13 +20,26 @@ from kernels._triton import require_triton, tl, triton
 
 @triton.jit
 def _split_kv_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
-    qsl_ptr, seq_lens_ptr, block_tables_ptr,
-    scale, softcap, window,
-    stride_qt, stride_qh,
-    stride_cb, stride_cs, stride_ch,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    scale,
+    softcap,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
     stride_bt,
-    stride_ps, stride_ph, stride_pp,  # partial out (S, Hq, P, BD); partial lse (S, Hq, P) uses the first three / BD
+    stride_ps,
+    stride_ph,
+    stride_pp,  # partial out (S, Hq, P, BD); partial lse (S, Hq, P) uses the first three / BD
     NUM_Q_PER_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # cache block size (any value; constexpr so // and % are cheap)
     HEAD_DIM: tl.constexpr,
@@ -55,8 +68,11 @@ def _split_kv_decode_kernel(
     head = kv_head * NUM_Q_PER_KV + rows  # (H,)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
-    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # (H, BD)
+    q = tl.load(
+        q_ptr + token * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )  # (H, BD)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -67,10 +83,12 @@ def _split_kv_decode_kernel(
         kv_valid = kv_pos < end
         phys = tl.load(block_tables_ptr + seq * stride_bt + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0)
         kv_off = phys.to(tl.int64) * stride_cb + (kv_pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        k = tl.load(k_cache_ptr + kv_off[None, :] + d[:, None],
-                    mask=d_valid[:, None] & kv_valid[None, :], other=0.0)  # (BD, N)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :],
-                    mask=kv_valid[:, None] & d_valid[None, :], other=0.0)  # (N, BD)
+        k = tl.load(
+            k_cache_ptr + kv_off[None, :] + d[:, None], mask=d_valid[:, None] & kv_valid[None, :], other=0.0
+        )  # (BD, N)
+        v = tl.load(
+            v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_valid[:, None] & d_valid[None, :], other=0.0
+        )  # (N, BD)
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # (H, N)
         if USE_SOFTCAP:
             s = softcap * tanh_f32(s * (scale / softcap)) * 1.4426950408889634
@@ -96,9 +114,16 @@ def _split_kv_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, qsl_ptr,
-    stride_ps, stride_ph, stride_pp,
-    stride_ot, stride_oh,
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    sinks_ptr,
+    qsl_ptr,
+    stride_ps,
+    stride_ph,
+    stride_pp,
+    stride_ot,
+    stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -157,7 +182,9 @@ def paged_decode_triton(
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     if num_tokens != num_seqs:
-        raise ValueError(f"split-KV decode needs one new token per sequence, got {num_tokens} tokens for {num_seqs} sequences")
+        raise ValueError(
+            f"split-KV decode needs one new token per sequence, got {num_tokens} tokens for {num_seqs} sequences"
+        )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     out = torch.empty_like(q)
@@ -172,13 +199,26 @@ def paged_decode_triton(
     part_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     ps, ph, pp = part_out.stride(0), part_out.stride(1), part_out.stride(2)
     _split_kv_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_lse,
-        query_start_loc, seq_lens, block_tables,
-        scale, softcap or 0.0, sliding_window or 0,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        part_out,
+        part_lse,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale,
+        softcap or 0.0,
+        sliding_window or 0,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
-        ps, ph, pp,
+        ps,
+        ph,
+        pp,
         NUM_Q_PER_KV=group,
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim,
@@ -189,9 +229,16 @@ def paged_decode_triton(
         **cfg,
     )
     _merge_splits_kernel[(num_seqs, num_q_heads)](
-        part_out, part_lse, out, sinks if sinks is not None else q, query_start_loc,
-        ps, ph, pp,
-        out.stride(0), out.stride(1),
+        part_out,
+        part_lse,
+        out,
+        sinks if sinks is not None else q,
+        query_start_loc,
+        ps,
+        ph,
+        pp,
+        out.stride(0),
+        out.stride(1),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         NUM_SPLITS=num_splits,

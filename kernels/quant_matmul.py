@@ -37,11 +37,31 @@ def _decode_fp8_e4m3(b):
 
 @triton.jit
 def _quant_matmul_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    M, N, K, group_size,
-    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_ym, stride_yn,
-    MODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_xk,
+    stride_qn,
+    stride_qk,
+    stride_sn,
+    stride_sg,
+    stride_ym,
+    stride_yn,
+    MODE: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -54,8 +74,9 @@ def _quant_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )  # (BM, BK)
         w_mask = k_mask[:, None] & n_mask[None, :]
         if MODE == 1:
             byte = tl.load(q_ptr + rn[None, :] * stride_qn + (kk // 2)[:, None] * stride_qk, mask=w_mask, other=0)
@@ -78,8 +99,11 @@ def _quant_matmul_kernel(
             acc += tl.dot(x, w)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 def block_k_for(group_size: int, num_groups: int) -> int | None:
@@ -118,11 +142,30 @@ def quant_matmul_triton(
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales
     _quant_matmul_kernel[grid](
-        x, qweight, scales, z, b, y,
-        m, n, k, group_size if num_groups > 1 else max(k, 1),
-        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        y.stride(0), y.stride(1),
-        MODE=MODES[mode], HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        x,
+        qweight,
+        scales,
+        z,
+        b,
+        y,
+        m,
+        n,
+        k,
+        group_size if num_groups > 1 else max(k, 1),
+        x.stride(0),
+        x.stride(1),
+        qweight.stride(0),
+        qweight.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        y.stride(0),
+        y.stride(1),
+        MODE=MODES[mode],
+        HAS_ZERO=zeros is not None,
+        HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     return y

@@ -108,8 +108,9 @@ def quant_matmul_torch(
     return torch.nn.functional.linear(x, w, bias)
 
 
-def int8pack_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8pack_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """CPU fast path, symmetric per-channel int8: x (M, K), qweight int8 (N, K), scales (N,) x.dtype."""
     y = torch._weight_int8pack_mm(x.contiguous(), qweight, scales)  # (M, N)
     return y + bias if bias is not None else y
@@ -125,11 +126,16 @@ def int4pack_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor | None) 
     return torch.stack((scales.float(), offset), dim=-1).transpose(0, 1).contiguous().to(scales.dtype)  # (G, N, 2)
 
 
-def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4pack_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group_size: int,
+    scales_and_zeros: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)  # (M, N)
     return y + bias if bias is not None else y
 
 
 def int4pack_eligible(out_features: int, in_features: int, group_size: int) -> bool:
-    return (out_features % 16 == 0 and group_size in INT4_PACK_GROUP_SIZES and in_features % group_size == 0)
+    return out_features % 16 == 0 and group_size in INT4_PACK_GROUP_SIZES and in_features % group_size == 0

@@ -81,8 +81,15 @@ def apply_rotary_torch(
 
 @triton.jit
 def _rotary_kernel(
-    x_ptr, out_ptr, pos_ptr, cache_ptr,
-    stride_xt, stride_xh, stride_ot, stride_oh, stride_cache,
+    x_ptr,
+    out_ptr,
+    pos_ptr,
+    cache_ptr,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    stride_cache,
     num_heads,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,  # rotary_dim // 2
@@ -119,8 +126,9 @@ def _rotary_kernel(
         tl.store(o_row + j[None, :], tl.load(x_row + j[None, :], mask=tail_mask), mask=tail_mask)
 
 
-def _rotary_launch(x: torch.Tensor, out: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
-                   is_neox: bool) -> None:
+def _rotary_launch(
+    x: torch.Tensor, out: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, is_neox: bool
+) -> None:
     # x, out: (T, H, D)
     num_tokens, num_heads, head_dim = x.shape
     half = cache.shape[-1] // 2
@@ -128,8 +136,15 @@ def _rotary_launch(x: torch.Tensor, out: torch.Tensor, positions: torch.Tensor, 
         return
     copy_tail = out.data_ptr() != x.data_ptr() and 2 * half < head_dim
     _rotary_kernel[(num_tokens,)](
-        x, out, positions, cache,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), cache.stride(0),
+        x,
+        out,
+        positions,
+        cache,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        cache.stride(0),
         num_heads,
         HEAD_DIM=head_dim,
         HALF=half,

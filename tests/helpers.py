@@ -21,9 +21,14 @@ def hf_greedy(path, prompts: list[str], max_new_tokens: int, trust_remote_code: 
     outs = []
     for p in prompts:
         ids = tok(p, return_tensors="pt").input_ids
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-        outs.append(gen[0, ids.shape[1]:].tolist())
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        outs.append(gen[0, ids.shape[1] :].tolist())
     return outs
 
 

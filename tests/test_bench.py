@@ -13,15 +13,30 @@ from backend import bench
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    results = bench.main(["--model", "tiny:llama", "--dtype", "float32", "--num-requests", "3",
-                          "--workloads", "throughput", "latency", "shared_prefix", "--json", str(out)])
+    results = bench.main(
+        [
+            "--model",
+            "tiny:llama",
+            "--dtype",
+            "float32",
+            "--num-requests",
+            "3",
+            "--workloads",
+            "throughput",
+            "latency",
+            "shared_prefix",
+            "--json",
+            str(out),
+        ]
+    )
     return results, json.loads(out.read_text())
 
 
 def test_every_system_runs_every_workload(report):
     results, _ = report
     assert {(r.system, r.workload) for r in results} == {
-        (s, w) for s in bench.SYSTEMS for w in ("throughput", "latency", "shared_prefix")}
+        (s, w) for s in bench.SYSTEMS for w in ("throughput", "latency", "shared_prefix")
+    }
     for r in results:
         assert r.error is None, (r.system, r.workload, r.error)
         assert r.output_tok_s > 0 and r.seconds > 0 and r.peak_rss_bytes > 0
@@ -70,8 +85,9 @@ def test_resolve_path(tiny_model, tmp_path):
     assert (bench.Path(built) / "config.json").exists()
 
 
-@pytest.mark.parametrize("arch, params", [("smollm2-135m", 134_515_008), ("llama-3.2-1b", 1_235_814_400),
-                                          ("qwen3-0.6b", 596_049_920)])
+@pytest.mark.parametrize(
+    "arch, params", [("smollm2-135m", 134_515_008), ("llama-3.2-1b", 1_235_814_400), ("qwen3-0.6b", 596_049_920)]
+)
 def test_benchmark_shapes_are_the_real_models(arch, params):
     """tiny:<shape> stands in for the Hub model offline: same parameter count as the published checkpoint
     (SmolLM2-135M, Llama-3.2-1B, Qwen3-0.6B), and our native implementation builds it with the same count."""

@@ -8,9 +8,21 @@ import pytest
 from backend import bench_quant
 from backend.train_tiny import TrainConfig, ensure_trained, train
 
-TINY = TrainConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1,
-                   max_position_embeddings=128, seq_len=32, batch_size=8, steps=40, lr=1e-2, warmup_steps=5,
-                   train_modules=("heapq", "bisect"))
+TINY = TrainConfig(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    max_position_embeddings=128,
+    seq_len=32,
+    batch_size=8,
+    steps=40,
+    lr=1e-2,
+    warmup_steps=5,
+    train_modules=("heapq", "bisect"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +41,27 @@ def test_training_lowers_the_loss_and_is_cached(trained):
 
 def test_bench_quant_rows(trained, tmp_path):
     out = tmp_path / "rows.json"
-    rows = bench_quant.main(["--model", str(trained.path), "--methods", "int8", "none", "--eval-windows", "2",
-                             "--eval-len", "32", "--prompt-len", "16", "--new-tokens", "4", "--batch", "2",
-                             "--json", str(out)])
+    rows = bench_quant.main(
+        [
+            "--model",
+            str(trained.path),
+            "--methods",
+            "int8",
+            "none",
+            "--eval-windows",
+            "2",
+            "--eval-len",
+            "32",
+            "--prompt-len",
+            "16",
+            "--new-tokens",
+            "4",
+            "--batch",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert [r.method for r in rows] == ["none", "int8"]  # full precision first: the reference
     full, int8 = rows
     for r in rows:

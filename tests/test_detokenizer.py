@@ -23,16 +23,19 @@ def sentencepiece_style() -> PreTrainedTokenizerFast:
     normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
     trained.normalizer = normalizer
-    trained.train_from_iterator([CORPUS] * 4, trainer=trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    trained.train_from_iterator(
+        [CORPUS] * 4,
+        trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False),
+    )
     vocab = trained.get_vocab()
     for i in range(256):  # byte tokens are ordinary vocabulary entries, as in Llama's tokenizer.model
         vocab.setdefault(f"<0x{i:02X}>", len(vocab))
     merges = [tuple(m) for m in json.loads(trained.to_str())["model"]["merges"]]  # [[left, right], ...]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
     tok.normalizer = normalizer
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -108,8 +111,9 @@ def test_engine_text_and_stop_strings(tiny_model):
         for out in outs:
             assert out.text == engine.tokenizer.decode(out.token_ids)
         text = outs[0].text
-        stop = text[len(text) // 2: len(text) // 2 + 3]
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
         assert len(stop) == 3 and stop in text
-        stopped = engine.generate("the cat sat on", SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True,
-                                                                    stop=[stop]))[0]
+        stopped = engine.generate(
+            "the cat sat on", SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+        )[0]
         assert stopped.finish_reason == "stop" and stopped.text == text[: text.find(stop)]

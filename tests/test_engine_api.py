@@ -100,7 +100,9 @@ def test_prompt_longer_than_context(engine):
 
 def test_generation_stops_at_the_context_limit(tiny_model):
     with Engine(str(tiny_model("llama")), dtype="float32", max_model_len=32, block_size=8) as e:
-        out = e.generate(prompt_token_ids=[[5] * 28], sampling_params=SamplingParams(max_new_tokens=50, ignore_eos=True))
+        out = e.generate(
+            prompt_token_ids=[[5] * 28], sampling_params=SamplingParams(max_new_tokens=50, ignore_eos=True)
+        )
         assert out[0].finish_reason == "length" and len(out[0].token_ids) == 4
 
 
@@ -128,8 +130,17 @@ def test_kv_budget_too_small_for_one_sequence(tiny_model):
         Engine(str(tiny_model("llama")), max_model_len=256, num_kv_blocks=4, block_size=16)
 
 
-@pytest.mark.parametrize("opts", [dict(model_impl="fast"), dict(dtype="float8"), dict(block_size=12),
-                                  dict(max_num_seqs=0), dict(nonsense=1), dict(device="tpu")])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(model_impl="fast"),
+        dict(dtype="float8"),
+        dict(block_size=12),
+        dict(max_num_seqs=0),
+        dict(nonsense=1),
+        dict(device="tpu"),
+    ],
+)
 def test_bad_engine_options(tiny_model, opts):
     with pytest.raises(EngineError):
         Engine(str(tiny_model("llama")), **opts)

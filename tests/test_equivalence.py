@@ -5,9 +5,31 @@ import pytest
 from backend import Engine, SamplingParams
 from tests.helpers import PROMPTS, hf_greedy
 
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi", "gpt_neox",
-         "gpt2", "opt", "olmo", "olmo2", "granite", "starcoder2", "gptj", "cohere", "smollm3", "mixtral",
-         "qwen2_moe", "gpt_oss"]
+ARCHS = [
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "phi",
+    "gpt_neox",
+    "gpt2",
+    "opt",
+    "olmo",
+    "olmo2",
+    "granite",
+    "starcoder2",
+    "gptj",
+    "cohere",
+    "smollm3",
+    "mixtral",
+    "qwen2_moe",
+    "gpt_oss",
+]
 N = 10
 GREEDY = SamplingParams(max_new_tokens=N, temperature=0.0, ignore_eos=True)
 
@@ -42,8 +64,15 @@ def test_equality_under_chunked_prefill_prefix_hits_and_preemption(tiny_model, a
         engine.check_invariants()
         assert engine.allocator.num_free == engine.allocator.num_blocks
     # Preemption forced: 12 blocks of 4 tokens cannot hold two 30-token sequences at once.
-    with Engine(str(path), dtype="float32", model_impl="transformers", block_size=4, num_kv_blocks=12,
-                max_model_len=48, enable_prefix_caching=False) as engine:
+    with Engine(
+        str(path),
+        dtype="float32",
+        model_impl="transformers",
+        block_size=4,
+        num_kv_blocks=12,
+        max_model_len=48,
+        enable_prefix_caching=False,
+    ) as engine:
         outs = engine.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == expected
         assert engine.scheduler.num_preemptions > 0

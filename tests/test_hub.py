@@ -50,21 +50,40 @@ def offline(monkeypatch):
 
 def llama_tensors(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     kv = NKV * (H // NH)
-    t = {"model.embed_tokens.weight": torch.randn(V, H), "model.norm.weight": torch.ones(H),
-         "lm_head.weight": torch.randn(V, H)}
+    t = {
+        "model.embed_tokens.weight": torch.randn(V, H),
+        "model.norm.weight": torch.ones(H),
+        "lm_head.weight": torch.randn(V, H),
+    }
     for i in range(L):
         p = f"model.layers.{i}."
-        t.update({p + "self_attn.q_proj.weight": torch.randn(H, H), p + "self_attn.k_proj.weight": torch.randn(kv, H),
-                  p + "self_attn.v_proj.weight": torch.randn(kv, H), p + "self_attn.o_proj.weight": torch.randn(H, H),
-                  p + "mlp.gate_proj.weight": torch.randn(FF, H), p + "mlp.up_proj.weight": torch.randn(FF, H),
-                  p + "mlp.down_proj.weight": torch.randn(H, FF),
-                  p + "input_layernorm.weight": torch.ones(H), p + "post_attention_layernorm.weight": torch.ones(H)})
+        t.update(
+            {
+                p + "self_attn.q_proj.weight": torch.randn(H, H),
+                p + "self_attn.k_proj.weight": torch.randn(kv, H),
+                p + "self_attn.v_proj.weight": torch.randn(kv, H),
+                p + "self_attn.o_proj.weight": torch.randn(H, H),
+                p + "mlp.gate_proj.weight": torch.randn(FF, H),
+                p + "mlp.up_proj.weight": torch.randn(FF, H),
+                p + "mlp.down_proj.weight": torch.randn(H, FF),
+                p + "input_layernorm.weight": torch.ones(H),
+                p + "post_attention_layernorm.weight": torch.ones(H),
+            }
+        )
     return {k: v.to(dtype) for k, v in t.items()}
 
 
 def make_model_dir(path: Path, dtype: torch.dtype = torch.float32, **config) -> Path:
-    LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=L, num_attention_heads=NH,
-                num_key_value_heads=NKV, max_position_embeddings=128, **config).save_pretrained(path)
+    LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=FF,
+        num_hidden_layers=L,
+        num_attention_heads=NH,
+        num_key_value_heads=NKV,
+        max_position_embeddings=128,
+        **config,
+    ).save_pretrained(path)
     save_file(llama_tensors(dtype), str(path / "model.safetensors"))
     return path
 
@@ -150,6 +169,7 @@ def fake_tree(files: dict[str, bytes]):
     def get_cached_repo_tree(repo_id, revision=None, cache_dir=None, **_):
         assert revision == COMMIT  # pinned by the first snapshot
         return [RepoFile(path=name, size=len(data), oid="0" * 40) for name, data in files.items()]
+
     return get_cached_repo_tree
 
 
@@ -160,8 +180,12 @@ def sharded_repo(tmp_path: Path) -> dict[str, bytes]:
     second = {k: v for k, v in tensors.items() if "layers.1" in k}
     save_file(first, str(src / "model-00001-of-00002.safetensors"))
     save_file(second, str(src / "model-00002-of-00002.safetensors"))
-    index = {"weight_map": {**{k: "model-00001-of-00002.safetensors" for k in first},
-                            **{k: "model-00002-of-00002.safetensors" for k in second}}}
+    index = {
+        "weight_map": {
+            **{k: "model-00001-of-00002.safetensors" for k in first},
+            **{k: "model-00002-of-00002.safetensors" for k in second},
+        }
+    }
     return {
         "config.json": (src / "config.json").read_bytes(),
         "generation_config.json": b"{}",
@@ -169,9 +193,14 @@ def sharded_repo(tmp_path: Path) -> dict[str, bytes]:
         "model-00001-of-00002.safetensors": (src / "model-00001-of-00002.safetensors").read_bytes(),
         "model-00002-of-00002.safetensors": (src / "model-00002-of-00002.safetensors").read_bytes(),
         "consolidated.safetensors": b"duplicate weights, never fetched",
-        "tokenizer.json": b"{}", "tokenizer_config.json": b"{}", "chat_template.jinja": b"{{ x }}",
+        "tokenizer.json": b"{}",
+        "tokenizer_config.json": b"{}",
+        "chat_template.jinja": b"{{ x }}",
         "modeling_custom.py": b"# remote code",
-        "pytorch_model.bin": b"pickle", "model.gguf": b"GGUF", "flax_model.msgpack": b"m", "tf_model.h5": b"h",
+        "pytorch_model.bin": b"pickle",
+        "model.gguf": b"GGUF",
+        "flax_model.msgpack": b"m",
+        "tf_model.h5": b"h",
     }
 
 
@@ -181,10 +210,19 @@ def test_hub_download_fetches_only_what_the_engine_reads(tmp_path, hub_cache, on
     monkeypatch.setattr(hf, "snapshot_download", fake)
     monkeypatch.setattr(hf, "get_cached_repo_tree", fake_tree(repo))
     folder = hub.resolve_model("org/model", revision="main", token="hf_x")
-    assert sorted(p.name for p in folder.iterdir()) == sorted([
-        "config.json", "generation_config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-        "modeling_custom.py"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "modeling_custom.py",
+        ]
+    )
     first, second = fake.calls
     assert first["revision"] == "main" and second["revision"] == COMMIT
     for call in fake.calls:
@@ -192,8 +230,18 @@ def test_hub_download_fetches_only_what_the_engine_reads(tmp_path, hub_cache, on
         for banned in ("x.bin", "x.pt", "x.gguf", "x.msgpack", "x.h5", "x.pth", "x.onnx"):
             assert any(fnmatch.fnmatchcase(banned, p) for p in call["ignore_patterns"])
             assert not any(fnmatch.fnmatchcase(banned, p) for p in call["allow_patterns"])
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-                 "merges.txt", "chat_template.jinja", "config.json", "generation_config.json", "configuration_x.py"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "configuration_x.py",
+    ):
         assert any(fnmatch.fnmatchcase(name, p) for p in first["allow_patterns"]), name
     assert second["allow_patterns"] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
@@ -230,11 +278,16 @@ def test_offline_cached_snapshot_with_the_real_library(tmp_path, hub_cache, offl
     assert hub.estimate_memory("org/model").weight_bytes == 4 * sum(t.numel() for t in llama_tensors().values())
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"model-q4.gguf": b"GGUF", "README.md": b""}, "GGUF is not supported"),
-    ({"config.json": b"{}", "pytorch_model.bin": b"x"},
-     r"no \*\.safetensors weights \(it has \.bin files\); only safetensors"),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"model-q4.gguf": b"GGUF", "README.md": b""}, "GGUF is not supported"),
+        (
+            {"config.json": b"{}", "pytorch_model.bin": b"x"},
+            r"no \*\.safetensors weights \(it has \.bin files\); only safetensors",
+        ),
+    ],
+)
 def test_repo_without_safetensors_is_refused(hub_cache, online, monkeypatch, files, message):
     fake = FakeSnapshot(hub_cache, files)
     monkeypatch.setattr(hf, "snapshot_download", fake)
@@ -244,15 +297,26 @@ def test_repo_without_safetensors_is_refused(hub_cache, online, monkeypatch, fil
     assert len(fake.calls) == 1  # refused before any weight download
 
 
-@pytest.mark.parametrize("error, expected, message", [
-    (hub_error(RepositoryNotFoundError), ModelNotFoundError, "check the id or log in"),
-    (hub_error(GatedRepoError, 403), GatedModelError,
-     r"accept the terms at https://huggingface.co/org/model and set HF_TOKEN"),
-    (LocalEntryNotFoundError("not cached"), ModelNotFoundError, r"not in the local cache .* `hf download org/model`"),
-])
+@pytest.mark.parametrize(
+    "error, expected, message",
+    [
+        (hub_error(RepositoryNotFoundError), ModelNotFoundError, "check the id or log in"),
+        (
+            hub_error(GatedRepoError, 403),
+            GatedModelError,
+            r"accept the terms at https://huggingface.co/org/model and set HF_TOKEN",
+        ),
+        (
+            LocalEntryNotFoundError("not cached"),
+            ModelNotFoundError,
+            r"not in the local cache .* `hf download org/model`",
+        ),
+    ],
+)
 def test_hub_errors_are_mapped(online, monkeypatch, error, expected, message):
     def raising(*args, **kwargs):
         raise error
+
     monkeypatch.setattr(hf, "snapshot_download", raising)
     with pytest.raises(expected, match=message):
         hub.resolve_model("org/model")
@@ -279,10 +343,26 @@ def test_progress_callback_is_fed(tmp_path, hub_cache, online, monkeypatch):
     def snapshot_download(repo_id, **kw):
         cls = kw["tqdm_class"]
         names = [n for n in repo if any(fnmatch.fnmatchcase(n, p) for p in kw["allow_patterns"])]
-        transfer = _create_progress_bar(cls=cls, log_level=30, name="huggingface_hub.snapshot_download.transfer",
-                                        desc="Downloading bytes", total=0, initial=0, unit="B", unit_scale=True)
-        written = _create_progress_bar(cls=cls, log_level=30, name="huggingface_hub.snapshot_download",
-                                       desc="Reconstructing", total=0, initial=0, unit="B", unit_scale=True)
+        transfer = _create_progress_bar(
+            cls=cls,
+            log_level=30,
+            name="huggingface_hub.snapshot_download.transfer",
+            desc="Downloading bytes",
+            total=0,
+            initial=0,
+            unit="B",
+            unit_scale=True,
+        )
+        written = _create_progress_bar(
+            cls=cls,
+            log_level=30,
+            name="huggingface_hub.snapshot_download",
+            desc="Reconstructing",
+            total=0,
+            initial=0,
+            unit="B",
+            unit_scale=True,
+        )
 
         def fetch(name):
             written.total += len(repo[name])
@@ -313,6 +393,7 @@ def test_progress_callback_is_fed(tmp_path, hub_cache, online, monkeypatch):
 def test_is_offline_from_env_without_probing(offline):
     def probe(endpoint, timeout):
         raise AssertionError("must not probe when offline mode is set")
+
     assert hub.is_offline(hub.HubConnectivity(probe=probe))
 
 
@@ -355,13 +436,27 @@ def test_search_maps_the_hub_answer(online, monkeypatch):
 
     def list_models(self, **kw):
         seen.update(kw)
-        return iter([
-            ModelInfo(id="org/small", downloads=10, likes=1, gated=False, library_name="transformers",
-                      safetensors={"parameters": {"BF16": 1000}, "total": 1000}),
-            ModelInfo(id="org/big", downloads=500, likes=7, gated="manual", library_name="transformers",
-                      safetensors={"parameters": {"F32": 10, "BF16": 100}, "total": 110}),
-            ModelInfo(id="org/nosafetensors", downloads=3, likes=0),
-        ])
+        return iter(
+            [
+                ModelInfo(
+                    id="org/small",
+                    downloads=10,
+                    likes=1,
+                    gated=False,
+                    library_name="transformers",
+                    safetensors={"parameters": {"BF16": 1000}, "total": 1000},
+                ),
+                ModelInfo(
+                    id="org/big",
+                    downloads=500,
+                    likes=7,
+                    gated="manual",
+                    library_name="transformers",
+                    safetensors={"parameters": {"F32": 10, "BF16": 100}, "total": 110},
+                ),
+                ModelInfo(id="org/nosafetensors", downloads=3, likes=0),
+            ]
+        )
 
     monkeypatch.setattr(hf.HfApi, "list_models", list_models)
     results = hub.search_models("llama", limit=5, connectivity=reachable())
@@ -382,6 +477,7 @@ def test_search_offline_is_empty(offline, monkeypatch):
 def test_search_network_failure_is_empty(online, monkeypatch):
     def list_models(self, **kw):
         raise httpx2.ConnectError("no route to host")
+
     monkeypatch.setattr(hf.HfApi, "list_models", list_models)
     results = hub.search_models("llama", connectivity=reachable())
     assert results == [] and results.offline and "ConnectError" in results.error
@@ -409,9 +505,11 @@ def test_cached_models_empty_or_missing_cache(hub_cache):
 
 
 def test_cached_models_lists_loadable_model_repos(tmp_path, hub_cache):
-    for repo, files in {"models--org--good": ("config.json", "model.safetensors"),
-                        "models--org--tokenizer-only": ("tokenizer.json",),
-                        "datasets--org--data": ("config.json", "model.safetensors")}.items():
+    for repo, files in {
+        "models--org--good": ("config.json", "model.safetensors"),
+        "models--org--tokenizer-only": ("tokenizer.json",),
+        "datasets--org--data": ("config.json", "model.safetensors"),
+    }.items():
         snap = hub_cache / repo / "snapshots" / COMMIT
         snap.mkdir(parents=True)
         (hub_cache / repo / "refs").mkdir()
@@ -479,11 +577,20 @@ def test_kv_config_variants():
     tensors = [TensorMeta("w.weight", "BF16", (4, 4))]
     no_head_dim = {"num_hidden_layers": 3, "num_attention_heads": 8, "hidden_size": 256}  # MHA, head_dim = 32
     assert compute_estimate(no_head_dim, tensors, context_len=10).kv_cache_bytes == 2 * 3 * 8 * 32 * 10 * 2
-    explicit = {"num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 1, "hidden_size": 256,
-                "head_dim": 64, "torch_dtype": "float32"}
+    explicit = {
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 1,
+        "hidden_size": 256,
+        "head_dim": 64,
+        "torch_dtype": "float32",
+    }
     assert compute_estimate(explicit, tensors, context_len=10).kv_cache_bytes == 2 * 3 * 1 * 64 * 10 * 4
-    multimodal = {"model_type": "gemma3", "vision_config": {"num_hidden_layers": 27},
-                  "text_config": {**explicit, "num_hidden_layers": 5}}
+    multimodal = {
+        "model_type": "gemma3",
+        "vision_config": {"num_hidden_layers": 27},
+        "text_config": {**explicit, "num_hidden_layers": 5},
+    }
     assert compute_estimate(multimodal, tensors, context_len=10).kv_cache_bytes == 2 * 5 * 1 * 64 * 10 * 4
     gpt2 = {"n_layer": 2, "n_head": 4, "n_embd": 64}
     assert compute_estimate(gpt2, tensors, context_len=10, kv_dtype_bytes=2).kv_cache_bytes == 2 * 2 * 4 * 16 * 10 * 2
@@ -491,13 +598,23 @@ def test_kv_config_variants():
 
 def test_estimate_hub_id_reads_headers_and_config_only(tmp_path, online, monkeypatch):
     config = tmp_path / "config.json"
-    LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=L, num_attention_heads=NH,
-                num_key_value_heads=NKV, torch_dtype="bfloat16").to_json_file(config)
-    infos = {k: TensorInfo(dtype="BF16", shape=list(v.shape), data_offsets=(0, v.numel() * 2))
-             for k, v in llama_tensors().items()}
+    LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=FF,
+        num_hidden_layers=L,
+        num_attention_heads=NH,
+        num_key_value_heads=NKV,
+        torch_dtype="bfloat16",
+    ).to_json_file(config)
+    infos = {
+        k: TensorInfo(dtype="BF16", shape=list(v.shape), data_offsets=(0, v.numel() * 2))
+        for k, v in llama_tensors().items()
+    }
     files = {"model.safetensors": SafetensorsFileMetadata(metadata={}, tensors=infos)}
-    meta = SafetensorsRepoMetadata(metadata=None, sharded=False, weight_map={k: "model.safetensors" for k in infos},
-                                   files_metadata=files)
+    meta = SafetensorsRepoMetadata(
+        metadata=None, sharded=False, weight_map={k: "model.safetensors" for k in infos}, files_metadata=files
+    )
     downloads = []
 
     def hf_hub_download(repo_id, filename, **kw):
@@ -516,6 +633,7 @@ def test_estimate_hub_id_reads_headers_and_config_only(tmp_path, online, monkeyp
 def test_estimate_gated_hub_id(online, monkeypatch):
     def gated(self, repo_id, **kw):
         raise hub_error(GatedRepoError, 401)
+
     monkeypatch.setattr(hf.HfApi, "get_safetensors_metadata", gated)
     with pytest.raises(GatedModelError, match="accept the terms"):
         hub.estimate_memory("org/model")

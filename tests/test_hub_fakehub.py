@@ -44,8 +44,9 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     @staticmethod
-    def send(h: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict | None = None,
-             head: bool = False) -> None:
+    def send(
+        h: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False
+    ) -> None:
         h.send_response(status)
         for key, value in (headers or {}).items():
             h.send_header(key, value)
@@ -61,8 +62,16 @@ class FakeHub:
         parts = path.strip("/").split("/")
         as_json = {"Content-Type": "application/json"}
         if path == "/api/models":  # search
-            body = [{"id": "org/tiny", "downloads": 42, "likes": 3, "gated": False, "library_name": "transformers",
-                     "safetensors": {"parameters": {"BF16": 5000}, "total": 5000}}]
+            body = [
+                {
+                    "id": "org/tiny",
+                    "downloads": 42,
+                    "likes": 3,
+                    "gated": False,
+                    "library_name": "transformers",
+                    "safetensors": {"parameters": {"BF16": 5000}, "total": 5000},
+                }
+            ]
             return self.send(h, 200, json.dumps(body).encode(), as_json, head)
         if parts[:2] == ["api", "models"]:
             repo, rest = "/".join(parts[2:4]), parts[4:]
@@ -74,8 +83,10 @@ class FakeHub:
                 body = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}
                 return self.send(h, 200, json.dumps(body).encode(), as_json, head)
             if rest[:1] == ["tree"]:
-                body = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                        for f, b in files.items()]
+                body = [
+                    {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for f, b in files.items()
+                ]
                 return self.send(h, 200, json.dumps(body).encode(), as_json, head)
         if len(parts) >= 5 and parts[2] == "resolve":  # /{owner}/{name}/resolve/{revision}/{file}
             repo, name = "/".join(parts[:2]), "/".join(parts[4:])
@@ -89,8 +100,9 @@ class FakeHub:
         return self.send(h, 404, b"", None, head)
 
     def fetched(self) -> list[str]:
-        return sorted(p.split("/resolve/")[1].split("/", 1)[1] for c, p, _ in self.requests
-                      if c == "GET" and "/resolve/" in p)
+        return sorted(
+            p.split("/resolve/")[1].split("/", 1)[1] for c, p, _ in self.requests if c == "GET" and "/resolve/" in p
+        )
 
     def close(self) -> None:
         if self.server.fileno() != -1:
@@ -99,25 +111,46 @@ class FakeHub:
 
 
 def tiny_repo(tmp_path: Path) -> dict[str, bytes]:
-    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ).save_pretrained(tmp_path)
     import torch
 
-    save_file({"model.embed_tokens.weight": torch.zeros(64, 32), "lm_head.weight": torch.ones(64, 32)},
-              str(tmp_path / "shard.safetensors"))
+    save_file(
+        {"model.embed_tokens.weight": torch.zeros(64, 32), "lm_head.weight": torch.ones(64, 32)},
+        str(tmp_path / "shard.safetensors"),
+    )
     shard = (tmp_path / "shard.safetensors").read_bytes()
-    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
-                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
-    return {"config.json": (tmp_path / "config.json").read_bytes(), "tokenizer.json": b'{"t": 1}',
-            "model.safetensors.index.json": json.dumps(index).encode(),
-            "model-00001-of-00002.safetensors": shard, "model-00002-of-00002.safetensors": shard + b" ",
-            "consolidated.safetensors": b"c" * 5000, "pytorch_model.bin": b"b" * 100, "model.Q4.gguf": b"GGUF"}
+    index = {
+        "weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "lm_head.weight": "model-00002-of-00002.safetensors",
+        }
+    }
+    return {
+        "config.json": (tmp_path / "config.json").read_bytes(),
+        "tokenizer.json": b'{"t": 1}',
+        "model.safetensors.index.json": json.dumps(index).encode(),
+        "model-00001-of-00002.safetensors": shard,
+        "model-00002-of-00002.safetensors": shard + b" ",
+        "consolidated.safetensors": b"c" * 5000,
+        "pytorch_model.bin": b"b" * 100,
+        "model.Q4.gguf": b"GGUF",
+    }
 
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
-    repos = {"org/tiny": tiny_repo(tmp_path), "org/gguf": {"model.Q4.gguf": b"GGUF", "README.md": b"#"},
-             "org/gated": {"config.json": b"{}", "model.safetensors": b"x"}}
+    repos = {
+        "org/tiny": tiny_repo(tmp_path),
+        "org/gguf": {"model.Q4.gguf": b"GGUF", "README.md": b"#"},
+        "org/gated": {"config.json": b"{}", "model.safetensors": b"x"},
+    }
     fake = FakeHub(repos, gated=("org/gated",))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

@@ -55,8 +55,7 @@ def _run_steps(sched: Scheduler, ops: list[tuple[str, int]], seqs: list[Sequence
             assert len(table) == len(set(table))
 
 
-ops_strategy = st.lists(st.tuples(st.sampled_from(["add", "step", "step", "abort"]), st.integers(0, 1000)),
-                        max_size=60)
+ops_strategy = st.lists(st.tuples(st.sampled_from(["add", "step", "step", "abort"]), st.integers(0, 1000)), max_size=60)
 
 
 @settings(max_examples=150, deadline=None)

@@ -44,8 +44,9 @@ def test_prompt_logprobs_equal_hf_log_softmax(tiny_model, arch, impl):
         params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
         out = engine.generate(prompt_token_ids=[ids], sampling_params=params)[0]
         check_against(reference(path, ids), ids, out, top_n=3)
-        plain = engine.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(
-            max_new_tokens=3, temperature=0.0, ignore_eos=True))[0]
+        plain = engine.generate(
+            prompt_token_ids=[ids], sampling_params=SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+        )[0]
         assert plain.prompt_logprobs is None and plain.prompt_top_logprobs is None
         assert plain.token_ids == out.token_ids  # the extra rows do not change what is sampled
         assert_all_blocks_free(engine)
@@ -56,8 +57,10 @@ def test_chunked_prefill_mixed_batch(tiny_model):
     path = tiny_model("llama")
     with Engine(str(path), dtype="float32", max_num_batched_tokens=5, block_size=4) as engine:
         prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
-        params = [SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=n)
-                  for n in (0, 2, None, 1)]
+        params = [
+            SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=n)
+            for n in (0, 2, None, 1)
+        ]
         outs = engine.generate(prompt_token_ids=prompts + [[7]], sampling_params=params + [params[0]])
         for ids, p, out in zip(prompts, params, outs):
             if p.prompt_logprobs is None:
@@ -85,8 +88,9 @@ def test_cached_prefix_is_recomputed_for_prompt_logprobs(tiny_model):
 
 def test_preemption_recomputes_prompt_logprobs(tiny_model):
     path = tiny_model("llama")
-    with Engine(str(path), dtype="float32", block_size=4, num_kv_blocks=12, max_model_len=40,
-                max_num_batched_tokens=8) as engine:
+    with Engine(
+        str(path), dtype="float32", block_size=4, num_kv_blocks=12, max_model_len=40, max_num_batched_tokens=8
+    ) as engine:
         prompts = [engine.tokenizer.encode(p)[:20] for p in PROMPTS]
         params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
         outs = engine.generate(prompt_token_ids=prompts, sampling_params=params)
@@ -100,8 +104,12 @@ def test_stream_carries_prompt_logprobs(tiny_model):
     path = tiny_model("llama")
     with Engine(str(path), dtype="float32") as engine:
         ids = engine.tokenizer.encode(PROMPTS[0])
-        deltas = list(engine.stream(prompt_token_ids=ids, params=SamplingParams(
-            max_new_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=0)))
+        deltas = list(
+            engine.stream(
+                prompt_token_ids=ids,
+                params=SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=0),
+            )
+        )
         check_against(reference(path, ids), ids, deltas[-1].output, top_n=0)
 
 

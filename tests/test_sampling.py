@@ -18,11 +18,14 @@ def engine(tiny_model):
 def test_same_seed_same_output_independent_of_batch(engine):
     p = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     alone = engine.generate(["Hello world"], p)[0].token_ids
-    batched = engine.generate(["Hello world", "The quick brown fox", "1 2 3"],
-                              [p, SamplingParams(max_new_tokens=5, seed=7), SamplingParams(max_new_tokens=9)])
+    batched = engine.generate(
+        ["Hello world", "The quick brown fox", "1 2 3"],
+        [p, SamplingParams(max_new_tokens=5, seed=7), SamplingParams(max_new_tokens=9)],
+    )
     assert batched[0].token_ids == alone
-    other = engine.generate(["Hello world"], SamplingParams(max_new_tokens=12, temperature=1.0, seed=99,
-                                                            ignore_eos=True))[0].token_ids
+    other = engine.generate(
+        ["Hello world"], SamplingParams(max_new_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+    )[0].token_ids
     assert other != alone  # a different seed samples differently (with overwhelming probability)
 
 
@@ -45,8 +48,9 @@ def test_stop_strings_cut_the_text(engine):
     text = base.text
     assert len(text) > 4
     stop = text[2:4]
-    out = engine.generate(["Hello world"], SamplingParams(max_new_tokens=16, temperature=0.0, stop=[stop],
-                                                          ignore_eos=True))[0]
+    out = engine.generate(
+        ["Hello world"], SamplingParams(max_new_tokens=16, temperature=0.0, stop=[stop], ignore_eos=True)
+    )[0]
     assert out.finish_reason == "stop"
     assert out.text == text[: text.find(stop)]
     assert stop not in out.text
@@ -56,8 +60,9 @@ def test_stop_token_ids_and_max_new_tokens(engine):
     base = engine.generate(["1 2 3"], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))[0]
     assert base.finish_reason == "length" and len(base.token_ids) == 8
     stop_tok = base.token_ids[3]
-    out = engine.generate(["1 2 3"], SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[stop_tok],
-                                                    ignore_eos=True))[0]
+    out = engine.generate(
+        ["1 2 3"], SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[stop_tok], ignore_eos=True)
+    )[0]
     assert out.finish_reason == "stop"
     assert out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
 
@@ -90,15 +95,27 @@ def test_filters_keep_the_right_tokens():
 
 def test_repetition_penalty_changes_greedy_output(engine):
     plain = engine.generate(["1 2 3"], SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))[0]
-    penal = engine.generate(["1 2 3"], SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True,
-                                                      repetition_penalty=5.0))[0]
+    penal = engine.generate(
+        ["1 2 3"], SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=5.0)
+    )[0]
     assert len(set(penal.token_ids)) >= len(set(plain.token_ids))
     assert penal.token_ids != plain.token_ids or len(set(plain.token_ids)) == len(plain.token_ids)
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
-                                    dict(top_k=-1), dict(min_p=1.0), dict(repetition_penalty=0), dict(logprobs=100),
-                                    dict(stop=[""])])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_new_tokens=0),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=1.0),
+        dict(repetition_penalty=0),
+        dict(logprobs=100),
+        dict(stop=[""]),
+    ],
+)
 def test_invalid_sampling_values_are_rejected(kwargs):
     with pytest.raises(RequestError):
         SamplingParams(**kwargs)

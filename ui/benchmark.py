@@ -22,10 +22,17 @@ import pandas as pd
 from backend import bench
 from ui.plots import bench_figure
 
-WORKLOAD_CHOICES = [("throughput (all requests at once)", "throughput"), ("latency (batch 1)", "latency"),
-                    ("shared prefix (one long system prompt)", "shared_prefix")]
-SYSTEM_CHOICES = [("our engine · native", "flab-native"), ("our engine · transformers", "flab-transformers"),
-                  ("HF generate()", "hf-generate"), ("HF generate_batch()", "hf-generate_batch")]
+WORKLOAD_CHOICES = [
+    ("throughput (all requests at once)", "throughput"),
+    ("latency (batch 1)", "latency"),
+    ("shared prefix (one long system prompt)", "shared_prefix"),
+]
+SYSTEM_CHOICES = [
+    ("our engine · native", "flab-native"),
+    ("our engine · transformers", "flab-transformers"),
+    ("HF generate()", "hf-generate"),
+    ("HF generate_batch()", "hf-generate_batch"),
+]
 TABLE_HEADERS = bench.TABLE_HEADERS
 MAX_REQUESTS = 64
 MAX_REPEAT = 5
@@ -35,8 +42,11 @@ _DONE = object()
 def bars(results: list[bench.Result], rows: list[list[str]]) -> list[tuple[str, str, float, str]]:
     """(workload, system, output tok/s, ratio to HF generate) for the bar chart, from the table rows."""
     ratio_col = TABLE_HEADERS.index("vs HF generate")
-    return [(r.workload, r.system, r.output_tok_s, row[ratio_col] if row[ratio_col] != "-" else "")
-            for r, row in zip(results, rows) if r.error is None]
+    return [
+        (r.workload, r.system, r.output_tok_s, row[ratio_col] if row[ratio_col] != "-" else "")
+        for r, row in zip(results, rows)
+        if r.error is None
+    ]
 
 
 def validate(workloads: list[str] | None, systems: list[str] | None, num_requests, repeat) -> tuple[int, int]:
@@ -58,8 +68,9 @@ def _views(results: list[bench.Result], setup: bench.Setup) -> tuple:
     return bench_figure(bars(results, rows)), pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
-def _worker(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, out: queue.Queue,
-            stop: Callable[[], bool]) -> None:
+def _worker(
+    setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, out: queue.Queue, stop: Callable[[], bool]
+) -> None:
     try:
         for result in bench.run_all(setup, systems, opts, stop):
             out.put(result)
@@ -69,15 +80,22 @@ def _worker(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, ou
         out.put(_DONE)
 
 
-def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel: threading.Event,
-        update_s: float = 1.0, note: str = "") -> Iterator[tuple]:
+def run(
+    setup: bench.Setup,
+    systems: list[str],
+    opts: bench.BenchOptions,
+    cancel: threading.Event,
+    update_s: float = 1.0,
+    note: str = "",
+) -> Iterator[tuple]:
     """Yield (status markdown, bar figure, results table, JSON file) while the runs go on: a status line every
     `update_s`, the figure and table after each finished run, the JSON of every number at the end.
     `cancel` stops between runs."""
     schedule = [(wl.name, s) for wl in setup.workloads for _ in range(opts.repeat) for s in systems]
     out: queue.Queue = queue.Queue()
-    worker = threading.Thread(target=_worker, args=(setup, systems, opts, out, cancel.is_set), daemon=True,
-                              name="flab-benchmark")
+    worker = threading.Thread(
+        target=_worker, args=(setup, systems, opts, out, cancel.is_set), daemon=True, name="flab-benchmark"
+    )
     runs: list[bench.Result] = []
     start = run_start = time.perf_counter()
     worker.start()
@@ -88,8 +106,13 @@ def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel
             except queue.Empty:
                 workload, system = schedule[min(len(runs), len(schedule) - 1)]
                 stopping = " — stopping after this run" if cancel.is_set() else ""
-                yield (f"**Running** {system} on {workload} ({len(runs) + 1}/{len(schedule)}), "
-                       f"{time.perf_counter() - run_start:.0f} s{stopping}", gr.skip(), gr.skip(), gr.skip())
+                yield (
+                    f"**Running** {system} on {workload} ({len(runs) + 1}/{len(schedule)}), "
+                    f"{time.perf_counter() - run_start:.0f} s{stopping}",
+                    gr.skip(),
+                    gr.skip(),
+                    gr.skip(),
+                )
                 continue
             if item is _DONE:
                 break
@@ -100,12 +123,15 @@ def run(setup: bench.Setup, systems: list[str], opts: bench.BenchOptions, cancel
             yield (f"**{len(runs)}/{len(schedule)} runs** done",) + _views(bench.medians(runs), setup) + (gr.skip(),)
         results = bench.medians(runs)
         options = dict(asdict(opts), systems=systems, workloads=[wl.name for wl in setup.workloads], model=setup.label)
-        report = bench.write_json(Path(tempfile.mkdtemp(prefix="flab-bench-")) / "benchmark.json", setup, results,
-                                  options)
+        report = bench.write_json(
+            Path(tempfile.mkdtemp(prefix="flab-bench-")) / "benchmark.json", setup, results, options
+        )
         failed = [f"{r.system} on {r.workload}: {r.error}" for r in results if r.error]
         verdict = "**stopped**" if cancel.is_set() and len(runs) < len(schedule) else "**done**"
-        lines = [f"{verdict}: {len(runs)}/{len(schedule)} runs in {time.perf_counter() - start:.0f} s. {note}".strip(),
-                 f"`{setup.header()}`"] + [f"failed: {f}" for f in failed]
+        lines = [
+            f"{verdict}: {len(runs)}/{len(schedule)} runs in {time.perf_counter() - start:.0f} s. {note}".strip(),
+            f"`{setup.header()}`",
+        ] + [f"failed: {f}" for f in failed]
         yield ("  \n".join(lines),) + _views(results, setup) + (str(report),)
     finally:
         cancel.set()  # also when the page went away and the generator was closed: the worker stops after its run

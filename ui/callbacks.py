@@ -12,8 +12,16 @@ from pathlib import Path
 import gradio as gr
 
 from ui import benchmark, compare, defaults, views
-from ui.common import (LOAD_WAIT_S, describe, hub_module, max_len_value, progress_adapter, quantization_value,
-                       session_key, thin)
+from ui.common import (
+    LOAD_WAIT_S,
+    describe,
+    hub_module,
+    max_len_value,
+    progress_adapter,
+    quantization_value,
+    session_key,
+    thin,
+)
 from ui.errors import user_errors
 from ui.plots import Series, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.session import LoadSpec, Runs, Session
@@ -24,8 +32,9 @@ from ui.workload import Workload, split_prompts
 class Lab:
     """The app's state: one engine session per process and the runs in flight per browser session."""
 
-    def __init__(self, cache_root: str | Path | None = None, session: Session | None = None,
-                 update_s: float = 0.3) -> None:
+    def __init__(
+        self, cache_root: str | Path | None = None, session: Session | None = None, update_s: float = 0.3
+    ) -> None:
         self.cache_root = cache_root
         self.session = session or Session()
         self.runs = Runs()
@@ -42,10 +51,14 @@ class Lab:
 
     def picker_note(self) -> str:
         if self.offline():
-            return ("**Offline**: Hub search and downloads are off. Pick the built-in tiny model "
-                    "(random weights — for trying the app offline), a cached model, or type a local folder path.")
-        return ("**Online**: search the Hub (text-generation models, most downloaded first), pick a suggested "
-                "or cached model, or type a Hub id or a local folder path.")
+            return (
+                "**Offline**: Hub search and downloads are off. Pick the built-in tiny model "
+                "(random weights — for trying the app offline), a cached model, or type a local folder path."
+            )
+        return (
+            "**Online**: search the Hub (text-generation models, most downloaded first), pick a suggested "
+            "or cached model, or type a Hub id or a local folder path."
+        )
 
     def model_choices(self) -> list[tuple[str, str]]:
         hub = hub_module()
@@ -90,32 +103,61 @@ class Lab:
         try:
             name = defaults.resolve_choice(choice, self.cache_root)
             context = max_len_value(max_len) or 4096
-            est = hub_module().estimate_memory(name, dtype=dtype or "auto", quantization=quantization_value(quant),
-                                         context_len=context, num_seqs=max(1, int(max_batch or 1)))
+            est = hub_module().estimate_memory(
+                name,
+                dtype=dtype or "auto",
+                quantization=quantization_value(quant),
+                context_len=context,
+                num_seqs=max(1, int(max_batch or 1)),
+            )
         except Exception as e:  # an estimate is advisory: say why there is none
             return f"_No memory estimate for {choice}: {e}_"
         return views.estimate_markdown(est, kv_mb, fmt=hub_module().format_bytes)
 
     # --- load -----------------------------------------------------------------------------------
 
-    def spec(self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
-             trust_remote_code=False) -> LoadSpec:
+    def spec(
+        self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code=False
+    ) -> LoadSpec:
         return LoadSpec.make(
-            defaults.resolve_choice(choice, self.cache_root), impl or "auto", quantization_value(quant),
-            dtype or "auto", device or "auto", bool(trust_remote_code), block_size=int(block_size),
+            defaults.resolve_choice(choice, self.cache_root),
+            impl or "auto",
+            quantization_value(quant),
+            dtype or "auto",
+            device or "auto",
+            bool(trust_remote_code),
+            block_size=int(block_size),
             kv_cache_memory_gb=float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None,
-            max_num_seqs=int(max_batch), max_model_len=max_len_value(max_len))
+            max_num_seqs=int(max_batch),
+            max_model_len=max_len_value(max_len),
+        )
 
     def _refuse_if_others_run(self, key: str, what: str) -> None:
         """The engine is shared by every browser session: never close it under another user's run."""
         others = self.runs.active_elsewhere(key)
         if others:
-            raise gr.Error(f"{what} would replace the loaded engine, which {others} run(s) of other users are "
-                           "using right now. Try again when they have finished.", title="Engine busy")
+            raise gr.Error(
+                f"{what} would replace the loaded engine, which {others} run(s) of other users are "
+                "using right now. Try again when they have finished.",
+                title="Engine busy",
+            )
 
     @user_errors("loading the model")
-    def load(self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
-             trust_remote_code=False, request: gr.Request = None, progress=gr.Progress()):
+    def load(
+        self,
+        choice,
+        impl,
+        quant,
+        dtype,
+        device,
+        kv_mb,
+        block_size,
+        max_batch,
+        max_len,
+        trust_remote_code=False,
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
         """-> (status markdown, engine description markdown, KV block figure)."""
         progress(0, desc="resolving the model…")
         spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code)
@@ -127,18 +169,33 @@ class Lab:
     def _loaded_views(self, engine, reused: bool, impl: str, quant: str, is_default: bool):
         info = describe(engine)
         if quant == "none" and info.get("quantization"):
-            gr.Warning(f"This checkpoint is quantized ({info['quantization']}); it loads as it is "
-                       "(dequantizing to full precision is not supported).")
+            gr.Warning(
+                f"This checkpoint is quantized ({info['quantization']}); it loads as it is "
+                "(dequantizing to full precision is not supported)."
+            )
         status = views.load_status_markdown(info, impl, reused, self.session.load_seconds, is_default)
         return status, views.describe_markdown(info), kv_cache_figure(engine.kv_cache_view())
 
-    def startup(self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
-                trust_remote_code=False, progress=gr.Progress()):
+    def startup(
+        self,
+        choice,
+        impl,
+        quant,
+        dtype,
+        device,
+        kv_mb,
+        block_size,
+        max_batch,
+        max_len,
+        trust_remote_code=False,
+        progress=gr.Progress(),
+    ):
         """Page load: fill the picker and make sure some engine is there (the default model when none is)."""
         note, dropdown = self.refresh_picker()
         try:
-            spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
-                             trust_remote_code)
+            spec = self.spec(
+                choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code
+            )
             # never replaces an engine someone is using
             engine, already = self.session.load_if_empty(spec, progress=progress_adapter(progress))
             if already:
@@ -153,8 +210,14 @@ class Lab:
         info = describe(engine)
         spec = self.session.spec
         is_default = str(engine.config.model) == str(defaults.default_model_path(self.cache_root))
-        status = views.load_status_markdown(info, spec.model_impl if spec else "auto", True, self.session.load_seconds,
-                                            is_default, how="already loaded (one engine, shared by this app's users)")
+        status = views.load_status_markdown(
+            info,
+            spec.model_impl if spec else "auto",
+            True,
+            self.session.load_seconds,
+            is_default,
+            how="already loaded (one engine, shared by this app's users)",
+        )
         return status, views.describe_markdown(info), kv_cache_figure(engine.kv_cache_view())
 
     def _engine(self):
@@ -169,10 +232,17 @@ class Lab:
         from backend import SamplingParams
 
         base = None if seed is None or seed < 0 else int(seed)
-        return [SamplingParams(max_new_tokens=int(max_new), temperature=float(temperature), top_p=float(top_p),
-                               top_k=int(top_k), ignore_eos=bool(ignore_eos),
-                               seed=None if base is None else base + i)  # copies differ when sampling
-                for i in range(n)]
+        return [
+            SamplingParams(
+                max_new_tokens=int(max_new),
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k),
+                ignore_eos=bool(ignore_eos),
+                seed=None if base is None else base + i,
+            )  # copies differ when sampling
+            for i in range(n)
+        ]
 
     def _prompts(self, prompt: str, mode: str, copies) -> list[str]:
         prompts = split_prompts(prompt, mode, int(copies or 1))
@@ -181,8 +251,20 @@ class Lab:
         return prompts
 
     @user_errors("generating")
-    def generate(self, prompt, use_chat_template, mode, copies, temperature, top_p, top_k, max_new, seed,
-                 ignore_eos, request: gr.Request = None):
+    def generate(
+        self,
+        prompt,
+        use_chat_template,
+        mode,
+        copies,
+        temperature,
+        top_p,
+        top_k,
+        max_new,
+        seed,
+        ignore_eos,
+        request: gr.Request = None,
+    ):
         """Yields (first output, outputs table, run status, throughput, TTFT, batch, memory, summary, KV view)."""
         engine = self._engine()
         prompts = self._prompts(prompt, mode, copies)
@@ -217,8 +299,17 @@ class Lab:
         status = views.run_status_markdown(results, len(series), finished, stopped, kv_used, kv_total)
         runs = {"run": thin(series)}
         table = summary_table({"value": summarize(results, series, wall_s)})
-        return (results[0].text if results else "", views.result_rows(results), status, throughput_figure(runs),
-                ttft_figure({"run": [r.ttft for r in results]}), batch_figure(runs), memory_figure(runs), table, kv)
+        return (
+            results[0].text if results else "",
+            views.result_rows(results),
+            status,
+            throughput_figure(runs),
+            ttft_figure({"run": [r.ttft for r in results]}),
+            batch_figure(runs),
+            memory_figure(runs),
+            table,
+            kv,
+        )
 
     def stop(self, request: gr.Request = None) -> str:
         n = self.runs.stop(session_key(request))
@@ -227,9 +318,29 @@ class Lab:
     # --- compare --------------------------------------------------------------------------------
 
     @user_errors("comparing")
-    def compare(self, choice, a_impl, a_quant, b_impl, b_quant, dtype, device, kv_mb, block_size, max_batch, max_len,
-                prompt, use_chat_template, mode, copies, max_new, ignore_eos, trust_remote_code=False,
-                request: gr.Request = None, progress=gr.Progress()):
+    def compare(
+        self,
+        choice,
+        a_impl,
+        a_quant,
+        b_impl,
+        b_quant,
+        dtype,
+        device,
+        kv_mb,
+        block_size,
+        max_batch,
+        max_len,
+        prompt,
+        use_chat_template,
+        mode,
+        copies,
+        max_new,
+        ignore_eos,
+        trust_remote_code=False,
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
         """Run the same greedy workload with settings A then B (one engine at a time); overlay the curves.
 
         Yields (status, throughput, TTFT, memory, batch, summary table, agreement table, load status)."""
@@ -249,8 +360,9 @@ class Lab:
                 if handle.cancel.is_set():
                     break
                 yield (f"**Loading** {name}: {impl} / {quant}…",) + (skip,) * 7
-                spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len,
-                                 trust_remote_code)
+                spec = self.spec(
+                    choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code
+                )
                 engine, reused = self.session.load(spec, progress=progress_adapter(progress))
                 label = compare.label(name, engine.model_impl, impl, quant)
                 load_status = self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))[0]
@@ -271,15 +383,30 @@ class Lab:
                         wl.stop()
                     handle.stoppers.remove(wl.stop)
             table, agree = compare.tables(sides, decode)
-            yield (compare.verdict(sides, agree, handle.cancel.is_set()),) + compare.figures(sides) + (table, agree, skip)
+            yield (
+                (compare.verdict(sides, agree, handle.cancel.is_set()),) + compare.figures(sides) + (table, agree, skip)
+            )
         finally:
             self.runs.finish(key, handle)
 
     # --- benchmark ------------------------------------------------------------------------------
 
     @user_errors("benchmarking")
-    def benchmark(self, choice, dtype, device, quant, max_len, trust_remote_code, workloads, systems, num_requests,
-                  repeat, request: gr.Request = None, progress=gr.Progress()):
+    def benchmark(
+        self,
+        choice,
+        dtype,
+        device,
+        quant,
+        max_len,
+        trust_remote_code,
+        workloads,
+        systems,
+        num_requests,
+        repeat,
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
         """backend/bench.py from the app (ui/benchmark.py). The lab's engine is closed first: every system
         loads the model itself. Yields (status, bar figure, results table, JSON file, load status)."""
         from backend.bench import BenchOptions, prepare
@@ -293,13 +420,23 @@ class Lab:
             path = str(hub_module().resolve_model(name, progress=progress_adapter(progress)))
             self.session.close()
             closed = "No engine loaded: the benchmark closed it to free memory. Press Load to load one again."
-            opts = BenchOptions(dtype=dtype or "auto", device=device or "auto", quantization=quantization_value(quant),
-                                max_model_len=max_len_value(max_len), num_requests=n,
-                                repeat=reps, trust_remote_code=bool(trust_remote_code))
+            opts = BenchOptions(
+                dtype=dtype or "auto",
+                device=device or "auto",
+                quantization=quantization_value(quant),
+                max_model_len=max_len_value(max_len),
+                num_requests=n,
+                repeat=reps,
+                trust_remote_code=bool(trust_remote_code),
+            )
             yield "**Preparing**: seeded workloads, memory bandwidth…", gr.skip(), gr.skip(), gr.skip(), closed
             setup = prepare(path, list(workloads), opts, label=name)
-            note = (f"Quantization {opts.quantization} applies to our engine only; the HF baselines run the "
-                    "checkpoint as it is." if opts.quantization else "")
+            note = (
+                f"Quantization {opts.quantization} applies to our engine only; the HF baselines run the "
+                "checkpoint as it is."
+                if opts.quantization
+                else ""
+            )
             for update in benchmark.run(setup, list(systems), opts, handle.cancel, max(self.update_s, 1.0), note):
                 yield update + (gr.skip(),)
         finally:

@@ -31,8 +31,9 @@ def max_len_value(max_len) -> int | None:
 def device_choices() -> list[str]:
     import torch
 
-    return ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())][1:]
-                              if torch.cuda.is_available() else [])
+    return ["auto", "cpu"] + (
+        ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())][1:] if torch.cuda.is_available() else []
+    )
 
 
 def session_key(request: gr.Request | None) -> str:
@@ -56,8 +57,10 @@ def progress_adapter(progress):
         if stage == "done":
             progress((0, None), desc="loading weights into the model (streaming safetensors)…")
         elif total:
-            progress(min(1.0, done / total),
-                     desc=f"downloading{name} {views.fmt_bytes(done)} / {views.fmt_bytes(total)}{files}")
+            progress(
+                min(1.0, done / total),
+                desc=f"downloading{name} {views.fmt_bytes(done)} / {views.fmt_bytes(total)}{files}",
+            )
         else:
             progress((0, None), desc=f"downloading{name}{files}…")
 
@@ -69,13 +72,22 @@ def describe(engine) -> dict:
         return engine.describe()
     except Exception as e:  # the view must not fail a load: show what the engine object itself knows
         info = dict(model=engine.config.model, implementation=engine.model_impl, describe_error=str(e))
-        for key, get in (("dtype", lambda: str(engine.loaded.dtype).removeprefix("torch.")),
-                         ("device", lambda: str(engine.device)), ("quantization", lambda: engine.loaded.quantization),
-                         ("attention_backend", lambda: engine.attention_backend),
-                         ("weights_bytes", lambda: engine.weights_bytes),
-                         ("kv_cache", lambda: dict(num_blocks=engine.kv_cache.num_blocks,
-                                                   block_size=engine.kv_cache.spec.block_size,
-                                                   bytes=engine.kv_cache.nbytes, max_model_len=engine.max_model_len))):
+        for key, get in (
+            ("dtype", lambda: str(engine.loaded.dtype).removeprefix("torch.")),
+            ("device", lambda: str(engine.device)),
+            ("quantization", lambda: engine.loaded.quantization),
+            ("attention_backend", lambda: engine.attention_backend),
+            ("weights_bytes", lambda: engine.weights_bytes),
+            (
+                "kv_cache",
+                lambda: dict(
+                    num_blocks=engine.kv_cache.num_blocks,
+                    block_size=engine.kv_cache.spec.block_size,
+                    bytes=engine.kv_cache.nbytes,
+                    max_model_len=engine.max_model_len,
+                ),
+            ),
+        ):
             try:
                 info[key] = get()
             except Exception:

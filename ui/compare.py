@@ -29,8 +29,10 @@ class Side:
 def settings(a_impl: str, a_quant: str, b_impl: str, b_quant: str) -> list[tuple[str, str, str]]:
     """[(name, implementation, quantization choice)] for A and B; the same settings twice are refused."""
     if (a_impl, quantization_value(a_quant)) == (b_impl, quantization_value(b_quant)):
-        raise gr.Error("A and B are the same settings: change the implementation or the quantization of one.",
-                       title="Nothing to compare")
+        raise gr.Error(
+            "A and B are the same settings: change the implementation or the quantization of one.",
+            title="Nothing to compare",
+        )
     return [("A", a_impl, a_quant), ("B", b_impl, b_quant)]
 
 
@@ -59,7 +61,11 @@ def tables(sides: dict[str, Side], decode) -> tuple[pd.DataFrame, list[list]]:
 
 
 def verdict(sides: dict[str, Side], agree: list[list], stopped: bool) -> str:
-    outcome = ("greedy outputs agree token for token" if agree and all(r[3] == "" for r in agree)
-               else "greedy outputs differ (see the table)" if agree else "incomplete")
-    return (f"{'**stopped**' if stopped else '**done**'}: {outcome}  \n"
-            + " vs ".join(s.label for s in sides.values()))
+    outcome = (
+        "greedy outputs agree token for token"
+        if agree and all(r[3] == "" for r in agree)
+        else "greedy outputs differ (see the table)"
+        if agree
+        else "incomplete"
+    )
+    return f"{'**stopped**' if stopped else '**done**'}: {outcome}  \n" + " vs ".join(s.label for s in sides.values())

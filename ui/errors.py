@@ -10,9 +10,11 @@ import gradio as gr
 
 logger = logging.getLogger(__name__)
 
-OOM_HINT = ("Out of memory{where}. Lower the KV cache budget or max batch, pick int8/int4 quantization or a "
-            "smaller dtype, run fewer parallel requests, or choose a smaller model. The previous engine was "
-            "closed; press Load to try again.")
+OOM_HINT = (
+    "Out of memory{where}. Lower the KV cache budget or max batch, pick int8/int4 quantization or a "
+    "smaller dtype, run fewer parallel requests, or choose a smaller model. The previous engine was "
+    "closed; press Load to try again."
+)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -37,8 +39,10 @@ def to_gr_error(exc: BaseException, where: str = "") -> gr.Error:
     if isinstance(exc, EngineError):
         return gr.Error(str(exc), title=type(exc).__name__)
     logger.exception("unexpected error in the UI", exc_info=exc)
-    return gr.Error(f"{type(exc).__name__}: {exc}. The app is still running; see the server log for details.",
-                    title="Unexpected error")
+    return gr.Error(
+        f"{type(exc).__name__}: {exc}. The app is still running; see the server log for details.",
+        title="Unexpected error",
+    )
 
 
 def user_errors(where: str = ""):
@@ -46,6 +50,7 @@ def user_errors(where: str = ""):
 
     def wrap(fn):
         if inspect.isgeneratorfunction(fn):
+
             @functools.wraps(fn)
             def gen(*args, **kwargs):
                 try:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import gradio as gr
 
 from ui import defaults
-from ui.callbacks import Lab
-from ui.common import (AGREEMENT_HEADERS, BLOCK_SIZES, DTYPE_CHOICES, IMPL_CHOICES, MODE_CHOICES, QUANT_CHOICES,
-                       SUMMARY_HEADERS, device_choices)
 from ui.benchmark import MAX_REPEAT, MAX_REQUESTS, SYSTEM_CHOICES, WORKLOAD_CHOICES
 from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
+from ui.callbacks import Lab
+from ui.common import (
+    AGREEMENT_HEADERS,
+    BLOCK_SIZES,
+    DTYPE_CHOICES,
+    IMPL_CHOICES,
+    MODE_CHOICES,
+    QUANT_CHOICES,
+    SUMMARY_HEADERS,
+    device_choices,
+)
 from ui.gpu import gpu
-from ui.plots import bench_figure, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
+from ui.plots import batch_figure, bench_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.views import RESULT_HEADERS, SEARCH_HEADERS
 
 CSS = """
@@ -32,27 +40,43 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
     lab = lab or Lab()
     thr0, ttft0, batch0, mem0 = _empty_plots()
     with gr.Blocks(title="Fallback Lab") as demo:
-        gr.Markdown("# Fallback Lab\nA small real inference engine — paged KV cache, continuous batching, paged "
-                    "attention — running **native** models or **any transformers model** with our attention "
-                    "injected. Load a model, generate, and watch what the engine does.")
+        gr.Markdown(
+            "# Fallback Lab\nA small real inference engine — paged KV cache, continuous batching, paged "
+            "attention — running **native** models or **any transformers model** with our attention "
+            "injected. Load a model, generate, and watch what the engine does."
+        )
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=320):
                 with gr.Accordion("Model", open=True):
                     picker_note = gr.Markdown(elem_classes="flab-status")
-                    model = gr.Dropdown(choices=[(defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)],
-                                        value=default_model,
-                                        allow_custom_value=True, label="Model",
-                                        info="pick one, or type a Hub id or a local folder path")
+                    model = gr.Dropdown(
+                        choices=[(defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)],
+                        value=default_model,
+                        allow_custom_value=True,
+                        label="Model",
+                        info="pick one, or type a Hub id or a local folder path",
+                    )
                     with gr.Row():
-                        search_box = gr.Textbox(placeholder="search the Hub (e.g. qwen, smollm)", show_label=False,
-                                                scale=3, container=False)
+                        search_box = gr.Textbox(
+                            placeholder="search the Hub (e.g. qwen, smollm)", show_label=False, scale=3, container=False
+                        )
                         search_btn = gr.Button("Search", scale=1, size="sm")
-                    search_results = gr.Dataframe(headers=SEARCH_HEADERS, label="Hub results (click a row to pick)",
-                                                  interactive=False, max_height=240, wrap=True, visible=False)
+                    search_results = gr.Dataframe(
+                        headers=SEARCH_HEADERS,
+                        label="Hub results (click a row to pick)",
+                        interactive=False,
+                        max_height=240,
+                        wrap=True,
+                        visible=False,
+                    )
                     estimate_md = gr.Markdown(elem_classes="flab-status")
                 with gr.Accordion("Engine", open=True):
-                    impl = gr.Radio(IMPL_CHOICES, value="auto", label="Implementation",
-                                    info="auto = native when there is one, else the transformers fallback")
+                    impl = gr.Radio(
+                        IMPL_CHOICES,
+                        value="auto",
+                        label="Implementation",
+                        info="auto = native when there is one, else the transformers fallback",
+                    )
                     with gr.Row():
                         quant = gr.Dropdown(QUANT_CHOICES, value="as in checkpoint", label="Quantization")
                         dtype = gr.Dropdown(DTYPE_CHOICES, value="auto", label="dtype")
@@ -60,8 +84,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         device = gr.Dropdown(device_choices(), value="auto", label="Device")
                         block_size = gr.Dropdown(BLOCK_SIZES, value=16, label="Block size (tokens)")
                     with gr.Row():
-                        kv_mb = gr.Number(value=defaults.suggested_kv_mb(default_model), minimum=0,
-                                          label="KV cache budget (MB, 0 = auto)")
+                        kv_mb = gr.Number(
+                            value=defaults.suggested_kv_mb(default_model),
+                            minimum=0,
+                            label="KV cache budget (MB, 0 = auto)",
+                        )
                         max_len = gr.Number(value=0, minimum=0, precision=0, label="Max context (0 = model's)")
                     max_batch = gr.Slider(1, 64, value=16, step=1, label="Max batch (sequences per step)")
                     trust = gr.Checkbox(False, label="trust_remote_code (runs code from the model repo)")
@@ -82,8 +109,9 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
                                 top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
                             with gr.Row():
-                                max_new = gr.Slider(1, 1024, value=64, step=1, label="max new tokens",
-                                                    elem_id="flab-max-new")
+                                max_new = gr.Slider(
+                                    1, 1024, value=64, step=1, label="max new tokens", elem_id="flab-max-new"
+                                )
                                 seed = gr.Number(0, precision=0, label="seed (-1 = random)")
                                 ignore_eos = gr.Checkbox(False, label="ignore EOS (always max new tokens)")
                         with gr.Row():
@@ -91,8 +119,13 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="flab-stop")
                         run_status = gr.Markdown(elem_classes="flab-status")
                         output = gr.Textbox(label="Output of request #0 (streaming)", lines=4, elem_id="flab-output")
-                        results = gr.Dataframe(headers=RESULT_HEADERS, label="All requests", wrap=True, max_height=300,
-                                               column_widths=["4%", "8%", "7%", "8%", "18%", "55%"])
+                        results = gr.Dataframe(
+                            headers=RESULT_HEADERS,
+                            label="All requests",
+                            wrap=True,
+                            max_height=300,
+                            column_widths=["4%", "8%", "7%", "8%", "18%", "55%"],
+                        )
                         with gr.Row():
                             thr_plot = gr.Plot(thr0, show_label=False, elem_id="flab-throughput")
                             ttft_plot = gr.Plot(ttft0, show_label=False)
@@ -102,9 +135,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         summary = gr.Dataframe(headers=SUMMARY_HEADERS, label="Summary")
 
                     with gr.Tab("Compare", id="compare"):
-                        gr.Markdown("Run the same greedy workload with two settings of the selected model, one after "
-                                    "the other (one engine at a time), and overlay what they did. Engine options "
-                                    "come from the left panel.")
+                        gr.Markdown(
+                            "Run the same greedy workload with two settings of the selected model, one after "
+                            "the other (one engine at a time), and overlay what they did. Engine options "
+                            "come from the left panel."
+                        )
                         with gr.Row():
                             with gr.Column():
                                 a_impl = gr.Radio(IMPL_CHOICES, value="native", label="A: implementation")
@@ -132,29 +167,40 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         cmp_agree = gr.Dataframe(headers=AGREEMENT_HEADERS, label="Greedy agreement", wrap=True)
 
                     with gr.Tab("Benchmark", id="benchmark"):
-                        gr.Markdown("Our engine against transformers' own `generate()` (padded batch) and "
-                                    "`generate_batch()` (its continuous batching) on the same seeded prompts, in one "
-                                    "run, as ratios: the harness of `python -m backend.bench`. Each system loads the "
-                                    "model itself, so the engine loaded in the lab is closed first. Model, dtype, "
-                                    "device, max context and quantization come from the left panel; quantization "
-                                    "applies to our engine only.")
+                        gr.Markdown(
+                            "Our engine against transformers' own `generate()` (padded batch) and "
+                            "`generate_batch()` (its continuous batching) on the same seeded prompts, in one "
+                            "run, as ratios: the harness of `python -m backend.bench`. Each system loads the "
+                            "model itself, so the engine loaded in the lab is closed first. Model, dtype, "
+                            "device, max context and quantization come from the left panel; quantization "
+                            "applies to our engine only."
+                        )
                         with gr.Row():
-                            bench_workloads = gr.CheckboxGroup(WORKLOAD_CHOICES, value=["throughput", "latency"],
-                                                               label="Workloads")
-                            bench_systems = gr.CheckboxGroup(SYSTEM_CHOICES, value=[v for _, v in SYSTEM_CHOICES],
-                                                             label="Systems")
+                            bench_workloads = gr.CheckboxGroup(
+                                WORKLOAD_CHOICES, value=["throughput", "latency"], label="Workloads"
+                            )
+                            bench_systems = gr.CheckboxGroup(
+                                SYSTEM_CHOICES, value=[v for _, v in SYSTEM_CHOICES], label="Systems"
+                            )
                         with gr.Row():
-                            bench_n = gr.Slider(1, MAX_REQUESTS, value=16, step=1,
-                                                label="requests (throughput and shared prefix)")
-                            bench_repeat = gr.Slider(1, MAX_REPEAT, value=1, step=1,
-                                                     label="repeats (round robin; the median run is reported)")
+                            bench_n = gr.Slider(
+                                1, MAX_REQUESTS, value=16, step=1, label="requests (throughput and shared prefix)"
+                            )
+                            bench_repeat = gr.Slider(
+                                1,
+                                MAX_REPEAT,
+                                value=1,
+                                step=1,
+                                label="repeats (round robin; the median run is reported)",
+                            )
                         with gr.Row():
                             bench_btn = gr.Button("Run benchmark", variant="primary", elem_id="flab-bench")
                             bench_stop = gr.Button("Stop", variant="stop")
                         bench_status = gr.Markdown(elem_classes="flab-status", elem_id="flab-bench-status")
                         bench_plot = gr.Plot(bench_figure([]), show_label=False, elem_id="flab-bench-plot")
-                        bench_table = gr.Dataframe(headers=BENCH_HEADERS, label="Results (same rows as the CLI)",
-                                                   wrap=True)
+                        bench_table = gr.Dataframe(
+                            headers=BENCH_HEADERS, label="Results (same rows as the CLI)", wrap=True
+                        )
                         bench_json = gr.File(label="Every number (JSON, as `--json` writes it)", interactive=False)
 
                     with gr.Tab("Inside the engine", id="inside"):
@@ -168,35 +214,91 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         load_inputs = [model, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust]
         estimate_inputs = [model, dtype, quant, kv_mb, max_len, max_batch]
 
-        demo.load(lab.startup, load_inputs, [picker_note, model, load_status, describe_md, kv_plot],
-                  api_name="startup")
+        demo.load(lab.startup, load_inputs, [picker_note, model, load_status, describe_md, kv_plot], api_name="startup")
         demo.load(lab.estimate, estimate_inputs, estimate_md, api_name=False)
         gr.on([search_btn.click, search_box.submit], lab.search_table, search_box, search_results, api_name="search")
         search_results.select(lab.pick_search_result, None, model, api_name=False)
         model.change(lab.suggest_kv_mb, model, kv_mb, api_name=False)
-        gr.on([model.change, dtype.change, quant.change, kv_mb.change, max_len.change, max_batch.release],
-              lab.estimate, estimate_inputs, estimate_md, api_name="estimate", trigger_mode="always_last")
-        load_btn.click(gpu(lab.load), load_inputs, [load_status, describe_md, kv_plot], api_name="load",
-                       concurrency_id="engine", concurrency_limit=1)
+        gr.on(
+            [model.change, dtype.change, quant.change, kv_mb.change, max_len.change, max_batch.release],
+            lab.estimate,
+            estimate_inputs,
+            estimate_md,
+            api_name="estimate",
+            trigger_mode="always_last",
+        )
+        load_btn.click(
+            gpu(lab.load),
+            load_inputs,
+            [load_status, describe_md, kv_plot],
+            api_name="load",
+            concurrency_id="engine",
+            concurrency_limit=1,
+        )
 
         gen_inputs = [prompt, chat, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos]
         gen_outputs = [output, results, run_status, thr_plot, ttft_plot, batch_plot, mem_plot, summary, kv_plot]
-        gr.on([gen_btn.click, prompt.submit], gpu(lab.generate), gen_inputs, gen_outputs, api_name="generate",
-              concurrency_limit=GENERATE_CONCURRENCY)
+        gr.on(
+            [gen_btn.click, prompt.submit],
+            gpu(lab.generate),
+            gen_inputs,
+            gen_outputs,
+            api_name="generate",
+            concurrency_limit=GENERATE_CONCURRENCY,
+        )
         stop_btn.click(lab.stop, None, run_status, api_name="stop", concurrency_limit=None)
 
-        cmp_inputs = [model, a_impl, a_quant, b_impl, b_quant, dtype, device, kv_mb, block_size, max_batch, max_len,
-                      cmp_prompt, chat, cmp_mode, cmp_copies, cmp_max_new, cmp_ignore_eos, trust]
+        cmp_inputs = [
+            model,
+            a_impl,
+            a_quant,
+            b_impl,
+            b_quant,
+            dtype,
+            device,
+            kv_mb,
+            block_size,
+            max_batch,
+            max_len,
+            cmp_prompt,
+            chat,
+            cmp_mode,
+            cmp_copies,
+            cmp_max_new,
+            cmp_ignore_eos,
+            trust,
+        ]
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
-        cmp_btn.click(gpu(lab.compare, duration=240), cmp_inputs, cmp_outputs, api_name="compare",
-                      concurrency_id="engine", concurrency_limit=1)
+        cmp_btn.click(
+            gpu(lab.compare, duration=240),
+            cmp_inputs,
+            cmp_outputs,
+            api_name="compare",
+            concurrency_id="engine",
+            concurrency_limit=1,
+        )
         cmp_stop.click(lab.stop, None, cmp_status, api_name="stop_compare", concurrency_limit=None)
 
-        bench_inputs = [model, dtype, device, quant, max_len, trust, bench_workloads, bench_systems, bench_n,
-                        bench_repeat]
-        bench_btn.click(gpu(lab.benchmark, duration=300), bench_inputs,
-                        [bench_status, bench_plot, bench_table, bench_json, load_status], api_name="benchmark",
-                        concurrency_id="engine", concurrency_limit=1)
+        bench_inputs = [
+            model,
+            dtype,
+            device,
+            quant,
+            max_len,
+            trust,
+            bench_workloads,
+            bench_systems,
+            bench_n,
+            bench_repeat,
+        ]
+        bench_btn.click(
+            gpu(lab.benchmark, duration=300),
+            bench_inputs,
+            [bench_status, bench_plot, bench_table, bench_json, load_status],
+            api_name="benchmark",
+            concurrency_id="engine",
+            concurrency_limit=1,
+        )
         bench_stop.click(lab.stop, None, bench_status, api_name="stop_benchmark", concurrency_limit=None)
 
         refresh_btn.click(lab.inspect, None, [describe_md, kv_plot], api_name="inspect")

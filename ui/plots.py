@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
 
-PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563",
-           "#65a30d"]
+PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"]
 DASHES = ["solid", "dash", "dot", "dashdot"]
 MIB = 2**20
 
@@ -63,8 +62,9 @@ def series_from_stats(stats, t0: float = 0.0) -> Series:
     return s
 
 
-def rolling_rate(time: list[float], duration: list[float], counts: list[int],
-                 window: float | None = None) -> list[float]:
+def rolling_rate(
+    time: list[float], duration: list[float], counts: list[int], window: float | None = None
+) -> list[float]:
     """Tokens per second over a trailing time window ending at each step (smooths per-step noise).
 
     The window defaults to a tenth of the run (between 50 ms and 1 s). At the start it shrinks to the
@@ -86,17 +86,31 @@ def rolling_rate(time: list[float], duration: list[float], counts: list[int],
 
 
 def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str, height: int = 320) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=14)), height=height, template="plotly_white",
-                      margin=dict(l=55, r=10, t=40, b=10), xaxis_title=xaxis, yaxis_title=yaxis, uirevision=title,
-                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11)))
+    fig.update_layout(
+        title=dict(text=title, x=0.01, font=dict(size=14)),
+        height=height,
+        template="plotly_white",
+        margin=dict(l=55, r=10, t=40, b=10),
+        xaxis_title=xaxis,
+        yaxis_title=yaxis,
+        uirevision=title,
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11)),
+    )
     fig.update_xaxes(title_standoff=4)
     return fig
 
 
 def _empty_note(fig: go.Figure, runs: dict) -> None:
     if not any(len(s) for s in runs.values()):
-        fig.add_annotation(text="no steps yet: load a model and generate", showarrow=False, x=0.5, y=0.5,
-                           xref="paper", yref="paper", font=dict(color="#6b7280"))
+        fig.add_annotation(
+            text="no steps yet: load a model and generate",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+            font=dict(color="#6b7280"),
+        )
 
 
 def _style(run_idx: int, trace_idx: int, overlay: bool) -> dict:
@@ -116,8 +130,15 @@ def throughput_figure(runs: dict[str, Series], window: float | None = None) -> g
     overlay = len(runs) > 1
     for r, (label, s) in enumerate(runs.items()):
         for c, (curve, counts) in enumerate((("decode tok/s", s.decode_tokens), ("prefill tok/s", s.prefill_tokens))):
-            fig.add_trace(go.Scatter(x=s.time, y=rolling_rate(s.time, s.duration, counts, window), mode="lines",
-                                     name=_name(label, curve, overlay), line=_style(r, c, overlay)))
+            fig.add_trace(
+                go.Scatter(
+                    x=s.time,
+                    y=rolling_rate(s.time, s.duration, counts, window),
+                    mode="lines",
+                    name=_name(label, curve, overlay),
+                    line=_style(r, c, overlay),
+                )
+            )
     _empty_note(fig, runs)
     return _layout(fig, "Throughput (tokens/s)", "time (s)", "tokens/s")
 
@@ -129,11 +150,26 @@ def bench_figure(bars: list[tuple[str, str, float, str]]) -> go.Figure:
     systems = list(dict.fromkeys(system for _, system, _, _ in bars))
     for i, system in enumerate(systems):
         mine = [b for b in bars if b[1] == system]
-        fig.add_trace(go.Bar(x=[b[0] for b in mine], y=[b[2] for b in mine], text=[b[3] for b in mine],
-                             textposition="outside", name=system, marker_color=PALETTE[i % len(PALETTE)]))
+        fig.add_trace(
+            go.Bar(
+                x=[b[0] for b in mine],
+                y=[b[2] for b in mine],
+                text=[b[3] for b in mine],
+                textposition="outside",
+                name=system,
+                marker_color=PALETTE[i % len(PALETTE)],
+            )
+        )
     if not bars:
-        fig.add_annotation(text="no runs yet: pick workloads and systems, then Run benchmark", showarrow=False,
-                           x=0.5, y=0.5, xref="paper", yref="paper", font=dict(color="#6b7280"))
+        fig.add_annotation(
+            text="no runs yet: pick workloads and systems, then Run benchmark",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+            font=dict(color="#6b7280"),
+        )
     fig.update_layout(barmode="group")
     return _layout(fig, "Output tokens/s (ratio to HF generate on the bar)", "workload", "output tok/s", height=360)
 
@@ -144,11 +180,25 @@ def ttft_figure(ttfts: dict[str, list[float | None]]) -> go.Figure:
     for r, (label, values) in enumerate(ttfts.items()):
         xs = [f"#{i}" for i, v in enumerate(values) if v is not None]
         ys = [v * 1000 for v in values if v is not None]
-        fig.add_trace(go.Bar(x=xs, y=ys, name=label, marker_color=PALETTE[r % len(PALETTE)],
-                             hovertemplate="request %{x}: %{y:.1f} ms<extra>" + label + "</extra>"))
+        fig.add_trace(
+            go.Bar(
+                x=xs,
+                y=ys,
+                name=label,
+                marker_color=PALETTE[r % len(PALETTE)],
+                hovertemplate="request %{x}: %{y:.1f} ms<extra>" + label + "</extra>",
+            )
+        )
     if not any(v is not None for values in ttfts.values() for v in values):
-        fig.add_annotation(text="no first token yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                           font=dict(color="#6b7280"))
+        fig.add_annotation(
+            text="no first token yet",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+            font=dict(color="#6b7280"),
+        )
     fig.update_layout(barmode="group", showlegend=len(ttfts) > 1)
     return _layout(fig, "Time to first token", "request", "ms")
 
@@ -158,10 +208,26 @@ def batch_figure(runs: dict[str, Series]) -> go.Figure:
     fig = go.Figure()
     overlay = len(runs) > 1
     for r, (label, s) in enumerate(runs.items()):
-        fig.add_trace(go.Scatter(x=s.time, y=s.batch_size, mode="lines", line_shape="hv",
-                                 name=_name(label, "batch size", overlay), line=_style(r, 0, overlay)))
-        fig.add_trace(go.Scatter(x=s.time, y=s.waiting, mode="lines", line_shape="hv",
-                                 name=_name(label, "waiting", overlay), line=_style(r, 1, overlay)))
+        fig.add_trace(
+            go.Scatter(
+                x=s.time,
+                y=s.batch_size,
+                mode="lines",
+                line_shape="hv",
+                name=_name(label, "batch size", overlay),
+                line=_style(r, 0, overlay),
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=s.time,
+                y=s.waiting,
+                mode="lines",
+                line_shape="hv",
+                name=_name(label, "waiting", overlay),
+                line=_style(r, 1, overlay),
+            )
+        )
     _empty_note(fig, runs)
     return _layout(fig, "Batch size (continuous batching)", "time (s)", "requests")
 
@@ -176,8 +242,15 @@ def memory_figure(runs: dict[str, Series]) -> go.Figure:
             curves += [("CUDA allocated", s.cuda_allocated), ("CUDA reserved", s.cuda_reserved)]
         for c, (curve, values) in enumerate(curves):
             line = dict(color=PALETTE[c % len(PALETTE)], dash=DASHES[r % len(DASHES)])
-            fig.add_trace(go.Scatter(x=s.time, y=[v / MIB if v else None for v in values], mode="lines", line=line,
-                                     name=_name(label, curve, overlay)))
+            fig.add_trace(
+                go.Scatter(
+                    x=s.time,
+                    y=[v / MIB if v else None for v in values],
+                    mode="lines",
+                    line=line,
+                    name=_name(label, curve, overlay),
+                )
+            )
     _empty_note(fig, runs)
     fig.update_yaxes(type="log")  # weights, KV and RSS differ by orders of magnitude on small models
     return _layout(fig, "Memory (log scale)", "time (s)", "MiB")
@@ -187,8 +260,12 @@ def memory_figure(runs: dict[str, Series]) -> go.Figure:
 
 KV_FREE, KV_CACHED, KV_SHARED, KV_ORPHAN, KV_OWNER0 = 0, 1, 2, 3, 4
 KV_STATE_COLORS = {KV_FREE: "#f3f4f6", KV_CACHED: "#a7f3d0", KV_SHARED: "#facc15", KV_ORPHAN: "#9ca3af"}
-KV_STATE_NAMES = {KV_FREE: "free", KV_CACHED: "free, cached prefix (reusable)", KV_SHARED: "shared prefix (ref > 1)",
-                  KV_ORPHAN: "held (no running owner)"}
+KV_STATE_NAMES = {
+    KV_FREE: "free",
+    KV_CACHED: "free, cached prefix (reusable)",
+    KV_SHARED: "shared prefix (ref > 1)",
+    KV_ORPHAN: "held (no running owner)",
+}
 MAX_CELLS = 4096
 
 
@@ -244,21 +321,51 @@ def kv_cache_figure(view: list[dict], title: str = "KV cache blocks") -> go.Figu
         cached = "<br>cached prefix" if any(e.get("cached") for e in chunk) else ""
         text[row][col] = f"{where}<br>{who}<br>ref_count {refs}{cached}"
         label[row][col] = ",".join(map(str, owners[:2])) if owners and cells <= 512 else ""
-    fig = go.Figure(go.Heatmap(
-        z=z, text=label, customdata=text, texttemplate="%{text}", hovertemplate="%{customdata}<extra></extra>",
-        colorscale=_discrete_colorscale(), zmin=0, zmax=KV_OWNER0 + len(PALETTE), showscale=False, xgap=1, ygap=1,
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            text=label,
+            customdata=text,
+            texttemplate="%{text}",
+            hovertemplate="%{customdata}<extra></extra>",
+            colorscale=_discrete_colorscale(),
+            zmin=0,
+            zmax=KV_OWNER0 + len(PALETTE),
+            showscale=False,
+            xgap=1,
+            ygap=1,
+        )
+    )
     for state in (KV_FREE, KV_CACHED, KV_SHARED, KV_ORPHAN):  # legend entries
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{KV_STATE_NAMES[state]} ({counts[state]})",
-                                 marker=dict(size=10, symbol="square", color=KV_STATE_COLORS[state])))
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"owned by one request ({counts['owned']})",
-                             marker=dict(size=10, symbol="square", color=PALETTE[0])))
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=f"{KV_STATE_NAMES[state]} ({counts[state]})",
+                marker=dict(size=10, symbol="square", color=KV_STATE_COLORS[state]),
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="markers",
+            name=f"owned by one request ({counts['owned']})",
+            marker=dict(size=10, symbol="square", color=PALETTE[0]),
+        )
+    )
     sub = f"{n} blocks" + (f", one cell = {group} blocks" if group > 1 else "")
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
-    fig.update_layout(title=dict(text=f"{title} — {sub}", x=0.01, font=dict(size=14)), template="plotly_white",
-                      height=max(220, min(620, 60 + rows * 16)), margin=dict(l=10, r=10, t=40, b=10),
-                      legend=dict(orientation="h", y=-0.02, yanchor="top", x=0), uirevision="kv")
+    fig.update_layout(
+        title=dict(text=f"{title} — {sub}", x=0.01, font=dict(size=14)),
+        template="plotly_white",
+        height=max(220, min(620, 60 + rows * 16)),
+        margin=dict(l=10, r=10, t=40, b=10),
+        legend=dict(orientation="h", y=-0.02, yanchor="top", x=0),
+        uirevision="kv",
+    )
     if not n:
         fig.add_annotation(text="no engine loaded", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
     return fig

@@ -25,14 +25,28 @@ class LoadSpec:
     options: tuple[tuple[str, Any], ...] = ()  # engine options (block_size, kv_cache_memory_gb, ...), sorted
 
     @classmethod
-    def make(cls, model: str, model_impl: str = "auto", quantization: str | None = None, dtype: str = "auto",
-             device: str = "auto", trust_remote_code: bool = False, **options) -> "LoadSpec":
+    def make(
+        cls,
+        model: str,
+        model_impl: str = "auto",
+        quantization: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        **options,
+    ) -> "LoadSpec":
         opts = tuple(sorted((k, v) for k, v in options.items() if v is not None))
         return cls(model, model_impl, quantization, dtype, device, trust_remote_code, opts)
 
     def engine_kwargs(self) -> dict:
-        return dict(model_impl=self.model_impl, quantization=self.quantization, dtype=self.dtype, device=self.device,
-                    trust_remote_code=self.trust_remote_code, **dict(self.options))
+        return dict(
+            model_impl=self.model_impl,
+            quantization=self.quantization,
+            dtype=self.dtype,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+            **dict(self.options),
+        )
 
 
 def _default_factory(model: str, **kwargs):

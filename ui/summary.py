@@ -49,21 +49,26 @@ def summarize(results: list[RequestResult], series: Series, wall_s: float) -> di
     decode_time = sum(series.duration[i] for i in decode_steps)
     prefill_time = sum(series.duration[i] for i in prefill_steps)
     ends = [(r, r.latency if r.latency is not None else wall_s) for r in results]  # a stopped run has no latency
-    per_request = [(r.num_tokens - 1) / (end - r.ttft) for r, end in ends
-                   if r.ttft is not None and r.num_tokens > 1 and end > r.ttft]
+    per_request = [
+        (r.num_tokens - 1) / (end - r.ttft)
+        for r, end in ends
+        if r.ttft is not None and r.num_tokens > 1 and end > r.ttft
+    ]
     peak = lambda values: max(values) if values else None  # noqa: E731
     count = lambda *statuses: sum(r.status in statuses for r in results)  # noqa: E731
     rows = {
         "requests": f"{len(results)} ({count('stop', 'length')} done, {count('abort')} stopped, "
-                    f"{count('error')} failed)",
+        f"{count('error')} failed)",
         "generated tokens": f"{out_tokens:,}",
         "wall time": _fmt(wall_s, " s", 2),
         "TTFT mean / max": (f"{statistics.fmean(ttfts) * 1000:,.1f} / {max(ttfts) * 1000:,.1f} ms" if ttfts else "—"),
-        "decode tok/s (decode-only steps)": _fmt(sum(series.decode_tokens[i] for i in decode_steps) / decode_time
-                                                 if decode_time else None),
+        "decode tok/s (decode-only steps)": _fmt(
+            sum(series.decode_tokens[i] for i in decode_steps) / decode_time if decode_time else None
+        ),
         "decode tok/s per request (mean)": _fmt(statistics.fmean(per_request) if per_request else None),
-        "prefill tok/s": _fmt(sum(series.prefill_tokens[i] for i in prefill_steps) / prefill_time
-                              if prefill_time else None),
+        "prefill tok/s": _fmt(
+            sum(series.prefill_tokens[i] for i in prefill_steps) / prefill_time if prefill_time else None
+        ),
         "output tok/s (wall)": _fmt(out_tokens / wall_s if wall_s > 0 else None),
         "engine steps": f"{len(series):,}",
         "max batch size": str(peak(series.batch_size) or 0),
@@ -73,8 +78,9 @@ def summarize(results: list[RequestResult], series: Series, wall_s: float) -> di
         "peak RSS": _mib(peak(series.rss)),
     }
     if any(series.cuda_allocated):
-        rows["peak CUDA allocated / reserved"] = (f"{_mib(peak(series.cuda_allocated))} / "
-                                                  f"{_mib(peak(series.cuda_reserved))}")
+        rows["peak CUDA allocated / reserved"] = (
+            f"{_mib(peak(series.cuda_allocated))} / {_mib(peak(series.cuda_reserved))}"
+        )
     return rows
 
 

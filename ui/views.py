@@ -5,14 +5,31 @@ from __future__ import annotations
 from ui.fmt import fmt_bytes, fmt_count  # noqa: F401  (re-exported)
 from ui.summary import RequestResult
 
-
-
-
 # Keys shown first (in this order) when present; the rest follow as they come.
-_DESCRIBE_ORDER = ("model", "implementation", "requested_impl", "model_class", "architecture", "attention",
-                   "attention_backend", "attention_modules", "injected", "swapped", "parameters", "layers", "heads",
-                   "kv_heads", "head_dim", "hidden_size", "vocab_size", "dtype", "device", "quantization",
-                   "quantized_linears", "weights_bytes")
+_DESCRIBE_ORDER = (
+    "model",
+    "implementation",
+    "requested_impl",
+    "model_class",
+    "architecture",
+    "attention",
+    "attention_backend",
+    "attention_modules",
+    "injected",
+    "swapped",
+    "parameters",
+    "layers",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "hidden_size",
+    "vocab_size",
+    "dtype",
+    "device",
+    "quantization",
+    "quantized_linears",
+    "weights_bytes",
+)
 _FLATTEN = ("kv_cache",)  # nested dicts shown as one row per entry
 
 
@@ -56,8 +73,9 @@ def describe_markdown(info: dict | None) -> str:
     return "\n".join(["| | |", "|---|---|"] + [f"| **{k}** | {_cell(k, flat[k])} |" for k in keys])
 
 
-def load_status_markdown(info: dict, impl_choice: str, reused: bool, load_seconds: float, is_default: bool,
-                         how: str | None = None) -> str:
+def load_status_markdown(
+    info: dict, impl_choice: str, reused: bool, load_seconds: float, is_default: bool, how: str | None = None
+) -> str:
     impl = info.get("implementation") or info.get("impl") or "?"
     why = "a native implementation exists" if impl == "native" else "no native implementation for this architecture"
     resolved = f"**{impl}**" + (f" (auto resolved to {impl}: {why})" if impl_choice == "auto" else "")
@@ -65,15 +83,20 @@ def load_status_markdown(info: dict, impl_choice: str, reused: bool, load_second
     kv = info.get("kv_cache") or {}
     how = how or ("reused the loaded engine (nothing changed)" if reused else f"loaded in {load_seconds:.2f} s")
     name = "built-in tiny-llama" if is_default else info.get("model", "?")
-    lines = [f"**{name}** — {how}",
-             f"implementation: {resolved} · quantization: **{quant}** · dtype: **{info.get('dtype', '?')}** · "
-             f"device: **{info.get('device', '?')}**",
-             f"weights {fmt_bytes(info.get('weights_bytes'))} · KV cache {fmt_bytes(kv.get('bytes'))} = "
-             f"{kv.get('num_blocks', '?')} blocks × {kv.get('block_size', '?')} tokens · "
-             f"max context {kv.get('max_model_len', '?')} tokens"]
+    lines = [
+        f"**{name}** — {how}",
+        f"implementation: {resolved} · quantization: **{quant}** · dtype: **{info.get('dtype', '?')}** · "
+        f"device: **{info.get('device', '?')}**",
+        f"weights {fmt_bytes(info.get('weights_bytes'))} · KV cache {fmt_bytes(kv.get('bytes'))} = "
+        f"{kv.get('num_blocks', '?')} blocks × {kv.get('block_size', '?')} tokens · "
+        f"max context {kv.get('max_model_len', '?')} tokens",
+    ]
     if is_default:
-        lines.insert(0, "**random weights — for trying the app offline**: the text is gibberish by design; "
-                        "the engine, batching and plots are real.")
+        lines.insert(
+            0,
+            "**random weights — for trying the app offline**: the text is gibberish by design; "
+            "the engine, batching and plots are real.",
+        )
     return "\n\n".join(lines)
 
 
@@ -82,8 +105,10 @@ def estimate_markdown(est, kv_budget_mb: float | None, fmt=fmt_bytes) -> str:
     seqs, ctx = getattr(est, "num_seqs", 0), getattr(est, "context_len", 0)
     kv_for = f"KV for {seqs} × {ctx} tokens" if seqs and ctx else "KV cache"
     quant = f", {est.quantization}" if getattr(est, "quantization", None) else ""
-    text = (f"**Memory estimate** ({est.dtype}{quant}): params {fmt_count(est.params)} · weights "
-            f"{fmt(est.weight_bytes)} · {kv_for} {fmt(est.kv_cache_bytes)} · total ≈ **{fmt(est.total_bytes)}**")
+    text = (
+        f"**Memory estimate** ({est.dtype}{quant}): params {fmt_count(est.params)} · weights "
+        f"{fmt(est.weight_bytes)} · {kv_for} {fmt(est.kv_cache_bytes)} · total ≈ **{fmt(est.total_bytes)}**"
+    )
     if kv_budget_mb:
         text += f" · KV cache budget set below: {fmt(kv_budget_mb * 2**20)}"
     notes = [est.notes] if isinstance(est.notes, str) else list(est.notes or [])
@@ -94,8 +119,18 @@ SEARCH_HEADERS = ["model", "params", "size", "downloads", "likes", "gated", "lib
 
 
 def search_rows(models) -> list[list]:
-    return [[m.id, fmt_count(m.params), fmt_bytes(m.size_bytes), f"{m.downloads or 0:,}", f"{m.likes or 0:,}",
-             "yes" if m.gated else "", m.library or ""] for m in models]
+    return [
+        [
+            m.id,
+            fmt_count(m.params),
+            fmt_bytes(m.size_bytes),
+            f"{m.downloads or 0:,}",
+            f"{m.likes or 0:,}",
+            "yes" if m.gated else "",
+            m.library or "",
+        ]
+        for m in models
+    ]
 
 
 RESULT_HEADERS = ["#", "status", "tokens", "TTFT (ms)", "prompt", "output"]
@@ -107,12 +142,27 @@ def _tail(text: str, n: int) -> str:
 
 def result_rows(results: list[RequestResult], max_chars: int = 240) -> list[list]:
     """One row per request; the output column shows the latest `max_chars` characters."""
-    return [[r.index, r.error or r.status, r.num_tokens, "" if r.ttft is None else round(r.ttft * 1000, 1),
-             r.prompt[:60], _tail(r.text, max_chars)] for r in results]
+    return [
+        [
+            r.index,
+            r.error or r.status,
+            r.num_tokens,
+            "" if r.ttft is None else round(r.ttft * 1000, 1),
+            r.prompt[:60],
+            _tail(r.text, max_chars),
+        ]
+        for r in results
+    ]
 
 
-def run_status_markdown(results: list[RequestResult], steps: int, done: bool, stopped: bool,
-                        kv_used: int | None = None, kv_total: int | None = None) -> str:
+def run_status_markdown(
+    results: list[RequestResult],
+    steps: int,
+    done: bool,
+    stopped: bool,
+    kv_used: int | None = None,
+    kv_total: int | None = None,
+) -> str:
     tokens = sum(r.num_tokens for r in results)
     n = len(results)
     if not done:

@@ -17,8 +17,9 @@ def build_prompt_ids(tokenizer, prompt: str, use_chat_template: bool) -> list[in
     """Token ids of the prompt with the chat template applied, or None when it does not apply."""
     if not use_chat_template or not getattr(tokenizer, "chat_template", None):
         return None
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
     if hasattr(ids, "keys"):  # a BatchEncoding
         ids = ids["input_ids"]
     if ids and isinstance(ids[0], list):
@@ -34,8 +35,9 @@ def split_prompts(prompt: str, mode: str, copies: int) -> list[str]:
 
 
 class Workload:
-    def __init__(self, engine, prompts: list[str], params, use_chat_template: bool = True,
-                 cancel: threading.Event | None = None) -> None:
+    def __init__(
+        self, engine, prompts: list[str], params, use_chat_template: bool = True, cancel: threading.Event | None = None
+    ) -> None:
         self.engine = engine
         self.params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         self.cancel = cancel or threading.Event()
@@ -61,8 +63,9 @@ class Workload:
     def _consume(self, i: int) -> None:
         res = self.results[i]
         try:
-            stream = self.engine.stream(None if self._ids[i] else res.prompt, self.params[i],
-                                        prompt_token_ids=self._ids[i])
+            stream = self.engine.stream(
+                None if self._ids[i] else res.prompt, self.params[i], prompt_token_ids=self._ids[i]
+            )
             try:
                 for delta in stream:
                     out = delta.output

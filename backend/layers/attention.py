@@ -27,8 +27,18 @@ def paged_attention(
 
         store_kv_triton(k, v, k_cache, v_cache, batch.slot_mapping)
         return paged_attention_triton_auto(
-            q.contiguous(), k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, scale,
-            softcap, sliding_window, sinks, batch.max_query_len, batch.max_seq_len,
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            batch.query_start_loc,
+            batch.seq_lens,
+            batch.block_tables,
+            scale,
+            softcap,
+            sliding_window,
+            sinks,
+            batch.max_query_len,
+            batch.max_seq_len,
         )
     store_kv_torch(k, v, k_cache, v_cache, batch.slot_mapping)
     return paged_attention_planned(q, k_cache, v_cache, batch.plan, scale, softcap, sliding_window, sinks)
@@ -54,18 +64,26 @@ class PagedAttention(nn.Module):
         self.softcap = softcap
         self.sliding_window = sliding_window
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                sinks: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # q: (T, Hq * D), k/v: (T, Hkv * D) -> (T, Hq * D)
         t = q.shape[0]
         out = paged_attention(
             q.view(t, self.num_heads, self.head_dim),
             k.view(t, self.num_kv_heads, self.head_dim),
             v.view(t, self.num_kv_heads, self.head_dim),
-            self.layer_idx, batch, self.scale, self.softcap, self.sliding_window, sinks,
+            self.layer_idx,
+            batch,
+            self.scale,
+            self.softcap,
+            self.sliding_window,
+            sinks,
         )
         return out.reshape(t, self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:
-        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"layer={self.layer_idx}, softcap={self.softcap}, window={self.sliding_window}")
+        return (
+            f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"layer={self.layer_idx}, softcap={self.softcap}, window={self.sliding_window}"
+        )

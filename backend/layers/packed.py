@@ -50,8 +50,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def can_pack(weight: torch.Tensor) -> bool:
     """A 16-bit CPU tensor whose dtype oneDNN prepacks here (fp32 weights are left to F.linear, bit-equal to HF)."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
-            and packing_available(weight.dtype))
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.bfloat16, torch.float16)
+        and packing_available(weight.dtype)
+    )
 
 
 def pack_stacked(module: nn.Module, name: str, transposed: bool = False) -> list[torch.Tensor]:
@@ -95,8 +98,10 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"oneDNN packed{', tied weight kept' if self.shared_weight is not None else ''}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"oneDNN packed{', tied weight kept' if self.shared_weight is not None else ''}"
+        )
 
 
 def pack_linears(model: nn.Module, modules: list[nn.Linear]) -> int:

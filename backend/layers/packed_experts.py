@@ -33,13 +33,14 @@ def _products(x: torch.Tensor, packed: list[torch.Tensor], counts: list[int]) ->
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            outs.append(packed_linear(x[start:start + n], packed[e]))
+            outs.append(packed_linear(x[start : start + n], packed[e]))
             start += n
     return torch.cat(outs)
 
 
-def packed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                           top_k_weights: torch.Tensor) -> torch.Tensor:  # (T, H), (T, K), (T, K) -> (T, H)
+def packed_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:  # (T, H), (T, K), (T, K) -> (T, H)
     packed = getattr(self, "flab_packed", None)
     if packed is None:  # not packed (fp32, or a layout we do not pack): transformers' own grouped_mm path
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -78,9 +79,13 @@ def pack_hf_experts(model: nn.Module) -> int:
     for module in model.modules():
         up_name = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
         up, down = getattr(module, up_name, None), getattr(module, "down_proj", None)
-        if (not hasattr(module, "is_transposed") or not isinstance(up, nn.Parameter)
-                or not isinstance(down, nn.Parameter) or getattr(module, "_is_expert_parallel", False)
-                or not can_pack(up)):
+        if (
+            not hasattr(module, "is_transposed")
+            or not isinstance(up, nn.Parameter)
+            or not isinstance(down, nn.Parameter)
+            or getattr(module, "_is_expert_parallel", False)
+            or not can_pack(up)
+        ):
             continue
         register_experts()
         module.flab_packed = tuple(pack_stacked(module, name, module.is_transposed) for name in (up_name, "down_proj"))

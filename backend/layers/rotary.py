@@ -132,8 +132,9 @@ class RotaryEmbedding(nn.Module):
         cache = compute_cos_sin_cache(self.config, self.head_dim, self.max_position)
         self._buffers["cos_sin_cache"] = cache.to(device)
 
-    def prepare(self, positions: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                dtype: torch.dtype) -> RopeStep:
+    def prepare(
+        self, positions: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, dtype: torch.dtype
+    ) -> RopeStep:
         """Once per forward, for every layer: the cache row of each token (its position, shifted to the
         long-factor rows (longrope) when its sequence is longer than the original context this step) and,
         on CPU, the gathered cos/sin."""

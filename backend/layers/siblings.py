@@ -58,22 +58,24 @@ class SiblingLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # (N, K) plain copy, for introspection
-        return self.product.packed.to_dense()[self.lo:self.hi]
+        return self.product.packed.to_dense()[self.lo : self.hi]
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return None if self.product.bias is None else self.product.bias[self.lo:self.hi]
+        return None if self.product.bias is None else self.product.bias[self.lo : self.hi]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         p = self.product
         out = p(x) if self.first or p.input is not x else p.output
         if self.last:
             p.input = p.output = None
-        return out[..., self.lo:self.hi]
+        return out[..., self.lo : self.hi]
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, columns {self.lo}:{self.hi} "
-                f"of one oneDNN product")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, columns {self.lo}:{self.hi} "
+            f"of one oneDNN product"
+        )
 
 
 def fuse_siblings(model: nn.Module) -> int:
@@ -92,8 +94,13 @@ def fuse_siblings(model: nn.Module) -> int:
             product = SiblingProduct(weight, bias)
             lo = 0
             for i, (name, m) in enumerate(zip(names, group)):
-                setattr(parent, name, SiblingLinear(product, lo, lo + m.out_features, m.in_features,
-                                                    first=i == 0, last=i == len(group) - 1))
+                setattr(
+                    parent,
+                    name,
+                    SiblingLinear(
+                        product, lo, lo + m.out_features, m.in_features, first=i == 0, last=i == len(group) - 1
+                    ),
+                )
                 lo += m.out_features
             count += len(group)
     return count

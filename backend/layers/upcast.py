@@ -67,8 +67,7 @@ class UpcastLinear(nn.Linear):
 def half_linears(model: nn.Module) -> list[nn.Linear]:
     """The plain 16-bit nn.Linear modules of `model`, which the CPU linear paths (upcast, packed) replace; quantized
     and fp32 linears are left alone."""
-    return [m for m in model.modules()
-            if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16)]
+    return [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16)]
 
 
 def upcast_linears(modules: list[nn.Linear]) -> int:

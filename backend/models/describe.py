@@ -72,7 +72,10 @@ def _describe_native(model: nn.Module) -> dict:
         sliding_window=windows or None,
         attn_softcap=opts.attn_softcap,
         final_softcap=opts.final_softcap,
-        layers=opts.num_layers, heads=opts.num_heads, kv_heads=opts.num_kv_heads, head_dim=opts.head_dim,
+        layers=opts.num_layers,
+        heads=opts.num_heads,
+        kv_heads=opts.num_kv_heads,
+        head_dim=opts.head_dim,
     )
 
 

@@ -13,8 +13,9 @@ from backend.models.options import ModelOptions, options_from_config
 
 def _gemma_options(config: PretrainedConfig, **overrides) -> ModelOptions:
     bias = bool(getattr(config, "attention_bias", False))
-    return options_from_config(config, qkv_bias=bias, o_bias=bias, norm_offset=1.0,
-                               embed_scale=config.hidden_size**0.5, **overrides)
+    return options_from_config(
+        config, qkv_bias=bias, o_bias=bias, norm_offset=1.0, embed_scale=config.hidden_size**0.5, **overrides
+    )
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

@@ -34,11 +34,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(opts.head_dim, opts.rms_norm_eps) if opts.qk_norm else None
         self.k_norm = RMSNorm(opts.head_dim, opts.rms_norm_eps) if opts.qk_norm else None
         window = opts.sliding_windows[layer_idx] if opts.sliding_windows else None
-        self.attn = PagedAttention(opts.num_heads, opts.num_kv_heads, opts.head_dim, layer_idx,
-                                   scale=opts.attn_scale, softcap=opts.attn_softcap, sliding_window=window)
+        self.attn = PagedAttention(
+            opts.num_heads,
+            opts.num_kv_heads,
+            opts.head_dim,
+            layer_idx,
+            scale=opts.attn_scale,
+            softcap=opts.attn_softcap,
+            sliding_window=window,
+        )
 
-    def forward(self, rope: RopeStep, x: torch.Tensor, batch: ForwardBatch,
-                rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, rope: RopeStep, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, Hq*D + 2*Hkv*D)
         if self.q_norm is None:
@@ -81,8 +87,14 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch, rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        rope: RopeStep,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        rotary: RotaryEmbedding,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # the true hidden state is h + residual (the add is fused into the next norm)
         if residual is None:
             residual, h = h, self.input_layernorm(h)
@@ -109,8 +121,11 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(opts.hidden_size, opts.rms_norm_eps, opts.norm_offset)
         self.rotary_emb = RotaryEmbedding(config, opts.head_dim, opts.max_position)
         # HF multiplies by torch.tensor(scale) cast to the weight dtype: round the same way
-        self.embed_scale = (None if opts.embed_scale is None
-                            else float(torch.tensor(opts.embed_scale, dtype=torch.float32, device="cpu").to(dtype)))
+        self.embed_scale = (
+            None
+            if opts.embed_scale is None
+            else float(torch.tensor(opts.embed_scale, dtype=torch.float32, device="cpu").to(dtype))
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (T, H)
@@ -141,9 +156,12 @@ class LlamaForCausalLM(nn.Module):
 
     @classmethod
     def make_options(cls, config: PretrainedConfig) -> ModelOptions:
-        return options_from_config(config, qkv_bias=bool(getattr(config, "attention_bias", False)),
-                                   o_bias=bool(getattr(config, "attention_bias", False)),
-                                   mlp_bias=bool(getattr(config, "mlp_bias", False)))
+        return options_from_config(
+            config,
+            qkv_bias=bool(getattr(config, "attention_bias", False)),
+            o_bias=bool(getattr(config, "attention_bias", False)),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        )
 
     def make_mlp(self, opts: ModelOptions, layer_idx: int) -> nn.Module:
         return MLP(opts)

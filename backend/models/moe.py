@@ -84,8 +84,16 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, opts: ModelOptions, num_experts: int, top_k: int, intermediate_size: int,
-                 renormalize: bool, weights_in_fp32: bool, shared_intermediate_size: int = 0) -> None:
+    def __init__(
+        self,
+        opts: ModelOptions,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        weights_in_fp32: bool,
+        shared_intermediate_size: int = 0,
+    ) -> None:
         super().__init__()
         self.top_k, self.renormalize, self.weights_in_fp32 = top_k, renormalize, weights_in_fp32
         self.gate = Router(num_experts, opts.hidden_size)
@@ -108,7 +116,6 @@ class SparseMoE(nn.Module):
 
 
 class _MoECausalLM(LlamaForCausalLM):
-
     def map_extra(self, name: str) -> Region | None:
         m = _EXPERT.match(name)
         if m is None:
@@ -130,8 +137,14 @@ class MixtralForCausalLM(_MoECausalLM):
 
     def make_mlp(self, opts: ModelOptions, layer_idx: int) -> nn.Module:
         c = self.config
-        return SparseMoE(opts, c.num_local_experts, c.num_experts_per_tok, opts.intermediate_size,
-                         renormalize=True, weights_in_fp32=True)
+        return SparseMoE(
+            opts,
+            c.num_local_experts,
+            c.num_experts_per_tok,
+            opts.intermediate_size,
+            renormalize=True,
+            weights_in_fp32=True,
+        )
 
     def rename_checkpoint(self, name: str) -> str:
         name = name.replace(".block_sparse_moe.", ".mlp.")
@@ -148,10 +161,19 @@ class Qwen2MoeForCausalLM(_MoECausalLM):
 
     def make_mlp(self, opts: ModelOptions, layer_idx: int) -> nn.Module:
         c = self.config
-        sparse = (layer_idx not in (c.mlp_only_layers or []) and c.num_experts > 0
-                  and (layer_idx + 1) % c.decoder_sparse_step == 0)
+        sparse = (
+            layer_idx not in (c.mlp_only_layers or [])
+            and c.num_experts > 0
+            and (layer_idx + 1) % c.decoder_sparse_step == 0
+        )
         if not sparse:
             return MLP(opts, c.intermediate_size)
-        return SparseMoE(opts, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
-                         renormalize=bool(c.norm_topk_prob), weights_in_fp32=False,
-                         shared_intermediate_size=c.shared_expert_intermediate_size)
+        return SparseMoE(
+            opts,
+            c.num_experts,
+            c.num_experts_per_tok,
+            c.moe_intermediate_size,
+            renormalize=bool(c.norm_topk_prob),
+            weights_in_fp32=False,
+            shared_intermediate_size=c.shared_expert_intermediate_size,
+        )

@@ -41,7 +41,11 @@ def fallback_lab_attention(
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
     out = paged_attention(
-        q, k, v, module.layer_idx, batch,
+        q,
+        k,
+        v,
+        module.layer_idx,
+        batch,
         scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
         softcap=kwargs.get("softcap"),
         sliding_window=kwargs.get("sliding_window"),
@@ -107,17 +111,30 @@ class TransformersModel(nn.Module):
 
     def load_with_transformers(self, path, device: torch.device) -> None:
         """Load through transformers' own `from_pretrained` (for checkpoints that need its name conversions)."""
-        self.hf = self._cls.from_pretrained(
-            path, config=copy.deepcopy(self.config), attn_implementation=self.attention_name, dtype=self._dtype,
-            trust_remote_code=self._trust_remote_code,
-        ).to(device).eval()
+        self.hf = (
+            self._cls.from_pretrained(
+                path,
+                config=copy.deepcopy(self.config),
+                attn_implementation=self.attention_name,
+                dtype=self._dtype,
+                trust_remote_code=self._trust_remote_code,
+            )
+            .to(device)
+            .eval()
+        )
         self.config = self.hf.config
 
     def _check_layer_indices(self) -> None:
         names = [type(m).__name__ for m in self.hf.modules() if type(m).__name__.endswith("Attention")]
-        without = [n for n, m in self.hf.named_modules() if type(m).__name__.endswith("Attention") and not hasattr(m, "layer_idx")]
+        without = [
+            n
+            for n, m in self.hf.named_modules()
+            if type(m).__name__.endswith("Attention") and not hasattr(m, "layer_idx")
+        ]
         if names and without:
-            raise UnsupportedModelError(f"attention modules without `layer_idx` ({without[:2]}): cannot map them to KV cache layers")
+            raise UnsupportedModelError(
+                f"attention modules without `layer_idx` ({without[:2]}): cannot map them to KV cache layers"
+            )
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> (R, V)

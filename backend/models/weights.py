@@ -88,18 +88,24 @@ class NativeWeightLoader:
             self.state.unexpected.append(name)
             return
         if tuple(self.params[name].shape) != tuple(tensor.shape):
-            raise UnsupportedModelError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                                        f"the model expects {tuple(self.params[name].shape)}")
+            raise UnsupportedModelError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(self.params[name].shape)}"
+            )
         set_tensor(self.model, name, self._cast(tensor))
 
     def _put_region(self, region: Region, tensor: torch.Tensor) -> None:
         param = self.model.get_parameter(region.param)
         if param.is_meta:  # first piece: allocate the whole parameter on the device
-            param = set_tensor(self.model, region.param, torch.empty(region.shape, device=self.device, dtype=self.dtype))
+            param = set_tensor(
+                self.model, region.param, torch.empty(region.shape, device=self.device, dtype=self.dtype)
+            )
         target = param.data[region.index]
         if tuple(target.shape) != tuple(tensor.shape):
-            raise UnsupportedModelError(f"checkpoint tensor for {region.param}{list(region.index)} has shape "
-                                        f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            raise UnsupportedModelError(
+                f"checkpoint tensor for {region.param}{list(region.index)} has shape "
+                f"{tuple(tensor.shape)}, expected {tuple(target.shape)}"
+            )
         target.copy_(tensor)
         self.state.filled.setdefault(region.param, [0, region.parts])[0] += 1
 
@@ -112,8 +118,11 @@ class NativeWeightLoader:
             shards[index] = tensor
             if all(s is not None for s in shards):
                 module = self.quant[module_name]
-                merged = (module.merge_shards(attr, shards, sizes) if hasattr(module, "merge_shards")
-                          else _merge(module, attr, shards))
+                merged = (
+                    module.merge_shards(attr, shards, sizes)
+                    if hasattr(module, "merge_shards")
+                    else _merge(module, attr, shards)
+                )
                 module.load_tensor(attr, merged, self.device, self.dtype)
                 del self.state.pending[key]
             return
@@ -178,8 +187,12 @@ class NativeWeightLoader:
                 + ". The checkpoint names do not match this native implementation; try model_impl='transformers'."
             )
         if self.state.unexpected:
-            logger.info("%s: %d checkpoint tensors not used (e.g. %s)", arch, len(self.state.unexpected),
-                        self.state.unexpected[:3])
+            logger.info(
+                "%s: %d checkpoint tensors not used (e.g. %s)",
+                arch,
+                len(self.state.unexpected),
+                self.state.unexpected[:3],
+            )
 
 
 def _merge(module: nn.Module, name: str, shards: list[torch.Tensor]) -> torch.Tensor:

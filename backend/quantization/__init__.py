@@ -27,8 +27,15 @@ from backend.quantization.gptq import GPTQMethod
 from backend.quantization.int4 import Int4Method
 from backend.quantization.int8 import Int8Method
 
-__all__ = ["QUANTIZATION_METHODS", "QuantMethod", "QuantLinearBase", "resolve_quantization", "apply_quantization",
-           "checkpoint_quant_config", "module_matches"]
+__all__ = [
+    "QUANTIZATION_METHODS",
+    "QuantMethod",
+    "QuantLinearBase",
+    "resolve_quantization",
+    "apply_quantization",
+    "checkpoint_quant_config",
+    "module_matches",
+]
 
 QUANTIZATION_METHODS: dict[str, type[QuantMethod]] = {
     "int8": Int8Method,
@@ -41,15 +48,24 @@ QUANTIZATION_METHODS: dict[str, type[QuantMethod]] = {
 }
 
 # quant_method values found in checkpoints -> registry key
-CHECKPOINT_METHODS = MappingProxyType({"gptq": "gptq", "awq": "awq", "fp8": "fp8_checkpoint",
-                                       "compressed-tensors": "compressed-tensors",
-                                       "compressed_tensors": "compressed-tensors"})
+CHECKPOINT_METHODS = MappingProxyType(
+    {
+        "gptq": "gptq",
+        "awq": "awq",
+        "fp8": "fp8_checkpoint",
+        "compressed-tensors": "compressed-tensors",
+        "compressed_tensors": "compressed-tensors",
+    }
+)
 
 
 def checkpoint_quant_config(hf_config) -> dict | None:
     """The checkpoint's `quantization_config` as a dict (it may be a dict or a transformers config object)."""
-    qcfg = getattr(hf_config, "quantization_config", None) if not isinstance(hf_config, dict) \
+    qcfg = (
+        getattr(hf_config, "quantization_config", None)
+        if not isinstance(hf_config, dict)
         else hf_config.get("quantization_config")
+    )
     if qcfg is None:
         return None
     if not isinstance(qcfg, dict):
@@ -58,7 +74,7 @@ def checkpoint_quant_config(hf_config) -> dict | None:
 
 
 def parse_request(requested: str) -> tuple[str, dict[str, str]]:
-    """"int4:g64,kernel=torch" -> ("int4", {"group_size": "64", "kernel": "torch"})."""
+    """ "int4:g64,kernel=torch" -> ("int4", {"group_size": "64", "kernel": "torch"})."""
     name, _, rest = requested.strip().partition(":")
     options: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -68,8 +84,10 @@ def parse_request(requested: str) -> tuple[str, dict[str, str]]:
         elif item[0] == "g" and item[1:].isdigit():
             options["group_size"] = item[1:]
         else:
-            raise QuantizationError(f"cannot parse quantization option {item!r} in {requested!r} "
-                                    "(use e.g. 'int4:g64' or 'int4:group_size=64')")
+            raise QuantizationError(
+                f"cannot parse quantization option {item!r} in {requested!r} "
+                "(use e.g. 'int4:g64' or 'int4:group_size=64')"
+            )
     name = name.strip().lower()
     return ("compressed-tensors" if name == "compressed_tensors" else name), options
 
@@ -82,8 +100,10 @@ def resolve_quantization(requested: str | None, hf_config, group_size: int | Non
         raise UnsupportedModelError("GGUF is not supported; use a safetensors checkpoint")
     if qcfg is not None and ckpt_method not in CHECKPOINT_METHODS:
         supported = sorted(set(CHECKPOINT_METHODS))
-        raise QuantizationError(f"the checkpoint is quantized with {ckpt_method or '(no quant_method)'!r}, which is "
-                                f"not supported; supported checkpoint formats: {supported}")
+        raise QuantizationError(
+            f"the checkpoint is quantized with {ckpt_method or '(no quant_method)'!r}, which is "
+            f"not supported; supported checkpoint formats: {supported}"
+        )
     if requested is None or requested.strip().lower() in ("", "none"):
         if qcfg is None:
             return None
@@ -94,23 +114,31 @@ def resolve_quantization(requested: str | None, hf_config, group_size: int | Non
     if qcfg is not None:
         if name in (ckpt_method, CHECKPOINT_METHODS[ckpt_method]):
             if set(options) - {"kernel"}:
-                raise QuantizationError(f"{requested!r}: a checkpoint's quantization takes only the kernel= option "
-                                        f"(its settings come from quantization_config), got {sorted(options)}")
+                raise QuantizationError(
+                    f"{requested!r}: a checkpoint's quantization takes only the kernel= option "
+                    f"(its settings come from quantization_config), got {sorted(options)}"
+                )
             method = QUANTIZATION_METHODS[CHECKPOINT_METHODS[ckpt_method]].from_checkpoint(qcfg)
             if "kernel" in options:
                 method.set_kernel(options["kernel"])
             return method
-        raise QuantizationError(f"the checkpoint is already quantized ({ckpt_method}); it cannot be quantized again "
-                                f"with {requested!r}: pass quantization=None to run it as it is, or use a "
-                                "full-precision checkpoint")
+        raise QuantizationError(
+            f"the checkpoint is already quantized ({ckpt_method}); it cannot be quantized again "
+            f"with {requested!r}: pass quantization=None to run it as it is, or use a "
+            "full-precision checkpoint"
+        )
     cls = QUANTIZATION_METHODS.get(name)
     if cls is None:
-        raise QuantizationError(f"unknown quantization {name!r}; on-the-fly methods: "
-                                f"{[k for k, c in QUANTIZATION_METHODS.items() if c.on_the_fly]}, checkpoint formats "
-                                "(auto-detected, pass None): gptq, awq, fp8, compressed-tensors")
+        raise QuantizationError(
+            f"unknown quantization {name!r}; on-the-fly methods: "
+            f"{[k for k, c in QUANTIZATION_METHODS.items() if c.on_the_fly]}, checkpoint formats "
+            "(auto-detected, pass None): gptq, awq, fp8, compressed-tensors"
+        )
     if not cls.on_the_fly:
-        raise QuantizationError(f"{name!r} is a checkpoint format, and this checkpoint is not quantized: use a {name} "
-                                "checkpoint, or quantize on the fly with 'int8', 'int4' or 'fp8'")
+        raise QuantizationError(
+            f"{name!r} is a checkpoint format, and this checkpoint is not quantized: use a {name} "
+            "checkpoint, or quantize on the fly with 'int8', 'int4' or 'fp8'"
+        )
     return cls.from_options(options)
 
 

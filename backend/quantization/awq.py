@@ -41,8 +41,9 @@ class AWQConfig:
 class AWQLinear(IntLinearBase):
     method = "awq"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
-                 config: AWQConfig | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, prefix: str = "", config: AWQConfig | None = None
+    ) -> None:
         config = config or AWQConfig()
         super().__init__(in_features, out_features, bias, prefix, config.bits, config.group_size, config.kernel)
         self.config = config
@@ -59,8 +60,9 @@ class AWQLinear(IntLinearBase):
 
     def merge_shards(self, name: str, shards: list[torch.Tensor], shard_out_features: list[int]) -> torch.Tensor:
         if name in ("qweight", "qzeros") and any(n % 8 for n in shard_out_features):
-            raise QuantizationError(f"{self._where()}: cannot fuse shards {shard_out_features}: AWQ packs 8 columns "
-                                    "per int32")
+            raise QuantizationError(
+                f"{self._where()}: cannot fuse shards {shard_out_features}: AWQ packs 8 columns per int32"
+            )
         return super().merge_shards(name, shards, shard_out_features)
 
     def _load(self, name: str, tensor: torch.Tensor) -> None:

@@ -172,8 +172,10 @@ class QuantLinearBase(nn.Module, ABC):
         return x.reshape(-1, self.in_features).to(self.act_dtype), lead  # (M, K)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
-                f"{self.describe()}, kernel={self.kernel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
+            f"{self.describe()}, kernel={self.kernel}"
+        )
 
     def describe(self) -> str:
         return f"method={self.method}"
@@ -199,15 +201,18 @@ class QuantMethod(ABC):
         fields = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
         unknown = sorted(set(options) - set(fields))
         if unknown:
-            raise QuantizationError(f"{cls.name} options are {sorted(fields)} (e.g. '{cls.name}:kernel=torch'), "
-                                    f"got {unknown}")
+            raise QuantizationError(
+                f"{cls.name} options are {sorted(fields)} (e.g. '{cls.name}:kernel=torch'), got {unknown}"
+            )
         values = {}
         for key, text in options.items():
             kind = type(fields[key])
             try:
                 values[key] = _parse_bool(text) if kind is bool else kind(text)
             except ValueError:
-                raise QuantizationError(f"{cls.name} option {key} must be of type {kind.__name__}, got {text!r}") from None
+                raise QuantizationError(
+                    f"{cls.name} option {key} must be of type {kind.__name__}, got {text!r}"
+                ) from None
         if values.get("kernel", "auto") not in KERNELS:
             raise QuantizationError(f"kernel must be one of {KERNELS}, got {values['kernel']!r}")
         return cls(cls.config_class(**values))
@@ -222,8 +227,9 @@ class QuantMethod(ABC):
             from kernels._triton import HAS_TRITON
 
             if not HAS_TRITON:
-                raise QuantizationError(f"quantization {self.name!r} on CUDA needs Triton: `pip install triton`, "
-                                        "or use device='cpu'")
+                raise QuantizationError(
+                    f"quantization {self.name!r} on CUDA needs Triton: `pip install triton`, or use device='cpu'"
+                )
             major, minor = torch.cuda.get_device_capability(device)
             if (major, minor) < (7, 0):
                 raise QuantizationError(

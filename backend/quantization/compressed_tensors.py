@@ -60,23 +60,38 @@ def parse_scheme(name: str, group: dict, default_format: str | None) -> CTScheme
         raise QuantizationError(f"compressed-tensors group {name!r} quantizes no weights; not supported")
     qtype, bits = weights.get("type", "int"), int(weights.get("num_bits", 8))
     strategy = weights.get("strategy") or ("group" if weights.get("group_size") else "tensor")
-    scheme = CTScheme(list(group.get("targets") or []), fmt, qtype, bits, strategy,
-                      bool(weights.get("symmetric", True)), weights.get("group_size"),
-                      tuple(weights["block_structure"]) if weights.get("block_structure") else None)
+    scheme = CTScheme(
+        list(group.get("targets") or []),
+        fmt,
+        qtype,
+        bits,
+        strategy,
+        bool(weights.get("symmetric", True)),
+        weights.get("group_size"),
+        tuple(weights["block_structure"]) if weights.get("block_structure") else None,
+    )
     if qtype == "int":
         if fmt not in INT_FORMATS or bits not in ((4, 8) if scheme.packed else (8,)):
-            raise QuantizationError(f"compressed-tensors format {fmt!r} with {bits}-bit int weights is not supported "
-                                    "(pack-quantized 4/8 bit and int-quantized 8 bit are)")
+            raise QuantizationError(
+                f"compressed-tensors format {fmt!r} with {bits}-bit int weights is not supported "
+                "(pack-quantized 4/8 bit and int-quantized 8 bit are)"
+            )
         if strategy not in ("tensor", "channel", "group") or (strategy == "group" and not scheme.group_size):
             raise QuantizationError(f"compressed-tensors int weight strategy {strategy!r} is not supported")
         acts = group.get("input_activations")
         if acts:
-            logger.warning("compressed-tensors group %r quantizes activations (%s); running weight-only (W%dA16)",
-                           name, acts.get("type"), bits)
+            logger.warning(
+                "compressed-tensors group %r quantizes activations (%s); running weight-only (W%dA16)",
+                name,
+                acts.get("type"),
+                bits,
+            )
     elif qtype == "float":
         if fmt not in FLOAT_FORMATS or bits != 8:
-            raise QuantizationError(f"compressed-tensors format {fmt!r} with {bits}-bit float weights is not "
-                                    "supported (float-quantized FP8 is)")
+            raise QuantizationError(
+                f"compressed-tensors format {fmt!r} with {bits}-bit float weights is not "
+                "supported (float-quantized FP8 is)"
+            )
         if strategy not in ("tensor", "channel", "block"):
             raise QuantizationError(f"compressed-tensors fp8 weight strategy {strategy!r} is not supported")
     else:
@@ -96,8 +111,7 @@ class CTIntLinear(IntLinearBase):
 
     def checkpoint_tensor_names(self) -> set[str]:
         weight = "weight_packed" if self.scheme.packed else "weight"
-        return {weight, "weight_scale",
-                "weight_zero_point", "weight_shape", "weight_g_idx", "bias"}
+        return {weight, "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "bias"}
 
     def required_tensor_names(self) -> set[str]:
         names = {"weight_packed" if self.scheme.packed else "weight", "weight_scale"}
@@ -118,8 +132,10 @@ class CTIntLinear(IntLinearBase):
             return torch.cat([s.reshape(1, 1).expand(n, 1) for s, n in zip(shards, shard_out_features)])
         per_word = 32 // self.bits
         if name == "weight_zero_point" and self.scheme.packed and any(n % per_word for n in shard_out_features):
-            raise QuantizationError(f"{self._where()}: cannot fuse shards {shard_out_features}: zero points pack "
-                                    f"{32 // self.bits} rows per int32")
+            raise QuantizationError(
+                f"{self._where()}: cannot fuse shards {shard_out_features}: zero points pack "
+                f"{32 // self.bits} rows per int32"
+            )
         return super().merge_shards(name, shards, shard_out_features)
 
     def _load(self, name: str, tensor: torch.Tensor) -> None:
@@ -138,8 +154,10 @@ class CTIntLinear(IntLinearBase):
             return scale.reshape(1, 1).expand(n, g)
         if scale.numel() == n * g:
             return scale.reshape(n, g)
-        raise QuantizationError(f"{self._where()}: weight_scale of shape {tuple(scale.shape)} does not fit "
-                                f"({n}, {g}) for strategy {self.scheme.strategy}")
+        raise QuantizationError(
+            f"{self._where()}: weight_scale of shape {tuple(scale.shape)} does not fit "
+            f"({n}, {g}) for strategy {self.scheme.strategy}"
+        )
 
     def _finalize(self) -> None:
         n, k, half = self.out_features, self.in_features, 2 ** (self.bits - 1)
@@ -186,8 +204,10 @@ class CompressedTensorsMethod(QuantMethod):
         status = qcfg.get("quantization_status") or "compressed"
         status = str(getattr(status, "value", status))  # an enum when the config comes from the package
         if status != "compressed":
-            raise QuantizationError(f"compressed-tensors checkpoint with quantization_status={status!r} holds float "
-                                    "weights, not compressed ones; save it compressed (llm-compressor's default)")
+            raise QuantizationError(
+                f"compressed-tensors checkpoint with quantization_status={status!r} holds float "
+                "weights, not compressed ones; save it compressed (llm-compressor's default)"
+            )
         sparsity = qcfg.get("sparsity_config") or {}
         if sparsity and sparsity.get("format", "dense") != "dense":
             raise QuantizationError(f"compressed-tensors sparsity format {sparsity.get('format')!r} is not supported")
@@ -235,6 +255,8 @@ class CompressedTensorsMethod(QuantMethod):
         return cls(linear.in_features, linear.out_features, linear.bias is not None, prefix, scheme)
 
     def describe(self) -> str:
-        parts = [f"{s.format} {s.type}{s.bits} {s.strategy}{'' if s.group_size is None else s.group_size}"
-                 for s in self.schemes]
+        parts = [
+            f"{s.format} {s.type}{s.bits} {s.strategy}{'' if s.group_size is None else s.group_size}"
+            for s in self.schemes
+        ]
         return f"compressed-tensors ({'; '.join(parts)})"

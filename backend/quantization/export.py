@@ -47,8 +47,14 @@ class IntQuantized:
         return q * self.scales.float()[:, groups]
 
 
-def quantize_int(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                 scale_dtype: torch.dtype = torch.float16, act_order: torch.Tensor | None = None) -> IntQuantized:
+def quantize_int(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    act_order: torch.Tensor | None = None,
+) -> IntQuantized:
     """Round-to-nearest quantization; `act_order` (a permutation of K) groups columns in that order, as
     GPTQ's desc_act does, and yields the matching g_idx."""
     if act_order is None:
@@ -66,12 +72,15 @@ def gptq_tensors(qz: IntQuantized, checkpoint_format: str = "gptq") -> dict[str,
     half, mask = 2 ** (qz.bits - 1), 2**qz.bits - 1
     n, k = qz.q.shape
     codes = qz.q.to(torch.int32) + half  # (N, K)
-    zero_codes = torch.full(qz.scales.shape, half, dtype=torch.int32) if qz.zeros is None \
-        else qz.zeros.to(torch.int32) + half  # (N, G)
+    zero_codes = (
+        torch.full(qz.scales.shape, half, dtype=torch.int32) if qz.zeros is None else qz.zeros.to(torch.int32) + half
+    )  # (N, G)
     if checkpoint_format == "gptq":
         if bool((zero_codes == 0).any()):
-            raise ValueError("the classic GPTQ format (zeros stored minus one) cannot store a zero code of 0; "
-                             "use checkpoint_format='gptq_v2'")
+            raise ValueError(
+                "the classic GPTQ format (zeros stored minus one) cannot store a zero code of 0; "
+                "use checkpoint_format='gptq_v2'"
+            )
         zero_codes = zero_codes - 1
     g_idx = qz.g_idx if qz.g_idx is not None else (torch.arange(k) // qz.group_size).to(torch.int32)
     return {
@@ -86,8 +95,7 @@ def awq_tensors(qz: IntQuantized) -> dict[str, torch.Tensor]:
     if qz.bits != 4 or qz.g_idx is not None:
         raise ValueError("AWQ stores 4-bit weights without act-order")
     codes = (qz.q.to(torch.int32) + 8).t()  # (K, N)
-    zero_codes = torch.full(qz.scales.shape, 8, dtype=torch.int32) if qz.zeros is None \
-        else qz.zeros.to(torch.int32) + 8
+    zero_codes = torch.full(qz.scales.shape, 8, dtype=torch.int32) if qz.zeros is None else qz.zeros.to(torch.int32) + 8
     zero_codes = zero_codes.t()  # (G, N)
     return {
         "qweight": pack_int32(codes, 4, dim=1, order=AWQ_ORDER),  # (K, N / 8)
@@ -123,30 +131,64 @@ def fp8_block_tensors(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> d
     return {"weight": q.to(torch.float8_e4m3fn).contiguous(), "weight_scale_inv": scale.contiguous()}
 
 
-def quantization_config(fmt: str, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                        desc_act: bool = False, checkpoint_format: str = "gptq",
-                        block: tuple[int, int] = (128, 128)) -> dict:
+def quantization_config(
+    fmt: str,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = False,
+    desc_act: bool = False,
+    checkpoint_format: str = "gptq",
+    block: tuple[int, int] = (128, 128),
+) -> dict:
     """The config.json `quantization_config` that describes what `linear_tensors` writes."""
     if fmt == "gptq":
-        return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-                "sym": symmetric, "checkpoint_format": checkpoint_format}
+        return {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group_size,
+            "desc_act": desc_act,
+            "sym": symmetric,
+            "checkpoint_format": checkpoint_format,
+        }
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
     if fmt == "fp8":
         return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block)}
     if fmt == "compressed-tensors":
         strategy = "group" if group_size > 0 else "channel"
-        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-                "ignore": ["lm_head"],
-                "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
-                    "num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
-                    "group_size": group_size if group_size > 0 else None, "dynamic": False}}}}
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "ignore": ["lm_head"],
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "input_activations": None,
+                    "weights": {
+                        "num_bits": bits,
+                        "type": "int",
+                        "symmetric": symmetric,
+                        "strategy": strategy,
+                        "group_size": group_size if group_size > 0 else None,
+                        "dynamic": False,
+                    },
+                }
+            },
+        }
     raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
 
 
-def linear_tensors(fmt: str, w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                   checkpoint_format: str = "gptq", block: tuple[int, int] = (128, 128),
-                   act_order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def linear_tensors(
+    fmt: str,
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = False,
+    checkpoint_format: str = "gptq",
+    block: tuple[int, int] = (128, 128),
+    act_order: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Checkpoint tensors (suffix -> tensor) of one linear weight (N, K) in format `fmt`."""
     if fmt == "fp8":
         return fp8_block_tensors(w, block)
@@ -172,12 +214,23 @@ def linear_prefixes(config_dir: Path, skip: tuple[str, ...] = ("lm_head",)) -> s
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(module_matches(name, s) for s in skip)}
+    return {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(module_matches(name, s) for s in skip)
+    }
 
 
-def export_checkpoint(src: Path, dst: Path, fmt: str, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                      checkpoint_format: str = "gptq", block: tuple[int, int] = (128, 128)) -> list[str]:
+def export_checkpoint(
+    src: Path,
+    dst: Path,
+    fmt: str,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = False,
+    checkpoint_format: str = "gptq",
+    block: tuple[int, int] = (128, 128),
+) -> list[str]:
     """Quantize the linear weights of the safetensors checkpoint in `src` into `dst` (other files copied)."""
     from safetensors import safe_open
 
@@ -192,8 +245,9 @@ def export_checkpoint(src: Path, dst: Path, fmt: str, bits: int = 4, group_size:
                 tensor = f.get_tensor(name)
                 prefix, _, attr = name.rpartition(".")
                 if attr == "weight" and prefix in prefixes:
-                    for suffix, t in linear_tensors(fmt, tensor, bits, group_size, symmetric, checkpoint_format,
-                                                    block).items():
+                    for suffix, t in linear_tensors(
+                        fmt, tensor, bits, group_size, symmetric, checkpoint_format, block
+                    ).items():
                         out[f"{prefix}.{suffix}"] = t
                     quantized.append(prefix)
                 else:
@@ -203,8 +257,9 @@ def export_checkpoint(src: Path, dst: Path, fmt: str, bits: int = 4, group_size:
         if file.is_file() and file.suffix != ".safetensors" and file.name != "model.safetensors.index.json":
             shutil.copy(file, dst / file.name)
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = quantization_config(fmt, bits, group_size, symmetric, False,
-                                                        checkpoint_format, block)
+    config["quantization_config"] = quantization_config(
+        fmt, bits, group_size, symmetric, False, checkpoint_format, block
+    )
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return sorted(quantized)
 
@@ -219,8 +274,9 @@ def main() -> None:
     parser.add_argument("--sym", action="store_true")
     parser.add_argument("--checkpoint-format", default="gptq", choices=("gptq", "gptq_v2"))
     args = parser.parse_args()
-    done = export_checkpoint(Path(args.src), Path(args.dst), args.format, args.bits, args.group_size, args.sym,
-                             args.checkpoint_format)
+    done = export_checkpoint(
+        Path(args.src), Path(args.dst), args.format, args.bits, args.group_size, args.sym, args.checkpoint_format
+    )
     print(f"quantized {len(done)} linear layers into {args.dst}")
 
 

@@ -56,8 +56,10 @@ class Fp8LinearBase(QuantLinearBase):
         if weight.dtype != torch.float8_e4m3fn:
             raise QuantizationError(f"{self._where()}: fp8 weights must be float8_e4m3fn, got {weight.dtype}")
         if tuple(weight.shape) != (n, k) or tuple(scales.shape) != (n, g):
-            raise QuantizationError(f"{self._where()}: weight {tuple(weight.shape)} / scales {tuple(scales.shape)} "
-                                    f"do not match ({n}, {k}) with group {group_size}")
+            raise QuantizationError(
+                f"{self._where()}: weight {tuple(weight.shape)} / scales {tuple(scales.shape)} "
+                f"do not match ({n}, {k}) with group {group_size}"
+            )
         self.w_q = weight.to(self.device).contiguous()
         self.w_scales = scales.to(device=self.device, dtype=torch.float32).contiguous()
         self.kernel = self._choose_kernel(g)
@@ -66,8 +68,15 @@ class Fp8LinearBase(QuantLinearBase):
         if self.kernel_pref == "torch":
             return "torch"
         cuda = self.device.type == "cuda"
-        if (self.kernel_pref == "auto" and cuda and g == 1 and self.act_dtype == torch.bfloat16
-                and self.in_features % 16 == 0 and self.out_features % 16 == 0 and fp8_tensor_cores(self.device)):
+        if (
+            self.kernel_pref == "auto"
+            and cuda
+            and g == 1
+            and self.act_dtype == torch.bfloat16
+            and self.in_features % 16 == 0
+            and self.out_features % 16 == 0
+            and fp8_tensor_cores(self.device)
+        ):
             return "scaled_mm"
         if self.kernel_pref == "triton" or cuda or force_triton():
             from kernels.quant_matmul import block_k_for
@@ -80,20 +89,23 @@ class Fp8LinearBase(QuantLinearBase):
         if self.kernel == "scaled_mm":
             x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (M, 1)
             xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            y = torch._scaled_mm(xq, self.w_q.t(), scale_a=x_scale, scale_b=self.w_scales.t(),
-                                 out_dtype=self.act_dtype, bias=self.bias)  # (M, N)
+            y = torch._scaled_mm(
+                xq, self.w_q.t(), scale_a=x_scale, scale_b=self.w_scales.t(), out_dtype=self.act_dtype, bias=self.bias
+            )  # (M, N)
         elif self.kernel == "triton":
             from kernels.quant_matmul import quant_matmul_triton
 
             y = quant_matmul_triton(x2, self.w_q, self.w_scales, None, self.group_size, "fp8", self.bias)
         else:
-            y = quant_matmul_torch(x2, self.w_q.view(torch.uint8), self.w_scales, None, self.group_size, "fp8",
-                                   self.bias)
+            y = quant_matmul_torch(
+                x2, self.w_q.view(torch.uint8), self.w_scales, None, self.group_size, "fp8", self.bias
+            )
         return y.reshape(*lead, self.out_features)
 
     def dequantize(self) -> torch.Tensor:  # (N, K) float32
-        return dequantize_weight(self.w_q.view(torch.uint8), self.w_scales, None, self.group_size, "fp8",
-                                 self.in_features)
+        return dequantize_weight(
+            self.w_q.view(torch.uint8), self.w_scales, None, self.group_size, "fp8", self.in_features
+        )
 
     def describe(self) -> str:
         g = num_groups(self.in_features, self.group_size)
@@ -110,8 +122,9 @@ class Fp8Config:
 class Fp8Linear(Fp8LinearBase):
     method = "fp8"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
-                 config: Fp8Config | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, prefix: str = "", config: Fp8Config | None = None
+    ) -> None:
         super().__init__(in_features, out_features, bias, prefix, (config or Fp8Config()).kernel)
 
     def checkpoint_tensor_names(self) -> set[str]:
@@ -148,7 +161,10 @@ class Fp8Method(QuantMethod):
 
 def warn_fp8_weight_only(device: torch.device, name: str) -> None:
     if device.type == "cpu":
-        logger.warning("%s on CPU: no fp8 matmul here, weights stay fp8 and are dequantized per forward "
-                       "(weight-only; saves memory, not time)", name)
+        logger.warning(
+            "%s on CPU: no fp8 matmul here, weights stay fp8 and are dequantized per forward "
+            "(weight-only; saves memory, not time)",
+            name,
+        )
     elif device.type == "cuda" and torch.cuda.is_available() and not fp8_tensor_cores(device):
         logger.warning("%s on a GPU without fp8 tensor cores (< sm89): weight-only Triton kernel", name)

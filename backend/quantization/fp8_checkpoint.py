@@ -31,8 +31,14 @@ class Fp8CheckpointConfig:
 class Fp8CheckpointLinear(Fp8LinearBase):
     method = "fp8_checkpoint"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
-                 config: Fp8CheckpointConfig | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        prefix: str = "",
+        config: Fp8CheckpointConfig | None = None,
+    ) -> None:
         config = config or Fp8CheckpointConfig()
         super().__init__(in_features, out_features, bias, prefix, config.kernel)
         self.config = config
@@ -73,8 +79,10 @@ class Fp8CheckpointLinear(Fp8LinearBase):
         if name == "weight":
             self._check_shape(name, tensor, (self.out_features, self.in_features))
             if tensor.dtype != torch.float8_e4m3fn:
-                raise QuantizationError(f"{self._where()}: fp8 weight has dtype {tensor.dtype}; only float8_e4m3fn "
-                                        "checkpoints are supported")
+                raise QuantizationError(
+                    f"{self._where()}: fp8 weight has dtype {tensor.dtype}; only float8_e4m3fn "
+                    "checkpoints are supported"
+                )
             self.weight = tensor.to(self.device)
         else:
             self._buffers[name] = tensor.to(device=self.device, dtype=torch.float32)
@@ -121,8 +129,9 @@ class Fp8CheckpointMethod(QuantMethod):
         if fmt != "e4m3":
             raise QuantizationError(f"fp8 checkpoint format {fmt!r} is not supported (only e4m3)")
         ignore = ["lm_head", *(qcfg.get("modules_to_not_convert") or []), *(qcfg.get("ignored_layers") or [])]
-        config = Fp8CheckpointConfig(tuple(int(b) for b in block) if block else None,
-                                     qcfg.get("activation_scheme", "dynamic"))
+        config = Fp8CheckpointConfig(
+            tuple(int(b) for b in block) if block else None, qcfg.get("activation_scheme", "dynamic")
+        )
         return cls(config, ignore)
 
     def check_device(self, device: torch.device) -> None:
@@ -130,8 +139,9 @@ class Fp8CheckpointMethod(QuantMethod):
         warn_fp8_weight_only(torch.device(device), "fp8 checkpoint")
 
     def create_linear(self, linear: nn.Linear, prefix: str) -> Fp8CheckpointLinear:
-        return Fp8CheckpointLinear(linear.in_features, linear.out_features, linear.bias is not None, prefix,
-                                   self.config)
+        return Fp8CheckpointLinear(
+            linear.in_features, linear.out_features, linear.bias is not None, prefix, self.config
+        )
 
     def describe(self) -> str:
         block = self.config.weight_block_size

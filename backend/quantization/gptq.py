@@ -52,8 +52,9 @@ class GPTQConfig:
 class GPTQLinear(IntLinearBase):
     method = "gptq"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
-                 config: GPTQConfig | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, prefix: str = "", config: GPTQConfig | None = None
+    ) -> None:
         config = config or GPTQConfig()
         group = in_features if config.group_size == -1 else config.group_size
         super().__init__(in_features, out_features, bias, prefix, config.bits, group, config.kernel)
@@ -75,8 +76,9 @@ class GPTQLinear(IntLinearBase):
 
     def merge_shards(self, name: str, shards: list[torch.Tensor], shard_out_features: list[int]) -> torch.Tensor:
         if name == "qzeros" and any(n % self.pack for n in shard_out_features):
-            raise QuantizationError(f"{self._where()}: cannot fuse shards {shard_out_features}: qzeros pack "
-                                    f"{self.pack} columns per int32")
+            raise QuantizationError(
+                f"{self._where()}: cannot fuse shards {shard_out_features}: qzeros pack {self.pack} columns per int32"
+            )
         if name == "g_idx" and any(not torch.equal(s, shards[0]) for s in shards[1:]):
             raise QuantizationError(f"{self._where()}: fused shards have different g_idx; load them unfused")
         return super().merge_shards(name, shards, shard_out_features)
@@ -116,9 +118,13 @@ class GPTQMethod(QuantMethod):
         fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
         if fmt not in FORMATS:
             raise QuantizationError(f"GPTQ checkpoint_format {fmt!r} is not supported; supported: {FORMATS}")
-        config = GPTQConfig(bits=int(qcfg.get("bits", 4)), group_size=int(qcfg.get("group_size", 128)),
-                            desc_act=bool(qcfg.get("desc_act", False)), sym=bool(qcfg.get("sym", True)),
-                            checkpoint_format=fmt)
+        config = GPTQConfig(
+            bits=int(qcfg.get("bits", 4)),
+            group_size=int(qcfg.get("group_size", 128)),
+            desc_act=bool(qcfg.get("desc_act", False)),
+            sym=bool(qcfg.get("sym", True)),
+            checkpoint_format=fmt,
+        )
         ignore = [] if qcfg.get("lm_head") else ["lm_head"]
         ignore += list(qcfg.get("modules_to_not_convert") or [])
         for pattern, override in (qcfg.get("dynamic") or {}).items():
@@ -126,7 +132,8 @@ class GPTQMethod(QuantMethod):
                 ignore.append("re:" + pattern[2:])
             elif override:
                 raise QuantizationError(
-                    f"GPTQ per-module overrides (dynamic {pattern!r}: {override}) are not supported")
+                    f"GPTQ per-module overrides (dynamic {pattern!r}: {override}) are not supported"
+                )
         return cls(config, ignore)
 
     def create_linear(self, linear: nn.Linear, prefix: str) -> GPTQLinear:
@@ -134,5 +141,7 @@ class GPTQMethod(QuantMethod):
 
     def describe(self) -> str:
         c = self.config
-        return (f"gptq ({c.bits} bit, group {c.group_size}, {'sym' if c.sym else 'asym'}"
-                f"{', desc_act' if c.desc_act else ''}, {c.checkpoint_format})")
+        return (
+            f"gptq ({c.bits} bit, group {c.group_size}, {'sym' if c.sym else 'asym'}"
+            f"{', desc_act' if c.desc_act else ''}, {c.checkpoint_format})"
+        )

@@ -41,11 +41,19 @@ class Int4Linear(OnTheFlyIntLinear):
     method = "int4"
     quantize_symmetric = False
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
-                 config: Int4Config | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, prefix: str = "", config: Int4Config | None = None
+    ) -> None:
         config = config or Int4Config()
-        super().__init__(in_features, out_features, bias, prefix, bits=4,
-                         group_size=effective_group_size(in_features, config.group_size), kernel=config.kernel)
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            prefix,
+            bits=4,
+            group_size=effective_group_size(in_features, config.group_size),
+            kernel=config.kernel,
+        )
 
 
 class Int4Method(QuantMethod):

@@ -22,11 +22,11 @@ class Int8Config:
 class Int8Linear(OnTheFlyIntLinear):
     method = "int8"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str = "",
-                 config: Int8Config | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, prefix: str = "", config: Int8Config | None = None
+    ) -> None:
         config = config or Int8Config()
-        super().__init__(in_features, out_features, bias, prefix, bits=8, group_size=in_features,
-                         kernel=config.kernel)
+        super().__init__(in_features, out_features, bias, prefix, bits=8, group_size=in_features, kernel=config.kernel)
 
 
 class Int8Method(QuantMethod):

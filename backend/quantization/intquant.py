@@ -102,8 +102,16 @@ def force_triton() -> bool:
 class IntLinearBase(QuantLinearBase):
     """Runtime of all integer weight-only methods; subclasses turn checkpoint tensors into the canonical form."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, prefix: str, bits: int,
-                 group_size: int, kernel: str = "auto") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        prefix: str,
+        bits: int,
+        group_size: int,
+        kernel: str = "auto",
+    ) -> None:
         super().__init__(in_features, out_features, bias, prefix)
         if bits not in (4, 8):
             raise QuantizationError(f"{prefix}: {bits}-bit weights are not supported (4 and 8 are)")
@@ -135,14 +143,16 @@ class IntLinearBase(QuantLinearBase):
             return "cpu_int4pack"
         return "torch"
 
-    def _set_int_weight(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                        g_idx: torch.Tensor | None = None) -> None:
+    def _set_int_weight(
+        self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, g_idx: torch.Tensor | None = None
+    ) -> None:
         """Take the canonical form (see module docstring) and lay it out for the kernel."""
         n, k = self.out_features, self.in_features
         g = num_groups(k, self.group_size)
         if tuple(q.shape) != (n, k) or tuple(scales.shape) != (n, g):
             raise QuantizationError(
-                f"{self._where()}: internal shape mismatch q{tuple(q.shape)} scales{tuple(scales.shape)}")
+                f"{self._where()}: internal shape mismatch q{tuple(q.shape)} scales{tuple(scales.shape)}"
+            )
         if zeros is not None and bool((zeros == 0).all()):
             zeros = None
         self.symmetric = zeros is None
@@ -185,8 +195,9 @@ class IntLinearBase(QuantLinearBase):
 
             y = quant_matmul_triton(x2, self.w_q, self.w_scales, self.w_zeros, self.group_size, mode, self.bias)
         else:
-            y = quant_matmul_torch(x2, self.w_q, self.w_scales, self.w_zeros, self.group_size, mode, self.bias,
-                                   self.w_gidx)
+            y = quant_matmul_torch(
+                x2, self.w_q, self.w_scales, self.w_zeros, self.group_size, mode, self.bias, self.w_gidx
+            )
         return y.reshape(*lead, self.out_features)
 
     def dequantize(self) -> torch.Tensor:  # (N, K) float32, in the checkpoint's column order
@@ -198,8 +209,15 @@ class IntLinearBase(QuantLinearBase):
             eye = torch.eye(k, dtype=self.act_dtype, device=self.w_q.device)
             w = int4pack_linear(eye, self.w_q, self.group_size, self.w_scales).float().t()
         else:
-            w = dequantize_weight(self.w_q, self.w_scales, self.w_zeros, self.group_size,
-                                  "int4" if self.bits == 4 else "int8", k, self.w_gidx)
+            w = dequantize_weight(
+                self.w_q,
+                self.w_scales,
+                self.w_zeros,
+                self.group_size,
+                "int4" if self.bits == 4 else "int8",
+                k,
+                self.w_gidx,
+            )
         if self.w_perm is not None:
             out = torch.empty_like(w)
             out[:, self.w_perm] = w
@@ -229,8 +247,10 @@ class OnTheFlyIntLinear(IntLinearBase):
         self._check_shape(name, tensor, (self.out_features, self.in_features))
         if not tensor.is_floating_point():
             raise QuantizationError(
-                f"{self._where()}: weight is {tensor.dtype}, on-the-fly {self.method} needs a float weight")
+                f"{self._where()}: weight is {tensor.dtype}, on-the-fly {self.method} needs a float weight"
+            )
         # (N, K) integer codes, (N, G) scales, (N, G) zero points or None when symmetric
-        q, scales, zeros = quantize_groupwise(tensor.to(self.device), self.bits, self.group_size, self.quantize_symmetric,
-                                              self.act_dtype)
+        q, scales, zeros = quantize_groupwise(
+            tensor.to(self.device), self.bits, self.group_size, self.quantize_symmetric, self.act_dtype
+        )
         self._set_int_weight(q, scales, None if self.quantize_symmetric else zeros)

@@ -39,8 +39,9 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int, order: tuple[int, ...] 
     return words.movedim(-1, dim).contiguous()
 
 
-def unpack_int32(words: torch.Tensor, bits: int, dim: int, length: int | None = None,
-                 order: tuple[int, ...] | None = None) -> torch.Tensor:
+def unpack_int32(
+    words: torch.Tensor, bits: int, dim: int, length: int | None = None, order: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """int32 words -> unsigned codes (int32) along `dim`, truncated to `length` when given."""
     per = 32 // bits
     w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF  # (..., W)

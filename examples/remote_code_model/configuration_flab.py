@@ -6,9 +6,21 @@ from transformers import PretrainedConfig
 class FlabTinyConfig(PretrainedConfig):
     model_type = "flab_tiny"
 
-    def __init__(self, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-                 rms_norm_eps=1e-6, initializer_range=0.1, tie_word_embeddings=False, **kwargs):
+    def __init__(
+        self,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

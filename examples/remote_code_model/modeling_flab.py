@@ -107,8 +107,17 @@ class FlabForCausalLM(FlabPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, position_ids=None, cache=None, use_cache=None,
-                logits_to_keep=0, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        cache=None,
+        use_cache=None,
+        logits_to_keep=0,
+        attention_mask=None,
+        past_key_values=None,
+        **kwargs,
+    ):
         cache = cache if cache is not None else past_key_values  # transformers >= 5.2x calls it `cache`
         if use_cache and cache is None:
             from transformers import DynamicCache

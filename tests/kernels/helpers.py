@@ -29,14 +29,27 @@ class PagedBatch:
         return (self.q, self.k_cache, self.v_cache, self.query_start_loc, self.seq_lens, self.block_tables)
 
     def to(self, device: torch.device) -> "PagedBatch":
-        return PagedBatch(*(t.to(device) for t in (self.q, self.k_cache, self.v_cache, self.query_start_loc,
-                                                   self.seq_lens, self.block_tables, self.slot_mapping)))
+        return PagedBatch(
+            *(
+                t.to(device)
+                for t in (
+                    self.q,
+                    self.k_cache,
+                    self.v_cache,
+                    self.query_start_loc,
+                    self.seq_lens,
+                    self.block_tables,
+                    self.slot_mapping,
+                )
+            )
+        )
 
 
 def seeded_randn(*shape: int, seed: int) -> torch.Tensor:
     """Seeded normal values generated on the CPU (the same on every machine), on the test's device."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(
-        torch.get_default_device())
+        torch.get_default_device()
+    )
 
 
 def make_paged_batch(
@@ -55,12 +68,14 @@ def make_paged_batch(
     the CPU, returned on the test's default device (CUDA for the kernel tests where there is one)."""
     device = torch.get_default_device()
     with torch.device("cpu"):
-        return _make_paged_batch(new_lens, cached_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
-                                 seed, spare_blocks).to(device)
+        return _make_paged_batch(
+            new_lens, cached_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed, spare_blocks
+        ).to(device)
 
 
-def _make_paged_batch(new_lens, cached_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed,
-                      spare_blocks) -> PagedBatch:
+def _make_paged_batch(
+    new_lens, cached_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed, spare_blocks
+) -> PagedBatch:
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + n for c, n in zip(cached_lens, new_lens)]
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -81,8 +96,15 @@ def _make_paged_batch(new_lens, cached_lens, num_q_heads, num_kv_heads, head_dim
     for i, (c, n) in enumerate(zip(cached_lens, new_lens)):
         for pos in range(c, c + n):
             slots.append(int(tables[i, pos // block_size]) * block_size + pos % block_size)
-    return PagedBatch(q, k_cache, v_cache, qsl, torch.tensor(seq_lens, dtype=torch.int32), tables,
-                      torch.tensor(slots, dtype=torch.int64))
+    return PagedBatch(
+        q,
+        k_cache,
+        v_cache,
+        qsl,
+        torch.tensor(seq_lens, dtype=torch.int32),
+        tables,
+        torch.tensor(slots, dtype=torch.int64),
+    )
 
 
 def reference_attention(batch: PagedBatch, scale: float, **kw) -> torch.Tensor:  # (T, Hq, D) fp32
@@ -90,9 +112,17 @@ def reference_attention(batch: PagedBatch, scale: float, **kw) -> torch.Tensor: 
     from kernels.attention_torch import paged_attention_torch
 
     sinks = kw.pop("sinks", None)
-    return paged_attention_torch(batch.q.float(), batch.k_cache.float(), batch.v_cache.float(),
-                                 batch.query_start_loc, batch.seq_lens, batch.block_tables, scale,
-                                 sinks=None if sinks is None else sinks.float(), **kw)
+    return paged_attention_torch(
+        batch.q.float(),
+        batch.k_cache.float(),
+        batch.v_cache.float(),
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.block_tables,
+        scale,
+        sinks=None if sinks is None else sinks.float(),
+        **kw,
+    )
 
 
 # Tolerances against the fp32 reference on the same inputs.

@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import (gelu_and_mul, gelu_and_mul_torch, gelu_and_mul_triton, silu_and_mul,
-                                silu_and_mul_torch, silu_and_mul_triton)
+from kernels.activation import (
+    gelu_and_mul,
+    gelu_and_mul_torch,
+    gelu_and_mul_triton,
+    silu_and_mul,
+    silu_and_mul_torch,
+    silu_and_mul_triton,
+)
 
 
 def test_torch_reference_is_hf_mlp():

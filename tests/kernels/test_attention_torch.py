@@ -38,20 +38,26 @@ def naive_attention(b, scale, softcap=None, sliding_window=None, sinks=None) -> 
 
 
 def _run(b, scale, compute_dtype=None, **kw):
-    plan = build_plan(b.query_start_loc.tolist(), b.seq_lens.tolist(), b.block_tables, b.k_cache.shape[1],
-                      compute_dtype)
+    plan = build_plan(
+        b.query_start_loc.tolist(), b.seq_lens.tolist(), b.block_tables, b.k_cache.shape[1], compute_dtype
+    )
     return paged_attention_planned(b.q, b.k_cache, b.v_cache, plan, scale, **kw)
 
 
-FEATURES = {"plain": {}, "softcap": dict(softcap=4.0), "window": dict(sliding_window=9),
-            "sinks": dict(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]))}
+FEATURES = {
+    "plain": {},
+    "softcap": dict(softcap=4.0),
+    "window": dict(sliding_window=9),
+    "sinks": dict(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0])),
+}
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("new_lens,cached", [MIXED, ([1, 1, 1], [16, 3, 40])], ids=["mixed", "decode"])
 def test_fp32_matches_naive(feature, new_lens, cached):
-    b = make_paged_batch(new_lens, cached, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
-                         dtype=torch.float32, seed=5)
+    b = make_paged_batch(
+        new_lens, cached, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, seed=5
+    )
     out = _run(b, 0.3, **FEATURES[feature])
     torch.testing.assert_close(out.double(), naive_attention(b, 0.3, **FEATURES[feature]), atol=1e-5, rtol=0)
 
@@ -60,8 +66,9 @@ def test_fp32_matches_naive(feature, new_lens, cached):
 def test_bf16_inputs_with_fp32_math(feature):
     """16-bit cache and queries, fp32 math (the CPU path for bf16 models): only the output's rounding to
     bf16 remains, at most half a bf16 ulp (2^-9 relative) of O(1) values."""
-    b = make_paged_batch(*MIXED, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
-                         dtype=torch.bfloat16, seed=6)
+    b = make_paged_batch(
+        *MIXED, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.bfloat16, seed=6
+    )
     out = _run(b, 0.3, compute_dtype=torch.float32, **FEATURES[feature])
     assert out.dtype == torch.bfloat16
     ref = naive_attention(b, 0.3, **FEATURES[feature])
@@ -72,8 +79,7 @@ def test_bf16_inputs_with_fp32_math(feature):
 
 
 def test_decode_mask_is_built_once_per_window():
-    b = make_paged_batch([1, 1], [20, 3], num_q_heads=2, num_kv_heads=1, head_dim=8, block_size=4,
-                         dtype=torch.float32)
+    b = make_paged_batch([1, 1], [20, 3], num_q_heads=2, num_kv_heads=1, head_dim=8, block_size=4, dtype=torch.float32)
     plan = build_plan(b.query_start_loc.tolist(), b.seq_lens.tolist(), b.block_tables, 4)
     assert len(plan.decode_groups) == 1 and plan.all_decode  # too little padding to split
     m1 = plan.decode_groups[0].mask(None, torch.float32)
@@ -97,8 +103,9 @@ def test_length_groups_match_naive(feature, new_lens):
     """Decode contexts of very different lengths are split into groups (each padded to its own longest),
     attended separately and scattered back into batch order."""
     cached = [700, 9, 20, 650, 3, 15, 980]
-    b = make_paged_batch(new_lens, cached, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
-                         dtype=torch.float32, seed=7)
+    b = make_paged_batch(
+        new_lens, cached, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, seed=7
+    )
     plan = build_plan(b.query_start_loc.tolist(), b.seq_lens.tolist(), b.block_tables, 16)
     assert len(plan.decode_groups) >= 2 and not plan.all_decode
     grouped = sorted(t for g in plan.decode_groups for t in g.tokens.tolist())

@@ -16,8 +16,10 @@ def _caches(num_blocks, block_size, heads, head_dim, dtype):
 
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads,head_dim", [(1, 16), (4, 80)])
-@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
-                                               (torch.float32, torch.float16)])  # cast on store
+@pytest.mark.parametrize(
+    "dtype,cache_dtype",
+    [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float16)],
+)  # cast on store
 @pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 def test_store_matches_reference(block_size, heads, head_dim, dtype, cache_dtype):
     t = 11

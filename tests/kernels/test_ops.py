@@ -14,8 +14,7 @@ from tests.kernels.helpers import make_paged_batch
 
 
 def _batch(new, cached):
-    return make_paged_batch(new, cached, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
-                            dtype=torch.float32)
+    return make_paged_batch(new, cached, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32)
 
 
 def test_cpu_defaults_to_torch(monkeypatch):
@@ -38,19 +37,24 @@ def test_cpu_defaults_to_torch(monkeypatch):
     assert torch.equal(ops.rms_norm(x, w, 1e-6), rms_norm_torch(x, w, 1e-6))
 
 
-@pytest.mark.parametrize("forced,new,cached,expected", [
-    ("auto", [1, 1], [2500, 100], "paged_decode_triton"),  # decode, 2 x 2 programs << 132 SMs, 2.6k context
-    ("auto", [4, 1], [2500, 100], "paged_attention_triton"),  # mixed batch
-    ("unified", [1, 1], [2500, 100], "paged_attention_triton"),
-    ("split_kv", [1, 1], [10, 20], "paged_decode_triton"),
-])
+@pytest.mark.parametrize(
+    "forced,new,cached,expected",
+    [
+        ("auto", [1, 1], [2500, 100], "paged_decode_triton"),  # decode, 2 x 2 programs << 132 SMs, 2.6k context
+        ("auto", [4, 1], [2500, 100], "paged_attention_triton"),  # mixed batch
+        ("unified", [1, 1], [2500, 100], "paged_attention_triton"),
+        ("split_kv", [1, 1], [10, 20], "paged_decode_triton"),
+    ],
+)
 @pytest.mark.usefixtures("kernel_device")  # CUDA where there is a GPU (conftest.py)
 def test_forced_triton_routes_and_matches(monkeypatch, forced, new, cached, expected):
     monkeypatch.setenv("FLAB_FORCE_TRITON", "1")
     monkeypatch.setenv("FLAB_ATTENTION_KERNEL", forced)
     called = []
-    for module, name in ((kernels.paged_attention, "paged_attention_triton"),
-                         (kernels.paged_decode, "paged_decode_triton")):
+    for module, name in (
+        (kernels.paged_attention, "paged_attention_triton"),
+        (kernels.paged_decode, "paged_decode_triton"),
+    ):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name, **k: called.append(_n) or _r(*a, **k))
     b = _batch(new, cached)

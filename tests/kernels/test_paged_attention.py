@@ -27,8 +27,9 @@ def _check(batch, dtype, scale=0.25, max_query_len=None, **kw):
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_mixed_batch_gqa_block_sizes(dtype, group, block_size):
-    batch = make_paged_batch(*MIXED, num_q_heads=2 * group, num_kv_heads=2, head_dim=32,
-                             block_size=block_size, dtype=dtype)
+    batch = make_paged_batch(
+        *MIXED, num_q_heads=2 * group, num_kv_heads=2, head_dim=32, block_size=block_size, dtype=dtype
+    )
     _check(batch, dtype, max_query_len=batch.max_query_len)
 
 
@@ -51,37 +52,51 @@ def test_softcap_window_sinks(dtype, feature):
     _check(batch, dtype, scale=0.5, **kw)
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (80, torch.float16), (80, torch.float32),
-                                             (96, torch.float16), (128, torch.float16), (256, torch.float16)])
+@pytest.mark.parametrize(
+    "head_dim,dtype",
+    [
+        (64, torch.float16),
+        (80, torch.float16),
+        (80, torch.float32),
+        (96, torch.float16),
+        (128, torch.float16),
+        (256, torch.float16),
+    ],
+)
 def test_head_dims(head_dim, dtype):
-    batch = make_paged_batch([5, 1], [3, 20], num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
-                             block_size=16, dtype=dtype, seed=3)
+    batch = make_paged_batch(
+        [5, 1], [3, 20], num_q_heads=4, num_kv_heads=2, head_dim=head_dim, block_size=16, dtype=dtype, seed=3
+    )
     _check(batch, dtype, scale=head_dim**-0.5)
 
 
 def test_non_power_of_two_group_with_window_and_sinks():
-    batch = make_paged_batch(*MIXED, num_q_heads=6, num_kv_heads=2, head_dim=16, block_size=32,
-                             dtype=torch.float32, seed=4)
+    batch = make_paged_batch(
+        *MIXED, num_q_heads=6, num_kv_heads=2, head_dim=16, block_size=32, dtype=torch.float32, seed=4
+    )
     _check(batch, torch.float32, sliding_window=6, sinks=torch.randn(6))
 
 
 def test_long_prefill_many_q_blocks_with_window():
     # 150 new tokens over a 20-token prefix: several q blocks, each skipping KV tiles left of its window
-    batch = make_paged_batch([150, 1], [20, 70], num_q_heads=2, num_kv_heads=1, head_dim=16,
-                             block_size=16, dtype=torch.float16, seed=5)
+    batch = make_paged_batch(
+        [150, 1], [20, 70], num_q_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float16, seed=5
+    )
     _check(batch, torch.float16, sliding_window=24)
 
 
 @pytest.mark.parametrize("max_query_len", [None, 1])
 def test_decode_only_batch(max_query_len):
-    batch = make_paged_batch([1, 1, 1], [0, 15, 50], num_q_heads=8, num_kv_heads=1, head_dim=32,
-                             block_size=16, dtype=torch.float32, seed=6)
+    batch = make_paged_batch(
+        [1, 1, 1], [0, 15, 50], num_q_heads=8, num_kv_heads=1, head_dim=32, block_size=16, dtype=torch.float32, seed=6
+    )
     _check(batch, torch.float32, max_query_len=max_query_len)
 
 
 def test_strided_q_view_of_qkv():
-    batch = make_paged_batch(*MIXED, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
-                             dtype=torch.float32, seed=7)
+    batch = make_paged_batch(
+        *MIXED, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, seed=7
+    )
     t = batch.q.shape[0]
     qkv = torch.randn(t, (4 + 2 * 2) * 16)
     batch.q = qkv[:, : 4 * 16].view(t, 4, 16)  # (T, Hq, D) with row stride (Hq + 2 Hkv) * D
@@ -105,8 +120,9 @@ def test_garbage_outside_the_context_does_not_leak():
     # NaN in a cache block no sequence owns, with block-table padding pointing at it (block 0):
     # the kernel must only read positions < seq_len (the torch reference, which pads gathers with
     # slot 0, relies on a finite cache there instead)
-    batch = make_paged_batch([2, 1], [3, 40], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
-                             dtype=torch.float32, seed=8)
+    batch = make_paged_batch(
+        [2, 1], [3, 40], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, seed=8
+    )
     ref = reference_attention(batch, 0.3)
     spare = (set(range(batch.k_cache.shape[0])) - set(batch.block_tables.flatten().tolist())).pop()
     tables = batch.block_tables.clone()

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rotary import (apply_rotary, apply_rotary_torch, apply_rotary_triton, cos_sin_cache_from_inv_freq,
-                            rope_inv_freq)
+from kernels.rotary import (
+    apply_rotary,
+    apply_rotary_torch,
+    apply_rotary_triton,
+    cos_sin_cache_from_inv_freq,
+    rope_inv_freq,
+)
 
 
 def _inputs(t, hq, hkv, d, dtype, seed=0):  # generated on the CPU, returned on the test's device
@@ -28,8 +33,9 @@ def test_neox_reference_is_hf_llama(rotary_dim):
     cache = cos_sin_cache_from_inv_freq(inv_freq, 256)
     freqs = positions[:, None].float() * inv_freq  # as LlamaRotaryEmbedding: emb = cat(freqs, freqs)
     emb = torch.cat([freqs, freqs], -1)[None]  # (1, T, rd)
-    hq, hk = apply_rotary_pos_emb(q[..., :rotary_dim].transpose(0, 1)[None], k[..., :rotary_dim].transpose(0, 1)[None],
-                                  emb.cos(), emb.sin())  # (1, H, T, rd)
+    hq, hk = apply_rotary_pos_emb(
+        q[..., :rotary_dim].transpose(0, 1)[None], k[..., :rotary_dim].transpose(0, 1)[None], emb.cos(), emb.sin()
+    )  # (1, H, T, rd)
     oq, ok = apply_rotary_torch(q, k, positions, cache, is_neox=True)
     torch.testing.assert_close(oq[..., :rotary_dim], hq[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ok[..., :rotary_dim], hk[0].transpose(0, 1), atol=1e-5, rtol=1e-5)

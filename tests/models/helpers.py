@@ -15,10 +15,17 @@ def prefill_logits(engine, token_ids: list[int]) -> torch.Tensor:  # (L, V)
     block_tables = torch.arange(-(-n // block_size), dtype=torch.int32)[None]  # (1, MB)
     qsl, seq_lens = [0, n], [n]
     batch = ForwardBatch(
-        input_ids=torch.tensor(token_ids), positions=torch.arange(n), slot_mapping=torch.arange(n),
-        block_tables=block_tables, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32), logits_indices=torch.arange(n),
-        max_query_len=n, max_seq_len=n, kv_cache=engine.kv_cache, backend="torch",
+        input_ids=torch.tensor(token_ids),
+        positions=torch.arange(n),
+        slot_mapping=torch.arange(n),
+        block_tables=block_tables,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        logits_indices=torch.arange(n),
+        max_query_len=n,
+        max_seq_len=n,
+        kv_cache=engine.kv_cache,
+        backend="torch",
         plan=build_plan(qsl, seq_lens, block_tables, block_size),
     )
     with torch.inference_mode():

@@ -167,9 +167,17 @@ def test_engine_packed_equals_plain(bf16_llama, impl):
 
 
 @needs_packing
-@pytest.mark.parametrize("arch,impl", [("gpt2", "transformers"), ("phi", "transformers"), ("gemma2", "native"),
-                                       ("mixtral", "native"), ("qwen2_moe", "transformers"),
-                                       ("qwen2", "transformers")])
+@pytest.mark.parametrize(
+    "arch,impl",
+    [
+        ("gpt2", "transformers"),
+        ("phi", "transformers"),
+        ("gemma2", "native"),
+        ("mixtral", "native"),
+        ("qwen2_moe", "transformers"),
+        ("qwen2", "transformers"),
+    ],
+)
 def test_packed_tokens_across_architectures(tmp_path, arch, impl):
     """Biases, tied heads, Conv1D models (only the head is an nn.Linear), MoE experts, q/k/v siblings with biases:
     same greedy tokens."""
@@ -227,16 +235,19 @@ def test_native_moe_experts_are_packed(tmp_path, arch):
     the same shape), the parameter count and weight bytes stay those of the plain model, tokens are the same."""
     path = build_tiny_model(arch, tmp_path / arch, dtype=torch.bfloat16)
     params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
-    with Engine(str(path), model_impl="native", cpu_linear="packed", num_kv_blocks=64) as packed, \
-            Engine(str(path), model_impl="native", cpu_linear="none", num_kv_blocks=64) as plain:
+    with (
+        Engine(str(path), model_impl="native", cpu_linear="packed", num_kv_blocks=64) as packed,
+        Engine(str(path), model_impl="native", cpu_linear="none", num_kv_blocks=64) as plain,
+    ):
         experts = [m for m in packed.loaded.model.modules() if type(m).__name__ == "Experts"]
         assert experts and all(m.flab_packed is not None and m.gate_up_proj.is_meta for m in experts)
         assert packed.describe()["swapped"]["MoE experts (oneDNN prepacked per expert)"] == len(experts)
         assert packed.describe()["parameters"] == plain.describe()["parameters"]
         assert packed.weights_bytes == plain.weights_bytes
         prompts = ["the cat sat on the mat", "1 2 3"]
-        assert ([o.token_ids for o in packed.generate(prompts, params)]
-                == [o.token_ids for o in plain.generate(prompts, params)])
+        assert [o.token_ids for o in packed.generate(prompts, params)] == [
+            o.token_ids for o in plain.generate(prompts, params)
+        ]
 
 
 @needs_packing
@@ -247,8 +258,10 @@ def test_transformers_moe_experts_are_packed(tmp_path, arch):
     biases), so the greedy tokens and every logit are the same."""
     path = build_tiny_model(arch, tmp_path / arch, dtype=torch.bfloat16)
     params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
-    with Engine(str(path), model_impl="transformers", cpu_linear="packed", num_kv_blocks=64) as packed, \
-            Engine(str(path), model_impl="transformers", cpu_linear="none", num_kv_blocks=64) as plain:
+    with (
+        Engine(str(path), model_impl="transformers", cpu_linear="packed", num_kv_blocks=64) as packed,
+        Engine(str(path), model_impl="transformers", cpu_linear="none", num_kv_blocks=64) as plain,
+    ):
         hf = packed.loaded.model.hf
         modules = [m for m in hf.modules() if getattr(m, "flab_packed", None) is not None]
         assert modules and hf.config._experts_implementation == EXPERTS_NAME

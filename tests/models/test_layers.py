@@ -38,21 +38,34 @@ ROPES = {
     "linear": dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
     "dynamic": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
     "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64),
-    "llama3": dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=64),
+    "llama3": dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    ),
 }
 
 
 @pytest.mark.parametrize("rope", sorted(ROPES))
 def test_rotary_matches_hf_for_every_rope_type(rope):
-    config = LlamaConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         rope_parameters=dict(ROPES[rope]))
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        rope_parameters=dict(ROPES[rope]),
+    )
     cache = compute_cos_sin_cache(config, 32, 256)
     positions = torch.tensor([0, 1, 5, 63, 64, 200])
     torch.manual_seed(0)
     q, k = torch.randn(6, 2 * 32, dtype=DT), torch.randn(6, 32, dtype=DT)
     cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
-    hf_q, hf_k = apply_rotary_pos_emb(q.view(1, 6, 2, 32).transpose(1, 2), k.view(1, 6, 1, 32).transpose(1, 2), cos, sin)
+    hf_q, hf_k = apply_rotary_pos_emb(
+        q.view(1, 6, 2, 32).transpose(1, 2), k.view(1, 6, 1, 32).transpose(1, 2), cos, sin
+    )
     got_q, got_k = apply_rotary(q, k, rope_step(positions, cache, DT), cache, 32)
     # same ops as HF; cos/sin are evaluated over differently shaped tensors (vectorised vs tail loops of the
     # fp32 cos may differ by an ulp), so allow one bf16 ulp
@@ -61,10 +74,20 @@ def test_rotary_matches_hf_for_every_rope_type(rope):
 
 
 def test_partial_rotary_longrope_short_and_long_rows_match_hf():
-    config = Phi3Config(hidden_size=64, num_attention_heads=2, max_position_embeddings=256,
-                        original_max_position_embeddings=64, partial_rotary_factor=0.5,
-                        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8,
-                                             long_factor=[2.0] * 8, original_max_position_embeddings=64))
+    config = Phi3Config(
+        hidden_size=64,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        original_max_position_embeddings=64,
+        partial_rotary_factor=0.5,
+        rope_parameters=dict(
+            rope_type="longrope",
+            rope_theta=10000.0,
+            short_factor=[1.0] * 8,
+            long_factor=[2.0] * 8,
+            original_max_position_embeddings=64,
+        ),
+    )
     cache = compute_cos_sin_cache(config, 32, 256)  # (2P, 16): half of head_dim rotates; short rows, long rows
     assert cache.shape == (512, 16)
     short_cos, _ = Phi3RotaryEmbedding(config)(torch.zeros(1), torch.arange(64)[None])  # seq <= original: short

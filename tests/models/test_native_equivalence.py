@@ -43,22 +43,38 @@ def test_native_under_chunked_prefill_and_preemption(tiny_model, hf_reference, a
     expected = hf_reference(arch)
     with Engine(str(path), model_impl="native", dtype="float32", max_num_batched_tokens=4, **SMALL_CACHE) as engine:
         assert _tokens(engine, PROMPTS) == expected
-    with Engine(str(path), model_impl="native", dtype="float32", num_kv_blocks=6, block_size=8,
-                max_model_len=48) as engine:
+    with Engine(
+        str(path), model_impl="native", dtype="float32", num_kv_blocks=6, block_size=8, max_model_len=48
+    ) as engine:
         assert _tokens(engine, PROMPTS) == expected
         assert engine.scheduler.num_preemptions > 0
         assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
-LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 4, long_factor=[1.5, 2.0, 3.0, 4.0],
-                original_max_position_embeddings=16)
+LONGROPE = dict(
+    rope_type="longrope",
+    rope_theta=10000.0,
+    short_factor=[1.0] * 4,
+    long_factor=[1.5, 2.0, 3.0, 4.0],
+    original_max_position_embeddings=16,
+)
 VARIANTS = {  # options the presets do not exercise
     # partial rotary + longrope: PROMPTS[1] (19 tokens) runs on the long factors, the others stay below 16 tokens
-    "phi3-partial-longrope": ("phi3", dict(partial_rotary_factor=0.5, original_max_position_embeddings=16,
-                                           rope_parameters=LONGROPE)),
+    "phi3-partial-longrope": (
+        "phi3",
+        dict(partial_rotary_factor=0.5, original_max_position_embeddings=16, rope_parameters=LONGROPE),
+    ),
     "qwen2-sliding-layers": ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
-    "llama-yarn-bias": ("llama", dict(attention_bias=True, mlp_bias=True, rope_parameters=dict(
-        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))),
+    "llama-yarn-bias": (
+        "llama",
+        dict(
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128
+            ),
+        ),
+    ),
     "qwen2_moe-dense-layer": ("qwen2_moe", dict(mlp_only_layers=[0], norm_topk_prob=True)),
 }
 

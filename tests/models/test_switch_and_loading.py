@@ -22,8 +22,16 @@ def test_registry_entries_import_and_follow_the_contract():
         assert callable(getattr(cls, "load_checkpoint")), arch
 
 
-@pytest.mark.parametrize("arch,impl", [("llama", "native"), ("gemma2", "native"), ("qwen2_moe", "native"),
-                                       ("gpt2", "transformers"), ("gpt_neox", "transformers")])
+@pytest.mark.parametrize(
+    "arch,impl",
+    [
+        ("llama", "native"),
+        ("gemma2", "native"),
+        ("qwen2_moe", "native"),
+        ("gpt2", "transformers"),
+        ("gpt_neox", "transformers"),
+    ],
+)
 def test_auto_picks_native_for_registered_architectures(tiny_model, arch, impl):
     config = AutoConfig.from_pretrained(tiny_model(arch))
     assert select_model_impl(config, "auto") == impl
@@ -63,8 +71,9 @@ def test_tied_embeddings_share_one_tensor(tiny_model):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize("drop,named", [("model.layers.1.self_attn.k_proj.weight", "qkv_proj"),
-                                        ("model.norm.weight", "model.norm.weight")])
+@pytest.mark.parametrize(
+    "drop,named", [("model.layers.1.self_attn.k_proj.weight", "qkv_proj"), ("model.norm.weight", "model.norm.weight")]
+)
 def test_missing_checkpoint_tensors_are_named(tiny_model, tmp_path, drop, named):
     src = tiny_model("llama")
     for f in src.iterdir():

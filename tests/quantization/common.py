@@ -17,8 +17,9 @@ CPU = torch.device("cpu")
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def build(method: QuantMethod, in_features: int, out_features: int, bias: bool = False,
-          prefix: str = "layer") -> QuantLinearBase:
+def build(
+    method: QuantMethod, in_features: int, out_features: int, bias: bool = False, prefix: str = "layer"
+) -> QuantLinearBase:
     with torch.device("meta"):
         linear = nn.Linear(in_features, out_features, bias=bias)
     module = method.create_linear(linear, prefix)
@@ -26,8 +27,12 @@ def build(method: QuantMethod, in_features: int, out_features: int, bias: bool =
     return module
 
 
-def load(module: QuantLinearBase, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-         device: torch.device = CPU) -> QuantLinearBase:
+def load(
+    module: QuantLinearBase,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device = CPU,
+) -> QuantLinearBase:
     for name, t in tensors.items():
         module.load_tensor(name, t, device, dtype)
     module.finalize()
@@ -52,15 +57,22 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def fused_equals_separate(method: QuantMethod, shard_tensors: list[dict[str, torch.Tensor]], sizes: list[int],
-                          in_features: int, dtype: torch.dtype = torch.float32) -> None:
+def fused_equals_separate(
+    method: QuantMethod,
+    shard_tensors: list[dict[str, torch.Tensor]],
+    sizes: list[int],
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """Merging shards' checkpoint tensors with merge_shards (cat along output_dim) == loading each shard."""
     fused = build(method, in_features, sum(sizes), prefix="fused")
     for name in shard_tensors[0]:
         fused.load_tensor(name, fused.merge_shards(name, [t[name] for t in shard_tensors], sizes), CPU, dtype)
     fused.finalize()
-    parts = [load(build(method, in_features, n, prefix=f"shard{i}"), t, dtype)
-             for i, (t, n) in enumerate(zip(shard_tensors, sizes))]
+    parts = [
+        load(build(method, in_features, n, prefix=f"shard{i}"), t, dtype)
+        for i, (t, n) in enumerate(zip(shard_tensors, sizes))
+    ]
     assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
     x = torch.randn(4, in_features, dtype=dtype)
     torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), rtol=1e-5, atol=1e-5)

@@ -35,14 +35,23 @@ def reference_awq(w: torch.Tensor, group: int):
         for i in range(8):
             qzeros[:, col] |= zt[:, col * 8 + order_map[i]].to(torch.int64) << (i * 4)
     to_i32 = lambda t: torch.from_numpy(t.numpy().astype("uint32").view("int32"))  # noqa: E731
-    return ({"qweight": to_i32(qweight), "qzeros": to_i32(qzeros), "scales": scales.t().contiguous().half()},
-            expected)
+    return ({"qweight": to_i32(qweight), "qzeros": to_i32(qzeros), "scales": scales.t().contiguous().half()}, expected)
 
 
 def awq_method(group=32, kernel=None):
-    method = resolve_quantization(None, {"quantization_config": {
-        "quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
-        "modules_to_not_convert": ["visual"]}})
+    method = resolve_quantization(
+        None,
+        {
+            "quantization_config": {
+                "quant_method": "awq",
+                "bits": 4,
+                "group_size": group,
+                "zero_point": True,
+                "version": "gemm",
+                "modules_to_not_convert": ["visual"],
+            }
+        },
+    )
     if kernel:
         method.set_kernel(kernel)
     return method

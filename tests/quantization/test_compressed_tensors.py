@@ -32,17 +32,26 @@ def ct_checkpoint(w: torch.Tensor, args: QuantizationArgs, fmt: str, compressor)
     else:
         lo, hi = w.amin().reshape(1), w.amax().reshape(1)
     scale, zp = calculate_qparams(lo, hi, args)
-    state = {"weight": w, "weight_scale": scale,
-             "weight_zero_point": zp.to(torch.float8_e4m3fn if args.type == "float" else torch.int8)}
+    state = {
+        "weight": w,
+        "weight_scale": scale,
+        "weight_zero_point": zp.to(torch.float8_e4m3fn if args.type == "float" else torch.int8),
+    }
     tensors = compressor.compress(state, scheme)
     dequant = compressor.decompress(dict(tensors), scheme)["weight"]
-    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
-                                ignore=["lm_head"]).model_dump()
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed", ignore=["lm_head"]
+    ).model_dump()
     return dict(tensors), dequant, config
 
 
-INT_CASES = [(4, "group", 32, True), (4, "group", 32, False), (4, "channel", None, True), (8, "channel", None, True),
-             (8, "group", 64, False)]
+INT_CASES = [
+    (4, "group", 32, True),
+    (4, "group", 32, False),
+    (4, "channel", None, True),
+    (8, "channel", None, True),
+    (8, "group", 64, False),
+]
 
 
 @pytest.mark.parametrize("bits,strategy,group,sym", INT_CASES)
@@ -82,9 +91,16 @@ def test_float_quantized_fp8(strategy):
 
 
 def test_our_saver_round_trip_and_fused_shards():
-    config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
-        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
-                                           "group_size": 32}}}}
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "g": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32},
+            }
+        },
+    }
     method = resolve_quantization(None, {"quantization_config": config})
     ws = [torch.randn(n, 128) * 0.1 for n in (64, 32)]
     shards = [compressed_tensors_tensors(quantize_int(w, 4, 32, False, torch.bfloat16)) for w in ws]
@@ -95,13 +111,18 @@ def test_our_saver_round_trip_and_fused_shards():
 
 
 def test_targets_and_ignore():
-    config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-              "ignore": ["lm_head", "re:.*mlp.gate$"],
-              "config_groups": {
-                  "attn": {"targets": ["re:.*self_attn.*"],
-                           "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}},
-                  "rest": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group",
-                                                              "group_size": 32}}}}
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "ignore": ["lm_head", "re:.*mlp.gate$"],
+        "config_groups": {
+            "attn": {"targets": ["re:.*self_attn.*"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}},
+            "rest": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32},
+            },
+        },
+    }
     method = resolve_quantization(None, {"quantization_config": config})
     assert method.scheme_for("model.layers.0.self_attn.q_proj").bits == 8
     assert method.scheme_for("model.layers.0.mlp.up_proj").bits == 4

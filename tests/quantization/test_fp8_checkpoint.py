@@ -13,9 +13,17 @@ from tests.quantization.common import build, check_forward, fused_equals_separat
 
 
 def block_method(block=(32, 32)):
-    return resolve_quantization(None, {"quantization_config": {
-        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block),
-        "modules_to_not_convert": ["mlp.gate"]}})
+    return resolve_quantization(
+        None,
+        {
+            "quantization_config": {
+                "quant_method": "fp8",
+                "activation_scheme": "dynamic",
+                "weight_block_size": list(block),
+                "modules_to_not_convert": ["mlp.gate"],
+            }
+        },
+    )
 
 
 def independent_block_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block) -> torch.Tensor:
@@ -23,7 +31,7 @@ def independent_block_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, blo
     out = torch.empty(n, k)
     for i in range(n):
         for j in range(0, k, 8):
-            out[i, j:j + 8] = weight[i, j:j + 8].float() * scale_inv[i // block[0], j // block[1]]
+            out[i, j : j + 8] = weight[i, j : j + 8].float() * scale_inv[i // block[0], j // block[1]]
     return out
 
 
@@ -46,8 +54,11 @@ def test_per_tensor_and_per_channel_scales():
     torch.manual_seed(0)
     w = torch.randn(32, 64) * 0.1
     scale = w.abs().max() / 448
-    per_tensor = {"weight": (w / scale).to(torch.float8_e4m3fn), "weight_scale": scale.reshape(()),
-                  "input_scale": torch.tensor(0.02)}
+    per_tensor = {
+        "weight": (w / scale).to(torch.float8_e4m3fn),
+        "weight_scale": scale.reshape(()),
+        "input_scale": torch.tensor(0.02),
+    }
     method = resolve_quantization(None, {"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}})
     m = load(build(method, 64, 32), per_tensor)
     assert torch.equal(m.dequantize(), per_tensor["weight"].float() * scale)
@@ -66,8 +77,13 @@ def test_fused_shards_per_tensor_and_block():
     for n in (32, 16):
         w = torch.randn(n, 64) * (0.1 * n)
         s = w.abs().max() / 448
-        shards.append({"weight": (w / s).to(torch.float8_e4m3fn), "weight_scale": s.reshape(()),
-                       "input_scale": torch.tensor(0.01 * n)})
+        shards.append(
+            {
+                "weight": (w / s).to(torch.float8_e4m3fn),
+                "weight_scale": s.reshape(()),
+                "input_scale": torch.tensor(0.01 * n),
+            }
+        )
     fused_equals_separate(method, shards, [32, 16], 64)
     assert build(method, 64, 48).merge_shards("input_scale", [s["input_scale"] for s in shards], [32, 16]) == 0.32
     blocks = [fp8_block_tensors(torch.randn(n, 64) * 0.1, (16, 32)) for n in (32, 16)]

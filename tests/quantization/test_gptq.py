@@ -59,15 +59,29 @@ def reference_gptq(w: torch.Tensor, bits: int, group: int, sym: bool, v1: bool, 
             qzeros[:, col] |= zeros[:, j] << (bits * (j - i))
         i += per
         col += 1
-    tensors = {"qweight": torch.from_numpy(qweight.view(np.int32)), "qzeros": torch.from_numpy(qzeros.view(np.int32)),
-               "scales": torch.from_numpy(scale), "g_idx": g_idx}
+    tensors = {
+        "qweight": torch.from_numpy(qweight.view(np.int32)),
+        "qzeros": torch.from_numpy(qzeros.view(np.int32)),
+        "scales": torch.from_numpy(scale),
+        "g_idx": g_idx,
+    }
     return tensors, torch.from_numpy(expected).float()
 
 
 def gptq_method(bits=4, group=32, sym=True, fmt="gptq", desc_act=False, kernel=None):
-    method = resolve_quantization(None, {"quantization_config": {
-        "quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": desc_act,
-        "checkpoint_format": fmt}})
+    method = resolve_quantization(
+        None,
+        {
+            "quantization_config": {
+                "quant_method": "gptq",
+                "bits": bits,
+                "group_size": group,
+                "sym": sym,
+                "desc_act": desc_act,
+                "checkpoint_format": fmt,
+            }
+        },
+    )
     if kernel:
         method.set_kernel(kernel)
     return method
@@ -116,8 +130,10 @@ def test_round_trip_through_our_saver(tmp_path, fmt, sym):
     perm = torch.randperm(128)
     tensors = linear_tensors("gptq", w, bits=4, group_size=32, symmetric=sym, checkpoint_format=fmt, act_order=perm)
     save_file(tensors, str(tmp_path / "layer.safetensors"))
-    m = load(build(gptq_method(4, 32, sym, fmt, True, kernel="torch"), 128, 64),
-             load_file(str(tmp_path / "layer.safetensors")))
+    m = load(
+        build(gptq_method(4, 32, sym, fmt, True, kernel="torch"), 128, 64),
+        load_file(str(tmp_path / "layer.safetensors")),
+    )
     qz = quantize_int(w, 4, 32, sym, torch.float16, act_order=perm)
     assert torch.equal(m.dequantize(), qz.dequantize())
 
@@ -126,8 +142,11 @@ def test_on_the_fly_int4_equals_exported_gptq():
     """int4 on the fly and GPTQ v2 of the same quantization give the same weights bit for bit."""
     w = (torch.randn(64, 128) * 0.1).half()
     int4 = load(build(resolve_quantization("int4:g32,kernel=torch", {}), 128, 64), {"weight": w}, torch.float16)
-    gptq = load(build(gptq_method(4, 32, False, "gptq_v2", kernel="torch"), 128, 64),
-                linear_tensors("gptq", w, 4, 32, symmetric=False, checkpoint_format="gptq_v2"), torch.float16)
+    gptq = load(
+        build(gptq_method(4, 32, False, "gptq_v2", kernel="torch"), 128, 64),
+        linear_tensors("gptq", w, 4, 32, symmetric=False, checkpoint_format="gptq_v2"),
+        torch.float16,
+    )
     assert torch.equal(int4.dequantize(), gptq.dequantize())
 
 

@@ -28,13 +28,16 @@ def random_weight(mode: str, n: int, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode,zeros,m,n,k,group", [
-    ("int8", False, 1, 48, 64, 64),  # per channel, decode-sized M
-    ("int8", True, 17, 80, 96, 32),
-    ("int4", True, 5, 64, 128, 32),
-    ("int4", False, 3, 40, 66, 66),  # odd number of nibble pairs, one group
-    ("fp8", False, 9, 72, 128, 64),  # block-wise fp8 scales
-])
+@pytest.mark.parametrize(
+    "mode,zeros,m,n,k,group",
+    [
+        ("int8", False, 1, 48, 64, 64),  # per channel, decode-sized M
+        ("int8", True, 17, 80, 96, 32),
+        ("int4", True, 5, 64, 128, 32),
+        ("int4", False, 3, 40, 66, 66),  # odd number of nibble pairs, one group
+        ("fp8", False, 9, 72, 128, 64),  # block-wise fp8 scales
+    ],
+)
 def test_quant_matmul_matches_reference(dtype, mode, zeros, m, n, k, group):
     from kernels.quant_matmul import quant_matmul_triton
 
@@ -80,8 +83,12 @@ def test_fp8_table_decodes_every_code_like_torch():
 @pytest.mark.parametrize("request_", ["int8", "int4:g32", "fp8"])
 def test_on_the_fly_modules_on_triton(dtype, request_):
     method = resolve_quantization(f"{request_}{',' if ':' in request_ else ':'}kernel=triton", {})
-    m = load(build(method, 128, 48, bias=True), {"weight": torch.randn(48, 128) * 0.1, "bias": torch.randn(48)},
-             dtype, DEVICE)
+    m = load(
+        build(method, 128, 48, bias=True),
+        {"weight": torch.randn(48, 128) * 0.1, "bias": torch.randn(48)},
+        dtype,
+        DEVICE,
+    )
     assert m.kernel == "triton"
     x = torch.randn(3, 128, dtype=dtype, device=DEVICE)
     ref = x.float() @ m.dequantize().t() + m.bias.float()
@@ -92,8 +99,10 @@ def test_gptq_act_order_on_triton():
     torch.manual_seed(0)
     perm = torch.randperm(128)
     tensors = linear_tensors("gptq", torch.randn(64, 128) * 0.1, 4, 32, False, "gptq", act_order=perm)
-    method = resolve_quantization(None, {"quantization_config": {
-        "quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True}})
+    method = resolve_quantization(
+        None,
+        {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True}},
+    )
     method.set_kernel("triton")
     m = load(build(method, 128, 64), tensors, torch.float16, DEVICE)
     assert m.kernel == "triton" and m.w_perm is not None

@@ -39,9 +39,18 @@ def load_quantized(path, requested):
     return model.eval(), swapped, report
 
 
-@pytest.mark.parametrize("checkpoint,requested,max_rel", [
-    ("fp", "int8", 0.05), ("fp", "int4", 0.5), ("fp", "fp8", 0.2),
-    ("gptq", None, 0.5), ("awq", None, 0.5), ("compressed-tensors", None, 0.5), ("fp8", None, 0.2)])
+@pytest.mark.parametrize(
+    "checkpoint,requested,max_rel",
+    [
+        ("fp", "int8", 0.05),
+        ("fp", "int4", 0.5),
+        ("fp", "fp8", 0.2),
+        ("gptq", None, 0.5),
+        ("awq", None, 0.5),
+        ("compressed-tensors", None, 0.5),
+        ("fp8", None, 0.2),
+    ],
+)
 def test_loads_and_matches_dequantized_model(checkpoints, checkpoint, requested, max_rel):
     model, swapped, report = load_quantized(checkpoints[checkpoint], requested)
     assert len(swapped) == 14 and not report.unexpected  # 2 layers x 7 projections; lm_head stays
@@ -65,11 +74,19 @@ def test_engine_native_and_transformers_agree(checkpoints, checkpoint, requested
 
     tokens = {}
     for impl in ("native", "transformers"):
-        engine = Engine(str(checkpoints[checkpoint]), model_impl=impl, quantization=requested, dtype="float32",
-                        device="cpu", num_kv_blocks=32, max_model_len=128)
+        engine = Engine(
+            str(checkpoints[checkpoint]),
+            model_impl=impl,
+            quantization=requested,
+            dtype="float32",
+            device="cpu",
+            num_kv_blocks=32,
+            max_model_len=128,
+        )
         try:
-            outs = engine.generate(["Hello world! Once upon", "1 2 3"],
-                                   SamplingParams(max_new_tokens=6, temperature=0.0))
+            outs = engine.generate(
+                ["Hello world! Once upon", "1 2 3"], SamplingParams(max_new_tokens=6, temperature=0.0)
+            )
             tokens[impl] = [o.token_ids for o in outs]
         finally:
             engine.close()

@@ -35,8 +35,9 @@ def test_int8(dtype):
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4(dtype, group):
     w, b = make_weight(64, 256), torch.randn(64)
-    m = load(build(resolve_quantization(f"int4:g{group}", {}), 256, 64, bias=True), {"weight": w.to(dtype), "bias": b},
-             dtype)
+    m = load(
+        build(resolve_quantization(f"int4:g{group}", {}), 256, 64, bias=True), {"weight": w.to(dtype), "bias": b}, dtype
+    )
     assert m.kernel == ("torch" if dtype == torch.float32 else "cpu_int4pack") and m.group_size == group
     wq = m.dequantize()
     wg = w.to(dtype).float().view(64, -1, group)

@@ -19,8 +19,15 @@ from backend.quantization.gptq import GPTQMethod
 from backend.quantization.int4 import Int4Method, effective_group_size
 from backend.quantization.int8 import Int8Method
 
-GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False,
-        "checkpoint_format": "gptq_v2", "modules_to_not_convert": ["mlp.gate"]}
+GPTQ = {
+    "quant_method": "gptq",
+    "bits": 4,
+    "group_size": 128,
+    "desc_act": True,
+    "sym": False,
+    "checkpoint_format": "gptq_v2",
+    "modules_to_not_convert": ["mlp.gate"],
+}
 
 
 def test_registry_names():
@@ -36,8 +43,13 @@ def test_none_on_full_precision():
 def test_auto_detect_from_config_dict_and_object():
     method = resolve_quantization(None, SimpleNamespace(quantization_config=GPTQ))
     assert isinstance(method, GPTQMethod)
-    assert (method.config.bits, method.config.group_size, method.config.desc_act, method.config.sym,
-            method.config.checkpoint_format) == (4, 128, True, False, "gptq_v2")
+    assert (
+        method.config.bits,
+        method.config.group_size,
+        method.config.desc_act,
+        method.config.sym,
+        method.config.checkpoint_format,
+    ) == (4, 128, True, False, "gptq_v2")
     assert method.skip("model.layers.0.mlp.gate") and method.skip("lm_head")
     assert not method.skip("model.layers.0.mlp.gate_proj")
 
@@ -49,10 +61,28 @@ def test_auto_detect_from_config_dict_and_object():
     assert isinstance(method, AWQMethod) and method.config.group_size == 64
     fp8 = resolve_quantization(None, {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
     assert isinstance(fp8, Fp8CheckpointMethod) and fp8.config.weight_block_size == (128, 128)
-    ct = resolve_quantization(None, {"quantization_config": {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-        "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                                                                     "strategy": "group", "group_size": 32}}}}})
+    ct = resolve_quantization(
+        None,
+        {
+            "quantization_config": {
+                "quant_method": "compressed-tensors",
+                "format": "pack-quantized",
+                "ignore": ["lm_head"],
+                "config_groups": {
+                    "g": {
+                        "targets": ["Linear"],
+                        "weights": {
+                            "num_bits": 4,
+                            "type": "int",
+                            "symmetric": True,
+                            "strategy": "group",
+                            "group_size": 32,
+                        },
+                    }
+                },
+            }
+        },
+    )
     assert isinstance(ct, CompressedTensorsMethod) and ct.skip("lm_head") and not ct.skip("model.layers.0.o_proj")
 
 
@@ -61,8 +91,9 @@ def test_requesting_the_checkpoint_method_is_accepted():
     assert resolve_quantization("gptq:kernel=torch", {"quantization_config": GPTQ}).config.kernel == "torch"
     with pytest.raises(QuantizationError, match="only the kernel= option"):
         resolve_quantization("gptq:g32", {"quantization_config": GPTQ})
-    assert isinstance(resolve_quantization("fp8", {"quantization_config": {"quant_method": "fp8"}}),
-                      Fp8CheckpointMethod)
+    assert isinstance(
+        resolve_quantization("fp8", {"quantization_config": {"quant_method": "fp8"}}), Fp8CheckpointMethod
+    )
 
 
 def test_on_the_fly_requests_and_options():
@@ -117,9 +148,16 @@ def test_errors():
     with pytest.raises(QuantizationError, match="marlin"):
         resolve_quantization(None, {"quantization_config": {**GPTQ, "checkpoint_format": "marlin"}})
     with pytest.raises(QuantizationError, match="nvfp4-pack-quantized"):
-        resolve_quantization(None, {"quantization_config": {
-            "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
-            "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float"}}}}})
+        resolve_quantization(
+            None,
+            {
+                "quantization_config": {
+                    "quant_method": "compressed-tensors",
+                    "format": "nvfp4-pack-quantized",
+                    "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float"}}},
+                }
+            },
+        )
 
 
 def test_check_device(monkeypatch):
@@ -146,7 +184,8 @@ class Tiny(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             nn.ModuleDict({"q_proj": nn.Linear(64, 64, bias=True), "gate": nn.Linear(64, 4, bias=False)})
-            for _ in range(2))
+            for _ in range(2)
+        )
         self.lm_head = nn.Linear(64, 100, bias=False)
 
 
@@ -171,18 +210,31 @@ def test_apply_quantization_judges_fused_linears_by_their_shards():
             self.qkv_proj = nn.Linear(64, 128, bias=False)
 
     class Native(nn.Module):
-        stacked_params = tuple(SimpleNamespace(fused="qkv_proj", shard=s, index=i)
-                               for i, s in enumerate(("q_proj", "k_proj", "v_proj")))
+        stacked_params = tuple(
+            SimpleNamespace(fused="qkv_proj", shard=s, index=i) for i, s in enumerate(("q_proj", "k_proj", "v_proj"))
+        )
 
         def __init__(self) -> None:
             super().__init__()
             self.layers = nn.ModuleList(nn.ModuleDict({"self_attn": Shard()}) for _ in range(2))
 
     def ct(ignore):
-        return resolve_quantization(None, {"quantization_config": {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ignore,
-            "config_groups": {"g": {"targets": ["re:.*(q|k|v)_proj$"],
-                                    "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}}}}})
+        return resolve_quantization(
+            None,
+            {
+                "quantization_config": {
+                    "quant_method": "compressed-tensors",
+                    "format": "pack-quantized",
+                    "ignore": ignore,
+                    "config_groups": {
+                        "g": {
+                            "targets": ["re:.*(q|k|v)_proj$"],
+                            "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32},
+                        }
+                    },
+                }
+            },
+        )
 
     with torch.device("meta"):
         model = Native()

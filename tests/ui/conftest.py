@@ -11,8 +11,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Engine options that keep the tiny model light: a 4 MiB KV cache (512 blocks of 16 tokens).
-LOAD_ARGS = dict(choice="default:tiny-llama", impl="auto", quant="as in checkpoint", dtype="float32", device="cpu",
-                 kv_mb=4, block_size=16, max_batch=16, max_len=0)
+LOAD_ARGS = dict(
+    choice="default:tiny-llama",
+    impl="auto",
+    quant="as in checkpoint",
+    dtype="float32",
+    device="cpu",
+    kv_mb=4,
+    block_size=16,
+    max_batch=16,
+    max_len=0,
+)
 
 
 def free_port() -> int:
@@ -52,8 +61,7 @@ def app_url(ui_cache):
     lab = Lab(cache_root=ui_cache, update_s=0.2)
     demo = build_demo(lab).queue(default_concurrency_limit=app_module.QUEUE_CONCURRENCY)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=THEME,
-                css=CSS)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=THEME, css=CSS)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
     lab.session.close()

@@ -80,9 +80,27 @@ def test_stop_a_run(client):
 
 
 def test_compare_two_implementations(client):
-    job = client.submit("default:tiny-llama", "auto", "as in checkpoint", "transformers", "as in checkpoint", "float32",
-                        "cpu", 4, 16, 16, 0, "Hello world\nThe quick brown fox", False, "lines", 1, 16, True, False,
-                        api_name="/compare")
+    job = client.submit(
+        "default:tiny-llama",
+        "auto",
+        "as in checkpoint",
+        "transformers",
+        "as in checkpoint",
+        "float32",
+        "cpu",
+        4,
+        16,
+        16,
+        0,
+        "Hello world\nThe quick brown fox",
+        False,
+        "lines",
+        1,
+        16,
+        True,
+        False,
+        api_name="/compare",
+    )
     outputs = _wait(job, timeout=120)
     status, thr, ttft, mem, batch, table, agree, load_status = outputs[-1]
     assert "agree token for token" in status

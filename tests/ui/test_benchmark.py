@@ -14,9 +14,18 @@ from ui import defaults
 from ui.benchmark import TABLE_HEADERS
 from ui.plots import bench_figure
 
-ARGS = dict(choice=defaults.DEFAULT_CHOICE, dtype="float32", device="cpu", quant="as in checkpoint", max_len=0,
-            trust_remote_code=False, workloads=["throughput", "latency"], systems=list(bench.SYSTEMS),
-            num_requests=3, repeat=1)
+ARGS = dict(
+    choice=defaults.DEFAULT_CHOICE,
+    dtype="float32",
+    device="cpu",
+    quant="as in checkpoint",
+    max_len=0,
+    trust_remote_code=False,
+    workloads=["throughput", "latency"],
+    systems=list(bench.SYSTEMS),
+    num_requests=3,
+    repeat=1,
+)
 
 
 def test_benchmark_runs_every_system_and_reports_ratios(lab):
@@ -26,7 +35,8 @@ def test_benchmark_runs_every_system_and_reports_ratios(lab):
     assert status.startswith("**done**: 8/8 runs") and "cpu flags" in status and "dtype float32" in status
     assert list(table.columns) == TABLE_HEADERS and len(table) == 8
     assert set(zip(table["workload"], table["system"])) == {
-        (w, s) for w in ("throughput", "latency") for s in bench.SYSTEMS}
+        (w, s) for w in ("throughput", "latency") for s in bench.SYSTEMS
+    }
     assert not table["output tok/s"].str.startswith("error").any()
     assert set(table[table["system"] == "hf-generate"]["vs HF generate"]) == {"1.00x"}
     assert (table[table["workload"] == "latency"]["TTFT ms"] != "-").sum() == 3  # generate_batch has no TTFT
@@ -50,9 +60,15 @@ def test_stop_takes_effect_between_runs(lab):
     assert status.startswith("**stopped**") and 1 <= len(table) <= 2
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(workloads=[]), "at least one workload"), (dict(systems=[]), "at least one system"),
-    (dict(num_requests=0), "between 1 and 64"), (dict(repeat=9), "between 1 and 5")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(workloads=[]), "at least one workload"),
+        (dict(systems=[]), "at least one system"),
+        (dict(num_requests=0), "between 1 and 64"),
+        (dict(repeat=9), "between 1 and 5"),
+    ],
+)
 def test_bad_choices_are_refused_before_anything_runs(lab, change, message):
     with pytest.raises(gr.Error, match=message):
         list(lab.benchmark(**dict(ARGS, **change)))
@@ -63,4 +79,6 @@ def test_bench_figure_empty_and_with_bars():
     assert "no runs yet" in bench_figure([]).layout.annotations[0].text
     fig = bench_figure([("throughput", "flab-native", 20.0, "2.00x"), ("throughput", "hf-generate", 10.0, "1.00x")])
     assert [(t.name, list(t.y), list(t.text)) for t in fig.data] == [
-        ("flab-native", [20.0], ["2.00x"]), ("hf-generate", [10.0], ["1.00x"])]
+        ("flab-native", [20.0], ["2.00x"]),
+        ("hf-generate", [10.0], ["1.00x"]),
+    ]

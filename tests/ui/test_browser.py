@@ -11,11 +11,21 @@ import pytest
 
 CHROMIUM = os.environ.get("FLAB_CHROMIUM", "/usr/bin/chromium")
 # Screenshots go to docs/ only when asked (FLAB_UPDATE_SCREENSHOTS=1), so a test run leaves the tree clean.
-DOCS = (Path(__file__).resolve().parents[2] / "docs" if os.environ.get("FLAB_UPDATE_SCREENSHOTS") == "1"
-        else Path(os.environ.get("TMPDIR", "/tmp")) / "flab-screenshots")
+DOCS = (
+    Path(__file__).resolve().parents[2] / "docs"
+    if os.environ.get("FLAB_UPDATE_SCREENSHOTS") == "1"
+    else Path(os.environ.get("TMPDIR", "/tmp")) / "flab-screenshots"
+)
 DOCS.mkdir(parents=True, exist_ok=True)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignore:The copy keyword")
 

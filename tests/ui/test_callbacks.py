@@ -16,8 +16,18 @@ from ui.common import quantization_value
 from ui.errors import to_gr_error
 from ui.session import LoadSpec, Session
 
-GEN = dict(prompt="Once upon a time", use_chat_template=True, mode="copies", copies=3, temperature=0.0, top_p=1.0,
-           top_k=0, max_new=12, seed=0, ignore_eos=True)
+GEN = dict(
+    prompt="Once upon a time",
+    use_chat_template=True,
+    mode="copies",
+    copies=3,
+    temperature=0.0,
+    top_p=1.0,
+    top_k=0,
+    max_new=12,
+    seed=0,
+    ignore_eos=True,
+)
 
 
 def test_default_model_is_built_once_and_labelled(ui_cache):
@@ -89,10 +99,25 @@ def test_stop_aborts_and_frees_kv_blocks(lab):
 
 
 def test_compare_two_implementations(lab):
-    args = dict(choice=defaults.DEFAULT_CHOICE, a_impl="auto", a_quant="as in checkpoint", b_impl="transformers",
-                b_quant="as in checkpoint", dtype="float32", device="cpu", kv_mb=4, block_size=16, max_batch=16,
-                max_len=0, prompt="Hello world\nThe quick brown fox", use_chat_template=False, mode="lines", copies=1,
-                max_new=10, ignore_eos=True)
+    args = dict(
+        choice=defaults.DEFAULT_CHOICE,
+        a_impl="auto",
+        a_quant="as in checkpoint",
+        b_impl="transformers",
+        b_quant="as in checkpoint",
+        dtype="float32",
+        device="cpu",
+        kv_mb=4,
+        block_size=16,
+        max_batch=16,
+        max_len=0,
+        prompt="Hello world\nThe quick brown fox",
+        use_chat_template=False,
+        mode="lines",
+        copies=1,
+        max_new=10,
+        ignore_eos=True,
+    )
     updates = list(lab.compare(**args))
     status, thr, ttft, mem, batch, table, agree, _ = updates[-1]
     assert "agree token for token" in status
@@ -112,14 +137,42 @@ def test_another_users_run_keeps_the_shared_engine(lab):
         with pytest.raises(gr.Error, match="1 run\\(s\\) of other users"):
             lab.load(**dict(LOAD_ARGS, max_batch=8))
         with pytest.raises(gr.Error, match="other users"):
-            list(lab.compare(choice=defaults.DEFAULT_CHOICE, a_impl="auto", a_quant="as in checkpoint",
-                             b_impl="transformers", b_quant="as in checkpoint", dtype="float32", device="cpu",
-                             kv_mb=4, block_size=16, max_batch=16, max_len=0, prompt="Hello", use_chat_template=False,
-                             mode="lines", copies=1, max_new=4, ignore_eos=True))
+            list(
+                lab.compare(
+                    choice=defaults.DEFAULT_CHOICE,
+                    a_impl="auto",
+                    a_quant="as in checkpoint",
+                    b_impl="transformers",
+                    b_quant="as in checkpoint",
+                    dtype="float32",
+                    device="cpu",
+                    kv_mb=4,
+                    block_size=16,
+                    max_batch=16,
+                    max_len=0,
+                    prompt="Hello",
+                    use_chat_template=False,
+                    mode="lines",
+                    copies=1,
+                    max_new=4,
+                    ignore_eos=True,
+                )
+            )
         with pytest.raises(gr.Error, match="other users"):
-            list(lab.benchmark(choice=defaults.DEFAULT_CHOICE, dtype="float32", device="cpu", quant="none", max_len=0,
-                               trust_remote_code=False, workloads=["latency"], systems=["flab-native"],
-                               num_requests=1, repeat=1))
+            list(
+                lab.benchmark(
+                    choice=defaults.DEFAULT_CHOICE,
+                    dtype="float32",
+                    device="cpu",
+                    quant="none",
+                    max_len=0,
+                    trust_remote_code=False,
+                    workloads=["latency"],
+                    systems=["flab-native"],
+                    num_requests=1,
+                    repeat=1,
+                )
+            )
         assert lab.session.current() is engine  # untouched
         lab.load(**LOAD_ARGS)  # the same settings: the loaded engine is reused, nobody's run is disturbed
         assert lab.session.current() is engine
@@ -186,8 +239,19 @@ def test_search_online_and_pick_a_result(ui_cache, monkeypatch):
 
     lab = Lab(cache_root=ui_cache)
     monkeypatch.setattr(lab, "offline", lambda: False)
-    found = hub.SearchResults([hub.HubModel("org/small", downloads=1234, likes=5, params=135_000_000,
-                                            size_bytes=270 * 2**20, gated=False, library="transformers")])
+    found = hub.SearchResults(
+        [
+            hub.HubModel(
+                "org/small",
+                downloads=1234,
+                likes=5,
+                params=135_000_000,
+                size_bytes=270 * 2**20,
+                gated=False,
+                library="transformers",
+            )
+        ]
+    )
     monkeypatch.setattr(hub, "search_models", lambda query, limit=20: found)
     rows = lab.search("small")
     assert rows == [["org/small", "135.0M", "270.0 MiB", "1,234", "5", "", "transformers"]]

@@ -12,11 +12,26 @@ def _stats(n: int, prefill_first: int = 20, batch: int = 4, cuda: int = 0) -> li
     out = []
     for i in range(n):
         prefill = prefill_first if i == 0 else 0
-        out.append(StepStats(
-            step=i, time=10.0 + 0.01 * (i + 1), duration=0.01, batch_size=batch, prefill_tokens=prefill,
-            decode_tokens=0 if i == 0 else batch, sampled_tokens=batch, tokens_per_s=0.0, output_tokens_per_s=0.0,
-            num_running=batch, num_waiting=0, kv_blocks_used=i // 4, kv_blocks_total=64, prefix_hit_blocks=0,
-            preemptions=0, memory=MemorySnapshot(1000, 64 * 100, (i // 4) * 100, 10**8, cuda, 2 * cuda)))
+        out.append(
+            StepStats(
+                step=i,
+                time=10.0 + 0.01 * (i + 1),
+                duration=0.01,
+                batch_size=batch,
+                prefill_tokens=prefill,
+                decode_tokens=0 if i == 0 else batch,
+                sampled_tokens=batch,
+                tokens_per_s=0.0,
+                output_tokens_per_s=0.0,
+                num_running=batch,
+                num_waiting=0,
+                kv_blocks_used=i // 4,
+                kv_blocks_total=64,
+                prefix_hit_blocks=0,
+                preemptions=0,
+                memory=MemorySnapshot(1000, 64 * 100, (i // 4) * 100, 10**8, cuda, 2 * cuda),
+            )
+        )
     return out
 
 
@@ -72,8 +87,15 @@ def test_kv_block_states():
 
 
 def test_kv_cache_figure_grid_and_legend():
-    view = [dict(block=b, owners=[b % 3] if b < 10 else [1, 2] if b < 12 else [], ref_count=1 if b < 10 else
-                 2 if b < 12 else 0, cached=12 <= b < 20) for b in range(100)]
+    view = [
+        dict(
+            block=b,
+            owners=[b % 3] if b < 10 else [1, 2] if b < 12 else [],
+            ref_count=1 if b < 10 else 2 if b < 12 else 0,
+            cached=12 <= b < 20,
+        )
+        for b in range(100)
+    ]
     fig = plots.kv_cache_figure(view)
     heat = fig.data[0]
     cells = [v for row in heat.z for v in row if v is not None]
@@ -93,8 +115,10 @@ def test_kv_cache_figure_groups_blocks_on_large_caches():
 
 
 def test_summary_and_agreement():
-    results = [summary.RequestResult(0, "a", "xy", [1, 2, 3], "length", ttft=0.01, latency=0.05),
-               summary.RequestResult(1, "b", "", [4], "abort", ttft=0.02)]
+    results = [
+        summary.RequestResult(0, "a", "xy", [1, 2, 3], "length", ttft=0.01, latency=0.05),
+        summary.RequestResult(1, "b", "", [4], "abort", ttft=0.02),
+    ]
     s = plots.series_from_stats(_stats(10), 10.0)
     rows = summary.summarize(results, s, wall_s=0.1)
     assert rows["requests"].startswith("2 (1 done, 1 stopped")
@@ -112,8 +136,16 @@ def test_summary_and_agreement():
 
 
 def test_views():
-    info = dict(model="m", implementation="transformers", attention="flab_paged", injected={"attention fn": {"A": 2}},
-                swapped={}, parameters=1234567, weights_bytes=3 * 2**20, kv_cache=dict(num_blocks=8, bytes=2048))
+    info = dict(
+        model="m",
+        implementation="transformers",
+        attention="flab_paged",
+        injected={"attention fn": {"A": 2}},
+        swapped={},
+        parameters=1234567,
+        weights_bytes=3 * 2**20,
+        kv_cache=dict(num_blocks=8, bytes=2048),
+    )
     md = views.describe_markdown(info)
     assert "| **implementation** | transformers |" in md and "| **swapped** | none |" in md
     assert "attention fn: A: 2" in md and "1,234,567 (1.2M)" in md and "3.0 MiB" in md

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -12,6 +13,10 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 CPU_LINEARS = ("auto", "packed", "upcast", "none")  # how 16-bit linears run on CPU (backend/layers)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -41,11 +46,23 @@ class EngineConfig:
     # are not page-faulted in again on every layer; process-wide
     keep_freed_memory: bool = True
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    # run on token ids only (as vLLM's skip_tokenizer_init): no tokenizer is loaded, prompts are token ids and
+    # outputs carry no text; for checkpoint folders that ship no tokenizer
+    skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise EngineError("model must be a Hub id or a local folder path, got an empty value")
+        for name in ("model", "model_impl", "dtype", "device", "attention_backend", "cpu_linear"):
+            if not isinstance(getattr(self, name), str):
+                raise EngineError(f"{name} must be a string, got {getattr(self, name)!r:.60}")
+        if not self.model.strip():
+            raise EngineError("model must be a Hub id, a local folder path or a built-in model name, got ''")
+        if self.quantization is not None and not isinstance(self.quantization, str):
+            raise EngineError(f"quantization must be None or a string such as 'int8', got {self.quantization!r:.60}")
+        if self.revision is not None and not isinstance(self.revision, str):
+            raise EngineError(f"revision must be None or a string, got {self.revision!r:.60}")
+        for name in ("trust_remote_code", "enable_prefix_caching", "keep_freed_memory", "skip_tokenizer_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise EngineError(f"{name} must be True or False, got {getattr(self, name)!r:.60}")
         if self.model_impl not in MODEL_IMPLS:
             raise EngineError(f"model_impl must be one of {MODEL_IMPLS}, got {self.model_impl!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -55,28 +72,31 @@ class EngineConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("device='cuda' was asked for but no CUDA device is available; use device='cpu'")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise EngineError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
+            raise EngineError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.cpu_linear not in CPU_LINEARS:
             raise EngineError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise EngineError(f"{name} must be a positive integer, got {value!r}")
+            if value is None and name in ("num_kv_blocks", "max_model_len"):
+                continue
+            if not _is_int(value) or value <= 0:
+                raise EngineError(f"{name} must be a positive integer, got {value!r:.60}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise EngineError(f"seed must be an integer in [0, 2**63), got {self.seed!r:.60}")
         if self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise EngineError(f"block_size must be a power of two up to 256, got {self.block_size}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
-            raise EngineError("num_kv_blocks must be positive")
-        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
-            raise EngineError("kv_cache_memory_gb must be positive")
-        if self.max_model_len is not None and self.max_model_len <= 0:
-            raise EngineError("max_model_len must be positive")
+        gb = self.kv_cache_memory_gb
+        if gb is not None and not (
+            isinstance(gb, (int, float)) and not isinstance(gb, bool) and math.isfinite(gb) and gb > 0
+        ):
+            raise EngineError(f"kv_cache_memory_gb must be a positive number of GiB, got {gb!r:.60}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise EngineError(f"unknown engine option(s) {unknown}; known options: {sorted(known - {'extra'})}")
+            raise EngineError(f"unknown engine option(s) {unknown}; known options: {sorted(known - {'model'})}")
         return cls(model=model, **kwargs)
 
     @property

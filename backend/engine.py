@@ -1,7 +1,18 @@
-"""Engine: the public API. add_request / step / generate / stream / abort / close.
+"""Engine: the public API. add_request / step / generate / stream / abort / close, and the read-outs
+(stats, step_history, kv_cache_view, describe, reset_prefix_cache) that the app, the server, the benchmarks
+and the notebook use. Nothing outside backend/ reads the engine's parts.
 
-One step is: schedule -> run -> update. A background thread runs steps while several callers stream
-at once (UI, server); without it, `generate` drives the steps itself.
+One step is: schedule -> run -> update. A background thread runs steps while several callers stream at once
+(UI, server); without it, `generate` drives the steps itself.
+
+Failures stay with the request they belong to: a request whose sampling, stop handling or output fails is
+finished with finish_reason "error" (and `error` set) while the rest of its batch goes on; a model forward
+that raises fails the requests of that batch; any other exception in a step fails the requests of that step
+and the engine keeps serving. `generate()` and `stream()` raise `RequestFailedError` for such a request;
+`step()` callers see finish_reason "error" with the error text on the finished delta.
+
+A finished request's state is dropped once its final output is handed over: `generate()` returns it,
+`stream()` yields it, and `step()` returns it as the finished delta (take it from there).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import queue
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,20 +30,23 @@ from typing import Callable
 import psutil
 import torch
 
-from backend.build import LoadedModel, load_model
 from backend.config import EngineConfig
 from backend.detokenizer import Detokenizer
-from backend.errors import KVCacheError, RequestError
+from backend.errors import KVCacheError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_blocks
-from backend.metrics import Metrics, StepStats, memory_snapshot
+from backend.loading.build import LoadedModel, load_model
+from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
 from backend.outputs import RequestOutput, StreamDelta
 from backend.runner import ModelRunner
 from backend.sampling import PromptLogprobs, SamplingParams, TopLogprobs
 from backend.scheduler import Scheduler
 from backend.sequence import Sequence
+from backend.stop import StopMatcher
 
 logger = logging.getLogger(__name__)
+
+LISTENER_POLL_S = 0.5  # how often a waiting stream checks that the engine loop is alive
 
 
 @dataclass
@@ -44,7 +59,9 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     prompt_logprobs: list[float | None] | None = None  # filled as the prefill advances
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
-    detokenizer: Detokenizer | None = None  # seq.text, one new token at a time
+    detokenizer: Detokenizer | None = None  # seq.text, one new token at a time (None: no tokenizer)
+    stops: StopMatcher | None = None
+    final: RequestOutput | None = None  # set when it finishes
 
     def store_prompt_logprobs(self, scored: PromptLogprobs) -> None:
         end = scored.start + len(scored.logprobs)
@@ -60,18 +77,16 @@ def kv_spec_from_config(config, dtype: torch.dtype, block_size: int) -> KVCacheS
     return KVCacheSpec(config.num_hidden_layers, kv_heads, head_dim, dtype, block_size)
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    """Where the first of the stop strings starts in `text` (None: none occurs)."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
 def model_max_len(config) -> int:
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return 4096
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 class Engine:
@@ -119,6 +134,7 @@ class Engine:
             torch.float32 if self.loaded.cpu_upcast else None,
         )
         self.metrics = Metrics()
+        self.vocab_size = self.loaded.hf_config.get_text_config().vocab_size
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
         self._rng = random.Random(cfg.seed)
@@ -126,6 +142,10 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._loop: threading.Thread | None = None
         self._closed = False
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._finished: Counter[str] = Counter()
+        self._description: dict | None = None
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -156,10 +176,36 @@ class Engine:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def _encode(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError("prompt must be a non-empty string")
+    def _encode(self, prompt) -> list[int]:
+        if not isinstance(prompt, str):
+            raise RequestError(f"a prompt must be a string, got {type(prompt).__name__} {prompt!r:.60}")
+        if not prompt:
+            raise RequestError("the prompt is empty: give a non-empty string")
+        if self.tokenizer is None:
+            raise RequestError("this engine was started without a tokenizer: give prompt_token_ids instead of text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"the prompt is not valid Unicode (a lone surrogate at position {e.start})") from None
         return self.tokenizer.encode(prompt)
+
+    def _check_token_ids(self, ids) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
+            raise RequestError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
+        ids = list(ids)
+        if not ids:
+            raise RequestError("the prompt is empty (no tokens)")
+        vocab = self.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            bad = bad[0]
+            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad!r:.40}")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
+                "(prompt plus at least one new token): shorten it"
+            )
+        return ids
 
     def add_request(
         self,
@@ -168,21 +214,12 @@ class Engine:
         prompt_token_ids: list[int] | None = None,
         _listener: queue.Queue | None = None,
     ) -> int:
-        """Queue a request; returns its id. Raises RequestError for bad input (nothing is queued then)."""
-        params = params or SamplingParams()
+        """Queue a request; returns its id. Raises RequestError for bad input (nothing is queued then).
+        Its outputs come back from `step()` (the finished delta carries the whole output)."""
+        params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
-            raise RequestError("params must be a SamplingParams")
-        ids = list(prompt_token_ids) if prompt_token_ids is not None else self._encode(prompt)
-        vocab = self.loaded.hf_config.get_text_config().vocab_size
-        if not ids:
-            raise RequestError("the prompt is empty (no tokens)")
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
-                "(prompt plus at least one new token): shorten it"
-            )
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = self._check_token_ids(prompt_token_ids if prompt_token_ids is not None else self._encode(prompt))
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
         with self._lock:
@@ -191,9 +228,8 @@ class Engine:
             rid = self._next_id
             self._next_id += 1
             seq = Sequence(rid, ids, params, generator)
-            req = _Request(
-                seq, prompt, listener=_listener, detokenizer=Detokenizer(self.tokenizer, params.skip_special_tokens)
-            )
+            detok = Detokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer is not None else None
+            req = _Request(seq, prompt, listener=_listener, detokenizer=detok, stops=StopMatcher(params.stop))
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(ids)
                 req.prompt_top_logprobs = [None] * len(ids) if params.prompt_logprobs else None
@@ -218,31 +254,90 @@ class Engine:
             return self.scheduler.has_work()
 
     def step(self) -> list[StreamDelta]:
+        """Run one engine step; returns a delta for every request that advanced or finished in it."""
         with self._lock:
-            t0 = time.perf_counter()
-            batch = self.scheduler.schedule()
-            if not batch.seqs:
-                return []
-            prefill_tokens = batch.num_prefill_tokens
+            involved: list[Sequence] = list(self.scheduler.running)
             try:
-                out = self.runner.run(batch)
-            except Exception as e:  # a failing forward must not take the engine down
-                logger.exception("model step failed")
-                for seq in list(batch.seqs):
-                    seq.error = f"{type(e).__name__}: {e}"
+                return self._step(involved)
+            except Exception as e:  # outside any one request: fail the step's requests, keep the engine
+                logger.exception("engine step failed")
+                return self._fail(involved, f"engine step failed: {_error_text(e)}")
+
+    def _step(self, involved: list[Sequence]) -> list[StreamDelta]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        involved[:] = batch.seqs
+        if not batch.seqs:
+            return []
+        prefill_tokens = batch.num_prefill_tokens
+        try:
+            out = self.runner.run(batch)
+        except Exception as e:  # a failing forward fails its batch, not the engine
+            logger.exception("model step failed")
+            return self._fail(batch.seqs, f"model step failed: {_error_text(e)}")
+        self.scheduler.update(batch)
+        self._prompt_tokens += prefill_tokens
+        failed: dict[int, StreamDelta] = {}  # requests that failed on their own in this step: final deltas
+        for seq_id, scored in out.prompt_logprobs.items():
+            self._guarded(failed, self._requests[seq_id].seq, self._requests[seq_id].store_prompt_logprobs, scored)
+        sampled = [s for s, flag in zip(batch.seqs, batch.sample) if flag]
+        self._generation_tokens += len(sampled)
+        now = time.perf_counter()
+        for i, seq in enumerate(sampled):
+            if seq.is_finished:  # failed above
+                continue
+            if i in out.errors:
+                failed[seq.seq_id] = self._finish_error(seq, out.errors[i])
+            else:
+                self._guarded(failed, seq, self._append_token, seq, out.token_ids[i], out, i, now)
+        stats = self._record(batch, prefill_tokens, len(sampled), now - t0)
+        deltas = list(failed.values())
+        for seq in sampled:
+            if seq.seq_id not in failed:
+                self._guarded(failed, seq, lambda: deltas.append(self._publish(self._requests[seq.seq_id], stats)))
+                if seq.seq_id in failed:
+                    deltas.append(failed[seq.seq_id])
+        return deltas
+
+    def _guarded(self, failed: dict[int, StreamDelta], seq: Sequence, fn, *args) -> None:
+        """Run one request's own work; an exception fails that request alone (its final delta into `failed`)."""
+        try:
+            fn(*args)
+        except Exception as e:
+            logger.warning("request %d failed: %s", seq.seq_id, _error_text(e))
+            if seq.seq_id in self._requests:
+                failed[seq.seq_id] = self._finish_error(seq, _error_text(e))
+
+    def _finish_error(self, seq: Sequence, message: str) -> StreamDelta:
+        seq.error = message
+        if seq.is_finished:  # it finished, but handing its output over failed: it ends as an error
+            seq.finish_reason = "error"
+        else:
+            self.scheduler.finish(seq, "error")
+        return self._publish(self._requests[seq.seq_id], None)
+
+    def _fail(self, seqs: list[Sequence], message: str) -> list[StreamDelta]:
+        """Fail these requests (freeing their blocks); never raises, so a broken step cannot wedge them."""
+        deltas = []
+        for seq in list(seqs):
+            req = self._requests.get(seq.seq_id)
+            if req is None:
+                continue
+            seq.error = seq.error or message
+            try:
+                if seq.is_finished:
+                    seq.finish_reason = "error"
+                else:
                     self.scheduler.finish(seq, "error")
-                return [self._publish(self._requests[s.seq_id], None) for s in batch.seqs]
-            self.scheduler.update(batch, {})
-            for seq_id, scored in out.prompt_logprobs.items():
-                self._requests[seq_id].store_prompt_logprobs(scored)
-            sampled = [s for s, flag in zip(batch.seqs, batch.sample) if flag]
-            now = time.perf_counter()
-            touched = []
-            for i, seq in enumerate(sampled):
-                self._append_token(seq, out.token_ids[i], out, i, now)
-                touched.append(seq)
-            stats = self._record(batch, prefill_tokens, len(sampled), now - t0)
-            return [self._publish(self._requests[s.seq_id], stats) for s in touched]
+                deltas.append(self._publish(req, None))
+            except Exception:  # last resort: drop it and wake its waiters
+                logger.exception("could not fail request %d cleanly", seq.seq_id)
+                self._requests.pop(seq.seq_id, None)
+                req.final = req.final or self._output(req)
+                req.done.set()
+                if req.listener is not None:
+                    req.listener.put(StreamDelta(seq.seq_id, "", [], True, "error", req.final))
+        return deltas
 
     def _append_token(self, seq: Sequence, token: int, out, row: int, now: float) -> None:
         seq.output_token_ids.append(token)
@@ -252,19 +347,21 @@ class Engine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         p = seq.params
-        detok = self._requests[seq.seq_id].detokenizer
-        seq.text = detok.add(seq.output_token_ids)
+        req = self._requests[seq.seq_id]
+        if req.detokenizer is not None:
+            seq.text = req.detokenizer.add(seq.output_token_ids)
         reason = None
         if (token in self.loaded.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif p.stop and _first_stop(seq.text, p.stop) is not None:
+        elif req.stops and req.stops.found(seq.text):
             reason = "stop"
         if reason is None and (len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            text = detok.finish(seq.output_token_ids)  # exact: one full decode
-            cut = _first_stop(text, p.stop) if p.stop else None
-            seq.text = text if cut is None else text[:cut]
+            if req.detokenizer is not None:
+                text = req.detokenizer.finish(seq.output_token_ids)  # exact: one full decode
+                cut = req.stops.first(text) if req.stops else None
+                seq.text = text if cut is None else text[:cut]
             self.scheduler.finish(seq, reason)
 
     def _record(self, batch, prefill_tokens: int, sampled: int, duration: float) -> StepStats:
@@ -298,26 +395,31 @@ class Engine:
         return stats
 
     def _publish(self, req: _Request, stats: StepStats | None) -> StreamDelta:
-        """Build the delta since the last publish and hand it to the request's listener."""
+        """Build the delta since the last publish and hand it to the request's listener. A finished request
+        is dropped from the engine here: its final output travels in the delta."""
         seq = req.seq
         finished = seq.is_finished
         text = seq.text
         if not finished:  # hold back what may be a partial stop string or a partial character
-            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
-            end = len(text) - hold
+            end = len(text) - (req.stops.hold if req.stops else 0)
             while end > req.emitted_text and text[end - 1] == "\ufffd":
                 end -= 1
             text = text[: max(end, req.emitted_text)]
+        output = self._output(req, text)
         delta = StreamDelta(
             seq.seq_id,
             text[req.emitted_text :],
             seq.output_token_ids[req.emitted_tokens :],
             finished,
             seq.finish_reason,
-            self._output(req, text),
+            output,
             stats,
         )
         req.emitted_text, req.emitted_tokens = len(text), len(seq.output_token_ids)
+        if finished:
+            req.final = output
+            self._finished[seq.finish_reason] += 1
+            self._requests.pop(seq.seq_id, None)
         if req.listener is not None:
             req.listener.put(delta)
         if finished:
@@ -354,11 +456,9 @@ class Engine:
         sampling_params: SamplingParams | list | None = None,
         prompt_token_ids: list[list[int]] | None = None,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        items = [(p, None) for p in prompts] if prompts is not None else [(None, ids) for ids in prompt_token_ids or []]
-        if not items:
-            raise RequestError("give prompts or prompt_token_ids")
+        """Run the prompts to the end; outputs in prompt order. A bad prompt raises RequestError before any
+        runs; a request that fails while running raises RequestFailedError (the others still finish)."""
+        items = self._items(prompts, prompt_token_ids)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
         if len(params) != len(items):
             raise RequestError("sampling_params must be one SamplingParams or one per prompt")
@@ -366,41 +466,89 @@ class Engine:
         try:
             for (prompt, token_ids), p in zip(items, params):
                 ids.append(self.add_request(prompt, p, prompt_token_ids=token_ids))
-        except Exception:
+            with self._lock:
+                reqs = [self._requests[rid] for rid in ids]
+        except BaseException:
             for rid in ids:  # a bad prompt in the list: queue nothing
                 self.abort(rid)
             raise
-        reqs = [self._requests[rid] for rid in ids]
-        if self._loop is not None and self._loop.is_alive():
-            for r in reqs:
-                r.done.wait()
-        else:
-            while not all(r.seq.is_finished for r in reqs):
-                self.step()
-        with self._lock:
-            outputs = [self._output(r) for r in reqs]
+        try:
+            if self._loop is not None and self._loop.is_alive():
+                for r in reqs:
+                    self._wait(r)
+            else:
+                while not all(r.seq.is_finished for r in reqs):
+                    self.step()
+        except BaseException:
             for rid in ids:
-                self._requests.pop(rid, None)
+                self.abort(rid)
+            raise
+        outputs = [r.final for r in reqs]
+        failed = [o for o in outputs if o.finish_reason == "error"]
+        if failed:
+            raise RequestFailedError(
+                f"{len(failed)} of {len(outputs)} requests failed; request {failed[0].request_id}: {failed[0].error}",
+                failed[0].request_id,
+            )
         return outputs
+
+    @staticmethod
+    def _items(prompts, prompt_token_ids) -> list[tuple[str | None, list[int] | None]]:
+        if prompts is not None and prompt_token_ids is not None:
+            raise RequestError("give prompts or prompt_token_ids, not both")
+        if prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if not isinstance(prompts, (list, tuple)):
+                raise RequestError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+            items = [(p, None) for p in prompts]
+        elif prompt_token_ids is not None:
+            if not isinstance(prompt_token_ids, (list, tuple)) or not all(
+                isinstance(ids, (list, tuple)) for ids in prompt_token_ids
+            ):
+                raise RequestError("prompt_token_ids must be a list of token id lists, e.g. [[1, 2, 3]]")
+            items = [(None, ids) for ids in prompt_token_ids]
+        else:
+            items = []
+        if not items:
+            raise RequestError("give prompts or prompt_token_ids")
+        return items
+
+    def _wait(self, req: _Request) -> None:
+        while not req.done.wait(LISTENER_POLL_S):
+            self._check_loop(req)
+
+    def _check_loop(self, req: _Request) -> None:
+        if req.seq.is_finished:
+            return
+        if self._closed or self._loop is None or not self._loop.is_alive():
+            raise RequestFailedError("the engine stopped before this request finished", req.seq.seq_id)
 
     def stream(
         self, prompt: str | None = None, params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None
     ) -> Iterator[StreamDelta]:
-        """Yield deltas as tokens are produced. Leaving the loop early aborts the request."""
+        """Yield deltas as tokens are produced. Leaving the loop early aborts the request. A request that
+        fails while running raises RequestFailedError after its last delta."""
         self.start_background_loop()
         listener: queue.Queue = queue.Queue()
         rid = self.add_request(prompt, params, prompt_token_ids, _listener=listener)
-        finished = False
+        with self._lock:
+            req = self._requests.get(rid)
+        finished = req is None
         try:
             while not finished:
-                delta = listener.get()
+                try:
+                    delta = listener.get(timeout=LISTENER_POLL_S)
+                except queue.Empty:
+                    self._check_loop(req)
+                    continue
                 finished = delta.finished
+                if finished and delta.finish_reason == "error":
+                    raise RequestFailedError(f"request {rid} failed: {delta.output.error}", rid)
                 yield delta
         finally:
             if not finished:
                 self.abort(rid)
-            with self._lock:
-                self._requests.pop(rid, None)
 
     def start_background_loop(self) -> None:
         with self._lock:
@@ -417,11 +565,17 @@ class Engine:
                     self._wake.wait(timeout=1.0)
                 if self._closed:
                     return
-            self.step()
+            try:
+                self.step()  # fails the step's requests itself; this guard keeps the loop for the rest
+            except Exception:  # pragma: no cover - step() handles its own failures
+                logger.exception("engine loop: step raised")
             time.sleep(0)  # let callers take the lock between steps
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._description = self._describe()
             self._closed = True
             for req in list(self._requests.values()):
                 if not req.seq.is_finished:
@@ -435,13 +589,17 @@ class Engine:
         self.runner.model = None
         self.loaded.model = None
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- introspection --------------------------------------------------------------------------
+    # --- read-outs ------------------------------------------------------------------------------
 
     @property
     def weights_bytes(self) -> int:
@@ -449,8 +607,68 @@ class Engine:
             self._weights_bytes = self.loaded.weights_bytes
         return self._weights_bytes
 
+    @property
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one batch-1 decode step reads (for bandwidth figures)."""
+        return self.loaded.decode_weight_bytes
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the engine holds (queued or running); finished ones are dropped."""
+        with self._lock:
+            return len(self._requests)
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot of queues, KV blocks and cumulative counters."""
+        with self._lock:
+            alloc = self.allocator
+            return EngineStats(
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                kv_blocks_total=alloc.num_blocks,
+                kv_blocks_used=alloc.num_used,
+                kv_blocks_cached=alloc.num_cached_free,
+                block_size=alloc.block_size,
+                max_model_len=self.max_model_len,
+                prompt_tokens=self._prompt_tokens,
+                generation_tokens=self._generation_tokens,
+                prefix_queried_blocks=alloc.prefix_queries,
+                prefix_hit_blocks=alloc.prefix_hits,
+                num_preemptions=self.scheduler.num_preemptions,
+                num_steps=self.metrics.total_steps,
+                finished=dict(self._finished),
+                started_at=self.metrics.start,
+                last_step=self.metrics.last(),
+            )
+
+    def step_history(self, since_step: int = -1) -> list[StepStats]:
+        """The recent steps (bounded history) after step number `since_step`."""
+        return self.metrics.history(since_step)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. between benchmark runs); running requests are not affected."""
+        with self._lock:
+            self.allocator.reset_prefix_cache()
+
+    def kv_cache_view(self) -> list[KVBlock]:
+        """One entry per KV block: owners (request ids), reference count, whether it holds a cached prefix."""
+        with self._lock:
+            owners: list[list[int]] = [[] for _ in range(self.allocator.num_blocks)]
+            for seq in self.scheduler.running:
+                for b in seq.block_table:
+                    owners[b].append(seq.seq_id)
+            return [
+                KVBlock(b, owners[b], self.allocator.ref_count[b], self.allocator.block_hash[b] is not None)
+                for b in range(self.allocator.num_blocks)
+            ]
+
     def describe(self) -> dict:
-        """What runs: implementation, injected/swapped modules, model shape, cache geometry (for UI and notebook)."""
+        """What runs: implementation, injected/swapped modules, model shape, cache geometry (for UI and notebook).
+        Still answers after close() (as it was when the engine closed)."""
+        with self._lock:
+            return dict(self._description) if self._description is not None else self._describe()
+
+    def _describe(self) -> dict:
         from backend.models.describe import describe_model
 
         info = describe_model(self.loaded.model)
@@ -478,24 +696,8 @@ class Engine:
         )
         return info
 
-    def kv_cache_view(self) -> list[dict]:
-        """One entry per KV block: owners (request ids), reference count, whether it holds a cached prefix."""
-        with self._lock:
-            owners: list[list[int]] = [[] for _ in range(self.allocator.num_blocks)]
-            for seq in self.scheduler.running:
-                for b in seq.block_table:
-                    owners[b].append(seq.seq_id)
-            return [
-                dict(
-                    block=b,
-                    owners=owners[b],
-                    ref_count=self.allocator.ref_count[b],
-                    cached=self.allocator.block_hash[b] is not None,
-                )
-                for b in range(self.allocator.num_blocks)
-            ]
-
     def check_invariants(self) -> None:
+        """Raise AssertionError if the KV block accounting disagrees with the requests' block tables."""
         with self._lock:
             self.allocator.check_invariants(
                 [s.block_table for s in self.scheduler.running + list(self.scheduler.waiting)]

@@ -1,4 +1,9 @@
-"""Exceptions the engine raises for bad input. All are ValueErrors with a message that says what to do."""
+"""Exceptions the engine raises.
+
+Bad input (a model, a setting, a request) raises an `EngineError`, a ValueError whose message names the value
+and what is allowed. A request that was accepted but failed while it ran raises `RequestFailedError` from
+`generate()` / `stream()` (a RuntimeError: the cause is in the message); other requests are not affected.
+"""
 
 from __future__ import annotations
 
@@ -29,3 +34,12 @@ class RequestError(EngineError):
 
 class KVCacheError(EngineError):
     """The KV cache budget cannot hold what was asked for."""
+
+
+class RequestFailedError(RuntimeError):
+    """An accepted request failed while it ran (its sampling, its stop handling, a model step, or the engine
+    stopping). Only that request failed: the engine keeps serving. `request_id` names it."""
+
+    def __init__(self, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id

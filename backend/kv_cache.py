@@ -34,6 +34,7 @@ class BlockAllocator:
         self.hash_to_block: dict[int, int] = {}
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.prefix_hits = 0  # blocks served from the prefix cache (cumulative)
+        self.prefix_queries = 0  # blocks looked up in the prefix cache (cumulative)
 
     @property
     def num_free(self) -> int:
@@ -70,6 +71,7 @@ class BlockAllocator:
         """Take a reference on the cached blocks of the longest cached prefix of `hashes`."""
         if not self.enable_prefix_caching:
             return []
+        self.prefix_queries += len(hashes)
         blocks = []
         for h in hashes:
             block = self.hash_to_block.get(h)
@@ -81,6 +83,16 @@ class BlockAllocator:
             blocks.append(block)
         self.prefix_hits += len(blocks)
         return blocks
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold a published prefix."""
+        return sum(1 for b in self.free_blocks if self.block_hash[b] is not None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every published prefix (blocks in use keep their content; nothing is freed)."""
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
 
     def register(self, block: int, h: int) -> None:
         """Publish a full, computed block under its prefix hash (first writer wins)."""

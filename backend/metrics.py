@@ -60,6 +60,47 @@ def memory_snapshot(
     return snap
 
 
+@dataclass(frozen=True)
+class KVBlock:
+    """One KV cache block as the app's KV map draws it."""
+
+    block: int
+    owners: list[int]  # ids of the running requests whose block table holds it
+    ref_count: int
+    cached: bool  # holds a full block published to the prefix cache (reusable after it is freed)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine between steps (`Engine.stats()`): queues, KV blocks, cumulative counters."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int  # referenced by a request
+    kv_blocks_cached: int  # free but holding a reusable prefix
+    block_size: int
+    max_model_len: int
+    prompt_tokens: int  # prompt tokens of finished-or-running requests that reached the model (cumulative)
+    generation_tokens: int  # sampled tokens (cumulative)
+    prefix_queried_blocks: int  # full prompt blocks looked up in the prefix cache (cumulative)
+    prefix_hit_blocks: int  # of those, found (cumulative)
+    num_preemptions: int
+    num_steps: int
+    finished: dict[str, int]  # finished requests by finish reason (cumulative)
+    started_at: float  # time.perf_counter() when the engine started: StepStats.time is seconds since then
+    last_step: StepStats | None
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks held by requests (0..1)."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_blocks / self.prefix_queried_blocks if self.prefix_queried_blocks else 0.0
+
+
 class Metrics:
     """A bounded, thread-safe history of StepStats."""
 

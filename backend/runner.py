@@ -39,8 +39,10 @@ class ModelRunner:
         if not rows:
             return SampleOutput([], None, None, prompt_logprobs)
         params = [s.params for s in rows]
-        history = [s.all_token_ids for s in rows] if any(p.repetition_penalty != 1.0 for p in params) else []
-        out = sample(logits, params, [s.generator for s in rows], history)
+        penalized = any(p.penalized for p in params)
+        prompts = [s.prompt_token_ids for s in rows] if penalized else None
+        outputs = [s.output_token_ids for s in rows] if penalized else None
+        out = sample(logits, params, [s.generator for s in rows], prompts, outputs)
         out.prompt_logprobs = prompt_logprobs
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,54 +12,107 @@ from backend.errors import RequestError
 MAX_LOGPROBS = 20
 
 
+MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 1e-5  # below this a temperature is greedy (dividing by it overflows fp32 logits)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _valid_top_n(n) -> bool:
-    return n is None or (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_LOGPROBS)
+    return n is None or (_is_int(n) and 0 <= n <= MAX_LOGPROBS)
 
 
-@dataclass
+def _strings(value, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    for s in value:
+        if not isinstance(s, str) or not s:
+            raise RequestError(f"{name} must be non-empty strings, got {s!r}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"{name} {s!r} is not valid Unicode (a lone surrogate)") from None
+    return tuple(value)
+
+
+def _token_ids(value, name: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in value):
+        raise RequestError(f"{name} must be a list of non-negative integers, got {value!r:.80}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
+    """How one request samples and stops. Validated when built and frozen afterwards (`dataclasses.replace`
+    builds a changed, validated copy). Every bad value raises RequestError naming the value."""
+
     max_new_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy; below MIN_TEMPERATURE counts as greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # transformers' semantics: over prompt and generated tokens
+    presence_penalty: float = 0.0  # OpenAI's: minus this from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often the token was generated so far
     seed: int | None = None  # same seed, same output (independent of the rest of the batch)
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None = no logprobs; 0 = chosen token only; n = also the top-n
     prompt_logprobs: int | None = None  # None = off; 0 = each prompt token given its prefix; n = also the top-n
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        set_ = object.__setattr__
+        set_(self, "stop", _strings(self.stop, "stop"))
+        set_(self, "stop_token_ids", _token_ids(self.stop_token_ids, "stop_token_ids"))
         checks = [
+            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (_is_real(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0 (0 = greedy)"),
+            (_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be a number in (0, 1]"),
+            (_is_real(self.min_p) and 0 <= self.min_p < 1, "min_p must be a number in [0, 1)"),
             (
-                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-                "max_new_tokens must be an integer >= 1",
+                _is_real(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100,
+                "repetition_penalty must be a number in [0.01, 100] (1 = off)",
             ),
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (
+                _is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                "presence_penalty must be in [-2, 2]",
+            ),
+            (
+                _is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                "frequency_penalty must be in [-2, 2]",
+            ),
+            (
+                self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED),
+                "seed must be None or an integer in [0, 2**63)",
+            ),
+            (isinstance(self.ignore_eos, bool), "ignore_eos must be True or False"),
+            (isinstance(self.skip_special_tokens, bool), "skip_special_tokens must be True or False"),
             (_valid_top_n(self.logprobs), "logprobs must be None or an integer 0..20"),
             (_valid_top_n(self.prompt_logprobs), "prompt_logprobs must be None or an integer 0..20"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (
-                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-                "stop_token_ids must be non-negative ints",
-            ),
         ]
         for ok, message in checks:
             if not ok:
-                raise RequestError(message)
+                field_name = message.split()[0]
+                raise RequestError(f"{message}, got {getattr(self, field_name)!r:.80}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
@@ -79,6 +133,7 @@ class SampleOutput:
     logprobs: list[float] | None  # logprob of each chosen token (None when no row asked)
     top_logprobs: list[TopLogprobs | None] | None
     prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # by seq_id
+    errors: dict[int, str] = field(default_factory=dict)  # by row: that row's request failed (the cause)
 
 
 def _top(logprobs: torch.Tensor, n: int) -> list[TopLogprobs]:  # (N, V) -> N lists of n (id, logprob)
@@ -95,14 +150,31 @@ def score_prompt(logits: torch.Tensor, targets: list[int], start: int, top_n: in
     return PromptLogprobs(start, chosen, _top(logprobs, top_n) if top_n else None)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalties: list[float]) -> torch.Tensor:
-    for row, (tokens, penalty) in enumerate(zip(history, penalties)):
-        if penalty == 1.0 or not tokens:
-            continue
-        idx = torch.tensor(tokens, device=logits.device, dtype=torch.long)
-        scores = logits[row, idx]
-        logits[row, idx] = torch.where(scores > 0, scores / penalty, scores * penalty)
+def _apply_penalties(
+    logits: torch.Tensor,  # (B, V), changed in place
+    params: list[SamplingParams],
+    prompts: list[list[int]],
+    outputs: list[list[int]],
+) -> torch.Tensor:
+    for row, (p, prompt, output) in enumerate(zip(params, prompts, outputs)):
+        if p.repetition_penalty != 1.0 and (prompt or output):
+            idx = torch.tensor(prompt + output, device=logits.device, dtype=torch.long)
+            scores = logits[row, idx]
+            logits[row, idx] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and output:
+            ids, counts = torch.tensor(output, device=logits.device, dtype=torch.long).unique(return_counts=True)
+            logits[row, ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
     return logits
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from one row of (penalized) logits (V,). Numerically safe for every valid SamplingParams:
+    where the scaled distribution is not finite (an extreme temperature or penalty), the row is greedy."""
+    scaled = _filter(logits / p.temperature, p)
+    probs = torch.softmax(scaled, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
 def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:  # (V,) -> (V,) with -inf where cut
@@ -124,23 +196,28 @@ def sample(
     logits: torch.Tensor,  # (B, V) float
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    history: list[list[int]],  # prompt + generated tokens per row (for repetition penalty)
+    prompts: list[list[int]] | None = None,  # per row, for the penalties (None when no row is penalized)
+    outputs: list[list[int]] | None = None,
 ) -> SampleOutput:
+    """One token per row. A row whose sampling raises gets an entry in `errors` (by row) instead of failing
+    the batch: the engine fails that request alone."""
     logits = logits.float()
+    errors: dict[int, str] = {}
     want_logprobs = any(p.logprobs is not None for p in params)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    if any(p.repetition_penalty != 1.0 for p in params):
-        logits = _apply_repetition_penalty(logits.clone(), history, [p.repetition_penalty for p in params])
+    if any(p.penalized for p in params):
+        logits = _apply_penalties(logits.clone(), params, prompts, outputs)
     chosen = logits.max(dim=-1).indices  # (B,) first maximum, like argmax (3x faster on CPU at 16 x 49152)
     for row, p in enumerate(params):
         if p.greedy:
             continue
-        row_logits = _filter(logits[row] / p.temperature, p)
-        probs = torch.softmax(row_logits, dim=-1)
-        chosen[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
+        try:
+            chosen[row] = _sample_row(logits[row], p, generators[row])
+        except Exception as e:  # this row's request fails alone
+            errors[row] = f"sampling failed: {type(e).__name__}: {e}"
     token_ids = chosen.tolist()
     if raw_logprobs is None:
-        return SampleOutput(token_ids, None, None)
+        return SampleOutput(token_ids, None, None, errors=errors)
     chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
     tops = [_top(raw_logprobs[row : row + 1], p.logprobs)[0] if p.logprobs else None for row, p in enumerate(params)]
-    return SampleOutput(token_ids, chosen_lp, tops)
+    return SampleOutput(token_ids, chosen_lp, tops, errors=errors)

@@ -127,12 +127,9 @@ class Scheduler:
 
     # --- after the forward pass ---------------------------------------------------------------
 
-    def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
-        """Advance computed counts, publish newly full blocks to the prefix cache.
-
-        `sampled` maps seq_id -> token for the sequences that sampled; the engine appends tokens and
-        decides on finishing (it owns detokenization and stop strings) through `finish`.
-        """
+    def update(self, batch: ScheduledBatch) -> None:
+        """Advance computed counts, publish newly full blocks to the prefix cache. (The engine appends the
+        sampled tokens and decides on finishing, since it owns detokenization and stop strings, via `finish`.)"""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.status is not SeqStatus.RUNNING:
                 continue

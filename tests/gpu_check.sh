@@ -34,7 +34,7 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --
 stage tests 300 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/ui --timeout=120
 stage kernels 120 python3 -m kernels.bench --json "$OUT/kernels.json"
 for model in llama-3.2-1b qwen3-0.6b; do
-  stage bench 240 python3 -m backend.bench --model "tiny:$model" --device cuda --num-requests 64 \
+  stage bench 240 python3 -m backend.tools.bench --model "tiny:$model" --device cuda --num-requests 64 \
     --workloads throughput latency shared_prefix --json "$OUT/bench_$model.json"
   [[ -f "$OUT/bench.log" ]] && mv "$OUT/bench.log" "$OUT/bench_$model.log"
 done

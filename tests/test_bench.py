@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from backend import bench
+from backend.tools import bench
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_benchmark_shapes_are_the_real_models(arch, params):
     from transformers import AutoModelForCausalLM
 
     from backend.models import build_model
-    from backend.tiny_models import build_tokenizer, tiny_config
+    from backend.tools.tiny_models import build_tokenizer, tiny_config
 
     config = tiny_config(arch, build_tokenizer())
     with torch.device("meta"):

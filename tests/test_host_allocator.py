@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from backend import Engine
-from backend.bench import peak_rss, reset_peak_rss
 from backend.host_allocator import MMAP_THRESHOLD, keep_freed_memory, release_freed_memory
+from backend.tools.bench import peak_rss, reset_peak_rss
 
 glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 

@@ -1,4 +1,4 @@
-"""backend.hub: local folders, Hub downloads (mocked at huggingface_hub's functions), errors, search,
+"""backend.loading.hub: local folders, Hub downloads (mocked at huggingface_hub's functions), errors, search,
 cache listing, memory estimates. No network: huggingface_hub is monkeypatched at its public functions."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from huggingface_hub.utils._safetensors import SafetensorsFileMetadata, Safetens
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from backend import hub
 from backend.errors import GatedModelError, ModelNotFoundError, QuantizationError, UnsupportedModelError
-from backend.hub_memory import TensorMeta, compute_estimate
+from backend.loading import hub, memory
+from backend.loading.memory import TensorMeta, compute_estimate
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 V, H, FF, L, NH, NKV = 64, 32, 48, 2, 4, 2  # tiny Llama: vocab, hidden, intermediate, layers, heads, kv heads
@@ -134,7 +134,7 @@ def test_gguf_file_and_gguf_folder_are_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="GGUF is not supported"):
         hub.resolve_model(str(tmp_path))  # a folder with GGUF only
     with pytest.raises(UnsupportedModelError, match="GGUF is not supported"):
-        hub.estimate_memory(str(tmp_path))
+        memory.estimate_memory(str(tmp_path))
 
 
 def test_local_folder_with_bin_weights_only(tmp_path):
@@ -275,7 +275,7 @@ def test_offline_cached_snapshot_with_the_real_library(tmp_path, hub_cache, offl
         (snapshot / name).write_bytes(data)
     assert hub.resolve_model("org/model") == snapshot
     assert hub.list_cached_models() == ["org/model"]
-    assert hub.estimate_memory("org/model").weight_bytes == 4 * sum(t.numel() for t in llama_tensors().values())
+    assert memory.estimate_memory("org/model").weight_bytes == 4 * sum(t.numel() for t in llama_tensors().values())
 
 
 @pytest.mark.parametrize(
@@ -413,7 +413,7 @@ def test_is_offline_probe_is_cached_per_instance(online):
 
 
 def test_default_probe_against_local_servers():
-    from backend.hub_common import probe_endpoint
+    from backend.loading.hub_common import probe_endpoint
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -526,13 +526,15 @@ def test_cached_models_lists_loadable_model_repos(tmp_path, hub_cache):
 def test_estimate_local_auto_is_the_exact_tensor_bytes(tmp_path):
     folder = make_model_dir(tmp_path / "m", dtype=torch.bfloat16, torch_dtype="bfloat16")
     tensors = llama_tensors(torch.bfloat16)
-    est = hub.estimate_memory(str(folder), context_len=100, num_seqs=3)
+    est = memory.estimate_memory(str(folder), context_len=100, num_seqs=3)
     assert est.weight_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
     assert est.params == sum(t.numel() for t in tensors.values())
     assert est.kv_cache_bytes == 2 * L * NKV * (H // NH) * 100 * 3 * 2  # bf16 KV
     assert est.total_bytes == est.weight_bytes + est.kv_cache_bytes
     assert est.dtype == "auto (BF16)" and "KV cache" in est.human and str(est) == est.human
-    assert hub.estimate_memory(str(folder), context_len=100, kv_dtype_bytes=1).kv_cache_bytes == L * NKV * 8 * 100 * 2
+    assert (
+        memory.estimate_memory(str(folder), context_len=100, kv_dtype_bytes=1).kv_cache_bytes == L * NKV * 8 * 100 * 2
+    )
 
 
 def test_estimate_scales_with_dtype_and_quantization(tmp_path):
@@ -543,22 +545,22 @@ def test_estimate_scales_with_dtype_and_quantization(tmp_path):
     lin_params = sum(v.numel() for v in linears.values())
     rows = sum(v.shape[0] for v in linears.values())
 
-    auto = hub.estimate_memory(str(folder))
-    half = hub.estimate_memory(str(folder), dtype="float16")
+    auto = memory.estimate_memory(str(folder))
+    half = memory.estimate_memory(str(folder), dtype="float16")
     assert auto.weight_bytes == 4 * (rest + lin_params) and half.weight_bytes == auto.weight_bytes // 2
-    int8 = hub.estimate_memory(str(folder), dtype="bfloat16", quantization="int8")
+    int8 = memory.estimate_memory(str(folder), dtype="bfloat16", quantization="int8")
     assert int8.weight_bytes == 2 * rest + lin_params + 2 * rows  # 1 byte/param + a bf16 scale per row
-    int4 = hub.estimate_memory(str(folder), dtype="bfloat16", quantization="int4")
+    int4 = memory.estimate_memory(str(folder), dtype="bfloat16", quantization="int4")
     # group size: 32 when in_features = 32; in_features = 48 has no divisor in 256/128/64/32 -> one group per row
     assert int4.weight_bytes == 2 * rest + lin_params // 2 + 2 * 2 * rows  # scales + zero points, bf16
-    fp8 = hub.estimate_memory(str(folder), dtype="bfloat16", quantization="fp8")
+    fp8 = memory.estimate_memory(str(folder), dtype="bfloat16", quantization="fp8")
     assert fp8.weight_bytes == 2 * rest + lin_params + 4 * rows
     assert int4.weight_bytes < int8.weight_bytes < half.weight_bytes < auto.weight_bytes
     assert int8.kv_cache_bytes == half.kv_cache_bytes == auto.kv_cache_bytes // 2  # float32 config -> KV at fp32
     with pytest.raises(QuantizationError):
-        hub.estimate_memory(str(folder), quantization="int3")
+        memory.estimate_memory(str(folder), quantization="int3")
     with pytest.raises(ValueError, match="unknown dtype"):
-        hub.estimate_memory(str(folder), dtype="float64")
+        memory.estimate_memory(str(folder), dtype="float64")
 
 
 def test_estimate_int4_at_scale_is_near_half_a_byte_per_param():
@@ -624,7 +626,7 @@ def test_estimate_hub_id_reads_headers_and_config_only(tmp_path, online, monkeyp
     monkeypatch.setattr(hf.HfApi, "get_safetensors_metadata", lambda self, repo_id, **kw: meta)
     monkeypatch.setattr(hf, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(hf, "snapshot_download", lambda *a, **k: pytest.fail("must not download weights"))
-    est = hub.estimate_memory("org/model", context_len=64)
+    est = memory.estimate_memory("org/model", context_len=64)
     assert downloads == ["config.json"]
     assert est.weight_bytes == 2 * sum(v.numel() for v in llama_tensors().values())
     assert est.kv_cache_bytes == 2 * L * NKV * 8 * 64 * 2
@@ -636,10 +638,10 @@ def test_estimate_gated_hub_id(online, monkeypatch):
 
     monkeypatch.setattr(hf.HfApi, "get_safetensors_metadata", gated)
     with pytest.raises(GatedModelError, match="accept the terms"):
-        hub.estimate_memory("org/model")
+        memory.estimate_memory("org/model")
 
 
 def test_format_bytes():
-    assert hub.format_bytes(0) == "0 B" and hub.format_bytes(1023) == "1023 B"
-    assert hub.format_bytes(1536) == "1.50 KiB" and hub.format_bytes(3 * 2**30) == "3.00 GiB"
-    assert hub.format_bytes(40 * 2**30) == "40.0 GiB" and hub.format_bytes(-2048) == "-2.00 KiB"
+    assert memory.format_bytes(0) == "0 B" and memory.format_bytes(1023) == "1023 B"
+    assert memory.format_bytes(1536) == "1.50 KiB" and memory.format_bytes(3 * 2**30) == "3.00 GiB"
+    assert memory.format_bytes(40 * 2**30) == "40.0 GiB" and memory.format_bytes(-2048) == "-2.00 KiB"

@@ -1,4 +1,4 @@
-"""backend.hub against huggingface_hub's real download/search code and a local fake of the Hub's HTTP API
+"""backend.loading.hub against huggingface_hub's real download/search code and a local fake of the Hub's HTTP API
 (repo info, tree listing, resolve HEAD/GET, model search). Checks the parts a mock cannot: that our
 tqdm_class fits what snapshot_download 2.x creates, the two-step fetch, the cache, offline reuse."""
 
@@ -16,8 +16,8 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from backend import hub
 from backend.errors import GatedModelError, ModelNotFoundError, UnsupportedModelError
+from backend.loading import hub, memory
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -180,7 +180,7 @@ def test_download_with_progress_then_offline_from_cache(fake_hub, monkeypatch):
     before = len(fake_hub.requests)
     assert hub.resolve_model("org/tiny") == folder
     assert len(fake_hub.requests) == before  # nothing asked of the Hub
-    est = hub.estimate_memory("org/tiny", context_len=8)  # offline: from the cached snapshot's headers
+    est = memory.estimate_memory("org/tiny", context_len=8)  # offline: from the cached snapshot's headers
     assert est.weight_bytes == 2 * 64 * 32 * 4 and est.kv_cache_bytes == 2 * 1 * 2 * 8 * 8 * 4
     with pytest.raises(ModelNotFoundError, match="offline mode is on"):
         hub.resolve_model("org/other")
@@ -216,7 +216,7 @@ def test_hub_unreachable_without_offline_mode_uses_the_cache(fake_hub, monkeypat
     folder = hub.resolve_model("org/tiny")
     fake_hub.close()  # the Hub goes away; HF_HUB_OFFLINE stays unset
     assert hub.resolve_model("org/tiny") == folder
-    assert hub.estimate_memory("org/tiny", context_len=8).weight_bytes == 2 * 64 * 32 * 4
+    assert memory.estimate_memory("org/tiny", context_len=8).weight_bytes == 2 * 64 * 32 * 4
     with pytest.raises(ModelNotFoundError, match=r"the Hub cannot be reached .*`hf download org/other`"):
         hub.resolve_model("org/other")
     assert hub.search_models("tiny") == [] and hub.search_models("tiny").offline

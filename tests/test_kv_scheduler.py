@@ -42,7 +42,7 @@ def _run_steps(sched: Scheduler, ops: list[tuple[str, int]], seqs: list[Sequence
             sched.finish(live[arg % len(live)], "abort")
         elif op == "step":
             batch = sched.schedule()
-            sched.update(batch, {})
+            sched.update(batch)
             for seq, sample in zip(batch.seqs, batch.sample):
                 if sample and not seq.is_finished:
                     seq.output_token_ids.append(arg % 7)  # a fake sampled token

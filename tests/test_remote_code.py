@@ -4,7 +4,7 @@ import pytest
 
 from backend import Engine, SamplingParams
 from backend.errors import UnsupportedModelError
-from backend.tiny_models import build_remote_code_model
+from backend.tools.tiny_models import build_remote_code_model
 from tests.helpers import PROMPTS, hf_greedy
 
 

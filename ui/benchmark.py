@@ -1,7 +1,7 @@
-"""The Benchmark tab: `python -m backend.bench` run from the app.
+"""The Benchmark tab: `python -m backend.tools.bench` run from the app.
 
 Our engine (native and transformers) against transformers' own `generate()` and `generate_batch()` on the
-same seeded prompts, reported as ratios. The workloads, runners and table rows are backend/bench.py's, so
+same seeded prompts, reported as ratios. The workloads, runners and table rows are backend/tools/bench.py's, so
 the app shows the numbers the CLI prints. The runs happen in a worker thread, one system at a time; the
 table and the bar chart update as each run finishes and Stop takes effect between runs.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from backend import bench
+from backend.tools import bench
 from ui.plots import bench_figure
 
 WORKLOAD_CHOICES = [

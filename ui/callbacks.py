@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from backend.loading.memory import estimate_memory
 from ui import benchmark, compare, defaults, views
 from ui.common import (
     LOAD_WAIT_S,
@@ -103,7 +104,7 @@ class Lab:
         try:
             name = defaults.resolve_choice(choice, self.cache_root)
             context = max_len_value(max_len) or 4096
-            est = hub_module().estimate_memory(
+            est = estimate_memory(
                 name,
                 dtype=dtype or "auto",
                 quantization=quantization_value(quant),
@@ -112,7 +113,7 @@ class Lab:
             )
         except Exception as e:  # an estimate is advisory: say why there is none
             return f"_No memory estimate for {choice}: {e}_"
-        return views.estimate_markdown(est, kv_mb, fmt=hub_module().format_bytes)
+        return views.estimate_markdown(est, kv_mb)
 
     # --- load -----------------------------------------------------------------------------------
 
@@ -295,7 +296,8 @@ class Lab:
     def _generate_views(self, engine, results, series: Series, finished: bool, stopped: bool, wall_s: float, kv):
         kv_used = kv_total = None
         if finished:
-            kv_used, kv_total = engine.allocator.num_used, engine.allocator.num_blocks
+            stats = engine.stats()
+            kv_used, kv_total = stats.kv_blocks_used, stats.kv_blocks_total
         status = views.run_status_markdown(results, len(series), finished, stopped, kv_used, kv_total)
         runs = {"run": thin(series)}
         table = summary_table({"value": summarize(results, series, wall_s)})
@@ -407,9 +409,9 @@ class Lab:
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
-        """backend/bench.py from the app (ui/benchmark.py). The lab's engine is closed first: every system
+        """backend/tools/bench.py from the app (ui/benchmark.py). The lab's engine is closed first: every system
         loads the model itself. Yields (status, bar figure, results table, JSON file, load status)."""
-        from backend.bench import BenchOptions, prepare
+        from backend.tools.bench import BenchOptions, prepare
 
         n, reps = benchmark.validate(workloads, systems, num_requests, repeat)
         key = session_key(request)

@@ -41,7 +41,7 @@ def session_key(request: gr.Request | None) -> str:
 
 
 def hub_module():
-    from backend import hub
+    from backend.loading import hub
 
     return hub
 
@@ -70,29 +70,8 @@ def progress_adapter(progress):
 def describe(engine) -> dict:
     try:
         return engine.describe()
-    except Exception as e:  # the view must not fail a load: show what the engine object itself knows
-        info = dict(model=engine.config.model, implementation=engine.model_impl, describe_error=str(e))
-        for key, get in (
-            ("dtype", lambda: str(engine.loaded.dtype).removeprefix("torch.")),
-            ("device", lambda: str(engine.device)),
-            ("quantization", lambda: engine.loaded.quantization),
-            ("attention_backend", lambda: engine.attention_backend),
-            ("weights_bytes", lambda: engine.weights_bytes),
-            (
-                "kv_cache",
-                lambda: dict(
-                    num_blocks=engine.kv_cache.num_blocks,
-                    block_size=engine.kv_cache.spec.block_size,
-                    bytes=engine.kv_cache.nbytes,
-                    max_model_len=engine.max_model_len,
-                ),
-            ),
-        ):
-            try:
-                info[key] = get()
-            except Exception:
-                pass
-        return info
+    except Exception as e:  # the view must not fail a load: say what went wrong instead
+        return dict(model=engine.config.model, implementation=engine.model_impl, describe_error=str(e))
 
 
 def thin(series: Series, max_points: int = 1500) -> Series:

@@ -39,7 +39,7 @@ def ensure_default_model(root: str | Path | None = None) -> Path:
     with _lock:
         if all((target / name).exists() for name in _REQUIRED):
             return target
-        from backend.tiny_models import build_tiny_model
+        from backend.tools.tiny_models import build_tiny_model
 
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))

@@ -170,7 +170,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         gr.Markdown(
                             "Our engine against transformers' own `generate()` (padded batch) and "
                             "`generate_batch()` (its continuous batching) on the same seeded prompts, in one "
-                            "run, as ratios: the harness of `python -m backend.bench`. Each system loads the "
+                            "run, as ratios: the harness of `python -m backend.tools.bench`. Each system loads the "
                             "model itself, so the engine loaded in the lab is closed first. Model, dtype, "
                             "device, max context and quantization come from the left panel; quantization "
                             "applies to our engine only."

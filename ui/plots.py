@@ -269,11 +269,11 @@ KV_STATE_NAMES = {
 MAX_CELLS = 4096
 
 
-def kv_block_state(entry: dict) -> int:
+def kv_block_state(entry) -> int:
     """Category of one kv_cache_view() entry (see KV_* constants); owners map to KV_OWNER0 + owner % 10."""
-    ref, owners = entry.get("ref_count", 0), entry.get("owners") or []
+    ref, owners = entry.ref_count, entry.owners
     if ref <= 0:
-        return KV_CACHED if entry.get("cached") else KV_FREE
+        return KV_CACHED if entry.cached else KV_FREE
     if ref > 1 or len(owners) > 1:
         return KV_SHARED
     if not owners:
@@ -295,7 +295,7 @@ def kv_grid_shape(num_cells: int) -> tuple[int, int]:
     return max(1, math.ceil(num_cells / cols)), cols
 
 
-def kv_cache_figure(view: list[dict], title: str = "KV cache blocks") -> go.Figure:
+def kv_cache_figure(view: list, title: str = "KV cache blocks") -> go.Figure:
     """A grid with one cell per block (or per group of blocks on large caches): who owns it, shared, cached."""
     n = len(view)
     group = max(1, math.ceil(n / MAX_CELLS))
@@ -311,14 +311,14 @@ def kv_cache_figure(view: list[dict], title: str = "KV cache blocks") -> go.Figu
         for st in states:
             counts[st if st < KV_OWNER0 else "owned"] += 1
         state = max(states, key=lambda s: (s >= KV_OWNER0, s == KV_SHARED, s == KV_ORPHAN, s == KV_CACHED))
-        owners = sorted({o for e in chunk for o in e.get("owners") or []})
+        owners = sorted({o for e in chunk for o in e.owners})
         row, col = divmod(c, cols)
         z[row][col] = state + 0.5  # cell centre of its colour band
-        first, last = chunk[0]["block"], chunk[-1]["block"]
+        first, last = chunk[0].block, chunk[-1].block
         where = f"block {first}" if group == 1 else f"blocks {first}–{last}"
         who = ("requests " + ", ".join(map(str, owners))) if owners else KV_STATE_NAMES.get(state, "")
-        refs = max(e.get("ref_count", 0) for e in chunk)
-        cached = "<br>cached prefix" if any(e.get("cached") for e in chunk) else ""
+        refs = max(e.ref_count for e in chunk)
+        cached = "<br>cached prefix" if any(e.cached for e in chunk) else ""
         text[row][col] = f"{where}<br>{who}<br>ref_count {refs}{cached}"
         label[row][col] = ",".join(map(str, owners[:2])) if owners and cells <= 512 else ""
     fig = go.Figure(

@@ -45,7 +45,7 @@ class Workload:
         self._ids = [build_prompt_ids(engine.tokenizer, p, use_chat_template) for p in prompts]
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self.since_step = engine.metrics.total_steps - 1
+        self.since_step = engine.stats().num_steps - 1
         self.t0 = 0.0
         self.start_time = 0.0
         self.end_time: float | None = None
@@ -53,7 +53,7 @@ class Workload:
     def start(self) -> "Workload":
         self.engine.start_background_loop()
         self.start_time = time.perf_counter()
-        self.t0 = self.start_time - self.engine.metrics.start  # the run's start on the engine's clock
+        self.t0 = self.start_time - self.engine.stats().started_at  # the run's start on the engine's clock
         for i in range(len(self.results)):
             t = threading.Thread(target=self._consume, args=(i,), name=f"ui-request-{i}", daemon=True)
             self._threads.append(t)
@@ -113,4 +113,4 @@ class Workload:
     def snapshot(self) -> tuple[list[RequestResult], Series]:
         with self._lock:
             results = [RequestResult(**vars(r)) for r in self.results]
-        return results, series_from_stats(self.engine.metrics.history(self.since_step), self.t0)
+        return results, series_from_stats(self.engine.step_history(self.since_step), self.t0)

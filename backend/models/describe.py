@@ -116,7 +116,7 @@ def describe_model(model: nn.Module) -> dict:
         if count:
             info["swapped"][f"{cls} ({what})"] = count
     packed_experts = sum(getattr(m, "flab_packed", None) is not None for m in model.modules())
-    if packed_experts:  # backend/models/moe.py (native), backend/layers/packed_experts.py (transformers)
+    if packed_experts:  # backend/models/moe.py (native), backend/layers/cpu/packed_experts.py (transformers)
         info["swapped"]["MoE experts (oneDNN prepacked per expert)"] = packed_experts
     info["quantized_linears"] = sum(quantized.values())
     info["parameters"] = _count_parameters(model)

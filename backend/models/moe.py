@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from backend.layers.activation import act_and_mul
-from backend.layers.packed import can_pack, pack_stacked, packed_linear
+from backend.layers.cpu.packed import can_pack, pack_stacked, packed_linear
 from backend.models.llama import MLP, LlamaForCausalLM
 from backend.models.options import ModelOptions, options_from_config, uniform_windows
 from backend.models.weights import Region

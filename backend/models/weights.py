@@ -24,7 +24,7 @@ from torch import nn
 
 from backend.errors import UnsupportedModelError
 from backend.layers.rotary import RotaryEmbedding
-from backend.loader import iter_checkpoint, set_tensor
+from backend.loading.checkpoint import iter_checkpoint, set_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from torch import nn
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from backend import Engine, SamplingParams
-from backend.build import choose_cpu_linear
 from backend.errors import EngineError
-from backend.layers.packed import PackedLinear, pack_linears, packing_available
-from backend.layers.packed_experts import EXPERTS_NAME, pack_hf_experts, packed_experts_forward
-from backend.layers.siblings import SiblingLinear, fuse_siblings
-from backend.layers.upcast import MAX_HALF_ROWS, UpcastLinear, half_linears, upcast_linears
-from backend.tiny_models import build_tiny_model
+from backend.layers.cpu.packed import PackedLinear, pack_linears, packing_available
+from backend.layers.cpu.packed_experts import EXPERTS_NAME, pack_hf_experts, packed_experts_forward
+from backend.layers.cpu.siblings import SiblingLinear, fuse_siblings
+from backend.layers.cpu.upcast import MAX_HALF_ROWS, UpcastLinear, half_linears, upcast_linears
+from backend.loading.build import choose_cpu_linear
+from backend.tools.tiny_models import build_tiny_model
 
 
 def _linear(bias: bool) -> nn.Linear:
@@ -118,7 +118,7 @@ def test_packing_keeps_a_tied_weight_shared():
 def test_packing_is_checked_per_dtype(monkeypatch):
     """A CPU that packs bf16 but not fp16 (AVX512-BF16 without AVX512-FP16): an fp16 model takes the fp32 copies in
     auto mode, and asking for 'packed' says why it cannot."""
-    import backend.build as build
+    import backend.loading.build as build
 
     monkeypatch.setattr(build, "packing_available", lambda dtype=torch.bfloat16: dtype == torch.bfloat16)
     monkeypatch.setattr(build, "cpu_has_fast_half_matmul", lambda: True)

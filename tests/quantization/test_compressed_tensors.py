@@ -10,7 +10,7 @@ import torch
 
 from backend.quantization import resolve_quantization
 from backend.quantization.compressed_tensors import CTFp8Linear, CTIntLinear
-from backend.quantization.export import compressed_tensors_tensors, quantize_int
+from backend.tools.export_quantized import compressed_tensors_tensors, quantize_int
 from tests.quantization.common import build, check_forward, fused_equals_separate, load
 
 ct = pytest.importorskip("compressed_tensors")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backend.quantization import resolve_quantization
-from backend.quantization.export import linear_tensors
+from backend.tools.export_quantized import linear_tensors
 from kernels._triton import HAS_TRITON
 from kernels.quant_torch import pack_int4_nibbles, quant_matmul_torch
 from tests.quantization.common import REL_TOL, build, load, rel_err

@@ -7,7 +7,7 @@ import torch
 
 from backend.errors import QuantizationError
 from backend.quantization import resolve_quantization
-from backend.quantization.export import quantize_int
+from backend.tools.export_quantized import quantize_int
 from tests.quantization.common import build, check_forward, fused_equals_separate, load, weight_bytes
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

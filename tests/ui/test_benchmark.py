@@ -1,4 +1,4 @@
-"""The Benchmark tab (ui/benchmark.py via Lab.benchmark): backend/bench.py's harness from the app, streamed run by
+"""The Benchmark tab (ui/benchmark.py via Lab.benchmark): backend/tools/bench.py's harness from the app, streamed run by
 run, with the CLI's table rows; Stop takes effect between runs; bad choices are refused before anything runs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from backend import bench
+from backend.tools import bench
 from ui import defaults
 from ui.benchmark import TABLE_HEADERS
 from ui.plots import bench_figure

@@ -235,7 +235,7 @@ def test_inspect_without_engine(ui_cache):
 
 
 def test_search_online_and_pick_a_result(ui_cache, monkeypatch):
-    from backend import hub
+    from backend.loading import hub
 
     lab = Lab(cache_root=ui_cache)
     monkeypatch.setattr(lab, "offline", lambda: False)
@@ -254,7 +254,7 @@ def test_search_online_and_pick_a_result(ui_cache, monkeypatch):
     )
     monkeypatch.setattr(hub, "search_models", lambda query, limit=20: found)
     rows = lab.search("small")
-    assert rows == [["org/small", "135.0M", "270.0 MiB", "1,234", "5", "", "transformers"]]
+    assert rows == [["org/small", "135M", "270.0 MiB", "1,234", "5", "", "transformers"]]
     assert lab.search_table("small").visible is True
     evt = gr.SelectData(None, {"index": [0, 0], "value": "org/small", "row_value": rows[0]})
     assert lab.pick_search_result(evt) == "org/small"
@@ -262,7 +262,7 @@ def test_search_online_and_pick_a_result(ui_cache, monkeypatch):
 
 
 def test_progress_adapter_reports_bytes_then_weight_loading():
-    from backend.hub import DownloadProgress
+    from backend.loading.hub import DownloadProgress
     from ui.common import progress_adapter
 
     calls = []

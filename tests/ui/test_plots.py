@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.metrics import MemorySnapshot, StepStats
+from backend.metrics import KVBlock, MemorySnapshot, StepStats
 from ui import plots, summary, views
 
 
@@ -79,11 +79,11 @@ def test_batch_and_ttft_figures():
 
 
 def test_kv_block_states():
-    assert plots.kv_block_state(dict(block=0, owners=[], ref_count=0, cached=False)) == plots.KV_FREE
-    assert plots.kv_block_state(dict(block=0, owners=[], ref_count=0, cached=True)) == plots.KV_CACHED
-    assert plots.kv_block_state(dict(block=0, owners=[1, 2], ref_count=2, cached=True)) == plots.KV_SHARED
-    assert plots.kv_block_state(dict(block=0, owners=[], ref_count=1, cached=False)) == plots.KV_ORPHAN
-    assert plots.kv_block_state(dict(block=0, owners=[3], ref_count=1, cached=False)) == plots.KV_OWNER0 + 3
+    assert plots.kv_block_state(KVBlock(block=0, owners=[], ref_count=0, cached=False)) == plots.KV_FREE
+    assert plots.kv_block_state(KVBlock(block=0, owners=[], ref_count=0, cached=True)) == plots.KV_CACHED
+    assert plots.kv_block_state(KVBlock(block=0, owners=[1, 2], ref_count=2, cached=True)) == plots.KV_SHARED
+    assert plots.kv_block_state(KVBlock(block=0, owners=[], ref_count=1, cached=False)) == plots.KV_ORPHAN
+    assert plots.kv_block_state(KVBlock(block=0, owners=[3], ref_count=1, cached=False)) == plots.KV_OWNER0 + 3
 
 
 def test_kv_cache_figure_grid_and_legend():
@@ -107,7 +107,7 @@ def test_kv_cache_figure_grid_and_legend():
 
 
 def test_kv_cache_figure_groups_blocks_on_large_caches():
-    view = [dict(block=b, owners=[], ref_count=0, cached=False) for b in range(3 * plots.MAX_CELLS)]
+    view = [KVBlock(block=b, owners=[], ref_count=0, cached=False) for b in range(3 * plots.MAX_CELLS)]
     fig = plots.kv_cache_figure(view)
     cells = [v for row in fig.data[0].z for v in row if v is not None]
     assert len(cells) == plots.MAX_CELLS and "one cell = 3 blocks" in fig.layout.title.text
@@ -148,7 +148,7 @@ def test_views():
     )
     md = views.describe_markdown(info)
     assert "| **implementation** | transformers |" in md and "| **swapped** | none |" in md
-    assert "attention fn: A: 2" in md and "1,234,567 (1.2M)" in md and "3.0 MiB" in md
+    assert "attention fn: A: 2" in md and "1,234,567 (1.23M)" in md and "3.00 MiB" in md
     assert "| **kv_cache.num_blocks** | 8 |" in md
     assert views.describe_markdown(None) == "_No engine loaded._"
     res = [summary.RequestResult(0, "hello", "world", [1, 2], "stop", ttft=0.0123)]

@@ -2,7 +2,7 @@
 
 Used by the round-trip tests and to make small quantized models for examples and engine tests:
 
-    python -m backend.quantization.export /tmp/tiny-llama /tmp/tiny-llama-gptq --format gptq --bits 4 --group-size 32
+    python -m backend.tools.export_quantized /tmp/tiny-llama /tmp/tiny-llama-gptq --format gptq --bits 4 --group-size 32
 
 Quantization is round-to-nearest min/max (not GPTQ's/AWQ's calibrated algorithms): the point is the
 checkpoint format, which the loaders in this package read back bit-exactly.

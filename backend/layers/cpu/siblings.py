@@ -2,7 +2,7 @@
 
 Native models fuse these projections when they load. A transformers model calls `q_proj(x)`, `k_proj(x)`,
 `v_proj(x)` one after the other on the same `x`; for a decode step each is a small GEMV whose fixed cost
-is a large part of its time. `fuse_siblings` replaces such PackedLinears (backend/layers/packed.py) by
+is a large part of its time. `fuse_siblings` replaces such PackedLinears (backend/layers/cpu/packed.py) by
 SiblingLinears sharing one packed `[W_q; W_k; W_v]`: the first sibling computes `[y_q | y_k | y_v]`, the
 others return their slice when they get the very same input tensor (else they compute it again, so a
 model that calls them differently still gets correct results). The last sibling drops the reference to
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backend.layers.packed import PackedLinear, pack_weight, packed_linear
+from backend.layers.cpu.packed import PackedLinear, pack_weight, packed_linear
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

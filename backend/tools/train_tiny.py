@@ -6,7 +6,7 @@ modules (present on every Python install); held-out text: another module (`EVAL_
 ordinary checkpoint folder (config.json, model.safetensors, tokenizer files) that loads through the engine.
 A folder already trained with the same settings (and the same Python version) is reused.
 
-    python -m backend.train_tiny --out ~/.cache/fallback_lab/trained-tiny
+    python -m backend.tools.train_tiny --out ~/.cache/fallback_lab/trained-tiny
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from backend.tiny_models import build_tokenizer
+from backend.tools.tiny_models import build_tokenizer
 
 TRAIN_MODULES = (
     "argparse",

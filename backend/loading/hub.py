@@ -20,7 +20,7 @@ from huggingface_hub.errors import CacheNotFound, HfHubHTTPError, IncompleteSnap
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from backend.errors import ModelNotFoundError, UnsupportedModelError
-from backend.hub_common import (
+from backend.loading.hub_common import (
     GGUF_MESSAGE,
     SAFETENSORS_DTYPE_BYTES,
     HubConnectivity,
@@ -35,17 +35,13 @@ from backend.hub_common import (
     offline_mode_enabled,
     safetensors_files,
 )
-from backend.hub_memory import MemoryEstimate, estimate_memory, format_bytes
 
 __all__ = [
     "DownloadProgress",
     "HubConnectivity",
     "HubModel",
-    "MemoryEstimate",
     "SearchResults",
     "SUGGESTED_MODELS",
-    "estimate_memory",
-    "format_bytes",
     "is_offline",
     "list_cached_models",
     "resolve_model",

@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - transformers without the experts interface
     ExpertsInterface = grouped_mm_experts_forward = None
 
-from backend.layers.packed import can_pack, pack_stacked, packed_linear
+from backend.layers.cpu.packed import can_pack, pack_stacked, packed_linear
 
 EXPERTS_NAME = "fallback_lab_packed"
 

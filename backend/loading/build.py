@@ -13,14 +13,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from backend import hub
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
-from backend.layers.packed import PackedLinear, pack_linears, packing_available
-from backend.layers.packed_experts import pack_hf_experts
-from backend.layers.siblings import fuse_siblings
-from backend.layers.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
-from backend.loader import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
+from backend.layers.cpu.packed import PackedLinear, pack_linears, packing_available
+from backend.layers.cpu.packed_experts import pack_hf_experts
+from backend.layers.cpu.siblings import fuse_siblings
+from backend.layers.cpu.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
+from backend.loading import hub
+from backend.loading.checkpoint import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
 from backend.models import build_model, select_model_impl
 from backend.models.moe import Experts
 

@@ -28,7 +28,7 @@ from huggingface_hub.errors import (
 )
 
 from backend.errors import ModelNotFoundError, QuantizationError, UnsupportedModelError
-from backend.hub_common import (
+from backend.loading.hub_common import (
     FLOAT_DTYPES,
     GGUF_MESSAGE,
     SAFETENSORS_DTYPE_BYTES,
@@ -42,6 +42,7 @@ from backend.hub_common import (
     offline_mode_enabled,
     safetensors_files,
 )
+from backend.units import format_bytes, format_count
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_ALIASES: dict[str, str] = {
@@ -92,32 +93,12 @@ class MemoryEstimate:
         quant = f", {self.quantization}" if self.quantization else ""
         return (
             f"{format_bytes(self.total_bytes)} total: weights {format_bytes(self.weight_bytes)} "
-            f"({_format_count(self.params)} params, {self.dtype}{quant}) + KV cache "
+            f"({format_count(self.params)} params, {self.dtype}{quant}) + KV cache "
             f"{format_bytes(self.kv_cache_bytes)} ({self.num_seqs} x {self.context_len} tokens)"
         )
 
     def __str__(self) -> str:
         return self.human
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.50 KiB' (binary units, as GPU memory is reported)."""
-    sign = "-" if n < 0 else ""
-    value = float(abs(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{sign}{int(value)} B"
-            return f"{sign}{value:.2f} {unit}" if value < 10 else f"{sign}{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def _format_count(n: int) -> str:
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.2f}{suffix}"
-    return str(n)
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -179,7 +160,7 @@ def _hub_sources(repo_id: str, revision: str | None, token: str | None) -> tuple
 
 def _cached_sources(repo_id: str, revision: str | None, token: str | None) -> tuple[dict, list[TensorMeta]]:
     """Offline: the cached snapshot, found exactly as resolve_model finds it (no network)."""
-    from backend.hub import resolve_model  # hub.py imports this module: import at call time
+    from backend.loading.hub import resolve_model
 
     return _local_sources(resolve_model(repo_id, revision=revision, token=token, offline=True))
 

@@ -3,7 +3,7 @@
 Used by the tests, the examples, the benchmarks and the app's offline default. The folder looks like
 a Hub snapshot (config.json, model.safetensors, tokenizer files), so it loads through the same path.
 
-    python -m backend.tiny_models llama /tmp/tiny-llama
+    python -m backend.tools.tiny_models llama /tmp/tiny-llama
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def build_tiny_model(
     return path
 
 
-REMOTE_CODE_DIR = Path(__file__).resolve().parent.parent / "examples" / "remote_code_model"
+REMOTE_CODE_DIR = Path(__file__).resolve().parents[2] / "examples" / "remote_code_model"
 
 
 def build_remote_code_model(path: str | Path, seed: int = 0, supports_attention_backend: bool = True) -> Path:

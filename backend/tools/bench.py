@@ -1,6 +1,6 @@
 """Benchmarks against transformers in the same run, reported as ratios.
 
-    python -m backend.bench --model tiny:smollm2-135m --workloads throughput latency shared_prefix
+    python -m backend.tools.bench --model tiny:smollm2-135m --workloads throughput latency shared_prefix
 
 Systems: our engine with `native` and with `transformers`, HF `generate()` (padded batch, sdpa) and HF
 `generate_batch` (transformers' continuous batching, per-request output lengths). Every system gets
@@ -180,9 +180,7 @@ def run_engine(path: str, impl: str, wl: Workload, opts: BenchOptions) -> Result
         engine.generate(
             prompt_token_ids=[wl.prompts[0][:8]], sampling_params=SamplingParams(max_new_tokens=2, ignore_eos=True)
         )
-        engine.allocator.__init__(
-            engine.allocator.num_blocks, engine.allocator.block_size, engine.allocator.enable_prefix_caching
-        )  # forget the warm-up's cached prefix
+        engine.reset_prefix_cache()  # forget the warm-up's cached prefix
         _sync(engine.device)
         t = time.perf_counter()
         outs = engine.generate(prompt_token_ids=wl.prompts, sampling_params=params)
@@ -193,7 +191,7 @@ def run_engine(path: str, impl: str, wl: Workload, opts: BenchOptions) -> Result
             res.ttft_ms = o.ttft * 1000
             res.tpot_ms = (o.latency - o.ttft) / (len(o.token_ids) - 1) * 1000
             res.decode_tok_s = 1000 / res.tpot_ms
-            res.weight_bandwidth_gbs = engine.loaded.decode_weight_bytes * res.decode_tok_s / 1e9
+            res.weight_bandwidth_gbs = engine.decode_weight_bytes * res.decode_tok_s / 1e9
         return res
     finally:
         engine.close()
@@ -306,8 +304,8 @@ def median_run(runs: list[Result]) -> Result:
 
 def cpu_summary(device: torch.device, dtype: str) -> str:
     """The CPU flags that decide how 16-bit linears run, and the path `cpu_linear="auto"` takes."""
-    from backend.build import choose_cpu_linear
-    from backend.layers.upcast import cpu_matmul_flags
+    from backend.layers.cpu.upcast import cpu_matmul_flags
+    from backend.loading.build import choose_cpu_linear
 
     flags = cpu_matmul_flags()
     model_dtype = DTYPES.get(dtype, torch.float32)
@@ -468,11 +466,11 @@ def resolve_path(model: str, dtype: str) -> str:
     """tiny:<arch> -> a random-weight model of that shape built in a temporary folder; a Hub id -> its
     downloaded folder (the same resolution the engine uses); a folder -> itself."""
     if model.startswith("tiny:"):
-        from backend.tiny_models import build_tiny_model
+        from backend.tools.tiny_models import build_tiny_model
 
         build_dtype = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
         return str(build_tiny_model(model[5:], Path(tempfile.mkdtemp()) / "model", dtype=build_dtype, init_std=0.02))
-    from backend.hub import resolve_model
+    from backend.loading.hub import resolve_model
 
     return str(resolve_model(model))
 

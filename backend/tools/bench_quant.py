@@ -1,13 +1,13 @@
 """Quality and speed of each quantization method, in one table.
 
-    python -m backend.bench_quant                                   # the trained tiny model (trains it once)
-    python -m backend.bench_quant --model tiny:smollm2-135m --skip-quality   # speed on a 135M shape
+    python -m backend.tools.bench_quant                                   # the trained tiny model (trains it once)
+    python -m backend.tools.bench_quant --model tiny:smollm2-135m --skip-quality   # speed on a 135M shape
 
 For each implementation and method (full precision, then int8, int4 ...) the engine is loaded and measured:
 quality as the mean token NLL / perplexity of a fixed held-out text (Python's collections source, in windows)
 scored with `prompt_logprobs`, plus top-1 agreement with full precision; speed as batch-1 decode tok/s
-(128 prompt tokens, 128 new) and the output tok/s of a batch of 8 (backend.bench's engine runner). The
-default model is trained by backend.train_tiny (random weights score ~ln(vocab) whatever the method).
+(128 prompt tokens, 128 new) and the output tok/s of a batch of 8 (backend.tools.bench's engine runner). The
+default model is trained by backend.tools.train_tiny (random weights score ~ln(vocab) whatever the method).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
-from backend.bench import BenchOptions, Workload, measure_memory_bandwidth, resolve_path, run_engine
-from backend.train_tiny import DEFAULT_DIR, EVAL_MODULE, ensure_trained, eval_text
+from backend.tools.bench import BenchOptions, Workload, measure_memory_bandwidth, resolve_path, run_engine
+from backend.tools.train_tiny import DEFAULT_DIR, EVAL_MODULE, ensure_trained, eval_text
 
 DEFAULT_METHODS = ("none", "int8", "int4", "int4:g32", "fp8")
 
@@ -37,7 +37,7 @@ DEFAULT_METHODS = ("none", "int8", "int4", "int4:g32", "fp8")
 class Row:
     impl: str
     method: str
-    weights_bytes: int = 0  # as stored (without the fp32 compute copies of layers/upcast.py), as backend.bench
+    weights_bytes: int = 0  # as stored (without the fp32 compute copies of layers/upcast.py), as backend.tools.bench
     eval_tokens: int = 0  # scored tokens
     nll: float | None = None  # mean token NLL (nats)
     ppl: float | None = None
@@ -74,7 +74,7 @@ Scores = tuple[list[float], list[int]]  # per scored token: logprob, top-1 token
 
 def measure_quality(path: str, impl: str, method: str | None, args, row: Row, reference: Scores | None) -> Scores:
     with Engine(path, model_impl=impl, quantization=method, dtype=args.dtype, device=args.device) as engine:
-        row.weights_bytes = engine.loaded.decode_weight_bytes
+        row.weights_bytes = engine.decode_weight_bytes
         windows = eval_windows(engine, args.eval_windows, args.eval_len)
         score(engine, windows[:1])  # warm-up
         t = time.perf_counter()
@@ -108,7 +108,7 @@ def measure_speed(path: str, impl: str, method: str | None, args, row: Row, voca
     row.batch_tok_s = max(run_engine(path, impl, batch, engine_args).output_tok_s for _ in range(args.repeats))
     if not row.weights_bytes:
         with Engine(path, model_impl=impl, quantization=method, dtype=args.dtype, device=args.device) as engine:
-            row.weights_bytes = engine.loaded.decode_weight_bytes
+            row.weights_bytes = engine.decode_weight_bytes
 
 
 def run(path: str, args) -> list[Row]:

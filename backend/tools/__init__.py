@@ -1,0 +1,1 @@
+"""Tools around the engine: benchmarks, tiny-model builder, training, quantized test-checkpoint export."""

@@ -211,6 +211,7 @@ def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast, **overrides) -> P
     special = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
+    special.update({k: options.pop(k) for k in list(special) if k in options})  # an override wins
     return AutoConfig.for_model(model_type, **special, **options)
 
 

@@ -36,24 +36,25 @@ def test_breaking_out_of_a_stream_aborts_and_frees_blocks(engine):
     stream = engine.stream("The quick brown fox", SamplingParams(max_new_tokens=100, ignore_eos=True))
     next(stream)
     stream.close()  # like `break` in a for loop: the generator aborts the request on the spot
-    assert engine.allocator.num_used == 0
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.num_running == stats.num_waiting == 0
+    assert engine.num_requests == 0
     engine.check_invariants()
 
 
 def test_abort_by_id_frees_blocks_and_others_keep_going(engine):
     keep = engine.add_request("Hello world", GREEDY)
     drop = engine.add_request("1 2 3", SamplingParams(max_new_tokens=50, ignore_eos=True))
-    engine.step()
+    finished = {d.request_id: d.output for d in engine.step() if d.finished}
     engine.abort(drop)
     while engine.has_unfinished():
-        engine.step()
-    reqs = engine._requests
-    assert reqs[drop].seq.finish_reason == "abort"
-    assert reqs[keep].seq.finish_reason == "length" and len(reqs[keep].seq.output_token_ids) == 8
+        finished.update({d.request_id: d.output for d in engine.step() if d.finished})
+    assert keep in finished and drop not in finished  # an aborted request's output went to its aborter
+    assert finished[keep].finish_reason == "length" and len(finished[keep].token_ids) == 8
     engine.check_invariants()
-    assert not engine.scheduler.running and not engine.scheduler.waiting
-    reqs.pop(drop), reqs.pop(keep)
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == stats.kv_blocks_used == 0
+    assert engine.num_requests == 0  # step() users leak nothing: finished requests are dropped
 
 
 def test_concurrent_streams_share_the_batch(engine):
@@ -69,16 +70,17 @@ def test_concurrent_streams_share_the_batch(engine):
     for t in threads:
         t.join(timeout=60)
     assert results == expected
-    assert max(s.batch_size for s in engine.metrics.history()) >= 2
+    assert max(s.batch_size for s in engine.step_history()) >= 2
 
 
 def test_metrics_are_recorded(engine):
     engine.generate(["Hello world"], GREEDY)
-    last = engine.metrics.last()
+    stats = engine.stats()
+    last = stats.last_step
     assert last.duration > 0 and last.tokens_per_s > 0
-    assert last.kv_blocks_total == engine.allocator.num_blocks
+    assert last.kv_blocks_total == stats.kv_blocks_total == engine.describe()["kv_cache"]["num_blocks"]
     assert last.memory.weights_bytes == engine.weights_bytes > 0
-    assert last.memory.kv_cache_bytes == engine.kv_cache.nbytes > 0
+    assert last.memory.kv_cache_bytes == engine.describe()["kv_cache"]["bytes"] > 0
     assert last.memory.rss_bytes > 0
 
 
@@ -94,7 +96,7 @@ def test_prompt_longer_than_context(engine):
         engine.generate(prompt_token_ids=[[5] * 200], sampling_params=GREEDY)
     with pytest.raises(RequestError):
         engine.generate(prompt_token_ids=[[10**9]], sampling_params=GREEDY)
-    assert not engine.scheduler.waiting
+    assert engine.stats().num_waiting == 0 and engine.num_requests == 0
     assert engine.generate(["Hello"], GREEDY)[0].finish_reason == "length"
 
 

@@ -62,7 +62,7 @@ def test_equality_under_chunked_prefill_prefix_hits_and_preemption(tiny_model, a
         assert [o.token_ids for o in second] == expected
         assert sum(o.num_cached_tokens for o in second) >= 3 * 16
         engine.check_invariants()
-        assert engine.allocator.num_free == engine.allocator.num_blocks
+        assert engine.stats().kv_blocks_used == 0
     # Preemption forced: 12 blocks of 4 tokens cannot hold two 30-token sequences at once.
     with Engine(
         str(path),
@@ -75,5 +75,5 @@ def test_equality_under_chunked_prefill_prefix_hits_and_preemption(tiny_model, a
     ) as engine:
         outs = engine.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == expected
-        assert engine.scheduler.num_preemptions > 0
-        assert engine.allocator.num_free == engine.allocator.num_blocks
+        assert engine.stats().num_preemptions > 0
+        assert engine.stats().kv_blocks_used == 0

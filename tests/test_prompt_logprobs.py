@@ -32,7 +32,7 @@ def check_against(ref: torch.Tensor, ids: list[int], out, top_n: int) -> None:
 
 def assert_all_blocks_free(engine: Engine) -> None:
     engine.check_invariants()
-    assert engine.allocator.num_used == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 @pytest.mark.parametrize("arch,impl", [("llama", "native"), ("gpt2", "transformers")])
@@ -94,7 +94,7 @@ def test_preemption_recomputes_prompt_logprobs(tiny_model):
         prompts = [engine.tokenizer.encode(p)[:20] for p in PROMPTS]
         params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
         outs = engine.generate(prompt_token_ids=prompts, sampling_params=params)
-        assert engine.scheduler.num_preemptions > 0
+        assert engine.stats().num_preemptions > 0
         for ids, out in zip(prompts, outs):
             check_against(reference(path, ids), ids, out, top_n=1)
         assert_all_blocks_free(engine)

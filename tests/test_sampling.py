@@ -67,17 +67,12 @@ def test_stop_token_ids_and_max_new_tokens(engine):
     assert out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
 
 
-def test_eos_stops_unless_ignored(engine):
+def test_eos_stops_unless_ignored(engine, tiny_model):
     base = engine.generate(["1 2 3"], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))[0]
-    fake_eos = base.token_ids[2]  # pretend this token is the model's EOS
-    saved = set(engine.loaded.eos_token_ids)
-    engine.loaded.eos_token_ids.add(fake_eos)
-    try:
-        stopped = engine.generate(["1 2 3"], SamplingParams(max_new_tokens=8, temperature=0.0))[0]
-        ignored = engine.generate(["1 2 3"], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))[0]
-    finally:
-        engine.loaded.eos_token_ids.clear()
-        engine.loaded.eos_token_ids.update(saved)
+    fake_eos = base.token_ids[2]  # the same weights, saved with this token as the model's EOS
+    with Engine(str(tiny_model("llama", eos_token_id=fake_eos)), dtype="float32", model_impl="transformers") as other:
+        stopped = other.generate(["1 2 3"], SamplingParams(max_new_tokens=8, temperature=0.0))[0]
+        ignored = other.generate(["1 2 3"], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == base.token_ids[: base.token_ids.index(fake_eos) + 1]
     assert ignored.token_ids == base.token_ids

@@ -1,0 +1,146 @@
+"""The OpenAI-compatible API as a FastAPI app: `build_app(engine, ...)`.
+
+    POST /v1/completions, /v1/chat/completions (stream: true -> server-sent events ending in data: [DONE])
+    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus), /docs and /openapi.json
+    POST /tokenize, /detokenize
+
+One engine serves every client: each request's `engine.stream(...)` runs in a worker thread and the
+engine's background loop batches them. A client that disconnects has its requests aborted at once.
+Every error is an OpenAI error body (`backend/server/errors.py`); bad input is a 4xx, never a 500.
+With `api_key`, every route but /health and /metrics needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from backend.server.chat import create_chat_completion
+from backend.server.completions import create_completion
+from backend.server.errors import bad_request, install_error_handlers
+from backend.server.prompts import check_ids, encode_chat, encode_text, render_chat
+from backend.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from backend.server.state import ServerLimits, ServerState
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
+STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream: true"}}
+
+
+def api_router(state: ServerState) -> APIRouter:
+    """The routes that need the API key (when one is set)."""
+
+    def authorized(request: Request) -> None:
+        state.authorize(request)
+
+    router = APIRouter(dependencies=[Depends(authorized)], responses=ERRORS)
+    created = int(time.time())
+
+    def card() -> ModelCard:
+        engine = state.engine()
+        return ModelCard(
+            id=state.model_name(),
+            created=created,
+            root=str(engine.config.model),
+            max_model_len=engine.max_model_len,
+            model_impl=engine.model_impl,
+        )
+
+    @router.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str) -> ModelCard:
+        state.check_model(model_id)
+        return card()
+
+    @router.post("/v1/completions", response_model=CompletionResponse, responses=STREAM)
+    async def completions(req: CompletionRequest, request: Request):
+        return await create_completion(state, req, request)
+
+    @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAM)
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(state, req, request)
+
+    @router.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        engine = state.engine()
+        state.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give prompt or messages (one of them)", "prompt")
+        if req.prompt is not None:
+            ids = encode_text(engine.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            text = render_chat(engine.tokenizer, req.messages, state.chat_template, req.add_generation_prompt)
+            ids = encode_chat(engine.tokenizer, text)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
+
+    @router.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        engine = state.engine()
+        state.check_model(req.model)
+        if engine.tokenizer is None:
+            raise bad_request("this model was loaded without a tokenizer", "tokens")
+        ids = check_ids(req.tokens, engine.vocab_size, "tokens") if req.tokens else []
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(ids))
+
+    return router
+
+
+def public_router(state: ServerState) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> JSONResponse:
+        state.engine()  # 503 when no engine
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def add_openai_routes(app: FastAPI, state: ServerState) -> FastAPI:
+    """Put the API's routes and error handlers on `app` (the app's own FastAPI app for `app.py --api`)."""
+    install_error_handlers(app)
+    app.include_router(public_router(state))
+    app.include_router(api_router(state))
+    app.state.flab = state
+    return app
+
+
+def build_app(
+    engine,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
+    """The API over `engine` (an Engine, or a callable returning the current one or None).
+
+    `served_model_name`: the `model` clients send and /v1/models lists (default: the engine's model string).
+    `chat_template`: a Jinja template or a file holding one, used instead of the tokenizer's."""
+    state = ServerState(engine, served_model_name, api_key, chat_template, limits)
+    app = FastAPI(
+        title="Fallback Lab OpenAI-compatible API",
+        description="Completions and chat completions over the Fallback Lab engine.",
+        version="1.0",
+    )
+    return add_openai_routes(app, state)

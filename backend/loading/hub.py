@@ -20,6 +20,7 @@ from huggingface_hub.errors import CacheNotFound, HfHubHTTPError, IncompleteSnap
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from backend.errors import ModelNotFoundError, UnsupportedModelError
+from backend.loading.builtin import find_builtin, resolve_builtin
 from backend.loading.hub_common import (
     GGUF_MESSAGE,
     SAFETENSORS_DTYPE_BYTES,
@@ -213,7 +214,10 @@ def resolve_model(
     *,
     offline: bool | None = None,
 ) -> Path:
-    """A local folder or a Hub id -> the folder holding config.json, tokenizer files and *.safetensors.
+    """A built-in name, a local folder or a Hub id -> the folder holding config.json, tokenizer and *.safetensors.
+
+    Built-in names (backend/loading/builtin.py) are built on first use into the project's cache; one with a
+    Hub original (smollm2-135m-instruct) is that Hub id when the Hub answers (and offline mode is off).
 
     Hub ids download only what the engine reads (see METADATA_PATTERNS, and the weight files). Offline
     (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, or `offline=True`) only the local cache is used. `progress`
@@ -222,6 +226,16 @@ def resolve_model(
     name_or_path = str(name_or_path).strip()
     if not name_or_path:
         raise ModelNotFoundError("no model given: pass a local folder or a Hub id such as 'Qwen/Qwen3-0.6B'")
+    offline = offline_mode_enabled() if offline is None else offline
+    builtin = find_builtin(name_or_path)  # tiny:<arch>, tiny:trained, smollm2-135m-instruct (loading/builtin.py)
+    if builtin is not None:
+        if builtin.hub_id is None or offline or not HubConnectivity().reachable():
+            folder = resolve_builtin(builtin.name, progress)  # built or converted once into the project's cache
+            if progress is not None:
+                size = sum(p.stat().st_size for p in safetensors_files(folder))
+                progress(DownloadProgress("done", size, size, None))
+            return folder
+        name_or_path = builtin.hub_id  # the Hub answers: its original checkpoint
     if is_gguf_name(name_or_path):
         raise UnsupportedModelError(f"{name_or_path}: {GGUF_MESSAGE}")
     folder = local_path(name_or_path)
@@ -231,7 +245,7 @@ def resolve_model(
             size = sum(p.stat().st_size for p in safetensors_files(folder))
             progress(DownloadProgress("done", size, size, None))
         return folder
-    return _download(name_or_path, revision, progress, token, offline_mode_enabled() if offline is None else offline)
+    return _download(name_or_path, revision, progress, token, offline)
 
 
 def _download(

@@ -33,7 +33,11 @@ try:  # huggingface_hub >= 2 talks through httpx2, 1.x through httpx
 except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
     from httpx import TransportError as _TransportError
 
-GGUF_MESSAGE = "GGUF is not supported; use a safetensors checkpoint (e.g. the original repository)"
+GGUF_MESSAGE = (
+    "GGUF is not supported; use a safetensors checkpoint: convert the GGUF file once with "
+    "`python -m backend.tools.convert_gguf IN.gguf OUT_DIR --dtype bfloat16` and load OUT_DIR "
+    "(or use the original repository)"
+)
 
 # Bytes per element of each safetensors dtype (https://huggingface.co/docs/safetensors).
 SAFETENSORS_DTYPE_BYTES: dict[str, float] = {

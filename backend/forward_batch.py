@@ -39,6 +39,8 @@ class ForwardBatch:
     # Rows beyond one per sampling sequence exist only for requests that want prompt logprobs:
     sample_rows: torch.Tensor | None = None  # (S',) the rows that are sampled; None = every row
     prompt_rows: list[PromptRows] = field(default_factory=list)
+    # Attention calls made so far in this forward, per module that calls more than once (its KV slot each time):
+    attention_calls: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

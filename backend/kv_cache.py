@@ -113,18 +113,97 @@ class BlockAllocator:
             raise AssertionError("free list disagrees with reference counts")
 
 
-@dataclass
-class KVCacheSpec:
-    num_layers: int
+@dataclass(frozen=True)
+class KVSlot:
+    """The cache of one attention call: K is (num_kv_heads, k_head_dim) per token, V (num_kv_heads, v_head_dim).
+
+    Usually one per decoder layer; a layer that calls attention twice per forward (DiffLlama) has two."""
+
+    layer: int  # decoder layer the call belongs to
     num_kv_heads: int
-    head_dim: int
+    k_head_dim: int
+    v_head_dim: int
+
+    @property
+    def elements_per_token(self) -> int:
+        return self.num_kv_heads * (self.k_head_dim + self.v_head_dim)
+
+    def padded(self) -> "KVSlot":
+        """The same slot with K and V stored at one head size (the larger): the Triton kernels need one."""
+        d = max(self.k_head_dim, self.v_head_dim)
+        return KVSlot(self.layer, self.num_kv_heads, d, d)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The cache layout: one `KVSlot` per attention call of a forward, in call order."""
+
+    slots: tuple[KVSlot, ...]
     dtype: torch.dtype
     block_size: int
 
+    @classmethod
+    def uniform(
+        cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int
+    ) -> "KVCacheSpec":
+        """One slot per layer, every layer alike (native models)."""
+        return cls(tuple(KVSlot(i, num_kv_heads, head_dim, head_dim) for i in range(num_layers)), dtype, block_size)
+
+    def bytes_per_token(self) -> int:
+        """KV cache bytes one token takes, over every slot (K and V). The one place this is computed."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(s.elements_per_token for s in self.slots) * elem
+
     @property
     def bytes_per_block(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return self.bytes_per_token() * self.block_size
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers that have a cache (a layer with two attention calls counts once)."""
+        return len({s.layer for s in self.slots})
+
+    @property
+    def uniform_shape(self) -> tuple[int, int] | None:
+        """(kv heads, head dim) when every slot has that shape with K and V alike, else None."""
+        shapes = {(s.num_kv_heads, s.k_head_dim, s.v_head_dim) for s in self.slots}
+        if len(shapes) != 1:
+            return None
+        heads, k, v = shapes.pop()
+        return (heads, k) if k == v else None
+
+    @property
+    def num_kv_heads(self) -> int | list[int]:
+        """The kv heads of every slot: one number when they agree, else the list per slot."""
+        heads = [s.num_kv_heads for s in self.slots]
+        return heads[0] if len(set(heads)) == 1 else heads
+
+    @property
+    def head_dim(self) -> int | list[list[int]]:
+        """One number when K and V of every slot have it, else [K head dim, V head dim] per slot."""
+        shape = self.uniform_shape
+        return shape[1] if shape is not None else [[s.k_head_dim, s.v_head_dim] for s in self.slots]
+
+    def describe(self) -> dict:
+        """A JSON-serialisable summary: bytes per token, and the per-slot shapes when they differ."""
+        info: dict = dict(
+            layers=self.num_layers,
+            slots=self.num_slots,
+            bytes_per_token=self.bytes_per_token(),
+            dtype=str(self.dtype).removeprefix("torch."),
+            kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+        )
+        if self.uniform_shape is None:
+            info["slot_shapes"] = [
+                dict(layer=s.layer, kv_heads=s.num_kv_heads, k_head_dim=s.k_head_dim, v_head_dim=s.v_head_dim)
+                for s in self.slots
+            ]
+        return info
 
 
 def plan_num_blocks(spec: KVCacheSpec, budget_bytes: int, max_model_len: int) -> int:
@@ -140,14 +219,21 @@ def plan_num_blocks(spec: KVCacheSpec, budget_bytes: int, max_model_len: int) ->
 
 
 class KVCache:
-    """Per layer a K and a V tensor of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per slot a K tensor [num_blocks, block_size, num_kv_heads, k_head_dim] and a V tensor
+    [num_blocks, block_size, num_kv_heads, v_head_dim] (`k[i]`, `v[i]`: slot i of `spec.slots`)."""
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        bs = spec.block_size
+        self.k = [
+            torch.zeros((num_blocks, bs, s.num_kv_heads, s.k_head_dim), dtype=spec.dtype, device=device)
+            for s in spec.slots
+        ]
+        self.v = [
+            torch.zeros((num_blocks, bs, s.num_kv_heads, s.v_head_dim), dtype=spec.dtype, device=device)
+            for s in spec.slots
+        ]
 
     @property
     def nbytes(self) -> int:

@@ -25,13 +25,12 @@ def store_kv_torch(
     key: torch.Tensor,  # (T, Hkv, D)
     value: torch.Tensor,  # (T, Hkv, D)
     k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
-    v_cache: torch.Tensor,
+    v_cache: torch.Tensor,  # (NB, BS, Hkv, Dv)
     slot_mapping: torch.Tensor,  # (T,) int64
 ) -> None:
     """Write the new tokens' K/V into their slots."""
-    nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, _as(key, k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, _as(value, v_cache.dtype))
+    k_cache.flatten(0, 1).index_copy_(0, slot_mapping, _as(key, k_cache.dtype))  # (NB * BS, Hkv, D)
+    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, _as(value, v_cache.dtype))
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -189,25 +188,26 @@ def _attend(
 def paged_attention_planned(
     q: torch.Tensor,  # (T, Hq, D)
     k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
-    v_cache: torch.Tensor,
+    v_cache: torch.Tensor,  # (NB, BS, Hkv, Dv): Dv may differ from D (MLA)
     plan: TorchAttentionPlan,
     scale: float,
     softcap: float | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
-) -> torch.Tensor:  # (T, Hq, D)
+) -> torch.Tensor:  # (T, Hq, Dv)
     hkv, d = k_cache.shape[2:]
+    dv = v_cache.shape[-1]
     cd = plan.compute_dtype or q.dtype
-    out = torch.empty_like(q) if not plan.all_decode else None
+    out = q.new_empty((q.shape[0], q.shape[1], dv)) if not plan.all_decode else None
     mask_dtype = torch.float32 if softcap is not None or sinks is not None else cd
     for g in plan.decode_groups:
         sg = int(g.tokens.numel())
         qd = _as((q if plan.all_decode else q[g.tokens]).unsqueeze(2), cd)  # (Sg, Hq, 1, D)
         kd = _gather(k_cache, g.blocks, cd).view(sg, -1, hkv, d).transpose(1, 2)  # (Sg, Hkv, NBg*BS, D)
-        vd = _gather(v_cache, g.blocks, cd).view(sg, -1, hkv, d).transpose(1, 2)
+        vd = _gather(v_cache, g.blocks, cd).view(sg, -1, hkv, dv).transpose(1, 2)
         od = _as(
             _attend(qd, kd, vd, g.mask(sliding_window, mask_dtype), scale, softcap, sinks).squeeze(2), q.dtype
-        )  # (Sg, Hq, D)
+        )  # (Sg, Hq, Dv)
         if plan.all_decode:
             return od
         out.index_copy_(0, g.tokens, od)

@@ -12,21 +12,27 @@ from kernels.attention_torch import paged_attention_planned, store_kv_torch
 def paged_attention(
     q: torch.Tensor,  # (T, Hq, D)
     k: torch.Tensor,  # (T, Hkv, D)
-    v: torch.Tensor,  # (T, Hkv, D)
-    layer_idx: int,
+    v: torch.Tensor,  # (T, Hkv, Dv), Dv may differ from D (MLA)
+    slot: int,
     batch: ForwardBatch,
     scale: float,
     softcap: float | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
-) -> torch.Tensor:  # (T, Hq, D)
-    k_cache, v_cache = batch.kv_cache.k[layer_idx], batch.kv_cache.v[layer_idx]
+) -> torch.Tensor:  # (T, Hq, Dv)
+    """Attention of one call; `slot` is its cache slot (the layer index for native models)."""
+    k_cache, v_cache = batch.kv_cache.k[slot], batch.kv_cache.v[slot]
+    dv = v.shape[-1]
+    if k.shape[-1] < k_cache.shape[-1]:  # a slot stored at one head size for both (KVSlot.padded)
+        q, k = _pad_last(q, k_cache.shape[-1]), _pad_last(k, k_cache.shape[-1])  # zeros: same q.k products
+    if dv < v_cache.shape[-1]:
+        v = _pad_last(v, v_cache.shape[-1])  # zero columns of the output, cut off below
     if batch.backend == "triton":
         from kernels.kv_store import store_kv_triton
         from kernels.ops import paged_attention_triton_auto
 
         store_kv_triton(k, v, k_cache, v_cache, batch.slot_mapping)
-        return paged_attention_triton_auto(
+        out = paged_attention_triton_auto(
             q.contiguous(),
             k_cache,
             v_cache,
@@ -40,8 +46,14 @@ def paged_attention(
             batch.max_query_len,
             batch.max_seq_len,
         )
-    store_kv_torch(k, v, k_cache, v_cache, batch.slot_mapping)
-    return paged_attention_planned(q, k_cache, v_cache, batch.plan, scale, softcap, sliding_window, sinks)
+    else:
+        store_kv_torch(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = paged_attention_planned(q, k_cache, v_cache, batch.plan, scale, softcap, sliding_window, sinks)
+    return out if out.shape[-1] == dv else out[..., :dv]
+
+
+def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:  # (..., d) -> (..., size), zeros appended
+    return torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
 class PagedAttention(nn.Module):

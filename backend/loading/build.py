@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from backend.layers.cpu.siblings import fuse_siblings
 from backend.layers.cpu.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loading import hub
 from backend.loading.checkpoint import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
-from backend.models import build_model, select_model_impl
+from backend.models import build_model, needs_weight_conversion, select_model_impl
 from backend.models.moe import Experts
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 class LoadedModel:
     path: Path
     hf_config: PretrainedConfig
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None with skip_tokenizer_init
     model: nn.Module
     impl: str
     dtype: torch.dtype
@@ -77,13 +78,35 @@ class LoadedModel:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
 
+DOWNLOAD_AGAIN = "it is probably truncated or corrupt (an interrupted download): delete it and download it again"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tiktoken.model",
+)
+
+
 def load_hf_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            parsed = json.loads(config_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UnsupportedModelError(f"{config_file} is not valid JSON ({e}); {DOWNLOAD_AGAIN}") from None
+        if not isinstance(parsed, dict):
+            raise UnsupportedModelError(f"{config_file} must hold a JSON object; {DOWNLOAD_AGAIN}")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UnsupportedModelError(f"{path.name} needs custom code: pass trust_remote_code=True to run it") from e
         raise UnsupportedModelError(f"cannot read the config of {path}: {e}") from e
+    except OSError as e:
+        raise UnsupportedModelError(f"cannot read {config_file}: {e}") from e
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text_config is not config:
         raise UnsupportedModelError(
@@ -101,9 +124,34 @@ def resolve_dtype(requested: str, config: PretrainedConfig) -> torch.dtype:
     return dtype if dtype in DTYPES.values() else torch.float32
 
 
-def eos_ids(path: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer; a folder without one, or a corrupt tokenizer file, is a clear error."""
+    names = {p.name for p in path.iterdir() if p.is_file()}
+    if not names & set(TOKENIZER_FILES) and not any(n.endswith(".tiktoken") for n in names):
+        raise UnsupportedModelError(
+            f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:3])}, ...). Download the model's "
+            "tokenizer files into the folder, or pass skip_tokenizer_init=True to run on token ids only "
+            "(prompt_token_ids in, token ids out, no text)"
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UnsupportedModelError(f"{file} is not valid JSON ({e}); {DOWNLOAD_AGAIN}") from None
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, ImportError, KeyError, TypeError) as e:
+        raise UnsupportedModelError(
+            f"cannot load the tokenizer of {path} ({type(e).__name__}: {str(e)[:300]}). If a tokenizer file is "
+            "incomplete, download it again; or pass skip_tokenizer_init=True to run on token ids only"
+        ) from e
+
+
+def eos_ids(path: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
     ids: set[int] = set()
-    candidates = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
+    candidates = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id if tokenizer is not None else None]
     try:
         candidates.append(GenerationConfig.from_pretrained(path).eos_token_id)
     except (OSError, ValueError):
@@ -120,11 +168,14 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
     start = time.perf_counter()
     path = hub.resolve_model(cfg.model, revision=cfg.revision, progress=progress)
     hf_config = load_hf_config(path, cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path, cfg.trust_remote_code)
     device = cfg.torch_device
     dtype = resolve_dtype(cfg.dtype, hf_config)
     impl = select_model_impl(hf_config, cfg.model_impl)
     model = build_model(hf_config, impl, dtype, cfg.trust_remote_code)
+    if impl == "transformers" and cfg.model_impl == "auto":
+        conversion = needs_weight_conversion(hf_config)
+        model.impl_reason = f"transformers fallback: {conversion}" if conversion else None
     swapped: list[str] = []
     quant_name = None
     method = _quant_method(cfg.quantization, hf_config)
@@ -153,6 +204,8 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
             logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])
     model.eval()
     cpu_linear, swapped_linears = _swap_cpu_linears(model, cfg.cpu_linear, device, dtype)
+    if impl == "transformers":
+        model.probe_kv_layout(device)  # the KV cache layout from one forward; refuses what the cache cannot hold
     return LoadedModel(
         path,
         hf_config,

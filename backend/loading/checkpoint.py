@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,12 +20,33 @@ from torch import nn
 
 from backend.errors import UnsupportedModelError
 
+DOWNLOAD_AGAIN = "it is probably truncated or corrupt (an interrupted download): delete it and download it again"
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The weight map (tensor name -> file) of a sharded checkpoint's index file."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UnsupportedModelError(
+            f"{index} is not a valid checkpoint index (a JSON object with a 'weight_map'; {type(e).__name__}: "
+            f"{e}); {DOWNLOAD_AGAIN}"
+        ) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UnsupportedModelError(f"{index}: 'weight_map' must map tensor names to file names; {DOWNLOAD_AGAIN}")
+    return weight_map
+
 
 def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        files = [path / name for name in sorted(set(read_index(index).values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise UnsupportedModelError(
+                f"{index.name} lists weight files that are not in {path}: {absent[:4]}; download them again"
+            )
+        return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
         if list(path.glob("*.gguf")):
@@ -36,19 +58,37 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+@contextmanager
+def open_safetensors(file: Path) -> Iterator:
+    """`safe_open` whose failures (a truncated, empty or garbage file) name the file and say to download it again."""
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError, OSError: anything that makes the file unreadable
+        raise UnsupportedModelError(f"{file} is not a readable safetensors file ({e}); {DOWNLOAD_AGAIN}") from None
+    with handle as f:
+        yield f
+
+
+def _read(f, name: str, file: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise UnsupportedModelError(f"cannot read tensor {name} from {file} ({e}); {DOWNLOAD_AGAIN}") from None
+
+
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, load) pairs over every tensor of the checkpoint; `load()` reads one tensor from disk."""
     for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
-                yield name, (lambda f=f, name=name: f.get_tensor(name))
+                yield name, (lambda f=f, name=name, file=file: _read(f, name, file))
 
 
 def checkpoint_keys(path: Path) -> set[str]:
     """Tensor names of the checkpoint, read from the safetensors headers only."""
     keys: set[str] = set()
     for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             keys.update(f.keys())
     return keys
 

@@ -7,7 +7,6 @@ index names (so a repository that also ships e.g. consolidated.safetensors is no
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -319,7 +318,9 @@ def _is_commit(name: str) -> bool:
 def _weight_files(folder: Path, repo_id: str, tree: dict[str, int | None] | None) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        from backend.loading.checkpoint import read_index
+
+        weight_map = read_index(index)
         if weight_map:
             return sorted(set(weight_map.values()))
     if tree is None:  # listing unknown (offline without a cached tree): take whatever is cached

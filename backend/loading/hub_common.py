@@ -173,10 +173,9 @@ def safetensors_files(folder: Path) -> list[Path]:
     """The weight files the loader reads: those named by model.safetensors.index.json, else *.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        import json
+        from backend.loading.checkpoint import read_index  # a garbage index names itself, says download again
 
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        return [folder / name for name in sorted(set(read_index(index).values()))]
     return sorted(folder.glob("*.safetensors"))
 
 

@@ -32,6 +32,26 @@ def architecture_of(config: PretrainedConfig) -> str:
     return archs[0] if archs else type(config).__name__.replace("Config", "ForCausalLM")
 
 
+def needs_weight_conversion(config: PretrainedConfig) -> str | None:
+    """Why the checkpoint of `config` needs transformers' own weight-name conversions before a native model can
+    read it (None: it does not). That is the case when the config's model_type is not the one of the transformers
+    class it names, and transformers registers a conversion for that model_type (e.g. model_type "exaone" with
+    architectures ["LlamaForCausalLM"]: transformers maps EXAONE's names onto Llama's when it loads)."""
+    import transformers
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    arch = architecture_of(config)
+    hf_cls = getattr(transformers, arch, None)
+    own_type = getattr(getattr(hf_cls, "config_class", None), "model_type", None)
+    model_type = getattr(config, "model_type", None)
+    if own_type is None or model_type == own_type or get_checkpoint_conversion_mapping(model_type) is None:
+        return None
+    return (
+        f"its config has model_type {model_type!r} while {arch} is a {own_type!r} model: transformers renames "
+        f"{model_type!r} checkpoints' weights when it loads them"
+    )
+
+
 def select_model_impl(config: PretrainedConfig, requested: str) -> str:
     arch = architecture_of(config)
     if requested == "transformers":
@@ -39,6 +59,15 @@ def select_model_impl(config: PretrainedConfig, requested: str) -> str:
     custom_code = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if requested == "auto" and custom_code:
         logger.info("%s ships its own modeling code (auto_map): using the transformers fallback", arch)
+        return "transformers"
+    conversion = needs_weight_conversion(config) if arch in NATIVE_MODELS else None
+    if conversion is not None:
+        if requested == "native":
+            raise UnsupportedModelError(
+                f"the native {arch} cannot load this checkpoint: {conversion}. Use model_impl='transformers' "
+                "(or 'auto', which picks it for such checkpoints)"
+            )
+        logger.info("%s: %s; using the transformers fallback, which converts them", arch, conversion)
         return "transformers"
     if arch in NATIVE_MODELS:
         return "native"

@@ -81,7 +81,7 @@ def _describe_native(model: nn.Module) -> dict:
 
 def _describe_transformers(model: nn.Module) -> dict:
     hf = model.hf
-    attention_modules = [m for m in hf.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    attention_modules = [m for m in hf.modules() if getattr(m, "flab_kv_slots", None)]  # probed (kv_layout.py)
     name = getattr(model, "attention_name", None) or getattr(hf.config, "_attn_implementation", None)
     classes = Counter(type(m).__name__ for m in attention_modules)
     return dict(
@@ -118,6 +118,53 @@ def describe_model(model: nn.Module) -> dict:
     packed_experts = sum(getattr(m, "flab_packed", None) is not None for m in model.modules())
     if packed_experts:  # backend/models/moe.py (native), backend/layers/cpu/packed_experts.py (transformers)
         info["swapped"]["MoE experts (oneDNN prepacked per expert)"] = packed_experts
+    if getattr(model, "impl_reason", None):  # why `auto` chose this implementation (backend/loading/build.py)
+        info["impl_reason"] = model.impl_reason
     info["quantized_linears"] = sum(quantized.values())
     info["parameters"] = _count_parameters(model)
+    info["rope_table_bytes"] = _rope_table_bytes(model)
+    info["module_tree"] = module_tree(model)
     return info
+
+
+def _role(name: str, module: nn.Module, native: bool) -> str:
+    """What the engine did to this module, "" when it runs as the model defines it."""
+    cls = type(module).__name__
+    if cls == "PagedAttention":
+        return "our paged attention"
+    if not native and cls.endswith("Attention") and hasattr(module, "layer_idx"):
+        return "attention function injected (ours)"
+    if hasattr(module, "load_tensor"):
+        return f"swapped: quantized linear {cls}"
+    if cls in CPU_LINEAR_CLASSES:
+        return f"swapped: {CPU_LINEAR_CLASSES[cls]}"
+    if getattr(module, "flab_packed", None) is not None:
+        return "swapped: MoE experts prepacked"
+    return ""
+
+
+def module_tree(model: nn.Module, max_rows: int = 400) -> list[dict]:
+    """The module tree as rows {name, cls, depth, role, repeat}, with the modules the engine replaced or injected
+    into marked by `role`. A list of same-class modules (the decoder layers) shows its first entry with
+    `repeat` = the count; the others have the same structure."""
+    native = getattr(model, "impl", None) == "native"
+    root = model.hf if hasattr(model, "hf") else model
+    rows: list[dict] = []
+
+    def walk(name: str, module: nn.Module, depth: int, repeat: int = 1) -> None:
+        if len(rows) >= max_rows:
+            return
+        rows.append(
+            dict(name=name, cls=type(module).__name__, depth=depth, role=_role(name, module, native), repeat=repeat)
+        )
+        children = list(module.named_children())
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and children:
+            if len({type(c).__name__ for _, c in children}) == 1:
+                first_name, first = children[0]
+                walk(f"{name}.{first_name}" if name else first_name, first, depth + 1, repeat=len(children))
+                return
+        for child_name, child in children:
+            walk(f"{name}.{child_name}" if name else child_name, child, depth + 1)
+
+    walk("", root, 0)
+    return rows

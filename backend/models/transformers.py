@@ -19,6 +19,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedCon
 from backend.errors import UnsupportedModelError
 from backend.forward_batch import ForwardBatch
 from backend.layers.attention import paged_attention
+from backend.models.kv_layout import KVProbe, probe_kv_layout
 
 ATTENTION_NAME = "fallback_lab_paged"
 BATCH_KWARG = "flab_batch"
@@ -28,30 +29,38 @@ def fallback_lab_attention(
     module: nn.Module,
     query: torch.Tensor,  # (1, Hq, T, D)
     key: torch.Tensor,  # (1, Hkv, T, D)
-    value: torch.Tensor,  # (1, Hkv, T, D)
+    value: torch.Tensor,  # (1, Hkv, T, Dv)
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    batch: ForwardBatch | None = kwargs.get(BATCH_KWARG)
+    batch: ForwardBatch | KVProbe | None = kwargs.get(BATCH_KWARG)
+    softcap, window, sinks = kwargs.get("softcap"), kwargs.get("sliding_window"), kwargs.get("s_aux")
+    if isinstance(batch, KVProbe):  # the load-time probe forward (backend/models/kv_layout.py)
+        return batch.attend(module, query, key, value, scaling, softcap, window, sinks), None
     if batch is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention was called outside the engine (no {BATCH_KWARG} kwarg)")
     q = query[0].transpose(0, 1)  # (T, Hq, D)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
-    v = value[0].transpose(0, 1)
-    out = paged_attention(
-        q,
-        k,
-        v,
-        module.layer_idx,
-        batch,
-        scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
-        softcap=kwargs.get("softcap"),
-        sliding_window=kwargs.get("sliding_window"),
-        sinks=kwargs.get("s_aux"),
-    )
-    return out.unsqueeze(0), None  # (1, T, Hq, D)
+    v = value[0].transpose(0, 1)  # (T, Hkv, Dv)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    out = paged_attention(q, k, v, kv_slot_of(module, batch), batch, scale, softcap, window, sinks)
+    return out.unsqueeze(0), None  # (1, T, Hq, Dv)
+
+
+def kv_slot_of(module: nn.Module, batch: ForwardBatch) -> int:
+    """The cache slot of this call: the probe gave each attention call of a forward its own slot."""
+    slots = getattr(module, "flab_kv_slots", None)
+    if slots is None:
+        raise RuntimeError(
+            f"{type(module).__name__} called attention but did not during the load-time probe: it has no KV cache slot"
+        )
+    if len(slots) == 1:
+        return slots[0]
+    n = batch.attention_calls.get(id(module), 0)  # calls this module made in this forward
+    batch.attention_calls[id(module)] = n + 1
+    return slots[n % len(slots)]
 
 
 def register_attention() -> str:
@@ -107,34 +116,35 @@ class TransformersModel(nn.Module):
         self._cls, self._dtype, self._trust_remote_code = cls, dtype, trust_remote_code
         params = inspect.signature(self.hf.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
-        self._check_layer_indices()
+        self.kv_slots: tuple = ()  # set by probe_kv_layout once the weights are loaded
 
     def load_with_transformers(self, path, device: torch.device) -> None:
-        """Load through transformers' own `from_pretrained` (for checkpoints that need its name conversions)."""
-        self.hf = (
-            self._cls.from_pretrained(
-                path,
-                config=copy.deepcopy(self.config),
-                attn_implementation=self.attention_name,
-                dtype=self._dtype,
-                trust_remote_code=self._trust_remote_code,
-            )
-            .to(device)
-            .eval()
+        """Load through transformers' own `from_pretrained` (for checkpoints that need its name conversions).
+
+        transformers initialises weights the checkpoint lacks at random: such a checkpoint is refused instead."""
+        hf, info = self._cls.from_pretrained(
+            path,
+            config=copy.deepcopy(self.config),
+            attn_implementation=self.attention_name,
+            dtype=self._dtype,
+            trust_remote_code=self._trust_remote_code,
+            output_loading_info=True,
         )
+        missing = sorted(info.get("missing_keys") or [])
+        mismatched = [str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or []]
+        if missing or mismatched:
+            what = f"missing {missing[:4]}" if missing else f"with the wrong shape {mismatched[:4]}"
+            raise UnsupportedModelError(
+                f"{path}: {len(missing) or len(mismatched)} weights of {type(hf).__name__} are {what} in the "
+                "checkpoint (transformers would initialise them at random); the checkpoint is incomplete or for "
+                "another model: download it again or check the model name"
+            )
+        self.hf = hf.to(device).eval()
         self.config = self.hf.config
 
-    def _check_layer_indices(self) -> None:
-        names = [type(m).__name__ for m in self.hf.modules() if type(m).__name__.endswith("Attention")]
-        without = [
-            n
-            for n, m in self.hf.named_modules()
-            if type(m).__name__.endswith("Attention") and not hasattr(m, "layer_idx")
-        ]
-        if names and without:
-            raise UnsupportedModelError(
-                f"attention modules without `layer_idx` ({without[:2]}): cannot map them to KV cache layers"
-            )
+    def probe_kv_layout(self, device: torch.device) -> None:
+        """Run the load-time probe forward: sets `kv_slots` (the cache layout) or refuses the model."""
+        self.kv_slots = probe_kv_layout(self, device)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> (R, V)

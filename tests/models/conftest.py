@@ -31,3 +31,36 @@ def tiny_variant(tmp_path_factory):
         return built[name]
 
     return make
+
+
+ARCH_SWEEP_KEY = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def arch_sweep_results(request) -> dict:
+    """model_type -> SweepResult of tests/models/test_arch_sweep.py (printed at the end of the session)."""
+    return request.config.stash.setdefault(ARCH_SWEEP_KEY, {})
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    import os
+    from collections import Counter
+    from pathlib import Path
+
+    results = config.stash.get(ARCH_SWEEP_KEY, None)
+    if not results:
+        return
+    counts = Counter(r.outcome for r in results.values())
+    terminalreporter.section("architecture sweep")
+    terminalreporter.line(
+        f"{len(results)} architectures: {counts['exact']} exact, {counts['refused']} refused, "
+        f"{counts['skipped']} skipped (HF fails), {counts['mismatch']} mismatched"
+    )
+    for outcome in ("mismatch", "refused", "skipped"):
+        for name, r in sorted(results.items()):
+            if r.outcome == outcome:
+                terminalreporter.line(f"  {outcome:8} {name}: {r.detail[:300]}")
+    if os.environ.get("ARCH_SWEEP_REPORT"):
+        from tests.models.arch_sweep import write_report
+
+        write_report(results, Path(os.environ["ARCH_SWEEP_REPORT"]))

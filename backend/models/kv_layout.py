@@ -1,0 +1,199 @@
+"""The KV cache layout, read from the model itself.
+
+Native models know theirs (one slot per layer, from their options). For a transformers model, one probe
+forward of a few tokens runs through our registered attention function on the real device: every call
+records the module that made it and the kv heads and K / V head sizes it passes. Each call of a forward gets
+its own cache slot (DiffLlama calls twice per layer, with the two halves of V), stored on the module as
+`flab_kv_slots`. The same probe proves that every decoder layer's attention reached our function: a layer
+that never calls it (its attention bypasses ALL_ATTENTION_FUNCTIONS, or it is a linear-attention /
+state-space layer) or a model holding recurrent state the paged cache does not keep is refused here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from backend.errors import UnsupportedModelError
+from backend.kv_cache import KVCacheSpec, KVSlot
+from kernels.attention_torch import _attend
+
+PROBE_TOKENS = 6
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention"}
+# Module class names of layers that carry state across tokens outside the attention K/V.
+STATEFUL_MODULE = re.compile(
+    r"Mamba|Mixer$|SSM|Ssm[A-Z]|LinearAttention|LightningAttention|DeltaNet|ShortConv|Recurrent|Rwkv|RWKV|"
+    r"[lL]stm|LSTM|Rglru|RGLRU"
+)
+
+
+@dataclass
+class AttentionCall:
+    module: nn.Module
+    num_q_heads: int
+    q_head_dim: int
+    num_kv_heads: int
+    k_head_dim: int
+    v_head_dim: int
+
+
+@dataclass
+class KVProbe:
+    """Passed as the batch kwarg during the probe forward: records each call and attends causally without a cache."""
+
+    calls: list[AttentionCall] = field(default_factory=list)
+
+    def attend(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,  # (1, Hq, T, D)
+        key: torch.Tensor,  # (1, Hkv, T, D)
+        value: torch.Tensor,  # (1, Hkv, T, Dv)
+        scale: float | None,
+        softcap: float | None,
+        sliding_window: int | None,
+        sinks: torch.Tensor | None,
+    ) -> torch.Tensor:  # (1, T, Hq, Dv)
+        self.calls.append(
+            AttentionCall(module, query.shape[1], query.shape[-1], key.shape[1], key.shape[-1], value.shape[-1])
+        )
+        if query.shape[-1] != key.shape[-1] or key.shape[1] != value.shape[1] or query.shape[1] % key.shape[1]:
+            return query.new_zeros(query.shape[:-1] + value.shape[-1:]).transpose(1, 2)  # refused after the forward
+        t = query.shape[2]
+        pos = torch.arange(t, device=query.device)
+        mask = pos[None, :] <= pos[:, None]  # (T, T) causal
+        if sliding_window is not None:
+            mask &= pos[None, :] > pos[:, None] - sliding_window
+        scale = scale if scale is not None else query.shape[-1] ** -0.5
+        out = _attend(query, key, value, mask[None, None], scale, softcap, sinks)  # (1, Hq, T, Dv)
+        return out.transpose(1, 2)
+
+
+def native_kv_spec(model: nn.Module, dtype: torch.dtype, block_size: int) -> KVCacheSpec:
+    opts = model.options
+    return KVCacheSpec.uniform(opts.num_layers, opts.num_kv_heads, opts.head_dim, dtype, block_size)
+
+
+def kv_cache_spec(model: nn.Module, dtype: torch.dtype, block_size: int, pad_head_dims: bool = False) -> KVCacheSpec:
+    """The cache layout of a loaded model (native, or a probed TransformersModel). With `pad_head_dims`
+    (the Triton kernels), a slot whose K and V head sizes differ stores both at the larger one."""
+    if getattr(model, "impl", None) == "native":
+        return native_kv_spec(model, dtype, block_size)
+    slots = getattr(model, "kv_slots", None)
+    if not slots:
+        raise UnsupportedModelError("the model's KV layout was not probed at load (no attention call was recorded)")
+    if pad_head_dims:
+        slots = tuple(s.padded() for s in slots)
+    return KVCacheSpec(tuple(slots), dtype, block_size)
+
+
+def decoder_layers(hf: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of the decoder layers (its dotted name): the first list of `num_layers` modules."""
+    best = None
+    for name, m in hf.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == num_layers and num_layers > 0:
+            if name.endswith(("layers", ".h", "blocks", "layer")):
+                return name, m
+            best = best or (name, m)
+    return best
+
+
+def _layer_kind(layer: nn.Module, config, index: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    kind = layer_types[index] if isinstance(layer_types, (list, tuple)) and index < len(layer_types) else None
+    stateful = sorted({type(m).__name__ for m in layer.modules() if STATEFUL_MODULE.search(type(m).__name__)})
+    parts = [f"layer type {kind!r}"] if kind else []
+    parts += stateful[:2]
+    return ", ".join(parts) or type(layer).__name__
+
+
+def stateful_reason(hf: nn.Module, config) -> str | None:
+    """Why a model holds state the paged KV cache does not keep (None: it does not, as far as we can tell)."""
+    if getattr(type(hf), "_is_stateful", False):
+        return f"{type(hf).__name__} is stateful (transformers marks it `_is_stateful`: recurrent / state-space layers)"
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):
+        other = [(i, str(t)) for i, t in enumerate(layer_types) if str(t) not in ATTENTION_LAYER_TYPES]
+        if other:
+            kinds = sorted({t for _, t in other})
+            return (
+                f"decoder layers {[i for i, _ in other][:8]} are {kinds} layers (config.layer_types), which keep "
+                "linear-attention / state-space state across tokens"
+            )
+    names = sorted({type(m).__name__ for m in hf.modules() if STATEFUL_MODULE.search(type(m).__name__)})
+    if names:
+        return f"it has modules {names[:3]} (linear-attention / state-space / recurrent / convolution state)"
+    return None
+
+
+def probe_kv_layout(model: nn.Module, device: torch.device) -> tuple[KVSlot, ...]:
+    """Run the probe forward of a TransformersModel and return its cache slots (in call order).
+
+    Sets `flab_kv_slots` (slot indices, one per call of a forward) on every module that called attention."""
+    from backend.models.transformers import BATCH_KWARG
+
+    hf = model.hf
+    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    arch = type(hf).__name__
+    reason = stateful_reason(hf, config)
+    if reason is not None:
+        raise UnsupportedModelError(
+            f"{arch} cannot run on the paged KV cache: {reason}; the engine keeps only attention K/V between steps"
+        )
+    probe = KVProbe()
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    ids = torch.arange(PROBE_TOKENS, device=device) % max(vocab, 1)  # (T,)
+    with torch.inference_mode():
+        hf(
+            input_ids=ids[None],
+            position_ids=torch.arange(PROBE_TOKENS, device=device)[None],
+            use_cache=False,
+            **{BATCH_KWARG: probe},
+        )
+    if not probe.calls:
+        raise UnsupportedModelError(
+            f"{arch}: no layer called the attention function during the probe forward; its attention does not go "
+            "through transformers' ALL_ATTENTION_FUNCTIONS, so the paged KV cache cannot be used"
+        )
+    bad = [
+        c for c in probe.calls if c.q_head_dim != c.k_head_dim or c.num_kv_heads == 0 or c.num_q_heads % c.num_kv_heads
+    ]
+    if bad:
+        c = bad[0]
+        raise UnsupportedModelError(
+            f"{arch}: an attention call passes q {c.num_q_heads}x{c.q_head_dim}, k {c.num_kv_heads}x{c.k_head_dim}, "
+            f"v {c.num_kv_heads}x{c.v_head_dim} (heads x head size): query and key head sizes must match and the "
+            "query heads must be a multiple of the kv heads"
+        )
+    names = {id(m): n for n, m in hf.named_modules()}
+    found = decoder_layers(hf, int(getattr(config, "num_hidden_layers", 0) or 0))
+    layer_of: dict[int, int] = {}
+    if found is not None:
+        prefix, layers = found
+        for call in probe.calls:
+            name = names.get(id(call.module), "")
+            head = name.removeprefix(prefix + ".").split(".", 1)[0] if name.startswith(prefix + ".") else ""
+            if head.isdigit():
+                layer_of[id(call.module)] = int(head)
+        missing = [i for i in range(len(layers)) if i not in set(layer_of.values())]
+        if missing:
+            kinds = sorted({_layer_kind(layers[i], config, i) for i in missing})
+            raise UnsupportedModelError(
+                f"{arch}: decoder layers {missing[:8]}{' ...' if len(missing) > 8 else ''} ({'; '.join(kinds)}) "
+                "never called the attention function: their attention bypasses ALL_ATTENTION_FUNCTIONS or they are "
+                "linear-attention / state-space layers whose state the engine does not keep"
+            )
+    slots: list[KVSlot] = []
+    per_module: dict[int, list[int]] = {}
+    for call in probe.calls:
+        layer = layer_of.get(id(call.module), getattr(call.module, "layer_idx", -1))
+        per_module.setdefault(id(call.module), []).append(len(slots))
+        slots.append(
+            KVSlot(int(layer) if layer is not None else -1, call.num_kv_heads, call.k_head_dim, call.v_head_dim)
+        )
+    for call in probe.calls:
+        call.module.flab_kv_slots = per_module[id(call.module)]
+    return tuple(slots)

@@ -12,18 +12,20 @@ from pathlib import Path
 import gradio as gr
 
 from backend.loading.memory import estimate_memory
-from ui import benchmark, compare, defaults, views
+from ui import benchmark, compare, defaults, inside, presets, views
 from ui.common import (
     LOAD_WAIT_S,
     describe,
     hub_module,
     max_len_value,
+    panel_values,
     progress_adapter,
     quantization_value,
     session_key,
     thin,
+    validate_spec,
 )
-from ui.errors import user_errors
+from ui.errors import error_status, status_errors, to_gr_error, user_errors
 from ui.plots import Series, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.session import LoadSpec, Runs, Session
 from ui.summary import summarize, summary_table
@@ -118,7 +120,18 @@ class Lab:
     # --- load -----------------------------------------------------------------------------------
 
     def spec(
-        self, choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code=False
+        self,
+        choice,
+        impl,
+        quant,
+        dtype,
+        device,
+        kv_mb,
+        block_size,
+        max_batch,
+        max_len,
+        trust_remote_code=False,
+        step_tokens=None,
     ) -> LoadSpec:
         return LoadSpec.make(
             defaults.resolve_choice(choice, self.cache_root),
@@ -131,6 +144,7 @@ class Lab:
             kv_cache_memory_gb=float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None,
             max_num_seqs=int(max_batch),
             max_model_len=max_len_value(max_len),
+            max_num_batched_tokens=int(step_tokens) if step_tokens else None,
         )
 
     def _refuse_if_others_run(self, key: str, what: str) -> None:
@@ -143,7 +157,6 @@ class Lab:
                 title="Engine busy",
             )
 
-    @user_errors("loading the model")
     def load(
         self,
         choice,
@@ -156,16 +169,47 @@ class Lab:
         max_batch,
         max_len,
         trust_remote_code=False,
+        step_tokens=None,
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
-        """-> (status markdown, engine description markdown, KV block figure)."""
+        """-> (status markdown, engine description markdown, KV block figure).
+
+        New settings are checked before the loaded engine is closed; when the new engine still fails to build,
+        the previous one is loaded again and the status says so (the error is a warning toast, not a badge)."""
         progress(0, desc="resolving the model…")
-        spec = self.spec(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code)
-        if self.session.spec != spec:
-            self._refuse_if_others_run(session_key(request), "Loading these settings")
-        engine, reused = self.session.load(spec, progress=progress_adapter(progress))
+        try:
+            spec = self.spec(
+                choice,
+                impl,
+                quant,
+                dtype,
+                device,
+                kv_mb,
+                block_size,
+                max_batch,
+                max_len,
+                trust_remote_code,
+                step_tokens,
+            )
+            if self.session.spec != spec:
+                self._refuse_if_others_run(session_key(request), "Loading these settings")
+                validate_spec(spec)
+            engine, reused = self.session.load(spec, progress=progress_adapter(progress))
+        except Exception as e:
+            err = to_gr_error(e, "loading the model")
+            gr.Warning(err.message, title=err.title or "Load failed")
+            return self._failed_load_views(err)
         return self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))
+
+    def _failed_load_views(self, err: gr.Error):
+        engine = self.session.current()
+        head = f"**Load failed** — {error_status(err)}"
+        if engine is None:
+            return f"{head}\n\n**No engine is loaded.** Fix the settings and press Load.", "", gr.skip()
+        again = " (it was loaded again)" if self.session.restored is not None else ""
+        status, desc, kv = self._current_views(engine, how=f"still loaded, unchanged{again}")
+        return f"{head}\n\n{status}", desc, kv
 
     def _loaded_views(self, engine, reused: bool, impl: str, quant: str, is_default: bool):
         info = describe(engine)
@@ -174,8 +218,16 @@ class Lab:
                 f"This checkpoint is quantized ({info['quantization']}); it loads as it is "
                 "(dequantizing to full precision is not supported)."
             )
-        status = views.load_status_markdown(info, impl, reused, self.session.load_seconds, is_default)
-        return status, views.describe_markdown(info), kv_cache_figure(engine.kv_cache_view())
+        status = views.load_status_markdown(
+            info, impl, reused, self.session.load_seconds, is_default, default_label=defaults.DEFAULT_LABEL
+        )
+        return status, self._describe_md(engine, info), kv_cache_figure(engine.kv_cache_view())
+
+    def _is_default_engine(self, engine) -> bool:
+        return str(engine.config.model) == str(defaults.default_model_path(self.cache_root))
+
+    def _describe_md(self, engine, info: dict) -> str:
+        return views.describe_markdown(info, defaults.DEFAULT_LABEL if self._is_default_engine(engine) else None)
 
     def startup(
         self,
@@ -189,37 +241,73 @@ class Lab:
         max_batch,
         max_len,
         trust_remote_code=False,
+        step_tokens=None,
         progress=gr.Progress(),
     ):
-        """Page load: fill the picker and make sure some engine is there (the default model when none is)."""
+        """Page load: fill the picker and make sure some engine is there (the default model when none is).
+
+        -> (picker note, model dropdown, load status, description, KV figure, then the panel's other nine
+        values): the panel shows the loaded engine's settings, also after a page reload while another model
+        is loaded."""
         note, dropdown = self.refresh_picker()
+        panel = (
+            choice,
+            impl,
+            quant,
+            dtype,
+            device,
+            kv_mb,
+            block_size,
+            max_batch,
+            max_len,
+            trust_remote_code,
+            step_tokens,
+        )
         try:
-            spec = self.spec(
-                choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code
-            )
+            spec = self.spec(*panel)
             # never replaces an engine someone is using
             engine, already = self.session.load_if_empty(spec, progress=progress_adapter(progress))
             if already:
                 status, desc, kv = self._current_views(engine)
             else:
                 status, desc, kv = self._loaded_views(engine, False, impl, quant, defaults.is_default(choice))
+            if self.session.spec is not None:
+                panel = panel_values(self.session.spec, self.cache_root)
         except Exception as e:  # the page must open even when the default cannot load
-            status, desc, kv = f"**Could not load** {choice}: {e}. Pick another model and press Load.", "", gr.skip()
-        return note, dropdown, status, desc, kv
+            err = to_gr_error(e, "loading the default model")
+            status, desc, kv = (
+                f"**Could not load** {choice}: {err.message} Pick another model and press Load.",
+                "",
+                gr.skip(),
+            )
+        choices = dropdown.choices or []
+        if panel[0] not in [c[1] if isinstance(c, (tuple, list)) else c for c in choices]:
+            choices = list(choices) + [(f"{panel[0]}  (loaded)", panel[0])]
+        offline = self.offline()
+        search = gr.Textbox(
+            interactive=not offline,
+            placeholder="offline (no Hub access): search is off" if offline else "search the Hub (e.g. qwen, smollm)",
+        )
+        return (
+            (note, gr.Dropdown(choices=choices, value=panel[0]), status, desc, kv)
+            + tuple(panel[1:])
+            + (search, gr.Button(interactive=not offline))
+        )
 
-    def _current_views(self, engine):
+    def _current_views(self, engine, how: str = "already loaded (one engine, shared by this app's users)"):
         info = describe(engine)
         spec = self.session.spec
-        is_default = str(engine.config.model) == str(defaults.default_model_path(self.cache_root))
+        is_default = self._is_default_engine(engine)
         status = views.load_status_markdown(
             info,
             spec.model_impl if spec else "auto",
             True,
             self.session.load_seconds,
             is_default,
-            how="already loaded (one engine, shared by this app's users)",
+            how=how,
+            default_label=defaults.DEFAULT_LABEL,
         )
-        return status, views.describe_markdown(info), kv_cache_figure(engine.kv_cache_view())
+        return status, self._describe_md(engine, info), kv_cache_figure(engine.kv_cache_view())
 
     def _engine(self):
         engine = self.session.current(wait=LOAD_WAIT_S)  # a load in progress (e.g. at page load) finishes first
@@ -251,7 +339,39 @@ class Lab:
             raise gr.Error("Type a prompt first (one per line in 'one prompt per line' mode).", title="No prompt")
         return prompts
 
-    @user_errors("generating")
+    @staticmethod
+    def _max_new(value) -> int:
+        """The 'max new tokens' box: refused below 1 (not silently raised to 1)."""
+        if value is None or value != value or int(value) != value or value < 1:
+            raise gr.Error(
+                f"max new tokens must be a whole number of at least 1, got {value!r}.", title="Max new tokens"
+            )
+        return int(value)
+
+    @staticmethod
+    def cap_notes(max_model_len: int, prompt_lens: list[int], max_new: int) -> list[str]:
+        """Where the context (not max new tokens) will end a request: said before the run starts."""
+        longest = max(prompt_lens, default=0)
+        room = max_model_len - longest
+        if max_new <= room or room <= 0:  # room <= 0: the engine refuses the prompt itself, with the numbers
+            return []
+        return [
+            f"max new tokens {max_new} is more than the context leaves: {max_model_len} tokens − {longest} "
+            f"prompt tokens = {room}, so requests stop at the context limit (finish reason `length`)."
+        ]
+
+    @staticmethod
+    def _context_stops(engine, results) -> list[str]:
+        """Requests that the context (not max new tokens) ended."""
+        hit = [r.index for r in results if r.finish_reason == "length" and r.max_new and r.num_tokens < r.max_new]
+        if not hit:
+            return []
+        shown = ", ".join(f"#{i}" for i in hit[:8]) + (" …" if len(hit) > 8 else "")
+        return [
+            f"request(s) {shown} stopped at the context limit ({engine.max_model_len} tokens) before max new tokens."
+        ]
+
+    @status_errors("generating", outputs=9, status=2)
     def generate(
         self,
         prompt,
@@ -264,17 +384,24 @@ class Lab:
         max_new,
         seed,
         ignore_eos,
+        gap_s=0.0,
         request: gr.Request = None,
     ):
         """Yields (first output, outputs table, run status, throughput, TTFT, batch, memory, summary, KV view)."""
         engine = self._engine()
         prompts = self._prompts(prompt, mode, copies)
+        max_new = self._max_new(max_new)
         if use_chat_template and not getattr(engine.tokenizer, "chat_template", None):
             gr.Warning("This tokenizer has no chat template: the prompt is sent as it is.")
         params = self._params(len(prompts), temperature, top_p, top_k, max_new, seed, ignore_eos)
         key = session_key(request)
         handle = self.runs.start(key)
-        wl = Workload(engine, prompts, params, bool(use_chat_template), handle.cancel).start()
+        before = engine.stats()
+        wl = Workload(engine, prompts, params, bool(use_chat_template), handle.cancel, gap_s=float(gap_s or 0))
+        notes = self.cap_notes(engine.max_model_len, wl.prompt_lens, max_new)
+        for note in notes:
+            gr.Warning(note, title="Capped by the context")
+        wl.start()
         handle.stoppers.append(wl.stop)
         try:
             last_kv = 0.0
@@ -285,7 +412,9 @@ class Lab:
                 kv = gr.skip()
                 if finished or now - last_kv > 1.0:
                     kv, last_kv = kv_cache_figure(engine.kv_cache_view()), now
-                yield self._generate_views(engine, results, series, finished, handle.cancel.is_set(), wl.wall_s, kv)
+                yield self._generate_views(
+                    engine, results, series, finished, handle.cancel.is_set(), wl.wall_s, kv, notes, before
+                )
                 if finished:
                     return
         finally:
@@ -293,12 +422,25 @@ class Lab:
                 wl.stop()
             self.runs.finish(key, handle)
 
-    def _generate_views(self, engine, results, series: Series, finished: bool, stopped: bool, wall_s: float, kv):
+    def _generate_views(
+        self,
+        engine,
+        results,
+        series: Series,
+        finished: bool,
+        stopped: bool,
+        wall_s: float,
+        kv,
+        notes=(),
+        before=None,
+    ):
         kv_used = kv_total = None
+        stats = engine.stats()
         if finished:
-            stats = engine.stats()
             kv_used, kv_total = stats.kv_blocks_used, stats.kv_blocks_total
-        status = views.run_status_markdown(results, len(series), finished, stopped, kv_used, kv_total)
+        counters = views.counters_markdown(before, stats, series) if before is not None else ""
+        notes = list(notes) + self._context_stops(engine, results) if finished else list(notes)
+        status = views.run_status_markdown(results, len(series), finished, stopped, kv_used, kv_total, notes, counters)
         runs = {"run": thin(series)}
         table = summary_table({"value": summarize(results, series, wall_s)})
         return (
@@ -313,13 +455,26 @@ class Lab:
             kv,
         )
 
-    def stop(self, request: gr.Request = None) -> str:
+    def stop(self, request: gr.Request = None):
+        """Stop this browser session's runs. With nothing running the status keeps what it shows (a run that has
+        just ended keeps its result) and a toast says so."""
         n = self.runs.stop(session_key(request))
-        return "**stopping**: requests aborted, their KV blocks are freed." if n else "Nothing is running."
+        if n:
+            return "**stopping**: requests aborted, their KV blocks are freed."
+        gr.Info("Nothing is running.")
+        return gr.skip()
 
     # --- compare --------------------------------------------------------------------------------
 
-    @user_errors("comparing")
+    def _restore(self, previous: LoadSpec | None, what: str) -> str | None:
+        """Load `previous` again after Compare / Benchmark replaced it: -> the load status, None when none was."""
+        if previous is None:
+            return None
+        engine, reused = self.session.load(previous)
+        how = "still loaded" if reused else f"loaded again after {what} ({self.session.load_seconds:.1f} s)"
+        return self._current_views(engine, how=how)[0]
+
+    @status_errors("comparing", outputs=8, status=0)
     def compare(
         self,
         choice,
@@ -340,19 +495,23 @@ class Lab:
         max_new,
         ignore_eos,
         trust_remote_code=False,
+        step_tokens=None,
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
         """Run the same greedy workload with settings A then B (one engine at a time); overlay the curves.
 
+        The lab's engine (the left panel's) is loaded again at the end, so the panel still tells the truth.
         Yields (status, throughput, TTFT, memory, batch, summary table, agreement table, load status)."""
         from backend import SamplingParams
 
         prompts = self._prompts(prompt, mode, copies)
-        params = SamplingParams(max_new_tokens=int(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
+        params = SamplingParams(max_new_tokens=self._max_new(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
         sides_to_run = compare.settings(a_impl, a_quant, b_impl, b_quant)
         key = session_key(request)
         self._refuse_if_others_run(key, "Comparing")
+        previous = self.session.spec
+        restored = False
         handle = self.runs.start(key)
         sides: dict[str, compare.Side] = {}
         decode = None
@@ -363,11 +522,21 @@ class Lab:
                     break
                 yield (f"**Loading** {name}: {impl} / {quant}…",) + (skip,) * 7
                 spec = self.spec(
-                    choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code
+                    choice,
+                    impl,
+                    quant,
+                    dtype,
+                    device,
+                    kv_mb,
+                    block_size,
+                    max_batch,
+                    max_len,
+                    trust_remote_code,
+                    step_tokens,
                 )
-                engine, reused = self.session.load(spec, progress=progress_adapter(progress))
+                validate_spec(spec)
+                engine, _ = self.session.load(spec, progress=progress_adapter(progress))
                 label = compare.label(name, engine.model_impl, impl, quant)
-                load_status = self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))[0]
                 decode = engine.tokenizer.decode
                 wl = Workload(engine, prompts, [params] * len(prompts), bool(use_chat_template), handle.cancel).start()
                 handle.stoppers.append(wl.stop)
@@ -377,7 +546,7 @@ class Lab:
                         results, series = wl.snapshot()
                         sides[name] = compare.Side(label, results, series, wl.wall_s)
                         status = f"**Running** {label}: {sum(r.num_tokens for r in results)} tokens"
-                        yield (status,) + compare.figures(sides) + (skip, skip, load_status)
+                        yield (status,) + compare.figures(sides) + (skip, skip, skip)
                         if finished:
                             break
                 finally:
@@ -385,15 +554,23 @@ class Lab:
                         wl.stop()
                     handle.stoppers.remove(wl.stop)
             table, agree = compare.tables(sides, decode)
-            yield (
-                (compare.verdict(sides, agree, handle.cancel.is_set()),) + compare.figures(sides) + (table, agree, skip)
-            )
+            verdict = compare.verdict(sides, agree, handle.cancel.is_set())
+            yield (f"{verdict}  \n_loading the lab's engine again…_",) + compare.figures(sides) + (table, agree, skip)
+            load_status = self._restore(previous, "Compare")
+            restored = True
+            back = "  \nthe lab's engine (left panel) is loaded again" if load_status else ""
+            yield (verdict + back,) + compare.figures(sides) + (table, agree, load_status or skip)
         finally:
             self.runs.finish(key, handle)
+            if not restored:  # an error or the page went away: still give the lab its engine back
+                try:
+                    self._restore(previous, "Compare")
+                except Exception as e:
+                    to_gr_error(e, "loading the lab's engine again after Compare")
 
     # --- benchmark ------------------------------------------------------------------------------
 
-    @user_errors("benchmarking")
+    @status_errors("benchmarking", outputs=5, status=0)
     def benchmark(
         self,
         choice,
@@ -410,18 +587,24 @@ class Lab:
         progress=gr.Progress(),
     ):
         """backend/tools/bench.py from the app (ui/benchmark.py). The lab's engine is closed first: every system
-        loads the model itself. Yields (status, bar figure, results table, JSON file, load status)."""
+        loads the model itself; the lab's engine is loaded again at the end (also after an error or Stop).
+        Yields (status, bar figure, results table, JSON file, load status)."""
         from backend.tools.bench import BenchOptions, prepare
 
         n, reps = benchmark.validate(workloads, systems, num_requests, repeat)
         key = session_key(request)
         self._refuse_if_others_run(key, "The benchmark")
+        previous = self.session.spec
+        restored = False
         handle = self.runs.start(key)
         try:
             name = defaults.resolve_choice(choice, self.cache_root)
             path = str(hub_module().resolve_model(name, progress=progress_adapter(progress)))
             self.session.close()
-            closed = "No engine loaded: the benchmark closed it to free memory. Press Load to load one again."
+            closed = (
+                "**The benchmark closed the lab's engine** to free memory (each system loads the model itself); "
+                "it is loaded again when the benchmark ends."
+            )
             opts = BenchOptions(
                 dtype=dtype or "auto",
                 device=device or "auto",
@@ -441,17 +624,76 @@ class Lab:
             )
             for update in benchmark.run(setup, list(systems), opts, handle.cancel, max(self.update_s, 1.0), note):
                 yield update + (gr.skip(),)
+            load_status = self._restore(previous, "the benchmark")
+            restored = True
+            yield (gr.skip(),) * 4 + (load_status or "No engine loaded: press Load.",)
         finally:
             self.runs.finish(key, handle)
+            if not restored:
+                try:
+                    self._restore(previous, "the benchmark")
+                except Exception as e:
+                    to_gr_error(e, "loading the lab's engine again after the benchmark")
+
+    # --- presets --------------------------------------------------------------------------------
+
+    def preset(self, key: str, choice):
+        """-> the values a preset puts in the panels: (kv_mb, max_batch, step_tokens, max_len, prompt, mode,
+        copies, max_new, temperature, ignore_eos, gap_s, chat, run status explaining what to watch)."""
+        p = presets.BY_KEY[key]
+        engine = self.session.current()
+        per_block = None
+        if engine is not None:
+            kv = describe(engine).get("kv_cache") or {}
+            if kv.get("bytes") and kv.get("num_blocks"):
+                per_block = kv["bytes"] // kv["num_blocks"]
+        kv_mb = presets.kv_mb_for(p, per_block, defaults.suggested_kv_mb(choice))
+        status = f"**Preset: {p.label}** — {p.explain}"
+        return (
+            kv_mb,
+            p.max_batch,
+            p.step_tokens,
+            0,
+            p.prompt,
+            p.mode,
+            p.copies,
+            p.max_new,
+            0.0,
+            True,
+            p.gap_s,
+            True,
+            status,
+        )
 
     # --- inside the engine ----------------------------------------------------------------------
+
+    @status_errors("tracing a step", outputs=3, status=0)
+    def trace(self, prompt: str):
+        """One traced step (backend/models/trace.py): a short request decoding while `prompt` is prefilled.
+        Yields (summary markdown, calls table rows, module tree html)."""
+        from backend.models.trace import trace_attention_calls
+
+        engine = self._engine()
+        text = (prompt or "").strip() or "The capital of France is"
+        encode = engine.tokenizer.encode
+        calls = trace_attention_calls(engine, [encode("Hello, my name is"), encode(text)])
+        info = describe(engine)
+        yield (
+            inside.trace_summary(calls, info.get("implementation", "")),
+            inside.trace_rows(calls),
+            inside.tree_html(info.get("module_tree")),
+        )
+
+    def tree(self) -> str:
+        engine = self.session.current()
+        return inside.tree_html(describe(engine).get("module_tree") if engine is not None else None)
 
     def inspect(self):
         """-> (engine description markdown, KV block figure)."""
         engine = self.session.current()
         if engine is None:
             return views.describe_markdown(None), kv_cache_figure([])
-        return views.describe_markdown(describe(engine)), kv_cache_figure(engine.kv_cache_view())
+        return self._describe_md(engine, describe(engine)), kv_cache_figure(engine.kv_cache_view())
 
     def kv_view(self):
         engine = self.session.current()

@@ -14,6 +14,7 @@ BLOCK_SIZES = [8, 16, 32, 64, 128]
 MODE_CHOICES = [("copies of the prompt", "copies"), ("one prompt per line", "lines")]
 SUMMARY_HEADERS = ["metric", "value"]
 AGREEMENT_HEADERS = ["request", "prompt", "greedy outputs", "first difference"]
+STEP_TOKENS = 2048  # EngineConfig.max_num_batched_tokens' default, shown in the panel
 LOAD_WAIT_S = 600.0  # Generate waits this long for a model that is still loading
 
 
@@ -81,3 +82,44 @@ def thin(series: Series, max_points: int = 1500) -> Series:
         return series
     k = -(-n // max_points)
     return Series(**{name: values[::k] for name, values in vars(series).items()})
+
+
+def panel_values(spec, cache_root=None) -> tuple:
+    """A LoadSpec -> the left panel's values (model, impl, quant, dtype, device, kv_mb, block_size, max_batch,
+    max_len, trust_remote_code, step_tokens): what the panel shows for the engine that is loaded."""
+    from ui import defaults
+
+    opts = dict(spec.options)
+    model = spec.model
+    if model == str(defaults.default_model_path(cache_root)):
+        model = defaults.DEFAULT_CHOICE
+    kv_gb = opts.get("kv_cache_memory_gb")
+    return (
+        model,
+        spec.model_impl,
+        spec.quantization or "as in checkpoint",
+        spec.dtype,
+        spec.device,
+        round(kv_gb * 1024, 3) if kv_gb else 0,
+        opts.get("block_size", 16),
+        opts.get("max_num_seqs", 16),
+        opts.get("max_model_len") or 0,
+        spec.trust_remote_code,
+        opts.get("max_num_batched_tokens", STEP_TOKENS),
+    )
+
+
+def validate_spec(spec) -> None:
+    """Refuse settings that cannot load before the loaded engine is closed: engine options, a GGUF file, a local
+    folder that is missing or holds no checkpoint (raises EngineError subclasses, as the engine would)."""
+    from backend.config import EngineConfig
+    from backend.loading import hub_common
+
+    EngineConfig.from_kwargs(spec.model, **spec.engine_kwargs())
+    if hub_common.is_gguf_name(spec.model):
+        from backend.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"{spec.model}: {hub_common.GGUF_MESSAGE}")
+    folder = hub_common.local_path(spec.model)
+    if folder is not None:
+        hub_common.check_local_folder(folder)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import gradio as gr
 
 from ui import defaults
@@ -15,17 +17,58 @@ from ui.common import (
     IMPL_CHOICES,
     MODE_CHOICES,
     QUANT_CHOICES,
+    STEP_TOKENS,
     SUMMARY_HEADERS,
     device_choices,
 )
 from ui.gpu import gpu
+from ui.inside import TRACE_HEADERS
 from ui.plots import batch_figure, bench_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
+from ui.presets import PRESETS
 from ui.views import RESULT_HEADERS, SEARCH_HEADERS
 
 CSS = """
 .flab-status p { margin: 0.2em 0; }
+.flab-intro p { margin: 0.15em 0; color: #374151; }
 #flab-output textarea { font-family: ui-monospace, monospace; }
+.flab-tree { font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.45; }
+.flab-node code { color: #6b7280; background: none; }
+.flab-hit { background: #fef3c7; border-left: 3px solid #d97706; }
+.flab-role { color: #b45309; font-weight: 600; }
+.flab-repeat { color: #2563eb; }
+#flab-bench-table, #flab-results { overflow-x: auto; }
 """
+INTRO = {
+    "generate": (
+        "**What you are seeing.** Every request streams through one engine loop. **Continuous batching**: each "
+        "step runs every active request together, new ones join as soon as they arrive and finished ones leave "
+        "(batch plot). A step either **prefills** prompt tokens (long, compute-bound) or **decodes** one token "
+        "per request (throughput plot). Try a preset to make one mechanism show."
+    ),
+    "compare": (
+        "**What you are seeing.** The same greedy workload run twice, one engine at a time: e.g. our **native** "
+        "modules against the HF modeling code with **our attention injected** (transformers). Greedy tokens "
+        "must agree token for token (the table at the bottom); the curves show what each costs. The lab's "
+        "engine is loaded again afterwards."
+    ),
+    "benchmark": (
+        "**What you are seeing.** Output tokens/s of our engine against transformers' own `generate()` (a "
+        "padded batch: every row waits for the longest) and `generate_batch()` (its continuous batching), same "
+        "seeded prompts, one run each, as ratios to HF `generate()` on the bars."
+    ),
+    "inside": (
+        "**What you are seeing.** The **KV cache** is cut into blocks of a few tokens; each request holds a "
+        "list of blocks (its block table), so memory grows with the sequence and is freed when it ends. "
+        "**Prefix caching**: a full block is keyed by its tokens, and a later prompt with the same start reuses "
+        "it (shared, ref_count > 1). Below: the module tree with where our code runs, and one traced step."
+    ),
+}
+KV_LEGEND = (
+    "_One cell = one block (or a group of blocks on large caches: the cell takes the busiest state of its "
+    "group). Colour = owner request (number in the cell, hover for the block range and ref_count); yellow = "
+    "shared by several requests (prefix hit); green = free but still holding a cached prefix (reusable); "
+    "light grey = free._"
+)
 THEME = gr.themes.Soft(primary_hue="blue")
 GENERATE_CONCURRENCY = 8  # streams from several users share the engine's batch (continuous batching)
 DEFAULT_PROMPT = "Once upon a time"
@@ -90,14 +133,27 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             label="KV cache budget (MB, 0 = auto)",
                         )
                         max_len = gr.Number(value=0, minimum=0, precision=0, label="Max context (0 = model's)")
-                    max_batch = gr.Slider(1, 64, value=16, step=1, label="Max batch (sequences per step)")
+                    with gr.Row():
+                        max_batch = gr.Slider(1, 64, value=16, step=1, label="Max batch (sequences per step)")
+                        step_tokens = gr.Number(
+                            value=STEP_TOKENS,
+                            minimum=16,
+                            precision=0,
+                            label="Token budget per step",
+                            info="longer prompts are prefilled in chunks of this size",
+                        )
                     trust = gr.Checkbox(False, label="trust_remote_code (runs code from the model repo)")
                     load_btn = gr.Button("Load", variant="primary")
-                load_status = gr.Markdown(elem_classes="flab-status")
 
             with gr.Column(scale=3):
+                load_status = gr.Markdown(elem_classes="flab-status", elem_id="flab-load-status")
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
+                        gr.Markdown(INTRO["generate"], elem_classes="flab-intro")
+                        with gr.Row():
+                            preset_btns = {
+                                p.key: gr.Button(p.label, size="sm", elem_id=f"flab-preset-{p.key}") for p in PRESETS
+                            }
                         prompt = gr.Textbox(DEFAULT_PROMPT, lines=3, label="Prompt", elem_id="flab-prompt")
                         with gr.Row():
                             mode = gr.Radio(MODE_CHOICES, value="copies", label="Parallel requests")
@@ -109,9 +165,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
                                 top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
                             with gr.Row():
-                                max_new = gr.Slider(
-                                    1, 1024, value=64, step=1, label="max new tokens", elem_id="flab-max-new"
-                                )
+                                max_new = gr.Number(64, precision=0, label="max new tokens", elem_id="flab-max-new")
+                                gap = gr.Slider(0, 2, value=0, step=0.05, label="arrival gap (s between requests)")
                                 seed = gr.Number(0, precision=0, label="seed (-1 = random)")
                                 ignore_eos = gr.Checkbox(False, label="ignore EOS (always max new tokens)")
                         with gr.Row():
@@ -122,6 +177,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         results = gr.Dataframe(
                             headers=RESULT_HEADERS,
                             label="All requests",
+                            elem_id="flab-results",
                             wrap=True,
                             max_height=300,
                             column_widths=["4%", "8%", "7%", "8%", "18%", "55%"],
@@ -135,6 +191,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         summary = gr.Dataframe(headers=SUMMARY_HEADERS, label="Summary")
 
                     with gr.Tab("Compare", id="compare"):
+                        gr.Markdown(INTRO["compare"], elem_classes="flab-intro")
                         gr.Markdown(
                             "Run the same greedy workload with two settings of the selected model, one after "
                             "the other (one engine at a time), and overlay what they did. Engine options "
@@ -151,7 +208,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         with gr.Row():
                             cmp_mode = gr.Radio(MODE_CHOICES, value="lines", label="Parallel requests")
                             cmp_copies = gr.Slider(1, 32, value=2, step=1, label="copies")
-                            cmp_max_new = gr.Slider(1, 512, value=32, step=1, label="max new tokens (greedy)")
+                            cmp_max_new = gr.Number(32, precision=0, label="max new tokens (greedy)")
                             cmp_ignore_eos = gr.Checkbox(True, label="ignore EOS")
                         with gr.Row():
                             cmp_btn = gr.Button("Compare", variant="primary", elem_id="flab-compare")
@@ -167,6 +224,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         cmp_agree = gr.Dataframe(headers=AGREEMENT_HEADERS, label="Greedy agreement", wrap=True)
 
                     with gr.Tab("Benchmark", id="benchmark"):
+                        gr.Markdown(INTRO["benchmark"], elem_classes="flab-intro")
                         gr.Markdown(
                             "Our engine against transformers' own `generate()` (padded batch) and "
                             "`generate_batch()` (its continuous batching) on the same seeded prompts, in one "
@@ -199,26 +257,45 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         bench_status = gr.Markdown(elem_classes="flab-status", elem_id="flab-bench-status")
                         bench_plot = gr.Plot(bench_figure([]), show_label=False, elem_id="flab-bench-plot")
                         bench_table = gr.Dataframe(
-                            headers=BENCH_HEADERS, label="Results (same rows as the CLI)", wrap=True
+                            headers=BENCH_HEADERS,
+                            label="Results (same rows as the CLI)",
+                            wrap=True,
+                            elem_id="flab-bench-table",
                         )
                         bench_json = gr.File(label="Every number (JSON, as `--json` writes it)", interactive=False)
 
                     with gr.Tab("Inside the engine", id="inside"):
+                        gr.Markdown(INTRO["inside"], elem_classes="flab-intro")
                         with gr.Row():
                             refresh_btn = gr.Button("Refresh", size="sm")
                             live = gr.Checkbox(False, label="live block view (1 s)")
-                        kv_plot = gr.Plot(kv_cache_figure([]), show_label=False)
+                        kv_plot = gr.Plot(kv_cache_figure([]), show_label=False, elem_id="flab-kv")
+                        gr.Markdown(KV_LEGEND, elem_classes="flab-intro")
+                        with gr.Accordion("The injection, shown: one traced step", open=True):
+                            with gr.Row():
+                                trace_prompt = gr.Textbox(
+                                    "The capital of France is", label="prompt prefilled in the traced step", scale=3
+                                )
+                                trace_btn = gr.Button("Trace one step", scale=1, elem_id="flab-trace")
+                            trace_md = gr.Markdown(elem_classes="flab-status", elem_id="flab-trace-status")
+                            trace_table = gr.Dataframe(
+                                headers=TRACE_HEADERS, label="What our attention received, per layer", wrap=True
+                            )
+                            tree_html = gr.HTML(elem_id="flab-tree")
                         describe_md = gr.Markdown()
                         timer = gr.Timer(1.0, active=False)
 
-        load_inputs = [model, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust]
+        load_inputs = [model, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust, step_tokens]
         estimate_inputs = [model, dtype, quant, kv_mb, max_len, max_batch]
 
-        demo.load(lab.startup, load_inputs, [picker_note, model, load_status, describe_md, kv_plot], api_name="startup")
+        startup_outputs = [picker_note, model, load_status, describe_md, kv_plot] + load_inputs[1:]
+        demo.load(lab.startup, load_inputs, startup_outputs + [search_box, search_btn], api_name="startup").then(
+            lab.tree, None, tree_html, api_name=False
+        )
         demo.load(lab.estimate, estimate_inputs, estimate_md, api_name=False)
         gr.on([search_btn.click, search_box.submit], lab.search_table, search_box, search_results, api_name="search")
         search_results.select(lab.pick_search_result, None, model, api_name=False)
-        model.change(lab.suggest_kv_mb, model, kv_mb, api_name=False)
+        model.input(lab.suggest_kv_mb, model, kv_mb, api_name=False)  # a user's pick, not the page-load restore
         gr.on(
             [model.change, dtype.change, quant.change, kv_mb.change, max_len.change, max_batch.release],
             lab.estimate,
@@ -234,9 +311,9 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             api_name="load",
             concurrency_id="engine",
             concurrency_limit=1,
-        )
+        ).then(lab.tree, None, tree_html, api_name=False)
 
-        gen_inputs = [prompt, chat, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos]
+        gen_inputs = [prompt, chat, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos, gap]
         gen_outputs = [output, results, run_status, thr_plot, ttft_plot, batch_plot, mem_plot, summary, kv_plot]
         gr.on(
             [gen_btn.click, prompt.submit],
@@ -247,6 +324,17 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             concurrency_limit=GENERATE_CONCURRENCY,
         )
         stop_btn.click(lab.stop, None, run_status, api_name="stop", concurrency_limit=None)
+        preset_outputs = [kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temperature]
+        preset_outputs += [ignore_eos, gap, chat, run_status]
+        for key, btn in preset_btns.items():
+            btn.click(functools.partial(lab.preset, key), model, preset_outputs, api_name=f"preset_{key}").then(
+                gpu(lab.load),
+                load_inputs,
+                [load_status, describe_md, kv_plot],
+                api_name=False,
+                concurrency_id="engine",
+                concurrency_limit=1,
+            ).then(gpu(lab.generate), gen_inputs, gen_outputs, api_name=False, concurrency_limit=GENERATE_CONCURRENCY)
 
         cmp_inputs = [
             model,
@@ -267,6 +355,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             cmp_max_new,
             cmp_ignore_eos,
             trust,
+            step_tokens,
         ]
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
         cmp_btn.click(
@@ -302,6 +391,9 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         bench_stop.click(lab.stop, None, bench_status, api_name="stop_benchmark", concurrency_limit=None)
 
         refresh_btn.click(lab.inspect, None, [describe_md, kv_plot], api_name="inspect")
+        trace_btn.click(
+            gpu(lab.trace), trace_prompt, [trace_md, trace_table, tree_html], api_name="trace", concurrency_id="engine"
+        )
         live.change(lambda on: gr.Timer(active=bool(on)), live, timer, api_name=False)
         timer.tick(lab.kv_view, None, kv_plot, api_name=False, show_progress="hidden")
     return demo

@@ -8,10 +8,13 @@ Also keeps track of the runs in flight per browser session so that Stop can canc
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,17 +67,35 @@ class Session:
         self.engine = None
         self.spec: LoadSpec | None = None
         self.load_seconds = 0.0
+        self.restored: LoadSpec | None = None  # set when the last load failed and the previous engine came back
 
     def load(self, spec: LoadSpec, progress: Callable | None = None) -> tuple[Any, bool]:
-        """Return (engine, reused). Closes the current engine when the settings differ."""
+        """Return (engine, reused). Closes the current engine when the settings differ (its memory is freed
+        before the new weights arrive). When the new engine fails to build, the previous settings are loaded
+        again (`restored` is then their spec) before the error propagates: a failed load never leaves the
+        lab without the engine it had."""
         with self._lock:
+            self.restored = None
             if self.engine is not None and self.spec == spec:
                 return self.engine, True
+            previous = self.spec
             self._close_locked()
-            start = time.perf_counter()
-            engine = self._factory(spec.model, progress=progress, **spec.engine_kwargs())
-            self.engine, self.spec, self.load_seconds = engine, spec, time.perf_counter() - start
-            return engine, False
+            try:
+                return self._build(spec, progress), False
+            except BaseException:
+                if previous is not None:
+                    try:
+                        self._build(previous, None)
+                        self.restored = previous
+                    except Exception as again:  # the old settings fail now too: no engine, say why in the log
+                        logger.warning("could not load the previous engine again: %s: %s", type(again).__name__, again)
+                raise
+
+    def _build(self, spec: LoadSpec, progress: Callable | None):
+        start = time.perf_counter()
+        engine = self._factory(spec.model, progress=progress, **spec.engine_kwargs())
+        self.engine, self.spec, self.load_seconds = engine, spec, time.perf_counter() - start
+        return engine
 
     def load_if_empty(self, spec: LoadSpec, progress: Callable | None = None) -> tuple[Any, bool]:
         """Load `spec` only when no engine is loaded (after any load in progress); else keep the current one."""

@@ -20,6 +20,7 @@ class RequestResult:
     latency: float | None = None  # seconds
     error: str | None = None
     request_id: int | None = None
+    max_new: int | None = None  # the request's max new tokens (to tell a context stop from a length stop)
 
     @property
     def num_tokens(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ui.fmt import fmt_bytes, fmt_count  # noqa: F401  (re-exported)
 from ui.summary import RequestResult
 
@@ -30,7 +32,10 @@ _DESCRIBE_ORDER = (
     "quantized_linears",
     "weights_bytes",
 )
-_FLATTEN = ("kv_cache",)  # nested dicts shown as one row per entry
+_FLATTEN = ("kv_cache",)
+_HIDDEN = (
+    "module_tree",
+)  # shown by the module tree view (ui/inside.py), not as a table row  # nested dicts shown as one row per entry
 
 
 def _inline(value) -> str:
@@ -59,10 +64,13 @@ def _cell(key: str, value) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def describe_markdown(info: dict | None) -> str:
-    """engine.describe() as a two-column markdown table (kv_cache entries flattened as `kv_cache.x`)."""
+def describe_markdown(info: dict | None, name: str | None = None) -> str:
+    """engine.describe() as a two-column markdown table (kv_cache entries flattened as `kv_cache.x`); the model
+    row shows `name` (or a readable form of the model path), the full path has its own row."""
     if not info:
         return "_No engine loaded._"
+    info = {k: v for k, v in info.items() if k not in _HIDDEN}
+    info["model"] = name or model_name(info.get("model"))
     flat: dict[str, object] = {}
     for key, value in info.items():
         if key in _FLATTEN and isinstance(value, dict):
@@ -70,11 +78,53 @@ def describe_markdown(info: dict | None) -> str:
         else:
             flat[key] = value
     keys = [k for k in _DESCRIBE_ORDER if k in flat] + [k for k in flat if k not in _DESCRIBE_ORDER]
-    return "\n".join(["| | |", "|---|---|"] + [f"| **{k}** | {_cell(k, flat[k])} |" for k in keys])
+    return "\n".join(["| property | value |", "|---|---|"] + [f"| **{k}** | {_cell(k, flat[k])} |" for k in keys])
+
+
+def model_name(model: str | None) -> str:
+    """A model's name for people: a Hub id stays; a Hub cache path (models--org--name/snapshots/…) becomes
+    org/name; any other folder shows its last two parts."""
+    text = str(model or "?")
+    parts = Path(text).parts
+    for part in parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    if len(parts) > 2 and Path(text).is_absolute():
+        return "…/" + "/".join(parts[-2:])
+    return text
+
+
+def weights_text(info: dict) -> str:
+    """Weights, with the RoPE tables split out: they are why one checkpoint's size differs per implementation."""
+    total, rope = info.get("weights_bytes"), info.get("rope_table_bytes") or 0
+    if not isinstance(total, int) or rope <= 0 or rope * 100 < total:  # under 1 %: not worth a note
+        return f"weights {fmt_bytes(total)}"
+    return (
+        f"weights {fmt_bytes(total - rope)} + RoPE table {fmt_bytes(rope)} (precomputed cos/sin for every "
+        "position; the transformers implementation computes them per step, so its total is smaller)"
+    )
+
+
+def context_text(info: dict, kv: dict) -> str:
+    """Max context, and why when the KV budget cut it below the model's own."""
+    ctx, own = kv.get("max_model_len"), info.get("model_context_len")
+    text = f"max context **{ctx if ctx is not None else '?'}** tokens"
+    if isinstance(ctx, int) and isinstance(own, int) and ctx < own:
+        text += (
+            f" — **cut from the model's {own:,} by the KV cache budget** (one sequence must fit in the cache): "
+            "raise the KV budget (0 = auto) for longer prompts and outputs"
+        )
+    return text
 
 
 def load_status_markdown(
-    info: dict, impl_choice: str, reused: bool, load_seconds: float, is_default: bool, how: str | None = None
+    info: dict,
+    impl_choice: str,
+    reused: bool,
+    load_seconds: float,
+    is_default: bool,
+    how: str | None = None,
+    default_label: str | None = None,
 ) -> str:
     impl = info.get("implementation") or info.get("impl") or "?"
     why = "a native implementation exists" if impl == "native" else "no native implementation for this architecture"
@@ -82,16 +132,15 @@ def load_status_markdown(
     quant = info.get("quantization") or "none (as in checkpoint)"
     kv = info.get("kv_cache") or {}
     how = how or ("reused the loaded engine (nothing changed)" if reused else f"loaded in {load_seconds:.2f} s")
-    name = "built-in tiny-llama" if is_default else info.get("model", "?")
+    name = (default_label or "the built-in default model") if is_default else model_name(info.get("model"))
     lines = [
         f"**{name}** — {how}",
         f"implementation: {resolved} · quantization: **{quant}** · dtype: **{info.get('dtype', '?')}** · "
         f"device: **{info.get('device', '?')}**",
-        f"weights {fmt_bytes(info.get('weights_bytes'))} · KV cache {fmt_bytes(kv.get('bytes'))} = "
-        f"{kv.get('num_blocks', '?')} blocks × {kv.get('block_size', '?')} tokens · "
-        f"max context {kv.get('max_model_len', '?')} tokens",
+        f"{weights_text(info)} · KV cache {fmt_bytes(kv.get('bytes'))} = "
+        f"{kv.get('num_blocks', '?')} blocks × {kv.get('block_size', '?')} tokens · {context_text(info, kv)}",
     ]
-    if is_default:
+    if is_default and "random weights" in (default_label or ""):
         lines.insert(
             0,
             "**random weights — for trying the app offline**: the text is gibberish by design; "
@@ -162,14 +211,30 @@ def run_status_markdown(
     stopped: bool,
     kv_used: int | None = None,
     kv_total: int | None = None,
+    notes: list[str] | None = None,
+    counters: str = "",
 ) -> str:
     tokens = sum(r.num_tokens for r in results)
     n = len(results)
+    extra = (f"\n\n{counters}" if counters else "") + "".join(f"\n\n_{note}_" for note in notes or [])
     if not done:
         running = sum(r.status == "running" for r in results)
-        return f"**running** {n} request(s): {running} running · {tokens} tokens · {steps} engine steps"
+        return f"**running** {n} request(s): {running} running · {tokens} tokens · {steps} engine steps{extra}"
     head = "**stopped**" if stopped else "**done**"
     kv = f" · KV blocks in use now: {kv_used}/{kv_total}" if kv_used is not None else ""
     errors = [r.error for r in results if r.error]
     tail = f"\n\n**{len(errors)} failed**: {errors[0]}" if errors else ""
-    return f"{head}: {n} request(s) · {tokens} tokens · {steps} engine steps{kv}{tail}"
+    return f"{head}: {n} request(s) · {tokens} tokens · {steps} engine steps{kv}{tail}{extra}"
+
+
+def counters_markdown(before, after, series) -> str:
+    """What the mechanisms did during a run (EngineStats before and now, the run's steps)."""
+    queried = after.prefix_queried_blocks - before.prefix_queried_blocks
+    hits = after.prefix_hit_blocks - before.prefix_hit_blocks
+    preempted = after.num_preemptions - before.num_preemptions
+    prefill_steps = sum(1 for n in series.prefill_tokens if n > 0)
+    peak = max(series.batch_size, default=0)
+    return (
+        f"prefix cache: **{hits}/{queried}** prompt blocks found cached · preemptions: **{preempted}** · "
+        f"prefill chunks (steps with prompt tokens): **{prefill_steps}** · peak batch: **{peak}**"
+    )

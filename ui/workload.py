@@ -36,13 +36,24 @@ def split_prompts(prompt: str, mode: str, copies: int) -> list[str]:
 
 class Workload:
     def __init__(
-        self, engine, prompts: list[str], params, use_chat_template: bool = True, cancel: threading.Event | None = None
+        self,
+        engine,
+        prompts: list[str],
+        params,
+        use_chat_template: bool = True,
+        cancel: threading.Event | None = None,
+        gap_s: float = 0.0,
     ) -> None:
+        """`gap_s`: request i arrives i * gap_s seconds after the start (staggered arrivals)."""
         self.engine = engine
         self.params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         self.cancel = cancel or threading.Event()
-        self.results = [RequestResult(i, p) for i, p in enumerate(prompts)]
+        self.gap_s = max(0.0, float(gap_s or 0.0))
+        self.results = [
+            RequestResult(i, p, max_new=getattr(self.params[i], "max_new_tokens", None)) for i, p in enumerate(prompts)
+        ]
         self._ids = [build_prompt_ids(engine.tokenizer, p, use_chat_template) for p in prompts]
+        self.prompt_lens = [len(ids) if ids else len(engine.tokenizer.encode(p)) for ids, p in zip(self._ids, prompts)]
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.since_step = engine.stats().num_steps - 1
@@ -62,6 +73,11 @@ class Workload:
 
     def _consume(self, i: int) -> None:
         res = self.results[i]
+        if self.gap_s and self.cancel.wait(i * self.gap_s):  # stopped before this request arrived
+            with self._lock:
+                res.finish_reason = "abort"
+                self.end_time = time.perf_counter()
+            return
         try:
             stream = self.engine.stream(
                 None if self._ids[i] else res.prompt, self.params[i], prompt_token_ids=self._ids[i]

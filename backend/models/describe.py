@@ -36,11 +36,29 @@ def _count_parameters(model: nn.Module) -> int:
     return total
 
 
+def _rope_table_bytes(model: nn.Module) -> int:
+    """Bytes of the rotary-embedding buffers (native models precompute cos/sin for every position, transformers
+    keeps only inv_freq): counted in weights_bytes, so the two implementations of one checkpoint differ by them."""
+    seen: set[int] = set()
+    total = 0
+    for name, module in model.named_modules():
+        if "rotary" not in type(module).__name__.lower() and not name.endswith("rotary_emb"):
+            continue
+        for b in module.buffers(recurse=False):
+            if b.is_meta or b.data_ptr() in seen:
+                continue
+            seen.add(b.data_ptr())
+            total += b.numel() * b.element_size()
+    return total
+
+
 def _quantized(model: nn.Module) -> dict[str, int]:
     return dict(Counter(type(m).__name__ for m in model.modules() if hasattr(m, "load_tensor")))
 
 
 def _shape(model: nn.Module) -> dict:
+    from backend.engine import model_max_len  # the engine's own reading of the model's context
+
     cfg = _text_config(model)
     heads = getattr(cfg, "num_attention_heads", None)
     hidden = getattr(cfg, "hidden_size", None)
@@ -54,6 +72,7 @@ def _shape(model: nn.Module) -> dict:
         head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=getattr(cfg, "vocab_size", None),
+        model_context_len=model_max_len(cfg) if cfg is not None else None,
     )
 
 

@@ -108,5 +108,6 @@ def test_compare_two_implementations(client):
     assert [row[2] for row in agree["data"]] == ["identical (16 tokens)"] * 2
     runs = {t["name"].split(":")[0] for t in json.loads(thr["plot"])["data"]}
     assert runs == {"A", "B"}
+    assert "loaded again after Compare" in load_status
     desc, kv = client.predict(api_name="/inspect")
-    assert "transformers" in desc and kv["type"] == "plotly"  # B (transformers) is the engine now
+    assert "| **implementation** | native |" in desc and kv["type"] == "plotly"  # the lab's engine again, not B

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -16,6 +17,37 @@ from ui.common import quantization_value
 from ui.errors import to_gr_error
 from ui.session import LoadSpec, Session
 
+COMPARE = dict(
+    choice=defaults.DEFAULT_CHOICE,
+    a_impl="auto",
+    a_quant="as in checkpoint",
+    b_impl="transformers",
+    b_quant="as in checkpoint",
+    dtype="float32",
+    device="cpu",
+    kv_mb=4,
+    block_size=16,
+    max_batch=16,
+    max_len=0,
+    prompt="Hello world\nThe quick brown fox",
+    use_chat_template=False,
+    mode="lines",
+    copies=1,
+    max_new=10,
+    ignore_eos=True,
+)
+BENCH = dict(
+    choice=defaults.DEFAULT_CHOICE,
+    dtype="float32",
+    device="cpu",
+    quant="none",
+    max_len=0,
+    trust_remote_code=False,
+    workloads=["latency"],
+    systems=["flab-native"],
+    num_requests=1,
+    repeat=1,
+)
 GEN = dict(
     prompt="Once upon a time",
     use_chat_template=True,
@@ -71,7 +103,7 @@ def test_generate_streams_and_frees_blocks(lab):
     assert all(isinstance(f, go.Figure) for f in (thr, ttft, batch, mem, kv))
     assert max(batch.data[0].y) == 3  # the three requests shared the batch
     assert dict(summary_rows)["generated tokens"] == "144"
-    assert lab.session.current().allocator.num_used == 0
+    assert lab.session.current().stats().kv_blocks_used == 0
 
 
 def test_generate_one_prompt_per_line_and_greedy_copies_agree(lab):
@@ -94,38 +126,18 @@ def test_stop_aborts_and_frees_kv_blocks(lab):
     assert "stopped" in last[2] and "KV blocks in use now: 0/" in last[2]
     assert all(r[1] == "abort" and r[2] < 400 for r in last[1])
     engine = lab.session.current()
-    assert engine.allocator.num_used == 0 and not engine.scheduler.running
-    assert lab.stop() == "Nothing is running."
+    assert engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0
 
 
 def test_compare_two_implementations(lab):
-    args = dict(
-        choice=defaults.DEFAULT_CHOICE,
-        a_impl="auto",
-        a_quant="as in checkpoint",
-        b_impl="transformers",
-        b_quant="as in checkpoint",
-        dtype="float32",
-        device="cpu",
-        kv_mb=4,
-        block_size=16,
-        max_batch=16,
-        max_len=0,
-        prompt="Hello world\nThe quick brown fox",
-        use_chat_template=False,
-        mode="lines",
-        copies=1,
-        max_new=10,
-        ignore_eos=True,
-    )
-    updates = list(lab.compare(**args))
+    updates = list(lab.compare(**COMPARE))
     status, thr, ttft, mem, batch, table, agree, _ = updates[-1]
     assert "agree token for token" in status
     assert list(table.columns)[0] == "metric" and len(table.columns) == 3
     assert {t.name.split(":")[0] for t in thr.data} == {"A", "B"}
     assert [row[2] for row in agree] == ["identical (10 tokens)"] * 2
-    with pytest.raises(gr.Error, match="same settings"):
-        list(lab.compare(**dict(args, b_impl="auto")))
+    *_, last = lab.compare(**dict(COMPARE, b_impl="auto"))
+    assert "same settings" in last[0]
 
 
 def test_another_users_run_keeps_the_shared_engine(lab):
@@ -134,45 +146,12 @@ def test_another_users_run_keeps_the_shared_engine(lab):
     engine = lab.session.current()
     other = lab.runs.start("someone-else")
     try:
-        with pytest.raises(gr.Error, match="1 run\\(s\\) of other users"):
-            lab.load(**dict(LOAD_ARGS, max_batch=8))
-        with pytest.raises(gr.Error, match="other users"):
-            list(
-                lab.compare(
-                    choice=defaults.DEFAULT_CHOICE,
-                    a_impl="auto",
-                    a_quant="as in checkpoint",
-                    b_impl="transformers",
-                    b_quant="as in checkpoint",
-                    dtype="float32",
-                    device="cpu",
-                    kv_mb=4,
-                    block_size=16,
-                    max_batch=16,
-                    max_len=0,
-                    prompt="Hello",
-                    use_chat_template=False,
-                    mode="lines",
-                    copies=1,
-                    max_new=4,
-                    ignore_eos=True,
-                )
-            )
-        with pytest.raises(gr.Error, match="other users"):
-            list(
-                lab.benchmark(
-                    choice=defaults.DEFAULT_CHOICE,
-                    dtype="float32",
-                    device="cpu",
-                    quant="none",
-                    max_len=0,
-                    trust_remote_code=False,
-                    workloads=["latency"],
-                    systems=["flab-native"],
-                    num_requests=1,
-                    repeat=1,
-                )
-            )
+        status, _, _ = lab.load(**dict(LOAD_ARGS, max_batch=8))
+        assert "Engine busy" in status and "1 run(s) of other users" in status
+        *_, last = lab.compare(**dict(COMPARE, prompt="Hello", max_new=4))
+        assert "Engine busy" in last[0]
+        *_, last = lab.benchmark(**BENCH)
+        assert "Engine busy" in last[0]
         assert lab.session.current() is engine  # untouched
         lab.load(**LOAD_ARGS)  # the same settings: the loaded engine is reused, nobody's run is disturbed
         assert lab.session.current() is engine
@@ -182,18 +161,13 @@ def test_another_users_run_keeps_the_shared_engine(lab):
     assert lab.session.current() is not engine
 
 
-def test_errors_become_gr_errors_and_the_app_keeps_working(lab, tmp_path):
-    with pytest.raises(gr.Error, match="prompt"):
-        list(lab.generate(**dict(GEN, prompt="   ")))
-    with pytest.raises(gr.Error) as err:
-        lab.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
-    assert err.value.title == "ModelNotFoundError"
-    with pytest.raises(gr.Error, match="No model is loaded"):
-        list(lab.generate(**GEN))
-    with pytest.raises(gr.Error) as err:  # a KV budget too small for one block
-        lab.load(**dict(LOAD_ARGS, kv_mb=0.001))
-    assert err.value.title == "KVCacheError"
-    lab.load(**LOAD_ARGS)  # back to work
+def test_errors_go_to_the_status_line_and_the_app_keeps_working(lab, tmp_path):
+    *_, last = lab.generate(**dict(GEN, prompt="   "))
+    assert "prompt" in last[2] and "No prompt" in last[2]
+    status, _, _ = lab.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
+    assert "Load failed" in status and "ModelNotFoundError" in status
+    status, _, _ = lab.load(**dict(LOAD_ARGS, kv_mb=0.001))  # a KV budget too small for one block
+    assert "KVCacheError" in status
     *_, last = lab.generate(**GEN)
     assert "done" in last[2]
 
@@ -271,3 +245,147 @@ def test_progress_adapter_reports_bytes_then_weight_loading():
     report(DownloadProgress("done", 200, 200))
     assert calls[0][0] == 0.25 and "model.safetensors" in calls[0][1] and "(1/3 files)" in calls[0][1]
     assert calls[1] == ((0, None), "loading weights into the model (streaming safetensors)…")
+
+
+# --- issue 17, part 2: what the new-user run found ------------------------------------------------
+
+
+def test_bug1_a_failed_load_keeps_the_loaded_engine(lab, tmp_path):
+    engine = lab.session.current()
+    status, _, _ = lab.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing"), impl="transformers"))
+    assert lab.session.current() is engine and not engine.closed  # refused before the old engine was closed
+    assert "Load failed" in status and "still loaded, unchanged" in status
+    status, _, _ = lab.load(**dict(LOAD_ARGS, kv_mb=0.001))  # fails only while building: the old settings again
+    assert "KVCacheError" in status and "it was loaded again" in status
+    assert lab.session.spec == lab.spec(**LOAD_ARGS) and lab.session.restored == lab.spec(**LOAD_ARGS)
+    *_, last = lab.generate(**GEN)
+    assert "done" in last[2]
+
+
+def test_bug2_the_panel_shows_the_loaded_engine(lab):
+    lab.load(**dict(LOAD_ARGS, impl="transformers", max_batch=8, kv_mb=2))
+    spec = lab.session.spec
+    # a page reload: the panel's defaults come in, the loaded engine's settings go out
+    out = lab.startup(**dict(LOAD_ARGS, impl="auto"))
+    assert out[1].value == defaults.DEFAULT_CHOICE
+    assert out[5:15] == ("transformers", "as in checkpoint", "float32", "cpu", 2, 16, 8, 0, False, 2048)
+    assert lab.session.spec == spec
+    list(lab.compare(**COMPARE))  # A then B, then the lab's engine again
+    assert lab.session.spec == spec
+    *_, last = lab.benchmark(**BENCH)
+    assert lab.session.spec == spec and lab.session.current() is not None and "loaded again" in last[4]
+
+
+def test_bug3_stop_after_a_run_keeps_its_result(lab):
+    *_, last = lab.generate(**GEN)
+    assert "done" in last[2]
+    assert not isinstance(lab.stop(), str)  # gr.skip(): the finished result stays in the status line
+
+
+def test_bug4_caps_are_refused_or_shown(lab):
+    for bad in (0, -5):
+        *_, last = lab.generate(**dict(GEN, max_new=bad))
+        assert "max new tokens must be a whole number of at least 1" in last[2]
+    status, _, _ = lab.load(**dict(LOAD_ARGS, kv_mb=0.125))  # 16 blocks: 256 tokens of context
+    assert "cut from the model's 512 by the KV cache budget" in status
+    *_, last = lab.generate(**dict(GEN, copies=1, max_new=400))
+    assert "more than the context leaves" in last[2] and "stopped at the context limit (256 tokens)" in last[2]
+    assert last[1][0][1] == "length" and last[1][0][2] < 400
+
+
+def test_bug5_weights_count_the_same_way_per_implementation(lab):
+    from ui.views import weights_text
+
+    native = lab.session.current().describe()
+    lab.load(**dict(LOAD_ARGS, impl="transformers"))
+    hf = lab.session.current().describe()
+    assert native["weights_bytes"] != hf["weights_bytes"]  # the RoPE table: native precomputes cos/sin
+    assert native["weights_bytes"] - native["rope_table_bytes"] == hf["weights_bytes"] - hf["rope_table_bytes"]
+    assert "RoPE table 32.0 KiB" in weights_text(native)
+
+
+def test_bug6_a_failed_generate_marks_only_its_status(lab):
+    updates = list(lab.generate(**dict(GEN, prompt="")))
+    assert len(updates) == 1
+    out = updates[0]
+    assert "No prompt" in out[2]
+    assert all(not isinstance(v, str) for i, v in enumerate(out) if i != 2)  # gr.skip(): no error badge
+
+
+def test_bug7_expected_errors_log_one_line(lab, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    lab.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
+    list(lab.generate(**dict(GEN, prompt="")))
+    records = [r for r in caplog.records if r.name == "ui.errors"]
+    assert len(records) == 2 and all(r.exc_info is None and "\n" not in r.getMessage() for r in records)
+    err = to_gr_error(gr.Error("x"))
+    assert err.print_exception is False  # gradio's queue prints no traceback for it
+
+
+# --- issue 17, part 3: presets and the injection shown ------------------------------------------
+
+
+def _run_preset(lab, key):
+    kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temp, ignore_eos, gap, chat, status = (
+        lab.preset(key, defaults.DEFAULT_CHOICE)
+    )
+    lab.load(**dict(LOAD_ARGS, kv_mb=kv_mb, max_batch=max_batch, max_len=max_len), step_tokens=step_tokens)
+    *_, last = lab.generate(
+        **dict(
+            GEN,
+            prompt=prompt,
+            mode=mode,
+            copies=copies,
+            max_new=max_new,
+            temperature=temp,
+            ignore_eos=ignore_eos,
+            use_chat_template=chat,
+        ),
+        gap_s=gap,
+    )
+    return status, last
+
+
+def _counter(status: str, name: str) -> int:
+    import re
+
+    return int(re.search(name + r": \*\*(\d+)", status).group(1))
+
+
+def test_preset_shared_prefix_hits_the_cache(lab):
+    status, last = _run_preset(lab, "prefix")
+    assert "Shared system prompt" in status and "done" in last[2]
+    hits, queried = re.search(r"prefix cache: \*\*(\d+)/(\d+)", last[2]).groups()
+    assert int(hits) >= 3 * 4 and int(queried) > 0  # three later arrivals reuse the system prompt's blocks
+
+
+def test_preset_staggered_arrivals_join_and_leave(lab):
+    _, last = _run_preset(lab, "stagger")
+    batch = last[5].data[0].y
+    assert max(batch) > 1 and batch[0] == 1 and batch[-1] < max(batch)  # the batch grows, then shrinks
+
+
+def test_preset_kv_budget_below_need_preempts(lab):
+    _, last = _run_preset(lab, "preempt")
+    assert "done" in last[2] and _counter(last[2], "preemptions") > 0
+    assert all(r[1] == "length" and r[2] == 96 for r in last[1])  # recomputed, finished in full
+
+
+def test_preset_long_prompt_is_prefilled_in_chunks(lab):
+    _, last = _run_preset(lab, "chunked")
+    assert "done" in last[2] and _counter(last[2], r"prefill chunks \(steps with prompt tokens\)") >= 6
+
+
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_trace_one_step_shows_what_our_attention_received(lab, impl):
+    lab.load(**dict(LOAD_ARGS, impl=impl))
+    (summary, rows, tree) = next(lab.trace("The capital of France is"))
+    assert "1 prefill" in summary and "1 decode" in summary
+    layers = lab.session.current().describe()["layers"]
+    assert [r[0] for r in rows] == list(range(layers))
+    entry = "AttentionInterface['fallback_lab_paged']" if impl == "transformers" else "PagedAttention.forward"
+    assert {r[2] for r in rows} == {entry}
+    assert "flab-hit" in tree and ("attention function injected" if impl == "transformers" else "our paged") in tree
+    assert lab.session.current().stats().kv_blocks_used == 0  # the traced requests were aborted

@@ -1,0 +1,95 @@
+"""Presets: one button each, filling the panels so that one engine mechanism becomes visible in seconds.
+
+Budgets are given in KV blocks and scaled by the loaded model's bytes per block, so a preset means the same
+on any model. `Lab.preset` (ui/callbacks.py) returns the values; the layout then loads and generates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SYSTEM = (
+    "You are a patient teacher at a workshop on inference engines. You explain things in short plain sentences, "
+    "you give one concrete example for every idea, and you never use jargon without saying what it means. "
+    "Today's topic is how a language model serves many users at once on one machine. "
+)
+QUESTIONS = ["What is a KV cache?", "Why batch requests?", "What is a token?", "What is prefill?"]
+LONG_TEXT = " ".join(
+    f"Paragraph {i}: a paged KV cache splits the keys and values of every sequence into fixed-size blocks, "
+    "so memory is allocated as the sequence grows and freed the moment it finishes."
+    for i in range(1, 5)
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    key: str
+    label: str
+    explain: str  # what to look at, shown when the preset runs
+    prompt: str
+    mode: str  # "copies" | "lines"
+    copies: int
+    max_new: int
+    gap_s: float = 0.0  # seconds between request arrivals
+    kv_blocks: int | None = None  # None: the panel's KV budget is left as it is (0 = auto)
+    step_tokens: int = 2048  # tokens per step (max_num_batched_tokens)
+    max_batch: int = 16
+
+
+PRESETS = [
+    Preset(
+        "prefix",
+        "Shared system prompt",
+        "Every request starts with the same long system prompt. Later arrivals find its blocks already "
+        "computed: the run status counts the **prefix-cache hits**, and in the KV map (Inside the engine) the "
+        "shared blocks are yellow (ref_count > 1) while the requests run, green (cached) after.",
+        "\n".join(SYSTEM + q for q in QUESTIONS),
+        "lines",
+        1,
+        48,
+        gap_s=0.4,
+    ),
+    Preset(
+        "stagger",
+        "Staggered arrivals",
+        "Eight requests arrive 0.25 s apart and each stops after 48 tokens. **Continuous batching**: the batch "
+        "plot climbs as requests join and falls as they finish, with no step waiting for a full batch.",
+        "Tell me a short story about a robot who learns to paint.",
+        "copies",
+        8,
+        48,
+        gap_s=0.25,
+    ),
+    Preset(
+        "preempt",
+        "KV budget below need",
+        "The KV cache holds 24 blocks, but six requests of ~120 tokens need about 48. When a running request "
+        "needs a block and none is free, the newest one is **preempted**: its blocks are freed and it is "
+        "recomputed later. The run status counts the preemptions; the waiting curve in the batch plot rises.",
+        "Explain in detail how a paged KV cache works.",
+        "copies",
+        6,
+        96,
+        kv_blocks=24,
+    ),
+    Preset(
+        "chunked",
+        "Long prompt, small token budget",
+        "A ~400-token prompt under a budget of 48 tokens per step: the prompt is **prefilled in chunks** of 48 "
+        "over many steps (prefill tok/s in the throughput plot, 'prefill chunks' in the run status) while "
+        "the other request keeps decoding in the same steps.",
+        LONG_TEXT + "\nSummarize the idea of a paged KV cache in one sentence.",
+        "lines",
+        1,
+        32,
+        step_tokens=48,
+    ),
+]
+BY_KEY = {p.key: p for p in PRESETS}
+
+
+def kv_mb_for(preset: Preset, bytes_per_block: int | None, current_mb: float) -> float:
+    """The KV budget (MB) for `preset.kv_blocks` blocks of the loaded model; the current one when none is set."""
+    if preset.kv_blocks is None or not bytes_per_block:
+        return current_mb
+    return round(preset.kv_blocks * bytes_per_block / 2**20 * 1.001, 4)  # a hair over: rounding never drops one

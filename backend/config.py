@@ -37,6 +37,7 @@ class EngineConfig:
     # scheduler
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per-step token budget; prefills are chunked to fit
+    max_running_per_owner: int | None = None  # cap on one owner's running sequences (hosting); None = no cap
     # kernels
     attention_backend: str = "auto"  # torch on CPU, triton on CUDA
     # 16-bit linears on CPU: "packed" (oneDNN prepacked weights; CPUs with bf16/fp16 matmul), "upcast" (fp32
@@ -75,9 +76,10 @@ class EngineConfig:
             raise EngineError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.cpu_linear not in CPU_LINEARS:
             raise EngineError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len"):
+        optional = ("num_kv_blocks", "max_model_len", "max_running_per_owner")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", *optional):
             value = getattr(self, name)
-            if value is None and name in ("num_kv_blocks", "max_model_len"):
+            if value is None and name in optional:
                 continue
             if not _is_int(value) or value <= 0:
                 raise EngineError(f"{name} must be a positive integer, got {value!r:.60}")

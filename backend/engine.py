@@ -11,8 +11,12 @@ that raises fails the requests of that batch; any other exception in a step fail
 and the engine keeps serving. `generate()` and `stream()` raise `RequestFailedError` for such a request;
 `step()` callers see finish_reason "error" with the error text on the finished delta.
 
+`owner` (a visitor, an API key) makes scheduling fair across owners (backend/scheduler.py).
+
 A finished request's state is dropped once its final output is handed over: `generate()` returns it,
-`stream()` yields it, and `step()` returns it as the finished delta (take it from there).
+`stream()` yields it, and `step()` returns it as the finished delta (take it from there). A request added with
+`add_request()` that finishes in a step run by the background loop (started by a `stream()` caller) waits in
+a bounded outbox until `take_finished()` collects it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import queue
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,6 +52,7 @@ from backend.stop import StopMatcher
 logger = logging.getLogger(__name__)
 
 LISTENER_POLL_S = 0.5  # how often a waiting stream checks that the engine loop is alive
+OUTBOX_SIZE = 10_000  # finished add_request() outputs kept for take_finished() (oldest dropped beyond)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class _Request:
     detokenizer: Detokenizer | None = None  # seq.text, one new token at a time (None: no tokenizer)
     stops: StopMatcher | None = None
     final: RequestOutput | None = None  # set when it finishes
+    manual: bool = False  # added by add_request(): its caller reads step() or take_finished()
 
     def store_prompt_logprobs(self, scored: PromptLogprobs) -> None:
         end = scored.start + len(scored.logprobs)
@@ -124,7 +130,9 @@ class Engine:
         self.max_model_len, num_blocks = self._size_kv_cache(spec)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_running_per_owner
+        )
         self.runner = ModelRunner(
             self.loaded.model,
             self.kv_cache,
@@ -145,6 +153,7 @@ class Engine:
         self._generation_tokens = 0
         self._finished: Counter[str] = Counter()
         self._description: dict | None = None
+        self._outbox: deque[RequestOutput] = deque(maxlen=OUTBOX_SIZE)
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -211,13 +220,25 @@ class Engine:
         prompt: str | None = None,
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
-        _listener: queue.Queue | None = None,
+        owner: str | None = None,
     ) -> int:
         """Queue a request; returns its id. Raises RequestError for bad input (nothing is queued then).
         Its outputs come back from `step()` (the finished delta carries the whole output)."""
-        return self._add(prompt, params, prompt_token_ids, _listener).seq.seq_id
+        req = self._add(prompt, params, prompt_token_ids, None, owner)
+        req.manual = True
+        return req.seq.seq_id
 
-    def _add(self, prompt, params, prompt_token_ids, listener: queue.Queue | None) -> _Request:
+    def take_finished(self) -> list[RequestOutput]:
+        """Outputs of add_request() requests that finished in steps the background loop ran (and so were
+        returned to no caller), oldest first; each is handed out once."""
+        with self._lock:
+            outputs = list(self._outbox)
+            self._outbox.clear()
+            return outputs
+
+    def _add(self, prompt, params, prompt_token_ids, listener: queue.Queue | None, owner=None) -> _Request:
+        if owner is not None and not isinstance(owner, str):
+            raise RequestError(f"owner must be None or a string, got {type(owner).__name__}")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -229,7 +250,7 @@ class Engine:
                 raise RequestError("the engine is closed")
             rid = self._next_id
             self._next_id += 1
-            seq = Sequence(rid, ids, params, generator)
+            seq = Sequence(rid, ids, params, generator, owner=owner)
             detok = Detokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer is not None else None
             req = _Request(seq, prompt, listener=listener, detokenizer=detok, stops=StopMatcher(params.stop))
             if params.prompt_logprobs is not None:
@@ -422,6 +443,8 @@ class Engine:
             req.final = output
             self._finished[seq.finish_reason] += 1
             self._requests.pop(seq.seq_id, None)
+            if req.manual and threading.current_thread() is self._loop:
+                self._outbox.append(output)  # nobody called this step: keep it for take_finished()
         if req.listener is not None:
             req.listener.put(delta)
         if finished:
@@ -457,6 +480,7 @@ class Engine:
         prompts: str | list[str] | None = None,
         sampling_params: SamplingParams | list | None = None,
         prompt_token_ids: list[list[int]] | None = None,
+        owner: str | None = None,
     ) -> list[RequestOutput]:
         """Run the prompts to the end; outputs in prompt order. A bad prompt raises RequestError before any
         runs; a request that fails while running raises RequestFailedError (the others still finish)."""
@@ -467,7 +491,7 @@ class Engine:
         reqs: list[_Request] = []
         try:
             for (prompt, token_ids), p in zip(items, params):
-                reqs.append(self._add(prompt, p, token_ids, None))
+                reqs.append(self._add(prompt, p, token_ids, None, owner))
         except BaseException:
             for r in reqs:  # a bad prompt in the list: queue nothing
                 self.abort(r.seq.seq_id)
@@ -525,13 +549,17 @@ class Engine:
             raise RequestFailedError("the engine stopped before this request finished", req.seq.seq_id)
 
     def stream(
-        self, prompt: str | None = None, params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        owner: str | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield deltas as tokens are produced. Leaving the loop early aborts the request. A request that
         fails while running raises RequestFailedError after its last delta."""
         self.start_background_loop()
         listener: queue.Queue = queue.Queue()
-        req = self._add(prompt, params, prompt_token_ids, listener)
+        req = self._add(prompt, params, prompt_token_ids, listener, owner)
         rid = req.seq.seq_id
         finished = False
         try:

@@ -5,13 +5,18 @@ the next chunk of prefills already started), then waiting ones are admitted in a
 their prompt chunked to what is left of the budget. When the cache runs out of blocks the most
 recently admitted running sequence is preempted: its blocks are freed and it goes back to the front
 of the queue, to be recomputed later (its full blocks usually come back from the prefix cache).
+
+Fairness across owners (a request's `owner`: a visitor of the app, an API key): with several owners
+waiting or running, each owner's prefill chunks take at most an equal share of the step's budget, the next
+request admitted is the oldest of the owner with the fewest running sequences, and `max_running_per_owner`
+caps how many sequences one owner runs at once. With one owner (the default) it is plain FIFO.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from backend.kv_cache import BlockAllocator, block_hashes
@@ -37,8 +42,15 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_running_per_owner: int | None = None,
+    ) -> None:
         self.allocator = allocator
+        self._cap = max_running_per_owner or max_num_seqs
         self.block_size = allocator.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -57,10 +69,17 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [], [])
+        share = self._prefill_share(budget)
+        prefill_used: Counter[str | None] = Counter()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n > 1 and share is not None:  # a prefill chunk: at most its owner's share of this step
+                n = min(n, share - prefill_used[seq.owner])
+                if n <= 0:
+                    i += 1
+                    continue
             while not self._grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -69,18 +88,45 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 break  # seq preempted itself: everything after it was preempted too
             self._add_to_batch(batch, seq, n)
+            if n > 1:
+                prefill_used[seq.owner] += n
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self._admit(seq, budget):
+            seq = self._next_waiting()
+            if seq is None or not self._admit(seq, budget):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             self._add_to_batch(batch, seq, n)
             budget -= n
         return batch
+
+    def _owners_running(self) -> Counter[str | None]:
+        return Counter(s.owner for s in self.running)
+
+    def _prefill_share(self, budget: int) -> int | None:
+        """With requests of several owners waiting or running, each owner's prefill chunks take at most an
+        equal share of the step's token budget (None: one owner, no limit)."""
+        owners = {s.owner for s in self.running} | {s.owner for s in self.waiting}
+        return budget // len(owners) if len(owners) > 1 else None
+
+    def _next_waiting(self) -> Sequence | None:
+        """The waiting sequence to admit next: the oldest of the owner with the fewest running sequences
+        (a preempted sequence, at the front of the queue, goes first), skipping owners at their cap."""
+        running = self._owners_running()
+        best = None
+        for seq in self.waiting:
+            if seq.num_preemptions and best is None and running[seq.owner] < self._cap:
+                return seq
+            if running[seq.owner] >= self._cap:
+                continue
+            if best is None or running[seq.owner] < running[best.owner]:
+                best = seq
+                if running[seq.owner] == 0:
+                    break
+        return best
 
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)

@@ -37,6 +37,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     text: str = ""  # detokenized output so far (set by the engine)
+    owner: str | None = None  # who asked (fair scheduling across owners); None = anonymous
     error: str | None = None
 
     @property

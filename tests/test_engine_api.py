@@ -45,10 +45,13 @@ def test_breaking_out_of_a_stream_aborts_and_frees_blocks(engine):
 def test_abort_by_id_frees_blocks_and_others_keep_going(engine):
     keep = engine.add_request("Hello world", GREEDY)
     drop = engine.add_request("1 2 3", SamplingParams(max_new_tokens=50, ignore_eos=True))
+    # the fixture's engine also runs a background loop (started by a stream above): a request that finishes in
+    # one of its steps is collected by take_finished()
     finished = {d.request_id: d.output for d in engine.step() if d.finished}
     engine.abort(drop)
     while engine.has_unfinished():
         finished.update({d.request_id: d.output for d in engine.step() if d.finished})
+    finished.update({o.request_id: o for o in engine.take_finished()})
     assert keep in finished and drop not in finished  # an aborted request's output went to its aborter
     assert finished[keep].finish_reason == "length" and len(finished[keep].token_ids) == 8
     engine.check_invariants()

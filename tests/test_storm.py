@@ -110,7 +110,8 @@ def test_storm_through_stream_threads(model_path):
                 except queue.Empty:
                     return
                 deltas = 0
-                for delta in engine.stream(prompt_token_ids=job.prompt, params=params(job)):
+                owner = f"visitor-{job.index % 3}"  # three owners: the fair-scheduling paths run under the storm
+                for delta in engine.stream(prompt_token_ids=job.prompt, params=params(job), owner=owner):
                     deltas += 1
                     if delta.finished:
                         with lock:

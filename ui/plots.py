@@ -100,17 +100,16 @@ def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str, height: int = 32
     return fig
 
 
+def _blank_axes(fig: go.Figure, text: str) -> None:
+    """An empty figure: the note in the middle, no axes (plotly would draw a meaningless -1..4 range)."""
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(color="#6b7280"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+
+
 def _empty_note(fig: go.Figure, runs: dict) -> None:
     if not any(len(s) for s in runs.values()):
-        fig.add_annotation(
-            text="no steps yet: load a model and generate",
-            showarrow=False,
-            x=0.5,
-            y=0.5,
-            xref="paper",
-            yref="paper",
-            font=dict(color="#6b7280"),
-        )
+        _blank_axes(fig, "no steps yet: load a model and generate")
 
 
 def _style(run_idx: int, trace_idx: int, overlay: bool) -> dict:
@@ -125,7 +124,8 @@ def _name(label: str, curve: str, overlay: bool) -> str:
 
 
 def throughput_figure(runs: dict[str, Series], window: float | None = None) -> go.Figure:
-    """Prefill and decode tokens/s over time (trailing-window rates)."""
+    """Prefill and decode tokens/s over time, smoothed over a trailing window; the raw per-step rates (tokens of
+    the step / its duration) are there too, hidden until clicked in the legend."""
     fig = go.Figure()
     overlay = len(runs) > 1
     for r, (label, s) in enumerate(runs.items()):
@@ -137,10 +137,22 @@ def throughput_figure(runs: dict[str, Series], window: float | None = None) -> g
                     mode="lines",
                     name=_name(label, curve, overlay),
                     line=_style(r, c, overlay),
+                    legendgroup=f"{label}{c}",
+                )
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=s.time,
+                    y=[n / d if d > 0 else None for n, d in zip(counts, s.duration)],
+                    mode="markers",
+                    marker=dict(size=3, color=_style(r, c, overlay)["color"], opacity=0.5),
+                    name=_name(label, curve.replace("tok/s", "per step (raw)"), overlay),
+                    visible="legendonly",
+                    legendgroup=f"{label}{c}",
                 )
             )
     _empty_note(fig, runs)
-    return _layout(fig, "Throughput (tokens/s)", "time (s)", "tokens/s")
+    return _layout(fig, "Throughput (tokens/s, smoothed; raw per step in the legend)", "time (s)", "tokens/s")
 
 
 def bench_figure(bars: list[tuple[str, str, float, str]]) -> go.Figure:
@@ -156,22 +168,19 @@ def bench_figure(bars: list[tuple[str, str, float, str]]) -> go.Figure:
                 y=[b[2] for b in mine],
                 text=[b[3] for b in mine],
                 textposition="outside",
+                cliponaxis=False,  # the ratio above the tallest bar stays visible
                 name=system,
                 marker_color=PALETTE[i % len(PALETTE)],
             )
         )
-    if not bars:
-        fig.add_annotation(
-            text="no runs yet: pick workloads and systems, then Run benchmark",
-            showarrow=False,
-            x=0.5,
-            y=0.5,
-            xref="paper",
-            yref="paper",
-            font=dict(color="#6b7280"),
-        )
     fig.update_layout(barmode="group")
-    return _layout(fig, "Output tokens/s (ratio to HF generate on the bar)", "workload", "output tok/s", height=360)
+    fig = _layout(fig, "Output tokens/s (ratio to HF generate on the bar)", "workload", "output tok/s", height=380)
+    if not bars:
+        _blank_axes(fig, "no runs yet: pick workloads and systems, then Run benchmark")
+    else:
+        fig.update_yaxes(range=[0, max(b[2] for b in bars) * 1.18])  # room for the labels
+        fig.update_layout(margin=dict(t=50))
+    return fig
 
 
 def ttft_figure(ttfts: dict[str, list[float | None]]) -> go.Figure:
@@ -189,18 +198,11 @@ def ttft_figure(ttfts: dict[str, list[float | None]]) -> go.Figure:
                 hovertemplate="request %{x}: %{y:.1f} ms<extra>" + label + "</extra>",
             )
         )
-    if not any(v is not None for values in ttfts.values() for v in values):
-        fig.add_annotation(
-            text="no first token yet",
-            showarrow=False,
-            x=0.5,
-            y=0.5,
-            xref="paper",
-            yref="paper",
-            font=dict(color="#6b7280"),
-        )
     fig.update_layout(barmode="group", showlegend=len(ttfts) > 1)
-    return _layout(fig, "Time to first token", "request", "ms")
+    fig = _layout(fig, "Time to first token", "request", "ms")
+    if not any(v is not None for values in ttfts.values() for v in values):
+        _blank_axes(fig, "no first token yet")
+    return fig
 
 
 def batch_figure(runs: dict[str, Series]) -> go.Figure:
@@ -236,8 +238,15 @@ def memory_figure(runs: dict[str, Series]) -> go.Figure:
     """Weights, KV cache used vs allocated, process RSS, and CUDA allocated/reserved when on a GPU (MiB)."""
     fig = go.Figure()
     overlay = len(runs) > 1
+    constant = []
     for r, (label, s) in enumerate(runs.items()):
         curves = [("weights", s.weights), ("KV allocated", s.kv_allocated), ("KV used", s.kv_used), ("RSS", s.rss)]
+        if overlay:  # weights and KV allocated do not change during a run: in the title, not four legend lines
+            curves = [c for c in curves if c[0] in ("KV used", "RSS")]
+            if len(s):
+                constant.append(
+                    f"{label.split(':')[0]}: weights {s.weights[-1] / MIB:.1f}, KV {s.kv_allocated[-1] / MIB:.1f}"
+                )
         if any(s.cuda_allocated) or any(s.cuda_reserved):
             curves += [("CUDA allocated", s.cuda_allocated), ("CUDA reserved", s.cuda_reserved)]
         for c, (curve, values) in enumerate(curves):
@@ -251,9 +260,11 @@ def memory_figure(runs: dict[str, Series]) -> go.Figure:
                     name=_name(label, curve, overlay),
                 )
             )
-    _empty_note(fig, runs)
     fig.update_yaxes(type="log")  # weights, KV and RSS differ by orders of magnitude on small models
-    return _layout(fig, "Memory (log scale)", "time (s)", "MiB")
+    title = "Memory (log scale)" + (f" — MiB {'; '.join(constant)}" if constant else "")
+    fig = _layout(fig, title, "time (s)", "MiB")
+    _empty_note(fig, runs)
+    return fig
 
 
 # --- KV cache block view ---------------------------------------------------------------------------
@@ -267,6 +278,7 @@ KV_STATE_NAMES = {
     KV_ORPHAN: "held (no running owner)",
 }
 MAX_CELLS = 4096
+ZOOM_MIN = 1024  # caches larger than this are drawn up to their used range
 
 
 def kv_block_state(entry) -> int:
@@ -295,8 +307,25 @@ def kv_grid_shape(num_cells: int) -> tuple[int, int]:
     return max(1, math.ceil(num_cells / cols)), cols
 
 
+def kv_zoom(view: list, min_shown: int = ZOOM_MIN) -> int:
+    """How many leading blocks to draw: all of a small cache; on a large one the used range (the allocator
+    hands out low block numbers first), at least `min_shown`: the rest is free and only counted."""
+    n = len(view)
+    if n <= min_shown:
+        return n
+    last = max((e.block for e in view if e.ref_count > 0 or e.cached or e.owners), default=-1)
+    return min(n, max(min_shown, -(-(last + 1) // 64) * 64))
+
+
 def kv_cache_figure(view: list, title: str = "KV cache blocks") -> go.Figure:
-    """A grid with one cell per block (or per group of blocks on large caches): who owns it, shared, cached."""
+    """A grid with one cell per block (or per group of blocks on large caches): who owns it, shared, cached.
+    A large cache is shown up to its used range (kv_zoom); the legend counts every block."""
+    counts = {KV_FREE: 0, KV_CACHED: 0, KV_SHARED: 0, KV_ORPHAN: 0, "owned": 0}
+    for e in view:
+        st = kv_block_state(e)
+        counts[st if st < KV_OWNER0 else "owned"] += 1
+    total = len(view)
+    view = view[: kv_zoom(view)]
     n = len(view)
     group = max(1, math.ceil(n / MAX_CELLS))
     cells = math.ceil(n / group) if n else 0
@@ -304,12 +333,9 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks") -> go.Figure:
     z = [[None] * cols for _ in range(rows)]
     text = [[""] * cols for _ in range(rows)]
     label = [[""] * cols for _ in range(rows)]
-    counts = {KV_FREE: 0, KV_CACHED: 0, KV_SHARED: 0, KV_ORPHAN: 0, "owned": 0}
     for c in range(cells):
         chunk = view[c * group : (c + 1) * group]
         states = [kv_block_state(e) for e in chunk]
-        for st in states:
-            counts[st if st < KV_OWNER0 else "owned"] += 1
         state = max(states, key=lambda s: (s >= KV_OWNER0, s == KV_SHARED, s == KV_ORPHAN, s == KV_CACHED))
         owners = sorted({o for e in chunk for o in e.owners})
         row, col = divmod(c, cols)
@@ -355,7 +381,10 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks") -> go.Figure:
             marker=dict(size=10, symbol="square", color=PALETTE[0]),
         )
     )
-    sub = f"{n} blocks" + (f", one cell = {group} blocks" if group > 1 else "")
+    sub = f"{total:,} blocks" + (f", one cell = {group} blocks" if group > 1 else "")
+    if n < total:
+        sub += f"; showing 0–{n - 1:,}, all later blocks are free"
+    sub += " · number in a cell = owner request id"
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
     fig.update_layout(

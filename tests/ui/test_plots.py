@@ -53,12 +53,16 @@ def test_rolling_rate_recovers_a_constant_rate():
 def test_throughput_figure_has_prefill_and_decode_and_overlays_runs():
     s = plots.series_from_stats(_stats(30), 10.0)
     fig = plots.throughput_figure({"run": s})
-    assert [t.name for t in fig.data] == ["decode tok/s", "prefill tok/s"]
+    shown = [t for t in fig.data if t.visible != "legendonly"]
+    assert [t.name for t in shown] == ["decode tok/s", "prefill tok/s"]
+    raw = [t for t in fig.data if t.visible == "legendonly"]  # raw per-step rates, one click away
+    assert [t.name for t in raw] == ["decode per step (raw)", "prefill per step (raw)"]
+    assert raw[0].y[5] == pytest.approx(4 / 0.01)  # 4 decode tokens in a 10 ms step
     assert len(fig.data[0].x) == 30
     overlay = plots.throughput_figure({"A": s, "B": s})
-    names = [t.name for t in overlay.data]
+    names = [t.name for t in overlay.data if t.visible != "legendonly"]
     assert names == ["A: decode tok/s", "A: prefill tok/s", "B: decode tok/s", "B: prefill tok/s"]
-    assert overlay.data[0].line.color != overlay.data[2].line.color  # one colour per run
+    assert overlay.data[0].line.color != overlay.data[4].line.color  # one colour per run
     assert plots.throughput_figure({}).layout.annotations  # an empty plot says why
 
 
@@ -88,7 +92,7 @@ def test_kv_block_states():
 
 def test_kv_cache_figure_grid_and_legend():
     view = [
-        dict(
+        KVBlock(
             block=b,
             owners=[b % 3] if b < 10 else [1, 2] if b < 12 else [],
             ref_count=1 if b < 10 else 2 if b < 12 else 0,
@@ -107,11 +111,40 @@ def test_kv_cache_figure_grid_and_legend():
 
 
 def test_kv_cache_figure_groups_blocks_on_large_caches():
-    view = [KVBlock(block=b, owners=[], ref_count=0, cached=False) for b in range(3 * plots.MAX_CELLS)]
+    n = 3 * plots.MAX_CELLS
+    view = [
+        KVBlock(block=b, owners=[1] if b == n - 1 else [], ref_count=int(b == n - 1), cached=False) for b in range(n)
+    ]
     fig = plots.kv_cache_figure(view)
     cells = [v for row in fig.data[0].z for v in row if v is not None]
     assert len(cells) == plots.MAX_CELLS and "one cell = 3 blocks" in fig.layout.title.text
     assert plots.kv_cache_figure([]).layout.annotations[0].text == "no engine loaded"
+
+
+def test_kv_cache_figure_zooms_to_the_used_range_of_a_huge_cache():
+    view = [
+        KVBlock(block=b, owners=[b // 16] if b < 300 else [], ref_count=int(b < 300), cached=False)
+        for b in range(65536)
+    ]
+    fig = plots.kv_cache_figure(view)
+    cells = [v for row in fig.data[0].z for v in row if v is not None]
+    assert len(cells) == plots.ZOOM_MIN  # one cell per block: readable, not 16 blocks a cell
+    assert "65,536 blocks; showing 0–1,023, all later blocks are free" in fig.layout.title.text
+    legend = " ".join(t.name for t in fig.data[1:])
+    assert "owned by one request (300)" in legend and "free (65236)" in legend  # every block counted
+
+
+def test_empty_figures_have_no_axes():
+    for fig in (plots.throughput_figure({}), plots.ttft_figure({}), plots.batch_figure({}), plots.bench_figure([])):
+        assert fig.layout.xaxis.visible is False and fig.layout.yaxis.visible is False
+
+
+def test_compare_memory_legend_is_short_and_bench_labels_fit():
+    s = plots.series_from_stats(_stats(10), 10.0)
+    fig = plots.memory_figure({"A: native": s, "B: transformers": s})
+    assert len(fig.data) == 4 and "weights" in fig.layout.title.text  # KV used + RSS per side
+    bars = plots.bench_figure([("throughput", "flab-native", 100.0, "2.0x"), ("throughput", "hf", 50.0, "")])
+    assert bars.data[0].cliponaxis is False and bars.layout.yaxis.range[1] > 100
 
 
 def test_summary_and_agreement():

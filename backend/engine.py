@@ -36,7 +36,7 @@ import torch
 
 from backend.config import EngineConfig
 from backend.detokenizer import Detokenizer
-from backend.errors import KVCacheError, RequestError, RequestFailedError
+from backend.errors import EngineError, KVCacheError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_blocks
 from backend.loading.build import LoadedModel, load_model
@@ -48,6 +48,8 @@ from backend.sampling import PromptLogprobs, SamplingParams, TopLogprobs
 from backend.scheduler import Scheduler
 from backend.sequence import Sequence
 from backend.stop import StopMatcher
+from kernels import dispatch as kernel_dispatch
+from kernels.dispatch import KernelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +119,12 @@ class Engine:
         )
         cfg = self.config
         self.malloc_tuned = cfg.keep_freed_memory and cfg.torch_device.type == "cpu" and keep_freed_memory()
-        self.loaded: LoadedModel = load_model(cfg, progress)
+        try:  # every kernel override of the environment, read and validated once (kernels/dispatch.py)
+            self.kernel_settings = KernelSettings.from_env()
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        with kernel_dispatch.using(self.kernel_settings):
+            self.loaded: LoadedModel = load_model(cfg, progress)
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
         self.model_impl = self.loaded.impl
@@ -294,7 +301,8 @@ class Engine:
             return []
         prefill_tokens = batch.num_prefill_tokens
         try:
-            out = self.runner.run(batch)
+            with kernel_dispatch.using(self.kernel_settings):
+                out = self.runner.run(batch)
         except Exception as e:  # a failing forward fails its batch, not the engine
             logger.exception("model step failed")
             return self._fail(batch.seqs, f"model step failed: {_error_text(e)}")

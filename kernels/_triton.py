@@ -7,7 +7,6 @@ the `*_triton` wrappers call `require_triton()` first and raise a clear error.
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 try:
@@ -35,6 +34,8 @@ def require_triton() -> None:
 
 
 def use_triton(t: "torch.Tensor") -> bool:  # noqa: F821 - annotation only
-    """Dispatch rule shared by every op: Triton for CUDA tensors, or anywhere with FLAB_FORCE_TRITON=1
-    (CPU tests run Triton through the interpreter: TRITON_INTERPRET=1 must be set before importing triton)."""
-    return HAS_TRITON and (t.is_cuda or os.environ.get("FLAB_FORCE_TRITON") == "1")
+    """The dispatch rule (kernels/dispatch.py). CPU tests run Triton through the interpreter:
+    TRITON_INTERPRET=1 must be set before importing triton."""
+    from kernels.dispatch import use_triton as rule
+
+    return rule(t)

@@ -4,13 +4,11 @@
 
 Triton is imported only by the kernel modules, through `kernels._triton`'s guarded import, so this
 module imports (and serves the torch paths) without Triton. `paged_attention` on the Triton path
-chooses between the unified kernel and split-KV decode with `choose_attention_kernel`; the env var
-FLAB_ATTENTION_KERNEL=unified|split_kv|auto (default auto) overrides the choice.
+chooses between the unified kernel and split-KV decode with `choose_attention_kernel`; the setting
+`attention_kernel` (kernels/dispatch.py, env FLAB_ATTENTION_KERNEL=unified|split_kv|auto) overrides it.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -18,6 +16,7 @@ from kernels._triton import use_triton
 from kernels.activation import gelu_and_mul, silu_and_mul
 from kernels.attention_choice import SPLIT_KV, UNIFIED, KernelChoice, KernelChoiceConfig, choose_attention_kernel
 from kernels.attention_torch import paged_attention_torch, store_kv_torch
+from kernels.dispatch import current
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary
 
@@ -30,8 +29,6 @@ __all__ = [
     "gelu_and_mul",
     "attention_kernel_for",
 ]
-
-_ATTENTION_KERNELS = ("auto", UNIFIED, SPLIT_KV)
 
 
 def store_kv(
@@ -65,9 +62,7 @@ def attention_kernel_for(
     config: KernelChoiceConfig = KernelChoiceConfig(),
 ) -> KernelChoice:
     """`choose_attention_kernel` with the device's SM count and the FLAB_ATTENTION_KERNEL override."""
-    forced = os.environ.get("FLAB_ATTENTION_KERNEL", "auto")
-    if forced not in _ATTENTION_KERNELS:
-        raise ValueError(f"FLAB_ATTENTION_KERNEL must be one of {_ATTENTION_KERNELS}, got {forced!r}")
+    forced = current().attention_kernel
     choice = choose_attention_kernel(
         num_seqs, num_tokens, num_kv_heads, max_seq_len, _sm_count(device), config, max_query_len
     )

@@ -23,12 +23,11 @@ x[:, perm] (one index_select) — all kernels apply. Any other g_idx keeps the t
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from backend.errors import QuantizationError
 from backend.quantization.base import KERNELS, QuantLinearBase
+from kernels.dispatch import current
 from kernels.quant_torch import (
     dequantize_weight,
     int4pack_eligible,
@@ -96,7 +95,8 @@ def contiguous_group_perm(g_idx: torch.Tensor, group_size: int) -> torch.Tensor 
 
 
 def force_triton() -> bool:
-    return os.environ.get("FLAB_FORCE_TRITON") == "1"
+    """The force_triton kernel setting in effect (kernels/dispatch.py; the engine validates it at start)."""
+    return current().force_triton
 
 
 class IntLinearBase(QuantLinearBase):

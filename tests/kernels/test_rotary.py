@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kernels.rotary import (
-    apply_rotary,
     apply_rotary_torch,
     apply_rotary_triton,
     cos_sin_cache_from_inv_freq,
@@ -92,12 +91,3 @@ def test_triton_on_strided_2d_views():
     oq, ok = apply_rotary_triton(q, k, positions, cache, head_dim=d, inplace=True)
     torch.testing.assert_close(qkv[:, : hq * d], rq, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(qkv[:, hq * d : (hq + hkv) * d], rk, atol=1e-5, rtol=1e-5)
-
-
-def test_dispatch_uses_torch_on_cpu(monkeypatch):
-    monkeypatch.delenv("FLAB_FORCE_TRITON", raising=False)
-    q, k, positions = _inputs(3, 2, 1, 16, torch.float32)
-    cache = cos_sin_cache_from_inv_freq(rope_inv_freq(16), 256)
-    out = apply_rotary(q, k, positions, cache)
-    ref = apply_rotary_torch(q, k, positions, cache)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

@@ -30,8 +30,22 @@ GPTQ = {
 }
 
 
-def test_registry_names():
+def test_registry_resolves_each_method_to_its_class():
     assert set(QUANTIZATION_METHODS) == {"int8", "int4", "fp8", "gptq", "awq", "fp8_checkpoint", "compressed-tensors"}
+    plain = SimpleNamespace(quantization_config=None)
+    for name in ("int8", "int4", "fp8"):  # on the fly: resolved by name on a full-precision checkpoint
+        assert type(resolve_quantization(name, plain)) is QUANTIZATION_METHODS[name]
+    checkpoints = {  # checkpoint formats: detected from quantization_config
+        "gptq": GPTQ,
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+        "fp8_checkpoint": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+    }
+    for name, qcfg in checkpoints.items():
+        method = resolve_quantization(None, SimpleNamespace(quantization_config=qcfg))
+        assert type(method) is QUANTIZATION_METHODS[name]
+        assert not QUANTIZATION_METHODS[name].on_the_fly
+        with pytest.raises(QuantizationError, match="checkpoint format"):
+            resolve_quantization(name if name != "fp8_checkpoint" else "fp8_checkpoint", plain)
 
 
 def test_none_on_full_precision():

@@ -3,12 +3,18 @@
 Hub ids: tensor names, dtypes and shapes from the safetensors headers (`get_safetensors_metadata`, HTTP
 range requests) and config.json. Local folders: the same read from the files' headers (no tensor data).
 
-Rules (matching backend/quantization): every 2-D floating `*.weight` of a linear layer is quantized;
-token/position embeddings and the output head (lm_head, embed_out, wte, wpe...) stay unquantized, as
-do norms and biases. int8: 1 byte/param + one scale per output channel; int4: 0.5 byte/param + a scale
-and a zero point per group of 128 input columns (or the largest of 256/128/64/32 dividing them);
-fp8: 1 byte/param + one float32 scale per output channel. Scales take the activation dtype.
-"auto" keeps each tensor's checkpoint dtype; another dtype casts the floating tensors only.
+Quantization strings are parsed by the engine's own parser (backend.quantization.resolve_quantization), so the
+estimate accepts exactly what Engine accepts ("int4:g64,kernel=torch", a checkpoint's own "gptq"...). Rules
+(matching backend/quantization): every 2-D floating `*.weight` of a linear layer the method does not skip
+(lm_head by default) is quantized; token/position embeddings stay unquantized, as do norms and biases.
+int8: 1 byte/param + one scale per output channel; int4: 0.5 byte/param + a scale and a zero point per group
+(backend/quantization/int4.py's group rule); fp8: 1 byte/param + one float32 scale per output channel.
+Scales take the activation dtype. "auto" keeps each tensor's checkpoint dtype; another dtype casts the
+floating tensors only. Pre-quantized checkpoints: their stored bytes are counted.
+
+KV cache: bytes per token from backend.kv_cache.KVCacheSpec (the engine's own). With `engine=EngineKVSettings(...)`
+the cache and context are the ones the engine will get with those settings (backend/kv_sizing.py); without,
+the cache for `num_seqs` x `context_len` tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub as hf
+import torch
 from huggingface_hub.errors import (
     NotASafetensorsRepoError,
     OfflineModeIsEnabled,
@@ -27,7 +34,11 @@ from huggingface_hub.errors import (
     SafetensorsParsingError,
 )
 
-from backend.errors import ModelNotFoundError, QuantizationError, UnsupportedModelError
+from backend.config import DTYPES
+from backend.errors import ModelNotFoundError, UnsupportedModelError
+from backend.kv_cache import KVCacheSpec, KVSlot
+from backend.kv_sizing import model_context_len, plan_kv_cache
+from backend.loading.builtin import find_builtin, resolve_builtin
 from backend.loading.hub_common import (
     FLOAT_DTYPES,
     GGUF_MESSAGE,
@@ -42,21 +53,12 @@ from backend.loading.hub_common import (
     offline_mode_enabled,
     safetensors_files,
 )
+from backend.quantization import resolve_quantization
+from backend.quantization.int4 import effective_group_size
 from backend.units import format_bytes, format_count
 
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
-DTYPE_ALIASES: dict[str, str] = {
-    "fp32": "float32",
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "half": "float16",
-    "float": "float32",
-    "F32": "float32",
-    "BF16": "bfloat16",
-    "F16": "float16",
-}
-QUANT_METHODS = ("int8", "int4", "fp8")
-INT4_GROUP_SIZES = (32, 64, 128, 256)
+KV_DTYPES_BY_BYTES: dict[int, torch.dtype] = {4: torch.float32, 2: torch.bfloat16, 1: torch.float8_e4m3fn}
+ON_THE_FLY = ("int8", "int4", "fp8")  # methods whose bytes are computed here (checkpoint formats: as stored)
 UNQUANTIZED_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "shared", "word_embeddings")
 
 
@@ -76,6 +78,23 @@ class TensorMeta:
 
 
 @dataclass(frozen=True)
+class EngineKVSettings:
+    """The engine options that size its KV cache (EngineConfig's names and defaults)."""
+
+    block_size: int = 16
+    kv_cache_memory_gb: float | None = None
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None
+    device: str = "auto"
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     params: int
     weight_bytes: int
@@ -87,6 +106,9 @@ class MemoryEstimate:
     context_len: int = 0
     num_seqs: int = 0
     kv_bytes_per_token: int = 0
+    kv_blocks: int | None = None  # with engine settings: the blocks the engine will allocate
+    block_size: int | None = None
+    model_context_len: int = 0  # the model's own context (config)
 
     @property
     def human(self) -> str:
@@ -176,22 +198,30 @@ def estimate_memory(
     num_seqs: int = 1,
     kv_dtype_bytes: int | None = None,
     *,
+    engine: EngineKVSettings | None = None,
     revision: str | None = None,
     token: str | None = None,
 ) -> MemoryEstimate:
-    """Weights + KV cache bytes for serving `name_or_path`, from headers and config only.
+    """Weights + KV cache bytes for serving `name_or_path` (a built-in name, a folder or a Hub id), from headers
+    and config only (a built-in model not built yet is built first, as Engine would).
 
-    KV cache = 2 (K and V) * attention layers * kv heads * head_dim * context_len * num_seqs * kv bytes
-    (kv bytes: `kv_dtype_bytes`, else the activation dtype). Activations, the CUDA context and allocator
+    Without `engine`: KV cache for `num_seqs` sequences of `context_len` tokens. With `engine`: the cache and
+    context the engine will allocate with those settings (KVCacheError when they cannot work). KV bytes per
+    token: `kv_dtype_bytes` per element, else the activation dtype. Activations, the CUDA context and allocator
     slack are not included.
     """
     dtype_name = _check_dtype(dtype)
-    quant, group_size = _parse_quantization(quantization)
     if context_len < 1 or num_seqs < 1:
         raise ValueError(f"context_len and num_seqs must be >= 1, got {context_len} and {num_seqs}")
-    if kv_dtype_bytes is not None and kv_dtype_bytes <= 0:
-        raise ValueError(f"kv_dtype_bytes must be positive, got {kv_dtype_bytes}")
+    if kv_dtype_bytes is not None and kv_dtype_bytes not in KV_DTYPES_BY_BYTES:
+        raise ValueError(f"kv_dtype_bytes must be one of {sorted(KV_DTYPES_BY_BYTES)}, got {kv_dtype_bytes}")
     name_or_path = str(name_or_path).strip()
+    builtin = find_builtin(name_or_path)
+    if builtin is not None:
+        if builtin.hub_id is None or offline_mode_enabled():
+            name_or_path = str(resolve_builtin(builtin.name))
+        else:
+            name_or_path = builtin.hub_id  # online: the Hub original (falls back to the cache below)
     if is_gguf_name(name_or_path):
         raise UnsupportedModelError(f"{name_or_path}: {GGUF_MESSAGE}")
     folder = local_path(name_or_path)
@@ -208,10 +238,14 @@ def estimate_memory(
             try:  # the Hub is unreachable: a cached snapshot will do
                 config, tensors = _cached_sources(name_or_path, revision, token)
             except ModelNotFoundError:
-                raise e from e.__cause__
+                if builtin is None:
+                    raise e from e.__cause__
+                config, tensors = _local_sources(resolve_builtin(builtin.name))
     if not tensors:
         raise UnsupportedModelError(f"{name_or_path}: its safetensors files hold no tensors")
-    return compute_estimate(config, tensors, dtype_name, quant, group_size, context_len, num_seqs, kv_dtype_bytes)
+    return compute_estimate(
+        config, tensors, dtype_name, quantization, None, context_len, num_seqs, kv_dtype_bytes, engine=engine
+    )
 
 
 def compute_estimate(
@@ -219,28 +253,36 @@ def compute_estimate(
     tensors: list[TensorMeta],
     dtype: str = "auto",
     quantization: str | None = None,
-    group_size: int = 128,
+    group_size: int | None = None,
     context_len: int = 4096,
     num_seqs: int = 1,
     kv_dtype_bytes: int | None = None,
+    *,
+    engine: EngineKVSettings | None = None,
 ) -> MemoryEstimate:
+    """The estimate from a config dict and the tensors' metadata. `group_size` overrides an int4 request's."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     notes: list[str] = []
-    act_bytes = DTYPE_BYTES[dtype] if dtype != "auto" else _auto_activation_bytes(config, text, tensors)
+    act_bytes = _dtype_bytes(dtype) if dtype != "auto" else _auto_activation_bytes(config, text, tensors)
+    method = resolve_quantization(quantization, config, group_size) if quantization is not None else None
+    if quantization is not None and method is not None and not method.on_the_fly:
+        notes.append(f"{method.describe()}: the checkpoint's quantized weights are counted as stored")
+    on_the_fly = method if method is not None and method.on_the_fly and method.name in ON_THE_FLY else None
+    quant_label = method.name if on_the_fly is not None else None
     weight_bytes, quantized = 0, 0
     already_quantized = any(t.dtype not in FLOAT_DTYPES for t in tensors if t.name.endswith("weight"))
     for t in tensors:
-        if quantization is not None and _quantizable(t):
-            weight_bytes += _quantized_bytes(t, quantization, group_size, act_bytes)
+        if on_the_fly is not None and _quantizable(t, on_the_fly):
+            weight_bytes += _quantized_bytes(t, on_the_fly, act_bytes)
             quantized += 1
         elif dtype == "auto" or t.dtype not in FLOAT_DTYPES:
             weight_bytes += t.nbytes
         else:
-            weight_bytes += t.numel * DTYPE_BYTES[dtype]
-    if quantization is not None:
+            weight_bytes += t.numel * act_bytes
+    if on_the_fly is not None:
         notes.append(
-            f"{quantization}: {quantized} linear weights quantized; embeddings, lm_head, norms and "
-            "biases stay at the activation dtype"
+            f"{on_the_fly.describe()}: {quantized} linear weights quantized; embeddings, "
+            f"{', '.join(on_the_fly.ignore) or 'no other module'}, norms and biases stay at the activation dtype"
         )
         if already_quantized:
             notes.append(
@@ -255,9 +297,31 @@ def compute_estimate(
     if "quantization_config" in config or "quantization_config" in text:
         notes.append("checkpoint is pre-quantized: parameter counts are of stored (packed) elements")
 
-    kv_per_token, kv_notes = _kv_bytes_per_token(text, kv_dtype_bytes or act_bytes)
+    kv_dtype = KV_DTYPES_BY_BYTES[kv_dtype_bytes or act_bytes]
+    block_size = engine.block_size if engine is not None else 16
+    spec, kv_notes = kv_spec_from_config(text, kv_dtype, block_size)
     notes.extend(kv_notes)
-    kv_bytes = kv_per_token * context_len * num_seqs
+    kv_per_token = spec.bytes_per_token() if spec is not None else 0
+    model_len = model_context_len(text)
+    kv_blocks = None
+    if engine is not None and spec is not None:
+        plan = plan_kv_cache(
+            spec, model_len, engine.torch_device, engine.kv_cache_memory_gb, engine.num_kv_blocks, engine.max_model_len
+        )
+        context_len, num_seqs, kv_bytes, kv_blocks = (
+            plan.max_model_len,
+            plan.full_sequences,
+            plan.cache_bytes,
+            plan.num_blocks,
+        )
+        notes.append(
+            f"the engine will hold {plan.num_blocks:,} blocks of {plan.block_size} tokens ({plan.tokens:,} tokens, "
+            f"{format_bytes(plan.cache_bytes)}): context {plan.max_model_len:,} tokens"
+            + (f" of the model's {model_len:,}" if plan.max_model_len < model_len else "")
+            + f", {plan.full_sequences} full-length sequence(s) at once"
+        )
+    else:
+        kv_bytes = kv_per_token * context_len * num_seqs
     notes.append("not included: activations, CUDA context and allocator overhead (often 0.5-2 GiB more)")
     params = sum(t.numel for t in tensors)
     return MemoryEstimate(
@@ -267,47 +331,31 @@ def compute_estimate(
         int(weight_bytes + kv_bytes),
         dtype_label,
         tuple(notes),
-        quantization,
+        quant_label,
         context_len,
         num_seqs,
         int(kv_per_token),
+        kv_blocks,
+        block_size if engine is not None else None,
+        model_len,
     )
 
 
+def _dtype_bytes(dtype: str) -> int:
+    return torch.tensor([], dtype=DTYPES[dtype]).element_size()
+
+
 def _check_dtype(dtype: str) -> str:
-    name = DTYPE_ALIASES.get(dtype, dtype)
-    if name != "auto" and name not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
-    return name
-
-
-def _parse_quantization(quantization: str | None) -> tuple[str | None, int]:
-    """None | "int8" | "fp8" | "int4" | "int4:g64" | "int4:group_size=64" -> (method, int4 group size)."""
-    if quantization is None or quantization.lower() in ("", "none"):
-        return None, 128
-    method, _, option = quantization.lower().partition(":")
-    if method not in QUANT_METHODS:
-        raise QuantizationError(
-            f"cannot estimate quantization {quantization!r}: use one of {', '.join(QUANT_METHODS)} or None "
-            "(pre-quantized checkpoints: leave it None, their stored bytes are counted)"
-        )
-    group = 128
-    if option:
-        value = option.split("=", 1)[1] if "=" in option else option.lstrip("g")
-        if method != "int4" or not value.isdigit() or int(value) not in INT4_GROUP_SIZES:
-            raise QuantizationError(
-                f"bad option in {quantization!r}: only int4 takes a group size "
-                f"({', '.join(map(str, INT4_GROUP_SIZES))}), e.g. 'int4:g64'"
-            )
-        group = int(value)
-    return method, group
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use 'auto' or one of {', '.join(DTYPES)}")
+    return dtype
 
 
 def _auto_activation_bytes(config: dict, text: dict, tensors: list[TensorMeta]) -> int:
     for cfg in (text, config):
         name = cfg.get("dtype") or cfg.get("torch_dtype")
-        if isinstance(name, str) and DTYPE_ALIASES.get(name, name) in DTYPE_BYTES:
-            return DTYPE_BYTES[DTYPE_ALIASES.get(name, name)]
+        if isinstance(name, str) and name in DTYPES:
+            return _dtype_bytes(name)
     counts: dict[str, int] = {}
     for t in tensors:
         if t.dtype in ("F32", "F16", "BF16"):
@@ -315,27 +363,23 @@ def _auto_activation_bytes(config: dict, text: dict, tensors: list[TensorMeta]) 
     return int(SAFETENSORS_DTYPE_BYTES[max(counts, key=counts.get)]) if counts else 4
 
 
-def _quantizable(t: TensorMeta) -> bool:
+def _quantizable(t: TensorMeta, method) -> bool:
     if len(t.shape) != 2 or t.dtype not in FLOAT_DTYPES or not t.name.endswith(".weight"):
         return False
+    prefix = t.name.removesuffix(".weight")
     lowered = t.name.lower()
-    return not any(part in lowered for part in UNQUANTIZED_NAME_PARTS) and lowered != "output.weight"
+    if any(part in lowered for part in UNQUANTIZED_NAME_PARTS) or lowered == "output.weight":
+        return False  # embeddings (not linear layers) and the output head
+    return not method.skip(prefix) and not method.skip(prefix.removeprefix("model."))
 
 
-def _int4_group(in_features: int, requested: int) -> int:
-    for g in sorted(INT4_GROUP_SIZES, reverse=True):
-        if g <= requested and in_features % g == 0:
-            return g
-    return in_features
-
-
-def _quantized_bytes(t: TensorMeta, method: str, group_size: int, scale_bytes: int) -> int:
+def _quantized_bytes(t: TensorMeta, method, scale_bytes: int) -> int:
     n, k = t.shape  # (out_features, in_features)
-    if method == "int8":
+    if method.name == "int8":
         return n * k + n * scale_bytes
-    if method == "fp8":
+    if method.name == "fp8":
         return n * k + n * 4
-    groups = -(-k // _int4_group(k, group_size))
+    groups = -(-k // effective_group_size(k, method.config.group_size))
     return -(-n * k // 2) + 2 * n * groups * scale_bytes  # packed codes + scales + zero points
 
 
@@ -347,13 +391,15 @@ def _first_int(cfg: dict, *keys: str) -> int | None:
     return None
 
 
-def _kv_bytes_per_token(cfg: dict, kv_bytes: int) -> tuple[int, list[str]]:
-    """K + V bytes one token takes across all attention layers, and notes on the assumptions."""
+def kv_spec_from_config(cfg: dict, dtype: torch.dtype, block_size: int = 16) -> tuple[KVCacheSpec | None, list[str]]:
+    """The KV cache layout the config describes (one slot per attention layer), and notes on the assumptions;
+    None when the config names no layer or head count. Bytes per token: the spec's `bytes_per_token()`, the
+    engine's own (which reads the layout from the loaded model; this reads it from config.json)."""
     notes: list[str] = []
     layers = _first_int(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
     heads = _first_int(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
     if layers is None or heads is None:
-        return 0, ["KV cache unknown: config.json names no layer or head count"]
+        return None, ["KV cache unknown: config.json names no layer or head count"]
     layer_types = cfg.get("layer_types")
     if isinstance(layer_types, list) and layer_types:
         attention = [t for t in layer_types if "attention" in str(t) and "linear" not in str(t)]
@@ -369,7 +415,7 @@ def _kv_bytes_per_token(cfg: dict, kv_bytes: int) -> tuple[int, list[str]]:
     head_dim = _first_int(cfg, "head_dim")
     if head_dim is None:
         if hidden is None:
-            return 0, ["KV cache unknown: config.json gives neither head_dim nor hidden_size"]
+            return None, ["KV cache unknown: config.json gives neither head_dim nor hidden_size"]
         head_dim = hidden // heads
     k_dim = v_dim = head_dim
     if _first_int(cfg, "kv_lora_rank") is not None:  # MLA (DeepSeek): K/V expanded per head
@@ -377,9 +423,11 @@ def _kv_bytes_per_token(cfg: dict, kv_bytes: int) -> tuple[int, list[str]]:
         v_dim = _first_int(cfg, "v_head_dim") or head_dim
         kv_heads = heads
         notes.append("MLA model: KV counted as expanded per-head K and V")
+    elem = torch.tensor([], dtype=dtype).element_size()
     notes.append(
-        f"KV cache: 2 x {layers} layers x {kv_heads} kv heads x {head_dim} head_dim x {kv_bytes} bytes per token"
+        f"KV cache: 2 x {layers} layers x {kv_heads} kv heads x {head_dim} head_dim x {elem} bytes per token"
         if k_dim == v_dim == head_dim
-        else f"KV cache: {layers} layers x {kv_heads} kv heads x ({k_dim} + {v_dim}) x {kv_bytes} bytes per token"
+        else f"KV cache: {layers} layers x {kv_heads} kv heads x ({k_dim} + {v_dim}) x {elem} bytes per token"
     )
-    return layers * kv_heads * (k_dim + v_dim) * kv_bytes, notes
+    spec = KVCacheSpec(tuple(KVSlot(i, kv_heads, k_dim, v_dim) for i in range(layers)), dtype, block_size)
+    return spec, notes

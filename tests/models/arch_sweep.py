@@ -121,14 +121,14 @@ def shrink_overrides(model_type: str, vocab_size: int, special: dict) -> dict:
     return overrides
 
 
-def build_sweep_model(model_type: str, path: Path) -> tuple[PretrainedConfig, bool]:
-    """Write the shrunk random model of `model_type` with a tokenizer into `path`. Returns (config, built):
-    built is False for a composite (multimodal) config, whose folder gets the config and a placeholder
-    weight file only (the engine refuses such configs before reading weights)."""
+def build_sweep_model(model_type: str, path: Path, **extra) -> tuple[PretrainedConfig, bool]:
+    """Write the shrunk random model of `model_type` (`extra` overrides the shrink) with a tokenizer into `path`.
+    Returns (config, built): built is False for a composite (multimodal) config, whose folder gets the config and a
+    placeholder weight file only (the engine refuses such configs before reading weights)."""
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = AutoConfig.for_model(model_type, **shrink_overrides(model_type, len(tok), special))
+    config = AutoConfig.for_model(model_type, **{**shrink_overrides(model_type, len(tok), special), **extra})
     config.initializer_range = 0.1  # clear greedy winners (tiny_models.build_tiny_model does the same)
     tok.save_pretrained(path)
     if config.get_text_config() is not config:

@@ -111,7 +111,11 @@ class NativeWeightLoader:
 
     def _put_shard(self, module_name: str, attr: str, index: int, tensor: torch.Tensor) -> None:
         parent_name, _, fused = module_name.rpartition(".")
-        sizes: list[int] = self.modules[parent_name].fused_shards[fused]
+        owner = self.modules.get(parent_name)
+        if owner is None or fused not in getattr(owner, "fused_shards", {}):  # a name this model does not have
+            self.state.unexpected.append(f"{module_name}.{attr}")
+            return
+        sizes: list[int] = owner.fused_shards[fused]
         if module_name in self.quant:  # merge all shards of this tensor name, then hand it over
             key = (module_name, attr)
             shards = self.state.pending.setdefault(key, [None] * len(sizes))

@@ -39,8 +39,13 @@ def fallback_lab_attention(
     softcap, window, sinks = kwargs.get("softcap"), kwargs.get("sliding_window"), kwargs.get("s_aux")
     if isinstance(batch, KVProbe):  # the load-time probe forward (backend/models/kv_layout.py)
         return batch.attend(module, query, key, value, scaling, softcap, window, sinks), None
-    if batch is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention was called outside the engine (no {BATCH_KWARG} kwarg)")
+    if batch is None:  # a model that drops the forward kwargs on the way down, or a call from outside the engine
+        raise UnsupportedModelError(
+            f"{type(module).__name__} called the {ATTENTION_NAME} attention without the engine's {BATCH_KWARG!r} "
+            "forward kwarg: the model's attention must pass the forward **kwargs down, as in "
+            "`ALL_ATTENTION_FUNCTIONS[config._attn_implementation](self, q, k, v, mask, ..., **kwargs)` "
+            "(this function runs only inside the engine)"
+        )
     q = query[0].transpose(0, 1)  # (T, Hq, D)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)  # (T, Hkv, Dv)

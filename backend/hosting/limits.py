@@ -1,0 +1,116 @@
+"""The host's caps on one request, on the Benchmark tab, and on the model size (checked before any download).
+
+Each refusal is a HostingError whose message is what the visitor sees: the value asked, the cap, what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from backend.hosting.errors import HostingError
+from backend.hosting.policy import HostPolicy
+from backend.units import format_bytes
+
+
+def clamp_request(policy: HostPolicy, max_new_tokens: int | None, default: int) -> int:
+    """The output length to use when the visitor did not choose one (`max_new_tokens` None): `default`, cut to
+    the host's cap; a chosen value is returned as it is (check_request refuses it when over the cap)."""
+    value = default if max_new_tokens is None else max_new_tokens
+    if max_new_tokens is None and policy.max_new_tokens is not None:
+        value = min(value, policy.max_new_tokens)
+    return value
+
+
+def check_request(policy: HostPolicy, *, max_new_tokens: int | None = None, prompt_tokens: int | None = None) -> None:
+    """Refuse a request over the host's caps on output tokens or prompt tokens (per prompt)."""
+    cap = policy.max_new_tokens
+    if cap is not None and max_new_tokens is not None and max_new_tokens > cap:
+        raise HostingError(
+            f"max new tokens {max_new_tokens} is over this host's cap of {cap}: ask for at most {cap} new tokens"
+        )
+    cap = policy.max_prompt_tokens
+    if cap is not None and prompt_tokens is not None and prompt_tokens > cap:
+        raise HostingError(
+            f"the prompt is {prompt_tokens} tokens, over this host's cap of {cap} prompt tokens: shorten it"
+        )
+
+
+def check_benchmark(policy: HostPolicy) -> None:
+    """The Benchmark tab replaces the shared engine: refused to visitors unless the host allows it."""
+    if not policy.allow_benchmark:
+        raise HostingError(
+            "the Benchmark tab is for the host only on this host (it replaces the engine everyone shares); "
+            "run the app on your own machine to benchmark"
+        )
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The load settings the memory estimate depends on (Engine's arguments of the same names)."""
+
+    dtype: str = "auto"
+    quantization: str | None = None
+    context_len: int = 4096  # tokens per sequence the KV cache is sized for
+    num_seqs: int = 1  # sequences held at once
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" (anything else: the CPU's memory)
+    revision: str | None = None
+
+
+def free_memory(device: str) -> tuple[int, str]:
+    """(free bytes, what was measured) for `device`: CUDA's free memory on a cuda device, else available RAM."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.device(device).index
+            free, _total = torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())
+            return int(free), f"free GPU memory on {device}"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "available RAM"
+
+
+def check_model_fits(
+    name: str,
+    settings: ModelSettings,
+    policy: HostPolicy,
+    *,
+    token: str | None = None,
+    free: Callable[[str], tuple[int, str]] = free_memory,
+):
+    """Refuse `name` when its estimated memory (weights + KV cache at `settings`) is over the free memory of the
+    device. Reads safetensors headers and config.json only (backend/loading/memory.py). Returns the
+    MemoryEstimate, or None when the policy does not check memory or `name` is a built-in not built yet (the
+    built-ins are small; the project builds them itself)."""
+    if not policy.check_memory:
+        return None
+    from backend.loading.builtin import builtin_path, find_builtin
+    from backend.loading.memory import estimate_memory
+
+    target = str(name).strip()
+    builtin = find_builtin(target)
+    if builtin is not None:
+        folder = builtin_path(builtin.name)
+        if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+            return None
+        target = str(folder)
+    estimate = estimate_memory(
+        target,
+        dtype=settings.dtype,
+        quantization=settings.quantization,
+        context_len=settings.context_len,
+        num_seqs=settings.num_seqs,
+        revision=settings.revision,
+        token=token,
+    )
+    available, what = free(settings.device)
+    if estimate.total_bytes > available:
+        raise HostingError(
+            f"{name} does not fit this machine: it needs about {format_bytes(estimate.total_bytes)} "
+            f"(weights {format_bytes(estimate.weight_bytes)} + KV cache {format_bytes(estimate.kv_cache_bytes)} "
+            f"for {settings.num_seqs} x {settings.context_len} tokens) and the machine has "
+            f"{format_bytes(available)} {what}; pick a smaller model, a quantization (int8, int4) or a shorter "
+            "context"
+        )
+    return estimate

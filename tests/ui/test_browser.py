@@ -85,6 +85,36 @@ def test_compare_in_the_browser(page):
     page.screenshot(path=str(DOCS / "screenshot_compare.png"), full_page=True)
 
 
+def test_presets_caps_and_trace_in_the_browser(page):
+    """Issue 17: the load status is on screen at 1000 px (bug 6), a max-new of 0 is refused where the user looks
+    (bug 4), the KV-budget preset preempts and counts it, and one step's attention calls are traced."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Generate").click()
+    status = page.locator("#flab-load-status")
+    box = status.bounding_box()
+    assert box is not None and box["y"] + 20 < 1000  # visible without scrolling
+    max_new = page.locator("#flab-max-new input[type=number]")
+    if not max_new.is_visible():
+        page.get_by_text("Sampling").click()
+    max_new.fill("0")
+    page.locator("#flab-generate").click()
+    expect(page.get_by_text("max new tokens must be a whole number of at least 1", exact=False).first).to_be_visible()
+    page.locator("#flab-preset-preempt").click()
+    expect(page.get_by_text("Preset: KV budget below need", exact=False).first).to_be_visible()
+    expect(page.get_by_text("done:", exact=False).first).to_be_visible(timeout=120_000)
+    text = page.locator(".flab-status", has_text="preemptions").first.inner_text()
+    assert "preemptions: 0" not in text, text
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(DOCS / "screenshot_preset.png"), full_page=True)
+    page.get_by_role("tab", name="Inside the engine").click()
+    page.locator("#flab-trace").click()
+    expect(page.locator("#flab-trace-status")).to_contain_text("1 prefill", timeout=60_000)
+    expect(page.locator("#flab-tree .flab-hit").first).to_be_visible()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(DOCS / "screenshot_inside.png"), full_page=True)
+
+
 def test_benchmark_in_the_browser(page):
     """Last in this file: the benchmark closes the lab's engine."""
     from playwright.sync_api import expect
@@ -94,7 +124,7 @@ def test_benchmark_in_the_browser(page):
     status = page.locator("#flab-bench-status")
     expect(status).to_contain_text("done: 8/8 runs", timeout=180_000)
     expect(status).to_contain_text("measured memory bandwidth")
-    expect(page.get_by_text("No engine loaded: the benchmark closed it", exact=False).first).to_be_visible()
+    expect(page.locator("#flab-load-status")).to_contain_text("loaded again after the benchmark")  # bug 2
     bars = page.locator("#flab-bench-plot .js-plotly-plot .barlayer .trace")
     expect(bars.first).to_be_attached()
     assert bars.count() == 4  # one trace per system

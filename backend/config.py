@@ -8,10 +8,11 @@ from dataclasses import dataclass, fields
 import torch
 
 from backend.errors import EngineError
+from backend.layers.attention_backends import ATTENTION_BACKENDS as _ATTENTION_REGISTRY
 
 MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", *_ATTENTION_REGISTRY)  # backend/layers/attention_backends.py
 CPU_LINEARS = ("auto", "packed", "upcast", "none")  # how 16-bit linears run on CPU (backend/layers)
 
 

@@ -39,13 +39,14 @@ from backend.detokenizer import Detokenizer
 from backend.errors import EngineError, KVCacheError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_blocks
+from backend.layers.attention_backends import AttentionBackend, make_attention_backend
 from backend.loading.build import LoadedModel, load_model
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
 from backend.models.kv_layout import kv_cache_spec
 from backend.outputs import RequestOutput, StreamDelta
 from backend.runner import ModelRunner
 from backend.sampling import PromptLogprobs, SamplingParams, TopLogprobs
-from backend.scheduler import Scheduler
+from backend.scheduler import ScheduledBatch, Scheduler
 from backend.sequence import Sequence
 from backend.stop import StopMatcher
 from kernels import dispatch as kernel_dispatch
@@ -79,9 +80,9 @@ class _Request:
             self.prompt_top_logprobs[scored.start : end] = scored.top_logprobs
 
 
-def kv_spec_for(loaded: LoadedModel, block_size: int, attention_backend: str) -> KVCacheSpec:
+def kv_spec_for(loaded: LoadedModel, block_size: int, attention: AttentionBackend) -> KVCacheSpec:
     """The KV cache layout the model reported at load (backend/models/kv_layout.py: native options or the probe)."""
-    return kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=attention_backend == "triton")
+    return kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=attention.pads_head_dims)
 
 
 def model_max_len(config) -> int:
@@ -128,25 +129,18 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
         self.model_impl = self.loaded.impl
-        self.attention_backend = (
-            cfg.attention_backend
-            if cfg.attention_backend != "auto"
-            else ("triton" if self.device.type == "cuda" else "torch")
+        self.attention = make_attention_backend(
+            cfg.attention_backend, self.device, torch.float32 if self.loaded.cpu_upcast else None
         )
-        spec = kv_spec_for(self.loaded, cfg.block_size, self.attention_backend)
+        self.attention_backend = self.attention.name
+        spec = kv_spec_for(self.loaded, cfg.block_size, self.attention)
         self.max_model_len, num_blocks = self._size_kv_cache(spec)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_running_per_owner
         )
-        self.runner = ModelRunner(
-            self.loaded.model,
-            self.kv_cache,
-            self.device,
-            self.attention_backend,
-            torch.float32 if self.loaded.cpu_upcast else None,
-        )
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, self.attention)
         self.metrics = Metrics()
         self.vocab_size = self.loaded.hf_config.get_text_config().vocab_size
         self._requests: dict[int, _Request] = {}
@@ -643,6 +637,12 @@ class Engine:
         return self._weights_bytes
 
     @property
+    def model(self):
+        """The module tree that runs (native or the wrapped transformers model), for inspection: read, don't
+        change it while the engine serves."""
+        return self.loaded.model
+
+    @property
     def decode_weight_bytes(self) -> int:
         """Bytes of weights one batch-1 decode step reads (for bandwidth figures)."""
         return self.loaded.decode_weight_bytes
@@ -717,7 +717,11 @@ class Engine:
             quantization=self.loaded.quantization,
             quantized_modules=len(self.loaded.swapped_modules),
             attention_backend=self.attention_backend,
+            attention_compute_dtype=str(self.attention.compute_dtype or self.loaded.dtype).removeprefix("torch."),
             malloc_keeps_freed_memory=self.malloc_tuned,
+            cpu_linear=self.loaded.cpu_linear,
+            cpu_linears=self.loaded.num_cpu_linears,
+            decode_weight_bytes=self.decode_weight_bytes,
             weights_bytes=self.weights_bytes,
             kv_cache=dict(
                 num_blocks=self.kv_cache.num_blocks,
@@ -730,6 +734,21 @@ class Engine:
             ),
         )
         return info
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """The logits (L, V) of every position of one prompt, from one uncached prefill (checks against HF,
+        lessons). Needs ceil(L / block_size) free KV blocks for the moment it runs."""
+        ids = self._check_token_ids(token_ids)
+        seq = Sequence(-1, ids, SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=0))
+        with self._lock:
+            if self._closed:
+                raise RequestError("the engine is closed")
+            seq.block_table = self.allocator.allocate(-(-len(ids) // self.allocator.block_size))
+            try:
+                with kernel_dispatch.using(self.kernel_settings):
+                    return self.runner.logits(ScheduledBatch([seq], [len(ids)], [True])).float()
+            finally:
+                self.allocator.free(seq.block_table)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the KV block accounting disagrees with the requests' block tables."""

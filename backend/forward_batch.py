@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from backend.kv_cache import KVCache
+from backend.layers.attention_backends import AttentionBackend
 from backend.scheduler import ScheduledBatch
-from kernels.attention_torch import TorchAttentionPlan, build_plan
 
 
 @dataclass
@@ -34,8 +34,8 @@ class ForwardBatch:
     max_query_len: int
     max_seq_len: int
     kv_cache: KVCache
-    backend: str  # "torch" | "triton"
-    plan: TorchAttentionPlan | None  # gather indices for the torch backend
+    attention: AttentionBackend  # the engine's attention backend (backend/layers/attention_backends.py)
+    attn_metadata: object | None  # what the backend prepared for this step (the torch plan of block gathers)
     # Rows beyond one per sampling sequence exist only for requests that want prompt logprobs:
     sample_rows: torch.Tensor | None = None  # (S',) the rows that are sampled; None = every row
     prompt_rows: list[PromptRows] = field(default_factory=list)
@@ -51,8 +51,7 @@ def build_forward_batch(
     batch: ScheduledBatch,
     kv_cache: KVCache,
     device: torch.device,
-    backend: str,
-    attention_dtype: torch.dtype | None = None,
+    attention: AttentionBackend,
 ) -> ForwardBatch:
     block_size = kv_cache.spec.block_size
     input_ids: list[int] = []
@@ -87,7 +86,7 @@ def build_forward_batch(
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
     block_tables = t(tables, torch.int32)
-    plan = build_plan(qsl, seq_lens, block_tables, block_size, attention_dtype) if backend == "torch" else None
+    metadata = attention.prepare(qsl, seq_lens, block_tables, block_size)
     return ForwardBatch(
         input_ids=t(input_ids, torch.long),
         positions=t(positions, torch.long),
@@ -99,8 +98,8 @@ def build_forward_batch(
         max_query_len=max(batch.num_new_tokens),
         max_seq_len=max(seq_lens),
         kv_cache=kv_cache,
-        backend=backend,
-        plan=plan,
+        attention=attention,
+        attn_metadata=metadata,
         sample_rows=t(sample_rows, torch.long) if prompt_rows else None,
         prompt_rows=prompt_rows,
     )

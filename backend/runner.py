@@ -7,6 +7,7 @@ from torch import nn
 
 from backend.forward_batch import ForwardBatch, build_forward_batch
 from backend.kv_cache import KVCache
+from backend.layers.attention_backends import AttentionBackend
 from backend.sampling import PromptLogprobs, SampleOutput, sample, score_prompt
 from backend.scheduler import ScheduledBatch
 
@@ -17,20 +18,23 @@ class ModelRunner:
         model: nn.Module,
         kv_cache: KVCache,
         device: torch.device,
-        attention_backend: str,
-        attention_dtype: torch.dtype | None = None,
+        attention: AttentionBackend,
     ) -> None:
         self.model = model
-        self.attention_dtype = attention_dtype  # torch attention math dtype (None = the model's)
         self.kv_cache = kv_cache
         self.device = device
-        self.attention_backend = attention_backend
+        self.attention = attention
+
+    @torch.inference_mode()
+    def logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The model's logits rows of the batch (prompt-scoring rows first, then one per sampling sequence)."""
+        return self.model(build_forward_batch(batch, self.kv_cache, self.device, self.attention))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SampleOutput:
         """One forward pass over the batch; one sampled token per sequence whose step reaches its end, and the
         logprobs of the prompt tokens this step scores for requests that asked for prompt logprobs."""
-        fb = build_forward_batch(batch, self.kv_cache, self.device, self.attention_backend, self.attention_dtype)
+        fb = build_forward_batch(batch, self.kv_cache, self.device, self.attention)
         logits = self.model(fb)  # (R, V): prompt-scoring rows (if any) + one row per sequence that samples
         prompt_logprobs = score_prompts(batch, fb, logits)
         if fb.sample_rows is not None:

@@ -1,4 +1,5 @@
-"""The one attention layer every model uses: write the new K/V into the paged cache, attend over it."""
+"""The one attention layer every model uses: write the new K/V into the paged cache, attend over it (through the
+engine's attention backend, backend/layers/attention_backends.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import torch
 from torch import nn
 
 from backend.forward_batch import ForwardBatch
-from kernels.attention_torch import paged_attention_planned, store_kv_torch
 
 
 def paged_attention(
@@ -27,28 +27,8 @@ def paged_attention(
         q, k = _pad_last(q, k_cache.shape[-1]), _pad_last(k, k_cache.shape[-1])  # zeros: same q.k products
     if dv < v_cache.shape[-1]:
         v = _pad_last(v, v_cache.shape[-1])  # zero columns of the output, cut off below
-    if batch.backend == "triton":
-        from kernels.kv_store import store_kv_triton
-        from kernels.ops import paged_attention_triton_auto
-
-        store_kv_triton(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = paged_attention_triton_auto(
-            q.contiguous(),
-            k_cache,
-            v_cache,
-            batch.query_start_loc,
-            batch.seq_lens,
-            batch.block_tables,
-            scale,
-            softcap,
-            sliding_window,
-            sinks,
-            batch.max_query_len,
-            batch.max_seq_len,
-        )
-    else:
-        store_kv_torch(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = paged_attention_planned(q, k_cache, v_cache, batch.plan, scale, softcap, sliding_window, sinks)
+    batch.attention.store(k, v, k_cache, v_cache, batch)
+    out = batch.attention.attend(q, k_cache, v_cache, batch, scale, softcap, sliding_window, sinks)
     return out if out.shape[-1] == dv else out[..., :dv]
 
 

@@ -57,14 +57,14 @@ def test_engine_upcast_on_and_off(bf16_llama):
     on = Engine(bf16_llama, device="cpu", cpu_linear="upcast", num_kv_blocks=64)
     off = Engine(bf16_llama, device="cpu", cpu_linear="none", num_kv_blocks=64)
     try:
-        assert on.loaded.cpu_upcast and on.runner.attention_dtype == torch.float32
-        assert off.loaded.num_cpu_linears == 0 and off.runner.attention_dtype is None
-        linears = [m for m in on.loaded.model.modules() if isinstance(m, UpcastLinear)]
-        assert on.loaded.num_cpu_linears == len(linears) > 0
+        assert on.describe()["cpu_linear"] == "upcast" and on.describe()["attention_compute_dtype"] == "float32"
+        assert off.describe()["cpu_linears"] == 0 and off.describe()["attention_compute_dtype"] == "bfloat16"
+        linears = [m for m in on.model.modules() if isinstance(m, UpcastLinear)]
+        assert on.describe()["cpu_linears"] == len(linears) > 0
         assert "UpcastLinear (fp32 copy for CPU matmuls)" in on.describe()["swapped"]
         extra = sum(m.weight.numel() * 4 + (0 if m.bias is None else m.bias.numel() * 4) for m in linears)
         assert on.weights_bytes == off.weights_bytes + extra  # the fp32 copies are counted
-        assert on.loaded.decode_weight_bytes == off.weights_bytes  # a 1-row decode reads the 16-bit weights
+        assert on.decode_weight_bytes == off.weights_bytes  # a 1-row decode reads the 16-bit weights
         params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
         a = on.generate("the cat sat on", params)[0]
         b = off.generate("the cat sat on", params)[0]
@@ -145,16 +145,18 @@ def test_engine_packed_equals_plain(bf16_llama, impl):
     packed = Engine(bf16_llama, device="cpu", model_impl=impl, cpu_linear="packed", num_kv_blocks=64)
     plain = Engine(bf16_llama, device="cpu", model_impl=impl, cpu_linear="none", num_kv_blocks=64)
     try:
-        assert packed.loaded.cpu_linear == "packed" and packed.runner.attention_dtype is None
-        linears = [m for m in packed.loaded.model.modules() if isinstance(m, (PackedLinear, SiblingLinear))]
-        assert packed.loaded.num_cpu_linears == len(linears) > 0
+        assert (
+            packed.describe()["cpu_linear"] == "packed" and packed.describe()["attention_compute_dtype"] == "bfloat16"
+        )
+        linears = [m for m in packed.model.modules() if isinstance(m, (PackedLinear, SiblingLinear))]
+        assert packed.describe()["cpu_linears"] == len(linears) > 0
         swapped = packed.describe()["swapped"]
         assert "PackedLinear (oneDNN prepacked 16-bit weight)" in swapped
         # transformers' separate q/k/v and gate/up share one product each; native models fused them at load
         siblings = swapped.get("SiblingLinear (q/k/v or gate/up as one oneDNN product)", 0)
-        assert siblings == (5 * packed.loaded.hf_config.num_hidden_layers if impl == "transformers" else 0)
+        assert siblings == (5 * packed.describe()["layers"] if impl == "transformers" else 0)
         assert packed.describe()["parameters"] == plain.describe()["parameters"]
-        assert packed.loaded.decode_weight_bytes == plain.weights_bytes
+        assert packed.decode_weight_bytes == plain.weights_bytes
         params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
         prompts = ["the cat sat on", "a b c d e f g h i j k"]
         a = packed.generate(prompts, params)
@@ -188,7 +190,7 @@ def test_packed_tokens_across_architectures(tmp_path, arch, impl):
         with Engine(str(path), model_impl=impl, cpu_linear=mode, num_kv_blocks=64) as engine:
             outs[mode] = [o.token_ids for o in engine.generate(["the cat sat on the mat", "1 2 3"], params)]
             if mode == "packed":
-                assert engine.loaded.num_cpu_linears > 0
+                assert engine.describe()["cpu_linears"] > 0
     assert outs["packed"] == outs["none"]
 
 
@@ -239,7 +241,7 @@ def test_native_moe_experts_are_packed(tmp_path, arch):
         Engine(str(path), model_impl="native", cpu_linear="packed", num_kv_blocks=64) as packed,
         Engine(str(path), model_impl="native", cpu_linear="none", num_kv_blocks=64) as plain,
     ):
-        experts = [m for m in packed.loaded.model.modules() if type(m).__name__ == "Experts"]
+        experts = [m for m in packed.model.modules() if type(m).__name__ == "Experts"]
         assert experts and all(m.flab_packed is not None and m.gate_up_proj.is_meta for m in experts)
         assert packed.describe()["swapped"]["MoE experts (oneDNN prepacked per expert)"] == len(experts)
         assert packed.describe()["parameters"] == plain.describe()["parameters"]
@@ -262,10 +264,10 @@ def test_transformers_moe_experts_are_packed(tmp_path, arch):
         Engine(str(path), model_impl="transformers", cpu_linear="packed", num_kv_blocks=64) as packed,
         Engine(str(path), model_impl="transformers", cpu_linear="none", num_kv_blocks=64) as plain,
     ):
-        hf = packed.loaded.model.hf
+        hf = packed.model.hf
         modules = [m for m in hf.modules() if getattr(m, "flab_packed", None) is not None]
         assert modules and hf.config._experts_implementation == EXPERTS_NAME
-        assert plain.loaded.model.hf.config._experts_implementation != EXPERTS_NAME
+        assert plain.model.hf.config._experts_implementation != EXPERTS_NAME
         assert packed.describe()["swapped"]["MoE experts (oneDNN prepacked per expert)"] == len(modules)
         assert packed.describe()["parameters"] == plain.describe()["parameters"]
         assert packed.weights_bytes == plain.weights_bytes
@@ -274,11 +276,11 @@ def test_transformers_moe_experts_are_packed(tmp_path, arch):
         assert [o.token_ids for o in a] == [o.token_ids for o in b]
         assert [o.logprobs for o in a] == [o.logprobs for o in b]
         # one module against transformers' own grouped_mm on the same stacked weights
-        experts = [m for m in plain.loaded.model.hf.modules() if hasattr(m, "is_transposed")][0]
+        experts = [m for m in plain.model.hf.modules() if hasattr(m, "is_transposed")][0]
         torch.manual_seed(0)
         x = torch.randn(7, experts.gate_up_proj.shape[-1 if not experts.is_transposed else 1]).to(torch.bfloat16)
         ids = torch.randint(0, experts.num_experts, (7, 2))
         weights = torch.rand(7, 2)
         ref = grouped_mm_experts_forward(experts, x, ids, weights)
-        assert pack_hf_experts(plain.loaded.model) == len(modules)
+        assert pack_hf_experts(plain.model) == len(modules)
         assert torch.equal(packed_experts_forward(experts, x, ids, weights), ref)

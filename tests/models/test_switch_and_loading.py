@@ -41,7 +41,7 @@ def test_auto_picks_native_for_registered_architectures(tiny_model, arch, impl):
 def test_auto_engine_runs_native(tiny_model):
     with Engine(str(tiny_model("llama")), dtype="float32", kv_cache_memory_gb=0.02) as engine:
         assert engine.model_impl == "native"
-        assert describe_model(engine.loaded.model)["attention"] == NATIVE_ATTENTION
+        assert describe_model(engine.model)["attention"] == NATIVE_ATTENTION
 
 
 def test_native_on_unregistered_architecture_lists_the_supported_ones(tiny_model):
@@ -89,9 +89,9 @@ def test_missing_checkpoint_tensors_are_named(tiny_model, tmp_path, drop, named)
 def test_describe_native_and_transformers(tiny_model):
     path = str(tiny_model("gemma2"))
     with Engine(path, model_impl="native", dtype="float32", quantization="int8", kv_cache_memory_gb=0.02) as engine:
-        native = describe_model(engine.loaded.model)
+        native = describe_model(engine.model)
     with Engine(path, model_impl="transformers", dtype="float32", kv_cache_memory_gb=0.02) as engine:
-        fallback = describe_model(engine.loaded.model)
+        fallback = describe_model(engine.model)
     assert native["implementation"] == "native" and native["attention"] == NATIVE_ATTENTION
     assert native["swapped"] == {"quantized linear Int8Linear": 8}  # qkv, o, gate_up, down per layer (lm_head kept)
     assert native["sliding_window"] == [8] and native["final_softcap"] == 3.0

@@ -735,6 +735,19 @@ class Engine:
         )
         return info
 
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """The KV cache layout (per-slot heads and head sizes, block size, bytes per token and per block)."""
+        return self.kv_cache.spec
+
+    def trace_step(self, prompt_token_ids: list[list[int]]) -> list:
+        """One traced step: what our attention function received per layer and call (q/k/v shapes, kwargs such
+        as sliding_window / softcap / s_aux) and how many sequences prefilled and decoded (backend/models/trace.py:
+        all prompts but the last decode, the last prefills)."""
+        from backend.models.trace import trace_attention_calls
+
+        return trace_attention_calls(self, prompt_token_ids)
+
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """The logits (L, V) of every position of one prompt, from one uncached prefill (checks against HF,
         lessons). Needs ceil(L / block_size) free KV blocks for the moment it runs."""

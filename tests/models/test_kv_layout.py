@@ -50,9 +50,11 @@ def test_bytes_per_token_is_the_sum_over_slots():
 )
 def test_probe_records_each_call(sweep_model, model_type, slots):
     with Engine(str(sweep_model(model_type)), **SMALL) as engine:
-        spec = engine.kv_cache.spec
+        spec = engine.kv_cache_spec
         assert [(s.layer, s.num_kv_heads, s.k_head_dim, s.v_head_dim) for s in spec.slots] == slots
-        assert engine.kv_cache.nbytes == engine.kv_cache.num_blocks * spec.bytes_per_block
+        assert (
+            engine.describe()["kv_cache"]["bytes"] == engine.describe()["kv_cache"]["num_blocks"] * spec.bytes_per_block
+        )
         assert engine.describe()["kv_cache"]["kv_heads"] == spec.num_kv_heads
 
 
@@ -65,7 +67,7 @@ def test_padded_slots_give_the_same_tokens(sweep_model, monkeypatch):
         lambda loaded, block_size, backend: kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=True),
     )
     with Engine(str(path), **SMALL) as engine:
-        assert {(s.k_head_dim, s.v_head_dim) for s in engine.kv_cache.spec.slots} == {(24, 24)}
+        assert {(s.k_head_dim, s.v_head_dim) for s in engine.kv_cache_spec.slots} == {(24, 24)}
         assert [o.token_ids for o in engine.generate(PROMPTS[:2], GREEDY)] == expected
 
 
@@ -91,7 +93,7 @@ def test_a_layer_that_bypasses_the_attention_function_is_refused(tiny_model, mon
 
 def test_native_layout_is_unchanged(tiny_model):
     with Engine(str(tiny_model("llama")), model_impl="native", dtype="float32", kv_cache_memory_gb=0.02) as engine:
-        spec = engine.kv_cache.spec
+        spec = engine.kv_cache_spec
         assert spec == KVCacheSpec.uniform(2, 2, 16, torch.float32, spec.block_size)
 
 
@@ -101,5 +103,5 @@ def test_jetmoe_head_size_is_kv_channels(tmp_path):
     build_sweep_model("jetmoe", path, kv_channels=8)
     expected = hf_greedy(path, PROMPTS[:2], 6)
     with Engine(str(path), **SMALL) as engine:
-        assert {(s.k_head_dim, s.v_head_dim) for s in engine.kv_cache.spec.slots} == {(8, 8)}
+        assert {(s.k_head_dim, s.v_head_dim) for s in engine.kv_cache_spec.slots} == {(8, 8)}
         assert [o.token_ids for o in engine.generate(PROMPTS[:2], GREEDY)] == expected

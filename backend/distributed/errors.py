@@ -1,0 +1,7 @@
+"""Errors of the tensor-parallel group at run time (load-time refusals are backend.errors' UnsupportedModelError)."""
+
+from __future__ import annotations
+
+
+class TensorParallelError(RuntimeError):
+    """A rank of the group died, failed or stopped answering; the group is shut down and every later step fails."""

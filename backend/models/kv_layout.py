@@ -38,6 +38,8 @@ class AttentionCall:
     num_kv_heads: int
     k_head_dim: int
     v_head_dim: int
+    causal: bool = True
+    sliding_window: int | None = None
 
 
 @dataclass
@@ -56,9 +58,20 @@ class KVProbe:
         softcap: float | None,
         sliding_window: int | None,
         sinks: torch.Tensor | None,
+        is_causal: bool | None = None,
     ) -> torch.Tensor:  # (1, T, Hq, Dv)
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         self.calls.append(
-            AttentionCall(module, query.shape[1], query.shape[-1], key.shape[1], key.shape[-1], value.shape[-1])
+            AttentionCall(
+                module,
+                query.shape[1],
+                query.shape[-1],
+                key.shape[1],
+                key.shape[-1],
+                value.shape[-1],
+                bool(causal),
+                sliding_window,
+            )
         )
         if query.shape[-1] != key.shape[-1] or key.shape[1] != value.shape[1] or query.shape[1] % key.shape[1]:
             return query.new_zeros(query.shape[:-1] + value.shape[-1:]).transpose(1, 2)  # refused after the forward
@@ -119,14 +132,29 @@ def stateful_reason(hf: nn.Module, config) -> str | None:
         other = [(i, str(t)) for i, t in enumerate(layer_types) if str(t) not in ATTENTION_LAYER_TYPES]
         if other:
             kinds = sorted({t for _, t in other})
-            return (
-                f"decoder layers {[i for i, _ in other][:8]} are {kinds} layers (config.layer_types), which keep "
-                "linear-attention / state-space state across tokens"
+            what = (
+                "attention variants the paged attention does not implement (chunked / indexed sparse attention)"
+                if all(t.endswith("_attention") and "linear" not in t for t in kinds)
+                else "layers that keep linear-attention / state-space / convolution state across tokens"
             )
+            return f"decoder layers {[i for i, _ in other][:8]} are {kinds} (config.layer_types): {what}"
     names = sorted({type(m).__name__ for m in hf.modules() if STATEFUL_MODULE.search(type(m).__name__)})
     if names:
         return f"it has modules {names[:3]} (linear-attention / state-space / recurrent / convolution state)"
     return None
+
+
+def expected_sliding_window(config) -> int | None:
+    """The sliding window the config asks for on some layer (None: full attention everywhere)."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and "sliding_attention" not in layer_types:
+        return None
+    return window
 
 
 def probe_kv_layout(model: nn.Module, device: torch.device) -> tuple[KVSlot, ...]:
@@ -141,7 +169,8 @@ def probe_kv_layout(model: nn.Module, device: torch.device) -> tuple[KVSlot, ...
     reason = stateful_reason(hf, config)
     if reason is not None:
         raise UnsupportedModelError(
-            f"{arch} cannot run on the paged KV cache: {reason}; the engine keeps only attention K/V between steps"
+            f"{arch} cannot run on the paged KV cache: {reason}. The engine keeps only attention K/V between steps "
+            "and runs full / sliding-window causal attention"
         )
     probe = KVProbe()
     vocab = int(getattr(config, "vocab_size", 0) or 0)
@@ -169,6 +198,19 @@ def probe_kv_layout(model: nn.Module, device: torch.device) -> tuple[KVSlot, ...
             "query heads must be a multiple of the kv heads"
         )
     names = {id(m): n for n, m in hf.named_modules()}
+    window = expected_sliding_window(config)
+    if window is not None and not any(c.sliding_window for c in probe.calls):
+        raise UnsupportedModelError(
+            f"{arch}: its config sets a sliding window of {window} tokens, but no attention call receives it (the "
+            "model applies it through its attention mask only, which the engine does not build)"
+        )
+    bidirectional = sorted({names.get(id(c.module), type(c.module).__name__) for c in probe.calls if not c.causal})
+    if bidirectional:
+        raise UnsupportedModelError(
+            f"{arch}: attention modules {bidirectional[:3]} attend bidirectionally (is_causal=False); the engine "
+            "generates causally only. An encoder checkpoint (BERT-style) generates causally only when its config "
+            "sets is_decoder=True"
+        )
     found = decoder_layers(hf, int(getattr(config, "num_hidden_layers", 0) or 0))
     layer_of: dict[int, int] = {}
     if found is not None:

@@ -38,7 +38,7 @@ def fallback_lab_attention(
     batch: ForwardBatch | KVProbe | None = kwargs.get(BATCH_KWARG)
     softcap, window, sinks = kwargs.get("softcap"), kwargs.get("sliding_window"), kwargs.get("s_aux")
     if isinstance(batch, KVProbe):  # the load-time probe forward (backend/models/kv_layout.py)
-        return batch.attend(module, query, key, value, scaling, softcap, window, sinks), None
+        return batch.attend(module, query, key, value, scaling, softcap, window, sinks, kwargs.get("is_causal")), None
     if batch is None:  # a model that drops the forward kwargs on the way down, or a call from outside the engine
         raise UnsupportedModelError(
             f"{type(module).__name__} called the {ATTENTION_NAME} attention without the engine's {BATCH_KWARG!r} "

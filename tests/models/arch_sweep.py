@@ -116,6 +116,8 @@ def shrink_overrides(model_type: str, vocab_size: int, special: dict) -> dict:
         kinds = (kinds + kinds)[: max(2, len(kinds))]
         overrides["layer_types"] = kinds
         overrides[attr_map.get("num_hidden_layers", "num_hidden_layers")] = len(kinds)
+    if "is_decoder" in keys:  # encoder families (BERT, RoBERTa...) generate causally as decoders
+        overrides["is_decoder"] = True
     overrides[attr_map.get("vocab_size", "vocab_size")] = vocab_size
     overrides.update({k: v for k, v in special.items() if k in keys or k.endswith("token_id")})
     return overrides

@@ -105,3 +105,11 @@ def test_jetmoe_head_size_is_kv_channels(tmp_path):
     with Engine(str(path), **SMALL) as engine:
         assert {(s.k_head_dim, s.v_head_dim) for s in engine.kv_cache_spec.slots} == {(8, 8)}
         assert [o.token_ids for o in engine.generate(PROMPTS[:2], GREEDY)] == expected
+
+
+def test_bidirectional_attention_is_refused(tmp_path):
+    """BERT without is_decoder attends both ways: the causal engine refuses it instead of answering differently."""
+    path = tmp_path / "bert"
+    build_sweep_model("bert", path, is_decoder=False)
+    with pytest.raises(UnsupportedModelError, match="bidirectionally.*is_decoder=True"):
+        Engine(str(path), **SMALL)

@@ -49,7 +49,22 @@ def test_spaces_without_config_is_not_zerogpu(monkeypatch):
     assert not on_zerogpu({})
 
 
+class _RefuseSpacesImport:
+    """A meta path finder that records any attempt to import `spaces` (installed or not)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "spaces" or name.startswith("spaces."):
+            self.asked.append(name)
+        return None
+
+
 def test_detection_does_not_import_spaces(monkeypatch):
     monkeypatch.delitem(sys.modules, "spaces", raising=False)
-    on_zerogpu({})
-    assert "spaces" not in sys.modules
+    finder = _RefuseSpacesImport()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    assert not on_zerogpu({})
+    refuse_zerogpu({})
+    assert finder.asked == []  # importing spaces on ZeroGPU patches torch: detection must only look

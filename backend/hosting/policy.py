@@ -189,6 +189,13 @@ class HostPolicy:
             metrics_public=boolean("public_metrics", "FLAB_METRICS_PUBLIC", base.metrics_public),
         )
 
+    def engine_options(self) -> dict:
+        """EngineConfig options that follow from the policy (pass as Engine(..., **policy.engine_options())): the
+        per-visitor cap becomes the scheduler's per-owner cap on running sequences (requests carry owner=visitor)."""
+        if self.max_parallel_per_visitor is None:
+            return {}
+        return {"max_running_per_owner": self.max_parallel_per_visitor}
+
     def summary(self) -> list[str]:
         """One line per setting, for the start-up log and the app's About box (the key itself is not shown)."""
 

@@ -143,3 +143,12 @@ def test_policy_is_frozen():
         p.hosted = True  # type: ignore[misc]
     assert HostPolicy(api_key="  ").api_key is None
     assert isinstance(HostPolicy.hosted_defaults().allowed_dirs[0], Path)
+
+
+def test_engine_options_carry_the_per_visitor_cap():
+    from backend.config import EngineConfig
+
+    options = HostPolicy.hosted_defaults(max_parallel_per_visitor=3).engine_options()
+    assert options == {"max_running_per_owner": 3}
+    assert EngineConfig(model="tiny:llama", **options).max_running_per_owner == 3
+    assert HostPolicy().engine_options() == {}

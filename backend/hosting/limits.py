@@ -53,15 +53,18 @@ class ModelSettings:
     quantization: str | None = None
     context_len: int = 4096  # tokens per sequence the KV cache is sized for
     num_seqs: int = 1  # sequences held at once
-    device: str = "cpu"  # "cpu", "cuda", "cuda:N" (anything else: the CPU's memory)
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" (anything else: the CPU's memory)
     revision: str | None = None
 
 
 def free_memory(device: str) -> tuple[int, str]:
-    """(free bytes, what was measured) for `device`: CUDA's free memory on a cuda device, else available RAM."""
-    if str(device).startswith("cuda"):
-        import torch
+    """(free bytes, what was measured) for `device`: CUDA's free memory on a cuda device ("auto": cuda when there
+    is one, as the engine picks), else available RAM."""
+    import torch
 
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda"):
         if torch.cuda.is_available():
             index = torch.device(device).index
             free, _total = torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())

@@ -207,3 +207,18 @@ def test_builtin_built_is_estimated(tmp_path, monkeypatch, tiny_model):
     assert estimate is not None and 0 < estimate.total_bytes < GIB
     with pytest.raises(HostingError, match="tiny:llama does not fit this machine"):
         check_model_fits("tiny:llama", ModelSettings(context_len=64), HOSTED, free=lambda d: (1, "available RAM"))
+
+
+def test_free_memory_reads_the_machine():
+    import psutil
+    import torch
+
+    from backend.hosting.limits import free_memory
+
+    free, what = free_memory("cpu")
+    assert what == "available RAM" and 0 < free <= psutil.virtual_memory().total
+    free, what = free_memory("auto")
+    assert what == ("free GPU memory on cuda" if torch.cuda.is_available() else "available RAM")
+    if torch.cuda.is_available():
+        free, what = free_memory("cuda:0")
+        assert what == "free GPU memory on cuda:0" and 0 < free <= torch.cuda.get_device_properties(0).total_memory

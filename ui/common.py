@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import gradio as gr
 
+from backend.config import DTYPES, MODEL_IMPLS
+from backend.loading.gguf import ConversionProgress
+from backend.quantization import QUANTIZATION_METHODS
+from backend.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
+from backend.quantization.int4 import Int4Config
 from ui import views
 from ui.plots import Series
 
-IMPL_CHOICES = ["auto", "native", "transformers"]
-QUANT_CHOICES = ["as in checkpoint", "none", "int8", "int4", "fp8"]
-DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+IMPL_CHOICES = list(MODEL_IMPLS)
+DTYPE_CHOICES = ["auto", *DTYPES]
+
+
+def _quant_choices() -> list[str]:
+    """'as in checkpoint', 'none', then the on-the-fly methods ('int4' at its default group, then the other
+    int4 group sizes by name); checkpoint formats (gptq, awq...) load 'as in checkpoint'."""
+    choices = ["as in checkpoint", "none"]
+    for name, method in QUANTIZATION_METHODS.items():
+        if method.on_the_fly:
+            choices.append(name)
+            if name == "int4":
+                choices += [f"int4:g{g}" for g in INT4_GROUP_SIZES if g != Int4Config.group_size]
+    return choices
+
+
+QUANT_CHOICES = _quant_choices()
 BLOCK_SIZES = [8, 16, 32, 64, 128]
 MODE_CHOICES = [("copies of the prompt", "copies"), ("one prompt per line", "lines")]
 SUMMARY_HEADERS = ["metric", "value"]
@@ -47,10 +66,24 @@ def hub_module():
     return hub
 
 
+BUILD_STAGES = {  # backend.loading.gguf.ConversionProgress stages, for people
+    "read": "first use: checking the GGUF file…",
+    "tokenizer": "first use: converting the GGUF tokenizer (the slow part, ~20-60 s)…",
+    "dequantize": "first use: dequantizing the GGUF weights…",
+    "write": "first use: writing the safetensors checkpoint into the cache…",
+    "build": "first use: building the built-in model into the cache…",
+    "done": "built; loading it…",
+}
+
+
 def progress_adapter(progress):
-    """hub DownloadProgress(stage, bytes_done, bytes_total, file) -> gr.Progress (bytes, then weight loading)."""
+    """hub DownloadProgress(stage, bytes_done, bytes_total, file) -> gr.Progress (bytes, then weight loading);
+    a built-in model's ConversionProgress (first use) -> its stage."""
 
     def callback(p) -> None:
+        if isinstance(p, ConversionProgress):  # a built-in model built / converted on first use
+            progress(p.fraction if p.total else (0, None), desc=BUILD_STAGES.get(p.stage, p.stage))
+            return
         stage = str(getattr(p, "stage", "") or "download")
         done, total = getattr(p, "bytes_done", 0) or 0, getattr(p, "bytes_total", 0) or 0
         files = f" ({p.files_done}/{p.files_total} files)" if getattr(p, "files_total", 0) else ""
@@ -84,15 +117,12 @@ def thin(series: Series, max_points: int = 1500) -> Series:
     return Series(**{name: values[::k] for name, values in vars(series).items()})
 
 
-def panel_values(spec, cache_root=None) -> tuple:
+def panel_values(spec) -> tuple:
     """A LoadSpec -> the left panel's values (model, impl, quant, dtype, device, kv_mb, block_size, max_batch,
-    max_len, trust_remote_code, step_tokens): what the panel shows for the engine that is loaded."""
-    from ui import defaults
-
+    max_len, trust_remote_code, step_tokens): what the panel shows for the engine that is loaded (a built-in
+    model by its name, as the picker names it)."""
     opts = dict(spec.options)
     model = spec.model
-    if model == str(defaults.default_model_path(cache_root)):
-        model = defaults.DEFAULT_CHOICE
     kv_gb = opts.get("kv_cache_memory_gb")
     return (
         model,

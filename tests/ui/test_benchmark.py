@@ -15,7 +15,7 @@ from ui.benchmark import TABLE_HEADERS
 from ui.plots import bench_figure
 
 ARGS = dict(
-    choice=defaults.DEFAULT_CHOICE,
+    choice=defaults.RANDOM_CHOICE,
     dtype="float32",
     device="cpu",
     quant="as in checkpoint",

@@ -18,7 +18,7 @@ from ui.errors import to_gr_error
 from ui.session import LoadSpec, Session
 
 COMPARE = dict(
-    choice=defaults.DEFAULT_CHOICE,
+    choice=defaults.RANDOM_CHOICE,
     a_impl="auto",
     a_quant="as in checkpoint",
     b_impl="transformers",
@@ -37,7 +37,7 @@ COMPARE = dict(
     ignore_eos=True,
 )
 BENCH = dict(
-    choice=defaults.DEFAULT_CHOICE,
+    choice=defaults.RANDOM_CHOICE,
     dtype="float32",
     device="cpu",
     quant="none",
@@ -62,12 +62,29 @@ GEN = dict(
 )
 
 
-def test_default_model_is_built_once_and_labelled(ui_cache):
-    path = defaults.ensure_default_model(ui_cache)
-    assert (path / "config.json").exists() and defaults.ensure_default_model(ui_cache) == path
-    assert "random weights" in defaults.DEFAULT_LABEL
-    assert defaults.resolve_choice(defaults.DEFAULT_CHOICE, ui_cache) == str(path)
+def test_builtin_models_in_the_picker(ui_cache):
+    """The default is the real instruct model, named as the engine names it; built-in names pass through to the
+    engine (which builds them), other values are paths or Hub ids."""
+    assert defaults.DEFAULT_CHOICE == "smollm2-135m-instruct" and "random weights" not in defaults.DEFAULT_LABEL
+    assert defaults.resolve_choice("") == defaults.resolve_choice(defaults.DEFAULT_CHOICE) == defaults.DEFAULT_CHOICE
+    assert defaults.resolve_choice("tiny:llama") == "tiny:llama" and (ui_cache / "config.json").exists()
     assert defaults.resolve_choice("org/model") == "org/model"
+    assert [c for _, c in defaults.builtin_choices()] == ["smollm2-135m-instruct", "tiny:trained", "tiny:llama"]
+    assert "random weights" in defaults.label_for("tiny:llama") and "random weights" in defaults.label_for("tiny:qwen3")
+    assert defaults.label_for("org/model") is None and defaults.label_for("tiny:nope") is None
+    assert defaults.suggested_kv_mb(defaults.DEFAULT_CHOICE) == defaults.DEFAULT_KV_MB
+    assert defaults.suggested_kv_mb("tiny:qwen3") == defaults.TINY_KV_MB
+    assert defaults.suggested_kv_mb("org/model") == defaults.MODEL_KV_MB
+
+
+def test_estimate_shows_what_the_engine_gets(lab):
+    """The estimate for the panel's settings names the context and cache the loaded engine really has."""
+    engine = lab.session.current()
+    est = lab.estimate(LOAD_ARGS["choice"], "float32", "as in checkpoint", LOAD_ARGS["kv_mb"], 0, 16)
+    kv = engine.describe()["kv_cache"]
+    assert f"{kv['num_blocks']:,} blocks of {kv['block_size']} tokens" in est
+    assert f"context {engine.max_model_len:,} tokens" in est
+    assert "int4" in lab.estimate(LOAD_ARGS["choice"], "float32", "int4:g32", 4, 0, 16)
 
 
 def test_picker_offline(lab):
@@ -75,7 +92,7 @@ def test_picker_offline(lab):
     assert "Offline" in lab.picker_note()
     assert lab.model_choices()[0] == (defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)
     assert lab.search("llama") == []  # a warning, not an error
-    est = lab.estimate(defaults.DEFAULT_CHOICE, "auto", "int8", 4, 0, 4)
+    est = lab.estimate(defaults.RANDOM_CHOICE, "auto", "int8", 4, 0, 4)
     assert "Memory estimate" in est and "int8" in est
 
 
@@ -204,14 +221,14 @@ def test_session_closes_old_engine_only_when_settings_change():
 
 
 def test_inspect_without_engine(ui_cache):
-    md, fig = Lab(cache_root=ui_cache).inspect()
+    md, fig = Lab().inspect()
     assert md == "_No engine loaded._" and isinstance(fig, go.Figure)
 
 
 def test_search_online_and_pick_a_result(ui_cache, monkeypatch):
     from backend.loading import hub
 
-    lab = Lab(cache_root=ui_cache)
+    lab = Lab()
     monkeypatch.setattr(lab, "offline", lambda: False)
     found = hub.SearchResults(
         [
@@ -267,7 +284,7 @@ def test_bug2_the_panel_shows_the_loaded_engine(lab):
     spec = lab.session.spec
     # a page reload: the panel's defaults come in, the loaded engine's settings go out
     out = lab.startup(**dict(LOAD_ARGS, impl="auto"))
-    assert out[1].value == defaults.DEFAULT_CHOICE
+    assert out[1].value == defaults.RANDOM_CHOICE
     assert out[5:15] == ("transformers", "as in checkpoint", "float32", "cpu", 2, 16, 8, 0, False, 2048)
     assert lab.session.spec == spec
     list(lab.compare(**COMPARE))  # A then B, then the lab's engine again
@@ -329,7 +346,7 @@ def test_bug7_expected_errors_log_one_line(lab, tmp_path, caplog):
 
 def _run_preset(lab, key):
     kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temp, ignore_eos, gap, chat, status = (
-        lab.preset(key, defaults.DEFAULT_CHOICE)
+        lab.preset(key, defaults.RANDOM_CHOICE)
     )
     lab.load(**dict(LOAD_ARGS, kv_mb=kv_mb, max_batch=max_batch, max_len=max_len), step_tokens=step_tokens)
     *_, last = lab.generate(

@@ -150,6 +150,11 @@ class TensorParallelGroup:
     def worker_ranks(self) -> range:
         return range(1, self.world_size)
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of ranks 1..N-1."""
+        return [p.pid for p in self._processes]
+
     def shutdown(self) -> None:
         """Stop the workers (bounded: killed after EXIT_GRACE_S) and leave the process group. Idempotent."""
         self._stop(graceful=self.failure is None)

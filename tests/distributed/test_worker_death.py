@@ -1,0 +1,62 @@
+"""A worker killed mid-run: the engine fails the in-flight request with an error naming the rank and how it
+died, shuts the group down, fails later requests at once, and closes; nothing waits without a bound."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch.distributed as dist
+
+from backend import SamplingParams
+from backend.distributed import TPOptions
+from backend.distributed.testing import make_tp_engine
+from backend.errors import RequestFailedError
+
+HANG_GUARD_S = 120  # a hang fails the test instead of blocking the suite; not a speed requirement
+
+
+def test_killed_worker_fails_requests_and_the_engine_closes(tiny_model):
+    engine = make_tp_engine(
+        str(tiny_model("llama")),
+        tp_options=TPOptions(2, timeout_s=30),
+        model_impl="native",
+        dtype="float32",
+        device="cpu",
+        num_kv_blocks=64,
+        block_size=8,
+    )
+    group = engine.runner.group
+    (pid,) = group.worker_pids
+    params = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            for delta in engine.stream(prompt_token_ids=[1, 2, 3, 4], params=params):
+                seen.extend(delta.token_ids)
+                if len(seen) >= 3 and not errors:
+                    os.kill(pid, signal.SIGKILL)
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    t.join(HANG_GUARD_S)
+    assert not t.is_alive(), "the stream did not end after its worker was killed"
+    assert len(errors) == 1 and isinstance(errors[0], RequestFailedError), errors
+    assert "rank 1 died (killed by signal SIGKILL)" in str(errors[0])
+    assert 3 <= len(seen) < 400
+    assert group.failure is not None and group.closed
+    with pytest.raises(
+        RequestFailedError, match=r"tensor-parallel group is down: .*rank 1 died \(killed by signal SIGKILL\)"
+    ):
+        engine.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_new_tokens=2))
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(HANG_GUARD_S)
+    assert not closer.is_alive() and engine.closed
+    assert not dist.is_initialized()  # this process left the process group: a new engine can start one

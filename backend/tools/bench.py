@@ -462,6 +462,15 @@ def write_json(path: str | Path, setup: Setup, results: list[Result], options: d
     return path
 
 
+def default_json_path(kind: str) -> Path:
+    """<project cache>/bench/<kind>-<local time>.json (backend/paths.py), the folder created."""
+    from backend.paths import bench_dir
+
+    folder = bench_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
 def resolve_path(model: str, dtype: str = "auto") -> str:
     """A built-in name (tiny:<arch>, tiny:trained, smollm2-135m-instruct: backend/loading/builtin.py, built once
     into the project's cache), a Hub id or a folder -> its folder, by the engine's own resolution. Every system
@@ -490,7 +499,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "--repeat", type=int, default=1, help="run every system this many times (round robin) and report the median run"
     )
     parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument(
+        "--json", default=None, help="write results here (default: bench-<time>.json in the project cache's bench/)"
+    )
     parser.add_argument(
         "--model-impl",
         default=None,
@@ -527,8 +538,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     results = medians(runs)
     header = setup.header()
     print("\n" + header + "\n" + markdown(results, setup.bandwidth))
-    if args.json:
-        write_json(args.json, setup, results, vars(args))
+    print(f"results: {write_json(args.json or default_json_path('bench'), setup, results, vars(args))}")
     return results
 
 

@@ -28,7 +28,14 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
-from backend.tools.bench import BenchOptions, Workload, measure_memory_bandwidth, resolve_path, run_engine
+from backend.tools.bench import (
+    BenchOptions,
+    Workload,
+    default_json_path,
+    measure_memory_bandwidth,
+    resolve_path,
+    run_engine,
+)
 from backend.tools.train_tiny import EVAL_MODULE, eval_text
 
 DEFAULT_METHODS = ("none", "int8", "int4", "int4:g32", "fp8")
@@ -211,7 +218,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument(
+        "--json", default=None, help="write the rows here (default: bench_quant-<time>.json in the project cache)"
+    )
     args = parser.parse_args(argv)
     path = resolve_path(args.model, args.dtype)
     device = BenchOptions(device=args.device).torch_device
@@ -230,19 +239,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"measured memory bandwidth {bandwidth / 1e9:.1f} GB/s | {time.perf_counter() - t0:.0f}s"
     )
     print("\n" + header + "\n\n" + markdown(rows, args.batch))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                dict(
-                    header=header,
-                    args=vars(args),
-                    path=path,
-                    memory_bandwidth=bandwidth,
-                    rows=[asdict(r) for r in rows],
-                ),
-                indent=1,
-            )
-        )
+    out = Path(args.json) if args.json else default_json_path("bench_quant")
+    record = dict(header=header, args=vars(args), path=path, memory_bandwidth=bandwidth, rows=[asdict(r) for r in rows])
+    out.write_text(json.dumps(record, indent=1))
+    print(f"rows: {out}")
     return rows
 
 

@@ -36,6 +36,7 @@ class ChoiceSpec:
     index: int
     prompt_ids: list[int]
     params: SamplingParams
+    owner: str | None = None  # the request's `user`: the engine schedules fairly across owners
 
 
 class ChoiceStreams:
@@ -62,7 +63,7 @@ class ChoiceStreams:
         try:
             if self._cancel.is_set():
                 return
-            gen = self.engine.stream(None, spec.params, prompt_token_ids=spec.prompt_ids)
+            gen = self.engine.stream(None, spec.params, prompt_token_ids=spec.prompt_ids, owner=spec.owner)
             for delta in gen:
                 with self._lock:
                     self._request_ids[spec.index] = delta.request_id

@@ -51,7 +51,7 @@ class ChatJob:
         )
         self.top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, max_tokens, self.top)
-        self.groups = [[ChoiceSpec(j, self.prompt_ids, with_seed(params, req.seed, j)) for j in range(req.n)]]
+        self.groups = [[ChoiceSpec(j, self.prompt_ids, with_seed(params, req.seed, j), req.user) for j in range(req.n)]]
         self.token_text = TokenText(engine.tokenizer)
         self.model = state.model_name()
 
@@ -88,9 +88,10 @@ class ChatJob:
         )
 
     def stream(self) -> StreamingResponse:
-        return StreamingResponse(self._events(self.run()), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        return StreamingResponse(self._events(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
-    async def _events(self, run: ChoiceRun) -> AsyncIterator[str]:
+    async def _events(self) -> AsyncIterator[str]:
+        run = self.run()  # started once the response streams (not for a client gone before that)
         try:
             base = ChatCompletionChunk(id=new_id("chatcmpl"), created=int(time.time()), model=self.model, choices=[])
             include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)

@@ -60,7 +60,9 @@ class CompletionJob:
                 req.max_tokens, "max_tokens", len(ids), engine.max_model_len, limits.default_max_tokens, "prompt"
             )
             params = sampling_params(req, max_tokens, lp, lp if req.echo and lp is not None else None)
-            self.groups.append([ChoiceSpec(i * req.n + j, ids, with_seed(params, req.seed, j)) for j in range(req.n)])
+            self.groups.append(
+                [ChoiceSpec(i * req.n + j, ids, with_seed(params, req.seed, j), req.user) for j in range(req.n)]
+            )
         self.token_text = TokenText(engine.tokenizer)
         self.model = state.model_name()
 
@@ -110,9 +112,10 @@ class CompletionJob:
         )
 
     def stream(self) -> StreamingResponse:
-        return StreamingResponse(self._events(self.run()), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        return StreamingResponse(self._events(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
-    async def _events(self, run: ChoiceRun) -> AsyncIterator[str]:
+    async def _events(self) -> AsyncIterator[str]:
+        run = self.run()  # started once the response streams (not for a client gone before that)
         try:
             base = CompletionResponse(model=self.model, choices=[])
             include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)

@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,7 +145,9 @@ async def closed_loop(concurrency: int, requests: list[Request], send) -> tuple[
     return samples, time.perf_counter() - t0
 
 
-async def bench_http(system: str, url: str, model: str, levels, requests, extra: dict, warmup: int) -> list:
+async def bench_http(
+    system: str, url: str, model: str, levels, requests, extra: dict, warmup: int, level_timeout: float
+) -> list:
     results = []
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
@@ -154,7 +157,17 @@ async def bench_http(system: str, url: str, model: str, levels, requests, extra:
 
         await closed_loop(min(warmup, len(requests)), requests[:warmup], send)
         for c in levels:
-            samples, seconds = await closed_loop(c, requests_for(requests, c), send)
+            try:
+                samples, seconds = await asyncio.wait_for(
+                    closed_loop(c, requests_for(requests, c), send), level_timeout
+                )
+            except TimeoutError:
+                note = f"did not finish {len(requests_for(requests, c))} requests in {level_timeout:.0f} s"
+                print(f"  {system} c={c}: {note}", flush=True)
+                results += [
+                    LevelResult(system, level, 0, 0, 0, 0, 0, 0, note=note) for level in levels[levels.index(c) :]
+                ]
+                break
             results.append(summarize(system, c, samples, seconds))
             print(f"  {system} c={c}: {results[-1].output_tok_s:.1f} tok/s", flush=True)
     return results
@@ -279,7 +292,7 @@ def bench_server(system: str, folder: str, args, levels, requests, workdir: Path
         wait_healthy(proc, url, log)
         model = folder if system == "hf-serve" else "bench"
         extra = {} if system == "hf-serve" else {"ignore_eos": True}
-        return asyncio.run(bench_http(system, url, model, levels, requests, extra, args.warmup))
+        return asyncio.run(bench_http(system, url, model, levels, requests, extra, args.warmup, args.level_timeout))
     finally:
         stop(proc)
 
@@ -324,6 +337,9 @@ def main(argv: list[str] | None = None) -> list[LevelResult]:
     p.add_argument("--output-len", type=int, default=32, help="max_tokens of every request")
     p.add_argument("--num-prompts", type=int, default=64, help="distinct seeded prompts (cycled per level)")
     p.add_argument("--warmup", type=int, default=2, help="requests sent before measuring each system")
+    p.add_argument(
+        "--level-timeout", type=float, default=300, help="seconds one level may take (a server that is slower: noted)"
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
@@ -336,7 +352,7 @@ def main(argv: list[str] | None = None) -> list[LevelResult]:
 
     folder = resolve_path(args.model, args.dtype)
     requests = make_requests(args.num_prompts, args.input_words, args.output_len, args.seed)
-    workdir = Path(folder).parent
+    workdir = Path(tempfile.mkdtemp(prefix="flab-bench-serving-"))  # the servers' logs
     results: list[LevelResult] = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for system in args.systems:
@@ -351,7 +367,8 @@ def main(argv: list[str] | None = None) -> list[LevelResult]:
             print(f"  {system} could not run: {reason}", flush=True)
             results += [LevelResult(system, c, 0, 0, 0, 0, 0, 0, note=reason) for c in args.concurrency]
     cpu = platform.processor() or platform.machine()
-    print(f"\n{args.model} ({args.dtype}, {args.device}), {os.cpu_count()} CPUs ({cpu}), {started}")
+    print(f"\nserver logs in {workdir}")
+    print(f"{args.model} ({args.dtype}, {args.device}), {os.cpu_count()} CPUs ({cpu}), {started}")
     print(f"{args.input_words}-word prompts, {args.output_len} output tokens, greedy, streaming /v1/completions\n")
     print(table(results))
     for line in ratios(results):

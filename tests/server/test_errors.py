@@ -165,8 +165,8 @@ def test_chat_template_flag_is_used(tiny_model, keyed_no_template):
 def test_an_engine_failure_fails_that_request_alone(live, http, monkeypatch):
     real_stream = live.engine.stream
 
-    def stream(prompt=None, params=None, prompt_token_ids=None):
-        gen = real_stream(prompt, params, prompt_token_ids)
+    def stream(prompt=None, params=None, prompt_token_ids=None, owner=None):
+        gen = real_stream(prompt, params, prompt_token_ids, owner=owner)
         if params.max_new_tokens == 7:  # the poisoned request: one delta, then the engine reports a failure
             yield next(gen)
             gen.close()

@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
-from backend.config import DTYPES
+from backend.config import DTYPES, MODEL_IMPLS
 from backend.host_allocator import keep_freed_memory, release_freed_memory
 
 SYSTEMS = ("flab-native", "flab-transformers", "hf-generate", "hf-generate_batch")
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--model-impl",
         default=None,
-        choices=["native", "transformers"],
+        choices=[impl for impl in MODEL_IMPLS if impl != "auto"],
         help="only our engine with this implementation (plus the HF baselines asked for)",
     )
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
+from backend.config import MODEL_IMPLS
 from backend.tools.bench import (
     BenchOptions,
     Workload,
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="a built-in name (tiny:trained, the default; smollm2-135m-instruct; tiny:<arch>), a folder or a Hub id",
     )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="none = full precision")
-    parser.add_argument("--impls", nargs="+", default=["native"], choices=["native", "transformers"])
+    impls = [impl for impl in MODEL_IMPLS if impl != "auto"]
+    parser.add_argument("--impls", nargs="+", default=["native"], choices=impls)
     parser.add_argument("--dtype", default="auto", help="auto = the checkpoint's (tiny:<arch> is built in bf16)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--eval-windows", type=int, default=16, help="prompts scored for the NLL")

@@ -209,7 +209,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="none = full precision")
     impls = [impl for impl in MODEL_IMPLS if impl != "auto"]
     parser.add_argument("--impls", nargs="+", default=["native"], choices=impls)
-    parser.add_argument("--dtype", default="auto", help="auto = the checkpoint's (tiny:<arch> is built in bf16)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto = the checkpoint's (the large tiny:<shape> models are stored in bf16, the small ones in fp32)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--eval-windows", type=int, default=16, help="prompts scored for the NLL")
     parser.add_argument("--eval-len", type=int, default=256, help="tokens per scored prompt")

@@ -29,6 +29,7 @@ class EngineConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
+    allow_local_paths: bool = True  # False: `model` is a built-in name or a Hub id, never a local folder (hosting)
     # KV cache
     block_size: int = 16
     kv_cache_memory_gb: float | None = None  # budget for the KV cache; None = a share of free memory
@@ -62,7 +63,13 @@ class EngineConfig:
             raise EngineError(f"quantization must be None or a string such as 'int8', got {self.quantization!r:.60}")
         if self.revision is not None and not isinstance(self.revision, str):
             raise EngineError(f"revision must be None or a string, got {self.revision!r:.60}")
-        for name in ("trust_remote_code", "enable_prefix_caching", "keep_freed_memory", "skip_tokenizer_init"):
+        for name in (
+            "trust_remote_code",
+            "enable_prefix_caching",
+            "keep_freed_memory",
+            "skip_tokenizer_init",
+            "allow_local_paths",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise EngineError(f"{name} must be True or False, got {getattr(self, name)!r:.60}")
         if self.model_impl not in MODEL_IMPLS:

@@ -13,7 +13,7 @@ refuse_zerogpu()                                    # zerogpu.py: at start-up
 from backend.hosting.api_key import ApiKeyMiddleware, BodySizeLimitMiddleware, require_api_key
 from backend.hosting.errors import HostingError
 from backend.hosting.limits import ModelSettings, check_benchmark, check_model_fits, check_request, clamp_request
-from backend.hosting.paths import check_model_name, is_hub_id
+from backend.hosting.paths import check_model_name, hosted_load_options, is_hub_id
 from backend.hosting.policy import HostPolicy, add_hosting_flags, is_loopback
 from backend.hosting.remote_code import RemoteCodeDecision, check_remote_code
 from backend.hosting.visitors import ModelSlots, VisitorLimiter
@@ -32,6 +32,7 @@ __all__ = [
     "check_benchmark",
     "check_model_fits",
     "check_model_name",
+    "hosted_load_options",
     "check_remote_code",
     "check_request",
     "clamp_request",

@@ -42,10 +42,8 @@ def check_model_name(name: str, policy: HostPolicy) -> str:
 
     if find_builtin(name) is not None:  # an unknown tiny:<x> raises ModelNotFoundError listing the built-ins
         return name
-    if is_hub_id(name) and not Path(name).exists():
+    if is_hub_id(name):  # a Hub id even where a folder of that spelling exists: load it with allow_local_paths=False
         return name
-    # A path; or a Hub-id spelling that is also a folder relative to the working folder, which the loader
-    # would take as that folder (backend/loading/hub_common.local_path): judged as the path it would load.
     target = _resolve(Path(name).expanduser())
     if target is not None and any(target.is_relative_to(d) for d in _allowed(policy)):
         return str(target)
@@ -68,3 +66,11 @@ def _resolve(path: Path) -> Path | None:
         return path.resolve(strict=False)
     except (OSError, RuntimeError, ValueError):
         return None
+
+
+def hosted_load_options(name: str, policy: HostPolicy) -> dict:
+    """Engine options for a visitor's model name: `model`, and `allow_local_paths=False` for a Hub id or a built-in
+    name when hosted (so an existing folder of the same spelling is never read). Raises like check_model_name."""
+    model = check_model_name(name, policy)
+    # when hosted, check_model_name returns an allowed folder as its resolved (absolute) path
+    return dict(model=model, allow_local_paths=not policy.hosted or Path(model).is_absolute())

@@ -166,7 +166,7 @@ def eos_ids(path: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizer
 
 def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedModel:
     start = time.perf_counter()
-    path = hub.resolve_model(cfg.model, revision=cfg.revision, progress=progress)
+    path = hub.resolve_model(cfg.model, revision=cfg.revision, progress=progress, allow_local=cfg.allow_local_paths)
     hf_config = load_hf_config(path, cfg.trust_remote_code)
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path, cfg.trust_remote_code)
     device = cfg.torch_device

@@ -212,6 +212,7 @@ def resolve_model(
     token: str | None = None,
     *,
     offline: bool | None = None,
+    allow_local: bool = True,
 ) -> Path:
     """A built-in name, a local folder or a Hub id -> the folder holding config.json, tokenizer and *.safetensors.
 
@@ -220,7 +221,9 @@ def resolve_model(
 
     Hub ids download only what the engine reads (see METADATA_PATTERNS, and the weight files). Offline
     (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, or `offline=True`) only the local cache is used. `progress`
-    is called from download threads. Raises ModelNotFoundError, GatedModelError, UnsupportedModelError.
+    is called from download threads. `allow_local=False` reads every name as a built-in name or a Hub id, never as
+    a local folder (a hosted app: a visitor's name must not probe the host's files). Raises ModelNotFoundError,
+    GatedModelError, UnsupportedModelError.
     """
     name_or_path = str(name_or_path).strip()
     if not name_or_path:
@@ -237,7 +240,7 @@ def resolve_model(
         name_or_path = builtin.hub_id  # the Hub answers: its original checkpoint
     if is_gguf_name(name_or_path):
         raise UnsupportedModelError(f"{name_or_path}: {GGUF_MESSAGE}")
-    folder = local_path(name_or_path)
+    folder = local_path(name_or_path) if allow_local else None
     if folder is not None:
         check_local_folder(folder)
         if progress is not None:

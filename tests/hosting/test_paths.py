@@ -98,10 +98,26 @@ def test_every_outside_path_gets_the_same_message(layout):
     assert set(messages.values()) == {VISITOR_SEES}, messages
 
 
-def test_hub_id_spelling_of_an_existing_outside_folder_is_judged_as_that_folder(layout):
-    """The loader takes an existing relative folder over a Hub id of the same spelling: so must the check."""
+def test_hub_id_spelling_of_an_existing_outside_folder_stays_a_hub_id(layout, tiny_model, monkeypatch, tmp_path):
+    """A Hub-id spelling is a Hub id when hosted, even where a folder of that spelling exists: the engine is told
+    never to read it as a folder, so a visitor learns nothing about the host's files."""
+    from backend import Engine
+    from backend.errors import ModelNotFoundError
+    from backend.hosting import hosted_load_options
+
     policy = layout[0]
-    assert refused("outside/secret", policy) == VISITOR_SEES
+    assert check_model_name("outside/secret", policy) == "outside/secret"
+    # a real, loadable checkpoint folder spelled like a Hub id, relative to the working folder
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "model").symlink_to(tiny_model("llama"), target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    options = hosted_load_options("org/model", policy)
+    assert options == dict(model="org/model", allow_local_paths=False)
+    with pytest.raises(ModelNotFoundError) as exists:
+        Engine(**options)
+    with pytest.raises(ModelNotFoundError) as missing:
+        Engine(**hosted_load_options("org/absent", policy))
+    assert str(exists.value).replace("org/model", "X") == str(missing.value).replace("org/absent", "X")
 
 
 def test_symlinked_allowed_dir_is_resolved_too(tmp_path, monkeypatch):

@@ -31,14 +31,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
-import psutil
 import torch
 
 from backend.config import EngineConfig
 from backend.detokenizer import Detokenizer
-from backend.errors import EngineError, KVCacheError, RequestError, RequestFailedError
+from backend.errors import EngineError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory
-from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec, plan_num_blocks
+from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec
+from backend.kv_sizing import model_context_len, plan_kv_cache
 from backend.layers.attention_backends import AttentionBackend, make_attention_backend
 from backend.loading.build import LoadedModel, load_model
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
@@ -83,14 +83,6 @@ class _Request:
 def kv_spec_for(loaded: LoadedModel, block_size: int, attention: AttentionBackend) -> KVCacheSpec:
     """The KV cache layout the model reported at load (backend/models/kv_layout.py: native options or the probe)."""
     return kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=attention.pads_head_dims)
-
-
-def model_max_len(config) -> int:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 4096
 
 
 def _error_text(e: BaseException) -> str:
@@ -159,29 +151,17 @@ class Engine:
     # --- setup ----------------------------------------------------------------------------------
 
     def _size_kv_cache(self, spec: KVCacheSpec) -> tuple[int, int]:
+        """(max_model_len, num_blocks) by the one sizing rule (backend/kv_sizing.py), which the estimate shares."""
         cfg = self.config
-        model_len = model_max_len(self.loaded.hf_config)
-        if cfg.max_model_len is not None and cfg.max_model_len > model_len:
-            raise KVCacheError(f"max_model_len={cfg.max_model_len} exceeds the model's context of {model_len} tokens")
-        if cfg.num_kv_blocks is not None:
-            budget = cfg.num_kv_blocks * spec.bytes_per_block
-        elif cfg.kv_cache_memory_gb is not None:
-            budget = int(cfg.kv_cache_memory_gb * 2**30)
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * 0.8)
-        else:
-            budget = min(int(psutil.virtual_memory().available * 0.25), 2**30)  # CPU: 1 GiB unless asked
-        if cfg.max_model_len is None:  # take what the budget holds, up to the model's context
-            max_len = min(model_len, (budget // spec.bytes_per_block) * spec.block_size)
-            if max_len < spec.block_size:
-                raise KVCacheError(
-                    f"the KV cache budget ({budget / 2**20:.1f} MiB) holds no block of "
-                    f"{spec.block_size} tokens ({spec.bytes_per_block / 2**20:.2f} MiB each)"
-                )
-        else:
-            max_len = cfg.max_model_len
-        return max_len, plan_num_blocks(spec, budget, max_len)
+        plan = plan_kv_cache(
+            spec,
+            model_context_len(self.loaded.hf_config),
+            self.device,
+            cfg.kv_cache_memory_gb,
+            cfg.num_kv_blocks,
+            cfg.max_model_len,
+        )
+        return plan.max_model_len, plan.num_blocks
 
     # --- requests -------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ def _quantized(model: nn.Module) -> dict[str, int]:
 
 
 def _shape(model: nn.Module) -> dict:
-    from backend.engine import model_max_len  # the engine's own reading of the model's context
+    from backend.kv_sizing import model_context_len  # the engine's own reading of the model's context
 
     cfg = _text_config(model)
     heads = getattr(cfg, "num_attention_heads", None)
@@ -72,7 +72,7 @@ def _shape(model: nn.Module) -> dict:
         head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=getattr(cfg, "vocab_size", None),
-        model_context_len=model_max_len(cfg) if cfg is not None else None,
+        model_context_len=model_context_len(cfg) if cfg is not None else None,
     )
 
 

@@ -50,7 +50,9 @@ def checkpoint_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         if list(path.glob("*.gguf")):
-            raise UnsupportedModelError("GGUF is not supported; use a safetensors checkpoint of the model instead")
+            from backend.loading.hub_common import GGUF_MESSAGE
+
+            raise UnsupportedModelError(f"{path} holds GGUF weights only. {GGUF_MESSAGE}")
         raise UnsupportedModelError(
             f"no *.safetensors weights in {path}; only safetensors checkpoints are loaded "
             "(convert .bin weights with `save_pretrained(..., safe_serialization=True)`)"

@@ -97,7 +97,9 @@ def resolve_quantization(requested: str | None, hf_config, group_size: int | Non
     qcfg = checkpoint_quant_config(hf_config)
     ckpt_method = str(qcfg.get("quant_method", "")).lower() if qcfg is not None else None
     if ckpt_method == "gguf" or (requested or "").strip().lower().startswith("gguf"):
-        raise UnsupportedModelError("GGUF is not supported; use a safetensors checkpoint")
+        from backend.loading.hub_common import GGUF_MESSAGE  # names the convert command
+
+        raise UnsupportedModelError(GGUF_MESSAGE)
     if qcfg is not None and ckpt_method not in CHECKPOINT_METHODS:
         supported = sorted(set(CHECKPOINT_METHODS))
         raise QuantizationError(

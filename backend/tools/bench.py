@@ -6,7 +6,8 @@ Systems: our engine with `native` and with `transformers`, HF `generate()` (padd
 `generate_batch` (transformers' continuous batching, per-request output lengths). Every system gets
 the same prompts and output lengths (EOS ignored). `--model` takes the engine's built-in names
 (backend/loading/builtin.py): `tiny:<arch>` is a random-weight model of that shape (e.g. tiny:smollm2-135m),
-built once into the project's cache, so the harness runs offline.
+built once into the project's cache, so the harness runs offline. `--endpoint URL` adds the `endpoint`
+system: the same workload sent to a running OpenAI-compatible server (backend/tools/bench_endpoint.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from backend import Engine, SamplingParams
 from backend.config import DTYPES, MODEL_IMPLS
 from backend.host_allocator import keep_freed_memory, release_freed_memory
+from backend.tools.bench_endpoint import run_endpoint
 
 SYSTEMS = ("flab-native", "flab-transformers", "hf-generate", "hf-generate_batch")
 WORKLOADS = ("throughput", "latency", "shared_prefix")
@@ -44,6 +46,8 @@ class BenchOptions:
     num_requests: int = 32
     repeat: int = 1
     trust_remote_code: bool = False
+    endpoint: str | None = None  # base URL of an OpenAI-compatible server: the "endpoint" system (bench_endpoint.py)
+    endpoint_api_key: str | None = None
 
     @property
     def torch_device(self) -> torch.device:
@@ -288,6 +292,7 @@ RUNNERS = {
     "flab-transformers": lambda path, wl, opts: run_engine(path, "transformers", wl, opts),
     "hf-generate": run_hf_generate,
     "hf-generate_batch": run_hf_generate_batch,
+    "endpoint": run_endpoint,  # only with --endpoint URL (BenchOptions.endpoint)
 }
 
 
@@ -500,6 +505,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument(
+        "--endpoint",
+        default=None,
+        help="also run the workload against this OpenAI-compatible server (base URL, e.g. http://127.0.0.1:8000/v1)",
+    )
+    parser.add_argument("--endpoint-api-key", default=None, help="API key of --endpoint")
+    parser.add_argument(
         "--json", default=None, help="write results here (default: bench-<time>.json in the project cache's bench/)"
     )
     parser.add_argument(
@@ -525,7 +536,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
         args.num_requests,
         args.repeat,
         args.trust_remote_code,
+        args.endpoint,
+        args.endpoint_api_key,
     )
+    if args.endpoint:
+        systems.append("endpoint")
     setup = prepare(resolve_path(args.model, args.dtype), args.workloads, opts, label=args.model)
     runs = []
     for res in run_all(setup, systems, opts):

@@ -706,11 +706,9 @@ class Engine:
             kv_cache=dict(
                 num_blocks=self.kv_cache.num_blocks,
                 block_size=spec.block_size,
-                layers=spec.num_layers,
-                kv_heads=spec.num_kv_heads,
-                head_dim=spec.head_dim,
                 bytes=self.kv_cache.nbytes,
                 max_model_len=self.max_model_len,
+                **spec.describe(),  # layers, slots, bytes per token, heads and head sizes (per slot when they differ)
             ),
         )
         return info

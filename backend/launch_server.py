@@ -6,6 +6,10 @@
 Serves /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health and /metrics
 (Prometheus) over one engine (backend/server). Ctrl-C or SIGTERM stops it: requests in flight are aborted,
 their KV blocks freed, the port released.
+
+Hosting (backend/hosting/policy.py): a non-loopback --host (or --hosted) gets the hosted caps (max new tokens,
+prompt tokens, parallel sequences per client, body size) and /health, /metrics behind --api-key; remote code
+runs only with --allow-remote-code (or --trust-remote-code, the same). The settings are printed at start.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 import uvicorn
 
 from backend.config import ATTENTION_BACKENDS, DTYPES, MODEL_IMPLS
+from backend.hosting import HostingError, HostPolicy, add_hosting_flags, refuse_zerogpu
 
 DEFAULT_PORT = 30000  # as SGLang's
 GRACEFUL_SHUTDOWN_S = 10  # after the engine is closed, streams end at once; this bounds any other connection
@@ -44,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--quantization", default=None, help="weight quantization, e.g. int8 (see the README)")
     m.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="weights and activations dtype")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    m.add_argument("--trust-remote-code", action="store_true", help="allow modeling code shipped in the checkpoint")
+    m.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow modeling code shipped in the checkpoint (the same as --allow-remote-code)",
+    )  # fmt: skip
     m.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     e = p.add_argument_group("engine limits (EngineConfig options)")
     e.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget in GiB")
@@ -80,10 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     s.add_argument(
         "--api-key", default=os.environ.get("FLAB_API_KEY"),
-        help="require 'Authorization: Bearer <key>' on every route but /health and /metrics (env FLAB_API_KEY)",
+        help="require 'Authorization: Bearer <key>' on the API (env FLAB_API_KEY); /health and /metrics too "
+        "when hosted, unless --public-health / --public-metrics",
     )  # fmt: skip
     s.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt) a request may ask")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_hosting_flags(p)  # the server's own --api-key stays; the policy reads it
     return p.parse_args(argv)
 
 
@@ -124,21 +134,30 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --max-n must be at least 1", file=sys.stderr)
         return 2
     try:
+        refuse_zerogpu()
+        policy = HostPolicy.from_env_and_flags(args)
+    except HostingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("hosting policy:\n  " + "\n  ".join(policy.summary()), flush=True)
+    try:
+        # the host names the model itself: any folder of theirs loads; the policy's caps are for the clients
         engine = Engine(
             args.model_path,
             model_impl=args.model_impl,
             quantization=args.quantization,
             dtype=args.dtype,
             device=args.device,
-            trust_remote_code=args.trust_remote_code,
+            trust_remote_code=policy.allow_remote_code,
             **engine_options(args),
+            **policy.engine_options(),
         )
     except EngineError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     try:
         limits = ServerLimits(max_n=args.max_n, max_choices=max(args.max_n, ServerLimits.max_choices))
-        app = build_app(engine, args.served_model_name or args.model_path, args.api_key, args.chat_template, limits)
+        app = build_app(engine, args.served_model_name or args.model_path, None, args.chat_template, limits, policy)
     except (ValueError, OSError) as e:
         engine.close()
         print(f"error: {e}", file=sys.stderr)

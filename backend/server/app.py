@@ -7,7 +7,9 @@
 One engine serves every client: each request's `engine.stream(...)` runs in a worker thread and the
 engine's background loop batches them. A client that disconnects has its requests aborted at once.
 Every error is an OpenAI error body (`backend/server/errors.py`); bad input is a 4xx, never a 500.
-With `api_key`, every route but /health and /metrics needs `Authorization: Bearer <key>`.
+With `api_key`, every route but /health and /metrics needs `Authorization: Bearer <key>`. With a host `policy`
+(backend/hosting): its caps on each request, its per-visitor parallel sequences, and `hosting_middlewares` puts
+its API key (also on /health and /metrics unless public) and body size limit in front of the app.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from backend.hosting import ApiKeyMiddleware, BodySizeLimitMiddleware, HostPolicy
+from backend.hosting.api_key import OPENAI_PREFIXES
 from backend.server.chat import create_chat_completion
 from backend.server.completions import create_completion
 from backend.server.errors import bad_request, install_error_handlers
@@ -132,15 +136,34 @@ def build_app(
     api_key: str | None = None,
     chat_template: str | None = None,
     limits: ServerLimits | None = None,
+    policy: HostPolicy | None = None,
 ) -> FastAPI:
     """The API over `engine` (an Engine, or a callable returning the current one or None).
 
     `served_model_name`: the `model` clients send and /v1/models lists (default: the engine's model string).
-    `chat_template`: a Jinja template or a file holding one, used instead of the tokenizer's."""
-    state = ServerState(engine, served_model_name, api_key, chat_template, limits)
+    `chat_template`: a Jinja template or a file holding one, used instead of the tokenizer's.
+    `policy`: the host's policy; with one, its API key and body limit guard the app (`api_key` must then be
+    None: the policy holds the key)."""
+    if policy is not None and api_key is not None:
+        raise ValueError("give the API key in the policy (HostPolicy.api_key), not both")
+    state = ServerState(engine, served_model_name, api_key, chat_template, limits, policy)
     app = FastAPI(
         title="Fallback Lab OpenAI-compatible API",
         description="Completions and chat completions over the Fallback Lab engine.",
         version="1.0",
     )
-    return add_openai_routes(app, state)
+    add_openai_routes(app, state)
+    if policy is not None:
+        hosting_middlewares(app, policy)
+    return app
+
+
+def hosting_middlewares(app, policy: HostPolicy, prefixes: tuple[str, ...] | None = None) -> None:
+    """The policy's body size limit, then its API key outermost (a request without the key is refused before its
+    body is read). `prefixes`: the paths the key guards (None: every path; app.py --api passes OPENAI_PREFIXES so
+    the Gradio UI stays open)."""
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=policy.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, policy=policy, prefixes=prefixes)
+
+
+__all__ = ["OPENAI_PREFIXES", "add_openai_routes", "build_app", "hosting_middlewares"]

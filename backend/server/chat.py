@@ -13,6 +13,7 @@ from backend.server.bridge import ChoiceSpec
 from backend.server.completions import usage
 from backend.server.errors import APIError
 from backend.server.generation import ChoiceRun
+from backend.server.hosting import HeldStreamingResponse, Lease, check_caps, default_length, visitor_id
 from backend.server.logprobs import TokenText, chat_logprobs
 from backend.server.params import check_unsupported, max_new_tokens, sampling_params, with_seed
 from backend.server.prompts import check_ids, encode_chat, render_chat
@@ -31,7 +32,8 @@ from backend.server.state import ServerState
 
 
 class ChatJob:
-    def __init__(self, state: ServerState, req: ChatCompletionRequest) -> None:
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, visitor: str | None = None) -> None:
+        """`visitor`: who asks (backend/server/hosting.py visitor_id): the engine owner of every choice."""
         self.arrival = time.perf_counter()
         self.state = state
         self.req = req
@@ -46,12 +48,15 @@ class ChatJob:
         self.prompt_ids = check_ids(encode_chat(engine.tokenizer, text), engine.vocab_size, "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = max_new_tokens(
-            requested, param, len(self.prompt_ids), engine.max_model_len, state.limits.chat_max_tokens, "messages"
-        )
+        check_caps(state.policy, requested, [len(self.prompt_ids)], param, "messages")
+        default = default_length(state.policy, state.limits.chat_max_tokens)
+        max_tokens = max_new_tokens(requested, param, len(self.prompt_ids), engine.max_model_len, default, "messages")
+        self.visitor = visitor if visitor is not None else req.user
         self.top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, max_tokens, self.top)
-        self.groups = [[ChoiceSpec(j, self.prompt_ids, with_seed(params, req.seed, j), req.user) for j in range(req.n)]]
+        self.groups = [
+            [ChoiceSpec(j, self.prompt_ids, with_seed(params, req.seed, j), self.visitor) for j in range(req.n)]
+        ]
         self.token_text = TokenText(engine.tokenizer)
         self.model = state.model_name()
 
@@ -87,8 +92,9 @@ class ChatJob:
             model=self.model, choices=choices, usage=usage([len(self.prompt_ids)], completion, cached)
         )
 
-    def stream(self) -> StreamingResponse:
-        return StreamingResponse(self._events(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    def stream(self, lease: Lease) -> StreamingResponse:
+        """The SSE response; `lease` (the visitor's slots) is released when the response ends."""
+        return HeldStreamingResponse(self._events(), lease, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
     async def _events(self) -> AsyncIterator[str]:
         run = self.run()  # started once the response streams (not for a client gone before that)
@@ -123,5 +129,11 @@ class ChatJob:
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, request: Request):
-    job = ChatJob(state, req)
-    return job.stream() if req.stream else await job.respond(request)
+    job = ChatJob(state, req, visitor_id(request, req.user, state.policy))
+    lease = Lease(state.visitors, job.visitor, req.n)  # 429 when over the visitor's parallel cap
+    if req.stream:
+        return job.stream(lease)
+    try:
+        return await job.respond(request)
+    finally:
+        lease.release()

@@ -12,6 +12,7 @@ from backend.server import sse
 from backend.server.bridge import ChoiceSpec
 from backend.server.errors import APIError, bad_request
 from backend.server.generation import ChoiceRun
+from backend.server.hosting import HeldStreamingResponse, Lease, check_caps, default_length, visitor_id
 from backend.server.logprobs import TokenText, completion_logprobs
 from backend.server.params import check_unsupported, max_new_tokens, sampling_params, with_seed
 from backend.server.prompts import completion_prompts
@@ -38,7 +39,8 @@ def usage(prompt_lens: list[int], completion_tokens: int, cached: int = 0) -> Us
 class CompletionJob:
     """The prompts, their engine requests and how their outputs are written back."""
 
-    def __init__(self, state: ServerState, req: CompletionRequest) -> None:
+    def __init__(self, state: ServerState, req: CompletionRequest, visitor: str | None = None) -> None:
+        """`visitor`: who asks (backend/server/hosting.py visitor_id): the engine owner of every choice."""
         self.arrival = time.perf_counter()
         self.state = state
         self.req = req
@@ -52,16 +54,17 @@ class CompletionJob:
                 f"{len(prompts)} prompts x n={req.n} asks for more than {limits.max_choices} choices", "n"
             )
         self.prompt_ids = [ids for _, ids in prompts]
+        check_caps(state.policy, req.max_tokens, [len(ids) for ids in self.prompt_ids], "max_tokens", "prompt")
+        default = default_length(state.policy, limits.default_max_tokens)
+        self.visitor = visitor if visitor is not None else req.user
         self.echo_texts = [self._echo_text(text, ids) for text, ids in prompts] if req.echo else None
         lp = req.logprobs
         self.groups: list[list[ChoiceSpec]] = []
         for i, (_, ids) in enumerate(prompts):
-            max_tokens = max_new_tokens(
-                req.max_tokens, "max_tokens", len(ids), engine.max_model_len, limits.default_max_tokens, "prompt"
-            )
+            max_tokens = max_new_tokens(req.max_tokens, "max_tokens", len(ids), engine.max_model_len, default, "prompt")
             params = sampling_params(req, max_tokens, lp, lp if req.echo and lp is not None else None)
             self.groups.append(
-                [ChoiceSpec(i * req.n + j, ids, with_seed(params, req.seed, j), req.user) for j in range(req.n)]
+                [ChoiceSpec(i * req.n + j, ids, with_seed(params, req.seed, j), self.visitor) for j in range(req.n)]
             )
         self.token_text = TokenText(engine.tokenizer)
         self.model = state.model_name()
@@ -111,8 +114,13 @@ class CompletionJob:
             model=self.model, choices=choices, usage=usage([len(i) for i in self.prompt_ids], completion, cached)
         )
 
-    def stream(self) -> StreamingResponse:
-        return StreamingResponse(self._events(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    @property
+    def num_sequences(self) -> int:
+        return len(self.prompt_ids) * self.req.n
+
+    def stream(self, lease: Lease) -> StreamingResponse:
+        """The SSE response; `lease` (the visitor's slots) is released when the response ends."""
+        return HeldStreamingResponse(self._events(), lease, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
     async def _events(self) -> AsyncIterator[str]:
         run = self.run()  # started once the response streams (not for a client gone before that)
@@ -165,5 +173,11 @@ class CompletionJob:
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, request: Request):
-    job = CompletionJob(state, req)
-    return job.stream() if req.stream else await job.respond(request)
+    job = CompletionJob(state, req, visitor_id(request, req.user, state.policy))
+    lease = Lease(state.visitors, job.visitor, job.num_sequences)  # 429 when over the visitor's parallel cap
+    if req.stream:
+        return job.stream(lease)
+    try:
+        return await job.respond(request)
+    finally:
+        lease.release()

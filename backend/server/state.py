@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from backend.hosting import HostPolicy, VisitorLimiter
 from backend.server.errors import APIError
 from backend.server.metrics import ServerMetrics
 from backend.server.prompts import load_chat_template
@@ -31,13 +32,18 @@ class ServerState:
         api_key: str | None = None,
         chat_template: str | None = None,
         limits: ServerLimits | None = None,
+        policy: HostPolicy | None = None,
     ) -> None:
-        """`engine`: an Engine, or a callable returning the current one (None while none is loaded: 503)."""
+        """`engine`: an Engine, or a callable returning the current one (None while none is loaded: 503).
+        `policy`: the host's caps (backend/hosting; default: none) and `visitors`, the parallel sequences each
+        visitor runs now."""
         self._get: Callable = engine if callable(engine) and not hasattr(engine, "stream") else (lambda: engine)
         self._served_name = served_model_name
         self.api_key = api_key or None
         self.chat_template = load_chat_template(chat_template)
         self.limits = limits or ServerLimits()
+        self.policy = policy or HostPolicy()
+        self.visitors = VisitorLimiter(self.policy)
         self.metrics = ServerMetrics(self.current_engine, self.model_name)
 
     def current_engine(self):

@@ -126,9 +126,9 @@ def test_exception_in_the_step_fails_that_step_and_the_engine_keeps_serving(tiny
 
 
 def test_a_model_forward_failure_fails_its_batch_loudly(engine, expected, monkeypatch):
-    monkeypatch.setattr(
-        type(engine.runner), "run", lambda self, batch: (_ for _ in ()).throw(RuntimeError("forward broke"))
-    )
+    from backend.runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner, "run", lambda self, batch: (_ for _ in ()).throw(RuntimeError("forward broke")))
     with pytest.raises(RequestFailedError, match="forward broke"):
         engine.generate(["Hello world"], GREEDY)
     monkeypatch.undo()

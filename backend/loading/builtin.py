@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from backend import paths
+import backend.paths as paths
 from backend.errors import ModelNotFoundError
 from backend.loading.gguf import ConversionProgress, convert_gguf
 

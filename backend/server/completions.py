@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from backend.server import sse
+import backend.server.sse as sse
 from backend.server.bridge import ChoiceSpec
 from backend.server.errors import APIError, bad_request
 from backend.server.generation import ChoiceRun

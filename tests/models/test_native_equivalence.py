@@ -47,8 +47,8 @@ def test_native_under_chunked_prefill_and_preemption(tiny_model, hf_reference, a
         str(path), model_impl="native", dtype="float32", num_kv_blocks=6, block_size=8, max_model_len=48
     ) as engine:
         assert _tokens(engine, PROMPTS) == expected
-        assert engine.scheduler.num_preemptions > 0
-        assert engine.allocator.num_free == engine.allocator.num_blocks
+        assert engine.stats().num_preemptions > 0
+        assert engine.stats().kv_blocks_used == 0
 
 
 LONGROPE = dict(

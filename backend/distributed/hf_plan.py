@@ -167,9 +167,12 @@ def _shard_param(hf: nn.Module, name: str, style: str, ctx: TPContext) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = hf.get_submodule(module_name)
     p = getattr(module, leaf).detach()
+    if style in ROWWISE | SPLIT_INPUT | {"packed_rowwise"} and (p.ndim < 2 or leaf.endswith("bias")):
+        # the module adds it inside its own forward, before the partial sums are added up: tp_size times
+        raise UnsupportedModelError(
+            f"{name}: a row-parallel bias parameter ({style!r}) would be added once per rank; use tp_size=1"
+        )
     if p.ndim < 2:
-        if style in ROWWISE | SPLIT_INPUT | {"packed_rowwise"}:
-            return  # a bias of a row-parallel product is added once: kept whole (the module adds it after the sum)
         dim = 0
     else:
         dim = p.ndim - 2 if style in COLWISE | GATHERED | {"packed_colwise"} else p.ndim - 1

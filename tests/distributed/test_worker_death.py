@@ -60,3 +60,38 @@ def test_killed_worker_fails_requests_and_the_engine_closes(tiny_model):
     closer.join(HANG_GUARD_S)
     assert not closer.is_alive() and engine.closed
     assert not dist.is_initialized()  # this process left the process group: a new engine can start one
+
+
+def test_hung_worker_times_out_instead_of_hanging(tiny_model):
+    """A worker that stops answering (SIGSTOP) holds rank 0 in a collective only until the group's timeout: the
+    request fails, the group is shut down (the stopped worker killed) and the engine closes."""
+    engine = make_tp_engine(
+        str(tiny_model("llama")),
+        tp_options=TPOptions(2, timeout_s=5),
+        model_impl="native",
+        dtype="float32",
+        device="cpu",
+        num_kv_blocks=64,
+        block_size=8,
+    )
+    group = engine.runner.group
+    (pid,) = group.worker_pids
+    os.kill(pid, signal.SIGSTOP)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            engine.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_new_tokens=4))
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(HANG_GUARD_S)
+    assert not t.is_alive(), "the step hung on a stopped worker"
+    assert len(errors) == 1 and isinstance(errors[0], RequestFailedError), errors
+    assert "tensor-parallel step failed" in str(errors[0])
+    assert group.failure is not None and group.closed
+    assert not any(p.is_alive() for p in group._processes)  # the stopped worker was killed
+    engine.close()
+    assert not dist.is_initialized()

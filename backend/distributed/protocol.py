@@ -12,6 +12,7 @@ import dataclasses
 import pickle
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from backend.kv_cache import KVCache, KVCacheSpec
@@ -64,25 +65,45 @@ class StepMeta:
             if isinstance(value, KVCache):
                 kv.append(f.name)
             else:
-                kept[f.name] = to_device(value, torch.device("cpu"))
+                kept[f.name] = convert(value, _to_wire)
         return cls(kept, tuple(kv), type(fb))
 
     def forward_batch(self, kv_cache: KVCache, device: torch.device):
-        fields = {k: to_device(v, device) for k, v in self.fields.items()}
+        fields = {k: convert(v, lambda t: _from_wire(t, device)) for k, v in self.fields.items()}
         return self.batch_type(**fields, **{name: kv_cache for name in self.kv_fields})
 
 
-def to_device(value, device: torch.device):
-    """`value` with every tensor in it (dataclasses, lists, tuples, dicts) on `device`; other objects as they are."""
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device)
+@dataclass
+class _Array:
+    """A tensor on the wire as a numpy array (pickles in microseconds; a torch tensor takes a millisecond)."""
+
+    array: np.ndarray
+
+
+def _to_wire(t: torch.Tensor):
+    t = t.detach().cpu()
+    try:
+        return _Array(t.numpy())
+    except TypeError:  # a dtype numpy lacks (bfloat16): the tensor itself
+        return t
+
+
+def _from_wire(value, device: torch.device):
+    t = torch.from_numpy(value.array) if isinstance(value, _Array) else value
+    return t if t.device == device else t.to(device)
+
+
+def convert(value, fn):
+    """`value` with `fn` applied to every tensor (or wire array) in it: dataclasses, lists, tuples, dicts."""
+    if isinstance(value, (torch.Tensor, _Array)):
+        return fn(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: to_device(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init}
+        changes = {f.name: convert(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init}
         return dataclasses.replace(value, **changes) if changes else value
     if isinstance(value, list):
-        return [to_device(v, device) for v in value]
+        return [convert(v, fn) for v in value]
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(to_device(v, device) for v in value)
+        return tuple(convert(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: convert(v, fn) for k, v in value.items()}
     return value

@@ -111,3 +111,26 @@ def test_model_without_a_tp_plan_is_refused_with_its_name(tiny_model):
         UnsupportedModelError, match=r"GPT2LMHeadModel \(model_type='gpt2'\) has no tensor-parallel plan"
     ):
         shard_transformers(model, TPContext(0, 2))
+
+
+def test_act_order_weights_split_by_rows_and_refuse_a_column_split():
+    """GPTQ act-order (g_idx): the canonical form reads back through the column permutation; output rows split
+    exactly; an input-feature split is refused (its groups are spread over the whole input)."""
+    torch.manual_seed(1)
+    m = Int4Linear(K, N, False, config=Int4Config(group_size=32))
+    m.device, m.act_dtype = torch.device("cpu"), torch.float32
+    q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+    scales = torch.rand(N, K // 32) * 0.1 + 0.01
+    zeros = torch.randint(-2, 3, (N, K // 32)).float()
+    g_idx = (torch.arange(K) // 32)[torch.randperm(K)]
+    m._set_int_weight(q, scales, zeros, g_idx)
+    assert m.w_perm is not None
+    q2, s2, z2, g2 = int_canonical(m)
+    assert torch.equal(q2, q) and torch.equal(s2, scales) and torch.equal(z2, zeros) and torch.equal(g2, g_idx)
+    x = torch.randn(3, K)
+    with torch.inference_mode():
+        want = m(x)
+        rows = torch.arange(16, 48)
+        assert torch.equal(take_rows(copy.deepcopy(m), rows, "gptq")(x), want[:, rows])
+    with pytest.raises(UnsupportedModelError, match="act-order"):
+        take_cols(m, 0, 64, "gptq")

@@ -22,11 +22,6 @@ class TPContext:
     comm_seconds: float = 0.0  # time inside collectives since the last `take_comm_seconds`
     comm_calls: int = 0
 
-    @property
-    def is_driver(self) -> bool:
-        """Rank 0: the engine process (scheduler, KV block allocator, sampler)."""
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the ranks, in place (every rank gets it)."""
         t0 = time.perf_counter()

@@ -102,7 +102,7 @@ class TensorParallelGroup:
 
     @classmethod
     def start(cls, options: TPOptions, device_type: str = "cpu") -> "TensorParallelGroup":
-        if dist.is_available() is False:
+        if not dist.is_available():
             raise EngineError("tensor parallelism needs torch.distributed, which this torch build lacks")
         if dist.is_initialized():
             raise EngineError(
@@ -195,7 +195,7 @@ class TensorParallelGroup:
         settings = kernel_dispatch.current()
         n = self._post(LOAD, (cfg, settings))
         try:
-            loaded, _, summary = load_rank(cfg, self.ctx, progress)
+            loaded, summary = load_rank(cfg, self.ctx, progress)
         except BaseException:
             self._replies(n, self.options.load_timeout_s, "loading the model", check=False)
             self._discard()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from backend.config import EngineConfig
 from backend.distributed.comm import TPContext
 from backend.distributed.hf_plan import shard_transformers
-from backend.distributed.hooks import ShardHook, install_hooks
+from backend.distributed.hooks import install_hooks
 from backend.distributed.native import shard_native
 from backend.loading.build import LoadedModel, _swap_cpu_linears, load_model
 
@@ -35,8 +35,8 @@ def rank_config(cfg: EngineConfig, rank: int) -> EngineConfig:
     return replace(cfg, device=device, cpu_linear="none")
 
 
-def load_rank(cfg: EngineConfig, ctx: TPContext, progress=None) -> tuple[LoadedModel, list[ShardHook], dict]:
-    """Load and shard (no collectives yet); returns the model, its hooks (installed) and the rank's summary."""
+def load_rank(cfg: EngineConfig, ctx: TPContext, progress=None) -> tuple[LoadedModel, dict]:
+    """Load and shard (no collectives yet; the hooks are installed); returns the model and the rank's summary."""
     loaded = load_model(rank_config(cfg, ctx.rank), progress)
     model = loaded.model
     if loaded.impl == "native":
@@ -46,7 +46,7 @@ def load_rank(cfg: EngineConfig, ctx: TPContext, progress=None) -> tuple[LoadedM
     kind, count = _swap_cpu_linears(model, cfg.cpu_linear, loaded.device, loaded.dtype)
     loaded.cpu_linear, loaded.num_cpu_linears = kind, count
     install_hooks(model, hooks)
-    return loaded, hooks, summary
+    return loaded, summary
 
 
 def probe(loaded: LoadedModel) -> None:

@@ -114,7 +114,7 @@ class Worker:
             cfg, self.settings = cmd.payload
             self.loaded = None
             with kernel_dispatch.using(self.settings):
-                self.loaded, _, self.summary = load_rank(cfg, self.ctx)
+                self.loaded, self.summary = load_rank(cfg, self.ctx)
             return self.summary
         if cmd.kind == PROBE:
             with kernel_dispatch.using(self.settings):

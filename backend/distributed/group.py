@@ -221,7 +221,9 @@ class TensorParallelGroup:
         """Every worker allocates a KV cache of rank 0's layout and block count (same heads per rank)."""
         self._require_usable()
         n = self._post(KV, KVRequest(kv_cache.spec, kv_cache.num_blocks))
-        self._replies(n, self.options.timeout_s, "allocating the KV cache")
+        replies = self._replies(n, self.options.timeout_s, "allocating the KV cache")
+        for shard, nbytes in zip(self.ranks, [kv_cache.nbytes] + [rep.value for rep in replies]):
+            shard.kv_cache_bytes = nbytes
 
     def unload(self) -> None:
         """Drop the model and the KV caches on every rank (the group stays up)."""

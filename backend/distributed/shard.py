@@ -24,9 +24,16 @@ class RankShard:
     device: str
     weights_bytes: int
     summary: dict = field(default_factory=dict)
+    kv_cache_bytes: int = 0  # set once the KV caches are allocated
 
     def as_dict(self) -> dict:
-        return dict(rank=self.rank, device=self.device, weights_bytes=self.weights_bytes, **self.summary)
+        return dict(
+            rank=self.rank,
+            device=self.device,
+            weights_bytes=self.weights_bytes,
+            kv_cache_bytes=self.kv_cache_bytes,
+            **self.summary,
+        )
 
 
 def rank_config(cfg: EngineConfig, rank: int) -> EngineConfig:

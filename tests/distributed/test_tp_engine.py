@@ -32,10 +32,13 @@ def greedy(engine: Engine) -> list[list[int]]:
 def check_same_tokens(group, path, **options) -> dict:
     with Engine(str(path), **ENGINE, **options) as single:
         want = greedy(single)
+        full_bytes = single.weights_bytes
     engine = make_tp_engine(str(path), group=group, **ENGINE, **options)
     try:
         assert greedy(engine) == want
-        return engine.runner.describe()
+        layout = engine.runner.describe()
+        assert all(r["weights_bytes"] < full_bytes for r in layout["ranks"])  # each rank holds a part
+        return layout
     finally:
         engine.close()
 
@@ -59,6 +62,7 @@ def test_tp2_greedy_tokens_equal_tp1(group, tiny_model, case):
     ranks = layout["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["weights_bytes"] > 0 for r in ranks)
+    assert ranks[0]["kv_cache_bytes"] == ranks[1]["kv_cache_bytes"] > 0  # each rank: its heads, the same blocks
     heads = overrides.get("num_key_value_heads", 2)
     if heads == 1:  # the one kv head on both ranks
         assert [r["kv_heads"] for r in ranks] == [[0, 1], [0, 1]] and ranks[0]["kv_heads_replicated"]

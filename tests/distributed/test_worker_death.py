@@ -95,3 +95,24 @@ def test_hung_worker_times_out_instead_of_hanging(tiny_model):
     assert not any(p.is_alive() for p in group._processes)  # the stopped worker was killed
     engine.close()
     assert not dist.is_initialized()
+
+
+def test_a_worker_whose_step_raises_reports_its_error_and_exits():
+    """The worker writes its exception where rank 0 reads it, then exits (its peers' collectives fail at once):
+    rank 0's error names the rank, the exit code and the worker's own message."""
+    import time
+
+    from backend.distributed import TensorParallelError, TensorParallelGroup
+    from backend.distributed.protocol import STEP
+
+    group = TensorParallelGroup.start(TPOptions(2, timeout_s=30))
+    try:
+        group._post(STEP, "not a step")  # a payload the worker cannot run
+        deadline = time.monotonic() + HANG_GUARD_S
+        with pytest.raises(TensorParallelError, match=r"rank 1 died \(exited with code 1\): AttributeError"):
+            while time.monotonic() < deadline:
+                group._check_alive()
+                time.sleep(0.05)
+        assert group.closed
+    finally:
+        group.shutdown()

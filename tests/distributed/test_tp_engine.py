@@ -121,3 +121,19 @@ def test_stream_and_prefix_cache_over_tp(group, tiny_model):
         assert engine.stats().prefix_hit_blocks > 0
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(
+    "fmt, impl",
+    [("gptq", "transformers"), pytest.param("gptq", "native", marks=pytest.mark.slow),
+     pytest.param("awq", "native", marks=pytest.mark.slow),
+     pytest.param("compressed-tensors", "transformers", marks=pytest.mark.slow),
+     pytest.param("fp8", "native", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_tp2_quantized_checkpoints(group, tiny_model, tmp_path_factory, fmt, impl):
+    """Checkpoint formats shard with their scales and zero points (read back to the canonical form first)."""
+    from backend.tools.export_quantized import export_checkpoint
+
+    dst = tmp_path_factory.mktemp(f"tp-{fmt}")
+    export_checkpoint(tiny_model("llama", hidden_size=128), dst, fmt, bits=4, group_size=32, block=(32, 32))
+    check_same_tokens(group, dst, model_impl=impl)

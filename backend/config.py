@@ -39,6 +39,7 @@ class EngineConfig:
     # scheduler
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per-step token budget; prefills are chunked to fit
+    tp_size: int = 1  # tensor parallelism: ranks (this process is rank 0; backend/distributed)
     max_running_per_owner: int | None = None  # cap on one owner's running sequences (hosting); None = no cap
     # kernels
     attention_backend: str = "auto"  # torch on CPU, triton on CUDA
@@ -85,7 +86,7 @@ class EngineConfig:
         if self.cpu_linear not in CPU_LINEARS:
             raise EngineError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
         optional = ("num_kv_blocks", "max_model_len", "max_running_per_owner")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", *optional):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tp_size", *optional):
             value = getattr(self, name)
             if value is None and name in optional:
                 continue

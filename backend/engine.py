@@ -116,8 +116,23 @@ class Engine:
             self.kernel_settings = KernelSettings.from_env()
         except ValueError as e:
             raise EngineError(str(e)) from None
+        self.tp_group = None  # backend/distributed: the worker ranks when tp_size > 1
         with kernel_dispatch.using(self.kernel_settings):
-            self.loaded: LoadedModel = load_model(cfg, progress)
+            if cfg.tp_size > 1:
+                from backend.distributed import TensorParallelGroup, TPOptions
+
+                self.tp_group = TensorParallelGroup.start(TPOptions(cfg.tp_size), cfg.torch_device.type)
+            try:
+                self.loaded: LoadedModel = (
+                    self.tp_group.load(cfg, progress) if self.tp_group else load_model(cfg, progress)
+                )
+                self._set_up(cfg)
+            except BaseException:
+                if self.tp_group is not None:
+                    self.tp_group.shutdown()
+                raise
+
+    def _set_up(self, cfg: EngineConfig) -> None:
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
         self.model_impl = self.loaded.impl
@@ -132,7 +147,14 @@ class Engine:
         self.scheduler = Scheduler(
             self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_running_per_owner
         )
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, self.attention)
+        if self.tp_group is not None:
+            from backend.distributed import DistributedRunner
+
+            self.runner = DistributedRunner(
+                self.tp_group, self.loaded.model, self.kv_cache, self.device, self.attention
+            )
+        else:
+            self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, self.attention)
         self.metrics = Metrics()
         self.vocab_size = self.loaded.hf_config.get_text_config().vocab_size
         self._requests: dict[int, _Request] = {}
@@ -711,6 +733,9 @@ class Engine:
                 **spec.describe(),  # layers, slots, bytes per token, heads and head sizes (per slot when they differ)
             ),
         )
+        layout = self.runner.describe()  # a tensor-parallel runner: per rank its device, weight and KV bytes, heads
+        if layout is not None:
+            info["tensor_parallel"] = layout
         return info
 
     @property

@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     e.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS, help="attention kernels")
     e.add_argument("--seed", type=int, default=None, help="engine seed for requests without their own seed")
+    e.add_argument(
+        "--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=None,
+        help="tensor parallelism: ranks, one process each (gloo on CPU, NCCL on CUDA; default 1)",
+    )  # fmt: skip
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
@@ -99,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 ENGINE_OPTIONS = (
     "kv_cache_memory_gb", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-    "enable_prefix_caching", "attention_backend", "seed", "revision",
+    "enable_prefix_caching", "attention_backend", "seed", "revision", "tp_size",
 )  # fmt: skip
 
 

@@ -25,6 +25,10 @@ class ModelRunner:
         self.device = device
         self.attention = attention
 
+    def describe(self) -> dict | None:
+        """The device layout when it is more than this process (backend/distributed's runner); None here."""
+        return None
+
     @torch.inference_mode()
     def logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """The model's logits rows of the batch (prompt-scoring rows first, then one per sampling sequence)."""

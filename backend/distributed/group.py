@@ -337,5 +337,6 @@ class TensorParallelGroup:
             backend=self.backend,
             threads_per_rank=self._threads,
             failure=self.failure,
+            worker_pids=self.worker_pids,  # ranks 1..N-1 (rank 0 is this process)
             ranks=[r.as_dict() for r in self.ranks],
         )

@@ -48,6 +48,7 @@ class BenchOptions:
     trust_remote_code: bool = False
     endpoint: str | None = None  # base URL of an OpenAI-compatible server: the "endpoint" system (bench_endpoint.py)
     endpoint_api_key: str | None = None
+    tp_size: int = 1  # our engine's tensor-parallel ranks (backend/distributed)
 
     @property
     def torch_device(self) -> torch.device:
@@ -178,6 +179,7 @@ def run_engine(path: str, impl: str, wl: Workload, opts: BenchOptions) -> Result
         max_model_len=opts.max_model_len,
         block_size=16,
         num_kv_blocks=kv_blocks_for(wl, 16),
+        tp_size=opts.tp_size,
     )
     try:
         params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in wl.output_lens]
@@ -510,6 +512,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         help="also run the workload against this OpenAI-compatible server (base URL, e.g. http://127.0.0.1:8000/v1)",
     )
     parser.add_argument("--endpoint-api-key", default=None, help="API key of --endpoint")
+    parser.add_argument("--tp-size", type=int, default=1, help="our engine's tensor-parallel ranks (HF runs on one)")
     parser.add_argument(
         "--json", default=None, help="write results here (default: bench-<time>.json in the project cache's bench/)"
     )
@@ -538,6 +541,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         args.trust_remote_code,
         args.endpoint,
         args.endpoint_api_key,
+        args.tp_size,
     )
     if args.endpoint:
         systems.append("endpoint")

@@ -36,7 +36,7 @@ def check_same_tokens(group, path, **options) -> dict:
     engine = make_tp_engine(str(path), group=group, **ENGINE, **options)
     try:
         assert greedy(engine) == want
-        layout = engine.runner.describe()
+        layout = engine.describe()["tensor_parallel"]
         assert all(r["weights_bytes"] < full_bytes for r in layout["ranks"])  # each rank holds a part
         return layout
     finally:

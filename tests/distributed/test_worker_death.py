@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from backend import SamplingParams
-from backend.distributed import TPOptions
+from backend.distributed import TensorParallelGroup, TPOptions
 from backend.distributed.testing import make_tp_engine
 from backend.errors import RequestFailedError
 
@@ -19,17 +19,17 @@ HANG_GUARD_S = 120  # a hang fails the test instead of blocking the suite; not a
 
 
 def test_killed_worker_fails_requests_and_the_engine_closes(tiny_model):
+    group = TensorParallelGroup.start(TPOptions(2, timeout_s=30))  # held here to watch it shut down
     engine = make_tp_engine(
         str(tiny_model("llama")),
-        tp_options=TPOptions(2, timeout_s=30),
+        group=group,
         model_impl="native",
         dtype="float32",
         device="cpu",
         num_kv_blocks=64,
         block_size=8,
     )
-    group = engine.runner.group
-    (pid,) = group.worker_pids
+    (pid,) = engine.describe()["tensor_parallel"]["worker_pids"]
     params = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
     seen: list[int] = []
     errors: list[BaseException] = []
@@ -65,17 +65,17 @@ def test_killed_worker_fails_requests_and_the_engine_closes(tiny_model):
 def test_hung_worker_times_out_instead_of_hanging(tiny_model):
     """A worker that stops answering (SIGSTOP) holds rank 0 in a collective only until the group's timeout: the
     request fails, the group is shut down (the stopped worker killed) and the engine closes."""
+    group = TensorParallelGroup.start(TPOptions(2, timeout_s=5))  # held here to watch it shut down
     engine = make_tp_engine(
         str(tiny_model("llama")),
-        tp_options=TPOptions(2, timeout_s=5),
+        group=group,
         model_impl="native",
         dtype="float32",
         device="cpu",
         num_kv_blocks=64,
         block_size=8,
     )
-    group = engine.runner.group
-    (pid,) = group.worker_pids
+    (pid,) = engine.describe()["tensor_parallel"]["worker_pids"]
     os.kill(pid, signal.SIGSTOP)
     errors: list[BaseException] = []
 

@@ -1,7 +1,7 @@
 """Weight-only quantized matmuls in plain torch: the reference for the Triton kernels and the CPU path.
 
 One weight encoding is shared by every quantized linear layer after `finalize()` (see
-backend/quantization/int_linear.py and fp8.py), with G = ceil(K / group_size) groups along K:
+backend/quantization/intquant.py and fp8.py), with G = ceil(K / group_size) groups along K:
 
     mode "int8": qweight int8 (N, K)                W[n, k] = (q[n, k] - z[n, g]) * s[n, g]
     mode "int4": qweight uint8 (N, ceil(K/2))       nibbles: low = even k, high = odd k, q = nibble - 8

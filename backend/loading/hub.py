@@ -1,5 +1,5 @@
 """From a name to a model folder: local folders, Hub ids (download with progress, offline cache), search,
-the local cache, suggestions, and memory estimates without downloading weights (hub_memory.py).
+the local cache and suggestions. (Memory estimates without downloading weights: memory.py.)
 
 Only safetensors checkpoints are fetched: config, tokenizer, remote-code *.py and the weight files the
 index names (so a repository that also ships e.g. consolidated.safetensors is not fetched twice).

@@ -1,4 +1,4 @@
-"""Shared Hub plumbing for hub.py and hub_memory.py: offline detection, cache folder, local folder checks,
+"""Shared Hub plumbing for hub.py and memory.py: offline detection, cache folder, local folder checks,
 and the translation of huggingface_hub errors into the engine's errors (each says what to do)."""
 
 from __future__ import annotations

@@ -1,9 +1,16 @@
 """Fallback Lab: `python app.py` opens the Gradio app (module-level `demo` for Hugging Face Spaces).
 
 python app.py [--host 0.0.0.0] [--port 7860] [--share] [--model HUB_ID_OR_FOLDER] [--api [--api-key KEY]]
+              [hosting flags: --hosted, --allow-remote-code, --max-new-tokens N, ... (python app.py --help)]
 
 With --api the OpenAI-compatible API (backend/server: /v1/completions, /v1/chat/completions, /metrics, ...)
-is served beside the UI on the same port, over the engine the UI has loaded.
+is served beside the UI on the same port, over the engine the UI has loaded; the API key guards the API's
+routes only (the UI stays open).
+
+Hosting (backend/hosting/policy.py): on a Space (SPACE_ID), a non-loopback --host or --hosted, visitors are
+strangers: Hub ids, built-in names and folders under the allowed folders only, remote code only when the host
+allows it, caps on each run, a memory check before any download, the Benchmark tab for the host only. On a
+ZeroGPU Space the app shows why it cannot run there instead of starting.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import argparse
 import logging
 import os
 
+from backend.hosting import HostingError, HostPolicy, add_hosting_flags, refuse_zerogpu
+from backend.hosting.api_key import OPENAI_PREFIXES
 from ui.callbacks import Lab
 from ui.defaults import DEFAULT_CHOICE
 from ui.layout import CSS, THEME, build_demo
@@ -19,23 +28,46 @@ from ui.layout import CSS, THEME, build_demo
 QUEUE_CONCURRENCY = 4  # default per event; generation sets its own (streams share the engine's batch)
 
 
-def make_demo(model: str | None = None, lab: Lab | None = None):
-    demo = build_demo(lab or Lab(), default_model=model or os.environ.get("FLAB_MODEL") or DEFAULT_CHOICE)
-    return demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY)
+def refusal_page(message: str):
+    """The page a host sees instead of the app when it cannot run here (ZeroGPU, a bad hosting setting)."""
+    import gradio as gr
+
+    with gr.Blocks(title="Fallback Lab") as page:
+        gr.Markdown(f"# Fallback Lab cannot start here\n\n{message}", elem_id="flab-refused")
+    return page
 
 
-def make_api_app(model: str | None = None, api_key: str | None = None, served_model_name: str | None = None):
-    """-> (FastAPI app with the OpenAI API routes and the UI mounted at /, its Lab). One engine: the UI's."""
+def make_demo(model: str | None = None, lab: Lab | None = None, policy: HostPolicy | None = None):
+    """The app's Blocks with its queue; `policy` (default: from the environment, e.g. a Space's variables)."""
+    try:
+        refuse_zerogpu()
+        policy = policy or (lab.policy if lab is not None else HostPolicy.from_env_and_flags(None))
+    except HostingError as e:
+        return refusal_page(str(e)).queue()
+    default_model = model or os.environ.get("FLAB_MODEL") or DEFAULT_CHOICE
+    demo = build_demo(lab or Lab(policy=policy, host_model=default_model), default_model=default_model)
+    return demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=policy.queue_size)
+
+
+def make_api_app(model: str | None = None, policy: HostPolicy | None = None, served_model_name: str | None = None):
+    """-> (FastAPI app with the OpenAI API routes and the UI mounted at /, its Lab). One engine: the UI's. The
+    policy's API key guards the API's routes (OPENAI_PREFIXES), its body limit every request."""
     import gradio as gr
 
     from backend.server import build_app
+    from backend.server.app import hosting_middlewares
 
-    lab = Lab()
-    api = build_app(lambda: lab.session.current(), served_model_name=served_model_name, api_key=api_key)
+    policy = policy or HostPolicy.from_env_and_flags(None)
+    refuse_zerogpu()
+    lab = Lab(policy=policy, host_model=model or os.environ.get("FLAB_MODEL") or DEFAULT_CHOICE)
+    api = build_app(lambda: lab.session.current(), served_model_name=served_model_name)
+    api.state.flab.policy = policy  # the API's caps and per-visitor limits are the app's
+    api.state.flab.visitors = lab.visitors
+    hosting_middlewares(api, policy, prefixes=OPENAI_PREFIXES)
     return gr.mount_gradio_app(api, make_demo(model, lab), path="/", theme=THEME, css=CSS), lab
 
 
-demo = make_demo()
+demo = make_demo()  # on a Space: the policy from the Space's variables and secrets (SPACE_ID makes it hosted)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,10 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also serve the OpenAI-compatible API (/v1/..., /metrics) on the same port, over the UI's engine",
     )
-    parser.add_argument("--api-key", default=os.environ.get("FLAB_API_KEY"), help="with --api: require this key")
+    parser.add_argument(
+        "--api-key", default=None, help="with --api: require this key on the API routes (env FLAB_API_KEY)"
+    )
     parser.add_argument(
         "--served-model-name", default=None, help="with --api: the model name clients send (default: the loaded one)"
     )
+    add_hosting_flags(parser)
     args = parser.parse_args(argv)
     if args.api and args.share:
         parser.error("--api serves on this machine's port; it cannot be combined with --share")
@@ -74,14 +109,22 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     args = parse_args(argv)
+    try:
+        refuse_zerogpu()
+        policy = HostPolicy.from_env_and_flags(args)
+    except HostingError as e:
+        print(f"error: {e}", flush=True)
+        refusal_page(str(e)).launch(server_name=args.host, server_port=args.port)
+        return
+    print("hosting policy:\n  " + "\n  ".join(policy.summary()), flush=True)
     if args.api:
         import uvicorn
 
-        app, _ = make_api_app(args.model, args.api_key, args.served_model_name)
+        app, _ = make_api_app(args.model, policy, args.served_model_name)
         print(f"Fallback Lab with the OpenAI API: http://{args.host}:{args.port} (API at /v1, metrics at /metrics)")
         uvicorn.run(app, host=args.host, port=args.port)
         return
-    app = demo if args.model is None else make_demo(args.model)
+    app = make_demo(args.model, policy=policy)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS)
 
 

@@ -2,6 +2,11 @@
 
 Each method takes the component values as plain Python values and returns (or yields, for live updates)
 plain values and Plotly figures. Errors become gr.Error with what to do (ui/errors.py).
+
+The host's policy (backend/hosting) is the Lab's: which model names a visitor may load, remote code (the
+host's decision; the visitor's trust_remote_code is ignored), the memory check before any download, how many
+visitors may load a model of their own, the caps on each run, and each visitor's parallel sequences. Every
+engine request carries its browser session as `owner`, so the engine schedules fairly across visitors.
 """
 
 from __future__ import annotations
@@ -10,6 +15,17 @@ import time
 
 import gradio as gr
 
+from backend.hosting import (
+    HostPolicy,
+    ModelSettings,
+    ModelSlots,
+    VisitorLimiter,
+    check_benchmark,
+    check_model_fits,
+    check_remote_code,
+    check_request,
+    hosted_load_options,
+)
 from backend.loading.memory import EngineKVSettings, estimate_memory
 from ui import benchmark, compare, defaults, inside, presets, views
 from ui.common import (
@@ -32,13 +48,29 @@ from ui.workload import Workload, split_prompts
 
 
 class Lab:
-    """The app's state: one engine session per process and the runs in flight per browser session."""
+    """The app's state: one engine session per process, the runs in flight per browser session, the host's policy.
 
-    def __init__(self, session: Session | None = None, update_s: float = 0.3) -> None:
+    `host_model`: the model the host serves (the app's default; loading it needs no model slot). A visitor who
+    loads another model holds one of the policy's `max_visitor_models` slots until the host's model is loaded
+    again, their page closes (`unload_visitor`), or another visitor's load replaces it."""
+
+    def __init__(
+        self,
+        session: Session | None = None,
+        update_s: float = 0.3,
+        policy: HostPolicy | None = None,
+        host_model: str | None = None,
+    ) -> None:
         self.session = session or Session()
         self.runs = Runs()
         self.update_s = update_s
         self._connectivity = None  # hub.HubConnectivity, probed at most once a minute
+        self.policy = policy or HostPolicy()
+        self.visitors = VisitorLimiter(self.policy)
+        self.model_slots = ModelSlots(self.policy)
+        self.host_model = defaults.resolve_choice(host_model) if host_model else None
+        self.model_holder: str | None = None  # the visitor whose own model is loaded now
+        self.last_remote_code = None  # the RemoteCodeDecision of the last spec() (loads run one at a time)
 
     def offline(self) -> bool:
         hub = hub_module()
@@ -131,19 +163,68 @@ class Lab:
         trust_remote_code=False,
         step_tokens=None,
     ) -> LoadSpec:
+        """The panel's values -> what to load, after the host's checks on the name and on remote code (raises
+        HostingError). The visitor's `trust_remote_code` is ignored: `self.last_remote_code` says what was decided."""
+        opts = hosted_load_options(defaults.resolve_choice(choice), self.policy)
+        decision = check_remote_code(opts["model"], bool(trust_remote_code), self.policy)
+        self.last_remote_code = decision
         return LoadSpec.make(
-            defaults.resolve_choice(choice),
+            opts["model"],
             impl or "auto",
             quantization_value(quant),
             dtype or "auto",
             device or "auto",
-            bool(trust_remote_code),
+            decision.trust,
             block_size=int(block_size),
             kv_cache_memory_gb=float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None,
             max_num_seqs=int(max_batch),
             max_model_len=max_len_value(max_len),
             max_num_batched_tokens=int(step_tokens) if step_tokens else None,
+            allow_local_paths=None if opts["allow_local_paths"] else False,
+            **self.policy.engine_options(),
         )
+
+    def check_fits(self, spec: LoadSpec) -> None:
+        """The host's memory check (a hosted app), before anything downloads: weights + the KV cache of one
+        visitor's parallel sequences at the panel's context (or the host's caps, else 4096 tokens)."""
+        opts = dict(spec.options)
+        p = self.policy
+        context = opts.get("max_model_len") or ((p.max_prompt_tokens or 0) + (p.max_new_tokens or 0)) or 4096
+        settings = ModelSettings(
+            dtype=spec.dtype,
+            quantization=spec.quantization,
+            context_len=int(context),
+            num_seqs=min(int(opts.get("max_num_seqs", 1)), p.max_parallel_per_visitor or 1),
+            device=spec.device,
+            revision=opts.get("revision"),
+        )
+        check_model_fits(spec.model, settings, p)
+
+    def _claim_model(self, key: str, spec: LoadSpec) -> bool:
+        """Before loading `spec` for visitor `key`: a model other than the host's takes one of the host's visitor
+        model slots (HostingError when none is free). -> True when this call took a new slot."""
+        if self.host_model is not None and spec.model == self.host_model:
+            return False
+        if self.model_holder == key:
+            return False
+        self.model_slots.claim(key)
+        return True
+
+    def _loaded_for(self, key: str, spec: LoadSpec) -> None:
+        """After `spec` loaded for `key`: the previous holder's model is gone, so is their slot."""
+        own = self.host_model is None or spec.model != self.host_model
+        if self.model_holder is not None and (self.model_holder != key or not own):
+            self.model_slots.release(self.model_holder)
+        self.model_holder = key if own else None
+
+    def unload_visitor(self, request: gr.Request = None) -> None:
+        """demo.unload: a visitor's page closed; their model slot is free again (their model stays loaded for
+        whoever uses it until someone loads another)."""
+        key = session_key(request)
+        self.runs.stop(key)
+        if self.model_holder == key:
+            self.model_holder = None
+        self.model_slots.release(key)
 
     def _refuse_if_others_run(self, key: str, what: str) -> None:
         """The engine is shared by every browser session: never close it under another user's run."""
@@ -190,15 +271,30 @@ class Lab:
                 trust_remote_code,
                 step_tokens,
             )
+            key = session_key(request)
+            claimed = False
             if self.session.spec != spec:
-                self._refuse_if_others_run(session_key(request), "Loading these settings")
-                validate_spec(spec)
-            engine, reused = self.session.load(spec, progress=progress_adapter(progress))
+                self._refuse_if_others_run(key, "Loading these settings")
+                claimed = self._claim_model(key, spec)
+            try:
+                if self.session.spec != spec:
+                    self.check_fits(spec)
+                    validate_spec(spec)
+                engine, reused = self.session.load(spec, progress=progress_adapter(progress))
+            except BaseException:
+                if claimed:
+                    self.model_slots.release(key)
+                raise
+            self._loaded_for(key, spec)
         except Exception as e:
             err = to_gr_error(e, "loading the model")
             gr.Warning(err.message, title=err.title or "Load failed")
             return self._failed_load_views(err)
-        return self._loaded_views(engine, reused, impl, quant)
+        status, desc, kv = self._loaded_views(engine, reused, impl, quant)
+        decision = self.last_remote_code
+        if decision is not None and (decision.needs or trust_remote_code):
+            status += f"\n\n_Remote code: {decision.message}._"
+        return status, desc, kv
 
     def _failed_load_views(self, err: gr.Error):
         engine = self.session.current()
@@ -387,13 +483,20 @@ class Lab:
         engine = self._engine()
         prompts = self._prompts(prompt, mode, copies)
         max_new = self._max_new(max_new)
+        check_request(self.policy, max_new_tokens=max_new)
         if use_chat_template and not getattr(engine.tokenizer, "chat_template", None):
             gr.Warning("This tokenizer has no chat template: the prompt is sent as it is.")
         params = self._params(len(prompts), temperature, top_p, top_k, max_new, seed, ignore_eos)
         key = session_key(request)
+        wl = Workload(engine, prompts, params, bool(use_chat_template), None, gap_s=float(gap_s or 0), owner=key)
+        check_request(self.policy, prompt_tokens=max(wl.prompt_lens, default=0))
+        with self.visitors.running(key, len(prompts)):  # HostingError over the visitor's parallel cap
+            yield from self._run_generate(engine, wl, key, max_new)
+
+    def _run_generate(self, engine, wl: Workload, key: str, max_new: int):
         handle = self.runs.start(key)
+        wl.cancel = handle.cancel
         before = engine.stats()
-        wl = Workload(engine, prompts, params, bool(use_chat_template), handle.cancel, gap_s=float(gap_s or 0))
         notes = self.cap_notes(engine.max_model_len, wl.prompt_lens, max_new)
         for note in notes:
             gr.Warning(note, title="Capped by the context")
@@ -503,11 +606,22 @@ class Lab:
 
         prompts = self._prompts(prompt, mode, copies)
         params = SamplingParams(max_new_tokens=self._max_new(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
+        check_request(self.policy, max_new_tokens=params.max_new_tokens)
         sides_to_run = compare.settings(a_impl, a_quant, b_impl, b_quant)
         key = session_key(request)
         self._refuse_if_others_run(key, "Comparing")
+        with self.visitors.running(key, len(prompts)):  # HostingError over the visitor's parallel cap
+            yield from self._run_compare(
+                key, sides_to_run, prompts, params, use_chat_template, progress,
+                (choice, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code, step_tokens),
+            )  # fmt: skip
+
+    def _run_compare(self, key, sides_to_run, prompts, params, use_chat_template, progress, panel):
+        choice, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code, step_tokens = panel
         previous = self.session.spec
+        previous_holder = self.model_holder
         restored = False
+        claimed = False
         handle = self.runs.start(key)
         sides: dict[str, compare.Side] = {}
         decode = None
@@ -530,11 +644,18 @@ class Lab:
                     trust_remote_code,
                     step_tokens,
                 )
-                validate_spec(spec)
+                if self.session.spec != spec:
+                    claimed = self._claim_model(key, spec) or claimed
+                    self.check_fits(spec)
+                    validate_spec(spec)
                 engine, _ = self.session.load(spec, progress=progress_adapter(progress))
                 label = compare.label(name, engine.model_impl, impl, quant)
                 decode = engine.tokenizer.decode
-                wl = Workload(engine, prompts, [params] * len(prompts), bool(use_chat_template), handle.cancel).start()
+                wl = Workload(
+                    engine, prompts, [params] * len(prompts), bool(use_chat_template), handle.cancel, owner=key
+                )
+                check_request(self.policy, prompt_tokens=max(wl.prompt_lens, default=0))
+                wl.start()
                 handle.stoppers.append(wl.stop)
                 try:
                     while True:
@@ -563,6 +684,8 @@ class Lab:
                     self._restore(previous, "Compare")
                 except Exception as e:
                     to_gr_error(e, "loading the lab's engine again after Compare")
+            if claimed and previous_holder != key:  # the compared model is gone again: so is its slot
+                self.model_slots.release(key)
 
     # --- benchmark ------------------------------------------------------------------------------
 
@@ -587,6 +710,7 @@ class Lab:
         Yields (status, bar figure, results table, JSON file, load status)."""
         from backend.tools.bench import BenchOptions, prepare
 
+        check_benchmark(self.policy)
         n, reps = benchmark.validate(workloads, systems, num_requests, repeat)
         key = session_key(request)
         self._refuse_if_others_run(key, "The benchmark")
@@ -594,7 +718,8 @@ class Lab:
         restored = False
         handle = self.runs.start(key)
         try:
-            name = defaults.resolve_choice(choice)
+            name = hosted_load_options(defaults.resolve_choice(choice), self.policy)["model"]
+            trust = check_remote_code(name, bool(trust_remote_code), self.policy).trust
             path = str(hub_module().resolve_model(name, progress=progress_adapter(progress)))
             self.session.close()
             closed = (
@@ -608,7 +733,7 @@ class Lab:
                 max_model_len=max_len_value(max_len),
                 num_requests=n,
                 repeat=reps,
-                trust_remote_code=bool(trust_remote_code),
+                trust_remote_code=trust,
             )
             yield "**Preparing**: seeded workloads, memory bandwidth…", gr.skip(), gr.skip(), gr.skip(), closed
             setup = prepare(path, list(workloads), opts, label=name)
@@ -672,6 +797,7 @@ class Lab:
         engine = self._engine()
         text = (prompt or "").strip() or "The capital of France is"
         encode = engine.tokenizer.encode
+        check_request(self.policy, prompt_tokens=len(encode(text)))
         calls = trace_attention_calls(engine, [encode("Hello, my name is"), encode(text)])
         info = describe(engine)
         yield (

@@ -1,22 +1,14 @@
-"""ZeroGPU on Hugging Face Spaces: decorate GPU work with spaces.GPU only when the `spaces` package exists."""
+"""Where the app runs: a Hugging Face Space or not (SPACE_ID). ZeroGPU is refused at start-up (backend/hosting/
+zerogpu.py: the engine keeps its model, KV cache and step loop on the device between calls), so nothing here
+wraps callbacks with `spaces.GPU` and the `spaces` package is never imported (importing it patches torch)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from collections.abc import Mapping
 
 
-def gpu(fn: Callable, duration: int = 120) -> Callable:
-    """`spaces.GPU(duration=...)(fn)` on Spaces (ZeroGPU attaches a GPU for the call); `fn` itself elsewhere."""
-    try:
-        import spaces
-    except ImportError:
-        return fn
-    return spaces.GPU(duration=duration)(fn)
-
-
-def on_spaces() -> bool:
-    try:
-        import spaces  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def on_spaces(environ: Mapping[str, str] | None = None) -> bool:
+    """True on a Hugging Face Space (the Space runtime sets SPACE_ID)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("SPACE_ID", "").strip())

@@ -6,6 +6,7 @@ import functools
 
 import gradio as gr
 
+from backend.hosting.remote_code import remote_code_status
 from ui import defaults
 from ui.benchmark import MAX_REPEAT, MAX_REQUESTS, SYSTEM_CHOICES, WORKLOAD_CHOICES
 from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
@@ -21,7 +22,6 @@ from ui.common import (
     SUMMARY_HEADERS,
     device_choices,
 )
-from ui.gpu import gpu
 from ui.inside import TRACE_HEADERS
 from ui.plots import batch_figure, bench_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.presets import PRESETS
@@ -80,7 +80,15 @@ def _empty_plots():
 
 
 def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHOICE) -> gr.Blocks:
-    lab = lab or Lab()
+    """The app's Blocks over `lab` (its policy: what visitors may do; `default_model` is the host's model)."""
+    lab = lab or Lab(host_model=default_model)
+    if lab.host_model is None:
+        lab.host_model = defaults.resolve_choice(default_model)
+    policy = lab.policy
+    max_copies = min(32, policy.max_parallel_per_visitor or 32)
+    # the cap is said in the label and checked by the callback (a status line naming the cap), not by the
+    # component's maximum (Gradio's own error would mark every output)
+    cap_note = f" (at most {policy.max_new_tokens} here)" if policy.max_new_tokens is not None else ""
     thr0, ttft0, batch0, mem0 = _empty_plots()
     with gr.Blocks(title="Fallback Lab") as demo:
         gr.Markdown(
@@ -97,6 +105,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         value=default_model,
                         allow_custom_value=True,
                         label="Model",
+                        elem_id="flab-model",
                         info="pick one, or type a Hub id or a local folder path",
                     )
                     with gr.Row():
@@ -142,8 +151,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             label="Token budget per step",
                             info="longer prompts are prefilled in chunks of this size",
                         )
-                    trust = gr.Checkbox(False, label="trust_remote_code (runs code from the model repo)")
+                    trust = gr.Checkbox(
+                        policy.allow_remote_code,
+                        label=remote_code_status(policy),
+                        info="set by whoever runs the app (--allow-remote-code), not from this page",
+                        interactive=False,
+                        elem_id="flab-remote-code",
+                    )
                     load_btn = gr.Button("Load", variant="primary")
+                with gr.Accordion("This host", open=policy.hosted):
+                    gr.Markdown("\n".join(f"- {line}" for line in policy.summary()), elem_id="flab-host-policy")
 
             with gr.Column(scale=3):
                 load_status = gr.Markdown(elem_classes="flab-status", elem_id="flab-load-status")
@@ -157,7 +174,9 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         prompt = gr.Textbox(DEFAULT_PROMPT, lines=3, label="Prompt", elem_id="flab-prompt")
                         with gr.Row():
                             mode = gr.Radio(MODE_CHOICES, value="copies", label="Parallel requests")
-                            copies = gr.Slider(1, 32, value=4, step=1, label="copies", elem_id="flab-copies")
+                            copies = gr.Slider(
+                                1, max_copies, value=min(4, max_copies), step=1, label="copies", elem_id="flab-copies"
+                            )
                             chat = gr.Checkbox(True, label="apply chat template (when the tokenizer has one)")
                         with gr.Accordion("Sampling", open=False):
                             with gr.Row():
@@ -165,7 +184,12 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
                                 top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
                             with gr.Row():
-                                max_new = gr.Number(64, precision=0, label="max new tokens", elem_id="flab-max-new")
+                                max_new = gr.Number(
+                                    min(64, policy.max_new_tokens or 64),
+                                    precision=0,
+                                    label="max new tokens" + cap_note,
+                                    elem_id="flab-max-new",
+                                )
                                 gap = gr.Slider(0, 2, value=0, step=0.05, label="arrival gap (s between requests)")
                                 seed = gr.Number(0, precision=0, label="seed (-1 = random)")
                                 ignore_eos = gr.Checkbox(False, label="ignore EOS (always max new tokens)")
@@ -207,8 +231,12 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         cmp_prompt = gr.Textbox(COMPARE_PROMPT, lines=3, label="Workload prompt(s)")
                         with gr.Row():
                             cmp_mode = gr.Radio(MODE_CHOICES, value="lines", label="Parallel requests")
-                            cmp_copies = gr.Slider(1, 32, value=2, step=1, label="copies")
-                            cmp_max_new = gr.Number(32, precision=0, label="max new tokens (greedy)")
+                            cmp_copies = gr.Slider(1, max_copies, value=min(2, max_copies), step=1, label="copies")
+                            cmp_max_new = gr.Number(
+                                min(32, policy.max_new_tokens or 32),
+                                precision=0,
+                                label="max new tokens (greedy)" + cap_note,
+                            )
                             cmp_ignore_eos = gr.Checkbox(True, label="ignore EOS")
                         with gr.Row():
                             cmp_btn = gr.Button("Compare", variant="primary", elem_id="flab-compare")
@@ -225,6 +253,10 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
 
                     with gr.Tab("Benchmark", id="benchmark"):
                         gr.Markdown(INTRO["benchmark"], elem_classes="flab-intro")
+                        if not policy.allow_benchmark:
+                            gr.Markdown(
+                                f"**Not available here**: {benchmark_refusal(policy)}.", elem_id="flab-bench-off"
+                            )
                         gr.Markdown(
                             "Our engine against transformers' own `generate()` (padded batch) and "
                             "`generate_batch()` (its continuous batching) on the same seeded prompts, in one "
@@ -252,7 +284,12 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 label="repeats (round robin; the median run is reported)",
                             )
                         with gr.Row():
-                            bench_btn = gr.Button("Run benchmark", variant="primary", elem_id="flab-bench")
+                            bench_btn = gr.Button(
+                                "Run benchmark",
+                                variant="primary",
+                                elem_id="flab-bench",
+                                interactive=policy.allow_benchmark,
+                            )
                             bench_stop = gr.Button("Stop", variant="stop")
                         bench_status = gr.Markdown(elem_classes="flab-status", elem_id="flab-bench-status")
                         bench_plot = gr.Plot(bench_figure([]), show_label=False, elem_id="flab-bench-plot")
@@ -305,7 +342,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             trigger_mode="always_last",
         )
         load_btn.click(
-            gpu(lab.load),
+            lab.load,
             load_inputs,
             [load_status, describe_md, kv_plot],
             api_name="load",
@@ -317,7 +354,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         gen_outputs = [output, results, run_status, thr_plot, ttft_plot, batch_plot, mem_plot, summary, kv_plot]
         gr.on(
             [gen_btn.click, prompt.submit],
-            gpu(lab.generate),
+            lab.generate,
             gen_inputs,
             gen_outputs,
             api_name="generate",
@@ -328,13 +365,13 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         preset_outputs += [ignore_eos, gap, chat, run_status]
         for key, btn in preset_btns.items():
             btn.click(functools.partial(lab.preset, key), model, preset_outputs, api_name=f"preset_{key}").then(
-                gpu(lab.load),
+                lab.load,
                 load_inputs,
                 [load_status, describe_md, kv_plot],
                 api_name=False,
                 concurrency_id="engine",
                 concurrency_limit=1,
-            ).then(gpu(lab.generate), gen_inputs, gen_outputs, api_name=False, concurrency_limit=GENERATE_CONCURRENCY)
+            ).then(lab.generate, gen_inputs, gen_outputs, api_name=False, concurrency_limit=GENERATE_CONCURRENCY)
 
         cmp_inputs = [
             model,
@@ -359,7 +396,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         ]
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
         cmp_btn.click(
-            gpu(lab.compare, duration=240),
+            lab.compare,
             cmp_inputs,
             cmp_outputs,
             api_name="compare",
@@ -381,7 +418,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             bench_repeat,
         ]
         bench_btn.click(
-            gpu(lab.benchmark, duration=300),
+            lab.benchmark,
             bench_inputs,
             [bench_status, bench_plot, bench_table, bench_json, load_status],
             api_name="benchmark",
@@ -392,8 +429,19 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
 
         refresh_btn.click(lab.inspect, None, [describe_md, kv_plot], api_name="inspect")
         trace_btn.click(
-            gpu(lab.trace), trace_prompt, [trace_md, trace_table, tree_html], api_name="trace", concurrency_id="engine"
+            lab.trace, trace_prompt, [trace_md, trace_table, tree_html], api_name="trace", concurrency_id="engine"
         )
         live.change(lambda on: gr.Timer(active=bool(on)), live, timer, api_name=False)
         timer.tick(lab.kv_view, None, kv_plot, api_name=False, show_progress="hidden")
+        demo.unload(lab.unload_visitor)  # a closed page frees its model slot and stops its runs
     return demo
+
+
+def benchmark_refusal(policy) -> str:
+    from backend.hosting import HostingError, check_benchmark
+
+    try:
+        check_benchmark(policy)
+    except HostingError as e:
+        return str(e)
+    return

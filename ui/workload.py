@@ -43,9 +43,12 @@ class Workload:
         use_chat_template: bool = True,
         cancel: threading.Event | None = None,
         gap_s: float = 0.0,
+        owner: str | None = None,
     ) -> None:
-        """`gap_s`: request i arrives i * gap_s seconds after the start (staggered arrivals)."""
+        """`gap_s`: request i arrives i * gap_s seconds after the start (staggered arrivals). `owner`: who runs it
+        (the browser session): the engine schedules fairly across owners."""
         self.engine = engine
+        self.owner = owner
         self.params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         self.cancel = cancel or threading.Event()
         self.gap_s = max(0.0, float(gap_s or 0.0))
@@ -80,7 +83,7 @@ class Workload:
             return
         try:
             stream = self.engine.stream(
-                None if self._ids[i] else res.prompt, self.params[i], prompt_token_ids=self._ids[i]
+                None if self._ids[i] else res.prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner
             )
             try:
                 for delta in stream:

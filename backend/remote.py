@@ -146,6 +146,8 @@ class RemoteEndpoint:
         try:
             data = self._get(self.api + "/models").json()["data"]
             return [m["id"] for m in data]
+        except EndpointError:  # does not answer / an error status: already the clear message
+            raise
         except (ValueError, KeyError, TypeError) as e:
             raise EndpointError(f"{self.api}/models did not answer with an OpenAI model list ({e})") from None
 

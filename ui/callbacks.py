@@ -28,6 +28,7 @@ from backend.hosting import (
 )
 from backend.loading.memory import EngineKVSettings, estimate_memory
 from ui import benchmark, compare, defaults, inside, presets, views
+from ui import endpoint as remote
 from ui.common import (
     LOAD_WAIT_S,
     describe,
@@ -477,9 +478,18 @@ class Lab:
         seed,
         ignore_eos,
         gap_s=0.0,
+        endpoint_url="",
+        endpoint_key="",
         request: gr.Request = None,
     ):
-        """Yields (first output, outputs table, run status, throughput, TTFT, batch, memory, summary, KV view)."""
+        """Yields (first output, outputs table, run status, throughput, TTFT, batch, memory, summary, KV view).
+        With `endpoint_url`, the target is that OpenAI-compatible endpoint instead of our engine (ui/endpoint.py)."""
+        if (endpoint_url or "").strip():
+            yield from self._generate_endpoint(
+                prompt, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos, gap_s,
+                endpoint_url, endpoint_key, request,
+            )  # fmt: skip
+            return
         engine = self._engine()
         prompts = self._prompts(prompt, mode, copies)
         max_new = self._max_new(max_new)
@@ -554,6 +564,49 @@ class Lab:
             kv,
         )
 
+    def _generate_endpoint(
+        self, prompt, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos, gap_s, url, key, request
+    ):
+        """Generate on an endpoint: the prompts go as text to its /v1/completions (no chat template: the endpoint's
+        model may not be ours); the plots come from its stream timings, memory / KV from its /metrics."""
+        endpoint = remote.connect(url, key, self.policy)  # hosted: refused; a URL that does not answer: EndpointError
+        prompts = self._prompts(prompt, mode, copies)
+        max_new = self._max_new(max_new)
+        params = self._params(len(prompts), temperature, top_p, top_k, max_new, seed, ignore_eos)
+        session = session_key(request)
+        handle = self.runs.start(session)
+        wl = remote.EndpointWorkload(endpoint, prompts, params, cancel=handle.cancel, gap_s=float(gap_s or 0))
+        wl.start()
+        handle.stoppers.append(wl.stop)
+        label = f"endpoint {endpoint.model} at {endpoint.api}"
+        try:
+            while True:
+                finished = wl.wait(self.update_s)
+                results, series = wl.snapshot()
+                source, samples = wl.metrics_snapshot()
+                status = views.run_status_markdown(results, len(series), finished, handle.cancel.is_set())
+                status = status.replace("steps", "stream bursts") + f"  \n_{label} (prompts sent as text)_"
+                runs = {"run": thin(series)}
+                summary = remote.rename_steps(summarize(results, series, wl.wall_s))
+                summary["KV usage peak (/metrics)"] = remote.kv_peak(source, samples)
+                yield (
+                    results[0].text if results else "",
+                    views.result_rows(results),
+                    status,
+                    throughput_figure(runs),
+                    ttft_figure({"run": [r.ttft for r in results]}),
+                    batch_figure(runs),
+                    remote.metrics_figure(source, samples, label),
+                    summary_table({"value": summary}),
+                    gr.skip(),
+                )
+                if finished:
+                    return
+        finally:
+            if not wl.done:
+                wl.stop()
+            self.runs.finish(session, handle)
+
     def stop(self, request: gr.Request = None):
         """Stop this browser session's runs. With nothing running the status keeps what it shows (a run that has
         just ended keeps its result) and a toast says so."""
@@ -595,10 +648,13 @@ class Lab:
         ignore_eos,
         trust_remote_code=False,
         step_tokens=None,
+        b_endpoint="",
+        b_api_key="",
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
         """Run the same greedy workload with settings A then B (one engine at a time); overlay the curves.
+        With `b_endpoint`, B is that OpenAI-compatible endpoint (ui/endpoint.py), sent A's prompt token ids.
 
         The lab's engine (the left panel's) is loaded again at the end, so the panel still tells the truth.
         Yields (status, throughput, TTFT, memory, batch, summary table, agreement table, load status)."""
@@ -607,7 +663,13 @@ class Lab:
         prompts = self._prompts(prompt, mode, copies)
         params = SamplingParams(max_new_tokens=self._max_new(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
         check_request(self.policy, max_new_tokens=params.max_new_tokens)
-        sides_to_run = compare.settings(a_impl, a_quant, b_impl, b_quant)
+        if (b_endpoint or "").strip():  # checked (host policy, it answers) before A loads anything
+            sides_to_run = [
+                ("A", a_impl, a_quant),
+                ("B", "endpoint", remote.connect(b_endpoint, b_api_key, self.policy)),
+            ]
+        else:
+            sides_to_run = compare.settings(a_impl, a_quant, b_impl, b_quant)
         key = session_key(request)
         self._refuse_if_others_run(key, "Comparing")
         with self.visitors.running(key, len(prompts)):  # HostingError over the visitor's parallel cap
@@ -626,10 +688,18 @@ class Lab:
         sides: dict[str, compare.Side] = {}
         decode = None
         skip = gr.skip()
+        wl = endpoint_wl = None
         try:
             for name, impl, quant in sides_to_run:
                 if handle.cancel.is_set():
                     break
+                if impl == "endpoint":  # `quant` is the RemoteEndpoint; A (our engine) ran first
+                    endpoint_wl = remote.EndpointWorkload(
+                        quant, prompts, [params] * len(prompts), wl._ids, wl.prompt_lens, cancel=handle.cancel
+                    )
+                    for update in self._run_endpoint_side(name, endpoint_wl, handle, sides):
+                        yield (update,) + compare.figures(sides) + (skip, skip, skip)
+                    continue
                 yield (f"**Loading** {name}: {impl} / {quant}…",) + (skip,) * 7
                 spec = self.spec(
                     choice,
@@ -671,6 +741,9 @@ class Lab:
                         wl.stop()
                     handle.stoppers.remove(wl.stop)
             table, agree = compare.tables(sides, decode)
+            if endpoint_wl is not None and len(sides) == 2:
+                agree = remote.text_agreement_rows(sides["A"].results, sides["B"].results, decode)
+                table = remote.compare_table(table, sides, endpoint_wl)
             verdict = compare.verdict(sides, agree, handle.cancel.is_set())
             yield (f"{verdict}  \n_loading the lab's engine again…_",) + compare.figures(sides) + (table, agree, skip)
             load_status = self._restore(previous, "Compare")
@@ -686,6 +759,24 @@ class Lab:
                     to_gr_error(e, "loading the lab's engine again after Compare")
             if claimed and previous_holder != key:  # the compared model is gone again: so is its slot
                 self.model_slots.release(key)
+
+    def _run_endpoint_side(self, name: str, wl, handle, sides: dict):
+        """Compare's endpoint side: stream `wl` (an EndpointWorkload), filling sides[name]; yields status lines."""
+        label = f"{name}: endpoint {wl.endpoint.model}"
+        wl.start()
+        handle.stoppers.append(wl.stop)
+        try:
+            while True:
+                finished = wl.wait(self.update_s)
+                results, series = wl.snapshot()
+                sides[name] = compare.Side(label, results, series, wl.wall_s)
+                yield f"**Running** {label} at {wl.endpoint.api}: {sum(r.num_tokens for r in results)} tokens"
+                if finished:
+                    break
+        finally:
+            if not wl.done:
+                wl.stop()
+            handle.stoppers.remove(wl.stop)
 
     # --- benchmark ------------------------------------------------------------------------------
 

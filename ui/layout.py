@@ -38,6 +38,11 @@ CSS = """
 .flab-repeat { color: #2563eb; }
 #flab-bench-table, #flab-results { overflow-x: auto; }
 """
+ENDPOINT_INFO = (
+    "streams from its /v1/completions; the plots come from its stream timings, memory and KV from its /metrics "
+    "(vLLM / SGLang / this project's gauges, else 'not exposed')"
+)
+ENDPOINT_HOSTED = "host only on a hosted app: this server would send requests wherever a visitor says"
 INTRO = {
     "generate": (
         "**What you are seeing.** Every request streams through one engine loop. **Continuous batching**: each "
@@ -193,6 +198,17 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 gap = gr.Slider(0, 2, value=0, step=0.05, label="arrival gap (s between requests)")
                                 seed = gr.Number(0, precision=0, label="seed (-1 = random)")
                                 ignore_eos = gr.Checkbox(False, label="ignore EOS (always max new tokens)")
+                        with gr.Accordion("Target: an OpenAI-compatible endpoint instead of our engine", open=False):
+                            with gr.Row():
+                                gen_url = gr.Textbox(
+                                    "",
+                                    label="endpoint base URL (empty = our engine)",
+                                    placeholder="http://127.0.0.1:8000/v1 (vLLM, SGLang, transformers serve, ours)",
+                                    info=ENDPOINT_INFO if not policy.hosted else ENDPOINT_HOSTED,
+                                    interactive=not policy.hosted,
+                                    elem_id="flab-gen-endpoint",
+                                )
+                                gen_key = gr.Textbox("", label="API key (optional)", type="password")
                         with gr.Row():
                             gen_btn = gr.Button("Generate", variant="primary", elem_id="flab-generate")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="flab-stop")
@@ -228,6 +244,17 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             with gr.Column():
                                 b_impl = gr.Radio(IMPL_CHOICES, value="transformers", label="B: implementation")
                                 b_quant = gr.Dropdown(QUANT_CHOICES, value="as in checkpoint", label="B: quantization")
+                        with gr.Accordion("B: an OpenAI-compatible endpoint instead", open=False):
+                            with gr.Row():
+                                cmp_url = gr.Textbox(
+                                    "",
+                                    label="B: endpoint base URL (empty = B's settings above)",
+                                    placeholder="http://127.0.0.1:8000/v1, serving the same weights for agreement",
+                                    info=ENDPOINT_INFO if not policy.hosted else ENDPOINT_HOSTED,
+                                    interactive=not policy.hosted,
+                                    elem_id="flab-cmp-endpoint",
+                                )
+                                cmp_key = gr.Textbox("", label="B: API key (optional)", type="password")
                         cmp_prompt = gr.Textbox(COMPARE_PROMPT, lines=3, label="Workload prompt(s)")
                         with gr.Row():
                             cmp_mode = gr.Radio(MODE_CHOICES, value="lines", label="Parallel requests")
@@ -351,6 +378,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         ).then(lab.tree, None, tree_html, api_name=False)
 
         gen_inputs = [prompt, chat, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos, gap]
+        gen_inputs += [gen_url, gen_key]
         gen_outputs = [output, results, run_status, thr_plot, ttft_plot, batch_plot, mem_plot, summary, kv_plot]
         gr.on(
             [gen_btn.click, prompt.submit],
@@ -371,7 +399,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                 api_name=False,
                 concurrency_id="engine",
                 concurrency_limit=1,
-            ).then(lab.generate, gen_inputs, gen_outputs, api_name=False, concurrency_limit=GENERATE_CONCURRENCY)
+            ).then(lab.generate, gen_inputs[:-2], gen_outputs, api_name=False, concurrency_limit=GENERATE_CONCURRENCY)
 
         cmp_inputs = [
             model,
@@ -393,6 +421,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             cmp_ignore_eos,
             trust,
             step_tokens,
+            cmp_url,
+            cmp_key,
         ]
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
         cmp_btn.click(

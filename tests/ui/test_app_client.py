@@ -61,7 +61,9 @@ def test_generate_streams_with_plot_updates(client):
     for fig in (thr, ttft, batch, mem):
         assert fig["type"] == "plotly" and json.loads(fig["plot"])["data"]
     names = [t["name"] for t in json.loads(thr["plot"])["data"]]
-    assert names == ["decode tok/s", "prefill tok/s"]
+    # smoothed curves, each with its raw per-step rates one legend click away
+    assert names[0] == "decode tok/s" and "prefill tok/s" in names
+    assert {"decode per step (raw)", "prefill per step (raw)"} <= set(names)
     grew = [len(json.loads(o[3]["plot"])["data"][0]["x"]) for o in outputs if isinstance(o[3], dict)]
     assert grew == sorted(grew) and grew[-1] > grew[0]  # the curves grew while generating
     assert dict(map(tuple, summary["data"]))["generated tokens"] == "640"

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from backend import Engine, SamplingParams
+from backend.config import MODEL_IMPLS
 from backend.distributed.group import TPOptions
 from backend.distributed.testing import make_tp_engine
 
@@ -93,7 +94,7 @@ def make_engine(model: str, tp: int, impl: str, dtype: str, blocks: int, max_len
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny:qwen3-0.6b")
-    parser.add_argument("--impl", nargs="+", default=["native"], choices=["native", "transformers"])
+    parser.add_argument("--impl", nargs="+", default=["native"], choices=[i for i in MODEL_IMPLS if i != "auto"])
     parser.add_argument("--tp", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=128)

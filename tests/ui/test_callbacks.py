@@ -378,7 +378,15 @@ def test_preset_shared_prefix_hits_the_cache(lab):
     assert int(hits) >= 3 * 4 and int(queried) > 0  # three later arrivals reuse the system prompt's blocks
 
 
-def test_preset_staggered_arrivals_join_and_leave(lab):
+def test_preset_staggered_arrivals_join_and_leave(lab, monkeypatch):
+    # The tiny model can finish a request's 48 tokens before the next one arrives (0.25 s later) on a fast,
+    # quiet machine; every step here takes at least 10 ms, so requests overlap however fast the machine is.
+    import time
+
+    from backend.runner import ModelRunner
+
+    real = ModelRunner.run
+    monkeypatch.setattr(ModelRunner, "run", lambda self, batch: (time.sleep(0.01), real(self, batch))[1])
     _, last = _run_preset(lab, "stagger")
     batch = last[5].data[0].y
     assert max(batch) > 1 and batch[0] == 1 and batch[-1] < max(batch)  # the batch grows, then shrinks

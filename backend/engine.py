@@ -69,7 +69,7 @@ class _Request:
     prompt_logprobs: list[float | None] | None = None  # filled as the prefill advances
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
     detokenizer: Detokenizer | None = None  # seq.text, one new token at a time (None: no tokenizer)
-    stops: StopMatcher | None = None
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     final: RequestOutput | None = None  # set when it finishes
     manual: bool = False  # added by add_request(): its caller reads step() or take_finished()
 
@@ -306,45 +306,38 @@ class Engine:
         self._prompt_tokens += prefill_tokens
         failed: dict[int, StreamDelta] = {}  # requests that failed on their own in this step: final deltas
         for seq_id, scored in out.prompt_logprobs.items():
-            self._guarded(failed, self._requests[seq_id].seq, self._requests[seq_id].store_prompt_logprobs, scored)
+            req = self._requests[seq_id]
+            self._guarded(failed, req.seq, req.store_prompt_logprobs, scored)
         sampled = [s for s, flag in zip(batch.seqs, batch.sample) if flag]
         self._generation_tokens += len(sampled)
         now = time.perf_counter()
         for i, seq in enumerate(sampled):
-            if seq.is_finished:  # failed above
+            if seq.seq_id in failed:
                 continue
             if i in out.errors:
-                failed[seq.seq_id] = self._finish_error(seq, out.errors[i])
+                failed.update((d.request_id, d) for d in self._fail([seq], out.errors[i]))
             else:
                 self._guarded(failed, seq, self._append_token, seq, out.token_ids[i], out, i, now)
         stats = self._record(batch, prefill_tokens, len(sampled), now - t0)
-        deltas = list(failed.values())
+        published = []
         for seq in sampled:
             if seq.seq_id not in failed:
-                self._guarded(failed, seq, lambda: deltas.append(self._publish(self._requests[seq.seq_id], stats)))
-                if seq.seq_id in failed:
-                    deltas.append(failed[seq.seq_id])
-        return deltas
+                published.append(self._guarded(failed, seq, self._publish, self._requests[seq.seq_id], stats))
+        return list(failed.values()) + [d for d in published if d is not None]
 
-    def _guarded(self, failed: dict[int, StreamDelta], seq: Sequence, fn, *args) -> None:
-        """Run one request's own work; an exception fails that request alone (its final delta into `failed`)."""
+    def _guarded(self, failed: dict[int, StreamDelta], seq: Sequence, fn, *args):
+        """`fn(*args)`, one request's own work; an exception fails that request alone (its final delta goes into
+        `failed`, and None is returned)."""
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as e:
             logger.warning("request %d failed: %s", seq.seq_id, _error_text(e))
-            if seq.seq_id in self._requests:
-                failed[seq.seq_id] = self._finish_error(seq, _error_text(e))
-
-    def _finish_error(self, seq: Sequence, message: str) -> StreamDelta:
-        seq.error = message
-        if seq.is_finished:  # it finished, but handing its output over failed: it ends as an error
-            seq.finish_reason = "error"
-        else:
-            self.scheduler.finish(seq, "error")
-        return self._publish(self._requests[seq.seq_id], None)
+            failed.update((d.request_id, d) for d in self._fail([seq], _error_text(e)))
+            return None
 
     def _fail(self, seqs: list[Sequence], message: str) -> list[StreamDelta]:
-        """Fail these requests (freeing their blocks); never raises, so a broken step cannot wedge them."""
+        """Fail these requests (freeing their blocks; one that finished but whose output could not be handed over
+        ends as an error too); never raises, so a broken step cannot wedge them."""
         deltas = []
         for seq in list(seqs):
             req = self._requests.get(seq.seq_id)
@@ -380,14 +373,14 @@ class Engine:
         reason = None
         if (token in self.loaded.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif req.stops and req.stops.found(seq.text):
+        elif req.stops.found(seq.text):
             reason = "stop"
         if reason is None and (len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
             if req.detokenizer is not None:
                 text = req.detokenizer.finish(seq.output_token_ids)  # exact: one full decode
-                cut = req.stops.first(text) if req.stops else None
+                cut = req.stops.first(text)
                 seq.text = text if cut is None else text[:cut]
             self.scheduler.finish(seq, reason)
 
@@ -428,7 +421,7 @@ class Engine:
         finished = seq.is_finished
         text = seq.text
         if not finished:  # hold back what may be a partial stop string or a partial character
-            end = len(text) - (req.stops.hold if req.stops else 0)
+            end = len(text) - req.stops.hold
             while end > req.emitted_text and text[end - 1] == "\ufffd":
                 end -= 1
             text = text[: max(end, req.emitted_text)]

@@ -23,6 +23,8 @@ class StopMatcher:
 
     def found(self, text: str) -> bool:
         """Whether a stop string occurs in `text` (the output so far) in the part not searched before."""
+        if not self.stops:
+            return False
         start = max(0, min(self._scanned, len(text)) - self.hold - REWRITE_SLACK)
         self._scanned = len(text)
         window = text[start:]

@@ -93,7 +93,9 @@ def test_failing_stop_handling_fails_that_request_alone(engine, expected, monkey
 def test_failing_request_in_generate_raises_and_the_rest_finish(engine, expected, monkeypatch):
     real = stop.StopMatcher.found
     monkeypatch.setattr(
-        stop.StopMatcher, "found", lambda self, text: (_ for _ in ()).throw(ValueError("x")) if self.stops else real
+        stop.StopMatcher,
+        "found",
+        lambda self, text: (_ for _ in ()).throw(ValueError("x")) if self.stops else real(self, text),
     )
     bad = dataclasses.replace(GREEDY, stop=("BOOM",))
     with pytest.raises(RequestFailedError, match="1 of 2 requests failed"):

@@ -6,14 +6,13 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 import backend.server.sse as sse
 from backend.server.bridge import ChoiceSpec
 from backend.server.completions import usage
 from backend.server.errors import APIError
 from backend.server.generation import ChoiceRun
-from backend.server.hosting import HeldStreamingResponse, Lease, check_caps, default_length, visitor_id
+from backend.server.hosting import answer, check_caps, default_length, visitor_id
 from backend.server.logprobs import TokenText, chat_logprobs
 from backend.server.params import check_unsupported, max_new_tokens, sampling_params, with_seed
 from backend.server.prompts import check_ids, encode_chat, render_chat
@@ -92,11 +91,8 @@ class ChatJob:
             model=self.model, choices=choices, usage=usage([len(self.prompt_ids)], completion, cached)
         )
 
-    def stream(self, lease: Lease) -> StreamingResponse:
-        """The SSE response; `lease` (the visitor's slots) is released when the response ends."""
-        return HeldStreamingResponse(self._events(), lease, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-
-    async def _events(self) -> AsyncIterator[str]:
+    async def events(self) -> AsyncIterator[str]:
+        """The SSE stream of this request (`answer` sends it)."""
         run = self.run()  # started once the response streams (not for a client gone before that)
         try:
             base = ChatCompletionChunk(id=new_id("chatcmpl"), created=int(time.time()), model=self.model, choices=[])
@@ -130,10 +126,4 @@ class ChatJob:
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, request: Request):
     job = ChatJob(state, req, visitor_id(request, req.user, state.policy))
-    lease = Lease(state.visitors, job.visitor, req.n)  # 429 when over the visitor's parallel cap
-    if req.stream:
-        return job.stream(lease)
-    try:
-        return await job.respond(request)
-    finally:
-        lease.release()
+    return await answer(job, req.n, req.stream, request)

@@ -6,13 +6,12 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 import backend.server.sse as sse
 from backend.server.bridge import ChoiceSpec
 from backend.server.errors import APIError, bad_request
 from backend.server.generation import ChoiceRun
-from backend.server.hosting import HeldStreamingResponse, Lease, check_caps, default_length, visitor_id
+from backend.server.hosting import answer, check_caps, default_length, visitor_id
 from backend.server.logprobs import TokenText, completion_logprobs
 from backend.server.params import check_unsupported, max_new_tokens, sampling_params, with_seed
 from backend.server.prompts import completion_prompts
@@ -118,11 +117,8 @@ class CompletionJob:
     def num_sequences(self) -> int:
         return len(self.prompt_ids) * self.req.n
 
-    def stream(self, lease: Lease) -> StreamingResponse:
-        """The SSE response; `lease` (the visitor's slots) is released when the response ends."""
-        return HeldStreamingResponse(self._events(), lease, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-
-    async def _events(self) -> AsyncIterator[str]:
+    async def events(self) -> AsyncIterator[str]:
+        """The SSE stream of this request (`answer` sends it)."""
         run = self.run()  # started once the response streams (not for a client gone before that)
         try:
             base = CompletionResponse(model=self.model, choices=[])
@@ -174,10 +170,4 @@ class CompletionJob:
 
 async def create_completion(state: ServerState, req: CompletionRequest, request: Request):
     job = CompletionJob(state, req, visitor_id(request, req.user, state.policy))
-    lease = Lease(state.visitors, job.visitor, job.num_sequences)  # 429 when over the visitor's parallel cap
-    if req.stream:
-        return job.stream(lease)
-    try:
-        return await job.respond(request)
-    finally:
-        lease.release()
+    return await answer(job, job.num_sequences, req.stream, request)

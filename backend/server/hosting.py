@@ -12,6 +12,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+import backend.server.sse as sse
 from backend.hosting import HostingError, HostPolicy, VisitorLimiter, check_request, clamp_request
 from backend.server.errors import APIError
 
@@ -71,3 +72,16 @@ class HeldStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.lease.release()
+
+
+async def answer(job, sequences: int, stream: bool, request: Request):
+    """A completions or chat job's response while `sequences` of its visitor's parallel slots are held (429 over
+    the cap): the SSE stream of `job.events()`, released when the response ends however it ends, or the whole
+    answer of `job.respond(request)`, released once it is built."""
+    lease = Lease(job.state.visitors, job.visitor, sequences)
+    if stream:
+        return HeldStreamingResponse(job.events(), lease, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    try:
+        return await job.respond(request)
+    finally:
+        lease.release()

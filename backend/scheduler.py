@@ -103,9 +103,6 @@ class Scheduler:
             budget -= n
         return batch
 
-    def _owners_running(self) -> Counter[str | None]:
-        return Counter(s.owner for s in self.running)
-
     def _prefill_share(self, budget: int) -> int | None:
         """With requests of several owners waiting or running, each owner's prefill chunks take at most an
         equal share of the step's token budget (None: one owner, no limit)."""
@@ -115,16 +112,17 @@ class Scheduler:
     def _next_waiting(self) -> Sequence | None:
         """The waiting sequence to admit next: the oldest of the owner with the fewest running sequences
         (a preempted sequence, at the front of the queue, goes first), skipping owners at their cap."""
-        running = self._owners_running()
+        running = Counter(s.owner for s in self.running)
         best = None
         for seq in self.waiting:
-            if seq.num_preemptions and best is None and running[seq.owner] < self._cap:
-                return seq
-            if running[seq.owner] >= self._cap:
+            n = running[seq.owner]
+            if n >= self._cap:
                 continue
-            if best is None or running[seq.owner] < running[best.owner]:
+            if best is None and seq.num_preemptions:  # the first admissible one was preempted: it goes first
+                return seq
+            if best is None or n < running[best.owner]:
                 best = seq
-                if running[seq.owner] == 0:
+                if n == 0:
                     break
         return best
 

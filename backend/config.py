@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
 
+from backend.checks import is_int, is_real
 from backend.errors import EngineError
 from backend.layers.attention_backends import ATTENTION_BACKENDS as _ATTENTION_REGISTRY
 
@@ -14,10 +14,6 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", *_ATTENTION_REGISTRY)  # backend/layers/attention_backends.py
 CPU_LINEARS = ("auto", "packed", "upcast", "none")  # how 16-bit linears run on CPU (backend/layers)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -90,16 +86,14 @@ class EngineConfig:
             value = getattr(self, name)
             if value is None and name in optional:
                 continue
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise EngineError(f"{name} must be a positive integer, got {value!r:.60}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise EngineError(f"seed must be an integer in [0, 2**63), got {self.seed!r:.60}")
         if self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise EngineError(f"block_size must be a power of two up to 256, got {self.block_size}")
         gb = self.kv_cache_memory_gb
-        if gb is not None and not (
-            isinstance(gb, (int, float)) and not isinstance(gb, bool) and math.isfinite(gb) and gb > 0
-        ):
+        if gb is not None and not (is_real(gb) and gb > 0):
             raise EngineError(f"kv_cache_memory_gb must be a positive number of GiB, got {gb!r:.60}")
 
     @classmethod

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from backend.checks import is_int
 from backend.config import EngineConfig
 from backend.detokenizer import Detokenizer
 from backend.errors import EngineError, RequestError, RequestFailedError
@@ -207,7 +208,7 @@ class Engine:
         if not ids:
             raise RequestError("the prompt is empty (no tokens)")
         vocab = self.vocab_size
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in ids if not is_int(t) or not 0 <= t < vocab]
         if bad:
             bad = bad[0]
             raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad!r:.40}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from backend.checks import is_int, is_real
 from backend.errors import RequestError
 
 MAX_LOGPROBS = 20
@@ -16,16 +16,8 @@ MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 1e-5  # below this a temperature is greedy (dividing by it overflows fp32 logits)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _valid_top_n(n) -> bool:
-    return n is None or (_is_int(n) and 0 <= n <= MAX_LOGPROBS)
+    return n is None or (is_int(n) and 0 <= n <= MAX_LOGPROBS)
 
 
 def _strings(value, name: str) -> tuple[str, ...]:
@@ -44,7 +36,7 @@ def _strings(value, name: str) -> tuple[str, ...]:
 
 
 def _token_ids(value, name: str) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in value):
+    if not isinstance(value, (list, tuple)) or not all(is_int(t) and t >= 0 for t in value):
         raise RequestError(f"{name} must be a list of non-negative integers, got {value!r:.80}")
     return tuple(value)
 
@@ -75,25 +67,25 @@ class SamplingParams:
         set_(self, "stop", _strings(self.stop, "stop"))
         set_(self, "stop_token_ids", _token_ids(self.stop_token_ids, "stop_token_ids"))
         checks = [
-            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
-            (_is_real(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0 (0 = greedy)"),
-            (_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be a number in (0, 1]"),
-            (_is_real(self.min_p) and 0 <= self.min_p < 1, "min_p must be a number in [0, 1)"),
+            (is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (is_real(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0 (0 = greedy)"),
+            (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
+            (is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be a number in (0, 1]"),
+            (is_real(self.min_p) and 0 <= self.min_p < 1, "min_p must be a number in [0, 1)"),
             (
-                _is_real(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100,
+                is_real(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100,
                 "repetition_penalty must be a number in [0.01, 100] (1 = off)",
             ),
             (
-                _is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
                 "presence_penalty must be in [-2, 2]",
             ),
             (
-                _is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
                 "frequency_penalty must be in [-2, 2]",
             ),
             (
-                self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED),
+                self.seed is None or (is_int(self.seed) and 0 <= self.seed <= MAX_SEED),
                 "seed must be None or an integer in [0, 2**63)",
             ),
             (isinstance(self.ignore_eos, bool), "ignore_eos must be True or False"),

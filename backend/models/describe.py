@@ -56,22 +56,31 @@ def _quantized(model: nn.Module) -> dict[str, int]:
     return dict(Counter(type(m).__name__ for m in model.modules() if hasattr(m, "load_tensor")))
 
 
+def _global(cfg, name: str):
+    """A config attribute, None where it is absent or varies across layers (transformers' heterogeneous configs,
+    e.g. Gemma 4's per-layer head_dim, raise AmbiguousGlobalPerLayerAttributeError on the global read)."""
+    try:
+        return getattr(cfg, name, None)
+    except Exception:
+        return None
+
+
 def _shape(model: nn.Module) -> dict:
     from backend.kv_sizing import model_context_len  # the engine's own reading of the model's context
 
     cfg = _text_config(model)
-    heads = getattr(cfg, "num_attention_heads", None)
-    hidden = getattr(cfg, "hidden_size", None)
-    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    heads = _global(cfg, "num_attention_heads")
+    hidden = _global(cfg, "hidden_size")
+    head_dim = _global(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
     return dict(
-        architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
-        model_type=getattr(cfg, "model_type", None),
-        layers=getattr(cfg, "num_hidden_layers", None),
+        architecture=(_global(cfg, "architectures") or [type(model).__name__])[0],
+        model_type=_global(cfg, "model_type"),
+        layers=_global(cfg, "num_hidden_layers"),
         heads=heads,
-        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        kv_heads=_global(cfg, "num_key_value_heads") or heads,
         head_dim=head_dim,
         hidden_size=hidden,
-        vocab_size=getattr(cfg, "vocab_size", None),
+        vocab_size=_global(cfg, "vocab_size"),
         model_context_len=model_context_len(cfg) if cfg is not None else None,
     )
 

@@ -26,6 +26,18 @@ N_NEW = 6
 SWEEP_PROMPTS = PROMPTS[:2]
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 MAX_PARAMETERS = 30_000_000  # a shrink that leaves a bigger model is reported, not run
+# Sizes set even where the default config leaves them None: there None is no "feature off" but a value every real
+# checkpoint fills in (HF's default MinistralConfig / HunYuan have head_dim None, Nemotron num_key_value_heads None,
+# Dots1 / DeepSeek-V2 their expert counts None, and their modeling code cannot run with None).
+NONE_MEANS_UNSET = {
+    "head_dim",
+    "num_key_value_heads",
+    "n_group",
+    "topk_group",
+    "num_experts_per_tok",
+    "n_routed_experts",
+    "n_shared_experts",
+}
 
 # Generic shrink: standard key -> value (set only where the default config has the key, through attribute_map).
 SHRINK: dict[str, object] = dict(
@@ -72,13 +84,69 @@ SHRINK: dict[str, object] = dict(
     mamba_n_heads=8,
     mamba_d_head=16,
     mamba_headdim=16,
+    mamba_d_ssm=128,  # mamba_n_heads x mamba_d_head
     linear_num_key_heads=2,
     linear_num_value_heads=4,
     linear_key_head_dim=16,
     linear_value_head_dim=16,
     chunk_size=16,
     block_size=16,
+    # per-layer input embeddings (Gemma 3n / 4): their own table of vocab_size_per_layer_input rows
+    hidden_size_per_layer_input=16,
 )
+
+# Per-architecture constructor kwargs, applied over the generic shrink: where HF's default config cannot build a
+# model, or the shrink needs keys of one family's own naming. Each says why.
+OVERRIDES: dict[str, dict] = {
+    # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define (real checkpoints set
+    # it), and clamps q/k/v by clip_qkv without a None check (real ones: 8); the attention / FFN sizes live in the
+    # two sub-configs
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=KV_HEADS, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(hidden_size=HIDDEN, ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2),
+    ),
+    # the default config fails its own validation (a draft model for Gemma 4: its text config has no per-layer inputs)
+    "gemma4_assistant": dict(text_config=dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)),
+    # the last num_kv_shared_layers layers reuse the K/V of the last earlier layer of their kind: four layers, the
+    # last two shared; one activation-sparsity entry per layer
+    "gemma3n_text": dict(
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_hidden_layers=4,
+        num_kv_shared_layers=2,
+        activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
+        laurel_rank=8,
+    ),
+    # its sliding-window layer (the third of the shrink) has its own MLA sizes, of head_dim qk_nope + qk_rope
+    "dots3_note_text": dict(
+        per_layer_config={
+            2: dict(num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=32, qk_nope_head_dim=24, head_dim=32)
+        }
+    ),
+    # hidden_size x expand (128) must equal num_heads x head_dim (16, the shrink's): 8 SSM heads in one group
+    "mamba2": dict(num_heads=8, n_groups=1, time_step_rank=8),
+    # hybrids whose layer pattern is a derived property (not a field): shrunk through the fields it derives from,
+    # so that the two layers are one state-space / recurrent layer and one attention layer (HF's generate() fails on
+    # a cache without attention layers)
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "bamba": dict(attn_layer_indices=[1]),
+    "recurrent_gemma": dict(num_hidden_layers=3),  # block_types repeats recurrent, recurrent, attention
+    # the default layer_types is Mamba layers only
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    # the default config leaves layer_types None, which the model indexes (real checkpoints list them)
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    # the default config leaves the QSA indexer's sizes None; the n-gram embedding's defaults are huge
+    "qwen4_exp_text": dict(
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=16,
+        indexer_compress_ratio=4,
+        ngram_vocab_size_base=1024,
+        hc_lowrank=16,
+        ple_embed_dim=HIDDEN,
+        split_ngram_parts=4,
+    ),
+}
 
 
 @dataclass
@@ -88,38 +156,76 @@ class SweepResult:
     detail: str = ""
 
 
-def _default_keys(config: PretrainedConfig) -> set[str]:
-    return set(config.to_dict())
+def _is_pattern(value: object, num_layers: int) -> bool:
+    """A per-layer pattern field: one kind (str / bool / 0-1 flag) per decoder layer (layer_types, mlp_layer_types)."""
+    if not isinstance(value, (list, tuple)) or num_layers < 2 or len(value) != num_layers:
+        return False
+    return all(isinstance(x, (str, bool)) or x in (0, 1) for x in value)
+
+
+def _shrink_layers(default: dict, num_layers_key: str, shrunk: dict) -> dict:
+    """The shrunk per-layer fields: a few layers that keep each distinct combination of the per-layer patterns (in
+    order of first appearance), those patterns taken at these layers, and `per_layer_config` (per-layer overrides
+    of the global sizes) remapped to them with each size scaled like its global one."""
+    num_layers = int(default.get(num_layers_key) or 0)
+    patterns = {k: list(v) for k, v in default.items() if _is_pattern(v, num_layers)}
+    if not patterns:
+        return {}
+    first: dict[tuple, int] = {}
+    for j in range(num_layers):
+        first.setdefault(tuple(p[j] for p in patterns.values()), j)
+    layers = sorted(first.values())[:6]
+    if len(layers) == 1:
+        layers.append(1)  # two layers of the one kind
+    out: dict = {k: [p[j] for j in layers] for k, p in patterns.items()}
+    out[num_layers_key] = len(layers)
+    per_layer = default.get("per_layer_config")
+    if isinstance(per_layer, dict) and per_layer:
+        entries = {int(k): v for k, v in per_layer.items()}
+        out["per_layer_config"] = {
+            i: {k: _scaled(v, default.get(k), shrunk.get(k)) for k, v in entries[j].items()}
+            for i, j in enumerate(layers)
+            if j in entries
+        }
+    return out
+
+
+def _scaled(value: object, global_value: object, shrunk_global: object) -> object:
+    """A per-layer size next to its shrunk global: the same ratio to it (head_dim 512 beside 256 -> 2x the shrink)."""
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in (value, global_value, shrunk_global)):
+        return max(1, round(shrunk_global * value / global_value)) if global_value else value
+    return value
 
 
 def shrink_overrides(model_type: str, vocab_size: int, special: dict) -> dict:
     """Constructor kwargs that shrink `model_type`'s default config (only keys it has)."""
-    default = AutoConfig.for_model(model_type)
-    keys = _default_keys(default)
-    attr_map = getattr(type(default), "attribute_map", {}) or {}
+    try:
+        config = AutoConfig.for_model(model_type)
+    except Exception:  # a default config that fails its own validation: with the fixes of OVERRIDES
+        config = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {}))
+    default = config.to_dict()  # the fields (not derived properties); per-layer attributes at their global value
+    attr_map = getattr(type(config), "attribute_map", {}) or {}
     overrides: dict = {}
     for key, value in SHRINK.items():
         actual = attr_map.get(key, key)
-        if actual in keys and actual not in overrides and getattr(default, actual, None) is not None:
+        if actual in default and actual not in overrides and (key in NONE_MEANS_UNSET or default[actual] is not None):
             overrides[actual] = value
     head_dim_key = attr_map.get("head_dim", "head_dim")
-    if "qk_rope_head_dim" in keys and head_dim_key in overrides:
+    if "qk_rope_head_dim" in default and head_dim_key in overrides:
         overrides[head_dim_key] = SHRINK["qk_rope_head_dim"]  # MLA: head_dim is the rope part
     kv_key = attr_map.get("num_key_value_heads", "num_key_value_heads")
-    if "kv_lora_rank" in keys and kv_key in overrides:
+    if "kv_lora_rank" in default and kv_key in overrides:
         overrides[kv_key] = HEADS  # MLA expands the latent to every query head
-    if "sliding_window" in overrides and not isinstance(getattr(default, "sliding_window"), int):
+    if "sliding_window" in overrides and not isinstance(default["sliding_window"], int):
         del overrides["sliding_window"]
-    layer_types = getattr(default, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and layer_types:
-        kinds = list(dict.fromkeys(layer_types))  # each distinct kind once, in order of first appearance
-        kinds = (kinds + kinds)[: max(2, len(kinds))]
-        overrides["layer_types"] = kinds
-        overrides[attr_map.get("num_hidden_layers", "num_hidden_layers")] = len(kinds)
-    if "is_decoder" in keys:  # encoder families (BERT, RoBERTa...) generate causally as decoders
+    overrides.update(_shrink_layers(default, attr_map.get("num_hidden_layers", "num_hidden_layers"), overrides))
+    if "is_decoder" in default:  # encoder families (BERT, RoBERTa...) generate causally as decoders
         overrides["is_decoder"] = True
     overrides[attr_map.get("vocab_size", "vocab_size")] = vocab_size
-    overrides.update({k: v for k, v in special.items() if k in keys or k.endswith("token_id")})
+    if "vocab_size_per_layer_input" in default:
+        overrides["vocab_size_per_layer_input"] = vocab_size
+    overrides.update({k: v for k, v in special.items() if k in default or k.endswith("token_id")})
+    overrides.update(OVERRIDES.get(model_type, {}))
     return overrides
 
 

@@ -67,6 +67,13 @@ SHRINK: dict[str, object] = dict(
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
     v_head_dim=16,
+    # encoder-decoder families (BART, Whisper...) run their decoder as a causal LM: both halves' own sizes
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=HEADS,
+    decoder_attention_heads=HEADS,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
     # other families' names for the same sizes
     ffn_dim=128,
     n_inner=128,
@@ -75,6 +82,9 @@ SHRINK: dict[str, object] = dict(
     expert_intermediate_size=32,
     rotary_dim=8,
     num_kv_heads=KV_HEADS,
+    swa_num_attention_heads=HEADS,
+    swa_num_key_value_heads=KV_HEADS,
+    swa_head_dim=HEAD_DIM,
     multi_query_group_num=KV_HEADS,
     word_embed_proj_dim=HIDDEN,
     kv_channels=HEAD_DIM,
@@ -132,6 +142,32 @@ OVERRIDES: dict[str, dict] = {
     "recurrent_gemma": dict(num_hidden_layers=3),  # block_types repeats recurrent, recurrent, attention
     # the default layer_types is Mamba layers only
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    # released configs list each layer as an attention block then an "mlp" block (halved on load): three layers, one
+    # each of input, recurrent (looped) and output
+    "dory": dict(
+        layer_types=["sliding_attention", "mlp", "full_attention", "mlp", "sliding_attention", "mlp"],
+        num_hidden_layers=6,
+        n_input_layers=2,
+        n_recurrent_layers=2,
+        n_output_layers=2,
+    ),
+    # ZAYA supports one expert per token only
+    "zaya": dict(num_experts_per_tok=1),
+    # the default config's rope_parameters is empty, but the model reads it per layer type
+    "cohere_compass_text": dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0)}),
+    # Zamba ties its shared transformer block across the hybrid layers: two of them; its attention reads the hidden
+    # state concatenated with the embeddings (2 x hidden_size)
+    "zamba": dict(
+        layers_block_type=["linear_attention", "hybrid", "hybrid"],
+        num_hidden_layers=3,
+        attention_hidden_size=2 * HIDDEN,
+        attention_head_dim=2 * HIDDEN // HEADS,
+        mamba_dt_rank=8,
+    ),
+    # its layer count is num_layers (no attribute_map entry); MLA with zero-computation experts
+    "longcat_flash": dict(
+        num_layers=2, zero_expert_num=2, qk_head_dim=SHRINK["qk_nope_head_dim"] + SHRINK["qk_rope_head_dim"]
+    ),
     # the default config leaves layer_types None, which the model indexes (real checkpoints list them)
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     # the default config leaves the QSA indexer's sizes None; the n-gram embedding's defaults are huge
@@ -222,8 +258,9 @@ def shrink_overrides(model_type: str, vocab_size: int, special: dict) -> dict:
     if "is_decoder" in default:  # encoder families (BERT, RoBERTa...) generate causally as decoders
         overrides["is_decoder"] = True
     overrides[attr_map.get("vocab_size", "vocab_size")] = vocab_size
-    if "vocab_size_per_layer_input" in default:
-        overrides["vocab_size_per_layer_input"] = vocab_size
+    for key in ("vocab_size_per_layer_input", "unpadded_vocab_size"):  # other vocabulary sizes of the same tokens
+        if key in default:
+            overrides[key] = vocab_size
     overrides.update({k: v for k, v in special.items() if k in default or k.endswith("token_id")})
     overrides.update(OVERRIDES.get(model_type, {}))
     return overrides

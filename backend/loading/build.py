@@ -107,7 +107,13 @@ def load_hf_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
         raise UnsupportedModelError(f"cannot read the config of {path}: {e}") from e
     except OSError as e:
         raise UnsupportedModelError(f"cannot read {config_file}: {e}") from e
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError as e:  # several text configs (MusicGen's text encoder and decoder): not one decoder LM
+        raise UnsupportedModelError(
+            f"{type(config).__name__} holds several text models (e.g. a text encoder beside a decoder, as MusicGen): "
+            "only decoder language models are supported"
+        ) from e
     if text_config is not config:
         raise UnsupportedModelError(
             f"{type(config).__name__} is a multimodal model; only decoder language models are supported for now"

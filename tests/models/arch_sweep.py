@@ -168,6 +168,21 @@ OVERRIDES: dict[str, dict] = {
     "longcat_flash": dict(
         num_layers=2, zero_expert_num=2, qk_head_dim=SHRINK["qk_nope_head_dim"] + SHRINK["qk_rope_head_dim"]
     ),
+    # axial position embeddings: their dims sum to hidden_size, their shape multiplies to the longest sequence
+    "reformer": dict(axial_pos_embds_dim=[16, 48], axial_pos_shape=[16, 32], attention_head_size=HEAD_DIM),
+    # xLSTM names its width embedding_dim and its layer count num_blocks (beside hidden_size / num_hidden_layers)
+    "xlstm": dict(embedding_dim=HIDDEN, num_blocks=2, num_heads=HEADS, qk_dim_factor=1.0),
+    # GIT (image-to-text) carries a CLIP-like vision tower: shrunk too
+    "git": dict(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        )
+    ),
     # the default config leaves layer_types None, which the model indexes (real checkpoints list them)
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     # the default config leaves the QSA indexer's sizes None; the n-gram embedding's defaults are huge
@@ -233,12 +248,8 @@ def _scaled(value: object, global_value: object, shrunk_global: object) -> objec
     return value
 
 
-def shrink_overrides(model_type: str, vocab_size: int, special: dict) -> dict:
-    """Constructor kwargs that shrink `model_type`'s default config (only keys it has)."""
-    try:
-        config = AutoConfig.for_model(model_type)
-    except Exception:  # a default config that fails its own validation: with the fixes of OVERRIDES
-        config = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {}))
+def _shrink_sizes(config: PretrainedConfig, vocab_size: int) -> dict:
+    """The generic shrink of one config: the SHRINK sizes it has, its layer patterns, its vocabulary sizes."""
     default = config.to_dict()  # the fields (not derived properties); per-layer attributes at their global value
     attr_map = getattr(type(config), "attribute_map", {}) or {}
     overrides: dict = {}
@@ -255,15 +266,47 @@ def shrink_overrides(model_type: str, vocab_size: int, special: dict) -> dict:
     if "sliding_window" in overrides and not isinstance(default["sliding_window"], int):
         del overrides["sliding_window"]
     overrides.update(_shrink_layers(default, attr_map.get("num_hidden_layers", "num_hidden_layers"), overrides))
-    if "is_decoder" in default:  # encoder families (BERT, RoBERTa...) generate causally as decoders
-        overrides["is_decoder"] = True
-    overrides[attr_map.get("vocab_size", "vocab_size")] = vocab_size
-    for key in ("vocab_size_per_layer_input", "unpadded_vocab_size"):  # other vocabulary sizes of the same tokens
+    vocab_key = attr_map.get("vocab_size", "vocab_size")
+    for key in (vocab_key, "vocab_size_per_layer_input", "unpadded_vocab_size"):  # sizes of the tokenizer's vocabulary
         if key in default:
             overrides[key] = vocab_size
-    overrides.update({k: v for k, v in special.items() if k in default or k.endswith("token_id")})
-    overrides.update(OVERRIDES.get(model_type, {}))
     return overrides
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    """`base` updated with `extra`, dict values (sub-configs) merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def shrink_overrides(model_type: str, vocab_size: int, special: dict) -> dict:
+    """Constructor kwargs that shrink `model_type`'s default config (only keys it has). A language model's
+    sub-configs (a byte-latent model's encoder / decoder, an image-to-text model's vision tower) are shrunk too."""
+    try:
+        config = AutoConfig.for_model(model_type)
+    except Exception:  # a default config that fails its own validation: with the fixes of OVERRIDES
+        config = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {}))
+    default = config.to_dict()
+    overrides = _shrink_sizes(config, vocab_size)
+    overrides[getattr(type(config), "attribute_map", {}).get("vocab_size", "vocab_size")] = vocab_size
+    if _is_language_model(config):
+        for name, sub in vars(config).items():
+            if isinstance(sub, PretrainedConfig):
+                overrides[name] = _shrink_sizes(sub, vocab_size)
+    if "is_decoder" in default:  # encoder families (BERT, RoBERTa...) generate causally as decoders
+        overrides["is_decoder"] = True
+    overrides.update({k: v for k, v in special.items() if k in default or k.endswith("token_id")})
+    return _merged(overrides, OVERRIDES.get(model_type, {}))
+
+
+def _is_language_model(config: PretrainedConfig) -> bool:
+    """False for a composite (multimodal) config: its text config is a sub-config."""
+    try:
+        return config.get_text_config() is config
+    except ValueError:  # several text configs (MusicGen's text encoder and decoder)
+        return False
 
 
 def build_sweep_model(model_type: str, path: Path, **extra) -> tuple[PretrainedConfig, bool]:
@@ -276,7 +319,7 @@ def build_sweep_model(model_type: str, path: Path, **extra) -> tuple[PretrainedC
     config = AutoConfig.for_model(model_type, **{**shrink_overrides(model_type, len(tok), special), **extra})
     config.initializer_range = 0.1  # clear greedy winners (tiny_models.build_tiny_model does the same)
     tok.save_pretrained(path)
-    if config.get_text_config() is not config:
+    if not _is_language_model(config):
         config.save_pretrained(path)
         save_file({"placeholder": torch.zeros(1)}, path / "model.safetensors")
         return config, False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
+
 import gradio as gr
 
 from backend.config import DTYPES, MODEL_IMPLS
@@ -46,6 +48,11 @@ def quantization_value(label: str | None) -> str | None:
 def max_len_value(max_len) -> int | None:
     """The 'Max context' number -> Engine(max_model_len=...): 0 or empty means the model's own context."""
     return int(max_len) if max_len and max_len > 0 else None
+
+
+def kv_gb_value(kv_mb) -> float | None:
+    """The 'KV cache MiB' number -> Engine(kv_cache_memory_gb=...): 0 or empty means sized automatically."""
+    return float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None
 
 
 def device_choices() -> list[str]:
@@ -117,15 +124,35 @@ def thin(series: Series, max_points: int = 1500) -> Series:
     return Series(**{name: values[::k] for name, values in vars(series).items()})
 
 
-def panel_values(spec) -> tuple:
-    """A LoadSpec -> the left panel's values (model, impl, quant, dtype, device, kv_mb, block_size, max_batch,
-    max_len, trust_remote_code, step_tokens): what the panel shows for the engine that is loaded (a built-in
-    model by its name, as the picker names it)."""
+@dataclass(frozen=True)
+class Panel:
+    """The Model panel's values, in the order of the layout's `load_inputs`: what to load (ui/lab/loading.py
+    turns them into a LoadSpec after the host's checks)."""
+
+    choice: str
+    impl: str
+    quant: str
+    dtype: str
+    device: str
+    kv_mb: float
+    block_size: int
+    max_batch: int
+    max_len: float
+    trust_remote_code: bool = False
+    step_tokens: int | None = None
+
+    def values(self) -> tuple:
+        """The values in the panel's order (the page-load outputs)."""
+        return astuple(self)
+
+
+def panel_values(spec) -> Panel:
+    """A LoadSpec -> what the left panel shows for the engine that is loaded (a built-in model by its name, as
+    the picker names it)."""
     opts = dict(spec.options)
-    model = spec.model
     kv_gb = opts.get("kv_cache_memory_gb")
-    return (
-        model,
+    return Panel(
+        spec.model,
         spec.model_impl,
         spec.quantization or "as in checkpoint",
         spec.dtype,

@@ -1,4 +1,4 @@
-"""The Gradio Blocks: components and event wiring only (logic lives in ui/callbacks.py)."""
+"""The Gradio Blocks: components and event wiring only (logic: the Lab's parts, listed in ui/callbacks.py)."""
 
 from __future__ import annotations
 
@@ -353,36 +353,42 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         estimate_inputs = [model, dtype, quant, kv_mb, max_len, max_batch]
 
         startup_outputs = [picker_note, model, load_status, describe_md, kv_plot] + load_inputs[1:]
-        demo.load(lab.startup, load_inputs, startup_outputs + [search_box, search_btn], api_name="startup").then(
-            lab.tree, None, tree_html, api_name=False
+        demo.load(lab.page.startup, load_inputs, startup_outputs + [search_box, search_btn], api_name="startup").then(
+            lab.inside_tab.tree, None, tree_html, api_name=False
         )
-        demo.load(lab.estimate, estimate_inputs, estimate_md, api_name=False)
-        gr.on([search_btn.click, search_box.submit], lab.search_table, search_box, search_results, api_name="search")
-        search_results.select(lab.pick_search_result, None, model, api_name=False)
-        model.input(lab.suggest_kv_mb, model, kv_mb, api_name=False)  # a user's pick, not the page-load restore
+        demo.load(lab.picker.estimate, estimate_inputs, estimate_md, api_name=False)
+        gr.on(
+            [search_btn.click, search_box.submit],
+            lab.picker.search_table,
+            search_box,
+            search_results,
+            api_name="search",
+        )
+        search_results.select(lab.picker.pick_search_result, None, model, api_name=False)
+        model.input(lab.picker.suggest_kv_mb, model, kv_mb, api_name=False)  # a user's pick, not the page-load restore
         gr.on(
             [model.change, dtype.change, quant.change, kv_mb.change, max_len.change, max_batch.release],
-            lab.estimate,
+            lab.picker.estimate,
             estimate_inputs,
             estimate_md,
             api_name="estimate",
             trigger_mode="always_last",
         )
         load_btn.click(
-            lab.load,
+            lab.loader.load,
             load_inputs,
             [load_status, describe_md, kv_plot],
             api_name="load",
             concurrency_id="engine",
             concurrency_limit=1,
-        ).then(lab.tree, None, tree_html, api_name=False)
+        ).then(lab.inside_tab.tree, None, tree_html, api_name=False)
 
         gen_inputs = [prompt, chat, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos, gap]
         gen_inputs += [gen_url, gen_key]
         gen_outputs = [output, results, run_status, thr_plot, ttft_plot, batch_plot, mem_plot, summary, kv_plot]
         gr.on(
             [gen_btn.click, prompt.submit],
-            lab.generate,
+            lab.generate_tab.generate,
             gen_inputs,
             gen_outputs,
             api_name="generate",
@@ -392,14 +398,20 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         preset_outputs = [kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temperature]
         preset_outputs += [ignore_eos, gap, chat, run_status]
         for key, btn in preset_btns.items():
-            btn.click(functools.partial(lab.preset, key), model, preset_outputs, api_name=f"preset_{key}").then(
-                lab.load,
+            btn.click(functools.partial(lab.presets.preset, key), model, preset_outputs, api_name=f"preset_{key}").then(
+                lab.loader.load,
                 load_inputs,
                 [load_status, describe_md, kv_plot],
                 api_name=False,
                 concurrency_id="engine",
                 concurrency_limit=1,
-            ).then(lab.generate, gen_inputs[:-2], gen_outputs, api_name=False, concurrency_limit=GENERATE_CONCURRENCY)
+            ).then(
+                lab.generate_tab.generate,
+                gen_inputs[:-2],
+                gen_outputs,
+                api_name=False,
+                concurrency_limit=GENERATE_CONCURRENCY,
+            )
 
         cmp_inputs = [
             model,
@@ -426,7 +438,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         ]
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
         cmp_btn.click(
-            lab.compare,
+            lab.compare_tab.compare,
             cmp_inputs,
             cmp_outputs,
             api_name="compare",
@@ -448,7 +460,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             bench_repeat,
         ]
         bench_btn.click(
-            lab.benchmark,
+            lab.benchmark_tab.benchmark,
             bench_inputs,
             [bench_status, bench_plot, bench_table, bench_json, load_status],
             api_name="benchmark",
@@ -457,12 +469,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         )
         bench_stop.click(lab.stop, None, bench_status, api_name="stop_benchmark", concurrency_limit=None)
 
-        refresh_btn.click(lab.inspect, None, [describe_md, kv_plot], api_name="inspect")
+        refresh_btn.click(lab.inside_tab.inspect, None, [describe_md, kv_plot], api_name="inspect")
         trace_btn.click(
-            lab.trace, trace_prompt, [trace_md, trace_table, tree_html], api_name="trace", concurrency_id="engine"
+            lab.inside_tab.trace,
+            trace_prompt,
+            [trace_md, trace_table, tree_html],
+            api_name="trace",
+            concurrency_id="engine",
         )
         live.change(lambda on: gr.Timer(active=bool(on)), live, timer, api_name=False)
-        timer.tick(lab.kv_view, None, kv_plot, api_name=False, show_progress="hidden")
+        timer.tick(lab.inside_tab.kv_view, None, kv_plot, api_name=False, show_progress="hidden")
         demo.unload(lab.unload_visitor)  # a closed page frees its model slot and stops its runs
     return demo
 

@@ -45,7 +45,7 @@ def lab(ui_cache):
     from ui.callbacks import Lab
 
     lab = Lab(update_s=0.1)
-    lab.load(**LOAD_ARGS)
+    lab.loader.load(**LOAD_ARGS)
     yield lab
     lab.session.close()
 

@@ -1,5 +1,6 @@
-"""The Benchmark tab (ui/benchmark.py via Lab.benchmark): backend/tools/bench.py's harness from the app, streamed run by
-run, with the CLI's table rows; Stop takes effect between runs; bad choices are refused before anything runs."""
+"""The Benchmark tab (ui/lab/benchmark_tab.py, ui/benchmark.py): backend/tools/bench.py's harness from the app,
+streamed run by run, with the CLI's table rows; Stop takes effect between runs; bad choices are refused before
+anything runs."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _runs(updates: list) -> list:
 
 def test_benchmark_runs_every_system_and_reports_ratios(lab):
     before = lab.session.spec
-    updates = list(lab.benchmark(**ARGS))
+    updates = list(lab.benchmark_tab.benchmark(**ARGS))
     assert "closed the lab's engine" in updates[0][4]
     assert "loaded again after the benchmark" in updates[-1][4]  # the lab's engine is back, as it was
     assert lab.session.current() is not None and lab.session.spec == before
@@ -59,7 +60,7 @@ def test_benchmark_runs_every_system_and_reports_ratios(lab):
 
 
 def test_stop_takes_effect_between_runs(lab):
-    updates = lab.benchmark(**dict(ARGS, workloads=["throughput"], repeat=3))
+    updates = lab.benchmark_tab.benchmark(**dict(ARGS, workloads=["throughput"], repeat=3))
     for status, *_ in updates:
         if "1/12 runs" in str(status):
             assert "Nothing" not in lab.stop()
@@ -79,7 +80,7 @@ def test_stop_takes_effect_between_runs(lab):
 )
 def test_bad_choices_are_refused_before_anything_runs(lab, change, message):
     before = lab.session.current()
-    updates = list(lab.benchmark(**dict(ARGS, **change)))
+    updates = list(lab.benchmark_tab.benchmark(**dict(ARGS, **change)))
     assert len(updates) == 1 and message in updates[0][0]  # the refusal, in the status line
     assert all(u == gr.skip() for u in updates[0][1:])  # the other outputs keep what they show
     assert lab.session.current() is before  # the loaded engine was left alone

@@ -13,7 +13,7 @@ import pytest
 from tests.ui.conftest import LOAD_ARGS
 from ui import defaults
 from ui.callbacks import Lab
-from ui.common import quantization_value
+from ui.common import Panel, quantization_value
 from ui.errors import to_gr_error
 from ui.session import LoadSpec, Session
 
@@ -80,19 +80,19 @@ def test_builtin_models_in_the_picker(ui_cache):
 def test_estimate_shows_what_the_engine_gets(lab):
     """The estimate for the panel's settings names the context and cache the loaded engine really has."""
     engine = lab.session.current()
-    est = lab.estimate(LOAD_ARGS["choice"], "float32", "as in checkpoint", LOAD_ARGS["kv_mb"], 0, 16)
+    est = lab.picker.estimate(LOAD_ARGS["choice"], "float32", "as in checkpoint", LOAD_ARGS["kv_mb"], 0, 16)
     kv = engine.describe()["kv_cache"]
     assert f"{kv['num_blocks']:,} blocks of {kv['block_size']} tokens" in est
     assert f"context {engine.max_model_len:,} tokens" in est
-    assert "int4" in lab.estimate(LOAD_ARGS["choice"], "float32", "int4:g32", 4, 0, 16)
+    assert "int4" in lab.picker.estimate(LOAD_ARGS["choice"], "float32", "int4:g32", 4, 0, 16)
 
 
 def test_picker_offline(lab):
     assert lab.offline()  # the tests run with HF_HUB_OFFLINE=1
-    assert "Offline" in lab.picker_note()
-    assert lab.model_choices()[0] == (defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)
-    assert lab.search("llama") == []  # a warning, not an error
-    est = lab.estimate(defaults.RANDOM_CHOICE, "auto", "int8", 4, 0, 4)
+    assert "Offline" in lab.picker.picker_note()
+    assert lab.picker.model_choices()[0] == (defaults.DEFAULT_LABEL, defaults.DEFAULT_CHOICE)
+    assert lab.picker.search("llama") == []  # a warning, not an error
+    est = lab.picker.estimate(defaults.RANDOM_CHOICE, "auto", "int8", 4, 0, 4)
     assert "Memory estimate" in est and "int8" in est
 
 
@@ -103,17 +103,17 @@ def test_quantization_labels():
 
 def test_load_reports_and_reuses(lab):
     engine = lab.session.current()
-    status, desc, kv = lab.load(**LOAD_ARGS)
+    status, desc, kv = lab.loader.load(**LOAD_ARGS)
     assert "random weights" in status and "reused" in status and "auto resolved to" in status
     assert lab.session.current() is engine  # nothing changed: same engine
     assert "| **implementation** |" in desc and isinstance(kv, go.Figure)
-    status, _, _ = lab.load(**dict(LOAD_ARGS, impl="transformers"))
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, impl="transformers"))
     assert lab.session.current() is not engine and engine._closed  # settings changed: old engine closed
     assert "**transformers**" in status and "loaded in" in status
 
 
 def test_generate_streams_and_frees_blocks(lab):
-    updates = list(lab.generate(**dict(GEN, max_new=48)))
+    updates = list(lab.generate_tab.generate(**dict(GEN, max_new=48)))
     first, rows, status, thr, ttft, batch, mem, summary_rows, kv = updates[-1]
     assert len(rows) == 3 and all(r[1] == "length" and r[2] == 48 for r in rows)
     assert first == rows[0][5] and "done" in status and "KV blocks in use now: 0/" in status
@@ -124,16 +124,16 @@ def test_generate_streams_and_frees_blocks(lab):
 
 
 def test_generate_one_prompt_per_line_and_greedy_copies_agree(lab):
-    *_, last = lab.generate(**dict(GEN, prompt="Hello world\n\nThe quick brown fox", mode="lines"))
+    *_, last = lab.generate_tab.generate(**dict(GEN, prompt="Hello world\n\nThe quick brown fox", mode="lines"))
     rows = last[1]
     assert [r[4] for r in rows] == ["Hello world", "The quick brown fox"]
-    *_, last = lab.generate(**GEN)
+    *_, last = lab.generate_tab.generate(**GEN)
     texts = [r[5] for r in last[1]]
     assert texts[0] == texts[1] == texts[2]  # greedy copies: same text
 
 
 def test_stop_aborts_and_frees_kv_blocks(lab):
-    gen = lab.generate(**dict(GEN, max_new=400, copies=4, temperature=0.8))
+    gen = lab.generate_tab.generate(**dict(GEN, max_new=400, copies=4, temperature=0.8))
     next(gen)  # running
     stopper = threading.Timer(0.3, lab.stop)
     stopper.start()
@@ -147,13 +147,13 @@ def test_stop_aborts_and_frees_kv_blocks(lab):
 
 
 def test_compare_two_implementations(lab):
-    updates = list(lab.compare(**COMPARE))
+    updates = list(lab.compare_tab.compare(**COMPARE))
     status, thr, ttft, mem, batch, table, agree, _ = updates[-1]
     assert "agree token for token" in status
     assert list(table.columns)[0] == "metric" and len(table.columns) == 3
     assert {t.name.split(":")[0] for t in thr.data} == {"A", "B"}
     assert [row[2] for row in agree] == ["identical (10 tokens)"] * 2
-    *_, last = lab.compare(**dict(COMPARE, b_impl="auto"))
+    *_, last = lab.compare_tab.compare(**dict(COMPARE, b_impl="auto"))
     assert "same settings" in last[0]
 
 
@@ -163,29 +163,29 @@ def test_another_users_run_keeps_the_shared_engine(lab):
     engine = lab.session.current()
     other = lab.runs.start("someone-else")
     try:
-        status, _, _ = lab.load(**dict(LOAD_ARGS, max_batch=8))
+        status, _, _ = lab.loader.load(**dict(LOAD_ARGS, max_batch=8))
         assert "Engine busy" in status and "1 run(s) of other users" in status
-        *_, last = lab.compare(**dict(COMPARE, prompt="Hello", max_new=4))
+        *_, last = lab.compare_tab.compare(**dict(COMPARE, prompt="Hello", max_new=4))
         assert "Engine busy" in last[0]
-        *_, last = lab.benchmark(**BENCH)
+        *_, last = lab.benchmark_tab.benchmark(**BENCH)
         assert "Engine busy" in last[0]
         assert lab.session.current() is engine  # untouched
-        lab.load(**LOAD_ARGS)  # the same settings: the loaded engine is reused, nobody's run is disturbed
+        lab.loader.load(**LOAD_ARGS)  # the same settings: the loaded engine is reused, nobody's run is disturbed
         assert lab.session.current() is engine
     finally:
         lab.runs.finish("someone-else", other)
-    lab.load(**dict(LOAD_ARGS, max_batch=8))  # nobody else running: replaced
+    lab.loader.load(**dict(LOAD_ARGS, max_batch=8))  # nobody else running: replaced
     assert lab.session.current() is not engine
 
 
 def test_errors_go_to_the_status_line_and_the_app_keeps_working(lab, tmp_path):
-    *_, last = lab.generate(**dict(GEN, prompt="   "))
+    *_, last = lab.generate_tab.generate(**dict(GEN, prompt="   "))
     assert "prompt" in last[2] and "No prompt" in last[2]
-    status, _, _ = lab.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
     assert "Load failed" in status and "ModelNotFoundError" in status
-    status, _, _ = lab.load(**dict(LOAD_ARGS, kv_mb=0.001))  # a KV budget too small for one block
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.001))  # a KV budget too small for one block
     assert "KVCacheError" in status
-    *_, last = lab.generate(**GEN)
+    *_, last = lab.generate_tab.generate(**GEN)
     assert "done" in last[2]
 
 
@@ -221,7 +221,7 @@ def test_session_closes_old_engine_only_when_settings_change():
 
 
 def test_inspect_without_engine(ui_cache):
-    md, fig = Lab().inspect()
+    md, fig = Lab().inside_tab.inspect()
     assert md == "_No engine loaded._" and isinstance(fig, go.Figure)
 
 
@@ -244,12 +244,12 @@ def test_search_online_and_pick_a_result(ui_cache, monkeypatch):
         ]
     )
     monkeypatch.setattr(hub, "search_models", lambda query, limit=20: found)
-    rows = lab.search("small")
+    rows = lab.picker.search("small")
     assert rows == [["org/small", "135M", "270.0 MiB", "1,234", "5", "", "transformers"]]
-    assert lab.search_table("small").visible is True
+    assert lab.picker.search_table("small").visible is True
     evt = gr.SelectData(None, {"index": [0, 0], "value": "org/small", "row_value": rows[0]})
-    assert lab.pick_search_result(evt) == "org/small"
-    assert any(value == hub.SUGGESTED_MODELS[0] for _, value in lab.model_choices())  # online: suggestions shown
+    assert lab.picker.pick_search_result(evt) == "org/small"
+    assert any(value == hub.SUGGESTED_MODELS[0] for _, value in lab.picker.model_choices())  # online: suggestions shown
 
 
 def test_progress_adapter_reports_bytes_then_weight_loading():
@@ -269,43 +269,44 @@ def test_progress_adapter_reports_bytes_then_weight_loading():
 
 def test_bug1_a_failed_load_keeps_the_loaded_engine(lab, tmp_path):
     engine = lab.session.current()
-    status, _, _ = lab.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing"), impl="transformers"))
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing"), impl="transformers"))
     assert lab.session.current() is engine and not engine.closed  # refused before the old engine was closed
     assert "Load failed" in status and "still loaded, unchanged" in status
-    status, _, _ = lab.load(**dict(LOAD_ARGS, kv_mb=0.001))  # fails only while building: the old settings again
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.001))  # fails only while building: the old settings again
     assert "KVCacheError" in status and "it was loaded again" in status
-    assert lab.session.spec == lab.spec(**LOAD_ARGS) and lab.session.restored == lab.spec(**LOAD_ARGS)
-    *_, last = lab.generate(**GEN)
+    spec = lab.loader.spec(Panel(**LOAD_ARGS))
+    assert lab.session.spec == spec and lab.session.restored == spec
+    *_, last = lab.generate_tab.generate(**GEN)
     assert "done" in last[2]
 
 
 def test_bug2_the_panel_shows_the_loaded_engine(lab):
-    lab.load(**dict(LOAD_ARGS, impl="transformers", max_batch=8, kv_mb=2))
+    lab.loader.load(**dict(LOAD_ARGS, impl="transformers", max_batch=8, kv_mb=2))
     spec = lab.session.spec
     # a page reload: the panel's defaults come in, the loaded engine's settings go out
-    out = lab.startup(**dict(LOAD_ARGS, impl="auto"))
+    out = lab.page.startup(**dict(LOAD_ARGS, impl="auto"))
     assert out[1].value == defaults.RANDOM_CHOICE
     assert out[5:15] == ("transformers", "as in checkpoint", "float32", "cpu", 2, 16, 8, 0, False, 2048)
     assert lab.session.spec == spec
-    list(lab.compare(**COMPARE))  # A then B, then the lab's engine again
+    list(lab.compare_tab.compare(**COMPARE))  # A then B, then the lab's engine again
     assert lab.session.spec == spec
-    *_, last = lab.benchmark(**BENCH)
+    *_, last = lab.benchmark_tab.benchmark(**BENCH)
     assert lab.session.spec == spec and lab.session.current() is not None and "loaded again" in last[4]
 
 
 def test_bug3_stop_after_a_run_keeps_its_result(lab):
-    *_, last = lab.generate(**GEN)
+    *_, last = lab.generate_tab.generate(**GEN)
     assert "done" in last[2]
     assert not isinstance(lab.stop(), str)  # gr.skip(): the finished result stays in the status line
 
 
 def test_bug4_caps_are_refused_or_shown(lab):
     for bad in (0, -5):
-        *_, last = lab.generate(**dict(GEN, max_new=bad))
+        *_, last = lab.generate_tab.generate(**dict(GEN, max_new=bad))
         assert "max new tokens must be a whole number of at least 1" in last[2]
-    status, _, _ = lab.load(**dict(LOAD_ARGS, kv_mb=0.125))  # 16 blocks: 256 tokens of context
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.125))  # 16 blocks: 256 tokens of context
     assert "cut from the model's 512 by the KV cache budget" in status
-    *_, last = lab.generate(**dict(GEN, copies=1, max_new=400))
+    *_, last = lab.generate_tab.generate(**dict(GEN, copies=1, max_new=400))
     assert "more than the context leaves" in last[2] and "stopped at the context limit (256 tokens)" in last[2]
     assert last[1][0][1] == "length" and last[1][0][2] < 400
 
@@ -314,7 +315,7 @@ def test_bug5_weights_count_the_same_way_per_implementation(lab):
     from ui.views import weights_text
 
     native = lab.session.current().describe()
-    lab.load(**dict(LOAD_ARGS, impl="transformers"))
+    lab.loader.load(**dict(LOAD_ARGS, impl="transformers"))
     hf = lab.session.current().describe()
     assert native["weights_bytes"] != hf["weights_bytes"]  # the RoPE table: native precomputes cos/sin
     assert native["weights_bytes"] - native["rope_table_bytes"] == hf["weights_bytes"] - hf["rope_table_bytes"]
@@ -322,7 +323,7 @@ def test_bug5_weights_count_the_same_way_per_implementation(lab):
 
 
 def test_bug6_a_failed_generate_marks_only_its_status(lab):
-    updates = list(lab.generate(**dict(GEN, prompt="")))
+    updates = list(lab.generate_tab.generate(**dict(GEN, prompt="")))
     assert len(updates) == 1
     out = updates[0]
     assert "No prompt" in out[2]
@@ -333,8 +334,8 @@ def test_bug7_expected_errors_log_one_line(lab, tmp_path, caplog):
     import logging
 
     caplog.set_level(logging.INFO)
-    lab.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
-    list(lab.generate(**dict(GEN, prompt="")))
+    lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
+    list(lab.generate_tab.generate(**dict(GEN, prompt="")))
     records = [r for r in caplog.records if r.name == "ui.errors"]
     assert len(records) == 2 and all(r.exc_info is None and "\n" not in r.getMessage() for r in records)
     err = to_gr_error(gr.Error("x"))
@@ -346,10 +347,10 @@ def test_bug7_expected_errors_log_one_line(lab, tmp_path, caplog):
 
 def _run_preset(lab, key):
     kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temp, ignore_eos, gap, chat, status = (
-        lab.preset(key, defaults.RANDOM_CHOICE)
+        lab.presets.preset(key, defaults.RANDOM_CHOICE)
     )
-    lab.load(**dict(LOAD_ARGS, kv_mb=kv_mb, max_batch=max_batch, max_len=max_len), step_tokens=step_tokens)
-    *_, last = lab.generate(
+    lab.loader.load(**dict(LOAD_ARGS, kv_mb=kv_mb, max_batch=max_batch, max_len=max_len), step_tokens=step_tokens)
+    *_, last = lab.generate_tab.generate(
         **dict(
             GEN,
             prompt=prompt,
@@ -405,8 +406,8 @@ def test_preset_long_prompt_is_prefilled_in_chunks(lab):
 
 @pytest.mark.parametrize("impl", ["native", "transformers"])
 def test_trace_one_step_shows_what_our_attention_received(lab, impl):
-    lab.load(**dict(LOAD_ARGS, impl=impl))
-    (summary, rows, tree) = next(lab.trace("The capital of France is"))
+    lab.loader.load(**dict(LOAD_ARGS, impl=impl))
+    (summary, rows, tree) = next(lab.inside_tab.trace("The capital of France is"))
     assert "1 prefill" in summary and "1 decode" in summary
     layers = lab.session.current().describe()["layers"]
     assert [r[0] for r in rows] == list(range(layers))

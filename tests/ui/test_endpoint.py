@@ -41,7 +41,7 @@ def _fig_text(fig: go.Figure) -> str:
 
 def test_generate_streams_from_the_endpoint(served):
     lab = Lab(update_s=0.05)  # no engine of ours needed
-    updates = list(lab.generate(**GEN, endpoint_url=served, endpoint_key="sk-test"))
+    updates = list(lab.generate_tab.generate(**GEN, endpoint_url=served, endpoint_key="sk-test"))
     text, rows, status, thr, ttft, batch, mem, summary, kv = updates[-1]
     assert "**done**" in status and "3 request(s)" in status and "36 tokens" in status and "failed" not in status
     assert text and [r[2] for r in rows] == [12, 12, 12]  # token counts from the stream
@@ -55,7 +55,7 @@ def test_generate_streams_from_the_endpoint(served):
 
 def test_compare_our_engine_with_the_endpoint(lab, served):
     args = dict(COMPARE, a_impl="native", b_endpoint=served, b_api_key="sk-test")
-    status, thr, ttft, mem, batch, table, agree, load_status = _last(lab.compare(**args))
+    status, thr, ttft, mem, batch, table, agree, load_status = _last(lab.compare_tab.compare(**args))
     assert "agree token for token" in status, (status, agree)
     assert [r[2] for r in agree] == ["identical (10 tokens)"] * 2
     assert "B: endpoint tiny" in list(table.columns)
@@ -66,18 +66,18 @@ def test_compare_our_engine_with_the_endpoint(lab, served):
 
 def test_a_url_that_does_not_answer_is_a_clear_status(lab):
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    update = _last(lab.generate(**GEN, endpoint_url=dead))
+    update = _last(lab.generate_tab.generate(**GEN, endpoint_url=dead))
     assert "does not answer" in update[2] and "Traceback" not in update[2] and update[2].startswith("**EndpointError")
-    update = _last(lab.compare(**dict(COMPARE, b_endpoint=dead)))
+    update = _last(lab.compare_tab.compare(**dict(COMPARE, b_endpoint=dead)))
     assert "does not answer" in update[0] and update[-1] is not None
     assert lab.session.current() is not None  # the lab's engine untouched
 
 
 def test_wrong_key_and_hosted_refusal(served):
-    update = _last(Lab().generate(**GEN, endpoint_url=served, endpoint_key="wrong"))
+    update = _last(Lab().generate_tab.generate(**GEN, endpoint_url=served, endpoint_key="wrong"))
     assert "HTTP 401" in update[2]
     hosted = Lab(policy=HostPolicy.hosted_defaults())
-    update = _last(hosted.generate(**GEN, endpoint_url=served, endpoint_key="sk-test"))
+    update = _last(hosted.generate_tab.generate(**GEN, endpoint_url=served, endpoint_key="sk-test"))
     assert "host only" in update[2] and update[2].startswith("**HostingError")
 
 

@@ -1,0 +1,139 @@
+"""The Compare tab: the same greedy workload with settings A then B (one engine at a time), or A against an
+OpenAI-compatible endpoint; the curves overlaid, then the lab's engine loaded again. Views: ui/compare.py."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import gradio as gr
+
+from backend.hosting import check_request
+from ui import compare
+from ui import endpoint as remote
+from ui.common import Panel, progress_adapter, session_key
+from ui.errors import status_errors
+from ui.lab import follow
+from ui.lab.loading import Loader
+from ui.lab.run_inputs import max_new_value, prompts_from
+from ui.lab.state import LabState
+from ui.session import RunHandle
+from ui.workload import Workload
+
+
+class CompareTab:
+    """What the Compare button calls."""
+
+    def __init__(self, state: LabState, loader: Loader) -> None:
+        self.state = state
+        self.loader = loader
+
+    @status_errors("comparing", outputs=8, status=0)
+    def compare(
+        self,
+        choice,
+        a_impl,
+        a_quant,
+        b_impl,
+        b_quant,
+        dtype,
+        device,
+        kv_mb,
+        block_size,
+        max_batch,
+        max_len,
+        prompt,
+        use_chat_template,
+        mode,
+        copies,
+        max_new,
+        ignore_eos,
+        trust_remote_code=False,
+        step_tokens=None,
+        b_endpoint="",
+        b_api_key="",
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
+        """Run the same greedy workload with settings A then B (one engine at a time); overlay the curves.
+        With `b_endpoint`, B is that OpenAI-compatible endpoint (ui/endpoint.py), sent A's prompt token ids.
+
+        The lab's engine (the left panel's) is loaded again at the end, so the panel still tells the truth.
+        Yields (status, throughput, TTFT, memory, batch, summary table, agreement table, load status)."""
+        from backend import SamplingParams
+
+        state = self.state
+        prompts = prompts_from(prompt, mode, copies)
+        params = SamplingParams(max_new_tokens=max_new_value(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
+        check_request(state.policy, max_new_tokens=params.max_new_tokens)
+        if (b_endpoint or "").strip():  # checked (host policy, it answers) before A loads anything
+            sides_to_run = [
+                ("A", a_impl, a_quant),
+                ("B", "endpoint", remote.connect(b_endpoint, b_api_key, state.policy)),
+            ]
+        else:
+            sides_to_run = compare.settings(a_impl, a_quant, b_impl, b_quant)
+        panel = Panel(choice, a_impl, a_quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code,
+                      step_tokens)  # fmt: skip
+        key = session_key(request)
+        state.refuse_if_others_run(key, "Comparing")
+        with state.visitors.running(key, len(prompts)):  # HostingError over the visitor's parallel cap
+            yield from self._run_compare(key, sides_to_run, prompts, params, bool(use_chat_template), progress, panel)
+
+    def _run_compare(self, key: str, sides_to_run, prompts, params, use_chat_template: bool, progress, panel: Panel):
+        state = self.state
+        previous = state.session.spec
+        previous_holder = state.model_holder
+        restored = False
+        claimed = False
+        sides: dict[str, compare.Side] = {}
+        decode = None
+        skip = gr.skip()
+        wl = endpoint_wl = None
+        try:
+            with state.run(key) as handle:
+                for name, impl, quant in sides_to_run:
+                    if handle.cancel.is_set():
+                        break
+                    if impl == "endpoint":  # `quant` is the RemoteEndpoint; A (our engine) ran first
+                        endpoint_wl = remote.EndpointWorkload(
+                            quant, prompts, [params] * len(prompts), wl._ids, wl.prompt_lens, cancel=handle.cancel
+                        )
+                        label = f"{name}: endpoint {quant.model}"
+                        for update in self._run_side(name, label, f" at {quant.api}", endpoint_wl, handle, sides):
+                            yield (update,) + compare.figures(sides) + (skip, skip, skip)
+                        continue
+                    yield (f"**Loading** {name}: {impl} / {quant}…",) + (skip,) * 7
+                    spec = self.loader.spec(replace(panel, impl=impl, quant=quant))
+                    if state.session.spec != spec:
+                        claimed = state.claim_model(key, spec) or claimed
+                    self.loader.check_new(spec)
+                    engine, _ = state.session.load(spec, progress=progress_adapter(progress))
+                    label = compare.label(name, engine.model_impl, impl, quant)
+                    decode = engine.tokenizer.decode
+                    wl = Workload(engine, prompts, [params] * len(prompts), use_chat_template, handle.cancel, owner=key)
+                    check_request(state.policy, prompt_tokens=max(wl.prompt_lens, default=0))
+                    for update in self._run_side(name, label, "", wl, handle, sides):
+                        yield (update,) + compare.figures(sides) + (skip, skip, skip)
+                table, agree = compare.tables(sides, decode)
+                if endpoint_wl is not None and len(sides) == 2:
+                    agree = remote.text_agreement_rows(sides["A"].results, sides["B"].results, decode)
+                    table = remote.compare_table(table, sides, endpoint_wl)
+                verdict = compare.verdict(sides, agree, handle.cancel.is_set())
+                figures = compare.figures(sides)
+                yield (f"{verdict}  \n_loading the lab's engine again…_",) + figures + (table, agree, skip)
+                load_status = self.loader.restore(previous, "Compare")
+                restored = True
+                back = "  \nthe lab's engine (left panel) is loaded again" if load_status else ""
+                yield (verdict + back,) + figures + (table, agree, load_status or skip)
+        finally:
+            if not restored:  # an error or the page went away: still give the lab its engine back
+                self.loader.restore_quietly(previous, "Compare")
+            if claimed and previous_holder != key:  # the compared model is gone again: so is its slot
+                state.model_slots.release(key)
+
+    def _run_side(self, name: str, label: str, where: str, wl, handle: RunHandle, sides: dict):
+        """Run one side's workload `wl` (our engine's or an endpoint's), filling sides[name]; yields status lines."""
+        with follow.started(wl, handle):
+            for _, results, series in follow.updates(wl, self.state.update_s):
+                sides[name] = compare.Side(label, results, series, wl.wall_s)
+                yield f"**Running** {label}{where}: {sum(r.num_tokens for r in results)} tokens"

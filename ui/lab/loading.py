@@ -1,0 +1,207 @@
+"""Loading: the panel's values -> a LoadSpec after the host's checks (model name, remote code, memory), the Load
+button, loading the lab's engine again after Compare / Benchmark, and the status lines of a loaded engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from backend.hosting import (
+    ModelSettings,
+    RemoteCodeDecision,
+    check_model_fits,
+    check_remote_code,
+    hosted_load_options,
+)
+from ui import defaults, views
+from ui.common import (
+    Panel,
+    describe,
+    kv_gb_value,
+    max_len_value,
+    progress_adapter,
+    quantization_value,
+    session_key,
+    validate_spec,
+)
+from ui.errors import error_status, to_gr_error
+from ui.lab.state import LabState
+from ui.plots import kv_cache_figure
+from ui.session import LoadSpec
+
+SHARED = "already loaded (one engine, shared by this app's users)"
+
+
+@dataclass(frozen=True)
+class HostedModel:
+    """A picker choice after the host's checks: the model name, whether local paths may load, remote code."""
+
+    model: str
+    allow_local_paths: bool
+    remote_code: RemoteCodeDecision
+
+
+def hosted_model(state: LabState, choice: str, trust_remote_code: bool) -> HostedModel:
+    """The host's checks on a model name and on remote code (raises HostingError). The visitor's
+    `trust_remote_code` is only asked for: the decision is the host's."""
+    opts = hosted_load_options(defaults.resolve_choice(choice), state.policy)
+    decision = check_remote_code(opts["model"], bool(trust_remote_code), state.policy)
+    return HostedModel(opts["model"], bool(opts["allow_local_paths"]), decision)
+
+
+def describe_md(engine, info: dict) -> str:
+    return views.describe_markdown(info, defaults.label_for(engine.config.model))
+
+
+class Loader:
+    """What the Load button calls, and the loading that Compare and Benchmark do."""
+
+    def __init__(self, state: LabState) -> None:
+        self.state = state
+
+    def spec(self, panel: Panel) -> LoadSpec:
+        """The panel's values -> what to load, after the host's checks on the name and on remote code (raises
+        HostingError). `state.last_remote_code` says what was decided about remote code."""
+        hosted = hosted_model(self.state, panel.choice, panel.trust_remote_code)
+        self.state.last_remote_code = hosted.remote_code
+        return LoadSpec.make(
+            hosted.model,
+            panel.impl or "auto",
+            quantization_value(panel.quant),
+            panel.dtype or "auto",
+            panel.device or "auto",
+            hosted.remote_code.trust,
+            block_size=int(panel.block_size),
+            kv_cache_memory_gb=kv_gb_value(panel.kv_mb),
+            max_num_seqs=int(panel.max_batch),
+            max_model_len=max_len_value(panel.max_len),
+            max_num_batched_tokens=int(panel.step_tokens) if panel.step_tokens else None,
+            allow_local_paths=None if hosted.allow_local_paths else False,
+            **self.state.policy.engine_options(),
+        )
+
+    def check_fits(self, spec: LoadSpec) -> None:
+        """The host's memory check (a hosted app), before anything downloads: weights + the KV cache of one
+        visitor's parallel sequences at the panel's context (or the host's caps, else 4096 tokens)."""
+        opts = dict(spec.options)
+        p = self.state.policy
+        context = opts.get("max_model_len") or ((p.max_prompt_tokens or 0) + (p.max_new_tokens or 0)) or 4096
+        settings = ModelSettings(
+            dtype=spec.dtype,
+            quantization=spec.quantization,
+            context_len=int(context),
+            num_seqs=min(int(opts.get("max_num_seqs", 1)), p.max_parallel_per_visitor or 1),
+            device=spec.device,
+            revision=opts.get("revision"),
+        )
+        check_model_fits(spec.model, settings, p)
+
+    def check_new(self, spec: LoadSpec) -> None:
+        """Settings that would replace the loaded engine: refused (memory, engine options, a missing folder)
+        before the loaded engine is closed. Nothing to check when `spec` is what is loaded."""
+        if self.state.session.spec != spec:
+            self.check_fits(spec)
+            validate_spec(spec)
+
+    def load(
+        self,
+        choice,
+        impl,
+        quant,
+        dtype,
+        device,
+        kv_mb,
+        block_size,
+        max_batch,
+        max_len,
+        trust_remote_code=False,
+        step_tokens=None,
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
+        """The Load button -> (status markdown, engine description markdown, KV block figure).
+
+        New settings are checked before the loaded engine is closed; when the new engine still fails to build,
+        the previous one is loaded again and the status says so (the error is a warning toast, not a badge)."""
+        state = self.state
+        panel = Panel(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code,
+                      step_tokens)  # fmt: skip
+        progress(0, desc="resolving the model…")
+        try:
+            spec = self.spec(panel)
+            key = session_key(request)
+            claimed = False
+            if state.session.spec != spec:
+                state.refuse_if_others_run(key, "Loading these settings")
+                claimed = state.claim_model(key, spec)
+            try:
+                self.check_new(spec)
+                engine, reused = state.session.load(spec, progress=progress_adapter(progress))
+            except BaseException:
+                if claimed:
+                    state.model_slots.release(key)
+                raise
+            state.loaded_for(key, spec)
+        except Exception as e:
+            err = to_gr_error(e, "loading the model")
+            gr.Warning(err.message, title=err.title or "Load failed")
+            return self._failed_load_views(err)
+        status, desc, kv = self.loaded_views(engine, reused, impl, quant)
+        decision = state.last_remote_code
+        if decision is not None and (decision.needs or trust_remote_code):
+            status += f"\n\n_Remote code: {decision.message}._"
+        return status, desc, kv
+
+    def restore(self, previous: LoadSpec | None, what: str) -> str | None:
+        """Load `previous` again after Compare / Benchmark replaced it: -> the load status, None when none was."""
+        if previous is None:
+            return None
+        engine, reused = self.state.session.load(previous)
+        how = "still loaded" if reused else f"loaded again after {what} ({self.state.session.load_seconds:.1f} s)"
+        return self.engine_views(engine, how=how)[0]
+
+    def restore_quietly(self, previous: LoadSpec | None, what: str) -> None:
+        """restore() after an error or a closed page: still give the lab its engine back; a failure is logged
+        (ui/errors.py), the run's own error or end is what the visitor sees."""
+        try:
+            self.restore(previous, what)
+        except Exception as e:
+            to_gr_error(e, f"loading the lab's engine again after {what}")
+
+    # --- the status lines of a loaded engine --------------------------------------------------
+
+    def engine_views(
+        self, engine, how: str | None = SHARED, impl: str | None = None, reused: bool = True, info: dict | None = None
+    ):
+        """-> (load status markdown, description markdown, KV block figure) of `engine`. `impl`: the panel's
+        implementation choice (default: the loaded spec's); `how`: how it got there (None: reused / loaded in);
+        `info`: its describe(), when the caller has it."""
+        info = info if info is not None else describe(engine)
+        spec = self.state.session.spec
+        label = defaults.label_for(engine.config.model)
+        if impl is None:
+            impl = spec.model_impl if spec else "auto"
+        load_s = self.state.session.load_seconds
+        status = views.load_status_markdown(info, impl, reused, load_s, label is not None, how=how, default_label=label)
+        return status, describe_md(engine, info), kv_cache_figure(engine.kv_cache_view())
+
+    def loaded_views(self, engine, reused: bool, impl: str, quant: str):
+        """engine_views() after a load with the panel's `impl` and `quant`; says when the checkpoint is quantized
+        although the panel asked for none."""
+        info = describe(engine)
+        if quant == "none" and info.get("quantization"):
+            gr.Warning(
+                f"This checkpoint is quantized ({info['quantization']}); it loads as it is "
+                "(dequantizing to full precision is not supported)."
+            )
+        return self.engine_views(engine, how=None, impl=impl, reused=reused, info=info)
+
+    def _failed_load_views(self, err: gr.Error):
+        engine = self.state.session.current()
+        head = f"**Load failed** — {error_status(err)}"
+        if engine is None:
+            return f"{head}\n\n**No engine is loaded.** Fix the settings and press Load.", "", gr.skip()
+        again = " (it was loaded again)" if self.state.session.restored is not None else ""
+        status, desc, kv = self.engine_views(engine, how=f"still loaded, unchanged{again}")
+        return f"{head}\n\n{status}", desc, kv

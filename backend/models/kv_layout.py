@@ -175,13 +175,21 @@ def probe_kv_layout(model: nn.Module, device: torch.device) -> tuple[KVSlot, ...
     probe = KVProbe()
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     ids = torch.arange(PROBE_TOKENS, device=device) % max(vocab, 1)  # (T,)
-    with torch.inference_mode():
-        hf(
-            input_ids=ids[None],
-            position_ids=torch.arange(PROBE_TOKENS, device=device)[None],
-            use_cache=False,
-            **{BATCH_KWARG: probe},
-        )
+    try:
+        with torch.inference_mode():
+            hf(
+                input_ids=ids[None],
+                position_ids=torch.arange(PROBE_TOKENS, device=device)[None],
+                use_cache=False,
+                **{BATCH_KWARG: probe},
+            )
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # the model cannot run as loaded (X-MOD without a default language, ...)
+        raise UnsupportedModelError(
+            f"{arch}: the load-time probe forward of {PROBE_TOKENS} tokens failed in the model's own code "
+            f"({type(e).__name__}: {str(e)[:300]})"
+        ) from e
     if not probe.calls:
         raise UnsupportedModelError(
             f"{arch}: no layer called the attention function during the probe forward; its attention does not go "

@@ -81,6 +81,48 @@ class _Request:
             self.prompt_top_logprobs[scored.start : end] = scored.top_logprobs
 
 
+class RequestStream:
+    """One streaming request (Engine.open_stream): an iterator of its deltas, and its id from the start. Use it in a
+    `with` block: leaving the block, `close()` or `abort()` (from any thread, before its first token too) aborts it
+    unless it finished, and frees its blocks. A request that fails while running raises RequestFailedError after
+    its last delta; so does one the engine stops serving (closed, loop dead)."""
+
+    def __init__(self, engine: "Engine", req: _Request) -> None:
+        self._engine, self._req = engine, req
+        self.request_id: int = req.seq.seq_id
+        self.finished = False  # its final delta was handed out
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> StreamDelta:
+        while not self.finished:
+            try:
+                delta = self._req.listener.get(timeout=LISTENER_POLL_S)
+            except queue.Empty:
+                self._engine._check_loop(self._req)
+                continue
+            self.finished = delta.finished
+            if delta.finished and delta.finish_reason == "error":
+                raise RequestFailedError(f"request {self.request_id} failed: {delta.output.error}", self.request_id)
+            return delta
+        raise StopIteration
+
+    def abort(self) -> None:
+        self._engine.abort(self.request_id)
+
+    def close(self) -> None:
+        """Abort the request unless its final delta was handed out (idempotent)."""
+        if not self.finished:
+            self.abort()
+
+    def __enter__(self) -> "RequestStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def kv_spec_for(loaded: LoadedModel, block_size: int, attention: AttentionBackend) -> KVCacheSpec:
     """The KV cache layout the model reported at load (backend/models/kv_layout.py: native options or the probe)."""
     return kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=attention.pads_head_dims)
@@ -546,6 +588,19 @@ class Engine:
         if self._closed or self._loop is None or not self._loop.is_alive():
             raise RequestFailedError("the engine stopped before this request finished", req.seq.seq_id)
 
+    def open_stream(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        owner: str | None = None,
+    ) -> "RequestStream":
+        """Queue a request now and return its handle: `request_id` at once (another thread may `abort` it before
+        its first token, e.g. a client that hung up while it waited), its deltas by iterating. Raises RequestError
+        for bad input (nothing is queued then)."""
+        self.start_background_loop()
+        return RequestStream(self, self._add(prompt, params, prompt_token_ids, queue.Queue(), owner))
+
     def stream(
         self,
         prompt: str | None = None,
@@ -555,25 +610,8 @@ class Engine:
     ) -> Iterator[StreamDelta]:
         """Yield deltas as tokens are produced. Leaving the loop early aborts the request. A request that
         fails while running raises RequestFailedError after its last delta."""
-        self.start_background_loop()
-        listener: queue.Queue = queue.Queue()
-        req = self._add(prompt, params, prompt_token_ids, listener, owner)
-        rid = req.seq.seq_id
-        finished = False
-        try:
-            while not finished:
-                try:
-                    delta = listener.get(timeout=LISTENER_POLL_S)
-                except queue.Empty:
-                    self._check_loop(req)
-                    continue
-                finished = delta.finished
-                if finished and delta.finish_reason == "error":
-                    raise RequestFailedError(f"request {rid} failed: {delta.output.error}", rid)
-                yield delta
-        finally:
-            if not finished:
-                self.abort(rid)
+        with self.open_stream(prompt, params, prompt_token_ids, owner) as handle:
+            yield from handle
 
     def start_background_loop(self) -> None:
         with self._lock:

@@ -42,6 +42,28 @@ def test_breaking_out_of_a_stream_aborts_and_frees_blocks(engine):
     engine.check_invariants()
 
 
+def test_open_stream_gives_the_id_at_once_and_a_queued_request_aborts_before_its_first_token(tiny_model):
+    """One running slot, held by a long request: the queued one's handle aborts it while it waits (no token, its
+    final delta says abort at once), and the long one keeps running."""
+    path = tiny_model("llama", max_position_embeddings=4096)
+    with Engine(str(path), dtype="float32", max_num_seqs=1, num_kv_blocks=512) as eng:
+        long = eng.open_stream("hold the slot", SamplingParams(max_new_tokens=4000, ignore_eos=True))
+        first = next(iter(long))  # it runs: the only slot is taken
+        queued = eng.open_stream("wait in line", GREEDY)
+        assert queued.request_id != long.request_id == first.request_id
+        assert eng.stats().num_waiting == 1
+        queued.abort()
+        deltas = list(queued)
+        assert [(d.finished, d.finish_reason, d.token_ids) for d in deltas] == [(True, "abort", [])]
+        assert deltas[0].output.token_ids == [] and deltas[0].request_id == queued.request_id
+        stats = eng.stats()
+        assert stats.num_waiting == 0 and stats.num_running == 1 and stats.finished.get("abort") == 1
+        long.close()  # leaving early aborts it too
+        stats = eng.stats()
+        assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.finished.get("abort") == 2
+        eng.check_invariants()
+
+
 def test_abort_by_id_frees_blocks_and_others_keep_going(engine):
     keep = engine.add_request("Hello world", GREEDY)
     drop = engine.add_request("1 2 3", SamplingParams(max_new_tokens=50, ignore_eos=True))

@@ -1,4 +1,4 @@
-"""Run several prompts at once on an engine: one engine.stream() consumer thread per request.
+"""Run several prompts at once on an engine: one engine.open_stream() consumer thread per request.
 
 The engine's background loop batches them (continuous batching); this object only collects what each
 stream yields and the engine's per-step stats, so the UI can poll a snapshot a few times per second.
@@ -82,21 +82,23 @@ class Workload:
                 self.end_time = time.perf_counter()
             return
         try:
-            stream = self.engine.stream(
+            handle = self.engine.open_stream(
                 None if self._ids[i] else res.prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner
             )
-            try:
-                for delta in stream:
+            with self._lock:  # stop() now aborts it, or it sees the flag set before
+                res.request_id = handle.request_id
+                cancelled = self.cancel.is_set()
+            if cancelled:
+                handle.abort()
+            with handle:  # leaving early aborts the request and frees its blocks
+                for delta in handle:
                     out = delta.output
                     with self._lock:
-                        res.request_id = delta.request_id
                         res.text, res.token_ids = out.text, list(out.token_ids)
                         res.finish_reason, res.ttft, res.latency = out.finish_reason, out.ttft, out.latency
                         res.error = out.error
                     if self.cancel.is_set() and not delta.finished:
                         break
-            finally:
-                stream.close()  # leaving early aborts the request and frees its blocks
             if self.cancel.is_set() and res.finish_reason is None:
                 res.finish_reason = "abort"
         except Exception as e:  # a bad request (too long, closed engine...) fails only this row
@@ -107,7 +109,7 @@ class Workload:
                 self.end_time = time.perf_counter()  # the last thread to finish sets it last
 
     def stop(self) -> None:
-        """Cancel: abort every request already known to the engine; the others stop at their first token."""
+        """Cancel: abort every request queued so far (before its first token too); later ones are not queued."""
         self.cancel.set()
         with self._lock:
             ids = [r.request_id for r in self.results if r.request_id is not None and r.finish_reason is None]

@@ -1,10 +1,10 @@
 """The engine's blocking `stream()` iterators, run in worker threads and read from asyncio.
 
 One `ChoiceStreams` holds the engine requests of one API request (its prompts times `n`). Each request's
-`engine.stream(...)` runs in its own thread (the engine's background loop batches them with everything
+`engine.open_stream(...)` is read in its own thread (the engine's background loop batches them with everything
 else in flight); its deltas arrive, time-stamped, on one asyncio queue. `cancel()` (a client that went away)
-aborts every request at once: `engine.abort` on the ids already known, and each thread closes its
-generator (which aborts too) at its next delta.
+aborts every request at once, queued ones before their first token included: each request's id is known as
+soon as it is queued.
 
 Siblings of one prompt (`n` > 1) start after the first one's first delta: its prompt blocks are then in the
 prefix cache and the others take them instead of computing the prompt again.
@@ -59,14 +59,17 @@ class ChoiceStreams:
             pass
 
     def _run(self, spec: ChoiceSpec, siblings: list[ChoiceSpec]) -> None:
-        gen = None
+        handle = None
         try:
             if self._cancel.is_set():
                 return
-            gen = self.engine.stream(None, spec.params, prompt_token_ids=spec.prompt_ids, owner=spec.owner)
-            for delta in gen:
-                with self._lock:
-                    self._request_ids[spec.index] = delta.request_id
+            handle = self.engine.open_stream(None, spec.params, prompt_token_ids=spec.prompt_ids, owner=spec.owner)
+            with self._lock:  # cancel() now aborts it, or it sees the flag set before
+                self._request_ids[spec.index] = handle.request_id
+                cancelled = self._cancel.is_set()
+            if cancelled:
+                handle.abort()
+            for delta in handle:
                 if siblings:
                     self._spawn(siblings)
                     siblings = []
@@ -76,8 +79,8 @@ class ChoiceStreams:
         except BaseException as e:  # reported to the handler, which answers the client
             self._put(ChoiceEvent(spec.index, time.perf_counter(), error=e))
         finally:
-            if gen is not None:
-                gen.close()  # aborts the request if it has not finished
+            if handle is not None:
+                handle.close()  # aborts the request if it has not finished
             if siblings:  # failed before its first delta: the siblings still run (and report)
                 self._spawn(siblings)
             self._put(ChoiceEvent(spec.index, time.perf_counter(), done=True))

@@ -162,18 +162,43 @@ def test_chat_template_flag_is_used(tiny_model, keyed_no_template):
         thread.join(timeout=30)
 
 
+class PoisonedStream:
+    """An engine RequestStream that hands out one delta, then fails as the engine does for a failed request."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.request_id, self.sent = handle, handle.request_id, False
+
+    def __iter__(self) -> "PoisonedStream":
+        return self
+
+    def __next__(self):
+        if self.sent:
+            self.handle.close()
+            raise RequestFailedError("sampling failed: injected fault", self.request_id)
+        self.sent = True
+        return next(self.handle)
+
+    def abort(self) -> None:
+        self.handle.abort()
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> "PoisonedStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def test_an_engine_failure_fails_that_request_alone(live, http, monkeypatch):
-    real_stream = live.engine.stream
+    real_open = live.engine.open_stream
 
-    def stream(prompt=None, params=None, prompt_token_ids=None, owner=None):
-        gen = real_stream(prompt, params, prompt_token_ids, owner=owner)
-        if params.max_new_tokens == 7:  # the poisoned request: one delta, then the engine reports a failure
-            yield next(gen)
-            gen.close()
-            raise RequestFailedError("sampling failed: injected fault", 0)
-        yield from gen
+    def open_stream(prompt=None, params=None, prompt_token_ids=None, owner=None):
+        handle = real_open(prompt, params, prompt_token_ids, owner=owner)
+        return PoisonedStream(handle) if params.max_new_tokens == 7 else handle  # 7: the poisoned request
 
-    monkeypatch.setattr(live.engine, "stream", stream)
+    monkeypatch.setattr(live.engine, "open_stream", open_stream)
     err = assert_error(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 7}), 500, "request_failed")
     assert "injected fault" in err["message"]
     events = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 7, "stream": True}).text

@@ -1,0 +1,74 @@
+"""A client that hangs up while its request still waits in the queue (no token yet) has it aborted at once, not
+when it would have reached its first token: with one running slot taken by a long request, the queued request's
+abort lands while the long one still runs."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from backend import Engine
+from backend.server import build_app
+from tests.server.conftest import start_server, wait_idle
+
+LONG = 3000  # tokens the request holding the only slot asks for: it runs for seconds
+
+
+@pytest.fixture(scope="module")
+def one_slot(tiny_model):
+    """A server whose engine runs one sequence at a time (the next request waits in the queue)."""
+    path = tiny_model("llama", max_position_embeddings=4096)
+    engine = Engine(str(path), dtype="float32", num_kv_blocks=512, max_num_seqs=1)
+    server, thread, url = start_server(build_app(engine, served_model_name="tiny"))
+    yield engine, url
+    server.should_exit = True
+    thread.join(timeout=30)
+    engine.close()
+
+
+def _wait(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _start_long(client: httpx.Client, engine: Engine):
+    """The long request, streaming (its body left unread): the open response, once it holds the slot."""
+    body = {"prompt": "hold the slot", "max_tokens": LONG, "stream": True, "ignore_eos": True}
+    response = client.send(client.build_request("POST", "/v1/completions", json=body), stream=True)
+    assert response.status_code == 200
+    assert _wait(lambda: engine.stats().num_running == 1 and engine.stats().generation_tokens > 0)
+    return response
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_queued_request_of_a_gone_client_is_aborted_before_its_first_token(one_slot, stream):
+    engine, url = one_slot
+    with httpx.Client(base_url=url, timeout=60) as client:
+        aborts = engine.stats().finished.get("abort", 0)
+        long = _start_long(client, engine)
+        try:
+            body = {"prompt": "queued", "max_tokens": 8, "stream": stream}
+            if stream:  # the headers come at once; hang up before any token
+                with client.stream("POST", "/v1/completions", json=body) as queued:
+                    assert queued.status_code == 200
+                    assert _wait(lambda: engine.stats().num_waiting == 1)
+            else:  # the client gives up waiting for the whole answer
+                with pytest.raises(httpx.ReadTimeout):
+                    client.post("/v1/completions", json=body, timeout=0.5)
+            assert _wait(lambda: engine.stats().finished.get("abort", 0) == aborts + 1), "the abort never landed"
+            stats = engine.stats()
+            assert stats.num_waiting == 0
+            assert stats.num_running == 1, "the abort waited for the long request to end"
+        finally:
+            long.close()  # hang up on the long one too: aborted, every block freed
+    wait_idle(engine)
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0
+    assert stats.finished.get("abort", 0) == aborts + 2
+    engine.check_invariants()

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
 
         app, _ = make_api_app(args.model, policy, args.served_model_name)
         print(f"Fallback Lab with the OpenAI API: http://{args.host}:{args.port} (API at /v1, metrics at /metrics)")
-        uvicorn.run(app, host=args.host, port=args.port)
+        # proxy_headers off: the policy's --forwarded-allow-ips decides the client address (backend/hosting/proxies.py)
+        uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False)
         return
     app = make_demo(args.model, policy=policy)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS)

@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="off",
+        proxy_headers=False,  # the policy's --forwarded-allow-ips decides (backend/hosting/proxies.py)
     )
     server = _Server(config, engine.close)
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -7,6 +7,7 @@ check_model_fits(name, ModelSettings(...), policy)  # limits.py: before any down
 check_request(policy, prompt_tokens=..., max_new_tokens=..., n=...)
 with visitors.running(visitor_id, n): ...           # visitors.py: parallel sequences per visitor
 app.add_middleware(ApiKeyMiddleware, policy=policy) # api_key.py (+ BodySizeLimitMiddleware)
+app.add_middleware(ForwardedClientMiddleware, trusted=policy.forwarded_allow_ips)  # proxies.py: the client address
 refuse_zerogpu()                                    # zerogpu.py: at start-up
 """
 
@@ -15,6 +16,7 @@ from backend.hosting.errors import HostingError
 from backend.hosting.limits import ModelSettings, check_benchmark, check_model_fits, check_request, clamp_request
 from backend.hosting.paths import check_model_name, hosted_load_options, is_hub_id
 from backend.hosting.policy import HostPolicy, add_hosting_flags, is_loopback
+from backend.hosting.proxies import ForwardedClientMiddleware
 from backend.hosting.remote_code import RemoteCodeDecision, check_remote_code
 from backend.hosting.visitors import ModelSlots, VisitorLimiter
 from backend.hosting.zerogpu import on_zerogpu, refuse_zerogpu
@@ -22,6 +24,7 @@ from backend.hosting.zerogpu import on_zerogpu, refuse_zerogpu
 __all__ = [
     "ApiKeyMiddleware",
     "BodySizeLimitMiddleware",
+    "ForwardedClientMiddleware",
     "HostPolicy",
     "HostingError",
     "ModelSettings",

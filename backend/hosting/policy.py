@@ -26,6 +26,8 @@ nothing is capped and any local folder loads. Remote code is off in both unless 
     --api-key KEY                 FLAB_API_KEY                 none                 none
     --public-health/--no-...      FLAB_HEALTH_PUBLIC           off                  on
     --public-metrics/--no-...     FLAB_METRICS_PUBLIC          off                  on
+    --forwarded-allow-ips A,NET   FLAB_FORWARDED_ALLOW_IPS     127.0.0.1            127.0.0.1
+                                  (or uvicorn's FORWARDED_ALLOW_IPS; see backend/hosting/proxies.py)
 
 A flag wins over its environment variable. A cap of 0 for --max-visitor-models means visitors use the
 host's model only; "none" (or a negative number) for any cap means no cap. On a Space, set secrets (the
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from backend.hosting.errors import HostingError
+from backend.hosting.proxies import DEFAULT_TRUSTED_PROXIES, check_trusted_proxies
 
 TRUE = ("1", "true", "yes", "on", "t", "y")
 FALSE = ("0", "false", "no", "off", "f", "n")
@@ -83,6 +86,7 @@ class HostPolicy:
     api_key: str | None = field(default=None, repr=False)
     health_public: bool = True  # /health without the key
     metrics_public: bool = True  # /metrics without the key
+    forwarded_allow_ips: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES  # proxies whose X-Forwarded-For names the visitor
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,6 +103,7 @@ class HostPolicy:
         for name in ("max_new_tokens", "max_prompt_tokens", "max_parallel_per_visitor", "queue_size", "max_body_bytes"):
             if getattr(self, name) == 0:
                 raise HostingError(f"{name} must be at least 1 (or None: no cap)")
+        object.__setattr__(self, "forwarded_allow_ips", check_trusted_proxies(self.forwarded_allow_ips, self.hosted))
         if self.api_key is not None and not self.api_key.strip():
             object.__setattr__(self, "api_key", None)
 
@@ -171,6 +176,11 @@ class HostPolicy:
             else base.allowed_dirs
         )
         api_key = flag("api_key") or env.get("FLAB_API_KEY") or None
+        proxies_text = flag("forwarded_allow_ips")
+        for env_name in ("FLAB_FORWARDED_ALLOW_IPS", "FORWARDED_ALLOW_IPS"):  # ours first, then uvicorn's
+            if proxies_text is None:
+                proxies_text = env.get(env_name)
+        proxies = tuple(_split_list(proxies_text, ",")) if proxies_text is not None else base.forwarded_allow_ips
         return replace(
             base,
             allow_remote_code=allow_remote,
@@ -187,6 +197,7 @@ class HostPolicy:
             api_key=api_key,
             health_public=boolean("public_health", "FLAB_HEALTH_PUBLIC", base.health_public),
             metrics_public=boolean("public_metrics", "FLAB_METRICS_PUBLIC", base.metrics_public),
+            forwarded_allow_ips=proxies,
         )
 
     def engine_options(self) -> dict:
@@ -217,6 +228,8 @@ class HostPolicy:
             f"API key: {'set' if self.api_key else 'none'}; /health "
             f"{'public' if self.health_public else 'needs the key'}; /metrics "
             f"{'public' if self.metrics_public else 'needs the key'}; body limit {show(self.max_body_bytes)} bytes",
+            "API clients: told apart by address; X-Forwarded-For trusted from "
+            + (", ".join(self.forwarded_allow_ips) or "no proxy"),
         ]
         if self.hosted and not self.api_key:
             lines.append("warning: hosted without an API key: anyone who reaches the port can use the API")
@@ -305,6 +318,12 @@ def add_hosting_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument(
         "--public-metrics", action=argparse.BooleanOptionalAction, default=None,
         help="/metrics without the API key (env FLAB_METRICS_PUBLIC; hosted default off)",
+    )  # fmt: skip
+    g.add_argument(
+        "--forwarded-allow-ips", default=None, metavar="ADDR,NET",
+        help="the proxies in front of the API (addresses or networks, e.g. 10.0.0.0/8): through them the client's "
+        "address is read from X-Forwarded-For (env FLAB_FORWARDED_ALLOW_IPS or FORWARDED_ALLOW_IPS; default "
+        "127.0.0.1; '' trusts none)",
     )  # fmt: skip
     try:
         g.add_argument(

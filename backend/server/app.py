@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from backend.hosting import ApiKeyMiddleware, BodySizeLimitMiddleware, HostPolicy
+from backend.hosting import ApiKeyMiddleware, BodySizeLimitMiddleware, ForwardedClientMiddleware, HostPolicy
 from backend.hosting.api_key import OPENAI_PREFIXES
 from backend.server.chat import create_chat_completion
 from backend.server.completions import create_completion
@@ -159,11 +159,13 @@ def build_app(
 
 
 def hosting_middlewares(app, policy: HostPolicy, prefixes: tuple[str, ...] | None = None) -> None:
-    """The policy's body size limit, then its API key outermost (a request without the key is refused before its
-    body is read). `prefixes`: the paths the key guards (None: every path; app.py --api passes OPENAI_PREFIXES so
-    the Gradio UI stays open)."""
+    """The policy's body size limit, then its API key (a request without the key is refused before its body is
+    read), then, outermost, the client's address through the host's trusted proxies (the visitor's address; run
+    uvicorn with proxy_headers=False so this is the one rule). `prefixes`: the paths the key guards (None: every
+    path; app.py --api passes OPENAI_PREFIXES so the Gradio UI stays open)."""
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=policy.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, policy=policy, prefixes=prefixes)
+    app.add_middleware(ForwardedClientMiddleware, trusted=policy.forwarded_allow_ips)
 
 
 __all__ = ["OPENAI_PREFIXES", "add_openai_routes", "build_app", "hosting_middlewares"]

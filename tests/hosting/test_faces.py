@@ -50,23 +50,20 @@ def gen_args(prompt="Once upon a time", copies=1, max_new=4, chat=False):
 
 
 class StreamSpy:
-    """Wraps engine.stream (the one path both faces use): records each request's owner, the engine step before it
-    was added, and the step whose delta carried its first token (StreamDelta.stats.step)."""
+    """Wraps engine.open_stream (the one path both faces use): records each request's owner, the engine step before
+    it was added, and the step whose delta carried its first token (StreamDelta.stats.step)."""
 
     def __init__(self, engine) -> None:
-        self.engine, self.real = engine, engine.stream
+        self.engine, self.real = engine, engine.open_stream
         self.lock = threading.Lock()
         self.records: list[dict] = []
-        engine.stream = self
+        engine.open_stream = self
 
     def __call__(self, prompt=None, params=None, prompt_token_ids=None, owner=None):
         rec = dict(owner=owner, added=self.engine.stats().num_steps, first=None, t0=time.perf_counter(), ttft=None)
         with self.lock:
             self.records.append(rec)
-        for delta in self.real(prompt, params, prompt_token_ids=prompt_token_ids, owner=owner):
-            if rec["first"] is None and delta.token_ids and delta.stats is not None:
-                rec["first"], rec["ttft"] = delta.stats.step, time.perf_counter() - rec["t0"]
-            yield delta
+        return SpiedStream(self.real(prompt, params, prompt_token_ids=prompt_token_ids, owner=owner), rec)
 
     def steps(self, rec: dict) -> int:
         return rec["first"] - rec["added"]
@@ -76,7 +73,32 @@ class StreamSpy:
             return [r for r in self.records if r["owner"] == owner]
 
     def restore(self) -> None:
-        self.engine.stream = self.real
+        self.engine.open_stream = self.real
+
+
+class SpiedStream:
+    """An engine RequestStream that notes the step of its first token in `rec`."""
+
+    def __init__(self, handle, rec: dict) -> None:
+        self.handle, self.rec = handle, rec
+
+    def __getattr__(self, name: str):
+        return getattr(self.handle, name)
+
+    def __iter__(self) -> "SpiedStream":
+        return self
+
+    def __next__(self):
+        delta = next(self.handle)
+        if self.rec["first"] is None and delta.token_ids and delta.stats is not None:
+            self.rec["first"], self.rec["ttft"] = delta.stats.step, time.perf_counter() - self.rec["t0"]
+        return delta
+
+    def __enter__(self) -> "SpiedStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
 
 
 def start_app(asgi) -> tuple:
@@ -86,7 +108,13 @@ def start_app(asgi) -> tuple:
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2
+            asgi,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+            proxy_headers=False,  # like app.py --api: the policy's trusted proxies decide the client address
         )
     )
     thread = threading.Thread(target=server.run, name="uvicorn-faces", daemon=True)

@@ -45,7 +45,9 @@ class LiveServer:
 
 def start_server(app, port: int | None = None) -> tuple[uvicorn.Server, threading.Thread, str]:
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", proxy_headers=False
+    )  # like the launchers: the policy's trusted proxies decide the client address
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

@@ -8,12 +8,15 @@ table and the bar chart update as each run finishes and Stop takes effect betwee
 
 from __future__ import annotations
 
+import hashlib
 import queue
+import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -37,6 +40,46 @@ TABLE_HEADERS = bench.TABLE_HEADERS
 MAX_REQUESTS = 64
 MAX_REPEAT = 5
 _DONE = object()
+
+
+@dataclass
+class ReportFiles:
+    """Where the JSON downloads go: one folder for the process (made on first use in the system's temp directory,
+    a place Gradio may serve files from; removed when the process exits), one file per browser session (its next
+    run replaces it), the files of the `keep` most recent sessions (an older session's folder is removed).
+
+    Gradio copies a file it offers for download into its own cache (GRADIO_TEMP_DIR) when the update is sent, so
+    replacing or removing ours afterwards leaves a download already offered intact."""
+
+    keep: int = 16
+    _folder: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
+    _recent: OrderedDict[str, None] = field(default_factory=OrderedDict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def root(self) -> Path:
+        with self._lock:
+            if self._folder is None:
+                self._folder = tempfile.TemporaryDirectory(prefix="flab-bench-")
+            return Path(self._folder.name)
+
+    def path_for(self, session: str) -> Path:
+        """The file for browser session `session`'s report; the oldest session's folder goes beyond `keep`."""
+        root = self.root
+        name = hashlib.sha256(session.encode()).hexdigest()[:16]  # a session hash, safe as a folder name
+        with self._lock:
+            self._recent.pop(name, None)
+            self._recent[name] = None
+            while len(self._recent) > max(1, self.keep):
+                old, _ = self._recent.popitem(last=False)
+                shutil.rmtree(root / old, ignore_errors=True)
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        return folder / "benchmark.json"
+
+    def files(self) -> list[Path]:
+        """Every report kept now."""
+        return sorted(self.root.glob("*/*.json"))
 
 
 def bars(results: list[bench.Result], rows: list[list[str]]) -> list[tuple[str, str, float, str]]:
@@ -85,11 +128,13 @@ def run(
     systems: list[str],
     opts: bench.BenchOptions,
     cancel: threading.Event,
+    report_path: Path,
     update_s: float = 1.0,
     note: str = "",
 ) -> Iterator[tuple]:
     """Yield (status markdown, bar figure, results table, JSON file) while the runs go on: a status line every
-    `update_s`, the figure and table after each finished run, the JSON of every number at the end.
+    `update_s`, the figure and table after each finished run, the JSON of every number at the end, written to
+    `report_path` (the app's: ReportFiles.path_for(session)).
     `cancel` stops between runs."""
     schedule = [(wl.name, s) for wl in setup.workloads for _ in range(opts.repeat) for s in systems]
     out: queue.Queue = queue.Queue()
@@ -123,9 +168,7 @@ def run(
             yield (f"**{len(runs)}/{len(schedule)} runs** done",) + _views(bench.medians(runs), setup) + (gr.skip(),)
         results = bench.medians(runs)
         options = dict(asdict(opts), systems=systems, workloads=[wl.name for wl in setup.workloads], model=setup.label)
-        report = bench.write_json(
-            Path(tempfile.mkdtemp(prefix="flab-bench-")) / "benchmark.json", setup, results, options
-        )
+        report = bench.write_json(report_path, setup, results, options)
         failed = [f"{r.system} on {r.workload}: {r.error}" for r in results if r.error]
         verdict = "**stopped**" if cancel.is_set() and len(runs) < len(schedule) else "**done**"
         lines = [

@@ -1,18 +1,20 @@
 """The Benchmark tab (ui/lab/benchmark_tab.py, ui/benchmark.py): backend/tools/bench.py's harness from the app,
 streamed run by run, with the CLI's table rows; Stop takes effect between runs; bad choices are refused before
-anything runs."""
+anything runs; the JSON downloads stay one per browser session, in one folder."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 
 from backend.tools import bench
 from ui import defaults
-from ui.benchmark import TABLE_HEADERS
+from ui.benchmark import TABLE_HEADERS, ReportFiles
 from ui.plots import bench_figure
 
 ARGS = dict(
@@ -84,6 +86,30 @@ def test_bad_choices_are_refused_before_anything_runs(lab, change, message):
     assert len(updates) == 1 and message in updates[0][0]  # the refusal, in the status line
     assert all(u == gr.skip() for u in updates[0][1:])  # the other outputs keep what they show
     assert lab.session.current() is before  # the loaded engine was left alone
+
+
+def test_reports_do_not_accumulate(lab):
+    """Two runs of one browser session write one file (the second replaces the first), in the Lab's one folder
+    under the system's temp directory (a place Gradio serves files from); another session gets its own."""
+    small = dict(ARGS, workloads=["latency"], systems=["flab-native"], num_requests=1)
+    reports = lab.benchmark_tab.reports
+    first = _runs(list(lab.benchmark_tab.benchmark(**small)))[-1][3]
+    Path(first).write_text("the first run's file")
+    second = _runs(list(lab.benchmark_tab.benchmark(**small)))[-1][3]
+    assert first == second and reports.files() == [Path(second)]
+    assert json.loads(Path(second).read_text())["results"]  # replaced by the second run's numbers
+    assert Path(second).is_relative_to(tempfile.gettempdir()) and Path(second).is_relative_to(reports.root)
+    other = _runs(list(lab.benchmark_tab.benchmark(**small, request=SimpleNamespace(session_hash="other"))))[-1][3]
+    assert other != second and reports.files() == sorted([Path(second), Path(other)])
+
+
+def test_reports_keep_the_most_recent_sessions():
+    reports = ReportFiles(keep=3)
+    for i in range(10):
+        reports.path_for(f"session-{i}").write_text(str(i))
+    assert reports.path_for("session-9") == reports.path_for("session-9")  # one path per session
+    assert sorted(p.read_text() for p in reports.files()) == ["7", "8", "9"]  # the oldest sessions' files went
+    assert len(list(reports.root.iterdir())) == 3
 
 
 def test_bench_figure_empty_and_with_bars():

@@ -129,5 +129,9 @@ def test_benchmark_in_the_browser(page):
     expect(bars.first).to_be_attached()
     assert bars.count() == 4  # one trace per system
     expect(page.get_by_text("hf-generate_batch", exact=True).first).to_be_attached()  # a table row
+    link = page.locator('a[href$="/benchmark.json"]').first  # the download: Gradio serves its copy in its cache
+    expect(link).to_be_attached()
+    download = page.request.get(link.get_attribute("href"))
+    assert download.ok and len(download.json()["results"]) == 8
     page.wait_for_timeout(500)
     page.screenshot(path=str(DOCS / "screenshot_benchmark.png"), full_page=True)

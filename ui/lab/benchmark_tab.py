@@ -19,11 +19,12 @@ CLOSED = (
 
 
 class BenchmarkTab:
-    """What the Benchmark button calls."""
+    """What the Benchmark button calls. `reports`: the JSON downloads, one folder for the process."""
 
-    def __init__(self, state: LabState, loader: Loader) -> None:
+    def __init__(self, state: LabState, loader: Loader, reports: benchmark.ReportFiles | None = None) -> None:
         self.state = state
         self.loader = loader
+        self.reports = reports or benchmark.ReportFiles()
 
     @status_errors("benchmarking", outputs=5, status=0)
     def benchmark(
@@ -73,8 +74,9 @@ class BenchmarkTab:
                     if opts.quantization
                     else ""
                 )
+                report = self.reports.path_for(key)
                 update_s = max(state.update_s, 1.0)
-                for update in benchmark.run(setup, list(systems), opts, handle.cancel, update_s, note):
+                for update in benchmark.run(setup, list(systems), opts, handle.cancel, report, update_s, note):
                     yield update + (gr.skip(),)
                 load_status = self.loader.restore(previous, "the benchmark")
                 restored = True

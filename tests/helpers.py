@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,3 +40,14 @@ def hf_logits(path, token_ids: list[int]) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([token_ids])).logits[0]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll `condition` every 10 ms until it holds (True) or `timeout` seconds pass (False): for states another
+    thread reaches (an engine step, a server's abort); the test then asserts on the state, never on the time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False

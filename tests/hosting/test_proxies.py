@@ -5,7 +5,6 @@ a warning says which flag fixes it); a client cannot pick its own address by wri
 from __future__ import annotations
 
 import logging
-import time
 
 import httpx
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from backend import Engine
 from backend.hosting import HostingError, HostPolicy
 from backend.server import build_app
+from tests.helpers import wait_until
 from tests.server.conftest import start_server, wait_idle
 
 CAP = 2  # sequences a visitor runs at once
@@ -30,15 +30,6 @@ def serve(engine, trusted: tuple[str, ...]):
     return start_server(build_app(engine, served_model_name="tiny", policy=policy))
 
 
-def _wait(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _status(client: httpx.Client, forwarded_for: str) -> int:
     body = {"prompt": "hi", "max_tokens": 2}
     return client.post("/v1/completions", json=body, headers={"X-Forwarded-For": forwarded_for}).status_code
@@ -50,7 +41,7 @@ def _hold_the_cap(client: httpx.Client, engine: Engine, forwarded_for: str):
     request = client.build_request("POST", "/v1/completions", json=body, headers={"X-Forwarded-For": forwarded_for})
     response = client.send(request, stream=True)
     assert response.status_code == 200
-    assert _wait(lambda: engine.stats().num_running == CAP)
+    assert wait_until(lambda: engine.stats().num_running == CAP)
     return response
 
 

@@ -4,13 +4,12 @@ abort lands while the long one still runs."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
 from backend import Engine
 from backend.server import build_app
+from tests.helpers import wait_until
 from tests.server.conftest import start_server, wait_idle
 
 LONG = 3000  # tokens the request holding the only slot asks for: it runs for seconds
@@ -28,21 +27,12 @@ def one_slot(tiny_model):
     engine.close()
 
 
-def _wait(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _start_long(client: httpx.Client, engine: Engine):
     """The long request, streaming (its body left unread): the open response, once it holds the slot."""
     body = {"prompt": "hold the slot", "max_tokens": LONG, "stream": True, "ignore_eos": True}
     response = client.send(client.build_request("POST", "/v1/completions", json=body), stream=True)
     assert response.status_code == 200
-    assert _wait(lambda: engine.stats().num_running == 1 and engine.stats().generation_tokens > 0)
+    assert wait_until(lambda: engine.stats().num_running == 1 and engine.stats().generation_tokens > 0)
     return response
 
 
@@ -57,11 +47,11 @@ def test_queued_request_of_a_gone_client_is_aborted_before_its_first_token(one_s
             if stream:  # the headers come at once; hang up before any token
                 with client.stream("POST", "/v1/completions", json=body) as queued:
                     assert queued.status_code == 200
-                    assert _wait(lambda: engine.stats().num_waiting == 1)
+                    assert wait_until(lambda: engine.stats().num_waiting == 1)
             else:  # the client gives up waiting for the whole answer
                 with pytest.raises(httpx.ReadTimeout):
                     client.post("/v1/completions", json=body, timeout=0.5)
-            assert _wait(lambda: engine.stats().finished.get("abort", 0) == aborts + 1), "the abort never landed"
+            assert wait_until(lambda: engine.stats().finished.get("abort", 0) == aborts + 1), "the abort never landed"
             stats = engine.stats()
             assert stats.num_waiting == 0
             assert stats.num_running == 1, "the abort waited for the long request to end"

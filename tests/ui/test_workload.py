@@ -3,9 +3,8 @@ queue before they cost a prefill or a token, not when they would have reached th
 
 from __future__ import annotations
 
-import time
-
 from backend import Engine, SamplingParams
+from tests.helpers import wait_until
 from ui.workload import Workload
 
 
@@ -14,11 +13,8 @@ def test_stop_aborts_queued_requests_before_their_first_token(tiny_model):
     with Engine(str(path), dtype="float32", max_num_seqs=1, num_kv_blocks=512) as engine:
         params = SamplingParams(max_new_tokens=4000, ignore_eos=True)
         wl = Workload(engine, ["one prompt", "two prompt", "three prompt"], params, use_chat_template=False).start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # every thread has queued its request, one of them runs
-            if engine.stats().num_waiting == 2 and any(r.token_ids for r in wl.snapshot()[0]):
-                break
-            time.sleep(0.01)
+        # every thread has queued its request, one of them runs
+        wait_until(lambda: engine.stats().num_waiting == 2 and any(r.token_ids for r in wl.snapshot()[0]))
         results, _ = wl.snapshot()
         running = [r for r in results if r.token_ids]
         assert len(running) == 1 and engine.stats().num_waiting == 2  # one slot: the other two wait in line

@@ -116,7 +116,8 @@ def load_hf_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
         ) from e
     if text_config is not config:
         raise UnsupportedModelError(
-            f"{type(config).__name__} is a multimodal model; only decoder language models are supported for now"
+            f"{type(config).__name__} is a multimodal or composite model (its language model is a sub-config, as in "
+            "vision-language models or Gemma 4's assistant); only decoder language models are supported for now"
         )
     return config
 

@@ -2,9 +2,9 @@
 refuses the model at load with an UnsupportedModelError. A model that runs with different tokens fails.
 
 The default run covers a representative subset (MQA, MLA, kv_channels head size, two attention calls per
-layer, linear attention (refused), sliding window + softcap, sinks, MoE); the whole sweep is `-m slow`.
-The counts (exact / refused / skipped because HF itself fails) are printed at the end of the session
-(tests/models/conftest.py); set ARCH_SWEEP_REPORT=<file> to also write them as JSON.
+layer, linear attention (refused), sliding window + softcap, sinks, MoE, per-layer head sizes, a looped block);
+the whole sweep is `-m slow`. The counts (exact / refused / skipped because HF itself fails) are printed at the
+end of the session (tests/models/conftest.py); set ARCH_SWEEP_REPORT=<file> to also write them as JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ FAST = {
     "gemma3_text",  # sliding + full layers
     "gpt_oss",  # attention sinks, MoE
     "qwen2_moe",  # MoE with shared expert
+    "gemma4_text",  # per-layer config: full-attention layers of another head size (per_layer_config)
+    "dory",  # a looped block: the same attention module called once per loop in a forward
 }
 ALL = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 

@@ -187,9 +187,10 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
     quant_name = None
     method = _quant_method(cfg.quantization, hf_config)
     if method is not None:
-        from backend.quantization import apply_quantization
+        from backend.quantization import apply_quantization, check_experts_quantization
 
         method.check_device(device)
+        check_experts_quantization(model, method, cfg.tp_size, lambda: checkpoint_keys(path))  # MoE refusals
         swapped = apply_quantization(model, method)
         quant_name = method.name
     target = getattr(model, "hf", model)  # the module whose names match the checkpoint
@@ -198,17 +199,26 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
     elif not names_match(target, checkpoint_keys(path)):
         # The checkpoint needs transformers' own name conversions (renamed modules, per-expert MoE
         # tensors merged into fused ones...): let transformers' loader (also lazy, per tensor) do it.
-        if method is not None:
+        if method is not None and not method.on_the_fly:
             raise QuantizationError(
                 f"{cfg.model}: its checkpoint needs transformers' weight conversions, which cannot be combined "
-                "with on-the-fly quantization yet; load it without quantization"
+                f"with a {method.name} checkpoint's quantized tensors (they load by name only); model_impl='native' "
+                "loads it if the architecture has a native implementation"
             )
-        model.load_with_transformers(path, device)
+        model.load_with_transformers(path, device)  # a fresh full-precision model: quantized once loaded
+        if method is not None:
+            from backend.quantization import quantize_loaded_linears
+
+            swapped = quantize_loaded_linears(model, method)
     else:
         report = StreamingLoader(target, device, dtype).load(path)
         materialize_leftovers(target, report, device, cfg.model)
         if report.unexpected:
             logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])
+    if method is not None:
+        from backend.quantization import quantize_experts
+
+        quantize_experts(model, method)  # MoE experts (stacked parameters, not nn.Linear), right after loading
     model.eval()
     cpu_linear, swapped_linears = _swap_cpu_linears(model, cfg.cpu_linear, device, dtype)
     if impl == "transformers":

@@ -3,7 +3,8 @@
 Experts are stacked parameters `experts.gate_up_proj (E, 2I, H)` and `experts.down_proj (E, H, I)` (the
 layout of transformers 5). Per-expert checkpoint tensors (`experts.{e}.w1/w3/w2` or
 `experts.{e}.gate_proj/up_proj/down_proj`) are copied into their slices while loading; already-stacked
-checkpoints load whole. Routers are plain parameters, not `nn.Linear`, so quantization keeps them exact.
+checkpoints load whole. Routers are plain parameters, not `nn.Linear`, so quantization keeps them exact; on-the-fly
+quantization turns each expert's two weights into quantized linears after loading (backend/quantization/experts.py).
 Forward: token-expert pairs are sorted by expert once, then one matmul pair per expert that has tokens (a
 loop over experts, never over tokens); each token's top-k contributions are summed in one reduction, like
 transformers' default (grouped_mm) experts path.
@@ -48,6 +49,9 @@ class Experts(nn.Module):
         # (gate_up, down) per expert once packed; the attribute name is the one the transformers experts get too
         # (layers/packed_experts.py), so describe finds both
         self.flab_packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        # per-expert quantized linears after on-the-fly quantization (backend/quantization/experts.py); the same
+        # attribute on the transformers experts modules
+        self.flab_quantized: nn.Module | None = None
 
     def pack(self) -> bool:
         """CPUs with 16-bit matmul (EngineConfig.cpu_linear "packed"): reorder each expert's weights once for
@@ -59,6 +63,8 @@ class Experts(nn.Module):
         return True
 
     def _product(self, x: torch.Tensor, e: int, which: int) -> torch.Tensor:  # (n, K) -> (n, N) with expert e
+        if self.flab_quantized is not None:
+            return self.flab_quantized.product(x, e, which)
         if self.flab_packed is not None:
             return packed_linear(x, self.flab_packed[which][e])
         return F.linear(x, (self.gate_up_proj, self.down_proj)[which][e])

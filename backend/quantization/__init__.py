@@ -1,9 +1,12 @@
-"""Quantization as a swap of nn.Linear before the weights load, the same for native and transformers models.
+"""Quantization as a swap of nn.Linear before the weights load (MoE experts right after), the same for native and
+transformers models.
 
     method = resolve_quantization(requested, hf_config)     # None, or a QuantMethod
     method.check_device(device)
+    check_experts_quantization(model, method, tp_size, keys) # refusals for MoE experts (experts.py)
     swapped = apply_quantization(model, method)             # on the meta model, before loading
     ... loader: module.load_tensor(name, tensor, device, dtype) per tensor, module.finalize() once ...
+    quantize_experts(model, method)                         # after loading: MoE experts (stacked, not nn.Linear)
 
 `requested`: None = run the checkpoint as it is (auto-detects `quantization_config`); "int8", "int4",
 "fp8" quantize a full-precision checkpoint on the fly, with options after a colon: "int4:g64",
@@ -21,6 +24,7 @@ from backend.errors import QuantizationError, UnsupportedModelError
 from backend.quantization.awq import AWQMethod
 from backend.quantization.base import QuantLinearBase, QuantMethod, module_matches
 from backend.quantization.compressed_tensors import CompressedTensorsMethod
+from backend.quantization.experts import QuantizedExperts, check_experts_quantization, quantize_experts
 from backend.quantization.fp8 import Fp8Method
 from backend.quantization.fp8_checkpoint import Fp8CheckpointMethod
 from backend.quantization.gptq import GPTQMethod
@@ -33,6 +37,10 @@ __all__ = [
     "QuantLinearBase",
     "resolve_quantization",
     "apply_quantization",
+    "quantize_loaded_linears",
+    "quantize_experts",
+    "check_experts_quantization",
+    "QuantizedExperts",
     "checkpoint_quant_config",
     "module_matches",
 ]
@@ -152,13 +160,13 @@ def checkpoint_module_names(model: nn.Module, name: str) -> list[str]:
     return [f"{parent}.{s.shard}" if parent else s.shard for s in stacked] or [name]
 
 
-def apply_quantization(model: nn.Module, method: QuantMethod) -> list[str]:
-    """Swap every nn.Linear not skipped by `method` for its quantized module, in place; returns their prefixes.
+def _linear_targets(model: nn.Module, method: QuantMethod) -> list[tuple[str, nn.Linear, str]]:
+    """(module name, linear, its first checkpoint name) of every nn.Linear that `method` quantizes.
 
     A fused linear of a native model is judged by its shards' checkpoint names (ignore lists and targets name
     those); it is quantized when all its shards are, kept when none is, refused when they disagree.
     """
-    swapped: list[str] = []
+    targets = []
     for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         names = checkpoint_module_names(model, name)
         skipped = [method.skip(n) for n in names]
@@ -169,9 +177,35 @@ def apply_quantization(model: nn.Module, method: QuantMethod) -> list[str]:
                 f"{name} fuses {names}, but the checkpoint quantizes only some of them "
                 f"({[n for n, s in zip(names, skipped) if not s]}); run it with model_impl='transformers'"
             )
-        module = method.create_linear(linear, names[0])
+        targets.append((name, linear, names[0]))
+    return targets
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_quantization(model: nn.Module, method: QuantMethod) -> list[str]:
+    """Swap every nn.Linear not skipped by `method` for its quantized module, in place; returns their prefixes."""
+    swapped: list[str] = []
+    for name, linear, checkpoint_name in _linear_targets(model, method):
+        module = method.create_linear(linear, checkpoint_name)
         module.prefix = name
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        _replace(model, name, module)
+        swapped.append(name)
+    return swapped
+
+
+def quantize_loaded_linears(model: nn.Module, method: QuantMethod) -> list[str]:
+    """`apply_quantization` for a model whose full-precision weights are already loaded (transformers' own loader,
+    for checkpoints that need its name conversions): each nn.Linear is quantized from its dense weight and
+    replaced, one at a time, so the peak memory is the full-precision model plus one quantized linear. The same
+    quantized modules as when streamed, except that the weight has already been cast to the model's dtype."""
+    swapped: list[str] = []
+    for name, linear, _ in _linear_targets(model, method):
+        weight = linear.weight.detach()  # (N, K)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        _replace(model, name, method.quantize_dense(weight, name, weight.dtype, bias))
         swapped.append(name)
     return swapped

@@ -251,6 +251,28 @@ class QuantMethod(ABC):
     def create_linear(self, linear: nn.Linear, prefix: str) -> QuantLinearBase:
         """The quantized replacement of `linear` (built on meta; same in/out features and bias)."""
 
+    def quantize_dense(
+        self,
+        weight: torch.Tensor,  # (N, K) full precision
+        prefix: str,
+        dtype: torch.dtype,
+        bias: torch.Tensor | None = None,  # (N,)
+    ) -> QuantLinearBase:
+        """A loaded quantized linear from a dense weight already in memory (on its device; `dtype` = activations):
+        the module `create_linear` builds, fed through the loader protocol (load_tensor, finalize), so it packs
+        and multiplies exactly as a streamed one. On-the-fly methods only (checkpoint formats take their tensors)."""
+        if not self.on_the_fly:
+            raise QuantizationError(f"{self.name!r} loads quantized checkpoint tensors; it cannot quantize {prefix}")
+        n, k = weight.shape
+        with torch.device("meta"):
+            linear = nn.Linear(k, n, bias=bias is not None)
+        module = self.create_linear(linear, prefix)
+        module.load_tensor("weight", weight, weight.device, dtype)
+        if bias is not None:
+            module.load_tensor("bias", bias, weight.device, dtype)
+        module.finalize()
+        return module
+
     def describe(self) -> str:
         return self.name
 

@@ -10,10 +10,13 @@ are bit for bit those of grouped_mm (both are oneDNN GEMMs with fp32 accumulatio
 
 Mixtral-shaped 12-layer model, transformers implementation, interleaved: 17.4 ms per batch-1 step against
 22.0 with grouped_mm, 31.6 against 41.0 at batch 8. transformers releases without `ExpertsInterface`
-(before its MoE refactor) keep their own experts code: nothing is packed there.
+(before its MoE refactor) keep their own experts code: nothing is packed there. The same function runs experts
+quantized on the fly (backend/quantization/experts.py), one quantized product per expert with tokens.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,12 +31,12 @@ from backend.layers.cpu.packed import can_pack, pack_stacked, packed_linear
 EXPERTS_NAME = "fallback_lab_packed"
 
 
-def _products(x: torch.Tensor, packed: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
-    """(S, K) rows grouped by expert -> (S, N): one packed product per expert that has rows."""
+def _products(x: torch.Tensor, product: Callable[[torch.Tensor, int], torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """(S, K) rows grouped by expert -> (S, N): one product(rows, e) per expert e that has rows."""
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            outs.append(packed_linear(x[start : start + n], packed[e]))
+            outs.append(product(x[start : start + n], e))
             start += n
     return torch.cat(outs)
 
@@ -41,19 +44,27 @@ def _products(x: torch.Tensor, packed: list[torch.Tensor], counts: list[int]) ->
 def packed_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:  # (T, H), (T, K), (T, K) -> (T, H)
-    packed = getattr(self, "flab_packed", None)
-    if packed is None:  # not packed (fp32, or a layout we do not pack): transformers' own grouped_mm path
+    """Packed 16-bit experts, or quantized ones (backend/quantization/experts.py: `flab_quantized`, the method's
+    quantized linear per expert); neither: transformers' own grouped_mm path (fp32, or a layout we do not pack)."""
+    packed, quantized = getattr(self, "flab_packed", None), getattr(self, "flab_quantized", None)
+    if quantized is not None:
+        dtype = hidden_states.dtype  # each quantized linear casts to its activation dtype (the model's)
+        up, down = (lambda rows, e, w=w: quantized.product(rows, e, w) for w in (0, 1))
+    elif packed is not None:
+        dtype = packed[0][0].dtype
+        up, down = (lambda rows, e, p=p: packed_linear(rows, p[e]) for p in packed)
+    else:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, num_top_k = top_k_index.shape
     sample_weights = top_k_weights.reshape(-1)  # (S,)
     expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
-    x = hidden_states[perm // num_top_k].to(packed[0][0].dtype)  # (S, H), grouped by expert
+    x = hidden_states[perm // num_top_k].to(dtype)  # (S, H), grouped by expert
     counts = torch.bincount(expert_ids_g, minlength=self.num_experts).tolist()
-    proj = _products(x, packed[0], counts)  # (S, 2I) or (S, I)
+    proj = _products(x, up, counts)  # (S, 2I) or (S, I)
     if self.has_bias:
         proj.add_((self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[expert_ids_g])
     proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)  # (S, I)
-    proj = _products(proj, packed[1], counts)  # (S, H)
+    proj = _products(proj, down, counts)  # (S, H)
     if self.has_bias:
         proj.add_(self.down_proj_bias[expert_ids_g])
     if self.has_post_expert_norm:

@@ -1,0 +1,142 @@
+"""MoE experts quantized on the fly (int8, int4, fp8), native (backend/models/moe.py) and transformers' experts modules.
+
+Experts are stacked parameters, not `nn.Linear`: `gate_up_proj (E, 2I, H)` / `down_proj (E, H, I)` (native and most
+transformers 5 experts), or `(E, H, 2I)` / `(E, I, H)` where transformers marks the module `is_transposed` (gpt-oss);
+a module without a gate has `up_proj` instead of `gate_up_proj`. After the weights load, `quantize_experts` turns
+each expert's two weights into the method's own quantized linear (`QuantMethod.quantize_dense`: the same module,
+packing and matmul as the model's swapped linears, no second kernel), held by a `QuantizedExperts` registered as
+`<experts>.flab_quantized`; the stacked parameters become meta placeholders of the same shape (so the parameter
+count still sees them and memory holds one copy). Routers and expert biases stay full precision. The experts'
+forward (moe.Experts._product, layers/cpu/packed_experts.py) then runs one quantized product per expert that has
+tokens: a loop over experts, never over tokens.
+
+Peak memory: the full-precision experts are in memory as loaded, and each experts module is quantized then its
+dense weights dropped, so the peak is the full-precision model plus one layer's quantized experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from backend.errors import QuantizationError
+from backend.quantization.base import QuantLinearBase, QuantMethod
+
+
+@dataclass(frozen=True)
+class ExpertsSite:
+    """An experts module of a model and how its stacked weights are laid out."""
+
+    path: str
+    module: nn.Module
+    up_name: str  # "gate_up_proj" or "up_proj" (transformers experts without a gate)
+    transposed: bool  # (E, K, N) stacks: transformers' `is_transposed`
+
+
+def experts_sites(model: nn.Module) -> list[ExpertsSite]:
+    """Every MoE experts module holding stacked weight parameters (works on a meta model too)."""
+    from backend.models.moe import Experts  # lazy: backend.models imports the quantization layer's users
+
+    sites = []
+    for path, module in model.named_modules():
+        if isinstance(module, Experts):
+            sites.append(ExpertsSite(path, module, "gate_up_proj", False))
+            continue
+        if not hasattr(module, "is_transposed"):  # transformers' experts modules (use_experts_implementation)
+            continue
+        up_name = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+        if isinstance(getattr(module, up_name, None), nn.Parameter) and isinstance(
+            getattr(module, "down_proj", None), nn.Parameter
+        ):
+            sites.append(ExpertsSite(path, module, up_name, bool(module.is_transposed)))
+    return sites
+
+
+class QuantizedExperts(nn.Module):
+    """Per expert, its up (gate_up or up) and down weights as quantized linears of one method."""
+
+    def __init__(self, method: str, up: list[QuantLinearBase], down: list[QuantLinearBase]) -> None:
+        super().__init__()
+        self.method = method
+        self.up = nn.ModuleList(up)
+        self.down = nn.ModuleList(down)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.up)
+
+    def product(self, x: torch.Tensor, e: int, which: int) -> torch.Tensor:  # (n, K) -> (n, N) with expert e
+        return (self.up, self.down)[which][e](x)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, experts={self.num_experts}, {self.up[0].describe()}, kernel={self.up[0].kernel}"
+
+
+def _quantize_stack(method: QuantMethod, site: ExpertsSite, name: str) -> list[QuantLinearBase]:
+    stacked = getattr(site.module, name).detach()  # (E, N, K), or (E, K, N) when transposed
+    if stacked.is_meta:
+        raise QuantizationError(f"{site.path}.{name}: the experts' weights were never loaded")
+    modules = []
+    for e in range(stacked.shape[0]):
+        weight = stacked[e].t() if site.transposed else stacked[e]  # (N, K)
+        modules.append(method.quantize_dense(weight, f"{site.path}.{name}.{e}", stacked.dtype))
+    setattr(site.module, name, nn.Parameter(torch.empty_like(stacked, device="meta"), requires_grad=False))
+    return modules
+
+
+def quantize_experts(model: nn.Module, method: QuantMethod) -> int:
+    """Quantize every loaded experts module's weights with on-the-fly `method` (module docstring); returns how many
+    experts modules were quantized. A transformers model's experts then run through our ExpertsInterface function."""
+    if not method.on_the_fly:
+        return 0
+    count = 0
+    for site in experts_sites(model):
+        if method.skip(site.path) or getattr(site.module, "flab_quantized", None) is not None:
+            continue
+        up = _quantize_stack(method, site, site.up_name)
+        down = _quantize_stack(method, site, "down_proj")
+        site.module.flab_quantized = QuantizedExperts(method.name, up, down)
+        if hasattr(site.module, "is_transposed"):  # transformers: select our experts function (packed_experts.py)
+            from backend.layers.cpu.packed_experts import register_experts
+
+            site.module.config._experts_implementation = register_experts()
+        count += 1
+    return count
+
+
+def check_experts_quantization(
+    model: nn.Module, method: QuantMethod, tp_size: int, checkpoint_keys: Callable[[], set[str]]
+) -> None:
+    """Refuse, before loading, what would run MoE experts wrongly or not as asked (model built on meta):
+
+    - on-the-fly quantization with tensor parallelism: the TP sharding (backend/distributed) slices the experts'
+      stacked parameters, and quantized experts are per-expert quantized modules it does not slice;
+    - a quantized checkpoint whose experts are quantized too (GPTQ / AWQ / compressed-tensors / FP8 tensors under
+      an `experts.` module): only linears load quantized tensors, so such experts would be missing or wrong."""
+    sites = experts_sites(model)
+    if not sites:
+        return
+    if method.on_the_fly and tp_size > 1:
+        raise QuantizationError(
+            f"quantization {method.name!r} with tp_size={tp_size}: this MoE model's experts would be quantized "
+            "per expert, and tensor parallelism slices only full-precision stacked experts; use tp_size=1 with "
+            "quantization, or quantization=None with tensor parallelism"
+        )
+    if not method.on_the_fly:
+        quantized = sorted(
+            k for k in checkpoint_keys() if ".experts." in k and k.rpartition(".")[2] not in _DENSE_NAMES
+        )
+        if quantized:
+            raise QuantizationError(
+                f"this {method.name} checkpoint quantizes the MoE experts ({len(quantized)} tensors, e.g. "
+                f"{quantized[0]}), which the engine loads only in full precision (only linear layers load "
+                "quantized checkpoint tensors); use a checkpoint whose experts are not quantized, or a "
+                "full-precision one with quantization='int8' / 'int4' / 'fp8'"
+            )
+
+
+# last name parts of full-precision experts tensors: per-expert `experts.0.w1.weight`, or stacked `experts.down_proj`
+_DENSE_NAMES = {"weight", "bias"} | {f"{n}{b}" for n in ("gate_up_proj", "up_proj", "down_proj") for b in ("", "_bias")}

@@ -1,6 +1,6 @@
 """The Compare tab's pure parts: labels, overlaid figures, summary and agreement tables, the verdict.
 
-`Lab.compare` (ui/callbacks.py) loads settings A, then B, runs the same greedy workload on each and streams
+`CompareTab.compare` (ui/lab/compare_tab.py) loads settings A, then B, runs the same greedy workload on each and streams
 these views; everything here takes the finished (or in-flight) runs as plain values.
 """
 

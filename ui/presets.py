@@ -1,7 +1,7 @@
 """Presets: one button each, filling the panels so that one engine mechanism becomes visible in seconds.
 
 Budgets are given in KV blocks and scaled by the loaded model's bytes per block, so a preset means the same
-on any model. `Lab.preset` (ui/callbacks.py) returns the values; the layout then loads and generates.
+on any model. `PresetButtons.preset` (ui/lab/preset.py) returns the values; the layout then loads and generates.
 """
 
 from __future__ import annotations

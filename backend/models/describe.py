@@ -1,8 +1,8 @@
 """describe_model(model) -> dict: what runs, for the UI, the notebook and `engine.describe()`.
 
 Works for native models and for the transformers wrapper: implementation, the attention used, which
-modules were swapped (quantized linears, per class) or injected into (the attention function), and the
-model's shape (parameters, layers, heads, kv heads, head dim).
+modules were swapped (quantized linears, per class; MoE experts quantized per expert) or injected into (the
+attention function), and the model's shape (parameters, layers, heads, kv heads, head dim).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def _count_parameters(model: nn.Module) -> int:
     and the weights of PackedLinears and SiblingLinears (packed buffers; a tied one keeps its shared parameter)."""
     unique = {(p.data_ptr(), p.shape) if not p.is_meta else id(p): p for p in model.parameters()}  # tied: same storage
     total = sum(p.numel() for p in unique.values())
+    in_experts = _in_quantized_experts(model)  # their stacked parameters' meta placeholders are counted above
     for module in model.modules():
+        if id(module) in in_experts:
+            continue
         if hasattr(module, "load_tensor") and hasattr(module, "in_features"):
             total += module.in_features * module.out_features
             if getattr(module, "has_bias", False):
@@ -52,8 +55,38 @@ def _rope_table_bytes(model: nn.Module) -> int:
     return total
 
 
+def _quantized_experts(model: nn.Module) -> list[nn.Module]:
+    """The QuantizedExperts holders (backend/quantization/experts.py) of MoE experts quantized on the fly."""
+    return [m for m in model.modules() if type(m).__name__ == "QuantizedExperts"]
+
+
+def _in_quantized_experts(model: nn.Module) -> set[int]:
+    """ids of the per-expert quantized linears inside QuantizedExperts holders."""
+    return {id(m) for holder in _quantized_experts(model) for m in holder.modules() if m is not holder}
+
+
 def _quantized(model: nn.Module) -> dict[str, int]:
-    return dict(Counter(type(m).__name__ for m in model.modules() if hasattr(m, "load_tensor")))
+    """Quantized linears per class, the per-expert ones of quantized MoE experts aside."""
+    in_experts = _in_quantized_experts(model)
+    return dict(
+        Counter(type(m).__name__ for m in model.modules() if hasattr(m, "load_tensor") and id(m) not in in_experts)
+    )
+
+
+def _experts_quantization(model: nn.Module) -> dict | None:
+    """{method, modules, experts, linears} of the MoE experts quantized on the fly, None when there are none."""
+    holders = _quantized_experts(model)
+    if not holders:
+        return None
+    first = holders[0].up[0]
+    return dict(
+        method=holders[0].method,
+        modules=len(holders),  # experts modules (one per MoE layer)
+        experts=sum(h.num_experts for h in holders),
+        linears=sum(2 * h.num_experts for h in holders),  # each expert's gate_up (or up) and down
+        format=first.describe(),
+        kernel=first.kernel,
+    )
 
 
 def _global(cfg, name: str):
@@ -146,6 +179,10 @@ def describe_model(model: nn.Module) -> dict:
     packed_experts = sum(getattr(m, "flab_packed", None) is not None for m in model.modules())
     if packed_experts:  # backend/models/moe.py (native), backend/layers/cpu/packed_experts.py (transformers)
         info["swapped"]["MoE experts (oneDNN prepacked per expert)"] = packed_experts
+    experts = _experts_quantization(model)
+    if experts is not None:  # backend/quantization/experts.py
+        info["swapped"][f"MoE experts quantized per expert ({experts['method']})"] = experts["modules"]
+        info["quantized_experts"] = experts
     if getattr(model, "impl_reason", None):  # why `auto` chose this implementation (backend/loading/build.py)
         info["impl_reason"] = model.impl_reason
     info["quantized_linears"] = sum(quantized.values())
@@ -162,6 +199,8 @@ def _role(name: str, module: nn.Module, native: bool) -> str:
         return "our paged attention"
     if not native and cls.endswith("Attention") and hasattr(module, "layer_idx"):
         return "attention function injected (ours)"
+    if cls == "QuantizedExperts":
+        return f"swapped: MoE experts quantized per expert ({module.method})"
     if hasattr(module, "load_tensor"):
         return f"swapped: quantized linear {cls}"
     if cls in CPU_LINEAR_CLASSES:

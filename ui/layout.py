@@ -84,6 +84,9 @@ def _empty_plots():
     return throughput_figure({}), ttft_figure({}), batch_figure({}), memory_figure({})
 
 
+CACHE_CLEANUP_S = (3600, 86400)  # (how often, how old) in seconds: Blocks(delete_cache=...)
+
+
 def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHOICE) -> gr.Blocks:
     """The app's Blocks over `lab` (its policy: what visitors may do; `default_model` is the host's model)."""
     lab = lab or Lab(host_model=default_model)
@@ -95,7 +98,9 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
     # component's maximum (Gradio's own error would mark every output)
     cap_note = f" (at most {policy.max_new_tokens} here)" if policy.max_new_tokens is not None else ""
     thr0, ttft0, batch0, mem0 = _empty_plots()
-    with gr.Blocks(title="Fallback Lab") as demo:
+    # Gradio copies every file it serves (the benchmark's JSON downloads) into its cache: on a long-running
+    # Space, delete the copies older than a day, checked every hour
+    with gr.Blocks(title="Fallback Lab", delete_cache=CACHE_CLEANUP_S) as demo:
         gr.Markdown(
             "# Fallback Lab\nA small real inference engine — paged KV cache, continuous batching, paged "
             "attention — running **native** models or **any transformers model** with our attention "

@@ -1,7 +1,8 @@
 """int8: on-the-fly weight-only quantization, per-output-channel symmetric scales (W8A16).
 
 Each full-precision weight is quantized the moment it arrives in `load_tensor` and dropped, so the
-full-precision model is never in memory. CPU: torch._weight_int8pack_mm (fp32/bf16/fp16); CUDA: Triton.
+full-precision model is never in memory (MoE experts, and transformers checkpoints that need its weight
+conversions, are quantized right after loading instead: experts.py, quantize_loaded_linears). CPU: torch._weight_int8pack_mm (fp32/bf16/fp16); CUDA: Triton.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Each full-precision weight is quantized the moment it arrives in `load_tensor` and dropped, so the
 full-precision model is never in memory (MoE experts, and transformers checkpoints that need its weight
-conversions, are quantized right after loading instead: experts.py, quantize_loaded_linears). CPU: torch._weight_int8pack_mm (fp32/bf16/fp16); CUDA: Triton.
+conversions, are quantized right after loading instead: experts.py, quantize_loaded_linears).
+CPU: torch._weight_int8pack_mm (fp32/bf16/fp16); CUDA: Triton.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Weights and batch-1 decode speed of a random-weight Mixtral-shaped MoE: full precision vs int8 vs int4 experts.
 
-    python -m backend.quantization.bench_experts                       # bf16, native, 4 layers, 8 experts
-    python -m backend.quantization.bench_experts --impl transformers --methods none int8 int4 fp8
+    python -m backend.tools.bench_experts                       # bf16, native, 4 layers, 8 experts
+    python -m backend.tools.bench_experts --impl transformers --methods none int8 int4 fp8
 
 All engines are loaded in one process and stepped in turn (one decode step each, round after round), so a drift
 of the machine's speed hits every method alike. Each engine decodes one request (`--prompt-len` prompt tokens,

@@ -31,7 +31,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return self.method or f"full precision ({str(self.engine.loaded.dtype).removeprefix('torch.')})"
+        return self.method or f"full precision ({self.engine.describe()['dtype']})"
 
 
 def build_model(path: Path, args) -> Path:

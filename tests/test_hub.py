@@ -575,6 +575,50 @@ def test_estimate_int4_at_scale_is_near_half_a_byte_per_param():
     assert (int8.weight_bytes - embed) / lin == pytest.approx(1 + 2 / 4096, rel=1e-6)
 
 
+MOE_CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 8, "hidden_size": 1024, "torch_dtype": "bfloat16"}
+
+
+def _moe_tensors(per_expert: bool) -> list[TensorMeta]:
+    """A 2-layer MoE of 8 experts (hidden 1024, intermediate 2048): attention + per-expert or stacked experts."""
+    tensors = [TensorMeta("model.embed_tokens.weight", "BF16", (1000, 1024))]
+    for i in range(2):
+        tensors.append(TensorMeta(f"model.layers.{i}.self_attn.qkv_proj.weight", "BF16", (3072, 1024)))
+        if per_expert:
+            tensors += [
+                TensorMeta(f"model.layers.{i}.mlp.experts.{e}.{n}.weight", "BF16", shape)
+                for e in range(8)
+                for n, shape in (("gate_proj", (2048, 1024)), ("up_proj", (2048, 1024)), ("down_proj", (1024, 2048)))
+            ]
+        else:
+            tensors.append(TensorMeta(f"model.layers.{i}.mlp.experts.gate_up_proj", "BF16", (8, 4096, 1024)))
+            tensors.append(TensorMeta(f"model.layers.{i}.mlp.experts.down_proj", "BF16", (8, 1024, 2048)))
+    return tensors
+
+
+@pytest.mark.parametrize("per_expert", [True, False])
+def test_moe_experts_are_quantized_but_load_at_full_precision_first(per_expert):
+    """Experts are quantized once loaded (backend/quantization/experts.py): the steady weights count them
+    quantized, the load peak at full precision; a checkpoint of per-expert tensors for an architecture without a
+    native implementation loads through transformers' converter, everything at full precision."""
+    tensors = _moe_tensors(per_expert)
+    expert_params = 2 * 8 * 3 * 2048 * 1024
+    full = compute_estimate({**MOE_CONFIG, "architectures": ["MixtralForCausalLM"]}, tensors, "auto")
+    int4 = compute_estimate({**MOE_CONFIG, "architectures": ["MixtralForCausalLM"]}, tensors, "auto", "int4", 128)
+    assert full.load_peak_bytes == full.weight_bytes  # nothing quantized: loading holds what serving holds
+    saved_per_param = 2 - 0.5 - 4 / 128  # bf16 -> int4 codes + a bf16 scale and zero point per 128
+    linear_params = 2 * 3072 * 1024  # the qkv projections
+    assert full.weight_bytes - int4.weight_bytes == pytest.approx((expert_params + linear_params) * saved_per_param)
+    # native Mixtral: linears quantized while they stream, experts held at full precision until quantized
+    assert int4.load_peak_bytes - int4.weight_bytes == pytest.approx(expert_params * saved_per_param)
+    assert int4.peak_bytes == max(int4.total_bytes, int4.load_peak_bytes)
+    assert "peak while loading" in " ".join(int4.notes) and "at the peak of loading" in int4.human
+    other = compute_estimate({**MOE_CONFIG, "architectures": ["OlmoeForCausalLM"]}, tensors, "auto", "int4", 128)
+    if per_expert:  # transformers' converter: the whole model at full precision first
+        assert other.load_peak_bytes == full.weight_bytes
+    else:  # stacked tensors stream in by name: as native
+        assert other.load_peak_bytes == int4.load_peak_bytes
+
+
 def test_kv_config_variants():
     tensors = [TensorMeta("w.weight", "BF16", (4, 4))]
     no_head_dim = {"num_hidden_layers": 3, "num_attention_heads": 8, "hidden_size": 256}  # MHA, head_dim = 32

@@ -108,11 +108,16 @@ def check_model_fits(
         token=token,
     )
     available, what = free(settings.device)
-    if estimate.total_bytes > available:
+    if estimate.peak_bytes > available:
+        loading = (
+            f"; {format_bytes(estimate.load_peak_bytes)} while loading, before its MoE experts are quantized"
+            if estimate.load_peak_bytes > estimate.total_bytes
+            else ""
+        )
         raise HostingError(
             f"{name} does not fit this machine: it needs about {format_bytes(estimate.total_bytes)} "
             f"(weights {format_bytes(estimate.weight_bytes)} + KV cache {format_bytes(estimate.kv_cache_bytes)} "
-            f"for {settings.num_seqs} x {settings.context_len} tokens) and the machine has "
+            f"for {settings.num_seqs} x {settings.context_len} tokens{loading}) and the machine has "
             f"{format_bytes(available)} {what}; pick a smaller model, a quantization (int8, int4) or a shorter "
             "context"
         )

@@ -12,6 +12,12 @@ int8: 1 byte/param + one scale per output channel; int4: 0.5 byte/param + a scal
 Scales take the activation dtype. "auto" keeps each tensor's checkpoint dtype; another dtype casts the
 floating tensors only. Pre-quantized checkpoints: their stored bytes are counted.
 
+MoE experts (tensors under an `experts.` module: per-expert 2-D weights or stacked 3-D ones) are quantized like
+linears in the steady state, but only once they have loaded (backend/quantization/experts.py): while loading they
+are held at full precision, so `load_peak_bytes` counts them so (and, for a checkpoint of per-expert tensors that
+only transformers' loader converts, every weight: it loads the whole model at full precision before quantizing).
+`peak_bytes` (what the host's memory check compares) is the larger of that and weights + KV cache.
+
 KV cache: bytes per token from backend.kv_cache.KVCacheSpec (the engine's own). With `engine=EngineKVSettings(...)`
 the cache and context are the ones the engine will get with those settings (backend/kv_sizing.py); without,
 the cache for `num_seqs` x `context_len` tokens.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +60,7 @@ from backend.loading.hub_common import (
     offline_mode_enabled,
     safetensors_files,
 )
+from backend.models import NATIVE_MODELS
 from backend.quantization import resolve_quantization
 from backend.quantization.int4 import effective_group_size
 from backend.units import format_bytes, format_count
@@ -60,6 +68,8 @@ from backend.units import format_bytes, format_count
 KV_DTYPES_BY_BYTES: dict[int, torch.dtype] = {4: torch.float32, 2: torch.bfloat16, 1: torch.float8_e4m3fn}
 ON_THE_FLY = ("int8", "int4", "fp8")  # methods whose bytes are computed here (checkpoint formats: as stored)
 UNQUANTIZED_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "shared", "word_embeddings")
+_STACKED = ("gate_up_proj", "up_proj", "down_proj")  # stacked expert weights (transformers 5 / native layout)
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # per-expert checkpoint tensors
 
 
 @dataclass(frozen=True)
@@ -109,15 +119,24 @@ class MemoryEstimate:
     kv_blocks: int | None = None  # with engine settings: the blocks the engine will allocate
     block_size: int | None = None
     model_context_len: int = 0  # the model's own context (config)
+    load_peak_bytes: int = 0  # weights in memory at the worst moment of loading (MoE experts before quantizing)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most memory the model needs at any moment: while loading, or serving (weights + KV cache)."""
+        return max(self.total_bytes, self.load_peak_bytes)
 
     @property
     def human(self) -> str:
         quant = f", {self.quantization}" if self.quantization else ""
-        return (
+        text = (
             f"{format_bytes(self.total_bytes)} total: weights {format_bytes(self.weight_bytes)} "
             f"({format_count(self.params)} params, {self.dtype}{quant}) + KV cache "
             f"{format_bytes(self.kv_cache_bytes)} ({self.num_seqs} x {self.context_len} tokens)"
         )
+        if self.load_peak_bytes > self.total_bytes:
+            text += f"; {format_bytes(self.load_peak_bytes)} at the peak of loading (MoE experts before quantizing)"
+        return text
 
     def __str__(self) -> str:
         return self.human
@@ -269,19 +288,38 @@ def compute_estimate(
         notes.append(f"{method.describe()}: the checkpoint's quantized weights are counted as stored")
     on_the_fly = method if method is not None and method.on_the_fly and method.name in ON_THE_FLY else None
     quant_label = method.name if on_the_fly is not None else None
-    weight_bytes, quantized = 0, 0
+    weight_bytes, quantized, experts_quantized, experts_full = 0, 0, 0, 0
+
+    def as_loaded(t: TensorMeta) -> int:  # its bytes unquantized
+        return t.nbytes if dtype == "auto" or t.dtype not in FLOAT_DTYPES else t.numel * act_bytes
+
     already_quantized = any(t.dtype not in FLOAT_DTYPES for t in tensors if t.name.endswith("weight"))
     for t in tensors:
         if on_the_fly is not None and _quantizable(t, on_the_fly):
-            weight_bytes += _quantized_bytes(t, on_the_fly, act_bytes)
+            size = _quantized_bytes(t, on_the_fly, act_bytes)
+            weight_bytes += size
             quantized += 1
-        elif dtype == "auto" or t.dtype not in FLOAT_DTYPES:
-            weight_bytes += t.nbytes
+            if _is_expert(t):
+                experts_quantized += size
+                experts_full += as_loaded(t)
         else:
-            weight_bytes += t.numel * act_bytes
+            weight_bytes += as_loaded(t)
+    load_peak = weight_bytes
+    if experts_full:
+        per_expert_names = any(_PER_EXPERT.search(t.name) for t in tensors)
+        if per_expert_names and _architecture(config) not in NATIVE_MODELS:
+            load_peak = sum(as_loaded(t) for t in tensors)  # transformers converts them: all at full precision
+        else:
+            load_peak = weight_bytes - experts_quantized + experts_full
+        notes.append(
+            f"MoE experts are quantized once they have loaded: the peak while loading is about "
+            f"{format_bytes(load_peak)}"
+        )
     if on_the_fly is not None:
         notes.append(
-            f"{on_the_fly.describe()}: {quantized} linear weights quantized; embeddings, "
+            f"{on_the_fly.describe()}: {quantized} linear weights quantized"
+            + (f" (MoE experts among them, {format_bytes(experts_quantized)})" if experts_quantized else "")
+            + "; embeddings, "
             f"{', '.join(on_the_fly.ignore) or 'no other module'}, norms and biases stay at the activation dtype"
         )
         if already_quantized:
@@ -338,6 +376,7 @@ def compute_estimate(
         kv_blocks,
         block_size if engine is not None else None,
         model_len,
+        int(load_peak),
     )
 
 
@@ -363,7 +402,18 @@ def _auto_activation_bytes(config: dict, text: dict, tensors: list[TensorMeta]) 
     return int(SAFETENSORS_DTYPE_BYTES[max(counts, key=counts.get)]) if counts else 4
 
 
+def _is_expert(t: TensorMeta) -> bool:
+    return ".experts." in t.name
+
+
+def _architecture(config: dict) -> str | None:
+    archs = config.get("architectures") or []
+    return archs[0] if archs else None
+
+
 def _quantizable(t: TensorMeta, method) -> bool:
+    if len(t.shape) == 3 and t.dtype in FLOAT_DTYPES and _is_expert(t) and t.name.rpartition(".")[2] in _STACKED:
+        return not method.skip(t.name.rpartition(".")[0])  # stacked experts (E, N, K): quantized per expert
     if len(t.shape) != 2 or t.dtype not in FLOAT_DTYPES or not t.name.endswith(".weight"):
         return False
     prefix = t.name.removesuffix(".weight")
@@ -374,6 +424,9 @@ def _quantizable(t: TensorMeta, method) -> bool:
 
 
 def _quantized_bytes(t: TensorMeta, method, scale_bytes: int) -> int:
+    if len(t.shape) == 3:  # stacked experts: one (N, K) weight per expert
+        experts, n, k = t.shape
+        return experts * _quantized_bytes(TensorMeta(t.name, t.dtype, (n, k)), method, scale_bytes)
     n, k = t.shape  # (out_features, in_features)
     if method.name == "int8":
         return n * k + n * scale_bytes

@@ -222,3 +222,24 @@ def test_free_memory_reads_the_machine():
     if torch.cuda.is_available():
         free, what = free_memory("cuda:0")
         assert what == "free GPU memory on cuda:0" and 0 < free <= torch.cuda.get_device_properties(0).total_memory
+
+
+def test_a_moe_that_fits_quantized_but_not_while_loading_is_refused(tmp_path):
+    """int4 experts fit, but they load at full precision first: the check compares the load peak, and says so."""
+    experts = {}
+    for i in range(4):  # 4 layers of 8 experts, Mixtral-8x7B-sized: ~10.5 GiB of BF16 experts, ~2.8 GiB in int4
+        experts[f"model.layers.{i}.mlp.experts.gate_up_proj"] = ("BF16", [8, 2 * 14336, 4096])
+        experts[f"model.layers.{i}.mlp.experts.down_proj"] = ("BF16", [8, 4096, 14336])
+    folder = write_folder(
+        tmp_path / "moe",
+        {
+            "config.json": llama_config(architectures=["MixtralForCausalLM"], model_type="mixtral"),
+            "model.safetensors": safetensors_header_only(experts),
+        },
+    )
+    settings = ModelSettings(context_len=256, num_seqs=1, quantization="int4")
+    with pytest.raises(HostingError) as e:
+        check_model_fits(str(folder), settings, HOSTED, free=eight_gib)
+    assert "while loading, before its MoE experts are quantized" in str(e.value)
+    fits = check_model_fits(str(folder), settings, HOSTED, free=lambda device: (16 * GIB, "available RAM"))
+    assert fits.total_bytes < 8 * GIB < fits.load_peak_bytes < 16 * GIB

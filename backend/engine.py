@@ -37,7 +37,7 @@ from backend.checks import is_int
 from backend.config import EngineConfig
 from backend.detokenizer import Detokenizer
 from backend.errors import EngineError, RequestError, RequestFailedError
-from backend.host_allocator import keep_freed_memory
+from backend.host_allocator import keep_freed_memory, map_big_blocks
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec
 from backend.kv_sizing import model_context_len, plan_kv_cache
 from backend.layers.attention_backends import AttentionBackend, make_attention_backend
@@ -154,7 +154,6 @@ class Engine:
             **engine_options,
         )
         cfg = self.config
-        self.malloc_tuned = cfg.keep_freed_memory and cfg.torch_device.type == "cpu" and keep_freed_memory()
         try:  # every kernel override of the environment, read and validated once (kernels/dispatch.py)
             self.kernel_settings = KernelSettings.from_env()
         except ValueError as e:
@@ -166,14 +165,23 @@ class Engine:
 
                 self.tp_group = TensorParallelGroup.start(TPOptions(cfg.tp_size), cfg.torch_device.type)
             try:
-                self.loaded: LoadedModel = (
-                    self.tp_group.load(cfg, progress) if self.tp_group else load_model(cfg, progress)
-                )
+                self.loaded: LoadedModel = self._load(cfg, progress)
                 self._set_up(cfg)
             except BaseException:
                 if self.tp_group is not None:
                     self.tp_group.shutdown()
                 raise
+
+    def _load(self, cfg: EngineConfig, progress: Callable | None) -> LoadedModel:
+        """The model, on this process or the tensor-parallel ranks. On CPU glibc maps big blocks on their own while
+        it loads, then keeps freed memory for the step loop (`keep_freed_memory`, backend/host_allocator.py)."""
+        tune_malloc = cfg.keep_freed_memory and cfg.torch_device.type == "cpu"
+        if tune_malloc:
+            map_big_blocks()
+        try:
+            return self.tp_group.load(cfg, progress) if self.tp_group else load_model(cfg, progress)
+        finally:
+            self.malloc_tuned = tune_malloc and keep_freed_memory()
 
     def _set_up(self, cfg: EngineConfig) -> None:
         self.tokenizer = self.loaded.tokenizer

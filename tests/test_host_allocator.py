@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from backend import Engine
+from backend.errors import UnsupportedModelError
 from backend.host_allocator import keep_freed_memory, release_freed_memory
 from backend.tools.bench import peak_rss, reset_peak_rss
 
@@ -69,6 +70,54 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not glibc, reason="glibc malloc only")
+def test_while_loading_mid_sized_blocks_are_mapped_and_unmapped():
+    """map_big_blocks(): an 8 MiB block (a weight being quantized) gets its own mapping and leaves with its free;
+    keep_freed_memory() then serves the same size from the heap again."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import torch
+from backend.host_allocator import keep_freed_memory, map_big_blocks
+from tests.test_host_allocator import mapped_bytes
+assert map_big_blocks()
+before = mapped_bytes()
+block = torch.empty(8 * 2**20, dtype=torch.uint8)
+assert mapped_bytes() - before >= block.numel(), "an 8 MiB block came from the heap while loading"
+del block
+assert mapped_bytes() - before < 2**20, "the 8 MiB block stayed mapped after its free"
+assert keep_freed_memory()
+block = torch.empty(8 * 2**20, dtype=torch.uint8)
+assert mapped_bytes() - before < 2**20, "an 8 MiB block was mapped while serving"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_engine_loads_with_big_blocks_mapped_then_keeps_freed_memory(tiny_model, monkeypatch):
+    import backend.engine as engine_module
+
+    calls: list[str] = []
+    real_load = engine_module.load_model
+    monkeypatch.setattr(engine_module, "map_big_blocks", lambda: calls.append("map big blocks") or True)
+    monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: calls.append("keep freed memory") or True)
+    monkeypatch.setattr(engine_module, "load_model", lambda *a: calls.append("load") or real_load(*a))
+    with Engine(str(tiny_model("llama")), device="cpu", num_kv_blocks=16) as engine:
+        assert calls == ["map big blocks", "load", "keep freed memory"]
+        assert engine.describe()["malloc_keeps_freed_memory"] is True
+    calls.clear()
+
+    def broken(*a):
+        calls.append("load")
+        raise UnsupportedModelError("a broken checkpoint")
+
+    monkeypatch.setattr(engine_module, "load_model", broken)
+    with pytest.raises(UnsupportedModelError):
+        Engine(str(tiny_model("llama")), device="cpu", num_kv_blocks=16)
+    assert calls == ["map big blocks", "load", "keep freed memory"]  # a failed load restores the serving settings
 
 
 @pytest.mark.skipif(not glibc, reason="glibc malloc only")

@@ -194,8 +194,14 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         swapped = apply_quantization(model, method)
         quant_name = method.name
     target = getattr(model, "hf", model)  # the module whose names match the checkpoint
+    experts = None  # quantizes each layer's MoE experts as soon as they have streamed in
+    if method is not None:
+        from backend.quantization import ExpertsQuantizer
+
+        experts = ExpertsQuantizer(target, method)
+    on_loaded = experts.loaded if experts is not None and experts.sites else None
     if impl == "native":
-        model.load_checkpoint(path, device, dtype)  # native models map (and fuse) checkpoint names themselves
+        model.load_checkpoint(path, device, dtype, on_loaded)  # native models map (and fuse) checkpoint names
     elif not names_match(target, checkpoint_keys(path)):
         # The checkpoint needs transformers' own name conversions (renamed modules, per-expert MoE
         # tensors merged into fused ones...): let transformers' loader (also lazy, per tensor) do it.
@@ -211,14 +217,14 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
 
             swapped = quantize_loaded_linears(model, method)
     else:
-        report = StreamingLoader(target, device, dtype).load(path)
+        report = StreamingLoader(target, device, dtype, on_loaded=on_loaded).load(path)
         materialize_leftovers(target, report, device, cfg.model)
         if report.unexpected:
             logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])
     if method is not None:
         from backend.quantization import quantize_experts
 
-        quantize_experts(model, method)  # MoE experts (stacked parameters, not nn.Linear), right after loading
+        quantize_experts(model, method)  # experts not quantized while streaming (transformers' converter loaded them)
     model.eval()
     cpu_linear, swapped_linears = _swap_cpu_linears(model, cfg.cpu_linear, device, dtype)
     if impl == "transformers":

@@ -136,8 +136,11 @@ class StreamingLoader:
         device: torch.device,
         dtype: torch.dtype,
         rename: Callable[[str], str | None] | None = None,
+        on_loaded: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_loaded(name)`: called after each parameter is in place (the MoE experts quantizer's hook)."""
         self.model = model
+        self.on_loaded = on_loaded
         self.device = device
         self.dtype = dtype
         self.rename = rename
@@ -189,6 +192,14 @@ class StreamingLoader:
                 f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
             )
         set_tensor(self.model, name, tensor.to(device=self.device, dtype=dtype))
+        if self.on_loaded is not None:
+            self.on_loaded(name)
+
+
+def is_missing(param: torch.Tensor) -> bool:
+    """A parameter no checkpoint tensor filled: still on meta, unless quantization replaced it (MoE experts: a meta
+    placeholder beside their quantized modules, backend/quantization/experts.py)."""
+    return param.is_meta and not getattr(param, "flab_quantized_away", False)
 
 
 def materialize_leftovers(model: nn.Module, report: LoadReport, device: torch.device, model_name: str) -> None:
@@ -199,7 +210,7 @@ def materialize_leftovers(model: nn.Module, report: LoadReport, device: torch.de
         if target not in report.loaded and source in params and not params[source].is_meta:
             set_tensor(model, target, params[source])
             report.tied.append(target)
-    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if is_missing(p)]
     if missing:
         raise UnsupportedModelError(
             f"{model_name}: {len(missing)} weights were not found in the checkpoint (e.g. {missing[:4]}); the "

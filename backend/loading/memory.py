@@ -13,9 +13,10 @@ Scales take the activation dtype. "auto" keeps each tensor's checkpoint dtype; a
 floating tensors only. Pre-quantized checkpoints: their stored bytes are counted.
 
 MoE experts (tensors under an `experts.` module: per-expert 2-D weights or stacked 3-D ones) are quantized like
-linears in the steady state, but only once they have loaded (backend/quantization/experts.py): while loading they
-are held at full precision, so `load_peak_bytes` counts them so (and, for a checkpoint of per-expert tensors that
-only transformers' loader converts, every weight: it loads the whole model at full precision before quantizing).
+linears in the steady state, but only once a layer's experts have loaded (backend/quantization/experts.py), so
+`load_peak_bytes` holds one layer's experts (the largest) at full precision beside the quantized rest; for a
+checkpoint of per-expert tensors that only transformers' converter reads (no native implementation), every
+weight: it loads the whole model at full precision before quantizing.
 `peak_bytes` (what the host's memory check compares) is the larger of that and weights + KV cache.
 
 KV cache: bytes per token from backend.kv_cache.KVCacheSpec (the engine's own). With `engine=EngineKVSettings(...)`
@@ -288,7 +289,8 @@ def compute_estimate(
         notes.append(f"{method.describe()}: the checkpoint's quantized weights are counted as stored")
     on_the_fly = method if method is not None and method.on_the_fly and method.name in ON_THE_FLY else None
     quant_label = method.name if on_the_fly is not None else None
-    weight_bytes, quantized, experts_quantized, experts_full = 0, 0, 0, 0
+    weight_bytes, quantized, experts_quantized = 0, 0, 0
+    layer_extra: dict[str, int] = {}  # experts module -> its bytes at full precision beyond its quantized bytes
 
     def as_loaded(t: TensorMeta) -> int:  # its bytes unquantized
         return t.nbytes if dtype == "auto" or t.dtype not in FLOAT_DTYPES else t.numel * act_bytes
@@ -301,16 +303,17 @@ def compute_estimate(
             quantized += 1
             if _is_expert(t):
                 experts_quantized += size
-                experts_full += as_loaded(t)
+                module = t.name.partition(".experts.")[0]
+                layer_extra[module] = layer_extra.get(module, 0) + as_loaded(t) - size
         else:
             weight_bytes += as_loaded(t)
     load_peak = weight_bytes
-    if experts_full:
+    if layer_extra:
         per_expert_names = any(_PER_EXPERT.search(t.name) for t in tensors)
         if per_expert_names and _architecture(config) not in NATIVE_MODELS:
-            load_peak = sum(as_loaded(t) for t in tensors)  # transformers converts them: all at full precision
-        else:
-            load_peak = weight_bytes - experts_quantized + experts_full
+            load_peak = sum(as_loaded(t) for t in tensors)  # transformers' converter: all at full precision first
+        else:  # quantized as each layer's experts stream in: one layer's experts at full precision at a time
+            load_peak = weight_bytes + max(layer_extra.values())
         notes.append(
             f"MoE experts are quantized once they have loaded: the peak while loading is about "
             f"{format_bytes(load_peak)}"

@@ -166,8 +166,9 @@ class LlamaForCausalLM(nn.Module):
     def make_mlp(self, opts: ModelOptions, layer_idx: int) -> nn.Module:
         return MLP(opts)
 
-    def load_checkpoint(self, path: Path, device: torch.device, dtype: torch.dtype) -> None:
-        NativeWeightLoader(self, device, dtype).load(Path(path))
+    def load_checkpoint(self, path: Path, device: torch.device, dtype: torch.dtype, on_loaded=None) -> None:
+        """Stream the checkpoint in (backend/models/weights.py); `on_loaded(name)` as each parameter completes."""
+        NativeWeightLoader(self, device, dtype, on_loaded).load(Path(path))
         build_buffers(self, device)
 
     @torch.inference_mode()

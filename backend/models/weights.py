@@ -18,13 +18,14 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from backend.errors import UnsupportedModelError
 from backend.layers.rotary import RotaryEmbedding
-from backend.loading.checkpoint import iter_checkpoint, set_tensor
+from backend.loading.checkpoint import is_missing, iter_checkpoint, set_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,18 @@ class _State:
 
 
 class NativeWeightLoader:
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """`on_loaded(name)`: called with each parameter's name once it is complete (all its pieces in place); the MoE
+    experts quantizer (backend/quantization/experts.py) quantizes a layer's experts then, as the checkpoint streams."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        on_loaded: Callable[[str], None] | None = None,
+    ) -> None:
         self.model, self.device, self.dtype = model, torch.device(device), dtype
+        self.on_loaded = on_loaded
         self.modules = dict(model.named_modules())
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.quant = {n: m for n, m in self.modules.items() if hasattr(m, "load_tensor")}
@@ -93,6 +104,11 @@ class NativeWeightLoader:
                 f"the model expects {tuple(self.params[name].shape)}"
             )
         set_tensor(self.model, name, self._cast(tensor))
+        self._loaded(name)
+
+    def _loaded(self, name: str) -> None:
+        if self.on_loaded is not None:
+            self.on_loaded(name)
 
     def _put_region(self, region: Region, tensor: torch.Tensor) -> None:
         param = self.model.get_parameter(region.param)
@@ -107,7 +123,10 @@ class NativeWeightLoader:
                 f"{tuple(tensor.shape)}, expected {tuple(target.shape)}"
             )
         target.copy_(tensor)
-        self.state.filled.setdefault(region.param, [0, region.parts])[0] += 1
+        filled = self.state.filled.setdefault(region.param, [0, region.parts])
+        filled[0] += 1
+        if filled[0] == filled[1]:
+            self._loaded(region.param)
 
     def _put_shard(self, module_name: str, attr: str, index: int, tensor: torch.Tensor) -> None:
         parent_name, _, fused = module_name.rpartition(".")
@@ -182,7 +201,7 @@ class NativeWeightLoader:
         arch = type(self.model).__name__
         partial = [f"{p} ({got}/{want} pieces)" for p, (got, want) in self.state.filled.items() if got != want]
         partial += [f"{m}.{a}" for m, a in self.state.pending]
-        missing = [n for n, p in self.model.named_parameters(remove_duplicate=False) if p.is_meta]
+        missing = [n for n, p in self.model.named_parameters(remove_duplicate=False) if is_missing(p)]
         if missing or partial:
             raise UnsupportedModelError(
                 f"{arch}: the checkpoint lacks weights the model needs: missing {missing[:6]}"

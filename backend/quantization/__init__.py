@@ -24,7 +24,12 @@ from backend.errors import QuantizationError, UnsupportedModelError
 from backend.quantization.awq import AWQMethod
 from backend.quantization.base import QuantLinearBase, QuantMethod, module_matches
 from backend.quantization.compressed_tensors import CompressedTensorsMethod
-from backend.quantization.experts import QuantizedExperts, check_experts_quantization, quantize_experts
+from backend.quantization.experts import (
+    ExpertsQuantizer,
+    QuantizedExperts,
+    check_experts_quantization,
+    quantize_experts,
+)
 from backend.quantization.fp8 import Fp8Method
 from backend.quantization.fp8_checkpoint import Fp8CheckpointMethod
 from backend.quantization.gptq import GPTQMethod
@@ -39,6 +44,7 @@ __all__ = [
     "apply_quantization",
     "quantize_loaded_linears",
     "quantize_experts",
+    "ExpertsQuantizer",
     "check_experts_quantization",
     "QuantizedExperts",
     "checkpoint_quant_config",

@@ -10,8 +10,11 @@ count still sees them and memory holds one copy). Routers and expert biases stay
 forward (moe.Experts._product, layers/cpu/packed_experts.py) then runs one quantized product per expert that has
 tokens: a loop over experts, never over tokens.
 
-Peak memory: the full-precision experts are in memory as loaded, and each experts module is quantized then its
-dense weights dropped, so the peak is the full-precision model plus one layer's quantized experts.
+When: while the checkpoint streams in, each experts module is quantized as soon as both its weights have loaded
+(`ExpertsQuantizer.loaded`, called by the native and the streaming loaders), so the peak holds one layer's experts at
+full precision beside the quantized rest. A checkpoint that transformers' own loader converts (per-expert tensors
+for a model without a native implementation) arrives whole, at full precision: `quantize_experts` then quantizes
+every experts module after loading.
 """
 
 from __future__ import annotations
@@ -83,28 +86,61 @@ def _quantize_stack(method: QuantMethod, site: ExpertsSite, name: str) -> list[Q
     for e in range(stacked.shape[0]):
         weight = stacked[e].t() if site.transposed else stacked[e]  # (N, K)
         modules.append(method.quantize_dense(weight, f"{site.path}.{name}.{e}", stacked.dtype))
-    setattr(site.module, name, nn.Parameter(torch.empty_like(stacked, device="meta"), requires_grad=False))
+    placeholder = nn.Parameter(torch.empty_like(stacked, device="meta"), requires_grad=False)
+    placeholder.flab_quantized_away = True  # not a missing weight (backend/loading/checkpoint.is_missing)
+    placeholder._is_hf_initialized = True  # transformers' weight init leaves it alone
+    setattr(site.module, name, placeholder)
     return modules
 
 
-def quantize_experts(model: nn.Module, method: QuantMethod) -> int:
-    """Quantize every loaded experts module's weights with on-the-fly `method` (module docstring); returns how many
-    experts modules were quantized. A transformers model's experts then run through our ExpertsInterface function."""
-    if not method.on_the_fly:
-        return 0
-    count = 0
-    for site in experts_sites(model):
-        if method.skip(site.path) or getattr(site.module, "flab_quantized", None) is not None:
-            continue
-        up = _quantize_stack(method, site, site.up_name)
-        down = _quantize_stack(method, site, "down_proj")
-        site.module.flab_quantized = QuantizedExperts(method.name, up, down)
-        if hasattr(site.module, "is_transposed"):  # transformers: select our experts function (packed_experts.py)
-            from backend.layers.cpu.packed_experts import register_experts
+def _quantize_site(site: ExpertsSite, method: QuantMethod) -> None:
+    up = _quantize_stack(method, site, site.up_name)
+    down = _quantize_stack(method, site, "down_proj")
+    site.module.flab_quantized = QuantizedExperts(method.name, up, down)
+    if hasattr(site.module, "is_transposed"):  # transformers: select our experts function (packed_experts.py)
+        from backend.layers.cpu.packed_experts import register_experts
 
-            site.module.config._experts_implementation = register_experts()
-        count += 1
-    return count
+        site.module.config._experts_implementation = register_experts()
+
+
+def _to_quantize(model: nn.Module, method: QuantMethod) -> list[ExpertsSite]:
+    if not method.on_the_fly:
+        return []
+    return [
+        site
+        for site in experts_sites(model)
+        if not method.skip(site.path) and getattr(site.module, "flab_quantized", None) is None
+    ]
+
+
+class ExpertsQuantizer:
+    """Quantizes each experts module of `model` as soon as both its stacked weights have loaded: the loaders call
+    `loaded(name)` with each parameter's name (relative to `model`) once it is complete."""
+
+    def __init__(self, model: nn.Module, method: QuantMethod) -> None:
+        self.method = method
+        self.sites = {site.path: site for site in _to_quantize(model, method)}
+        self._complete: dict[str, set[str]] = {}
+
+    def loaded(self, name: str) -> None:
+        path, _, attr = name.rpartition(".")
+        site = self.sites.get(path)
+        if site is None or attr not in (site.up_name, "down_proj"):
+            return
+        complete = self._complete.setdefault(path, set())
+        complete.add(attr)
+        if len(complete) == 2:
+            _quantize_site(site, self.method)
+            del self.sites[path]
+
+
+def quantize_experts(model: nn.Module, method: QuantMethod) -> int:
+    """Quantize every loaded experts module not quantized yet with on-the-fly `method` (module docstring); returns
+    how many were quantized now. A transformers model's experts then run through our ExpertsInterface function."""
+    sites = _to_quantize(model, method)
+    for site in sites:
+        _quantize_site(site, method)
+    return len(sites)
 
 
 def check_experts_quantization(

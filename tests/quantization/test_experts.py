@@ -211,3 +211,74 @@ def test_checkpoint_with_quantized_experts_is_refused(moe_paths, tmp_path, fmt):
     for impl in ("native", "transformers"):
         with pytest.raises(QuantizationError, match="quantizes the MoE experts"):
             _engine(quantized_experts, impl, None)
+
+
+def _stacked_checkpoint(per_expert, folder):
+    """The same model saved with transformers 5's stacked expert tensors (`experts.gate_up_proj`, (E, 2I, H)):
+    names that match the transformers model, so the streaming loader (not transformers' converter) reads it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(per_expert, folder)
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
+    model = AutoModelForCausalLM.from_pretrained(per_expert, dtype=torch.float32)
+    state = {
+        k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight" or not model.config.tie_word_embeddings
+    }
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    return folder
+
+
+def _dense_when_quantized(monkeypatch) -> list[int]:
+    """Spy: for each experts module quantized, how many experts modules then hold full-precision weights."""
+    import backend.quantization as quantization
+    import backend.quantization.experts as experts_mod
+
+    seen: list[int] = []
+    real = experts_mod._quantize_site
+
+    def spy(site, method):
+        model_sites = experts_sites(spy.root) if spy.root is not None else [site]
+        seen.append(sum(not getattr(s.module, s.up_name).is_meta for s in model_sites))
+        real(site, method)
+
+    spy.root = None
+    real_init = experts_mod.ExpertsQuantizer.__init__
+
+    def init(self, model, method):
+        spy.root = model
+        real_init(self, model, method)
+
+    def after_loading(model, method):  # what the loader calls once the whole model has loaded
+        spy.root = model
+        return real_after(model, method)
+
+    real_after = quantization.quantize_experts
+    monkeypatch.setattr(experts_mod, "_quantize_site", spy)
+    monkeypatch.setattr(experts_mod.ExpertsQuantizer, "__init__", init)
+    monkeypatch.setattr(quantization, "quantize_experts", after_loading)
+    return seen
+
+
+@pytest.mark.parametrize("impl, layout", [("native", "per-expert"), ("transformers", "stacked")])
+def test_experts_are_quantized_while_the_checkpoint_streams(moe_paths, tmp_path, monkeypatch, impl, layout):
+    """Each layer's experts are quantized as soon as they have loaded: no two layers' experts are ever at full
+    precision at once; the result is the same as quantizing after loading (transformers' converter path)."""
+    path = moe_paths["mixtral"] if layout == "per-expert" else _stacked_checkpoint(moe_paths["mixtral"], tmp_path / "s")
+    seen = _dense_when_quantized(monkeypatch)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    with _engine(path, impl, "int8") as engine:
+        assert seen == [1, 1]  # two layers, each quantized alone (after loading it would be [2, 1])
+        streamed = [_dequantized_stacks(h) for h in _holders(engine)]
+        tokens = engine.generate(["Hello world! Once upon"], params)[0].token_ids
+    seen.clear()
+    with _engine(moe_paths["mixtral"], "transformers", "int8") as after:  # converter: quantized after loading
+        assert seen == [2, 1]
+        for mine, theirs in zip(streamed, [_dequantized_stacks(h) for h in _holders(after)]):
+            assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+        assert after.generate(["Hello world! Once upon"], params)[0].token_ids == tokens

@@ -9,7 +9,9 @@ The plan is transformers': `config.base_model_tp_plan` (module / parameter patte
     colwise_gather_output / colwise_rep   colwise, then every rank gets the whole output
     rowwise_split_input / rowwise_rep     rowwise on a replicated input (each rank slices it)
     packed_colwise / packed_rowwise       the same split of each half of a packed [gate; up] dim
-    moe_tp_experts                the experts module's outputs are partial sums: summed over ranks
+    moe_tp_experts                the experts module's outputs are partial sums: summed over ranks (its stacked
+                                  parameters split by their own entries; experts quantized on the fly: each
+                                  expert's quantized linears split the same way, backend/distributed/experts.py)
     embedding_rowwise             vocab-parallel embedding
     replicate / replicated_with_grad_allreduce    whole on every rank
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from backend.distributed.comm import TPContext
+from backend.distributed.experts import is_quantized_stack, shard_quantized_stack
 from backend.distributed.hooks import (
     GatherLogits,
     GatherOutput,
@@ -100,6 +103,7 @@ def shard_transformers(model: nn.Module, ctx: TPContext) -> tuple[list[ShardHook
                 styled[name] = style
                 break
     split_attention: set[str] = set()
+    experts_summary: dict = {}
     for name, style in styled.items():
         if name in (embed_path, head_path) or style in REPLICATED:
             continue
@@ -110,7 +114,7 @@ def shard_transformers(model: nn.Module, ctx: TPContext) -> tuple[list[ShardHook
         if style == "embedding_rowwise":
             continue  # the embedding is handled below
         if _is_param(hf, name):
-            _shard_param(hf, name, style, ctx)
+            _shard_param(hf, name, style, ctx, experts_summary)
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = hf.get_submodule(parent_name) if parent_name else hf
@@ -140,6 +144,7 @@ def shard_transformers(model: nn.Module, ctx: TPContext) -> tuple[list[ShardHook
         kv_heads=[heads.kv_start, heads.kv_start + heads.kv_count] if split_attention else [0, num_kv],
         kv_heads_replicated=heads.kv_replicated if split_attention else True,
     )
+    summary.update(experts_summary)
     summary.update(_shard_vocab(model, hf, embed, embed_path, lm_head, head_path, ctx, hooks))
     return hooks, summary
 
@@ -162,15 +167,25 @@ def _col_rows(module, parent, style, heads, num_heads, num_kv, ctx, name) -> tor
     return torch.arange(a, b, device=device)
 
 
-def _shard_param(hf: nn.Module, name: str, style: str, ctx: TPContext) -> None:
-    """A stacked parameter (MoE experts): colwise / packed_colwise split dim -2, rowwise split the last dim."""
+def _shard_param(hf: nn.Module, name: str, style: str, ctx: TPContext, summary: dict) -> None:
+    """A stacked parameter (MoE experts): colwise / packed_colwise split dim -2, rowwise split the last dim. Experts
+    quantized on the fly (a meta placeholder for the stacked weight): the same split of each expert's quantized
+    linear (backend/distributed/experts.py)."""
     module_name, _, leaf = name.rpartition(".")
     module = hf.get_submodule(module_name)
-    p = getattr(module, leaf).detach()
+    param = getattr(module, leaf)
+    p = param.detach()
     if style in ROWWISE | SPLIT_INPUT | {"packed_rowwise"} and (p.ndim < 2 or leaf.endswith("bias")):
         # the module adds it inside its own forward, before the partial sums are added up: tp_size times
         raise UnsupportedModelError(
             f"{name}: a row-parallel bias parameter ({style!r}) would be added once per rank; use tp_size=1"
+        )
+    if getattr(module, "has_bias", False) and hasattr(module, "is_transposed") and p.ndim == 3:
+        # experts biases (E, N) are neither in the plans nor split with the weights: the down bias would be added
+        # once per rank and the up bias would not match the rank's outputs
+        raise UnsupportedModelError(
+            f"{name}: the plan splits experts whose modules add biases inside their forward ({type(module).__name__}); "
+            "tensor parallelism does not split these experts: use tp_size=1"
         )
     if p.ndim < 2:
         dim = 0
@@ -180,10 +195,17 @@ def _shard_param(hf: nn.Module, name: str, style: str, ctx: TPContext) -> None:
     if style in PACKED:
         half = size // 2
         a, b = even_range(half, ctx.rank, ctx.world_size, name)
-        index = ranges_index([(a, b), (half + a, half + b)], p.device)
+        ranges = [(a, b), (half + a, half + b)]
     else:
         a, b = even_range(size, ctx.rank, ctx.world_size, name)
-        index = torch.arange(a, b, device=p.device)
+        ranges = [(a, b)]
+    if p.ndim == 3 and leaf != "down_proj":
+        summary.setdefault("experts_intermediate", [a, b])
+    if p.ndim == 3 and is_quantized_stack(module, leaf):
+        shard_quantized_stack(module, leaf, dim, ranges, bool(getattr(module, "is_transposed", False)), name)
+        summary.setdefault("experts_quantized", module.flab_quantized.method)
+        return
+    index = ranges_index(ranges, p.device)
     setattr(module, leaf, nn.Parameter(p.index_select(dim, index).contiguous(), requires_grad=False))
 
 

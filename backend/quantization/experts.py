@@ -86,11 +86,16 @@ def _quantize_stack(method: QuantMethod, site: ExpertsSite, name: str) -> list[Q
     for e in range(stacked.shape[0]):
         weight = stacked[e].t() if site.transposed else stacked[e]  # (N, K)
         modules.append(method.quantize_dense(weight, f"{site.path}.{name}.{e}", stacked.dtype))
-    placeholder = nn.Parameter(torch.empty_like(stacked, device="meta"), requires_grad=False)
+    setattr(site.module, name, quantized_placeholder(tuple(stacked.shape), stacked.dtype))
+    return modules
+
+
+def quantized_placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    """The meta parameter left in place of stacked experts weights quantized per expert (`shape` theirs)."""
+    placeholder = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
     placeholder.flab_quantized_away = True  # not a missing weight (backend/loading/checkpoint.is_missing)
     placeholder._is_hf_initialized = True  # transformers' weight init leaves it alone
-    setattr(site.module, name, placeholder)
-    return modules
+    return placeholder
 
 
 def _quantize_site(site: ExpertsSite, method: QuantMethod) -> None:
@@ -146,21 +151,15 @@ def quantize_experts(model: nn.Module, method: QuantMethod) -> int:
 def check_experts_quantization(
     model: nn.Module, method: QuantMethod, tp_size: int, checkpoint_keys: Callable[[], set[str]]
 ) -> None:
-    """Refuse, before loading, what would run MoE experts wrongly or not as asked (model built on meta):
+    """Refuse, before loading, what would run MoE experts wrongly or not as asked (model built on meta): a
+    quantized checkpoint whose experts are quantized too (GPTQ / AWQ / compressed-tensors / FP8 tensors under an
+    `experts.` module): only linears load quantized tensors, so such experts would be missing or wrong.
 
-    - on-the-fly quantization with tensor parallelism: the TP sharding (backend/distributed) slices the experts'
-      stacked parameters, and quantized experts are per-expert quantized modules it does not slice;
-    - a quantized checkpoint whose experts are quantized too (GPTQ / AWQ / compressed-tensors / FP8 tensors under
-      an `experts.` module): only linears load quantized tensors, so such experts would be missing or wrong."""
-    sites = experts_sites(model)
-    if not sites:
+    Experts quantized on the fly run with any `tp_size`: tensor parallelism slices each expert's quantized linears
+    to the rank's part of the intermediate size (backend/distributed/experts.py), so `tp_size` refuses nothing here;
+    a split that does not hold whole int4 / fp8 groups is refused when the ranks shard the loaded model."""
+    if not experts_sites(model):
         return
-    if method.on_the_fly and tp_size > 1:
-        raise QuantizationError(
-            f"quantization {method.name!r} with tp_size={tp_size}: this MoE model's experts would be quantized "
-            "per expert, and tensor parallelism slices only full-precision stacked experts; use tp_size=1 with "
-            "quantization, or quantization=None with tensor parallelism"
-        )
     if not method.on_the_fly:
         quantized = sorted(
             k for k in checkpoint_keys() if ".experts." in k and k.rpartition(".")[2] not in _DENSE_NAMES

@@ -1,12 +1,14 @@
 """Tensor parallelism end to end on CPU: gloo, 2 ranks (this process is rank 0, one spawned worker), tiny models.
 
 Greedy tokens with tp_size=2 equal tp_size=1 (fp32) for both implementations, a GQA model, a model with fewer
-kv heads than ranks, MoE models, int8 and int4. One worker group serves the whole module (process start is the
-slow part); each case loads its model on it and unloads it when the engine closes."""
+kv heads than ranks, MoE models (full precision and experts quantized on the fly), int8 and int4. One worker
+group serves the whole module (process start is the slow part); each case loads its model on it and unloads it
+when the engine closes."""
 
 from __future__ import annotations
 
 import pytest
+from transformers import AutoConfig
 
 from backend import Engine, SamplingParams
 from backend.distributed import TensorParallelGroup, TPOptions
@@ -70,6 +72,53 @@ def test_tp2_greedy_tokens_equal_tp1(group, tiny_model, case):
         assert [r["kv_heads"] for r in ranks] == [[0, 1], [1, 2]]
     assert [r["q_heads"] for r in ranks] == [[0, 2], [2, 4]]
     assert ranks[0]["vocab_rows"][1] == ranks[1]["vocab_rows"][0]
+
+
+QUANTIZED_MOE = {
+    "native-mixtral-int8": ("mixtral", {}, dict(model_impl="native", quantization="int8")),
+    "transformers-mixtral-int4": ("mixtral", {}, dict(model_impl="transformers", quantization="int4:g32")),
+    "native-qwen2_moe-int4": (
+        "qwen2_moe",
+        dict(moe_intermediate_size=64),
+        dict(model_impl="native", quantization="int4:g32"),
+    ),
+    "transformers-qwen2_moe-int8": ("qwen2_moe", {}, dict(model_impl="transformers", quantization="int8")),
+}
+SLOW_QUANTIZED_MOE = {
+    "native-mixtral-int4": ("mixtral", {}, dict(model_impl="native", quantization="int4:g32")),
+    "transformers-mixtral-int8": ("mixtral", {}, dict(model_impl="transformers", quantization="int8")),
+    "native-qwen2_moe-int8": ("qwen2_moe", {}, dict(model_impl="native", quantization="int8")),
+    "transformers-qwen2_moe-int4": (
+        "qwen2_moe",
+        dict(moe_intermediate_size=64),
+        dict(model_impl="transformers", quantization="int4:g32"),
+    ),
+    "native-mixtral-fp8": ("mixtral", {}, dict(model_impl="native", quantization="fp8")),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    sorted(QUANTIZED_MOE) + [pytest.param(c, marks=pytest.mark.slow) for c in sorted(SLOW_QUANTIZED_MOE)],
+)
+def test_tp2_quantized_experts_greedy_tokens_equal_tp1(group, tiny_model, case):
+    """Experts quantized on the fly: each rank holds every expert's quantized linears for its slice of the
+    intermediate size (the slices exactly the full layers' rows / columns, with their scales)."""
+    arch, overrides, options = {**QUANTIZED_MOE, **SLOW_QUANTIZED_MOE}[case]
+    path = tiny_model(arch, **overrides)
+    inter = AutoConfig.from_pretrained(path)
+    inter = getattr(inter, "moe_intermediate_size", None) or inter.intermediate_size
+    ranks = check_same_tokens(group, path, **options)["ranks"]
+    assert [r["experts_intermediate"] for r in ranks] == [[0, inter // 2], [inter // 2, inter]]
+    assert [r["experts_quantized"] for r in ranks] == [options["quantization"].partition(":")[0]] * 2
+
+
+def test_tp2_int4_experts_off_group_boundaries_are_refused(group, tiny_model):
+    """96 intermediate columns in 3 int4 groups of 32: 48 per rank would cut a group."""
+    path = tiny_model("mixtral", intermediate_size=96)
+    with pytest.raises(UnsupportedModelError, match=r"experts.down_proj.0: the shard's input features \[0, 48\) do "
+                       r"not hold whole quantization groups of 32"):  # fmt: skip
+        make_tp_engine(str(path), group=group, **ENGINE, model_impl="native", quantization="int4:g32")
 
 
 @pytest.mark.slow

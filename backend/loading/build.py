@@ -190,7 +190,7 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         from backend.quantization import apply_quantization, check_experts_quantization
 
         method.check_device(device)
-        check_experts_quantization(model, method, cfg.tp_size, lambda: checkpoint_keys(path))  # MoE refusals
+        check_experts_quantization(model, method, lambda: checkpoint_keys(path))  # MoE refusals
         swapped = apply_quantization(model, method)
         quant_name = method.name
     target = getattr(model, "hf", model)  # the module whose names match the checkpoint

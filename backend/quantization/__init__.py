@@ -3,7 +3,7 @@ transformers models.
 
     method = resolve_quantization(requested, hf_config)     # None, or a QuantMethod
     method.check_device(device)
-    check_experts_quantization(model, method, tp_size, keys) # refusals for MoE experts (experts.py)
+    check_experts_quantization(model, method, keys)         # refusals for MoE experts (experts.py)
     swapped = apply_quantization(model, method)             # on the meta model, before loading
     ... loader: module.load_tensor(name, tensor, device, dtype) per tensor, module.finalize() once ...
     quantize_experts(model, method)                         # after loading: MoE experts (stacked, not nn.Linear)

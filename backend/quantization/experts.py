@@ -148,16 +148,14 @@ def quantize_experts(model: nn.Module, method: QuantMethod) -> int:
     return len(sites)
 
 
-def check_experts_quantization(
-    model: nn.Module, method: QuantMethod, tp_size: int, checkpoint_keys: Callable[[], set[str]]
-) -> None:
+def check_experts_quantization(model: nn.Module, method: QuantMethod, checkpoint_keys: Callable[[], set[str]]) -> None:
     """Refuse, before loading, what would run MoE experts wrongly or not as asked (model built on meta): a
     quantized checkpoint whose experts are quantized too (GPTQ / AWQ / compressed-tensors / FP8 tensors under an
     `experts.` module): only linears load quantized tensors, so such experts would be missing or wrong.
 
     Experts quantized on the fly run with any `tp_size`: tensor parallelism slices each expert's quantized linears
-    to the rank's part of the intermediate size (backend/distributed/experts.py), so `tp_size` refuses nothing here;
-    a split that does not hold whole int4 / fp8 groups is refused when the ranks shard the loaded model."""
+    to the rank's part of the intermediate size (backend/distributed/experts.py); a split that does not hold whole
+    int4 / fp8 groups is refused when the ranks shard the loaded model."""
     if not experts_sites(model):
         return
     if not method.on_the_fly:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -197,10 +198,11 @@ class RemoteEndpoint:
             body["frequency_penalty"] = params.frequency_penalty
         return body
 
-    def stream(
+    def open_stream(
         self, prompt: str | None = None, params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None
-    ) -> Iterator[StreamDelta]:
-        """POST /v1/completions with stream=True; one StreamDelta per chunk (see the module docstring)."""
+    ) -> "RemoteStream":
+        """One streaming POST /v1/completions as a handle: iterate it for its deltas; `abort()` from any thread ends
+        it at once, before its first chunk too (the engine's `open_stream`, over HTTP)."""
         params = params or SamplingParams()
         if (prompt is None) == (prompt_token_ids is None):
             raise EndpointError("give a prompt or prompt_token_ids (one of them)")
@@ -208,50 +210,14 @@ class RemoteEndpoint:
         with self._lock:
             rid = self._next_id
             self._next_id += 1
-        start = time.perf_counter()
-        text, num_tokens, ttft, reason = "", 0, None, None
-        output = RequestOutput(rid, prompt, list(prompt_token_ids or []), [], "", False, None)
-        try:
-            with httpx.stream(
-                "POST", self.api + "/completions", json=body, headers=self._headers(), timeout=self._timeout()
-            ) as response:
-                if response.status_code != 200:
-                    raise self._status_error(response, f"POST {self.api}/completions")
-                for chunk in _events(response):
-                    if "error" in chunk:
-                        raise RequestFailedError(f"request {rid} failed at the endpoint: {chunk['error']}", rid)
-                    for choice in chunk.get("choices") or []:
-                        piece = choice.get("text") or ""
-                        lp = choice.get("logprobs") or {}
-                        count = len(lp.get("tokens") or lp.get("token_logprobs") or []) or (1 if piece else 0)
-                        reason = choice.get("finish_reason") or reason
-                        if not (piece or count or reason):
-                            continue
-                        if ttft is None and (piece or count):
-                            ttft = time.perf_counter() - start
-                        text += piece
-                        num_tokens += count
-                        output = RequestOutput(rid, prompt, output.prompt_token_ids, [], text, False, None, ttft=ttft)
-                        yield StreamDelta(rid, piece, [], False, None, output, extra={"num_tokens": count})
-                    usage = chunk.get("usage")
-                    if usage and usage.get("completion_tokens") is not None:
-                        num_tokens = int(usage["completion_tokens"])
-        except httpx.HTTPError as e:
-            raise self._unreachable(e) from None
-        final = RequestOutput(
-            rid,
-            prompt,
-            output.prompt_token_ids,
-            [],
-            text,
-            True,
-            reason or "stop",
-            ttft=ttft,
-            latency=time.perf_counter() - start,
-        )
-        yield StreamDelta(
-            rid, "", [], True, final.finish_reason, final, extra={"num_tokens": 0, "total_tokens": num_tokens}
-        )
+        return RemoteStream(self, rid, prompt, list(prompt_token_ids or []), body)
+
+    def stream(
+        self, prompt: str | None = None, params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None
+    ) -> Iterator[StreamDelta]:
+        """POST /v1/completions with stream=True; one StreamDelta per chunk (see the module docstring)."""
+        with self.open_stream(prompt, params, prompt_token_ids) as handle:
+            yield from handle
 
     def generate(
         self,
@@ -283,6 +249,131 @@ class RemoteEndpoint:
             if isinstance(r, BaseException):
                 raise r
         return results  # type: ignore[return-value]
+
+
+class RemoteStream:
+    """One streaming request to an endpoint (RemoteEndpoint.open_stream), used like the engine's RequestStream:
+    iterate for its deltas (in one thread), `abort()` from any other. Aborting shuts the connection down, which
+    wakes a read still waiting for the first chunk (closing the response would not: the reading thread would wait
+    for the server's next chunk); the server sees its client go and aborts the request; the iteration ends with a
+    finished delta whose finish_reason is "abort". Leaving a `with` block aborts an unfinished request."""
+
+    def __init__(self, endpoint: RemoteEndpoint, rid: int, prompt: str | None, prompt_ids: list[int], body: dict):
+        self.endpoint, self.request_id, self.prompt, self.prompt_ids, self.body = (
+            endpoint,
+            rid,
+            prompt,
+            prompt_ids,
+            body,
+        )
+        self.finished = False
+        self._aborted = False
+        self._response: httpx.Response | None = None
+        self._lock = threading.Lock()
+        self._deltas = self._run()
+
+    def __iter__(self) -> "RemoteStream":
+        return self
+
+    def __next__(self) -> StreamDelta:
+        return next(self._deltas)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            response = self._response
+        if response is not None and not self.finished:
+            _shut_down(response)
+
+    def close(self) -> None:
+        """Abort unless finished, and end the iteration (the iterating thread's call; others use `abort`)."""
+        if not self.finished:
+            self.abort()
+        try:
+            self._deltas.close()
+        except ValueError:  # another thread is inside next(): the abort ends its read, and so the iteration
+            pass
+
+    def __enter__(self) -> "RemoteStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _final(self, text: str, reason: str, ttft: float | None, start: float, num_tokens: int) -> StreamDelta:
+        self.finished = True
+        final = RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_ids,
+            [],
+            text,
+            True,
+            reason,
+            ttft=ttft,
+            latency=time.perf_counter() - start,
+        )
+        return StreamDelta(
+            self.request_id, "", [], True, reason, final, extra={"num_tokens": 0, "total_tokens": num_tokens}
+        )
+
+    def _run(self) -> Iterator[StreamDelta]:
+        ep, rid = self.endpoint, self.request_id
+        start = time.perf_counter()
+        text, num_tokens, ttft, reason = "", 0, None, None
+        try:
+            with httpx.stream(
+                "POST", ep.api + "/completions", json=self.body, headers=ep._headers(), timeout=ep._timeout()
+            ) as response:
+                with self._lock:
+                    self._response = response
+                    aborted = self._aborted
+                if aborted:
+                    _shut_down(response)
+                    yield self._final(text, "abort", ttft, start, num_tokens)
+                    return
+                if response.status_code != 200:
+                    raise ep._status_error(response, f"POST {ep.api}/completions")
+                for chunk in _events(response):
+                    if "error" in chunk:
+                        raise RequestFailedError(f"request {rid} failed at the endpoint: {chunk['error']}", rid)
+                    for choice in chunk.get("choices") or []:
+                        piece = choice.get("text") or ""
+                        lp = choice.get("logprobs") or {}
+                        count = len(lp.get("tokens") or lp.get("token_logprobs") or []) or (1 if piece else 0)
+                        reason = choice.get("finish_reason") or reason
+                        if not (piece or count or reason):
+                            continue
+                        if ttft is None and (piece or count):
+                            ttft = time.perf_counter() - start
+                        text += piece
+                        num_tokens += count
+                        output = RequestOutput(rid, self.prompt, self.prompt_ids, [], text, False, None, ttft=ttft)
+                        yield StreamDelta(rid, piece, [], False, None, output, extra={"num_tokens": count})
+                    usage = chunk.get("usage")
+                    if usage and usage.get("completion_tokens") is not None:
+                        num_tokens = int(usage["completion_tokens"])
+        except httpx.HTTPError as e:
+            if self._aborted:  # our own shutdown ended the read
+                yield self._final(text, "abort", ttft, start, num_tokens)
+                return
+            raise ep._unreachable(e) from None
+        yield self._final(
+            text, "abort" if self._aborted and reason is None else reason or "stop", ttft, start, num_tokens
+        )
+
+
+def _shut_down(response: httpx.Response) -> None:
+    """End the connection under `response` now, also for a thread blocked reading it (httpx's documented
+    `network_stream` extension gives the socket; shutdown wakes the read, close alone does not)."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+    response.close()
 
 
 def _events(response: httpx.Response) -> Iterator[dict]:

@@ -114,6 +114,7 @@ class EndpointWorkload:
         self._arrivals: list[_Arrival] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._streams: list = []  # RemoteStream handles of the requests sent (stop() aborts them)
         self._sampler: threading.Thread | None = None
         self.start_time = 0.0
         self.end_time: float | None = None
@@ -139,12 +140,16 @@ class EndpointWorkload:
                 res.finish_reason = "abort"
                 self.end_time = time.perf_counter()
             return
-        with self._lock:
-            res.request_id = i  # sent: streaming (the endpoint's own ids are not visible)
         stream = None
         try:
             text = self.prompts[i] if self.prompt_ids[i] is None else None
-            stream = self.endpoint.stream(text, self.params[i], prompt_token_ids=self.prompt_ids[i])
+            stream = self.endpoint.open_stream(text, self.params[i], prompt_token_ids=self.prompt_ids[i])
+            with self._lock:  # stop() now aborts it, or it sees the flag set before
+                res.request_id = i  # sent: streaming (the endpoint's own ids are not visible)
+                self._streams.append(stream)
+                cancelled = self.cancel.is_set()
+            if cancelled:
+                stream.abort()
             for delta in stream:
                 count = int(delta.extra.get("num_tokens", 0))
                 out = delta.output
@@ -184,8 +189,13 @@ class EndpointWorkload:
                 return
 
     def stop(self) -> None:
-        """Cancel: every stream stops at its next chunk and closes its connection."""
+        """Cancel: every stream sent so far is aborted now (its connection shut down, so the server aborts the
+        request, also one still waiting for its first token); the later ones are not sent."""
         self.cancel.set()
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.abort()
 
     @property
     def done(self) -> bool:

@@ -30,7 +30,7 @@ class RequestResult:
     def status(self) -> str:
         if self.error:
             return "error"
-        return self.finish_reason or ("running" if self.token_ids else "waiting")  # waiting: no token yet
+        return self.finish_reason or ("running" if self.num_tokens else "waiting")  # waiting: no token yet
 
 
 def _fmt(value: float | None, unit: str = "", digits: int = 1) -> str:

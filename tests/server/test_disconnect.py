@@ -1,13 +1,16 @@
 """A client that hangs up while its request still waits in the queue (no token yet) has it aborted at once, not
 when it would have reached its first token: with one running slot taken by a long request, the queued request's
-abort lands while the long one still runs."""
+abort lands while the long one still runs. The same for the app's endpoint client (RemoteStream.abort)."""
 
 from __future__ import annotations
+
+import threading
 
 import httpx
 import pytest
 
-from backend import Engine
+from backend import Engine, SamplingParams
+from backend.remote import RemoteEndpoint
 from backend.server import build_app
 from tests.helpers import wait_until
 from tests.server.conftest import start_server, wait_idle
@@ -62,3 +65,29 @@ def test_queued_request_of_a_gone_client_is_aborted_before_its_first_token(one_s
     assert stats.kv_blocks_used == 0 and stats.num_running == 0
     assert stats.finished.get("abort", 0) == aborts + 2
     engine.check_invariants()
+
+
+def test_a_remote_stream_aborted_before_its_first_token_ends_at_once(one_slot):
+    """RemoteEndpoint.open_stream (the app's endpoint runs): abort() from another thread shuts the connection down
+    while the reading thread still waits for the first chunk; the server aborts the queued request."""
+    engine, url = one_slot
+    endpoint = RemoteEndpoint(url + "/v1")
+    with httpx.Client(base_url=url, timeout=60) as client:
+        aborts = engine.stats().finished.get("abort", 0)
+        long = _start_long(client, engine)
+        try:
+            handle = endpoint.open_stream(prompt_token_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=8))
+            deltas: list = []
+            reader = threading.Thread(target=lambda: deltas.extend(handle), daemon=True)
+            reader.start()
+            assert wait_until(lambda: engine.stats().num_waiting == 1)  # sent, queued, no chunk yet
+            handle.abort()
+            reader.join(timeout=30)
+            assert not reader.is_alive(), "the read did not end"
+            assert [(d.finished, d.finish_reason, d.text) for d in deltas] == [(True, "abort", "")]
+            assert wait_until(lambda: engine.stats().finished.get("abort", 0) == aborts + 1)
+            assert engine.stats().num_running == 1 and engine.stats().num_waiting == 0  # the long one still runs
+        finally:
+            long.close()
+    wait_idle(engine)
+    assert engine.stats().kv_blocks_used == 0

@@ -91,3 +91,27 @@ def test_a_remote_stream_aborted_before_its_first_token_ends_at_once(one_slot):
             long.close()
     wait_idle(engine)
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_the_apps_endpoint_run_stops_its_queued_requests_at_once(one_slot):
+    """The app's endpoint workload (ui/endpoint.py) on Stop: its requests still queued at the endpoint (the only
+    slot is another client's) are aborted now, not when they would have reached their first token."""
+    from ui.endpoint import EndpointWorkload
+
+    engine, url = one_slot
+    with httpx.Client(base_url=url, timeout=60) as client:
+        aborts = engine.stats().finished.get("abort", 0)
+        long = _start_long(client, engine)
+        try:
+            params = SamplingParams(max_new_tokens=8)
+            wl = EndpointWorkload(RemoteEndpoint(url + "/v1"), ["a", "b"], params, sample_metrics=False).start()
+            assert wait_until(lambda: engine.stats().num_waiting == 2)
+            wl.stop()
+            assert wl.wait(timeout=30), "the run did not stop"
+            assert [r.finish_reason for r in wl.snapshot()[0]] == ["abort", "abort"]
+            assert wait_until(lambda: engine.stats().finished.get("abort", 0) == aborts + 2)
+            assert engine.stats().num_running == 1, "the aborts waited for the other client's request to end"
+        finally:
+            long.close()
+    wait_idle(engine)
+    assert engine.stats().kv_blocks_used == 0

@@ -597,9 +597,9 @@ def _moe_tensors(per_expert: bool) -> list[TensorMeta]:
 
 @pytest.mark.parametrize("per_expert", [True, False])
 def test_moe_experts_are_quantized_but_load_at_full_precision_first(per_expert):
-    """Experts are quantized as each layer's have loaded (backend/quantization/experts.py): the steady weights count
-    them quantized, the load peak one layer's at full precision; a checkpoint of per-expert tensors for an
-    architecture without a native implementation loads through transformers' converter, all at full precision."""
+    """Experts are quantized as each layer's have loaded (backend/quantization/experts.py): the steady weights
+    count them quantized, the load peak one layer's at full precision; a checkpoint of per-expert tensors whose
+    conversion only transformers' converter applies loads whole, all at full precision."""
     tensors = _moe_tensors(per_expert)
     expert_params = 2 * 8 * 3 * 2048 * 1024
     full = compute_estimate({**MOE_CONFIG, "architectures": ["MixtralForCausalLM"]}, tensors, "auto")
@@ -612,8 +612,13 @@ def test_moe_experts_are_quantized_but_load_at_full_precision_first(per_expert):
     assert int4.load_peak_bytes - int4.weight_bytes == pytest.approx(expert_params / 2 * saved_per_param)
     assert int4.peak_bytes == max(int4.total_bytes, int4.load_peak_bytes)
     assert "peak while loading" in " ".join(int4.notes) and "at the peak of loading" in int4.human
-    other = compute_estimate({**MOE_CONFIG, "architectures": ["OlmoeForCausalLM"]}, tensors, "auto", "int4", 128)
-    if per_expert:  # transformers' converter: the whole model at full precision first
+    # no native implementation: OLMoE's declared conversion streams per-expert tensors in (conversions.py)
+    olmoe = {**MOE_CONFIG, "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe"}
+    assert compute_estimate(olmoe, tensors, "auto", "int4", 128).load_peak_bytes == int4.load_peak_bytes
+    # a conversion it does not stream (sarvam_moe): transformers' converter, the whole model at full precision first
+    sarvam = {**MOE_CONFIG, "architectures": ["SarvamMoEForCausalLM"], "model_type": "sarvam_moe"}
+    other = compute_estimate(sarvam, tensors, "auto", "int4", 128)
+    if per_expert:
         assert other.load_peak_bytes == full.weight_bytes
     else:  # stacked tensors stream in by name: as native
         assert other.load_peak_bytes == int4.load_peak_bytes

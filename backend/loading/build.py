@@ -22,6 +22,7 @@ from backend.layers.cpu.siblings import fuse_siblings
 from backend.layers.cpu.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loading import hub
 from backend.loading.checkpoint import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
+from backend.loading.conversions import streamable
 from backend.models import build_model, needs_weight_conversion, select_model_impl
 from backend.models.moe import Experts
 
@@ -200,9 +201,15 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
 
         experts = ExpertsQuantizer(target, method)
     on_loaded = experts.loaded if experts is not None and experts.sites else None
+    regions, needs_converter = None, False
+    if impl != "native":
+        keys = checkpoint_keys(path)
+        if not names_match(target, keys):  # per-expert MoE tensors streamed into stacked experts, if declared so
+            regions = streamable(hf_config, target, keys)  # (backend/loading/conversions.py)
+            needs_converter = regions is None
     if impl == "native":
         model.load_checkpoint(path, device, dtype, on_loaded)  # native models map (and fuse) checkpoint names
-    elif not names_match(target, checkpoint_keys(path)):
+    elif needs_converter:
         # The checkpoint needs transformers' own name conversions (renamed modules, per-expert MoE
         # tensors merged into fused ones...): let transformers' loader (also lazy, per tensor) do it.
         if method is not None and not method.on_the_fly:
@@ -217,7 +224,7 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
 
             swapped = quantize_loaded_linears(model, method)
     else:
-        report = StreamingLoader(target, device, dtype, on_loaded=on_loaded).load(path)
+        report = StreamingLoader(target, device, dtype, on_loaded=on_loaded, regions=regions).load(path)
         materialize_leftovers(target, report, device, cfg.model)
         if report.unexpected:
             logger.info("%d checkpoint tensors not used (e.g. %s)", len(report.unexpected), report.unexpected[:3])

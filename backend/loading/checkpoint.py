@@ -127,6 +127,47 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor
     return value
 
 
+@dataclass(frozen=True)
+class Region:
+    """Checkpoint tensor -> `param[index]` of a parameter of shape `shape` that receives `parts` pieces."""
+
+    param: str
+    index: tuple
+    shape: tuple[int, ...]
+    parts: int
+
+
+class RegionFiller:
+    """Checkpoint tensors into regions of parameters (per-expert tensors into stacked experts, shards into a fused
+    linear): the whole parameter is allocated on the device at its first piece, each piece copied into its place
+    (the parameter is never in memory twice)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.device, self.dtype = model, device, dtype
+        self.filled: dict[str, list[int]] = {}  # param -> [pieces received, pieces expected]
+
+    def put(self, region: Region, tensor: torch.Tensor) -> bool:
+        """Copy `tensor` into its region; True when that completed the parameter."""
+        param = self.model.get_parameter(region.param)
+        if param.is_meta:  # first piece: allocate the whole parameter on the device
+            param = set_tensor(
+                self.model, region.param, torch.empty(region.shape, device=self.device, dtype=self.dtype)
+            )
+        target = param.data[region.index]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise UnsupportedModelError(
+                f"checkpoint tensor for {region.param}{list(region.index)} has shape "
+                f"{tuple(tensor.shape)}, expected {tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+        filled = self.filled.setdefault(region.param, [0, region.parts])
+        filled[0] += 1
+        return filled[0] == filled[1]
+
+    def incomplete(self) -> list[str]:
+        return [f"{p} ({got}/{want} pieces)" for p, (got, want) in self.filled.items() if got != want]
+
+
 class StreamingLoader:
     """Maps checkpoint names to the model and puts each tensor in place."""
 
@@ -137,10 +178,15 @@ class StreamingLoader:
         dtype: torch.dtype,
         rename: Callable[[str], str | None] | None = None,
         on_loaded: Callable[[str], None] | None = None,
+        regions: Callable[[str], "str | Region"] | None = None,
     ) -> None:
-        """`on_loaded(name)`: called after each parameter is in place (the MoE experts quantizer's hook)."""
+        """`on_loaded(name)`: called after each parameter is in place (the MoE experts quantizer's hook).
+        `regions(name)`: a checkpoint name's model name, or the Region of a stacked parameter it fills
+        (backend/loading/conversions.py: per-expert MoE tensors)."""
         self.model = model
         self.on_loaded = on_loaded
+        self.regions = regions
+        self.filler = RegionFiller(model, device, dtype)
         self.device = device
         self.dtype = dtype
         self.rename = rename
@@ -167,12 +213,22 @@ class StreamingLoader:
     def load(self, checkpoint: Path) -> LoadReport:
         report = LoadReport()
         for raw_name, read in iter_checkpoint(checkpoint):
-            name = self._resolve(raw_name)
+            mapped = self.regions(raw_name) if self.regions is not None else raw_name
+            if isinstance(mapped, Region):
+                if self.filler.put(mapped, read()):
+                    report.loaded.add(mapped.param)
+                    if self.on_loaded is not None:
+                        self.on_loaded(mapped.param)
+                continue
+            name = self._resolve(mapped)
             if name is None:
                 report.unexpected.append(raw_name)
                 continue
             self.put(name, read())
             report.loaded.add(name)
+        partial = self.filler.incomplete()
+        if partial:
+            raise UnsupportedModelError(f"the checkpoint lacks pieces of stacked weights: {partial[:6]}")
         for module in self.quant_modules.values():
             module.finalize()
         return report

@@ -15,8 +15,8 @@ floating tensors only. Pre-quantized checkpoints: their stored bytes are counted
 MoE experts (tensors under an `experts.` module: per-expert 2-D weights or stacked 3-D ones) are quantized like
 linears in the steady state, but only once a layer's experts have loaded (backend/quantization/experts.py), so
 `load_peak_bytes` holds one layer's experts (the largest) at full precision beside the quantized rest; for a
-checkpoint of per-expert tensors that only transformers' converter reads (no native implementation), every
-weight: it loads the whole model at full precision before quantizing.
+checkpoint of per-expert tensors that only transformers' converter reads (no native implementation, and a
+conversion backend/loading/conversions.py does not stream), every weight: all at full precision first.
 `peak_bytes` (what the host's memory check compares) is the larger of that and weights + KV cache.
 
 KV cache: bytes per token from backend.kv_cache.KVCacheSpec (the engine's own). With `engine=EngineKVSettings(...)`
@@ -47,6 +47,7 @@ from backend.errors import ModelNotFoundError, UnsupportedModelError
 from backend.kv_cache import KVCacheSpec, KVSlot
 from backend.kv_sizing import model_context_len, plan_kv_cache
 from backend.loading.builtin import find_builtin, resolve_builtin
+from backend.loading.conversions import streams_experts
 from backend.loading.hub_common import (
     FLOAT_DTYPES,
     GGUF_MESSAGE,
@@ -310,7 +311,8 @@ def compute_estimate(
     load_peak = weight_bytes
     if layer_extra:
         per_expert_names = any(_PER_EXPERT.search(t.name) for t in tensors)
-        if per_expert_names and _architecture(config) not in NATIVE_MODELS:
+        converted = _architecture(config) not in NATIVE_MODELS and not streams_experts(text.get("model_type"))
+        if per_expert_names and converted:
             load_peak = sum(as_loaded(t) for t in tensors)  # transformers' converter: all at full precision first
         else:  # quantized as each layer's experts stream in: one layer's experts at full precision at a time
             load_peak = weight_bytes + max(layer_extra.values())

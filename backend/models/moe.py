@@ -21,9 +21,9 @@ from transformers import PretrainedConfig
 
 from backend.layers.activation import act_and_mul
 from backend.layers.cpu.packed import can_pack, pack_stacked, packed_linear
+from backend.loading.checkpoint import Region
 from backend.models.llama import MLP, LlamaForCausalLM
 from backend.models.options import ModelOptions, options_from_config, uniform_windows
-from backend.models.weights import Region
 
 _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}

@@ -25,7 +25,7 @@ from torch import nn
 
 from backend.errors import UnsupportedModelError
 from backend.layers.rotary import RotaryEmbedding
-from backend.loading.checkpoint import is_missing, iter_checkpoint, set_tensor
+from backend.loading.checkpoint import Region, RegionFiller, is_missing, iter_checkpoint, set_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +39,6 @@ class StackedParam:
     index: int  # position of the shard inside the fused output dim
 
 
-@dataclass(frozen=True)
-class Region:
-    """Checkpoint tensor -> `param[index]` of a parameter of shape `shape` that receives `parts` pieces."""
-
-    param: str
-    index: tuple
-    shape: tuple[int, ...]
-    parts: int
-
-
 LLAMA_STACKED: tuple[StackedParam, ...] = (
     StackedParam("qkv_proj", "q_proj", 0),
     StackedParam("qkv_proj", "k_proj", 1),
@@ -60,7 +50,6 @@ LLAMA_STACKED: tuple[StackedParam, ...] = (
 
 @dataclass
 class _State:
-    filled: dict[str, list[int]] = field(default_factory=dict)  # param -> [pieces received, pieces expected]
     pending: dict[tuple[str, str], list[torch.Tensor | None]] = field(default_factory=dict)  # quantized shards
     unexpected: list[str] = field(default_factory=list)
 
@@ -78,6 +67,7 @@ class NativeWeightLoader:
     ) -> None:
         self.model, self.device, self.dtype = model, torch.device(device), dtype
         self.on_loaded = on_loaded
+        self.filler = RegionFiller(model, self.device, dtype)
         self.modules = dict(model.named_modules())
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.quant = {n: m for n, m in self.modules.items() if hasattr(m, "load_tensor")}
@@ -111,21 +101,7 @@ class NativeWeightLoader:
             self.on_loaded(name)
 
     def _put_region(self, region: Region, tensor: torch.Tensor) -> None:
-        param = self.model.get_parameter(region.param)
-        if param.is_meta:  # first piece: allocate the whole parameter on the device
-            param = set_tensor(
-                self.model, region.param, torch.empty(region.shape, device=self.device, dtype=self.dtype)
-            )
-        target = param.data[region.index]
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise UnsupportedModelError(
-                f"checkpoint tensor for {region.param}{list(region.index)} has shape "
-                f"{tuple(tensor.shape)}, expected {tuple(target.shape)}"
-            )
-        target.copy_(tensor)
-        filled = self.state.filled.setdefault(region.param, [0, region.parts])
-        filled[0] += 1
-        if filled[0] == filled[1]:
+        if self.filler.put(region, tensor):  # copy_ casts to the parameter's device and dtype
             self._loaded(region.param)
 
     def _put_shard(self, module_name: str, attr: str, index: int, tensor: torch.Tensor) -> None:
@@ -199,7 +175,7 @@ class NativeWeightLoader:
 
     def _check(self) -> None:
         arch = type(self.model).__name__
-        partial = [f"{p} ({got}/{want} pieces)" for p, (got, want) in self.state.filled.items() if got != want]
+        partial = self.filler.incomplete()
         partial += [f"{m}.{a}" for m, a in self.state.pending]
         missing = [n for n, p in self.model.named_parameters(remove_duplicate=False) if is_missing(p)]
         if missing or partial:

@@ -268,10 +268,16 @@ def _dense_when_quantized(monkeypatch) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("impl, layout", [("native", "per-expert"), ("transformers", "stacked")])
+@pytest.mark.parametrize(
+    "impl, layout",
+    [("native", "per-expert"), ("transformers", "per-expert"), ("transformers", "stacked")],
+)
 def test_experts_are_quantized_while_the_checkpoint_streams(moe_paths, tmp_path, monkeypatch, impl, layout):
     """Each layer's experts are quantized as soon as they have loaded: no two layers' experts are ever at full
-    precision at once; the result is the same as quantizing after loading (transformers' converter path)."""
+    precision at once (per-expert tensors stream into the stacked experts: backend/loading/conversions.py); the
+    result is the same as quantizing after transformers' own converter has loaded the whole model."""
+    import backend.loading.build as build
+
     path = moe_paths["mixtral"] if layout == "per-expert" else _stacked_checkpoint(moe_paths["mixtral"], tmp_path / "s")
     seen = _dense_when_quantized(monkeypatch)
     params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
@@ -280,7 +286,8 @@ def test_experts_are_quantized_while_the_checkpoint_streams(moe_paths, tmp_path,
         streamed = [_dequantized_stacks(h) for h in _holders(engine)]
         tokens = engine.generate(["Hello world! Once upon"], params)[0].token_ids
     seen.clear()
-    with _engine(moe_paths["mixtral"], "transformers", "int8") as after:  # converter: quantized after loading
+    monkeypatch.setattr(build, "streamable", lambda *a: None)  # transformers' converter: the whole model first
+    with _engine(moe_paths["mixtral"], "transformers", "int8") as after:
         assert seen == [2, 1]
         for mine, theirs in zip(streamed, [_dequantized_stacks(h) for h in _holders(after)]):
             assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])

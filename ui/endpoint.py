@@ -1,8 +1,8 @@
 """An OpenAI-compatible endpoint (backend/remote.py) as a target in the app: its stream consumer and views.
 
-`EndpointWorkload` has the shape of ui/workload.Workload (start / stop / wait / done / wall_s / snapshot ->
-(results, Series)), so the Generate and Compare tabs draw an endpoint's run with the same ui/plots.py builders
-and ui/summary.py tables as our engine's:
+`EndpointWorkload` shares ui/workload.StreamRuns with the engine's Workload (start / stop / wait / done / wall_s;
+snapshot -> (results, Series)), so the Generate and Compare tabs draw an endpoint's run with the same ui/plots.py
+builders and ui/summary.py tables as our engine's:
 
   - a "step" of the endpoint is a burst of streamed chunks that arrive within MERGE_S of each other (the client
     cannot see the server's steps); its duration is the time since the previous burst. A request's first chunk
@@ -29,6 +29,7 @@ from backend.hosting import HostingError
 from backend.remote import EndpointError, RemoteEndpoint
 from ui.plots import PALETTE, Series, _blank_axes, _layout
 from ui.summary import RequestResult
+from ui.workload import StreamRuns
 
 MERGE_S = 0.002  # chunks closer than this are one burst (one "step")
 METRICS_EVERY_S = 0.5
@@ -83,7 +84,7 @@ class _Arrival:
 
 
 @dataclass
-class EndpointWorkload:
+class EndpointWorkload(StreamRuns):
     """Several prompts at once on an endpoint: one streaming request (thread) per prompt, plus a /metrics sampler.
 
     `prompt_ids`: per prompt, token ids to send instead of the text (Compare sends our tokenizer's ids, so both
@@ -112,19 +113,12 @@ class EndpointWorkload:
         self.metrics_source: str | None = None
         self.metrics_error: str | None = None
         self._arrivals: list[_Arrival] = []
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._streams: list = []  # RemoteStream handles of the requests sent (stop() aborts them)
         self._sampler: threading.Thread | None = None
-        self.start_time = 0.0
-        self.end_time: float | None = None
+        self._init_runs()
 
     def start(self) -> EndpointWorkload:
         self.start_time = time.perf_counter()
-        for i in range(len(self.results)):
-            t = threading.Thread(target=self._consume, args=(i,), name=f"ui-endpoint-{i}", daemon=True)
-            self._threads.append(t)
-            t.start()
+        self._launch("ui-endpoint")
         if self.sample_metrics:
             self._sampler = threading.Thread(target=self._sample, name="ui-endpoint-metrics", daemon=True)
             self._sampler.start()
@@ -133,46 +127,20 @@ class EndpointWorkload:
     def _now(self) -> float:
         return time.perf_counter() - self.start_time
 
-    def _consume(self, i: int) -> None:
-        res = self.results[i]
-        if self.gap_s and self.cancel.wait(i * self.gap_s):
-            with self._lock:
-                res.finish_reason = "abort"
-                self.end_time = time.perf_counter()
-            return
-        stream = None
-        try:
-            text = self.prompts[i] if self.prompt_ids[i] is None else None
-            stream = self.endpoint.open_stream(text, self.params[i], prompt_token_ids=self.prompt_ids[i])
-            with self._lock:  # stop() now aborts it, or it sees the flag set before
-                res.request_id = i  # sent: streaming (the endpoint's own ids are not visible)
-                self._streams.append(stream)
-                cancelled = self.cancel.is_set()
-            if cancelled:
-                stream.abort()
-            for delta in stream:
-                count = int(delta.extra.get("num_tokens", 0))
-                out = delta.output
-                with self._lock:
-                    if count:
-                        self._arrivals.append(_Arrival(self._now(), i, count, res.count == 0))
-                    res.count += count
-                    if delta.finished and delta.extra.get("total_tokens") is not None:
-                        res.count = int(delta.extra["total_tokens"])
-                    res.text, res.ttft, res.latency = out.text, out.ttft, out.latency
-                    res.finish_reason = out.finish_reason if delta.finished else None
-                if self.cancel.is_set() and not delta.finished:
-                    break
-            if self.cancel.is_set() and res.finish_reason is None:
-                res.finish_reason = "abort"
-        except Exception as e:  # an endpoint error fails this row; the status line says it (see `error`)
-            with self._lock:
-                res.error = f"{type(e).__name__}: {e}"
-        finally:
-            if stream is not None:
-                stream.close()  # closes the HTTP stream: the server aborts the request
-            with self._lock:
-                self.end_time = time.perf_counter()
+    def _open(self, i: int):
+        text = self.prompts[i] if self.prompt_ids[i] is None else None
+        return self.endpoint.open_stream(text, self.params[i], prompt_token_ids=self.prompt_ids[i])
+
+    def _take(self, i: int, delta) -> None:
+        res, out = self.results[i], delta.output
+        count = int(delta.extra.get("num_tokens", 0))
+        if count:
+            self._arrivals.append(_Arrival(self._now(), i, count, res.count == 0))
+        res.count += count
+        if delta.finished and delta.extra.get("total_tokens") is not None:
+            res.count = int(delta.extra["total_tokens"])
+        res.text, res.ttft, res.latency = out.text, out.ttft, out.latency
+        res.finish_reason = out.finish_reason if delta.finished else None
 
     def _sample(self) -> None:
         while True:
@@ -187,30 +155,6 @@ class EndpointWorkload:
                     self.samples.append(MetricsSample(self._now(), m.kv_usage, m.num_running, m.num_waiting))
             if m.source is None or self.done or self.cancel.wait(METRICS_EVERY_S):
                 return
-
-    def stop(self) -> None:
-        """Cancel: every stream sent so far is aborted now (its connection shut down, so the server aborts the
-        request, also one still waiting for its first token); the later ones are not sent."""
-        self.cancel.set()
-        with self._lock:
-            streams = list(self._streams)
-        for stream in streams:
-            stream.abort()
-
-    @property
-    def done(self) -> bool:
-        return all(not t.is_alive() for t in self._threads)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        for t in self._threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.perf_counter()))
-        return self.done
-
-    @property
-    def wall_s(self) -> float:
-        end = self.end_time if self.done and self.end_time is not None else time.perf_counter()
-        return end - self.start_time
 
     @property
     def error(self) -> str | None:

@@ -1,4 +1,5 @@
-"""Run several prompts at once on an engine: one engine.open_stream() consumer thread per request.
+"""Run several prompts at once on an engine: one engine.open_stream() consumer thread per request (StreamRuns,
+which ui/endpoint.py's EndpointWorkload shares).
 
 The engine's background loop batches them (continuous batching); this object only collects what each
 stream yields and the engine's per-step stats, so the UI can poll a snapshot a few times per second.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 
 from ui.plots import Series, series_from_stats
 from ui.summary import RequestResult
@@ -34,7 +36,96 @@ def split_prompts(prompt: str, mode: str, copies: int) -> list[str]:
     return [prompt] * max(1, int(copies)) if (prompt or "").strip() else []
 
 
-class Workload:
+class StreamRuns(ABC):
+    """What the engine's Workload (below) and ui/endpoint.py's EndpointWorkload share: one consumer thread per
+    request, staggered arrivals (request i waits i * `gap_s` seconds), Stop that aborts every request already sent,
+    also one still waiting for its first token, and the run's timing. A subclass sets `results`, `cancel` and
+    `gap_s`, calls `_init_runs()`, and says how a request is opened (`_open(i)` -> a stream handle: `request_id`,
+    iteration, `abort()` from any thread, `close()`) and what a delta changes (`_take(i, delta)`, under the lock)."""
+
+    results: list[RequestResult]
+    cancel: threading.Event
+    gap_s: float
+
+    def _init_runs(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._handles: list = []  # the stream handles of the requests sent (stop() aborts them)
+        self.start_time = 0.0
+        self.end_time: float | None = None
+
+    @abstractmethod
+    def _open(self, i: int):
+        """Send request i; its stream handle."""
+
+    @abstractmethod
+    def _take(self, i: int, delta) -> None:
+        """Record what `delta` of request i says (called under the lock)."""
+
+    def _launch(self, name: str) -> None:
+        """One consumer thread per request (set `start_time` first)."""
+        for i in range(len(self.results)):
+            t = threading.Thread(target=self._consume, args=(i,), name=f"{name}-{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _consume(self, i: int) -> None:
+        res = self.results[i]
+        if self.gap_s and self.cancel.wait(i * self.gap_s):  # stopped before this request arrived
+            with self._lock:
+                res.finish_reason = "abort"
+                self.end_time = time.perf_counter()
+            return
+        handle = None
+        try:
+            handle = self._open(i)
+            with self._lock:  # stop() now aborts it, or it sees the flag set before
+                res.request_id = handle.request_id
+                self._handles.append(handle)
+                cancelled = self.cancel.is_set()
+            if cancelled:
+                handle.abort()
+            for delta in handle:
+                with self._lock:
+                    self._take(i, delta)
+                if self.cancel.is_set() and not delta.finished:
+                    break
+            if self.cancel.is_set() and res.finish_reason is None:
+                res.finish_reason = "abort"
+        except Exception as e:  # a bad request (too long, closed engine, an endpoint error) fails only this row
+            with self._lock:
+                res.error = f"{type(e).__name__}: {e}"
+        finally:
+            if handle is not None:
+                handle.close()  # leaving early aborts the request (its blocks freed, its connection closed)
+            with self._lock:
+                self.end_time = time.perf_counter()  # the last thread to finish sets it last
+
+    def stop(self) -> None:
+        """Cancel: abort every request sent so far (before its first token too); later ones are not sent."""
+        self.cancel.set()
+        with self._lock:
+            handles = list(self._handles)
+        for handle in handles:
+            handle.abort()
+
+    @property
+    def done(self) -> bool:
+        return all(not t.is_alive() for t in self._threads)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.perf_counter()))
+        return self.done
+
+    @property
+    def wall_s(self) -> float:
+        end = self.end_time if self.done and self.end_time is not None else time.perf_counter()
+        return end - self.start_time
+
+
+class Workload(StreamRuns):
     def __init__(
         self,
         engine,
@@ -57,79 +148,26 @@ class Workload:
         ]
         self._ids = [build_prompt_ids(engine.tokenizer, p, use_chat_template) for p in prompts]
         self.prompt_lens = [len(ids) if ids else len(engine.tokenizer.encode(p)) for ids, p in zip(self._ids, prompts)]
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._init_runs()
         self.since_step = engine.stats().num_steps - 1
         self.t0 = 0.0
-        self.start_time = 0.0
-        self.end_time: float | None = None
 
     def start(self) -> "Workload":
         self.engine.start_background_loop()
         self.start_time = time.perf_counter()
         self.t0 = self.start_time - self.engine.stats().started_at  # the run's start on the engine's clock
-        for i in range(len(self.results)):
-            t = threading.Thread(target=self._consume, args=(i,), name=f"ui-request-{i}", daemon=True)
-            self._threads.append(t)
-            t.start()
+        self._launch("ui-request")
         return self
 
-    def _consume(self, i: int) -> None:
-        res = self.results[i]
-        if self.gap_s and self.cancel.wait(i * self.gap_s):  # stopped before this request arrived
-            with self._lock:
-                res.finish_reason = "abort"
-                self.end_time = time.perf_counter()
-            return
-        try:
-            handle = self.engine.open_stream(
-                None if self._ids[i] else res.prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner
-            )
-            with self._lock:  # stop() now aborts it, or it sees the flag set before
-                res.request_id = handle.request_id
-                cancelled = self.cancel.is_set()
-            if cancelled:
-                handle.abort()
-            with handle:  # leaving early aborts the request and frees its blocks
-                for delta in handle:
-                    out = delta.output
-                    with self._lock:
-                        res.text, res.token_ids = out.text, list(out.token_ids)
-                        res.finish_reason, res.ttft, res.latency = out.finish_reason, out.ttft, out.latency
-                        res.error = out.error
-                    if self.cancel.is_set() and not delta.finished:
-                        break
-            if self.cancel.is_set() and res.finish_reason is None:
-                res.finish_reason = "abort"
-        except Exception as e:  # a bad request (too long, closed engine...) fails only this row
-            with self._lock:
-                res.error = f"{type(e).__name__}: {e}"
-        finally:
-            with self._lock:
-                self.end_time = time.perf_counter()  # the last thread to finish sets it last
+    def _open(self, i: int):
+        prompt = None if self._ids[i] else self.results[i].prompt
+        return self.engine.open_stream(prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner)
 
-    def stop(self) -> None:
-        """Cancel: abort every request queued so far (before its first token too); later ones are not queued."""
-        self.cancel.set()
-        with self._lock:
-            ids = [r.request_id for r in self.results if r.request_id is not None and r.finish_reason is None]
-        for rid in ids:
-            self.engine.abort(rid)
-
-    @property
-    def done(self) -> bool:
-        return all(not t.is_alive() for t in self._threads)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        for t in self._threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.perf_counter()))
-        return self.done
-
-    @property
-    def wall_s(self) -> float:
-        end = self.end_time if self.done and self.end_time is not None else time.perf_counter()
-        return end - self.start_time
+    def _take(self, i: int, delta) -> None:
+        res, out = self.results[i], delta.output
+        res.text, res.token_ids = out.text, list(out.token_ids)
+        res.finish_reason, res.ttft, res.latency = out.finish_reason, out.ttft, out.latency
+        res.error = out.error
 
     def snapshot(self) -> tuple[list[RequestResult], Series]:
         with self._lock:

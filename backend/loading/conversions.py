@@ -38,25 +38,26 @@ def _supported(transform) -> bool:
     return len(ops) == 2 and _is(ops[0], "MergeModulelist", 0) and _is(ops[1], "Concatenate", 1)
 
 
-def _declared(model_type: str | None) -> list:
+def _streamed_transforms(model_type: str | None) -> list:
+    """The weight conversions transformers declares for `model_type` when this module streams all of them; else []."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:
         return []
-    return list(get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
+    transforms = list(get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
+    return transforms if all(_supported(t) for t in transforms) else []
 
 
 def streams_experts(model_type: str | None) -> bool:
     """Whether the weight conversions transformers declares for `model_type` are all ones this module streams."""
-    transforms = _declared(model_type)
-    return bool(transforms) and all(_supported(t) for t in transforms)
+    return bool(_streamed_transforms(model_type))
 
 
 def expert_regions(config: PretrainedConfig, model: nn.Module) -> Callable[[str], Mapped] | None:
     """For `model` (a transformers model whose checkpoint names need its conversions), a function from checkpoint
     name to model name or Region; None when the model type declares no conversion or one this cannot stream."""
-    transforms = _declared(getattr(config, "model_type", None))
-    if not streams_experts(getattr(config, "model_type", None)):
+    transforms = _streamed_transforms(getattr(config, "model_type", None))
+    if not transforms:
         return None
     params = dict(model.named_parameters(remove_duplicate=False))
     renamings = [t for t in transforms if type(t).__name__ == "WeightRenaming"]

@@ -187,20 +187,17 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
     swapped: list[str] = []
     quant_name = None
     method = _quant_method(cfg.quantization, hf_config)
+    target = getattr(model, "hf", model)  # the module whose names match the checkpoint
+    on_loaded = None  # quantizes each layer's MoE experts as soon as they have streamed in
     if method is not None:
-        from backend.quantization import apply_quantization, check_experts_quantization
+        from backend.quantization import ExpertsQuantizer, apply_quantization, check_experts_quantization
 
         method.check_device(device)
         check_experts_quantization(model, method, lambda: checkpoint_keys(path))  # MoE refusals
         swapped = apply_quantization(model, method)
         quant_name = method.name
-    target = getattr(model, "hf", model)  # the module whose names match the checkpoint
-    experts = None  # quantizes each layer's MoE experts as soon as they have streamed in
-    if method is not None:
-        from backend.quantization import ExpertsQuantizer
-
         experts = ExpertsQuantizer(target, method)
-    on_loaded = experts.loaded if experts is not None and experts.sites else None
+        on_loaded = experts.loaded if experts.sites else None
     regions, needs_converter = None, False
     if impl != "native":
         keys = checkpoint_keys(path)

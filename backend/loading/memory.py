@@ -64,13 +64,13 @@ from backend.loading.hub_common import (
 )
 from backend.models import NATIVE_MODELS
 from backend.quantization import resolve_quantization
+from backend.quantization.experts import STACKED_WEIGHTS
 from backend.quantization.int4 import effective_group_size
 from backend.units import format_bytes, format_count
 
 KV_DTYPES_BY_BYTES: dict[int, torch.dtype] = {4: torch.float32, 2: torch.bfloat16, 1: torch.float8_e4m3fn}
 ON_THE_FLY = ("int8", "int4", "fp8")  # methods whose bytes are computed here (checkpoint formats: as stored)
 UNQUANTIZED_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "shared", "word_embeddings")
-_STACKED = ("gate_up_proj", "up_proj", "down_proj")  # stacked expert weights (transformers 5 / native layout)
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # per-expert checkpoint tensors
 
 
@@ -417,7 +417,7 @@ def _architecture(config: dict) -> str | None:
 
 
 def _quantizable(t: TensorMeta, method) -> bool:
-    if len(t.shape) == 3 and t.dtype in FLOAT_DTYPES and _is_expert(t) and t.name.rpartition(".")[2] in _STACKED:
+    if len(t.shape) == 3 and t.dtype in FLOAT_DTYPES and _is_expert(t) and t.name.rpartition(".")[2] in STACKED_WEIGHTS:
         return not method.skip(t.name.rpartition(".")[0])  # stacked experts (E, N, K): quantized per expert
     if len(t.shape) != 2 or t.dtype not in FLOAT_DTYPES or not t.name.endswith(".weight"):
         return False

@@ -28,6 +28,8 @@ from torch import nn
 from backend.errors import QuantizationError
 from backend.quantization.base import QuantLinearBase, QuantMethod
 
+STACKED_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")  # an experts module's stacked weight parameters
+
 
 @dataclass(frozen=True)
 class ExpertsSite:
@@ -172,4 +174,4 @@ def check_experts_quantization(model: nn.Module, method: QuantMethod, checkpoint
 
 
 # last name parts of full-precision experts tensors: per-expert `experts.0.w1.weight`, or stacked `experts.down_proj`
-_DENSE_NAMES = {"weight", "bias"} | {f"{n}{b}" for n in ("gate_up_proj", "up_proj", "down_proj") for b in ("", "_bias")}
+_DENSE_NAMES = {"weight", "bias"} | {f"{n}{b}" for n in STACKED_WEIGHTS for b in ("", "_bias")}

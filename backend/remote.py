@@ -259,13 +259,8 @@ class RemoteStream:
     finished delta whose finish_reason is "abort". Leaving a `with` block aborts an unfinished request."""
 
     def __init__(self, endpoint: RemoteEndpoint, rid: int, prompt: str | None, prompt_ids: list[int], body: dict):
-        self.endpoint, self.request_id, self.prompt, self.prompt_ids, self.body = (
-            endpoint,
-            rid,
-            prompt,
-            prompt_ids,
-            body,
-        )
+        self.endpoint, self.request_id, self.body = endpoint, rid, body
+        self.prompt, self.prompt_ids = prompt, prompt_ids
         self.finished = False
         self._aborted = False
         self._response: httpx.Response | None = None

@@ -6,14 +6,11 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.server.conftest import free_port
+from tests.server.conftest import free_port, start_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -86,33 +83,12 @@ def test_openai_client_without_server_skips_cleanly():
 
 def test_openai_client_against_launch_server(smollm2_instruct):
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "backend.launch_server", "--model-path", REAL_MODEL, "--host", "127.0.0.1",
-        "--port", str(port), "--num-kv-blocks", "64", "--log-level", "warning",
-    ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    args = ["--model-path", REAL_MODEL, "--num-kv-blocks", "64", "--log-level", "warning"]
+    server = start_server_process(args, port, ready_timeout=180)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, "".join(lines)
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.3)
         out = run_example("openai_client.py", "--base-url", f"http://127.0.0.1:{port}/v1", "--max-tokens", "12")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
     assert f"serves {REAL_MODEL!r}" in out
     chat = re.search(r"^== chat: (.*)$", out, re.M).group(1)
     assert "Paris" in chat

@@ -1,11 +1,16 @@
-"""A live server on a free loopback port over a tiny random-weight model (one per test module)."""
+"""A live server on a free loopback port over a tiny random-weight model (one per test module); and
+`python -m backend.launch_server` as a subprocess (`start_server_process`)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -86,3 +91,54 @@ def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     s = engine.stats()
     raise AssertionError(f"engine not idle: {engine.num_requests} requests, {s.kv_blocks_used} blocks used")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ServerProcess:
+    """`python -m backend.launch_server` running as a subprocess, its output collected line by line."""
+
+    proc: subprocess.Popen
+    lines: list[str]
+    reader: threading.Thread
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within a minute."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server_process(args: list[str], port: int, ready_timeout: float) -> ServerProcess:
+    """`python -m backend.launch_server ARGS --host 127.0.0.1 --port PORT` from the repository root, offline; returns
+    once /health answers 200. Fails with the server's output if it exits first or does not answer in time."""
+    cmd = [sys.executable, "-m", "backend.launch_server", *args, "--host", "127.0.0.1", "--port", str(port)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = ServerProcess(proc, [], threading.Thread(target=lambda: server.lines.extend(proc.stdout), daemon=True))
+    server.reader.start()
+    deadline = time.monotonic() + ready_timeout
+    try:
+        while True:
+            assert proc.poll() is None, server.output
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, server.output
+            time.sleep(0.2)
+    except BaseException:
+        server.stop()
+        raise

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.server.conftest import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.server.conftest import free_port, start_server_process
 
 
 def port_is_free(port: int) -> bool:
@@ -48,27 +39,12 @@ def test_help_documents_every_flag(capsys):
 
 def test_launch_serve_sigterm(tiny_model):
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "backend.launch_server", "--model-path", str(tiny_model("llama")),
-        "--host", "127.0.0.1", "--port", str(port), "--model-impl", "transformers", "--dtype", "float32",
+    args = [
+        "--model-path", str(tiny_model("llama")), "--model-impl", "transformers", "--dtype", "float32",
         "--num-kv-blocks", "64", "--served-model-name", "tiny", "--log-level", "warning",
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    server = start_server_process(args, port, ready_timeout=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "".join(lines)
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         assert client.models.list().data[0].model_impl == "transformers"
         r = client.completions.create(model="tiny", prompt="hello", max_tokens=4)
@@ -78,14 +54,14 @@ def test_launch_serve_sigterm(tiny_model):
             model="tiny", prompt="hello", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
         )
         next(iter(stream))
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-        reader.join(timeout=10)
+        server.proc.send_signal(signal.SIGTERM)
+        rc = server.proc.wait(timeout=60)
+        server.reader.join(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = "".join(lines)
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+    out = server.output
     assert rc == 0, out
     assert "transformers implementation" in out and f"http://127.0.0.1:{port}" in out
     assert "server stopped" in out

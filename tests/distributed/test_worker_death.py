@@ -18,8 +18,10 @@ from backend.errors import RequestFailedError
 HANG_GUARD_S = 120  # a hang fails the test instead of blocking the suite; not a speed requirement
 
 
-def test_killed_worker_fails_requests_and_the_engine_closes(tiny_model):
-    group = TensorParallelGroup.start(TPOptions(2, timeout_s=30))  # held here to watch it shut down
+def _watched_engine(tiny_model, timeout_s: float):
+    """A tp_size=2 engine on the tiny llama whose group the test holds (to watch it shut down) -> (group, engine,
+    the worker's pid)."""
+    group = TensorParallelGroup.start(TPOptions(2, timeout_s=timeout_s))
     engine = make_tp_engine(
         str(tiny_model("llama")),
         group=group,
@@ -30,6 +32,11 @@ def test_killed_worker_fails_requests_and_the_engine_closes(tiny_model):
         block_size=8,
     )
     (pid,) = engine.describe()["tensor_parallel"]["worker_pids"]
+    return group, engine, pid
+
+
+def test_killed_worker_fails_requests_and_the_engine_closes(tiny_model):
+    group, engine, pid = _watched_engine(tiny_model, timeout_s=30)
     params = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
     seen: list[int] = []
     errors: list[BaseException] = []
@@ -65,17 +72,7 @@ def test_killed_worker_fails_requests_and_the_engine_closes(tiny_model):
 def test_hung_worker_times_out_instead_of_hanging(tiny_model):
     """A worker that stops answering (SIGSTOP) holds rank 0 in a collective only until the group's timeout: the
     request fails, the group is shut down (the stopped worker killed) and the engine closes."""
-    group = TensorParallelGroup.start(TPOptions(2, timeout_s=5))  # held here to watch it shut down
-    engine = make_tp_engine(
-        str(tiny_model("llama")),
-        group=group,
-        model_impl="native",
-        dtype="float32",
-        device="cpu",
-        num_kv_blocks=64,
-        block_size=8,
-    )
-    (pid,) = engine.describe()["tensor_parallel"]["worker_pids"]
+    group, engine, pid = _watched_engine(tiny_model, timeout_s=5)
     os.kill(pid, signal.SIGSTOP)
     errors: list[BaseException] = []
 

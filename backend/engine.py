@@ -50,8 +50,8 @@ from backend.sampling import PromptLogprobs, SamplingParams, TopLogprobs
 from backend.scheduler import ScheduledBatch, Scheduler
 from backend.sequence import Sequence
 from backend.stop import StopMatcher
-from kernels import dispatch as kernel_dispatch
-from kernels.dispatch import KernelSettings
+from flab_kernels import dispatch as kernel_dispatch
+from flab_kernels.dispatch import KernelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Engine:
             **engine_options,
         )
         cfg = self.config
-        try:  # every kernel override of the environment, read and validated once (kernels/dispatch.py)
+        try:  # every kernel override of the environment, read and validated once (flab_kernels/dispatch.py)
             self.kernel_settings = KernelSettings.from_env()
         except ValueError as e:
             raise EngineError(str(e)) from None

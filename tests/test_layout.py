@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("backend", "kernels", "ui")
+PACKAGES = ("backend", "flab_kernels", "ui")
 INTERNALS = re.compile(r"\bengine\.(allocator|scheduler|metrics|loaded|kv_cache|runner|_requests)\b")
 
 

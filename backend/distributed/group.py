@@ -42,7 +42,7 @@ from backend.distributed.shard import RankShard, load_rank, probe, rank_shard
 from backend.errors import EngineError
 from backend.kv_cache import KVCache
 from backend.loading.build import LoadedModel
-from kernels import dispatch as kernel_dispatch
+from flab_kernels import dispatch as kernel_dispatch
 
 logger = logging.getLogger(__name__)
 

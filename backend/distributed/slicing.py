@@ -14,7 +14,7 @@ from backend.errors import UnsupportedModelError
 from backend.quantization.base import QuantLinearBase
 from backend.quantization.fp8 import Fp8LinearBase
 from backend.quantization.intquant import IntLinearBase, num_groups
-from kernels.quant_torch import int4_codes, int4pack_linear
+from flab_kernels.quant_torch import int4_codes, int4pack_linear
 
 
 def ranges_index(ranges: list[tuple[int, int]], device: torch.device) -> torch.Tensor:  # (n,) int64

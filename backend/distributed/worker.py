@@ -34,7 +34,7 @@ from backend.distributed.protocol import (
 from backend.distributed.shard import load_rank, probe, rank_shard
 from backend.kv_cache import KVCache
 from backend.loading.build import LoadedModel
-from kernels import dispatch as kernel_dispatch
+from flab_kernels import dispatch as kernel_dispatch
 
 IDLE_WAIT_S = 30.0  # one wait for the next command; then the parent is checked and the wait repeats
 

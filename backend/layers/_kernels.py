@@ -1,4 +1,4 @@
-"""Access to the Triton kernels of `kernels.ops`, used for CUDA tensors only (the torch math runs elsewhere)."""
+"""Access to the Triton kernels of `flab_kernels.ops`, used for CUDA tensors only (the torch math runs elsewhere)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from typing import Callable
 
 import torch
 
-from kernels import ops as _ops
+from flab_kernels import ops as _ops
 
 
 def cuda_kernel(name: str, x: torch.Tensor) -> Callable | None:
-    """`kernels.ops.<name>` when `x` lives on CUDA and the op exists there; None means: use the torch math."""
+    """`flab_kernels.ops.<name>` when `x` lives on CUDA and the op exists there; None means: use the torch math."""
     if not x.is_cuda:
         return None
     return getattr(_ops, name, None)

@@ -5,8 +5,8 @@ from the ForwardBatch) and, per layer call, `store` the new K/V into the paged c
 The engine chooses one backend when it starts (`make_attention_backend`: "auto" is triton on CUDA, torch
 elsewhere) and every step uses it.
 
-    torch   the CPU path and the reference: a per-step plan of block gathers (kernels/attention_torch.py)
-    triton  the CUDA kernels (kernels/kv_store.py, kernels/paged_attention.py, kernels/paged_decode.py)
+    torch   the CPU path and the reference: a per-step plan of block gathers (flab_kernels/attention_torch.py)
+    triton  the CUDA kernels (flab_kernels/kv_store.py, flab_kernels/paged_attention.py, flab_kernels/paged_decode.py)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from kernels.attention_torch import build_plan, paged_attention_planned, store_kv_torch
+from flab_kernels.attention_torch import build_plan, paged_attention_planned, store_kv_torch
 
 if TYPE_CHECKING:
     from backend.forward_batch import ForwardBatch
@@ -61,12 +61,12 @@ class TritonAttention(AttentionBackend):
     pads_head_dims = True
 
     def store(self, k, v, k_cache, v_cache, batch):
-        from kernels.kv_store import store_kv_triton
+        from flab_kernels.kv_store import store_kv_triton
 
         store_kv_triton(k, v, k_cache, v_cache, batch.slot_mapping)
 
     def attend(self, q, k_cache, v_cache, batch, scale, softcap, sliding_window, sinks):
-        from kernels.ops import paged_attention_triton_auto
+        from flab_kernels.ops import paged_attention_triton_auto
 
         return paged_attention_triton_auto(
             q.contiguous(),

@@ -3,7 +3,7 @@
 Torch math reproduces transformers bit for bit:
   offset 0 (Llama): weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype)
   offset 1 (Gemma): ((x.float() * rsqrt(...)) * (1 + weight.float())).to(dtype)
-On CUDA the Triton kernel of `kernels.ops.rms_norm` runs instead.
+On CUDA the Triton kernel of `flab_kernels.ops.rms_norm` runs instead.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from backend.layers._kernels import cuda_kernel
-from kernels.norm import rms_norm_torch
+from flab_kernels.norm import rms_norm_torch
 
 
 def rms_norm(

@@ -4,7 +4,7 @@ Frequencies come from transformers' own `ROPE_INIT_FUNCTIONS`, so every rope_typ
 linear, yarn, longrope, dynamic, ...) gives the same `inv_freq` and `attention_scaling` as the HF model.
 Cache: `cos_sin_cache[max_position, rotary_dim]` = [cos | sin] in fp32, scaled by attention_scaling.
 The torch math rounds cos/sin to the activation dtype and rotates in that dtype, exactly like HF's
-`q * cos + rotate_half(q) * sin`; on CUDA `kernels.ops.apply_rotary` runs (fp32 math, one rounding).
+`q * cos + rotate_half(q) * sin`; on CUDA `flab_kernels.ops.apply_rotary` runs (fp32 math, one rounding).
 
 longrope: the cache holds the short-factor rows [0, P) and the long-factor rows [P, 2P); like HF, which
 picks the long factors for a whole forward call once it reaches past `original_max_position_embeddings`, a

@@ -19,7 +19,7 @@ from torch import nn
 
 from backend.errors import UnsupportedModelError
 from backend.kv_cache import KVCacheSpec, KVSlot
-from kernels.attention_torch import _attend
+from flab_kernels.attention_torch import _attend
 
 PROBE_TOKENS = 6
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention"}

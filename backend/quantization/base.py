@@ -224,7 +224,7 @@ class QuantMethod(ABC):
                 f"quantization {self.name!r} runs on cpu or cuda, not {device.type}; use device='cpu' or 'cuda'"
             )
         if device.type == "cuda" and torch.cuda.is_available():
-            from kernels._triton import HAS_TRITON
+            from flab_kernels._triton import HAS_TRITON
 
             if not HAS_TRITON:
                 raise QuantizationError(

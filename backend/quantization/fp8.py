@@ -20,7 +20,7 @@ from torch import nn
 from backend.errors import QuantizationError
 from backend.quantization.base import KERNELS, QuantLinearBase, QuantMethod
 from backend.quantization.intquant import force_triton, num_groups
-from kernels.quant_torch import dequantize_weight, quant_matmul_torch
+from flab_kernels.quant_torch import dequantize_weight, quant_matmul_torch
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Fp8LinearBase(QuantLinearBase):
         ):
             return "scaled_mm"
         if self.kernel_pref == "triton" or cuda or force_triton():
-            from kernels.quant_matmul import block_k_for
+            from flab_kernels.quant_matmul import block_k_for
 
             return "triton" if block_k_for(self.group_size, g) is not None else "torch"
         return "torch"
@@ -93,7 +93,7 @@ class Fp8LinearBase(QuantLinearBase):
                 xq, self.w_q.t(), scale_a=x_scale, scale_b=self.w_scales.t(), out_dtype=self.act_dtype, bias=self.bias
             )  # (M, N)
         elif self.kernel == "triton":
-            from kernels.quant_matmul import quant_matmul_triton
+            from flab_kernels.quant_matmul import quant_matmul_triton
 
             y = quant_matmul_triton(x2, self.w_q, self.w_scales, None, self.group_size, "fp8", self.bias)
         else:

@@ -16,7 +16,7 @@ from torch import nn
 from backend.errors import QuantizationError
 from backend.quantization.base import QuantMethod
 from backend.quantization.intquant import OnTheFlyIntLinear
-from kernels.quant_torch import INT4_PACK_GROUP_SIZES
+from flab_kernels.quant_torch import INT4_PACK_GROUP_SIZES
 
 GROUP_SIZES = INT4_PACK_GROUP_SIZES  # the one list: the group sizes torch's CPU int4 kernel packs
 

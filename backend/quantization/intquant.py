@@ -27,8 +27,8 @@ import torch
 
 from backend.errors import QuantizationError
 from backend.quantization.base import KERNELS, QuantLinearBase
-from kernels.dispatch import current
-from kernels.quant_torch import (
+from flab_kernels.dispatch import current
+from flab_kernels.quant_torch import (
     dequantize_weight,
     int4pack_eligible,
     int4pack_linear,
@@ -95,7 +95,7 @@ def contiguous_group_perm(g_idx: torch.Tensor, group_size: int) -> torch.Tensor 
 
 
 def force_triton() -> bool:
-    """The force_triton kernel setting in effect (kernels/dispatch.py; the engine validates it at start)."""
+    """The force_triton kernel setting in effect (flab_kernels/dispatch.py; the engine validates it at start)."""
     return current().force_triton
 
 
@@ -130,7 +130,7 @@ class IntLinearBase(QuantLinearBase):
         if self.kernel_pref == "torch" or not contiguous:
             return "torch"
         if self.kernel_pref == "triton" or self.device.type == "cuda" or force_triton():
-            from kernels.quant_matmul import block_k_for
+            from flab_kernels.quant_matmul import block_k_for
 
             return "triton" if block_k_for(self.group_size, g) is not None else "torch"
         if self.act_dtype == torch.float32:
@@ -191,7 +191,7 @@ class IntLinearBase(QuantLinearBase):
         elif self.kernel == "cpu_int4pack":
             y = int4pack_linear(x2, self.w_q, self.group_size, self.w_scales, self.bias)
         elif self.kernel == "triton":
-            from kernels.quant_matmul import quant_matmul_triton
+            from flab_kernels.quant_matmul import quant_matmul_triton
 
             y = quant_matmul_triton(x2, self.w_q, self.w_scales, self.w_zeros, self.group_size, mode, self.bias)
         else:

@@ -10,8 +10,8 @@ import torch
 
 from backend.quantization import resolve_quantization
 from backend.tools.export_quantized import linear_tensors
-from kernels._triton import HAS_TRITON
-from kernels.quant_torch import pack_int4_nibbles, quant_matmul_torch
+from flab_kernels._triton import HAS_TRITON
+from flab_kernels.quant_torch import pack_int4_nibbles, quant_matmul_torch
 from tests.quantization.common import REL_TOL, build, load, rel_err
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -39,7 +39,7 @@ def random_weight(mode: str, n: int, k: int) -> torch.Tensor:
     ],
 )
 def test_quant_matmul_matches_reference(dtype, mode, zeros, m, n, k, group):
-    from kernels.quant_matmul import quant_matmul_triton
+    from flab_kernels.quant_matmul import quant_matmul_triton
 
     torch.manual_seed(0)
     g = -(-k // group)
@@ -56,7 +56,7 @@ def test_quant_matmul_matches_reference(dtype, mode, zeros, m, n, k, group):
 
 def test_fp8_decoder_covers_every_code():
     """Every finite e4m3fn code (incl. subnormals and negatives) decodes exactly: x = identity reads W back."""
-    from kernels.quant_matmul import quant_matmul_triton
+    from flab_kernels.quant_matmul import quant_matmul_triton
 
     codes = torch.arange(256, dtype=torch.int32)
     codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)  # drop the two NaN codes
@@ -70,7 +70,7 @@ def test_fp8_decoder_covers_every_code():
 def test_fp8_table_decodes_every_code_like_torch():
     """The CPU table lookup of fp8_bits_to_float gives torch's own conversion for all 256 codes (NaN too), in
     any shape: (N, K) bits -> (N, K) float32."""
-    from kernels.quant_torch import fp8_bits_to_float
+    from flab_kernels.quant_torch import fp8_bits_to_float
 
     bits = torch.randperm(256).to(torch.uint8).repeat(3, 2)  # (3, 512): every code, shuffled, twice per row
     got, want = fp8_bits_to_float(bits), bits.view(torch.float8_e4m3fn).float()

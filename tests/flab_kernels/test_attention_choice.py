@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention_choice import SPLIT_KV, UNIFIED, KernelChoiceConfig, choose_attention_kernel
-from kernels.ops import attention_kernel_for
+from flab_kernels.attention_choice import SPLIT_KV, UNIFIED, KernelChoiceConfig, choose_attention_kernel
+from flab_kernels.ops import attention_kernel_for
 
 SM = 132
 

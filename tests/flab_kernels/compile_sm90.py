@@ -1,4 +1,5 @@
-"""Compile every Triton kernel for an sm_90 (H100/H200) target without a GPU: `python -m tests.kernels.compile_sm90`.
+"""Compile every Triton kernel for an sm_90 (H100/H200) target without a GPU:
+`python -m tests.flab_kernels.compile_sm90`.
 
 The interpreter runs kernels as numpy and accepts code that the real compiler rejects (loop-carried
 type changes, dot shapes under 16, unsupported ops). This builds TTIR -> PTX -> cubin with the
@@ -46,8 +47,8 @@ def compile_kernel(kernel, args: dict, num_warps: int = 4):  # -> CompiledKernel
 
 
 def _attention_variants():
-    from kernels.paged_attention import _unified_attention_kernel, unified_launch_config
-    from kernels.paged_decode import _merge_splits_kernel, _split_kv_decode_kernel, split_kv_launch_config
+    from flab_kernels.paged_attention import _unified_attention_kernel, unified_launch_config
+    from flab_kernels.paged_decode import _merge_splits_kernel, _split_kv_decode_kernel, split_kv_launch_config
 
     i32 = torch.int32
     strides = {
@@ -152,10 +153,10 @@ def _attention_variants():
 
 
 def _small_variants():
-    from kernels.activation import _act_and_mul_kernel
-    from kernels.kv_store import _store_kv_kernel
-    from kernels.norm import _rms_norm_kernel
-    from kernels.rotary import _rotary_kernel
+    from flab_kernels.activation import _act_and_mul_kernel
+    from flab_kernels.kv_store import _store_kv_kernel
+    from flab_kernels.norm import _rms_norm_kernel
+    from flab_kernels.rotary import _rotary_kernel
 
     for dtype in (torch.bfloat16, torch.float32):
         yield (

@@ -62,6 +62,6 @@ def current() -> KernelSettings:
 
 def use_triton(t) -> bool:
     """The dispatch rule shared by every op (see the module docstring)."""
-    from kernels._triton import HAS_TRITON
+    from flab_kernels._triton import HAS_TRITON
 
     return HAS_TRITON and (t.is_cuda or current().force_triton)

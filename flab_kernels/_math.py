@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernels._triton import tl, triton
+from flab_kernels._triton import tl, triton
 
 
 @triton.jit

@@ -1,16 +1,16 @@
-"""kernels.ops dispatch: torch on CPU by default, Triton (interpreter) with FLAB_FORCE_TRITON=1."""
+"""flab_kernels.ops dispatch: torch on CPU by default, Triton (interpreter) with FLAB_FORCE_TRITON=1."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import kernels.paged_attention
-import kernels.paged_decode
-from kernels import ops
-from kernels.attention_torch import paged_attention_torch, store_kv_torch
-from kernels.norm import rms_norm_torch
-from tests.kernels.helpers import make_paged_batch
+import flab_kernels.paged_attention
+import flab_kernels.paged_decode
+from flab_kernels import ops
+from flab_kernels.attention_torch import paged_attention_torch, store_kv_torch
+from flab_kernels.norm import rms_norm_torch
+from tests.flab_kernels.helpers import make_paged_batch
 
 
 def _batch(new, cached):
@@ -23,7 +23,7 @@ def test_cpu_defaults_to_torch(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("Triton must not run on CPU without FLAB_FORCE_TRITON")
 
-    monkeypatch.setattr(kernels.paged_attention, "paged_attention_triton", boom)
+    monkeypatch.setattr(flab_kernels.paged_attention, "paged_attention_triton", boom)
     b = _batch([3, 1], [0, 20])
     out = ops.paged_attention(*b.args(), 0.3, sliding_window=8, max_seq_len=b.max_seq_len)
     assert torch.equal(out, paged_attention_torch(*b.args(), 0.3, sliding_window=8))
@@ -52,8 +52,8 @@ def test_forced_triton_routes_and_matches(monkeypatch, forced, new, cached, expe
     monkeypatch.setenv("FLAB_ATTENTION_KERNEL", forced)
     called = []
     for module, name in (
-        (kernels.paged_attention, "paged_attention_triton"),
-        (kernels.paged_decode, "paged_decode_triton"),
+        (flab_kernels.paged_attention, "paged_attention_triton"),
+        (flab_kernels.paged_decode, "paged_decode_triton"),
     ):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name, **k: called.append(_n) or _r(*a, **k))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_attention import paged_attention_triton, unified_launch_config
-from tests.kernels.helpers import ATOL, make_paged_batch, reference_attention, seeded_randn
+from flab_kernels.paged_attention import paged_attention_triton, unified_launch_config
+from tests.flab_kernels.helpers import ATOL, make_paged_batch, reference_attention, seeded_randn
 
 pytestmark = pytest.mark.usefixtures("kernel_device")
 

@@ -5,7 +5,7 @@ Grid: (q blocks, kv heads). A program takes BLOCK_Q new tokens of one sequence a
 once per group (GQA/MQA without repeating KV). It walks the sequence's KV (cached prefix + new
 tokens, through the block table) in tiles of TILE_N positions with an online softmax in fp32.
 Causal, sliding-window, softcap and sink (extra softmax logit per q head) handling follow
-`kernels.attention_torch.paged_attention_torch`, the reference.
+`flab_kernels.attention_torch.paged_attention_torch`, the reference.
 
 Q blocks are laid out as in vLLM's unified kernel: sequence s owns the q blocks starting at
 `qsl[s] // BLOCK_Q + s`, so `T // BLOCK_Q + S` programs per kv head cover any ragged batch and a
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels._attention_common import check_attention_args, dot_precision
-from kernels._math import tanh_f32
-from kernels._triton import require_triton, tl, triton
+from flab_kernels._attention_common import check_attention_args, dot_precision
+from flab_kernels._math import tanh_f32
+from flab_kernels._triton import require_triton, tl, triton
 
 
 @triton.jit
@@ -153,7 +153,7 @@ def unified_launch_config(
     max_query_len: int, num_q_per_kv: int, head_dim: int, dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, int]:
     """Tile sizes. Chosen so the sm_90 builds do not spill registers (checked with
-    tests/kernels/compile_sm90.py + cuobjdump); their speed is UNMEASURED (no GPU in this session)."""
+    tests/flab_kernels/compile_sm90.py + cuobjdump); their speed is UNMEASURED (no GPU in this session)."""
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     group = triton.next_power_of_2(num_q_per_kv)
     block_m = max(16 if max_query_len <= 1 else 64 if block_d <= 128 else 32, group)

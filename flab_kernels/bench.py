@@ -1,4 +1,4 @@
-"""Benchmark the Triton paged attention against torch SDPA (flash) and FlexAttention: `python -m kernels.bench`.
+"""Benchmark the Triton paged attention against torch SDPA (flash) and FlexAttention: `python -m flab_kernels.bench`.
 
 GPU only (on CPU it says so and exits 0). Decode: one new token per sequence over 1k/8k/32k
 contexts, reported as achieved HBM bandwidth (K+V bytes read / time). Prefill: one causal
@@ -67,9 +67,9 @@ def _methods(s: dict, scale: float, causal: bool) -> dict[str, Callable[[], torc
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from kernels.ops import attention_kernel_for
-    from kernels.paged_attention import paged_attention_triton
-    from kernels.paged_decode import paged_decode_triton
+    from flab_kernels.ops import attention_kernel_for
+    from flab_kernels.paged_attention import paged_attention_triton
+    from flab_kernels.paged_decode import paged_decode_triton
 
     args = (s["q"], s["k_cache"], s["v_cache"], s["qsl"], s["seq_lens"], s["tables"], scale)
     batch, new, ctx = s["seq_lens"].numel(), s["new"], s["ctx"]
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("kernels.bench needs a CUDA GPU (the Triton kernels only run compiled there); nothing to do on CPU.")
+        print("flab_kernels.bench needs a CUDA GPU (the Triton kernels only run compiled there); nothing to do on CPU.")
         return 0
     rows = run(args)
     props = torch.cuda.get_device_properties(0)

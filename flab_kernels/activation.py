@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._math import tanh_f32
-from kernels._triton import require_triton, tl, triton, use_triton
+from flab_kernels._math import tanh_f32
+from flab_kernels._triton import require_triton, tl, triton, use_triton
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.norm import rms_norm_torch, rms_norm_triton
+from flab_kernels.norm import rms_norm_torch, rms_norm_triton
 
 
 def _hf_llama_rms(x, weight, eps):  # transformers' LlamaRMSNorm.forward, verbatim

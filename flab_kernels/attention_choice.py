@@ -1,6 +1,6 @@
 """Which Triton attention kernel runs a step: the unified kernel or split-KV decode.
 
-The rule (UNMEASURED: written without a GPU; `python -m kernels.bench` on a GPU is how to tune it):
+The rule (UNMEASURED: written without a GPU; `python -m flab_kernels.bench` on a GPU is how to tune it):
 
     split-KV iff  the batch is decode-only (one new token per sequence)
              and  max_seq_len >= min_context                       (long context: enough KV to split)
@@ -16,7 +16,7 @@ multiplies the programs at the cost of a small merge kernel and fp32 partials. W
 sequences (or short contexts) the unified grid already fills the GPU and the merge is overhead.
 
 Override with `KernelChoiceConfig` or the env var FLAB_ATTENTION_KERNEL=unified|split_kv|auto
-(read by `kernels.ops.paged_attention`).
+(read by `flab_kernels.ops.paged_attention`).
 """
 
 from __future__ import annotations

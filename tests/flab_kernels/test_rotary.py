@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rotary import (
+from flab_kernels.rotary import (
     apply_rotary_torch,
     apply_rotary_triton,
     cos_sin_cache_from_inv_freq,

@@ -1,4 +1,4 @@
-"""The one dispatch rule (kernels/dispatch.py): torch on CPU tensors, Triton on CUDA or when forced. Each op's
+"""The one dispatch rule (flab_kernels/dispatch.py): torch on CPU tensors, Triton on CUDA or when forced. Each op's
 Triton entry point is replaced by a recorder, so a wrong dispatch is caught (not just equal results)."""
 
 from __future__ import annotations
@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.activation
-import kernels.kv_store
-import kernels.norm
-import kernels.ops
-import kernels.rotary
-from kernels import dispatch, ops
-from kernels.dispatch import KernelSettings
-from kernels.rotary import cos_sin_cache_from_inv_freq, rope_inv_freq
-from tests.kernels.helpers import make_paged_batch
+import flab_kernels.activation
+import flab_kernels.kv_store
+import flab_kernels.norm
+import flab_kernels.ops
+import flab_kernels.rotary
+from flab_kernels import dispatch, ops
+from flab_kernels.dispatch import KernelSettings
+from flab_kernels.rotary import cos_sin_cache_from_inv_freq, rope_inv_freq
+from tests.flab_kernels.helpers import make_paged_batch
 
 
 class Called(Exception):
@@ -35,9 +35,9 @@ def _paged_batch():
 
 
 OPS = {
-    "rms_norm": (kernels.norm, "rms_norm_triton", lambda: ops.rms_norm(torch.randn(3, 16), torch.randn(16), 1e-6)),
+    "rms_norm": (flab_kernels.norm, "rms_norm_triton", lambda: ops.rms_norm(torch.randn(3, 16), torch.randn(16), 1e-6)),
     "apply_rotary": (
-        kernels.rotary,
+        flab_kernels.rotary,
         "apply_rotary_triton",
         lambda: ops.apply_rotary(
             torch.randn(3, 2, 16),
@@ -46,10 +46,10 @@ OPS = {
             cos_sin_cache_from_inv_freq(rope_inv_freq(16), 64),
         ),
     ),
-    "silu_and_mul": (kernels.activation, "silu_and_mul_triton", lambda: ops.silu_and_mul(torch.randn(3, 16))),
-    "gelu_and_mul": (kernels.activation, "gelu_and_mul_triton", lambda: ops.gelu_and_mul(torch.randn(3, 16))),
+    "silu_and_mul": (flab_kernels.activation, "silu_and_mul_triton", lambda: ops.silu_and_mul(torch.randn(3, 16))),
+    "gelu_and_mul": (flab_kernels.activation, "gelu_and_mul_triton", lambda: ops.gelu_and_mul(torch.randn(3, 16))),
     "store_kv": (
-        kernels.kv_store,
+        flab_kernels.kv_store,
         "store_kv_triton",
         lambda: ops.store_kv(
             torch.randn(2, 2, 16),
@@ -60,7 +60,7 @@ OPS = {
         ),
     ),
     "paged_attention": (
-        kernels.ops,
+        flab_kernels.ops,
         "paged_attention_triton_auto",
         lambda: ops.paged_attention(*_paged_batch().args(), 0.25),
     ),

@@ -1,6 +1,6 @@
 """Guarded Triton import: the package imports (and the torch paths run) even where Triton is absent.
 
-Kernel modules do `from kernels._triton import triton, tl` and decorate with `@triton.jit`. Without
+Kernel modules do `from flab_kernels._triton import triton, tl` and decorate with `@triton.jit`. Without
 Triton, `triton.jit` is the identity and `tl.constexpr` a placeholder, so the modules still import;
 the `*_triton` wrappers call `require_triton()` first and raise a clear error.
 """
@@ -30,12 +30,14 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
 def require_triton() -> None:
     """Raise a clear error when a Triton kernel is called without Triton installed."""
     if not HAS_TRITON:
-        raise RuntimeError("Triton is not installed: use the torch implementations (kernels.ops picks them on CPU)")
+        raise RuntimeError(
+            "Triton is not installed: use the torch implementations (flab_kernels.ops picks them on CPU)"
+        )
 
 
 def use_triton(t: "torch.Tensor") -> bool:  # noqa: F821 - annotation only
-    """The dispatch rule (kernels/dispatch.py). CPU tests run Triton through the interpreter:
+    """The dispatch rule (flab_kernels/dispatch.py). CPU tests run Triton through the interpreter:
     TRITON_INTERPRET=1 must be set before importing triton."""
-    from kernels.dispatch import use_triton as rule
+    from flab_kernels.dispatch import use_triton as rule
 
     return rule(t)

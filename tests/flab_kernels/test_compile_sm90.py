@@ -1,6 +1,6 @@
 """Every Triton kernel builds for a real GPU target (sm_90 cubin) on this CPU-only machine.
 
-Runs tests/kernels/compile_sm90.py in a subprocess without TRITON_INTERPRET (the interpreter accepts
+Runs tests/flab_kernels/compile_sm90.py in a subprocess without TRITON_INTERPRET (the interpreter accepts
 code the compiler rejects). Compiled kernels land in Triton's cache, so reruns take seconds.
 """
 
@@ -25,7 +25,7 @@ def test_all_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.compile_sm90"],
+        [sys.executable, "-m", "tests.flab_kernels.compile_sm90"],
         cwd=ROOT,
         env=env,
         capture_output=True,

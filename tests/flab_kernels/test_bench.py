@@ -1,11 +1,11 @@
-"""kernels.bench: exits 0 on CPU; the table formatter."""
+"""flab_kernels.bench: exits 0 on CPU; the table formatter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import bench
+from flab_kernels import bench
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
@@ -35,7 +35,7 @@ def test_markdown_table():
 
 def test_contiguous_baseline_inputs_match_the_paged_cache():
     # the SDPA/Flex baselines read K/V gathered from the paged cache: same attention as the paged kernel
-    from kernels.paged_attention import paged_attention_triton
+    from flab_kernels.paged_attention import paged_attention_triton
 
     s = bench._paged_setup(
         batch=2, ctx=40, new=1, hkv=2, hq=4, d=16, bs=16, dtype=torch.float32, device=torch.device("cpu")

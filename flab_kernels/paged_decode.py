@@ -6,16 +6,16 @@ into `num_splits` chunks; grid (S, Hkv, num_splits). Each program attends its ch
 heads of one kv head and writes a normalised partial output plus its log-sum-exp (base 2). A
 second small kernel merges the splits per (sequence, q head) by log-sum-exp weights; attention
 sinks enter there as one more term of the denominator. Which path runs is decided by
-`kernels.attention_choice.choose_attention_kernel`.
+`flab_kernels.attention_choice.choose_attention_kernel`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels._attention_common import check_attention_args, dot_precision
-from kernels._math import tanh_f32
-from kernels._triton import require_triton, tl, triton
+from flab_kernels._attention_common import check_attention_args, dot_precision
+from flab_kernels._math import tanh_f32
+from flab_kernels._triton import require_triton, tl, triton
 
 
 @triton.jit
@@ -153,7 +153,7 @@ def _merge_splits_kernel(
 
 
 def split_kv_launch_config(num_q_per_kv: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile sizes: no register spills in the sm_90 builds (tests/kernels/compile_sm90.py); speed UNMEASURED."""
+    """Tile sizes: no register spills in the sm_90 builds (tests/flab_kernels/compile_sm90.py); speed UNMEASURED."""
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     return dict(
         BLOCK_D=block_d,

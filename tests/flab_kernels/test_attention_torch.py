@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from kernels.attention_torch import build_plan, paged_attention_planned, split_by_length
-from tests.kernels.helpers import make_paged_batch
+from flab_kernels.attention_torch import build_plan, paged_attention_planned, split_by_length
+from tests.flab_kernels.helpers import make_paged_batch
 
 MIXED = ([7, 1, 19, 1, 3, 1], [0, 31, 13, 5, 45, 70])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from flab_kernels._triton import require_triton, tl, triton
 
 
 @triton.jit

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import (
+from flab_kernels.activation import (
     gelu_and_mul_torch,
     gelu_and_mul_triton,
     silu_and_mul_torch,

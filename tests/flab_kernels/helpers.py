@@ -109,7 +109,7 @@ def _make_paged_batch(
 
 def reference_attention(batch: PagedBatch, scale: float, **kw) -> torch.Tensor:  # (T, Hq, D) fp32
     """The torch reference on fp32 copies of the same (possibly 16-bit) inputs."""
-    from kernels.attention_torch import paged_attention_torch
+    from flab_kernels.attention_torch import paged_attention_torch
 
     sinks = kw.pop("sinks", None)
     return paged_attention_torch(

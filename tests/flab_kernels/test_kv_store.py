@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention_torch import store_kv_torch
-from kernels.kv_store import store_kv_triton
+from flab_kernels.attention_torch import store_kv_torch
+from flab_kernels.kv_store import store_kv_triton
 
 
 def _caches(num_blocks, block_size, heads, head_dim, dtype):

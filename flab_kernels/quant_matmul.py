@@ -1,7 +1,7 @@
 """Triton dequantize-in-kernel matmul for weight-only quantized linear layers (W8A16, W4A16, FP8 weight-only).
 
 y = x @ W.T (+ bias) where W is decoded tile by tile from the encoding described in
-kernels/quant_torch.py (the reference this kernel is tested against):
+flab_kernels/quant_torch.py (the reference this kernel is tested against):
 
     MODE 0 int8 : qweight int8 (N, K)                  W = (q - z) * s
     MODE 1 int4 : qweight uint8 (N, ceil(K/2)) nibbles W = (nibble - 8 - z) * s
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from flab_kernels._triton import require_triton, tl, triton
 
 MODES = {"int8": 0, "int4": 1, "fp8": 2}
 

@@ -2,23 +2,23 @@
 
     store_kv, paged_attention, rms_norm, apply_rotary, silu_and_mul, gelu_and_mul
 
-Triton is imported only by the kernel modules, through `kernels._triton`'s guarded import, so this
+Triton is imported only by the kernel modules, through `flab_kernels._triton`'s guarded import, so this
 module imports (and serves the torch paths) without Triton. `paged_attention` on the Triton path
 chooses between the unified kernel and split-KV decode with `choose_attention_kernel`; the setting
-`attention_kernel` (kernels/dispatch.py, env FLAB_ATTENTION_KERNEL=unified|split_kv|auto) overrides it.
+`attention_kernel` (flab_kernels/dispatch.py, env FLAB_ATTENTION_KERNEL=unified|split_kv|auto) overrides it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels._triton import use_triton
-from kernels.activation import gelu_and_mul, silu_and_mul
-from kernels.attention_choice import SPLIT_KV, UNIFIED, KernelChoice, KernelChoiceConfig, choose_attention_kernel
-from kernels.attention_torch import paged_attention_torch, store_kv_torch
-from kernels.dispatch import current
-from kernels.norm import rms_norm
-from kernels.rotary import apply_rotary
+from flab_kernels._triton import use_triton
+from flab_kernels.activation import gelu_and_mul, silu_and_mul
+from flab_kernels.attention_choice import SPLIT_KV, UNIFIED, KernelChoice, KernelChoiceConfig, choose_attention_kernel
+from flab_kernels.attention_torch import paged_attention_torch, store_kv_torch
+from flab_kernels.dispatch import current
+from flab_kernels.norm import rms_norm
+from flab_kernels.rotary import apply_rotary
 
 __all__ = [
     "store_kv",
@@ -39,7 +39,7 @@ def store_kv(
     slot_mapping: torch.Tensor,  # (T,) int64
 ) -> None:
     if use_triton(key):
-        from kernels.kv_store import store_kv_triton
+        from flab_kernels.kv_store import store_kv_triton
 
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
     else:
@@ -131,7 +131,7 @@ def paged_attention_triton_auto(
             seq_lens.shape[0], q.shape[0], k_cache.shape[2], max_seq_len, q.device, max_query_len
         )
     if choice.kernel == SPLIT_KV:
-        from kernels.paged_decode import paged_decode_triton
+        from flab_kernels.paged_decode import paged_decode_triton
 
         return paged_decode_triton(
             q,
@@ -146,7 +146,7 @@ def paged_attention_triton_auto(
             sinks,
             num_splits=choice.num_splits,
         )
-    from kernels.paged_attention import paged_attention_triton
+    from flab_kernels.paged_attention import paged_attention_triton
 
     return paged_attention_triton(
         q,

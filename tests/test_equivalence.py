@@ -1,8 +1,10 @@
 """Greedy tokens of the transformers fallback equal HF generate() on the same weights (fp32, CPU)."""
 
 import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend import Engine, SamplingParams
+from backend.errors import UnsupportedModelError
 from tests.helpers import PROMPTS, hf_greedy
 
 ARCHS = [
@@ -37,12 +39,22 @@ GREEDY = SamplingParams(max_new_tokens=N, temperature=0.0, ignore_eos=True)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_impl_matches_hf_generate(tiny_model, arch):
     path = tiny_model(arch)
+    if not _supports_attention_backend(path):  # e.g. GPT-J before transformers 5.24: refused with the reason
+        with pytest.raises(UnsupportedModelError, match="_supports_attention_backend = True"):
+            Engine(str(path), model_impl="transformers", dtype="float32")
+        return
     expected = hf_greedy(path, PROMPTS, N)
     with Engine(str(path), model_impl="transformers", dtype="float32") as engine:
         assert engine.model_impl == "transformers"
         outs = engine.generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == expected
         engine.check_invariants()
+
+
+def _supports_attention_backend(path) -> bool:
+    """Whether the installed transformers' class for this checkpoint routes attention through the interface."""
+    config = AutoConfig.from_pretrained(path)
+    return bool(AutoModelForCausalLM._model_mapping[type(config)]._supports_attention_backend)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "qwen3"])

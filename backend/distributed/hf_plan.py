@@ -60,10 +60,36 @@ def model_tp_plan(hf: nn.Module) -> dict[str, str]:
             "base_model_tp_plan is empty), so it cannot be split over ranks: use tp_size=1"
             + (", or model_impl='native'" if _has_native(config) else "")
         )
+    if not any(".experts" in k for k in base_plan):
+        base_plan.update(_experts_from_ep_plan(config))
     base = getattr(hf, "base_model_prefix", "") or ""
     plan = {(f"{base}.{k}" if base and hasattr(hf, base) else k): v for k, v in base_plan.items()}
     plan.update(dict(getattr(hf, "_tp_plan", None) or {}))
     return plan
+
+
+# transformers 5.25 moved the MoE experts of many models (Mixtral, Qwen2/3-MoE, ...) from base_model_tp_plan to an
+# expert-parallel plan; split over ranks the way the tensor-parallel plan split them before (the stacked [gate; up]
+# rows and the down columns of every expert), so tensor parallelism still shards the experts.
+EXPERTS_TP_STYLES = {
+    "experts": "moe_tp_experts",
+    "experts.gate_up_proj": "packed_colwise",
+    "experts.gate_up_proj_bias": "packed_colwise",
+    "experts.up_proj": "colwise",
+    "experts.gate_proj": "colwise",
+    "experts.down_proj": "rowwise",
+    "experts.down_proj_bias": "rowwise",  # refused when sharded: a row-parallel bias would be added per rank
+}
+
+
+def _experts_from_ep_plan(config) -> dict[str, str]:
+    """The experts entries of `config.base_model_ep_plan` as tensor-parallel styles (EXPERTS_TP_STYLES)."""
+    found = {}
+    for pattern in dict(getattr(config, "base_model_ep_plan", None) or {}):
+        for suffix, style in EXPERTS_TP_STYLES.items():
+            if pattern == suffix or pattern.endswith("." + suffix):
+                found[pattern] = style
+    return found
 
 
 def _has_native(config) -> bool:

@@ -41,5 +41,8 @@ def test_architecture_is_exact_or_refused(model_type, tmp_path, arch_sweep_resul
         assert len(result.detail) > 40, f"{model_type}: refusal without a reason: {result.detail!r}"
 
 
+NEWER_THAN_OLDEST = {"dory"}  # added after transformers 5.17, the oldest we test (.ci/oldest.txt)
+
+
 def test_fast_subset_exists_in_this_transformers():
-    assert FAST <= set(ALL), sorted(FAST - set(ALL))
+    assert FAST - NEWER_THAN_OLDEST <= set(ALL), sorted(FAST - set(ALL))

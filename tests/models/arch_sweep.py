@@ -152,6 +152,9 @@ OVERRIDES: dict[str, dict] = {
         n_recurrent_layers=2,
         n_output_layers=2,
     ),
+    # its indexer's heads share one key head: at most the query heads per key head (HEADS / KV_HEADS); one of the two
+    # layers indexed
+    "kolibri1_1": dict(index_num_heads=HEADS // KV_HEADS, index_layers=[1]),
     # ZAYA supports one expert per token only
     "zaya": dict(num_experts_per_tok=1),
     # the default config's rope_parameters is empty, but the model reads it per layer type

@@ -39,7 +39,7 @@ from backend.detokenizer import Detokenizer
 from backend.errors import EngineError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory, map_big_blocks
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec
-from backend.kv_sizing import model_context_len, plan_kv_cache
+from backend.kv_sizing import check_kv_fits, model_context_len, plan_kv_cache
 from backend.layers.attention_backends import AttentionBackend, make_attention_backend
 from backend.loading.build import LoadedModel, load_model
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
@@ -234,6 +234,7 @@ class Engine:
             cfg.num_kv_blocks,
             cfg.max_model_len,
         )
+        check_kv_fits(plan, self.device, cfg.kv_cache_memory_gb, cfg.num_kv_blocks)  # before the allocator sees it
         return plan.max_model_len, plan.num_blocks
 
     # --- requests -------------------------------------------------------------------------------

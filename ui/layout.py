@@ -17,6 +17,7 @@ from ui.common import (
     DTYPE_CHOICES,
     IMPL_CHOICES,
     MODE_CHOICES,
+    PANEL_NUMBERS,
     QUANT_CHOICES,
     STEP_TOKENS,
     SUMMARY_HEADERS,
@@ -146,20 +147,27 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         device = gr.Dropdown(device_choices(), value="auto", label="Device")
                         block_size = gr.Dropdown(BLOCK_SIZES, value=16, label="Block size (tokens)")
                     with gr.Row():
+                        # no minimum / maximum on the boxes: the load's own check names the box, the value and
+                        # the range (EngineConfig's, ui/common.PANEL_NUMBERS), where Gradio's would not
                         kv_mb = gr.Number(
                             value=defaults.suggested_kv_mb(default_model),
-                            minimum=0,
                             label="KV cache budget (MB, 0 = auto)",
+                            info=PANEL_NUMBERS["kv_mb"].info(),
                         )
-                        max_len = gr.Number(value=0, minimum=0, precision=0, label="Max context (0 = model's)")
+                        max_len = gr.Number(
+                            value=0,
+                            precision=0,
+                            label="Max context (0 = model's)",
+                            info=PANEL_NUMBERS["max_len"].info(),
+                        )
                     with gr.Row():
                         max_batch = gr.Slider(1, 64, value=16, step=1, label="Max batch (sequences per step)")
                         step_tokens = gr.Number(
                             value=STEP_TOKENS,
-                            minimum=16,
                             precision=0,
                             label="Token budget per step",
-                            info="longer prompts are prefilled in chunks of this size",
+                            info="longer prompts are prefilled in chunks of this size; "
+                            + PANEL_NUMBERS["step_tokens"].info(),
                         )
                     trust = gr.Checkbox(
                         policy.allow_remote_code,

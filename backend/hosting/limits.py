@@ -68,6 +68,7 @@ def check_model_fits(
     *,
     token: str | None = None,
     free: Callable[[str], tuple[int, str]] = free_memory,
+    allow_local_paths: bool = True,
 ):
     """Refuse `name` when its estimated memory (weights + KV cache at `settings`) is over the free memory of the
     device. Reads safetensors headers and config.json only (backend/loading/memory.py). Returns the
@@ -99,6 +100,7 @@ def check_model_fits(
         engine=engine,
         revision=settings.revision,
         token=token,
+        allow_local_paths=allow_local_paths,
     )
     available, what = free(settings.device)
     if estimate.peak_bytes > available:

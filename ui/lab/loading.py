@@ -51,6 +51,14 @@ def hosted_model(state: LabState, choice: str, trust_remote_code: bool) -> Hoste
     return HostedModel(opts["model"], bool(opts["allow_local_paths"]), decision)
 
 
+def checked_panel(state: LabState, panel: Panel) -> HostedModel:
+    """The one check every door runs on the Model panel's values before it touches the file system: the numbers
+    against their ranges (EngineError), then the model name and remote code against the host's policy
+    (HostingError: one message for every refused path)."""
+    check_panel_numbers(panel)
+    return hosted_model(state, panel.choice, panel.trust_remote_code)
+
+
 def describe_md(engine, info: dict) -> str:
     return views.describe_markdown(info, defaults.label_for(engine.config.model))
 
@@ -65,8 +73,7 @@ class Loader:
         """The panel's values -> what to load, after the host's checks on the name and on remote code (raises
         HostingError; a number outside its range: EngineError). `state.last_remote_code` says what was decided
         about remote code."""
-        check_panel_numbers(panel)
-        hosted = hosted_model(self.state, panel.choice, panel.trust_remote_code)
+        hosted = checked_panel(self.state, panel)
         self.state.last_remote_code = hosted.remote_code
         return LoadSpec.make(
             hosted.model,
@@ -102,7 +109,7 @@ class Loader:
             max_model_len=opts.get("max_model_len"),
             block_size=int(opts.get("block_size", 16)),
         )
-        check_model_fits(spec.model, settings, p)
+        check_model_fits(spec.model, settings, p, allow_local_paths=opts.get("allow_local_paths", True) is not False)
 
     def check_new(self, spec: LoadSpec) -> None:
         """Settings that would replace the loaded engine: refused (memory, engine options, a missing folder)

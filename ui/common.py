@@ -198,6 +198,15 @@ class Panel:
         return astuple(self)
 
 
+def host_panel(choice: str, allow_remote_code: bool = False) -> Panel:
+    """The Model panel's values when a page opens: the host's model with the host's engine settings (what the app
+    loads at start-up and what the panel's components show first)."""
+    from ui import defaults
+
+    return Panel(choice, "auto", "as in checkpoint", "auto", "auto", defaults.suggested_kv_mb(choice), 16, 16, 0,
+                 allow_remote_code, STEP_TOKENS)  # fmt: skip
+
+
 def panel_values(spec) -> Panel:
     """A LoadSpec -> what the left panel shows for the engine that is loaded (a built-in model by its name, as
     the picker names it)."""

@@ -33,6 +33,13 @@ def host_model_name(model: str | None) -> str:
     return model or os.environ.get("FLAB_MODEL") or DEFAULT_CHOICE
 
 
+def trust_proxies_in_launch(policy: HostPolicy) -> None:
+    """Gradio's launch() runs uvicorn with its proxy headers on, trusting the peers in FORWARDED_ALLOW_IPS: set to
+    the policy's proxies, so the app reads a visitor's address (its per-visitor caps, ui/common.visitor_key) by the
+    same rule as the API (backend/hosting/proxies.py). The launcher's own process environment, set once at start."""
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(policy.forwarded_allow_ips)
+
+
 def refusal_page(message: str):
     """The page a host sees instead of the app when it cannot run here (ZeroGPU, a bad hosting setting)."""
     import gradio as gr
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     lab = Lab(policy=policy, host_model=host_model_name(args.model))
     app = make_demo(args.model, lab=lab)
+    trust_proxies_in_launch(policy)
     lab.page.start_preload()  # the host's model loads now; a page opened meanwhile shows the progress
     app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS)
 

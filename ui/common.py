@@ -116,7 +116,21 @@ def device_choices() -> list[str]:
 
 
 def session_key(request: gr.Request | None) -> str:
+    """The browser session (one page): whose runs Stop cancels, who holds a model slot."""
     return getattr(request, "session_hash", None) or "local"
+
+
+def visitor_key(request: gr.Request | None, hosted: bool) -> str:
+    """Who a visitor is, for the per-visitor caps (parallel sequences) and the engine's fair share (its owner).
+    Hosted: the client address (through the host's trusted proxies: the server's ForwardedClientMiddleware with
+    --api, uvicorn's proxy headers with FORWARDED_ALLOW_IPS otherwise, see app.py), the same id the API gives a
+    client at that address, so that a client opening many sessions is still one visitor. Not hosted (this
+    machine's user only): the browser session."""
+    if hosted:
+        host = getattr(getattr(request, "client", None), "host", None)
+        if host:
+            return f"client:{host}"
+    return session_key(request)
 
 
 def hub_module():

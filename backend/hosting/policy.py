@@ -308,8 +308,8 @@ def add_hosting_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )  # fmt: skip
     g.add_argument(
         "--check-memory", action=argparse.BooleanOptionalAction, default=None,
-        help="refuse models that do not fit the free memory before downloading (env FLAB_CHECK_MEMORY; "
-        "hosted default on)",
+        help="refuse models (weights + the KV budget asked + the load peak) that do not fit the free memory before "
+        "downloading or allocating (env FLAB_CHECK_MEMORY; default on)",
     )  # fmt: skip
     g.add_argument(
         "--public-health", action=argparse.BooleanOptionalAction, default=None,

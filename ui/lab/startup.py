@@ -125,6 +125,8 @@ class PageStartup:
                 "",
                 gr.skip(),
             )
+            if state.session.spec is not None:  # the panel shows what is loaded, never the refused values
+                panel = panel_values(state.session.spec)
         choices = dropdown.choices or []
         if panel.choice not in [c[1] if isinstance(c, (tuple, list)) else c for c in choices]:
             choices = list(choices) + [(f"{panel.choice}  (loaded)", panel.choice)]

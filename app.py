@@ -28,6 +28,18 @@ from ui.layout import CSS, THEME, build_demo
 QUEUE_CONCURRENCY = 4  # default per event; generation sets its own (streams share the engine's batch)
 
 
+def host_model_name(model: str | None) -> str:
+    """The host's model: --model, else FLAB_MODEL, else the built-in default."""
+    return model or os.environ.get("FLAB_MODEL") or DEFAULT_CHOICE
+
+
+def trust_proxies_in_launch(policy: HostPolicy) -> None:
+    """Gradio's launch() runs uvicorn with its proxy headers on, trusting the peers in FORWARDED_ALLOW_IPS: set to
+    the policy's proxies, so the app reads a visitor's address (its per-visitor caps, ui/common.visitor_key) by the
+    same rule as the API (backend/hosting/proxies.py). The launcher's own process environment, set once at start."""
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(policy.forwarded_allow_ips)
+
+
 def refusal_page(message: str):
     """The page a host sees instead of the app when it cannot run here (ZeroGPU, a bad hosting setting)."""
     import gradio as gr
@@ -44,7 +56,7 @@ def make_demo(model: str | None = None, lab: Lab | None = None, policy: HostPoli
         policy = policy or (lab.policy if lab is not None else HostPolicy.from_env_and_flags(None))
     except HostingError as e:
         return refusal_page(str(e)).queue()
-    default_model = model or os.environ.get("FLAB_MODEL") or DEFAULT_CHOICE
+    default_model = host_model_name(model)
     demo = build_demo(lab or Lab(policy=policy, host_model=default_model), default_model=default_model)
     return demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=policy.queue_size)
 
@@ -59,7 +71,7 @@ def make_api_app(model: str | None = None, policy: HostPolicy | None = None, ser
 
     policy = policy or HostPolicy.from_env_and_flags(None)
     refuse_zerogpu()
-    lab = Lab(policy=policy, host_model=model or os.environ.get("FLAB_MODEL") or DEFAULT_CHOICE)
+    lab = Lab(policy=policy, host_model=host_model_name(model))
     api = build_app(lambda: lab.session.current(), served_model_name=served_model_name)
     api.state.flab.policy = policy  # the API's caps and per-visitor limits are the app's
     api.state.flab.visitors = lab.visitors
@@ -121,12 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.api:
         import uvicorn
 
-        app, _ = make_api_app(args.model, policy, args.served_model_name)
+        app, lab = make_api_app(args.model, policy, args.served_model_name)
+        lab.page.start_preload()  # the host's model loads now, not on the first page view: the API serves at once
         print(f"Fallback Lab with the OpenAI API: http://{args.host}:{args.port} (API at /v1, metrics at /metrics)")
         # proxy_headers off: the policy's --forwarded-allow-ips decides the client address (backend/hosting/proxies.py)
         uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False)
         return
-    app = make_demo(args.model, policy=policy)
+    lab = Lab(policy=policy, host_model=host_model_name(args.model))
+    app = make_demo(args.model, lab=lab)
+    trust_proxies_in_launch(policy)
+    lab.page.start_preload()  # the host's model loads now; a page opened meanwhile shows the progress
     app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS)
 
 

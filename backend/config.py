@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -16,6 +16,45 @@ ATTENTION_BACKENDS = ("auto", *_ATTENTION_REGISTRY)  # backend/layers/attention_
 CPU_LINEARS = ("auto", "packed", "upcast", "none")  # how 16-bit linears run on CPU (backend/layers)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The one allowed range of a numeric EngineConfig option, declared on its field (`metadata["range"]`) and read
+    by the engine's check, the app's number boxes and the app's panel check. `low_open`: the low end is excluded."""
+
+    low: float
+    high: float
+    integer: bool = True
+    low_open: bool = False
+
+    def contains(self, value) -> bool:
+        if not (is_int(value) if self.integer else is_real(value)):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        return f"{kind} {low} and <= {self.high:g}"
+
+
+def ranged(default, low: float, high: float, integer: bool = True, low_open: bool = False):
+    """A dataclass field with its allowed range as metadata (see Range)."""
+    return field(default=default, metadata={"range": Range(low, high, integer, low_open)})
+
+
+def option_range(name: str) -> Range:
+    """The declared range of EngineConfig option `name` (KeyError for an option without one)."""
+    for f in fields(EngineConfig):
+        if f.name == name and "range" in f.metadata:
+            return f.metadata["range"]
+    raise KeyError(name)
+
+
+def range_error(name: str, value, allowed: Range) -> str:
+    return f"{name} must be {allowed.describe()}, got {value!r:.60}"
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -27,16 +66,18 @@ class EngineConfig:
     revision: str | None = None
     allow_local_paths: bool = True  # False: `model` is a built-in name or a Hub id, never a local folder (hosting)
     # KV cache
-    block_size: int = 16
-    kv_cache_memory_gb: float | None = None  # budget for the KV cache; None = a share of free memory
-    num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
-    max_model_len: int | None = None  # defaults to the model's context, capped by max_model_len_cap
+    block_size: int = ranged(16, 1, 256)  # and a power of two
+    # budget for the KV cache in GiB; None = a share of free memory. Checked against free memory at start
+    kv_cache_memory_gb: float | None = ranged(None, 0, 2**20, integer=False, low_open=True)
+    num_kv_blocks: int | None = ranged(None, 1, 2**24)  # overrides the memory budget (tests force preemption)
+    max_model_len: int | None = ranged(None, 1, 2**24)  # defaults to the model's context
     enable_prefix_caching: bool = True
     # scheduler
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048  # per-step token budget; prefills are chunked to fit
-    tp_size: int = 1  # tensor parallelism: ranks (this process is rank 0; backend/distributed)
-    max_running_per_owner: int | None = None  # cap on one owner's running sequences (hosting); None = no cap
+    max_num_seqs: int = ranged(64, 1, 4096)
+    max_num_batched_tokens: int = ranged(2048, 1, 2**20)  # per-step token budget; prefills are chunked to fit
+    tp_size: int = ranged(1, 1, 64)  # tensor parallelism: ranks (this process is rank 0; backend/distributed)
+    # cap on one owner's running sequences (hosting); None = no cap
+    max_running_per_owner: int | None = ranged(None, 1, 2**20)
     # kernels
     attention_backend: str = "auto"  # torch on CPU, triton on CUDA
     # 16-bit linears on CPU: "packed" (oneDNN prepacked weights; CPUs with bf16/fp16 matmul), "upcast" (fp32
@@ -81,20 +122,16 @@ class EngineConfig:
             raise EngineError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.cpu_linear not in CPU_LINEARS:
             raise EngineError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
-        optional = ("num_kv_blocks", "max_model_len", "max_running_per_owner")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tp_size", *optional):
-            value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            if not is_int(value) or value <= 0:
-                raise EngineError(f"{name} must be a positive integer, got {value!r:.60}")
+        for f in fields(self):  # every numeric option against its declared range (None: the option's default rule)
+            allowed = f.metadata.get("range")
+            value = getattr(self, f.name)
+            optional_unset = value is None and f.default is None
+            if allowed is not None and not optional_unset and not allowed.contains(value):
+                raise EngineError(range_error(f.name, value, allowed))
         if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise EngineError(f"seed must be an integer in [0, 2**63), got {self.seed!r:.60}")
         if self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise EngineError(f"block_size must be a power of two up to 256, got {self.block_size}")
-        gb = self.kv_cache_memory_gb
-        if gb is not None and not (is_real(gb) and gb > 0):
-            raise EngineError(f"kv_cache_memory_gb must be a positive number of GiB, got {gb!r:.60}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

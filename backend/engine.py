@@ -39,9 +39,10 @@ from backend.detokenizer import Detokenizer
 from backend.errors import EngineError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory, map_big_blocks
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec
-from backend.kv_sizing import model_context_len, plan_kv_cache
+from backend.kv_sizing import check_kv_fits, model_context_len, plan_kv_cache
 from backend.layers.attention_backends import AttentionBackend, make_attention_backend
 from backend.loading.build import LoadedModel, load_model
+from backend.loading.memory_check import check_before_load
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
 from backend.models.kv_layout import kv_cache_spec
 from backend.outputs import RequestOutput, StreamDelta
@@ -158,6 +159,7 @@ class Engine:
             self.kernel_settings = KernelSettings.from_env()
         except ValueError as e:
             raise EngineError(str(e)) from None
+        check_before_load(cfg)  # weights + the KV budget asked + the load peak against free memory, before loading
         self.tp_group = None  # backend/distributed: the worker ranks when tp_size > 1
         with kernel_dispatch.using(self.kernel_settings):
             if cfg.tp_size > 1:
@@ -234,6 +236,7 @@ class Engine:
             cfg.num_kv_blocks,
             cfg.max_model_len,
         )
+        check_kv_fits(plan, self.device, cfg.kv_cache_memory_gb, cfg.num_kv_blocks)  # before the allocator sees it
         return plan.max_model_len, plan.num_blocks
 
     # --- requests -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from backend.errors import KVCacheError
 from backend.kv_cache import KVCacheSpec, plan_num_blocks
+from backend.units import format_bytes
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 DEFAULT_CONTEXT = 4096  # a config that names no context
@@ -94,3 +95,37 @@ def plan_kv_cache(
         max_len = max_model_len
     num_blocks = plan_num_blocks(spec, budget, max_len)
     return KVPlan(max_len, num_blocks, spec.block_size, spec.bytes_per_token(), budget)
+
+
+def free_memory(device: torch.device | str) -> tuple[int, str]:
+    """(free bytes, what was measured) on `device`: CUDA's free memory on a cuda device ("auto": cuda when there is
+    one, as the engine picks), else the available RAM."""
+    device = str(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index
+        free, _total = torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())
+        return int(free), f"free GPU memory on {device}"
+    return int(psutil.virtual_memory().available), "available RAM"
+
+
+def check_kv_fits(
+    plan: KVPlan, device: torch.device, kv_cache_memory_gb: float | None, num_kv_blocks: int | None
+) -> None:
+    """Before the cache is allocated: a budget the caller chose (`kv_cache_memory_gb` or `num_kv_blocks`) whose
+    cache is over the device's free memory raises KVCacheError naming the option, the amount and what is free
+    (instead of the allocator's RuntimeError). The automatic budget is a share of free memory: nothing to check."""
+    if num_kv_blocks is not None:
+        option = f"num_kv_blocks={num_kv_blocks}"
+    elif kv_cache_memory_gb is not None:
+        option = f"kv_cache_memory_gb={kv_cache_memory_gb:g}"
+    else:
+        return
+    available, what = free_memory(device)
+    if plan.cache_bytes > available:
+        raise KVCacheError(
+            f"{option} asks for a KV cache of {format_bytes(plan.cache_bytes)} and the machine has "
+            f"{format_bytes(available)} {what} (after the weights): ask for at most "
+            f"{available / 2**30:.2f} GiB, or leave the budget unset to size it automatically"
+        )

@@ -6,7 +6,8 @@ from dataclasses import astuple, dataclass
 
 import gradio as gr
 
-from backend.config import DTYPES, MODEL_IMPLS
+from backend.config import DTYPES, MODEL_IMPLS, Range, option_range
+from backend.errors import EngineError
 from backend.loading.gguf import ConversionProgress
 from backend.quantization import QUANTIZATION_METHODS
 from backend.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
@@ -39,6 +40,57 @@ STEP_TOKENS = 2048  # EngineConfig.max_num_batched_tokens' default, shown in the
 LOAD_WAIT_S = 600.0  # Generate waits this long for a model that is still loading
 
 
+@dataclass(frozen=True)
+class PanelNumber:
+    """A number box of the Model panel: its label, the EngineConfig option it sets (and the factor from the box's
+    unit to the option's), and whether 0 means "the engine's default" (automatic)."""
+
+    label: str
+    option: str
+    scale: float = 1.0
+    zero_is_auto: str | None = None  # what 0 means, e.g. "automatic"
+
+    def allowed(self) -> Range:
+        """The option's declared range (backend/config.py) in the box's unit."""
+        r = option_range(self.option)
+        return Range(r.low / self.scale, r.high / self.scale, r.integer and self.scale == 1, r.low_open)
+
+    def info(self) -> str:
+        r = self.allowed()
+        auto = f"0 = {self.zero_is_auto}; else " if self.zero_is_auto else ""
+        return f"{auto}{'>' if r.low_open else ''}{r.low:g} to {r.high:g}"
+
+    def check(self, value) -> None:
+        """EngineError naming the box, the value and the range, once (also for a value Gradio let through)."""
+        if self.zero_is_auto and value in (None, "", 0):
+            return
+        r = self.allowed()
+        number = value
+        if r.integer and isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if not r.contains(number):
+            auto = f"0 ({self.zero_is_auto}) or " if self.zero_is_auto else ""
+            raise EngineError(f"{self.label}: {value!r:.40} is outside the allowed range: {auto}{r.describe()}")
+
+
+PANEL_NUMBERS = {  # the Model panel's number boxes by their Panel field; their ranges are EngineConfig's
+    "kv_mb": PanelNumber("KV cache budget (MB)", "kv_cache_memory_gb", scale=1 / 1024, zero_is_auto="automatic"),
+    "max_len": PanelNumber("Max context", "max_model_len", zero_is_auto="the model's own"),
+    "max_batch": PanelNumber("Max batch", "max_num_seqs"),
+    "step_tokens": PanelNumber("Token budget per step", "max_num_batched_tokens"),
+    "block_size": PanelNumber("Block size", "block_size"),
+}
+
+
+def check_panel_numbers(panel) -> None:
+    """Every number of the Model panel against its one range, before anything else looks at the panel."""
+    for name, box in PANEL_NUMBERS.items():
+        value = getattr(panel, name)
+        if name == "step_tokens" and value in (None, ""):
+            continue  # not given: the engine's default
+        box.check(value)
+
+
 def quantization_value(label: str | None) -> str | None:
     """UI label -> Engine(quantization=...). 'as in checkpoint' and 'none' are both None: the engine loads a
     full-precision checkpoint unquantized and a pre-quantized checkpoint as it is (it cannot dequantize)."""
@@ -64,7 +116,21 @@ def device_choices() -> list[str]:
 
 
 def session_key(request: gr.Request | None) -> str:
+    """The browser session (one page): whose runs Stop cancels, who holds a model slot."""
     return getattr(request, "session_hash", None) or "local"
+
+
+def visitor_key(request: gr.Request | None, hosted: bool) -> str:
+    """Who a visitor is, for the per-visitor caps (parallel sequences) and the engine's fair share (its owner).
+    Hosted: the client address (through the host's trusted proxies: the server's ForwardedClientMiddleware with
+    --api, uvicorn's proxy headers with FORWARDED_ALLOW_IPS otherwise, see app.py), the same id the API gives a
+    client at that address, so that a client opening many sessions is still one visitor. Not hosted (this
+    machine's user only): the browser session."""
+    if hosted:
+        host = getattr(getattr(request, "client", None), "host", None)
+        if host:
+            return f"client:{host}"
+    return session_key(request)
 
 
 def hub_module():
@@ -144,6 +210,15 @@ class Panel:
     def values(self) -> tuple:
         """The values in the panel's order (the page-load outputs)."""
         return astuple(self)
+
+
+def host_panel(choice: str, allow_remote_code: bool = False) -> Panel:
+    """The Model panel's values when a page opens: the host's model with the host's engine settings (what the app
+    loads at start-up and what the panel's components show first)."""
+    from ui import defaults
+
+    return Panel(choice, "auto", "as in checkpoint", "auto", "auto", defaults.suggested_kv_mb(choice), 16, 16, 0,
+                 allow_remote_code, STEP_TOKENS)  # fmt: skip
 
 
 def panel_values(spec) -> Panel:

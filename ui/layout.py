@@ -17,8 +17,8 @@ from ui.common import (
     DTYPE_CHOICES,
     IMPL_CHOICES,
     MODE_CHOICES,
+    PANEL_NUMBERS,
     QUANT_CHOICES,
-    STEP_TOKENS,
     SUMMARY_HEADERS,
     device_choices,
 )
@@ -93,6 +93,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
     if lab.host_model is None:
         lab.host_model = defaults.resolve_choice(default_model)
     policy = lab.policy
+    host = lab.host_panel()  # the host's model and engine settings: what the app loads at start-up
     max_copies = min(32, policy.max_parallel_per_visitor or 32)
     # the cap is said in the label and checked by the callback (a status line naming the cap), not by the
     # component's maximum (Gradio's own error would mark every output)
@@ -135,31 +136,40 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                 with gr.Accordion("Engine", open=True):
                     impl = gr.Radio(
                         IMPL_CHOICES,
-                        value="auto",
+                        value=host.impl,
                         label="Implementation",
                         info="auto = native when there is one, else the transformers fallback",
                     )
                     with gr.Row():
-                        quant = gr.Dropdown(QUANT_CHOICES, value="as in checkpoint", label="Quantization")
-                        dtype = gr.Dropdown(DTYPE_CHOICES, value="auto", label="dtype")
+                        quant = gr.Dropdown(QUANT_CHOICES, value=host.quant, label="Quantization")
+                        dtype = gr.Dropdown(DTYPE_CHOICES, value=host.dtype, label="dtype")
                     with gr.Row():
-                        device = gr.Dropdown(device_choices(), value="auto", label="Device")
-                        block_size = gr.Dropdown(BLOCK_SIZES, value=16, label="Block size (tokens)")
+                        device = gr.Dropdown(device_choices(), value=host.device, label="Device")
+                        block_size = gr.Dropdown(BLOCK_SIZES, value=host.block_size, label="Block size (tokens)")
                     with gr.Row():
+                        # no minimum / maximum on the boxes: the load's own check names the box, the value and
+                        # the range (EngineConfig's, ui/common.PANEL_NUMBERS), where Gradio's would not
                         kv_mb = gr.Number(
-                            value=defaults.suggested_kv_mb(default_model),
-                            minimum=0,
+                            value=host.kv_mb,
                             label="KV cache budget (MB, 0 = auto)",
+                            info=PANEL_NUMBERS["kv_mb"].info(),
                         )
-                        max_len = gr.Number(value=0, minimum=0, precision=0, label="Max context (0 = model's)")
+                        max_len = gr.Number(
+                            value=host.max_len,
+                            precision=0,
+                            label="Max context (0 = model's)",
+                            info=PANEL_NUMBERS["max_len"].info(),
+                        )
                     with gr.Row():
-                        max_batch = gr.Slider(1, 64, value=16, step=1, label="Max batch (sequences per step)")
+                        max_batch = gr.Slider(
+                            1, 64, value=host.max_batch, step=1, label="Max batch (sequences per step)"
+                        )
                         step_tokens = gr.Number(
-                            value=STEP_TOKENS,
-                            minimum=16,
+                            value=host.step_tokens,
                             precision=0,
                             label="Token budget per step",
-                            info="longer prompts are prefilled in chunks of this size",
+                            info="longer prompts are prefilled in chunks of this size; "
+                            + PANEL_NUMBERS["step_tokens"].info(),
                         )
                     trust = gr.Checkbox(
                         policy.allow_remote_code,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from backend.hosting.errors import HostingError
 from backend.hosting.policy import HostPolicy
+from backend.kv_sizing import free_memory
 from backend.units import format_bytes
 
 
@@ -51,27 +52,13 @@ class ModelSettings:
 
     dtype: str = "auto"
     quantization: str | None = None
-    context_len: int = 4096  # tokens per sequence the KV cache is sized for
-    num_seqs: int = 1  # sequences held at once
+    context_len: int = 4096  # tokens per sequence the KV cache is sized for (without a KV budget)
+    num_seqs: int = 1  # sequences held at once (without a KV budget)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" (anything else: the CPU's memory)
     revision: str | None = None
-
-
-def free_memory(device: str) -> tuple[int, str]:
-    """(free bytes, what was measured) for `device`: CUDA's free memory on a cuda device ("auto": cuda when there
-    is one, as the engine picks), else available RAM."""
-    import torch
-
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda"):
-        if torch.cuda.is_available():
-            index = torch.device(device).index
-            free, _total = torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())
-            return int(free), f"free GPU memory on {device}"
-    import psutil
-
-    return int(psutil.virtual_memory().available), "available RAM"
+    kv_cache_memory_gb: float | None = None  # a KV budget asked for: the cache the engine allocates is this budget
+    max_model_len: int | None = None  # with a KV budget: the context asked for (None: the model's)
+    block_size: int = 16
 
 
 def check_model_fits(
@@ -81,6 +68,7 @@ def check_model_fits(
     *,
     token: str | None = None,
     free: Callable[[str], tuple[int, str]] = free_memory,
+    allow_local_paths: bool = True,
 ):
     """Refuse `name` when its estimated memory (weights + KV cache at `settings`) is over the free memory of the
     device. Reads safetensors headers and config.json only (backend/loading/memory.py). Returns the
@@ -89,7 +77,7 @@ def check_model_fits(
     if not policy.check_memory:
         return None
     from backend.loading.builtin import builtin_path, find_builtin
-    from backend.loading.memory import estimate_memory
+    from backend.loading.memory import EngineKVSettings, estimate_memory
 
     target = str(name).strip()
     builtin = find_builtin(target)
@@ -98,17 +86,29 @@ def check_model_fits(
         if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
             return None
         target = str(folder)
+    engine = None
+    if settings.kv_cache_memory_gb is not None:  # what the engine will allocate: the budget asked, in whole blocks
+        engine = EngineKVSettings(
+            settings.block_size, settings.kv_cache_memory_gb, None, settings.max_model_len, settings.device
+        )
     estimate = estimate_memory(
         target,
         dtype=settings.dtype,
         quantization=settings.quantization,
         context_len=settings.context_len,
         num_seqs=settings.num_seqs,
+        engine=engine,
         revision=settings.revision,
         token=token,
+        allow_local_paths=allow_local_paths,
     )
     available, what = free(settings.device)
     if estimate.peak_bytes > available:
+        kv_what = (
+            f"the KV budget asked, {settings.kv_cache_memory_gb * 1024:g} MiB"
+            if engine is not None
+            else f"for {settings.num_seqs} x {settings.context_len} tokens"
+        )
         loading = (
             f"; {format_bytes(estimate.load_peak_bytes)} while loading, before its MoE experts are quantized"
             if estimate.load_peak_bytes > estimate.total_bytes
@@ -117,8 +117,8 @@ def check_model_fits(
         raise HostingError(
             f"{name} does not fit this machine: it needs about {format_bytes(estimate.total_bytes)} "
             f"(weights {format_bytes(estimate.weight_bytes)} + KV cache {format_bytes(estimate.kv_cache_bytes)} "
-            f"for {settings.num_seqs} x {settings.context_len} tokens{loading}) and the machine has "
+            f"{kv_what}{loading}) and the machine has "
             f"{format_bytes(available)} {what}; pick a smaller model, a quantization (int8, int4) or a shorter "
-            "context"
+            "context, or a smaller KV budget"
         )
     return estimate

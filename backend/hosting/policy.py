@@ -21,7 +21,7 @@ nothing is capped and any local folder loads. Remote code is off in both unless 
     --queue-size N                FLAB_QUEUE_SIZE              16 (per event)       no cap
     --max-visitor-models N        FLAB_MAX_VISITOR_MODELS      1                    no cap
     --allow-benchmark             FLAB_ALLOW_BENCHMARK         off (host only)      on
-    --check-memory/--no-...       FLAB_CHECK_MEMORY            on                   off
+    --check-memory/--no-...       FLAB_CHECK_MEMORY            on                   on
     --max-body-bytes N            FLAB_MAX_BODY_BYTES          1 MiB                8 MiB
     --api-key KEY                 FLAB_API_KEY                 none                 none
     --public-health/--no-...      FLAB_HEALTH_PUBLIC           off                  on
@@ -81,7 +81,7 @@ class HostPolicy:
     queue_size: int | None = None  # events waiting per Gradio event (demo.queue(max_size=...))
     max_visitor_models: int | None = None  # visitors holding their own loaded model at once (0: host's only)
     allow_benchmark: bool = True  # the Benchmark tab replaces the shared engine
-    check_memory: bool = False  # refuse, before any download, a model that does not fit the free memory
+    check_memory: bool = True  # refuse, before any download or allocation, what does not fit the free memory
     max_body_bytes: int | None = LOCAL_MAX_BODY_BYTES  # server request body limit
     api_key: str | None = field(default=None, repr=False)
     health_public: bool = True  # /health without the key
@@ -308,8 +308,8 @@ def add_hosting_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )  # fmt: skip
     g.add_argument(
         "--check-memory", action=argparse.BooleanOptionalAction, default=None,
-        help="refuse models that do not fit the free memory before downloading (env FLAB_CHECK_MEMORY; "
-        "hosted default on)",
+        help="refuse models (weights + the KV budget asked + the load peak) that do not fit the free memory before "
+        "downloading or allocating (env FLAB_CHECK_MEMORY; default on)",
     )  # fmt: skip
     g.add_argument(
         "--public-health", action=argparse.BooleanOptionalAction, default=None,

@@ -222,9 +222,11 @@ def estimate_memory(
     engine: EngineKVSettings | None = None,
     revision: str | None = None,
     token: str | None = None,
+    allow_local_paths: bool = True,
 ) -> MemoryEstimate:
     """Weights + KV cache bytes for serving `name_or_path` (a built-in name, a folder or a Hub id), from headers
-    and config only (a built-in model not built yet is built first, as Engine would).
+    and config only (a built-in model not built yet is built first, as Engine would). `allow_local_paths=False`:
+    `name_or_path` is a Hub id (or a built-in name) even where a folder of that spelling exists (hosting).
 
     Without `engine`: KV cache for `num_seqs` sequences of `context_len` tokens. With `engine`: the cache and
     context the engine will allocate with those settings (KVCacheError when they cannot work). KV bytes per
@@ -245,7 +247,7 @@ def estimate_memory(
             name_or_path = builtin.hub_id  # online: the Hub original (falls back to the cache below)
     if is_gguf_name(name_or_path):
         raise UnsupportedModelError(f"{name_or_path}: {GGUF_MESSAGE}")
-    folder = local_path(name_or_path)
+    folder = local_path(name_or_path) if allow_local_paths or builtin is not None else None
     if folder is not None:
         config, tensors = _local_sources(folder)
     elif offline_mode_enabled():

@@ -4,7 +4,8 @@ the OpenAI API on one loopback port over one engine) driven with gradio_client a
 - a visitor sees no working remote-code toggle, cannot load a local path outside the allowed folders (existing or
   not, through `..` or a symlink: one message), cannot load a model needing remote code, nor ask over the caps;
   a second visitor cannot take a model slot that is in use;
-- a bounded load test: one greedy API client at its parallel cap with long prompts, 8 gradio_client sessions
+- a bounded load test: one greedy API client at its parallel cap with long prompts, 8 gradio_client sessions (each
+  from its own address, X-Forwarded-For from the trusted loopback proxy: the app counts visitors by address)
   with one short request each: every short request's first token comes within a stated number of engine steps
   of its time alone (measured in steps, from each delta's StepStats; wall times are printed, never asserted),
   the owners reaching the engine are the visitors, and every block is free at the end;
@@ -172,6 +173,14 @@ def faces(folders):
     lab.session.close()
 
 
+def visitor_sessions(url: str, n: int = 8) -> tuple[list, list[str]]:
+    """n gradio_client sessions, each from its own address (X-Forwarded-For written by the trusted proxy 127.0.0.1,
+    the app's loopback peer): the app counts visitors by address when hosted. -> (clients, their owner tags)."""
+    addresses = [f"10.0.0.{i + 1}" for i in range(n)]
+    clients = [gradio_client.Client(url + "/", verbose=False, headers={"X-Forwarded-For": a}) for a in addresses]
+    return clients, [f"client:{a}" for a in addresses]
+
+
 def _status(client, choice, trust=False) -> str:
     return client.predict(choice, *LOAD[1:9], trust, LOAD[10], api_name="/load")[0]
 
@@ -263,11 +272,11 @@ def test_a_greedy_client_does_not_starve_short_sessions(faces):
     lab, url = faces["lab"], faces["url"]
     engine = lab.session.current()
     spy = StreamSpy(engine)
-    sessions = [gradio_client.Client(url + "/", verbose=False) for _ in range(8)]
+    sessions, owners = visitor_sessions(url)
     try:
         sessions[0].predict(*gen_args(), api_name="/generate")  # alone: the short request's steps to first token
         wait_idle(engine)
-        alone = spy.by_owner(sessions[0].session_hash)[0]
+        alone = spy.by_owner(owners[0])[0]
         started = threading.Event()
         rng = random.Random(0)
         prompts = [[rng.randrange(3, 200) for _ in range(300)] for _ in range(PER_VISITOR)]
@@ -288,8 +297,8 @@ def test_a_greedy_client_does_not_starve_short_sessions(faces):
     assert all("done" in out[2] for out in outs)
     hogs = spy.by_owner("client:127.0.0.1")  # the API client is one visitor: its address (hosted)
     assert len(hogs) == PER_VISITOR
-    shorts = [spy.by_owner(s.session_hash)[-1] for s in sessions]  # each session's own owner tag
-    assert len({s.session_hash for s in sessions}) == 8
+    shorts = [spy.by_owner(o)[-1] for o in owners]  # each visitor's own owner tag: its address
+    assert len(set(owners)) == 8
     alone_steps = spy.steps(alone)
     steps = [spy.steps(r) for r in shorts]
     print(
@@ -301,7 +310,7 @@ def test_a_greedy_client_does_not_starve_short_sessions(faces):
     assert max(steps) <= alone_steps + SHORT_BOUND_STEPS
     s = engine.stats()
     assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0 and engine.num_requests == 0
-    assert all(lab.visitors.in_use(x.session_hash) == 0 for x in sessions)
+    assert all(lab.visitors.in_use(o) == 0 for o in owners)
 
 
 def _storm_http(url: str, i: int, rng: random.Random) -> str:
@@ -334,7 +343,7 @@ def test_storm_through_the_server_and_the_app(faces):
         http = list(pool.map(lambda i: _storm_http(url, i, random.Random(seeds[i])), range(STORM_HTTP)))
     wait_idle(engine)
     http_s = time.perf_counter() - t0
-    sessions = [gradio_client.Client(url + "/", verbose=False) for _ in range(8)]
+    sessions, owners = visitor_sessions(url)
     t0 = time.perf_counter()
     jobs, stopped = [], 0
     for i in range(STORM_APP):
@@ -372,6 +381,6 @@ def test_storm_through_the_server_and_the_app(faces):
     assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0 and engine.num_requests == 0
     assert lab.visitors.in_use("client:127.0.0.1") == 0  # every API lease released (aborted streams too)
     deadline = time.monotonic() + 30  # a cancelled event's generator is closed by gradio shortly after
-    while any(lab.visitors.in_use(x.session_hash) for x in sessions) and time.monotonic() < deadline:
+    while any(lab.visitors.in_use(o) for o in owners) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert all(lab.visitors.in_use(x.session_hash) == 0 for x in sessions)
+    assert all(lab.visitors.in_use(o) == 0 for o in owners)

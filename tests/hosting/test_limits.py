@@ -144,7 +144,7 @@ def test_oversized_local_model_is_refused_from_its_headers(tmp_path):
     assert str(e.value) == (
         f"{folder} does not fit this machine: it needs about 15.5 GiB (weights 15.0 GiB + KV cache 512.0 MiB for "
         "1 x 4096 tokens) and the machine has 8.00 GiB available RAM; pick a smaller model, a quantization "
-        "(int8, int4) or a shorter context"
+        "(int8, int4) or a shorter context, or a smaller KV budget"
     )
 
 
@@ -172,11 +172,13 @@ def test_kv_cache_counts(tmp_path):
         check_model_fits(str(folder), ModelSettings(context_len=4096, num_seqs=32), HOSTED, free=eight_gib)
 
 
-def test_memory_check_off_when_not_hosted(tmp_path):
+def test_memory_check_on_when_not_hosted_and_off_when_the_host_says(tmp_path):
     folder = write_folder(
         tmp_path / "big", {"config.json": llama_config(), "model.safetensors": safetensors_header_only(HUGE)}
     )
-    assert check_model_fits(str(folder), ModelSettings(), HostPolicy(), free=eight_gib) is None
+    with pytest.raises(HostingError, match="does not fit this machine"):
+        check_model_fits(str(folder), ModelSettings(), HostPolicy(), free=eight_gib)
+    assert check_model_fits(str(folder), ModelSettings(), HostPolicy(check_memory=False), free=eight_gib) is None
 
 
 def test_oversized_hub_model_is_refused_before_any_download(tmp_path, monkeypatch):

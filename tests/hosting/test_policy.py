@@ -77,7 +77,7 @@ def test_hosted_defaults_are_safe_and_local_has_no_caps():
     assert len(hosted.allowed_dirs) == 2
     local = policy([])
     assert local.max_new_tokens is None and local.max_parallel_per_visitor is None and local.allow_benchmark
-    assert not local.allow_remote_code and not local.check_memory and local.health_public
+    assert not local.allow_remote_code and local.check_memory and local.health_public
 
 
 def test_default_dirs_are_the_hub_cache_and_the_project_cache(monkeypatch, tmp_path):

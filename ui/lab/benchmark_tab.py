@@ -7,7 +7,7 @@ import gradio as gr
 
 from backend.hosting import check_benchmark
 from ui import benchmark
-from ui.common import hub_module, max_len_value, progress_adapter, quantization_value, session_key
+from ui.common import PANEL_NUMBERS, hub_module, max_len_value, progress_adapter, quantization_value, session_key
 from ui.errors import status_errors
 from ui.lab.loading import Loader, hosted_model
 from ui.lab.state import LabState
@@ -55,7 +55,12 @@ class BenchmarkTab:
         try:
             with state.run(key) as handle:
                 hosted = hosted_model(state, choice, trust_remote_code)
-                path = str(hub_module().resolve_model(hosted.model, progress=progress_adapter(progress)))
+                PANEL_NUMBERS["max_len"].check(max_len)
+                path = str(
+                    hub_module().resolve_model(
+                        hosted.model, progress=progress_adapter(progress), allow_local=hosted.allow_local_paths
+                    )
+                )
                 state.session.close()
                 opts = BenchOptions(
                     dtype=dtype or "auto",

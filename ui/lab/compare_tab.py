@@ -10,7 +10,7 @@ import gradio as gr
 from backend.hosting import check_request
 from ui import compare
 from ui import endpoint as remote
-from ui.common import Panel, progress_adapter, session_key
+from ui.common import Panel, progress_adapter, session_key, visitor_key
 from ui.errors import status_errors
 from ui.lab import follow
 from ui.lab.loading import Loader
@@ -76,7 +76,7 @@ class CompareTab:
                       step_tokens)  # fmt: skip
         key = session_key(request)
         state.refuse_if_others_run(key, "Comparing")
-        with state.visitors.running(key, len(prompts)):  # HostingError over the visitor's parallel cap
+        with state.visitors.running(visitor_key(request, state.policy.hosted), len(prompts)):  # HostingError over cap
             yield from self._run_compare(key, sides_to_run, prompts, params, bool(use_chat_template), progress, panel)
 
     def _run_compare(self, key: str, sides_to_run, prompts, params, use_chat_template: bool, progress, panel: Panel):

@@ -10,7 +10,7 @@ import gradio as gr
 from backend.hosting import check_request
 from ui import endpoint as remote
 from ui import views
-from ui.common import session_key, thin
+from ui.common import session_key, thin, visitor_key
 from ui.errors import status_errors
 from ui.lab import follow
 from ui.lab.run_inputs import cap_notes, context_stops, max_new_value, prompts_from, sampling_params
@@ -77,11 +77,11 @@ class GenerateTab:
         if use_chat_template and not getattr(engine.tokenizer, "chat_template", None):
             gr.Warning("This tokenizer has no chat template: the prompt is sent as it is.")
         params = sampling_params(len(prompts), temperature, top_p, top_k, max_new, seed, ignore_eos)
-        key = session_key(request)
-        wl = Workload(engine, prompts, params, bool(use_chat_template), None, gap_s=float(gap_s or 0), owner=key)
+        visitor = visitor_key(request, self.state.policy.hosted)  # the engine's owner and the caps' key
+        wl = Workload(engine, prompts, params, bool(use_chat_template), None, gap_s=float(gap_s or 0), owner=visitor)
         check_request(self.state.policy, prompt_tokens=max(wl.prompt_lens, default=0))
-        with self.state.visitors.running(key, len(prompts)):  # HostingError over the visitor's parallel cap
-            yield from self._run_generate(engine, wl, key, max_new)
+        with self.state.visitors.running(visitor, len(prompts)):  # HostingError over the visitor's parallel cap
+            yield from self._run_generate(engine, wl, session_key(request), max_new)
 
     def _run_generate(self, engine, wl: Workload, key: str, max_new: int):
         with self.state.run(key) as handle:

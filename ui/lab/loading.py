@@ -17,6 +17,7 @@ from backend.hosting import (
 from ui import defaults, views
 from ui.common import (
     Panel,
+    check_panel_numbers,
     describe,
     kv_gb_value,
     max_len_value,
@@ -50,6 +51,14 @@ def hosted_model(state: LabState, choice: str, trust_remote_code: bool) -> Hoste
     return HostedModel(opts["model"], bool(opts["allow_local_paths"]), decision)
 
 
+def checked_panel(state: LabState, panel: Panel) -> HostedModel:
+    """The one check every door runs on the Model panel's values before it touches the file system: the numbers
+    against their ranges (EngineError), then the model name and remote code against the host's policy
+    (HostingError: one message for every refused path)."""
+    check_panel_numbers(panel)
+    return hosted_model(state, panel.choice, panel.trust_remote_code)
+
+
 def describe_md(engine, info: dict) -> str:
     return views.describe_markdown(info, defaults.label_for(engine.config.model))
 
@@ -62,8 +71,9 @@ class Loader:
 
     def spec(self, panel: Panel) -> LoadSpec:
         """The panel's values -> what to load, after the host's checks on the name and on remote code (raises
-        HostingError). `state.last_remote_code` says what was decided about remote code."""
-        hosted = hosted_model(self.state, panel.choice, panel.trust_remote_code)
+        HostingError; a number outside its range: EngineError). `state.last_remote_code` says what was decided
+        about remote code."""
+        hosted = checked_panel(self.state, panel)
         self.state.last_remote_code = hosted.remote_code
         return LoadSpec.make(
             hosted.model,
@@ -82,8 +92,9 @@ class Loader:
         )
 
     def check_fits(self, spec: LoadSpec) -> None:
-        """The host's memory check (a hosted app), before anything downloads: weights + the KV cache of one
-        visitor's parallel sequences at the panel's context (or the host's caps, else 4096 tokens)."""
+        """The memory check (hosted or not; `--no-check-memory` turns it off), before anything downloads or is
+        allocated: weights + the KV budget asked (else the KV cache of one visitor's parallel sequences at the
+        panel's context, or the host's caps, else 4096 tokens) + the load peak, against the free memory."""
         opts = dict(spec.options)
         p = self.state.policy
         context = opts.get("max_model_len") or ((p.max_prompt_tokens or 0) + (p.max_new_tokens or 0)) or 4096
@@ -94,15 +105,18 @@ class Loader:
             num_seqs=min(int(opts.get("max_num_seqs", 1)), p.max_parallel_per_visitor or 1),
             device=spec.device,
             revision=opts.get("revision"),
+            kv_cache_memory_gb=opts.get("kv_cache_memory_gb"),
+            max_model_len=opts.get("max_model_len"),
+            block_size=int(opts.get("block_size", 16)),
         )
-        check_model_fits(spec.model, settings, p)
+        check_model_fits(spec.model, settings, p, allow_local_paths=opts.get("allow_local_paths", True) is not False)
 
     def check_new(self, spec: LoadSpec) -> None:
         """Settings that would replace the loaded engine: refused (memory, engine options, a missing folder)
         before the loaded engine is closed. Nothing to check when `spec` is what is loaded."""
         if self.state.session.spec != spec:
+            validate_spec(spec)  # the options' ranges first: the memory check sizes what they ask
             self.check_fits(spec)
-            validate_spec(spec)
 
     def load(
         self,

@@ -6,8 +6,9 @@ import gradio as gr
 
 from backend.loading.memory import EngineKVSettings, estimate_memory
 from ui import defaults, views
-from ui.common import hub_module, kv_gb_value, max_len_value, quantization_value
-from ui.errors import user_errors
+from ui.common import Panel, hub_module, kv_gb_value, max_len_value, quantization_value
+from ui.errors import to_gr_error, user_errors
+from ui.lab.loading import checked_panel
 from ui.lab.state import LabState
 
 
@@ -69,14 +70,19 @@ class ModelPicker:
         return defaults.suggested_kv_mb(choice)
 
     def estimate(self, choice: str, dtype: str, quant: str, kv_mb: float, max_len: float, max_batch: float) -> str:
+        """The memory estimate line, after the same checks as Load (ui/lab/loading.hosted_model: the host's model
+        names and folders, remote code; the panel's number ranges): a refused path gets the one refusal, whether
+        it exists or not, and nothing read from it."""
         try:
-            name = defaults.resolve_choice(choice)
+            panel = Panel(choice, "auto", quant, dtype, "auto", kv_mb, 16, max_batch, max_len)
+            hosted = checked_panel(self.state, panel)
             est = estimate_memory(  # the context and KV cache the engine will get with these settings
-                name,
+                hosted.model,
                 dtype=dtype or "auto",
                 quantization=quantization_value(quant),
                 engine=EngineKVSettings(kv_cache_memory_gb=kv_gb_value(kv_mb), max_model_len=max_len_value(max_len)),
+                allow_local_paths=hosted.allow_local_paths,
             )
         except Exception as e:  # an estimate is advisory: say why there is none
-            return f"_No memory estimate for {choice}: {e}_"
+            return f"_No memory estimate for {choice}: {to_gr_error(e, 'estimating memory').message}_"
         return views.estimate_markdown(est, kv_mb)

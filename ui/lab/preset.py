@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ui import defaults, presets
 from ui.common import describe
+from ui.errors import user_errors
+from ui.lab.loading import hosted_model
 from ui.lab.state import LabState
 
 
@@ -13,10 +15,12 @@ class PresetButtons:
     def __init__(self, state: LabState) -> None:
         self.state = state
 
+    @user_errors("choosing a preset")
     def preset(self, key: str, choice):
         """-> the values a preset puts in the panels: (kv_mb, max_batch, step_tokens, max_len, prompt, mode,
         copies, max_new, temperature, ignore_eos, gap_s, chat, run status explaining what to watch)."""
         p = presets.BY_KEY[key]
+        hosted_model(self.state, choice, False)  # the host's checks on the name, as at every door (HostingError)
         engine = self.state.session.current()
         per_block = None
         if engine is not None:

@@ -10,9 +10,9 @@ from contextlib import contextmanager
 
 import gradio as gr
 
-from backend.hosting import HostPolicy, ModelSlots, RemoteCodeDecision, VisitorLimiter
+from backend.hosting import HostingError, HostPolicy, ModelSlots, RemoteCodeDecision, VisitorLimiter
 from ui import defaults
-from ui.common import LOAD_WAIT_S, hub_module, session_key
+from ui.common import LOAD_WAIT_S, Panel, host_panel, hub_module, session_key
 from ui.session import LoadSpec, RunHandle, Runs, Session
 
 
@@ -38,8 +38,12 @@ class LabState:
         self.visitors = VisitorLimiter(self.policy)
         self.model_slots = ModelSlots(self.policy)
         self.host_model = defaults.resolve_choice(host_model) if host_model else None
+        # the host's model with the host's settings: set by its first load (the start-up load, app.py); the same
+        # model with other settings (batch, context, KV budget, step budget) is a visitor's model, with a slot
+        self.host_spec: LoadSpec | None = None
         self.model_holder: str | None = None  # the visitor whose own model is loaded now
         self.last_remote_code: RemoteCodeDecision | None = None  # of the last spec() (loads run one at a time)
+        self.startup_load = None  # ui/lab/startup.StartupLoad while the host's model loads at start-up
 
     def offline(self) -> bool:
         hub = hub_module()
@@ -84,19 +88,38 @@ class LabState:
 
     # --- the host's model slots -----------------------------------------------------------------
 
+    def host_panel(self) -> Panel:
+        """The panel values of the host's model and settings (what the app loads at start-up)."""
+        return host_panel(self.host_model or defaults.DEFAULT_CHOICE, self.policy.allow_remote_code)
+
+    def is_host_spec(self, spec: LoadSpec) -> bool:
+        """True for the host's model with the host's settings (before its first load: the host's model name)."""
+        if self.host_spec is not None:
+            return spec == self.host_spec
+        return self.host_model is not None and spec.model == self.host_model
+
     def claim_model(self, key: str, spec: LoadSpec) -> bool:
-        """Before loading `spec` for visitor `key`: a model other than the host's takes one of the host's visitor
-        model slots (HostingError when none is free). -> True when this call took a new slot."""
-        if self.host_model is not None and spec.model == self.host_model:
+        """Before loading `spec` for visitor `key`: anything but the host's model with the host's settings takes one
+        of the host's visitor model slots (HostingError when none is free). -> True when this call took a new slot."""
+        if self.is_host_spec(spec) or self.model_holder == key:
             return False
-        if self.model_holder == key:
-            return False
-        self.model_slots.claim(key)
+        try:
+            self.model_slots.claim(key)
+        except HostingError as e:
+            if self.host_model is not None and spec.model == self.host_model:
+                raise HostingError(
+                    "the host's model runs with the host's engine settings (batch, context, KV budget, step budget) "
+                    f"for every visitor; other settings make it a model of your own, and {e}"
+                ) from None
+            raise
         return True
 
     def loaded_for(self, key: str, spec: LoadSpec) -> None:
-        """After `spec` loaded for `key`: the previous holder's model is gone, so is their slot."""
-        own = self.host_model is None or spec.model != self.host_model
+        """After `spec` loaded for `key`: the previous holder's model is gone, so is their slot. The host model's
+        first load sets the host's settings."""
+        if self.host_spec is None and self.host_model is not None and spec.model == self.host_model:
+            self.host_spec = spec
+        own = not self.is_host_spec(spec)
         if self.model_holder is not None and (self.model_holder != key or not own):
             self.model_slots.release(self.model_holder)
         self.model_holder = key if own else None

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backend.hosting import ApiKeyMiddleware, BodySizeLimitMiddleware, ForwardedClientMiddleware, HostPolicy
 from backend.hosting.api_key import OPENAI_PREFIXES
+from backend.hosting.timeouts import BodyTimeoutMiddleware, ConnectionTimeouts
 from backend.server.chat import create_chat_completion
 from backend.server.completions import create_completion
 from backend.server.errors import bad_request, install_error_handlers
@@ -111,7 +112,7 @@ def public_router(state: ServerState) -> APIRouter:
 
     @router.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> JSONResponse:
-        state.engine()  # 503 when no engine
+        state.engine()  # 503 when there is no engine or it cannot serve (closed, tensor-parallel group down)
         return JSONResponse({"status": "ok"})
 
     @router.get("/metrics", response_class=Response)
@@ -137,13 +138,15 @@ def build_app(
     chat_template: str | None = None,
     limits: ServerLimits | None = None,
     policy: HostPolicy | None = None,
+    timeouts: ConnectionTimeouts | None = None,
 ) -> FastAPI:
     """The API over `engine` (an Engine, or a callable returning the current one or None).
 
     `served_model_name`: the `model` clients send and /v1/models lists (default: the engine's model string).
     `chat_template`: a Jinja template or a file holding one, used instead of the tokenizer's.
     `policy`: the host's policy; with one, its API key and body limit guard the app (`api_key` must then be
-    None: the policy holds the key)."""
+    None: the policy holds the key). `timeouts`: the request body's deadline (default ConnectionTimeouts(); the
+    head and keep-alive bounds are uvicorn's, see backend/hosting/timeouts.py uvicorn_options)."""
     if policy is not None and api_key is not None:
         raise ValueError("give the API key in the policy (HostPolicy.api_key), not both")
     state = ServerState(engine, served_model_name, api_key, chat_template, limits, policy)
@@ -153,6 +156,7 @@ def build_app(
         version="1.0",
     )
     add_openai_routes(app, state)
+    app.add_middleware(BodyTimeoutMiddleware, seconds=(timeouts or ConnectionTimeouts()).body_s)
     if policy is not None:
         hosting_middlewares(app, policy)
     return app

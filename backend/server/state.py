@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from backend.hosting import HostPolicy, VisitorLimiter
+from backend.hosting.api_key import key_problem
 from backend.server.errors import APIError
+from backend.server.health import fatal_problem
 from backend.server.metrics import ServerMetrics
 from backend.server.prompts import load_chat_template
 
@@ -51,9 +52,14 @@ class ServerState:
         return None if engine is None or engine.closed else engine
 
     def engine(self):
+        """The engine to serve this request with; a 503 when there is none or it cannot serve (closed, its
+        tensor-parallel group down)."""
         engine = self.current_engine()
         if engine is None:
             raise APIError(503, "no model is loaded (or the server is shutting down)", code="model_not_loaded")
+        problem = fatal_problem(engine)
+        if problem is not None:
+            raise APIError(503, problem, code="engine_unavailable")
         return engine
 
     def model_name(self) -> str:
@@ -74,9 +80,6 @@ class ServerState:
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+        problem = key_problem(request.headers.getlist("authorization"), self.api_key)
+        if problem is not None:
+            raise APIError(401, problem, code="invalid_api_key")

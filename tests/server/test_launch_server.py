@@ -41,7 +41,7 @@ def test_launch_serve_sigterm(tiny_model):
     port = free_port()
     args = [
         "--model-path", str(tiny_model("llama")), "--model-impl", "transformers", "--dtype", "float32",
-        "--num-kv-blocks", "64", "--served-model-name", "tiny", "--log-level", "warning",
+        "--served-model-name", "tiny", "--log-level", "warning",
     ]  # fmt: skip
     server = start_server_process(args, port, ready_timeout=120)
     try:

@@ -32,6 +32,15 @@ class RequestError(EngineError):
     """A bad request: empty prompt, prompt longer than the context, invalid sampling values."""
 
 
+class ContextLengthError(RequestError):
+    """A prompt that leaves no room in the context for one new token: `prompt_tokens` of `max_model_len`."""
+
+    def __init__(self, message: str, prompt_tokens: int = 0, max_model_len: int = 0) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_model_len = max_model_len
+
+
 class KVCacheError(EngineError):
     """The KV cache budget cannot hold what was asked for."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -42,9 +43,9 @@ class ChatJob:
         if req.n > state.limits.max_choices:
             raise APIError(400, f"n must be at most {state.limits.max_choices}", "n", "invalid_value")
         text = render_chat(
-            engine.tokenizer, req.messages, state.chat_template, req.add_generation_prompt, req.chat_template_kwargs
+            state, engine, req.messages, state.chat_template, req.add_generation_prompt, req.chat_template_kwargs
         )
-        self.prompt_ids = check_ids(encode_chat(engine.tokenizer, text), engine.vocab_size, "messages")
+        self.prompt_ids = check_ids(engine, encode_chat(engine, text), "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         check_caps(state.policy, requested, [len(self.prompt_ids)], param, "messages")
@@ -125,5 +126,6 @@ class ChatJob:
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, request: Request):
-    job = ChatJob(state, req, visitor_id(request, req.user, state.policy))
+    # the chat template and the tokenizer run off the event loop: a long conversation holds no other client
+    job = await asyncio.to_thread(ChatJob, state, req, visitor_id(request, req.user, state.policy))
     return await answer(job, req.n, req.stream, request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -47,7 +48,7 @@ class CompletionJob:
         state.check_model(req.model)
         limits = state.limits
         check_unsupported(req, limits.max_n)
-        prompts = completion_prompts(req.prompt, engine.tokenizer, engine.vocab_size)
+        prompts = completion_prompts(state, engine, req.prompt)
         if len(prompts) * req.n > limits.max_choices:
             raise bad_request(
                 f"{len(prompts)} prompts x n={req.n} asks for more than {limits.max_choices} choices", "n"
@@ -169,5 +170,6 @@ class CompletionJob:
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, request: Request):
-    job = CompletionJob(state, req, visitor_id(request, req.user, state.policy))
+    # tokenizing (and the echo's detokenizing) runs off the event loop: a long prompt holds no other client
+    job = await asyncio.to_thread(CompletionJob, state, req, visitor_id(request, req.user, state.policy))
     return await answer(job, job.num_sequences, req.stream, request)

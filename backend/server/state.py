@@ -12,6 +12,7 @@ from backend.hosting.api_key import key_problem
 from backend.server.errors import APIError
 from backend.server.health import fatal_problem
 from backend.server.metrics import ServerMetrics
+from backend.server.prompt_size import PromptByteCap
 from backend.server.prompts import load_chat_template
 
 
@@ -46,6 +47,7 @@ class ServerState:
         self.policy = policy or HostPolicy()
         self.visitors = VisitorLimiter(self.policy)
         self.metrics = ServerMetrics(self.current_engine, self.model_name)
+        self.prompt_bytes = PromptByteCap()
 
     def current_engine(self):
         engine = self._get()
@@ -67,6 +69,18 @@ class ServerState:
             return self._served_name
         engine = self._get()
         return str(engine.config.model) if engine is not None else "none"
+
+    def prompt_token_cap(self, engine) -> int:
+        """The most tokens a prompt may have: the host's cap, and room for one new token in the context."""
+        room = engine.max_model_len - 1
+        cap = self.policy.max_prompt_tokens
+        return room if cap is None else min(cap, room)
+
+    def check_prompt_bytes(self, engine, nbytes: int, param: str) -> None:
+        """A 400 for a prompt of `nbytes` bytes that cannot fit the token cap (backend/server/prompt_size.py)."""
+        problem = self.prompt_bytes.problem(engine.tokenizer, self.prompt_token_cap(engine), nbytes)
+        if problem is not None:
+            raise APIError(400, problem, param, "context_length_exceeded")
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name():

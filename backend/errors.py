@@ -41,6 +41,11 @@ class ContextLengthError(RequestError):
         self.max_model_len = max_model_len
 
 
+class CacheDirError(EngineError):
+    """The project's cache folder (backend/paths.py, FLAB_CACHE_DIR) cannot be written: read-only, full, not a
+    folder. The message names the folder and the variable that moves it."""
+
+
 class KVCacheError(EngineError):
     """The KV cache budget cannot hold what was asked for."""
 

@@ -71,12 +71,8 @@ class ChatJob:
         tops = output.top_logprobs[len(output.top_logprobs) - k :] if (k and output.top_logprobs) else None
         return ChatLogprobs(content=chat_logprobs(self.token_text, token_ids, lps, tops))
 
-    async def respond(self, request: Request) -> ChatCompletionResponse:
-        run = self.run()
-        outputs = await run.collect(request)
-        if not run.complete:
-            raise APIError(499, "client closed the request", code="client_closed")
-        choices = [
+    def _choices(self, outputs: dict) -> list[ChatChoice]:
+        return [
             ChatChoice(
                 index=i,
                 message=AssistantMessage(content=outputs[i].text),
@@ -85,6 +81,13 @@ class ChatJob:
             )
             for i in sorted(outputs)
         ]
+
+    async def respond(self, request: Request) -> ChatCompletionResponse:
+        run = self.run()
+        outputs = await run.collect(request)
+        if not run.complete:
+            raise APIError(499, "client closed the request", code="client_closed")
+        choices = await asyncio.to_thread(self._choices, outputs)  # logprobs detokenize: off the event loop
         completion = sum(len(o.token_ids) for o in outputs.values())
         self.state.metrics.observe_usage([len(self.prompt_ids)], completion)
         cached = sum(o.num_cached_tokens for o in outputs.values())

@@ -1,6 +1,6 @@
-"""The event loop never tokenizes (issue 26, item 7): while one request's prompt is being tokenized, /health and
-other clients are answered; and a prompt too many bytes for the token cap is refused before it is tokenized
-(backend/server/prompt_size.py)."""
+"""The event loop never tokenizes (issue 26, item 7): while one request's prompt is being tokenized (or its ids
+detokenized), /health and other clients are answered; and a prompt too many bytes for the token cap is refused
+before it is tokenized (backend/server/prompt_size.py)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,32 @@ from backend.server.prompt_size import longest_token_bytes
 from tests.server.conftest import SERVED, start_server
 
 GUARD_S = 60  # bounds a hang; the test asserts on order (health answered while tokenizing), never on time
+BLOCK_IDS = [7, 7, 7, 7, 7, 7, 7]
 
 
 @pytest.fixture
 def blocked_encode(live, monkeypatch):
     """The live engine's tokenizer.encode blocks until the test releases it -> (started, release)."""
     tokenizer = live.engine.tokenizer
-    real = tokenizer.encode
+    real_encode, real_decode = tokenizer.encode, tokenizer.decode
     started, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait(GUARD_S)
 
     def encode(text, *args, **kwargs):
         if text.startswith("BLOCK"):
-            started.set()
-            release.wait(GUARD_S)
-        return real(text, *args, **kwargs)
+            block()
+        return real_encode(text, *args, **kwargs)
+
+    def decode(ids, *args, **kwargs):
+        if list(ids) == BLOCK_IDS:
+            block()
+        return real_decode(ids, *args, **kwargs)
 
     monkeypatch.setattr(tokenizer, "encode", encode)
+    monkeypatch.setattr(tokenizer, "decode", decode)
     yield started, release
     release.set()
 
@@ -40,6 +50,7 @@ def blocked_encode(live, monkeypatch):
     [
         ("/tokenize", {"prompt": "BLOCK hello"}),
         ("/v1/completions", {"prompt": "BLOCK hello", "max_tokens": 2}),
+        ("/detokenize", {"tokens": BLOCK_IDS}),
     ],
 )
 def test_health_is_answered_while_a_prompt_is_tokenized(live, blocked_encode, path, body):

@@ -62,7 +62,7 @@ def is_exempt(path: str, policy: HostPolicy) -> bool:
     return (path == "/health" and policy.health_public) or (path == "/metrics" and policy.metrics_public)
 
 
-async def _send_error(send: Send, status: int, message: str, code: str | None, headers: dict | None = None) -> None:
+async def send_error(send: Send, status: int, message: str, code: str | None, headers: dict | None = None) -> None:
     body = error_body(status, message, code)
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -92,7 +92,7 @@ class ApiKeyMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": problem})
             return
-        await _send_error(send, 401, problem, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        await send_error(send, 401, problem, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
 
 def require_api_key(policy: HostPolicy) -> Callable[[Request], None]:
@@ -133,7 +133,7 @@ class BodySizeLimitMiddleware:
                 except ValueError:
                     declared = None
                 if declared is not None and declared > self.max_bytes:
-                    return await _send_error(send, 413, self.message(), "request_too_large")
+                    return await send_error(send, 413, self.message(), "request_too_large")
         state = {"seen": 0, "over": False, "started": False}
 
         async def limited_receive() -> Message:
@@ -149,7 +149,7 @@ class BodySizeLimitMiddleware:
             if state["over"]:
                 if not state["started"]:  # the app answered the cut-off body: answer 413 instead, once
                     state["started"] = True
-                    await _send_error(send, 413, self.message(), "request_too_large")
+                    await send_error(send, 413, self.message(), "request_too_large")
                 return
             if message["type"] == "http.response.start":
                 state["started"] = True
@@ -160,4 +160,4 @@ class BodySizeLimitMiddleware:
         except _BodyTooLarge:
             if not state["started"]:
                 state["started"] = True
-                await _send_error(send, 413, self.message(), "request_too_large")
+                await send_error(send, 413, self.message(), "request_too_large")

@@ -17,13 +17,13 @@ bounds how long a request body may take to arrive. Three bounds, all in seconds 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from backend.hosting.api_key import send_error
 from backend.hosting.errors import HostingError
 
 
@@ -90,28 +90,6 @@ class _BodyTimedOut(Exception):
     pass
 
 
-def _timeout_response(seconds: float) -> tuple[dict, dict]:
-    body = json.dumps(
-        {
-            "error": {
-                "message": f"the request body did not arrive within {seconds:g} s",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "request_timeout",
-            }
-        }
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    return {"type": "http.response.start", "status": 408, "headers": headers}, {
-        "type": "http.response.body",
-        "body": body,
-    }
-
-
 class BodyTimeoutMiddleware:
     """A request body must arrive whole within `seconds` of the app's first read of it: else a 408 and the
     connection closed. Reads after the body (an app waiting for the client to disconnect) are not bounded."""
@@ -152,5 +130,5 @@ class BodyTimeoutMiddleware:
             pass
         if state["timed_out"] and not state["started"]:
             state["started"] = True
-            for message in _timeout_response(self.seconds):
-                await send(message)
+            message = f"the request body did not arrive within {self.seconds:g} s"
+            await send_error(send, 408, message, "request_timeout", {"connection": "close"})

@@ -66,30 +66,14 @@ def test_clients_behind_a_trusted_proxy_each_have_their_own_cap(engine):
     wait_idle(engine)
 
 
-def test_forwarded_for_from_an_untrusted_peer_is_ignored_and_logged_once(engine, caplog):
-    server, thread, url = serve(engine, ("10.0.0.0/8",))  # the loopback peer is not a trusted proxy
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client, caplog.at_level(logging.WARNING):
-            held = _hold_the_cap(client, engine, "203.0.113.7")
-            try:
-                assert _status(client, "203.0.113.8") == 429  # both are 127.0.0.1: one visitor, one cap
-                assert _status(client, "203.0.113.9") == 429
-            finally:
-                held.close()
-        warnings = [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
-        assert len(warnings) == 1 and "--forwarded-allow-ips 127.0.0.1" in warnings[0]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-    wait_idle(engine)
-
-
-def test_loopback_is_not_a_trusted_proxy_unless_named(engine):
-    server, thread, url = serve(engine, None)  # the default: no proxy trusted, loopback included
+def _forged_addresses_share_one_cap(engine, trusted: tuple[str, ...] | None) -> None:
+    """Served trusting `trusted`, the loopback test client's X-Forwarded-For counts for nothing: whatever address
+    it writes, its requests are 127.0.0.1's, one visitor with one cap."""
+    server, thread, url = serve(engine, trusted)
     try:
         with httpx.Client(base_url=url, timeout=60) as client:
             held = _hold_the_cap(client, engine, "203.0.113.7")
-            try:  # a forged X-Forwarded-For per request does not buy a fresh cap: all are 127.0.0.1
+            try:
                 assert _status(client, "203.0.113.8") == 429
                 assert _status(client, "203.0.113.9") == 429
             finally:
@@ -98,6 +82,17 @@ def test_loopback_is_not_a_trusted_proxy_unless_named(engine):
         server.should_exit = True
         thread.join(timeout=30)
     wait_idle(engine)
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored_and_logged_once(engine, caplog):
+    with caplog.at_level(logging.WARNING):
+        _forged_addresses_share_one_cap(engine, ("10.0.0.0/8",))  # the loopback peer is not a trusted proxy
+    warnings = [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
+    assert len(warnings) == 1 and "--forwarded-allow-ips 127.0.0.1" in warnings[0]
+
+
+def test_loopback_is_not_a_trusted_proxy_unless_named(engine):
+    _forged_addresses_share_one_cap(engine, None)  # the default: no proxy trusted, loopback included
 
 
 @pytest.mark.parametrize(

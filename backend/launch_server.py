@@ -5,7 +5,9 @@
 
 Serves /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health and /metrics
 (Prometheus) over one engine (backend/server). Ctrl-C or SIGTERM stops it: requests in flight are aborted,
-their KV blocks freed, the port released.
+their KV blocks freed, the port released, exit status 0. Exit 3: the engine can never serve again (its
+tensor-parallel group is down), for a supervisor to restart it. Idle connections, request heads and bodies are
+bounded in time (--timeout-*; docs/hosting.md).
 
 Hosting (backend/hosting/policy.py): a non-loopback --host (or --hosted) gets the hosted caps (max new tokens,
 prompt tokens, parallel sequences per client, body size) and /health, /metrics behind --api-key; remote code

@@ -36,7 +36,7 @@ import torch
 from backend.checks import is_int
 from backend.config import EngineConfig
 from backend.detokenizer import Detokenizer
-from backend.errors import EngineError, RequestError, RequestFailedError
+from backend.errors import ContextLengthError, EngineError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory, map_big_blocks
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec
 from backend.kv_sizing import check_kv_fits, model_context_len, plan_kv_cache
@@ -241,7 +241,9 @@ class Engine:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def _encode(self, prompt) -> list[int]:
+    def check_prompt_text(self, prompt) -> None:
+        """What add_request checks of a text prompt before tokenizing it (a non-empty string of valid Unicode, a
+        tokenizer to read it); raises RequestError. The server calls it for request bodies."""
         if not isinstance(prompt, str):
             raise RequestError(f"a prompt must be a string, got {type(prompt).__name__} {prompt!r:.60}")
         if not prompt:
@@ -252,7 +254,15 @@ class Engine:
             prompt.encode("utf-8")
         except UnicodeEncodeError as e:
             raise RequestError(f"the prompt is not valid Unicode (a lone surrogate at position {e.start})") from None
+
+    def _encode(self, prompt) -> list[int]:
+        self.check_prompt_text(prompt)
         return self.tokenizer.encode(prompt)
+
+    def check_prompt_ids(self, ids) -> list[int]:
+        """Prompt token ids as add_request takes them (a non-empty list of ids of the vocabulary, with room for one
+        new token: ContextLengthError otherwise); raises RequestError. The server calls it for request bodies."""
+        return self._check_token_ids(ids)
 
     def _check_token_ids(self, ids) -> list[int]:
         if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
@@ -266,9 +276,11 @@ class Engine:
             bad = bad[0]
             raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad!r:.40}")
         if len(ids) >= self.max_model_len:
-            raise RequestError(
+            raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
-                "(prompt plus at least one new token): shorten it"
+                "(prompt plus at least one new token): shorten it",
+                len(ids),
+                self.max_model_len,
             )
         return ids
 

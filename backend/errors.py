@@ -32,6 +32,20 @@ class RequestError(EngineError):
     """A bad request: empty prompt, prompt longer than the context, invalid sampling values."""
 
 
+class ContextLengthError(RequestError):
+    """A prompt that leaves no room in the context for one new token: `prompt_tokens` of `max_model_len`."""
+
+    def __init__(self, message: str, prompt_tokens: int = 0, max_model_len: int = 0) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_model_len = max_model_len
+
+
+class CacheDirError(EngineError):
+    """The project's cache folder (backend/paths.py, FLAB_CACHE_DIR) cannot be written: read-only, full, not a
+    folder. The message names the folder and the variable that moves it."""
+
+
 class KVCacheError(EngineError):
     """The KV cache budget cannot hold what was asked for."""
 

@@ -313,6 +313,16 @@ class TensorParallelGroup:
             pass
         return ""
 
+    def problem(self) -> str | None:
+        """Why this group cannot run steps (its first failure, a rank that died since, or shut down); None while
+        it can. Only reads: a dead rank found here fails the group at its next step. A group never recovers."""
+        if self.failure is not None:
+            return f"the tensor-parallel group is down: {self.failure}"
+        if self.closed:
+            return "the tensor-parallel group is shut down"
+        dead = self._dead_ranks()
+        return f"the tensor-parallel group is down: {dead[0]}" if dead else None
+
     def _check_alive(self) -> None:
         dead = self._dead_ranks()
         if dead:

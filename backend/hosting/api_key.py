@@ -30,6 +30,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 OPENAI_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/health", "/metrics")
 MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"
 WRONG_KEY = "incorrect API key provided"
+DUPLICATE_KEY = "send one Authorization header, not several"
 TYPES = {401: "authentication_error", 413: "invalid_request_error"}
 
 
@@ -39,9 +40,15 @@ def error_body(status: int, message: str, code: str | None) -> bytes:
     ).encode()
 
 
-def key_problem(authorization: str | None, api_key: str) -> str | None:
-    """None when `authorization` is 'Bearer <api_key>'; else the message to send. Both sides are hashed first,
-    so the comparison takes the same time whatever the key's length or the first differing byte."""
+def key_problem(authorization: str | list[str] | None, api_key: str) -> str | None:
+    """None when `authorization` (the request's Authorization header, or all of them) is one 'Bearer <api_key>';
+    else the message to send. Two headers are refused (proxies and servers disagree on which one counts). Both
+    sides are hashed first, so the comparison takes the same time whatever the key's length or the first
+    differing byte."""
+    if isinstance(authorization, list):
+        if len(authorization) > 1:
+            return DUPLICATE_KEY
+        authorization = authorization[0] if authorization else None
     scheme, _, token = (authorization or "").strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -55,7 +62,7 @@ def is_exempt(path: str, policy: HostPolicy) -> bool:
     return (path == "/health" and policy.health_public) or (path == "/metrics" and policy.metrics_public)
 
 
-async def _send_error(send: Send, status: int, message: str, code: str | None, headers: dict | None = None) -> None:
+async def send_error(send: Send, status: int, message: str, code: str | None, headers: dict | None = None) -> None:
     body = error_body(status, message, code)
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -78,14 +85,14 @@ class ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self._guarded(scope.get("path", "")):
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        problem = key_problem(headers.get("authorization"), self.policy.api_key)
+        given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
+        problem = key_problem(given, self.policy.api_key)
         if problem is None:
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": problem})
             return
-        await _send_error(send, 401, problem, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        await send_error(send, 401, problem, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
 
 def require_api_key(policy: HostPolicy) -> Callable[[Request], None]:
@@ -95,7 +102,7 @@ def require_api_key(policy: HostPolicy) -> Callable[[Request], None]:
     def dependency(request: Request) -> None:
         if policy.api_key is None or is_exempt(request.url.path, policy):
             return
-        problem = key_problem(request.headers.get("authorization"), policy.api_key)
+        problem = key_problem(request.headers.getlist("authorization"), policy.api_key)
         if problem is not None:
             raise HTTPException(401, detail=problem, headers={"WWW-Authenticate": "Bearer"})
 
@@ -126,7 +133,7 @@ class BodySizeLimitMiddleware:
                 except ValueError:
                     declared = None
                 if declared is not None and declared > self.max_bytes:
-                    return await _send_error(send, 413, self.message(), "request_too_large")
+                    return await send_error(send, 413, self.message(), "request_too_large")
         state = {"seen": 0, "over": False, "started": False}
 
         async def limited_receive() -> Message:
@@ -142,7 +149,7 @@ class BodySizeLimitMiddleware:
             if state["over"]:
                 if not state["started"]:  # the app answered the cut-off body: answer 413 instead, once
                     state["started"] = True
-                    await _send_error(send, 413, self.message(), "request_too_large")
+                    await send_error(send, 413, self.message(), "request_too_large")
                 return
             if message["type"] == "http.response.start":
                 state["started"] = True
@@ -153,4 +160,4 @@ class BodySizeLimitMiddleware:
         except _BodyTooLarge:
             if not state["started"]:
                 state["started"] = True
-                await _send_error(send, 413, self.message(), "request_too_large")
+                await send_error(send, 413, self.message(), "request_too_large")

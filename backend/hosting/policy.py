@@ -26,7 +26,7 @@ nothing is capped and any local folder loads. Remote code is off in both unless 
     --api-key KEY                 FLAB_API_KEY                 none                 none
     --public-health/--no-...      FLAB_HEALTH_PUBLIC           off                  on
     --public-metrics/--no-...     FLAB_METRICS_PUBLIC          off                  on
-    --forwarded-allow-ips A,NET   FLAB_FORWARDED_ALLOW_IPS     127.0.0.1            127.0.0.1
+    --forwarded-allow-ips A,NET   FLAB_FORWARDED_ALLOW_IPS     none                 none
                                   (or uvicorn's FORWARDED_ALLOW_IPS; see backend/hosting/proxies.py)
 
 A flag wins over its environment variable. A cap of 0 for --max-visitor-models means visitors use the
@@ -323,7 +323,7 @@ def add_hosting_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--forwarded-allow-ips", default=None, metavar="ADDR,NET",
         help="the proxies in front of the API (addresses or networks, e.g. 10.0.0.0/8): through them the client's "
         "address is read from X-Forwarded-For (env FLAB_FORWARDED_ALLOW_IPS or FORWARDED_ALLOW_IPS; default "
-        "127.0.0.1; '' trusts none)",
+        "none, loopback included: name 127.0.0.1 for a proxy on this machine)",
     )  # fmt: skip
     try:
         g.add_argument(

@@ -4,8 +4,10 @@ parallel-sequence cap, the engine's fair share), so behind a proxy it must be re
 through proxies the host names: anyone can write an X-Forwarded-For header.
 
 The host names its proxies (`--forwarded-allow-ips`, FLAB_FORWARDED_ALLOW_IPS, or uvicorn's own
-FORWARDED_ALLOW_IPS): addresses or networks (10.0.0.0/8), default 127.0.0.1 (a proxy on this machine); an
-empty value trusts none. uvicorn's ProxyHeadersMiddleware does the reading: from the right of the
+FORWARDED_ALLOW_IPS): addresses or networks (10.0.0.0/8, 127.0.0.1 for a proxy on this machine); by default none
+is trusted, loopback included: any local process (another user's, a tunnel, a browser extension's helper) can
+reach 127.0.0.1, so trusting it by default let anyone who reached the port through a local forwarder pick a new
+address per request. uvicorn's ProxyHeadersMiddleware does the reading: from the right of the
 X-Forwarded-For chain, the first address that is not a trusted proxy is the client. "*" trusts every peer and
 so takes the chain's leftmost entry, which the client writes itself: a hosted server refuses it, since a client
 could then pick a new address per request and dodge the caps.
@@ -26,7 +28,7 @@ from backend.hosting.errors import HostingError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRUSTED_PROXIES: tuple[str, ...] = ("127.0.0.1",)
+DEFAULT_TRUSTED_PROXIES: tuple[str, ...] = ()  # none unless the host names them
 TRUST_ALL = "*"
 
 

@@ -21,7 +21,13 @@ from backend.layers.cpu.packed_experts import pack_hf_experts
 from backend.layers.cpu.siblings import fuse_siblings
 from backend.layers.cpu.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loading import hub
-from backend.loading.checkpoint import StreamingLoader, checkpoint_keys, materialize_leftovers, names_match
+from backend.loading.checkpoint import (
+    StreamingLoader,
+    checkpoint_keys,
+    fetch_again,
+    materialize_leftovers,
+    names_match,
+)
 from backend.loading.conversions import streamable
 from backend.models import build_model, needs_weight_conversion, select_model_impl
 from backend.models.moe import Experts
@@ -79,7 +85,6 @@ class LoadedModel:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
 
-DOWNLOAD_AGAIN = "it is probably truncated or corrupt (an interrupted download): delete it and download it again"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -97,9 +102,9 @@ def load_hf_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
         try:
             parsed = json.loads(config_file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise UnsupportedModelError(f"{config_file} is not valid JSON ({e}); {DOWNLOAD_AGAIN}") from None
+            raise UnsupportedModelError(f"{config_file} is not valid JSON ({e}); {fetch_again(config_file)}") from None
         if not isinstance(parsed, dict):
-            raise UnsupportedModelError(f"{config_file} must hold a JSON object; {DOWNLOAD_AGAIN}")
+            raise UnsupportedModelError(f"{config_file} must hold a JSON object; {fetch_again(config_file)}")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -147,7 +152,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBa
             try:
                 json.loads(file.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
-                raise UnsupportedModelError(f"{file} is not valid JSON ({e}); {DOWNLOAD_AGAIN}") from None
+                raise UnsupportedModelError(f"{file} is not valid JSON ({e}); {fetch_again(file)}") from None
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, ImportError, KeyError, TypeError) as e:

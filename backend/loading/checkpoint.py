@@ -18,9 +18,26 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+import backend.paths as paths
 from backend.errors import UnsupportedModelError
 
 DOWNLOAD_AGAIN = "it is probably truncated or corrupt (an interrupted download): delete it and download it again"
+
+
+def fetch_again(file: Path) -> str:
+    """What to do about a truncated or corrupt file: download it again, or, for a file of a built-in model (built
+    or converted in the project's cache, backend/loading/builtin.py), delete it: the model is built again on its
+    next load; nothing is downloaded."""
+    try:
+        built = Path(file).resolve().is_relative_to(paths.models_dir().resolve())
+    except OSError:
+        built = False
+    if not built:
+        return DOWNLOAD_AGAIN
+    return (
+        "it is probably truncated or corrupt: it belongs to a built-in model built in the project's cache "
+        f"({paths.CACHE_ENV}); delete it (or its folder) and load the model again to build it anew"
+    )
 
 
 def read_index(index: Path) -> dict[str, str]:
@@ -66,7 +83,7 @@ def open_safetensors(file: Path) -> Iterator:
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError, OSError: anything that makes the file unreadable
-        raise UnsupportedModelError(f"{file} is not a readable safetensors file ({e}); {DOWNLOAD_AGAIN}") from None
+        raise UnsupportedModelError(f"{file} is not a readable safetensors file ({e}); {fetch_again(file)}") from None
     with handle as f:
         yield f
 
@@ -75,7 +92,7 @@ def _read(f, name: str, file: Path) -> torch.Tensor:
     try:
         return f.get_tensor(name)
     except Exception as e:
-        raise UnsupportedModelError(f"cannot read tensor {name} from {file} ({e}); {DOWNLOAD_AGAIN}") from None
+        raise UnsupportedModelError(f"cannot read tensor {name} from {file} ({e}); {fetch_again(file)}") from None
 
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:

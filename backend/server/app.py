@@ -14,6 +14,7 @@ its API key (also on /health and /metrics unless public) and body size limit in 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -22,9 +23,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backend.hosting import ApiKeyMiddleware, BodySizeLimitMiddleware, ForwardedClientMiddleware, HostPolicy
 from backend.hosting.api_key import OPENAI_PREFIXES
+from backend.hosting.timeouts import BodyTimeoutMiddleware, ConnectionTimeouts
 from backend.server.chat import create_chat_completion
 from backend.server.completions import create_completion
-from backend.server.errors import bad_request, install_error_handlers
+from backend.server.errors import APIError, bad_request, install_error_handlers
 from backend.server.prompts import check_ids, encode_chat, encode_text, render_chat
 from backend.server.protocol import (
     ChatCompletionRequest,
@@ -83,27 +85,42 @@ def api_router(state: ServerState) -> APIRouter:
 
     @router.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
-        engine = state.engine()
-        state.check_model(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise bad_request("give prompt or messages (one of them)", "prompt")
-        if req.prompt is not None:
-            ids = encode_text(engine.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)
-        else:
-            text = render_chat(engine.tokenizer, req.messages, state.chat_template, req.add_generation_prompt)
-            ids = encode_chat(engine.tokenizer, text)
-        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
+        return await asyncio.to_thread(tokenize_body, state, req)  # off the event loop
 
     @router.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
-        engine = state.engine()
-        state.check_model(req.model)
-        if engine.tokenizer is None:
-            raise bad_request("this model was loaded without a tokenizer", "tokens")
-        ids = check_ids(req.tokens, engine.vocab_size, "tokens") if req.tokens else []
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(ids))
+        return await asyncio.to_thread(detokenize_body, state, req)  # off the event loop
 
     return router
+
+
+def tokenize_body(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
+    engine = state.engine()
+    state.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_request("give prompt or messages (one of them)", "prompt")
+    if req.prompt is not None:
+        ids = encode_text(state, engine, req.prompt, add_special_tokens=req.add_special_tokens)
+    else:
+        text = render_chat(state, engine, req.messages, state.chat_template, req.add_generation_prompt)
+        ids = encode_chat(engine, text)
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
+
+
+def detokenize_body(state: ServerState, req: DetokenizeRequest) -> DetokenizeResponse:
+    engine = state.engine()
+    state.check_model(req.model)
+    if engine.tokenizer is None:
+        raise bad_request("this model was loaded without a tokenizer", "tokens")
+    ids = []
+    if req.tokens:
+        try:
+            ids = check_ids(engine, req.tokens, "tokens")
+        except APIError as e:
+            if e.code != "context_length_exceeded":  # any number of tokens decodes
+                raise
+            ids = list(req.tokens)
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(ids))
 
 
 def public_router(state: ServerState) -> APIRouter:
@@ -111,7 +128,7 @@ def public_router(state: ServerState) -> APIRouter:
 
     @router.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> JSONResponse:
-        state.engine()  # 503 when no engine
+        state.engine()  # 503 when there is no engine or it cannot serve (closed, tensor-parallel group down)
         return JSONResponse({"status": "ok"})
 
     @router.get("/metrics", response_class=Response)
@@ -137,13 +154,15 @@ def build_app(
     chat_template: str | None = None,
     limits: ServerLimits | None = None,
     policy: HostPolicy | None = None,
+    timeouts: ConnectionTimeouts | None = None,
 ) -> FastAPI:
     """The API over `engine` (an Engine, or a callable returning the current one or None).
 
     `served_model_name`: the `model` clients send and /v1/models lists (default: the engine's model string).
     `chat_template`: a Jinja template or a file holding one, used instead of the tokenizer's.
     `policy`: the host's policy; with one, its API key and body limit guard the app (`api_key` must then be
-    None: the policy holds the key)."""
+    None: the policy holds the key). `timeouts`: the request body's deadline (default ConnectionTimeouts(); the
+    head and keep-alive bounds are uvicorn's, see backend/hosting/timeouts.py uvicorn_options)."""
     if policy is not None and api_key is not None:
         raise ValueError("give the API key in the policy (HostPolicy.api_key), not both")
     state = ServerState(engine, served_model_name, api_key, chat_template, limits, policy)
@@ -153,6 +172,7 @@ def build_app(
         version="1.0",
     )
     add_openai_routes(app, state)
+    app.add_middleware(BodyTimeoutMiddleware, seconds=(timeouts or ConnectionTimeouts()).body_s)
     if policy is not None:
         hosting_middlewares(app, policy)
     return app

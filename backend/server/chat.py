@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -42,9 +43,9 @@ class ChatJob:
         if req.n > state.limits.max_choices:
             raise APIError(400, f"n must be at most {state.limits.max_choices}", "n", "invalid_value")
         text = render_chat(
-            engine.tokenizer, req.messages, state.chat_template, req.add_generation_prompt, req.chat_template_kwargs
+            state, engine, req.messages, state.chat_template, req.add_generation_prompt, req.chat_template_kwargs
         )
-        self.prompt_ids = check_ids(encode_chat(engine.tokenizer, text), engine.vocab_size, "messages")
+        self.prompt_ids = check_ids(engine, encode_chat(engine, text), "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         check_caps(state.policy, requested, [len(self.prompt_ids)], param, "messages")
@@ -70,12 +71,8 @@ class ChatJob:
         tops = output.top_logprobs[len(output.top_logprobs) - k :] if (k and output.top_logprobs) else None
         return ChatLogprobs(content=chat_logprobs(self.token_text, token_ids, lps, tops))
 
-    async def respond(self, request: Request) -> ChatCompletionResponse:
-        run = self.run()
-        outputs = await run.collect(request)
-        if not run.complete:
-            raise APIError(499, "client closed the request", code="client_closed")
-        choices = [
+    def _choices(self, outputs: dict) -> list[ChatChoice]:
+        return [
             ChatChoice(
                 index=i,
                 message=AssistantMessage(content=outputs[i].text),
@@ -84,6 +81,13 @@ class ChatJob:
             )
             for i in sorted(outputs)
         ]
+
+    async def respond(self, request: Request) -> ChatCompletionResponse:
+        run = self.run()
+        outputs = await run.collect(request)
+        if not run.complete:
+            raise APIError(499, "client closed the request", code="client_closed")
+        choices = await asyncio.to_thread(self._choices, outputs)  # logprobs detokenize: off the event loop
         completion = sum(len(o.token_ids) for o in outputs.values())
         self.state.metrics.observe_usage([len(self.prompt_ids)], completion)
         cached = sum(o.num_cached_tokens for o in outputs.values())
@@ -125,5 +129,6 @@ class ChatJob:
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, request: Request):
-    job = ChatJob(state, req, visitor_id(request, req.user, state.policy))
+    # the chat template and the tokenizer run off the event loop: a long conversation holds no other client
+    job = await asyncio.to_thread(ChatJob, state, req, visitor_id(request, req.user, state.policy))
     return await answer(job, req.n, req.stream, request)

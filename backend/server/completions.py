@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -47,7 +48,7 @@ class CompletionJob:
         state.check_model(req.model)
         limits = state.limits
         check_unsupported(req, limits.max_n)
-        prompts = completion_prompts(req.prompt, engine.tokenizer, engine.vocab_size)
+        prompts = completion_prompts(state, engine, req.prompt)
         if len(prompts) * req.n > limits.max_choices:
             raise bad_request(
                 f"{len(prompts)} prompts x n={req.n} asks for more than {limits.max_choices} choices", "n"
@@ -90,11 +91,7 @@ class CompletionJob:
         tops = output.top_logprobs[len(output.top_logprobs) - k :] if (k and output.top_logprobs) else None
         return completion_logprobs(self.token_text, token_ids, lps, tops, self.req.logprobs, 0, into)
 
-    async def respond(self, request: Request) -> CompletionResponse:
-        run = self.run()
-        outputs = await run.collect(request)
-        if not run.complete:  # the client went away: nobody reads this
-            raise APIError(499, "client closed the request", code="client_closed")
+    def _choices(self, outputs: dict) -> list[CompletionChoice]:
         choices = []
         for index in sorted(outputs):
             out = outputs[index]
@@ -106,6 +103,14 @@ class CompletionJob:
             if self.echo_texts is not None:
                 text = self.echo_texts[index // self.req.n] + text
             choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason))
+        return choices
+
+    async def respond(self, request: Request) -> CompletionResponse:
+        run = self.run()
+        outputs = await run.collect(request)
+        if not run.complete:  # the client went away: nobody reads this
+            raise APIError(499, "client closed the request", code="client_closed")
+        choices = await asyncio.to_thread(self._choices, outputs)  # logprobs detokenize: off the event loop
         completion = sum(len(o.token_ids) for o in outputs.values())
         self.state.metrics.observe_usage([len(ids) for ids in self.prompt_ids], completion)
         cached = sum(o.num_cached_tokens for o in outputs.values())
@@ -169,5 +174,6 @@ class CompletionJob:
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, request: Request):
-    job = CompletionJob(state, req, visitor_id(request, req.user, state.policy))
+    # tokenizing (and the echo's detokenizing) runs off the event loop: a long prompt holds no other client
+    job = await asyncio.to_thread(CompletionJob, state, req, visitor_id(request, req.user, state.policy))
     return await answer(job, job.num_sequences, req.stream, request)

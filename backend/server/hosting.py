@@ -1,5 +1,6 @@
 """The host's policy on one API request (backend/hosting): who the visitor is, the caps (400), the visitor's
-parallel sequences (429), and a streamed response that gives the visitor's slots back when it ends.
+parallel sequences (429; 400 for a request over the cap by itself), and a streamed response that gives the
+visitor's slots back when it ends.
 
 The visitor is the client's address; off a hosted server (a loopback address, --not-hosted) the request's `user`,
 when given, is the visitor instead, so local tools can tell their clients apart. Hosted, `user` is not trusted
@@ -35,6 +36,20 @@ def check_caps(policy: HostPolicy, max_new_tokens: int | None, prompt_lens: list
             check_request(policy, prompt_tokens=n)
         except HostingError as e:
             raise APIError(400, str(e), prompt_param, "context_length_exceeded") from None
+
+
+def check_parallel_cap(policy: HostPolicy, sequences: int) -> None:
+    """A request that runs more sequences at once than the host lets one visitor run can never be served: a 400
+    naming `n` (a 429 would tell clients to retry it forever)."""
+    cap = policy.max_parallel_per_visitor
+    if cap is not None and sequences > cap:
+        raise APIError(
+            400,
+            f"n: this request runs {sequences} sequences at once (prompts x n) and this host allows at most {cap} "
+            f"per visitor: ask for at most {cap}",
+            "n",
+            "invalid_value",
+        )
 
 
 def default_length(policy: HostPolicy, default: int) -> int:
@@ -77,7 +92,8 @@ class HeldStreamingResponse(StreamingResponse):
 async def answer(job, sequences: int, stream: bool, request: Request):
     """A completions or chat job's response while `sequences` of its visitor's parallel slots are held (429 over
     the cap): the SSE stream of `job.events()`, released when the response ends however it ends, or the whole
-    answer of `job.respond(request)`, released once it is built."""
+    answer of `job.respond(request)`, released once it is built. A request over the cap by itself: a 400."""
+    check_parallel_cap(job.state.policy, sequences)
     lease = Lease(job.state.visitors, job.visitor, sequences)
     if stream:
         return HeldStreamingResponse(job.events(), lease, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)

@@ -1,10 +1,19 @@
-"""Prompts of API requests -> token ids: completion prompts (text or ids) and chat messages (chat template)."""
+"""Prompts of API requests -> token ids: completion prompts (text or ids) and chat messages (chat template).
+
+The checks are the engine's own (`Engine.check_prompt_text`, `Engine.check_prompt_ids`: what add_request would
+refuse), turned into 400s naming the API parameter; the server adds only what is the API's: the chat template,
+the byte cap before tokenizing (backend/server/prompt_size.py), and OpenAI's context-length wording. Everything
+here runs off the event loop (the routes call it through asyncio.to_thread).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from backend.server.errors import bad_request
+from backend.errors import ContextLengthError, RequestError
+from backend.server.errors import APIError, bad_request
+from backend.server.params import context_error
+from backend.server.prompt_size import text_bytes
 from backend.server.protocol import ChatMessage
 
 
@@ -23,42 +32,53 @@ def load_chat_template(template: str | None) -> str | None:
     return template
 
 
-def _check_text(text: str, param: str) -> None:
+def _refused(error: RequestError, param: str) -> APIError:
+    if isinstance(error, ContextLengthError):
+        return context_error(error.prompt_tokens, error.max_model_len, param=param)
+    return bad_request(f"{param}: {error}", param, "invalid_value")
+
+
+def check_text(engine, text: str, param: str) -> None:
+    """The engine's checks of a text prompt (a 400 naming `param`)."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise bad_request(f"{param} is not valid Unicode (a lone surrogate at position {e.start})", param) from None
+        engine.check_prompt_text(text)
+    except RequestError as e:
+        raise _refused(e, param) from None
 
 
-def encode_text(tokenizer, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
-    if tokenizer is None:
-        raise bad_request("this model was loaded without a tokenizer: send token ids", param)
-    if not text:
-        raise bad_request(f"{param} is empty: give a non-empty string", param, "invalid_value")
-    _check_text(text, param)
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+def check_ids(engine, ids: list[int], param: str = "prompt") -> list[int]:
+    """The engine's checks of prompt token ids (a 400 naming `param`; too long: OpenAI's context message)."""
+    try:
+        return engine.check_prompt_ids(list(ids))
+    except RequestError as e:
+        raise _refused(e, param) from None
 
 
-def check_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> list[int]:
-    if not ids:
-        raise bad_request(f"{param} is empty (no tokens)", param, "invalid_value")
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise bad_request(f"{param}: token ids must be in [0, {vocab_size}), got {bad}", param, "invalid_value")
-    return list(ids)
+def check_bytes(state, engine, texts: list[str], param: str) -> None:
+    """Refuse, before tokenizing, text whose bytes cannot fit the token cap (backend/server/prompt_size.py)."""
+    state.check_prompt_bytes(engine, sum(text_bytes(t) for t in texts), param)
 
 
-def completion_prompts(prompt, tokenizer, vocab_size: int) -> list[tuple[str | None, list[int]]]:
-    """-> [(text or None, ids)] for a string, a list of strings, a list of ids, or a list of id lists."""
+def encode_text(state, engine, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+    check_text(engine, text, param)
+    check_bytes(state, engine, [text], param)
+    return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def completion_prompts(state, engine, prompt) -> list[tuple[str | None, list[int]]]:
+    """-> [(text or None, ids)] for a string, a list of strings, a list of ids, or a list of id lists; each
+    checked by the engine."""
     if isinstance(prompt, str):
-        return [(prompt, encode_text(tokenizer, prompt))]
+        return [(prompt, check_ids(engine, encode_text(state, engine, prompt)))]
     if not prompt:
         raise bad_request("prompt is empty: give a string, a list of strings or token ids", "prompt", "invalid_value")
     if all(isinstance(p, str) for p in prompt):
-        return [(p, encode_text(tokenizer, p)) for p in prompt]
+        for p in prompt:  # every one before any is tokenized (the cap is per prompt)
+            check_bytes(state, engine, [p], "prompt")
+        return [(p, check_ids(engine, encode_text(state, engine, p))) for p in prompt]
     if all(isinstance(p, int) for p in prompt):
-        return [(None, check_ids(prompt, vocab_size))]
-    return [(None, check_ids(p, vocab_size)) for p in prompt]
+        return [(None, check_ids(engine, prompt))]
+    return [(None, check_ids(engine, p)) for p in prompt]
 
 
 def _content(message: ChatMessage, i: int) -> str:
@@ -81,15 +101,18 @@ def _content(message: ChatMessage, i: int) -> str:
 
 
 def render_chat(
-    tokenizer,
+    state,
+    engine,
     messages: list[ChatMessage],
     template: str | None,
     add_generation_prompt: bool = True,
     template_kwargs: dict | None = None,
 ) -> str:
-    """The prompt text the chat template makes of `messages`. 400 when there is no template or it fails."""
+    """The prompt text the chat template makes of `messages`. 400 when there is no template or it fails, when the
+    messages are too many bytes for the token cap, or when the engine refuses the text."""
     if not messages:
         raise bad_request("messages is empty: give at least one message", "messages", "invalid_value")
+    tokenizer = engine.tokenizer
     if tokenizer is None:
         raise bad_request("this model was loaded without a tokenizer: chat needs one", "messages")
     template = template or getattr(tokenizer, "chat_template", None)
@@ -102,14 +125,13 @@ def render_chat(
         )
     conversation = []
     for i, m in enumerate(messages):
-        text = _content(m, i)
-        _check_text(text, f"messages.{i}.content")
-        entry = {"role": m.role, "content": text}
+        entry = {"role": m.role, "content": _content(m, i)}
         if m.name is not None:
             entry["name"] = m.name
         if m.tool_call_id is not None:
             entry["tool_call_id"] = m.tool_call_id
         conversation.append(entry)
+    check_bytes(state, engine, [entry["content"] for entry in conversation], "messages")
     kwargs = {k: v for k, v in (template_kwargs or {}).items() if isinstance(k, str) and k.isidentifier()}
     for reserved in ("conversation", "chat_template", "tokenize", "add_generation_prompt", "return_dict", "tools"):
         kwargs.pop(reserved, None)
@@ -119,11 +141,12 @@ def render_chat(
         )
     except Exception as e:  # a template that raises (e.g. "roles must alternate") is the request's problem
         raise bad_request(f"the chat template failed on these messages: {type(e).__name__}: {e}", "messages") from None
-    if not isinstance(text, str) or not text:
-        raise bad_request("the chat template produced an empty prompt", "messages", "invalid_value")
+    if not isinstance(text, str):
+        raise bad_request("the chat template did not produce a prompt text", "messages", "invalid_value")
+    check_text(engine, text, "messages")
     return text
 
 
-def encode_chat(tokenizer, text: str) -> list[int]:
+def encode_chat(engine, text: str) -> list[int]:
     """A rendered chat prompt -> ids (the template writes the special tokens itself, as transformers does)."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])

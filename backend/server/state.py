@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from backend.hosting import HostPolicy, VisitorLimiter
+from backend.hosting.api_key import key_problem
 from backend.server.errors import APIError
+from backend.server.health import fatal_problem
 from backend.server.metrics import ServerMetrics
+from backend.server.prompt_size import PromptByteCap
 from backend.server.prompts import load_chat_template
 
 
@@ -45,15 +47,21 @@ class ServerState:
         self.policy = policy or HostPolicy()
         self.visitors = VisitorLimiter(self.policy)
         self.metrics = ServerMetrics(self.current_engine, self.model_name)
+        self.prompt_bytes = PromptByteCap()
 
     def current_engine(self):
         engine = self._get()
         return None if engine is None or engine.closed else engine
 
     def engine(self):
+        """The engine to serve this request with; a 503 when there is none or it cannot serve (closed, its
+        tensor-parallel group down)."""
         engine = self.current_engine()
         if engine is None:
             raise APIError(503, "no model is loaded (or the server is shutting down)", code="model_not_loaded")
+        problem = fatal_problem(engine)
+        if problem is not None:
+            raise APIError(503, problem, code="engine_unavailable")
         return engine
 
     def model_name(self) -> str:
@@ -61,6 +69,18 @@ class ServerState:
             return self._served_name
         engine = self._get()
         return str(engine.config.model) if engine is not None else "none"
+
+    def prompt_token_cap(self, engine) -> int:
+        """The most tokens a prompt may have: the host's cap, and room for one new token in the context."""
+        room = engine.max_model_len - 1
+        cap = self.policy.max_prompt_tokens
+        return room if cap is None else min(cap, room)
+
+    def check_prompt_bytes(self, engine, nbytes: int, param: str) -> None:
+        """A 400 for a prompt of `nbytes` bytes that cannot fit the token cap (backend/server/prompt_size.py)."""
+        problem = self.prompt_bytes.problem(engine.tokenizer, self.prompt_token_cap(engine), nbytes)
+        if problem is not None:
+            raise APIError(400, problem, param, "context_length_exceeded")
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name():
@@ -74,9 +94,6 @@ class ServerState:
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+        problem = key_problem(request.headers.getlist("authorization"), self.api_key)
+        if problem is not None:
+            raise APIError(401, problem, code="invalid_api_key")

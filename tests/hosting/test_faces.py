@@ -251,7 +251,7 @@ def test_model_slots_and_caps(faces, folders):
         assert r.status_code == 400 and f"cap of {MAX_NEW}" in r.json()["error"]["message"]
         body = {"model": "tiny", "prompt": "a", "max_tokens": 2, "n": PER_VISITOR + 1}
         r = http.post("/v1/completions", json=body, headers=AUTH)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # can never fit: not a 429 to retry
         assert f"at most {PER_VISITOR} per visitor" in r.json()["error"]["message"]
 
 

@@ -1,6 +1,7 @@
 """API clients behind a proxy: told apart by the address the trusted proxy recorded (X-Forwarded-For), each with
 its own parallel-sequence cap; X-Forwarded-For from an untrusted peer is ignored (the connection's address counts,
-a warning says which flag fixes it); a client cannot pick its own address by writing the header itself."""
+a warning says which flag fixes it); a client cannot pick its own address by writing the header itself; no proxy is
+trusted unless the host names it (loopback included)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ def engine(tiny_model):
         yield e
 
 
-def serve(engine, trusted: tuple[str, ...]):
-    policy = HostPolicy.hosted_defaults(max_parallel_per_visitor=CAP, max_new_tokens=None, forwarded_allow_ips=trusted)
+def serve(engine, trusted: tuple[str, ...] | None):
+    """A hosted server trusting `trusted` as proxies (None: the policy's default)."""
+    options = {} if trusted is None else {"forwarded_allow_ips": trusted}
+    policy = HostPolicy.hosted_defaults(max_parallel_per_visitor=CAP, max_new_tokens=None, **options)
     return start_server(build_app(engine, served_model_name="tiny", policy=policy))
 
 
@@ -63,28 +66,39 @@ def test_clients_behind_a_trusted_proxy_each_have_their_own_cap(engine):
     wait_idle(engine)
 
 
-def test_forwarded_for_from_an_untrusted_peer_is_ignored_and_logged_once(engine, caplog):
-    server, thread, url = serve(engine, ("10.0.0.0/8",))  # the loopback peer is not a trusted proxy
+def _forged_addresses_share_one_cap(engine, trusted: tuple[str, ...] | None) -> None:
+    """Served trusting `trusted`, the loopback test client's X-Forwarded-For counts for nothing: whatever address
+    it writes, its requests are 127.0.0.1's, one visitor with one cap."""
+    server, thread, url = serve(engine, trusted)
     try:
-        with httpx.Client(base_url=url, timeout=60) as client, caplog.at_level(logging.WARNING):
+        with httpx.Client(base_url=url, timeout=60) as client:
             held = _hold_the_cap(client, engine, "203.0.113.7")
             try:
-                assert _status(client, "203.0.113.8") == 429  # both are 127.0.0.1: one visitor, one cap
+                assert _status(client, "203.0.113.8") == 429
                 assert _status(client, "203.0.113.9") == 429
             finally:
                 held.close()
-        warnings = [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
-        assert len(warnings) == 1 and "--forwarded-allow-ips 127.0.0.1" in warnings[0]
     finally:
         server.should_exit = True
         thread.join(timeout=30)
     wait_idle(engine)
 
 
+def test_forwarded_for_from_an_untrusted_peer_is_ignored_and_logged_once(engine, caplog):
+    with caplog.at_level(logging.WARNING):
+        _forged_addresses_share_one_cap(engine, ("10.0.0.0/8",))  # the loopback peer is not a trusted proxy
+    warnings = [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
+    assert len(warnings) == 1 and "--forwarded-allow-ips 127.0.0.1" in warnings[0]
+
+
+def test_loopback_is_not_a_trusted_proxy_unless_named(engine):
+    _forged_addresses_share_one_cap(engine, None)  # the default: no proxy trusted, loopback included
+
+
 @pytest.mark.parametrize(
     "environ, expected",
     [
-        ({}, ("127.0.0.1",)),
+        ({}, ()),  # none by default, loopback included: name 127.0.0.1 for a proxy on this machine
         ({"FLAB_FORWARDED_ALLOW_IPS": "10.0.0.0/8, 127.0.0.1"}, ("10.0.0.0/8", "127.0.0.1")),
         ({"FORWARDED_ALLOW_IPS": "172.16.0.1"}, ("172.16.0.1",)),  # uvicorn's variable is honoured
         ({"FLAB_FORWARDED_ALLOW_IPS": "", "FORWARDED_ALLOW_IPS": "172.16.0.1"}, ()),  # ours wins; empty: none

@@ -48,10 +48,11 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def start_server(app, port: int | None = None) -> tuple[uvicorn.Server, threading.Thread, str]:
+def start_server(app, port: int | None = None, **options) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """`app` served by uvicorn in a thread on a free loopback port; `options`: more uvicorn.Config arguments."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", proxy_headers=False
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", proxy_headers=False, **options
     )  # like the launchers: the policy's trusted proxies decide the client address
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)

@@ -21,6 +21,7 @@ import os
 
 from backend.hosting import HostingError, HostPolicy, add_hosting_flags, refuse_zerogpu
 from backend.hosting.api_key import OPENAI_PREFIXES
+from backend.hosting.timeouts import ConnectionTimeouts, uvicorn_options
 from ui.callbacks import Lab
 from ui.defaults import DEFAULT_CHOICE
 from ui.layout import CSS, THEME, build_demo
@@ -137,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         lab.page.start_preload()  # the host's model loads now, not on the first page view: the API serves at once
         print(f"Fallback Lab with the OpenAI API: http://{args.host}:{args.port} (API at /v1, metrics at /metrics)")
         # proxy_headers off: the policy's --forwarded-allow-ips decides the client address (backend/hosting/proxies.py)
-        uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False)
+        # idle and slow connections are closed as by launch_server (backend/hosting/timeouts.py; the body's bound is
+        # build_app's middleware)
+        uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False, **uvicorn_options(ConnectionTimeouts()))
         return
     lab = Lab(policy=policy, host_model=host_model_name(args.model))
     app = make_demo(args.model, lab=lab)

@@ -5,7 +5,7 @@ the OpenAI API on one loopback port over one engine) driven with gradio_client a
   not, through `..` or a symlink: one message), cannot load a model needing remote code, nor ask over the caps;
   a second visitor cannot take a model slot that is in use;
 - a bounded load test: one greedy API client at its parallel cap with long prompts, 8 gradio_client sessions (each
-  from its own address, X-Forwarded-For from the trusted loopback proxy: the app counts visitors by address)
+  from its own address, X-Forwarded-For from the loopback proxy the policy names: the app counts visitors by address)
   with one short request each: every short request's first token comes within a stated number of engine steps
   of its time alone (measured in steps, from each delta's StepStats; wall times are printed, never asserted),
   the owners reaching the engine are the visitors, and every block is free at the end;
@@ -159,7 +159,11 @@ def faces(folders):
     import app as app_module
 
     policy = HostPolicy.hosted_defaults(
-        allowed_dirs=(folders["allowed"],), api_key=KEY, max_new_tokens=MAX_NEW, max_parallel_per_visitor=PER_VISITOR
+        allowed_dirs=(folders["allowed"],),
+        api_key=KEY,
+        max_new_tokens=MAX_NEW,
+        max_parallel_per_visitor=PER_VISITOR,
+        forwarded_allow_ips=("127.0.0.1",),  # the test's sessions' addresses come through this named proxy
     )
     asgi, lab = app_module.make_api_app(LOAD[0], policy, served_model_name="tiny")
     lab.update_s = 0.2

@@ -40,7 +40,7 @@ from backend.errors import EngineError, RequestError, RequestFailedError
 from backend.host_allocator import keep_freed_memory, map_big_blocks
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec
 from backend.kv_sizing import model_context_len, plan_kv_cache
-from backend.layers.attention_backends import AttentionBackend, make_attention_backend
+from backend.layers.attention_backends import AttentionBackend, engine_kernel_settings, make_attention_backend
 from backend.loading.build import LoadedModel, load_model
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
 from backend.models.kv_layout import kv_cache_spec
@@ -51,7 +51,6 @@ from backend.scheduler import ScheduledBatch, Scheduler
 from backend.sequence import Sequence
 from backend.stop import StopMatcher
 from flab_kernels import dispatch as kernel_dispatch
-from flab_kernels.dispatch import KernelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ class Engine:
         )
         cfg = self.config
         try:  # every kernel override of the environment, read and validated once (flab_kernels/dispatch.py)
-            self.kernel_settings = KernelSettings.from_env()
+            self.kernel_settings = engine_kernel_settings(cfg.attention_backend, cfg.torch_device)
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.tp_group = None  # backend/distributed: the worker ranks when tp_size > 1

@@ -1,8 +1,8 @@
 """The kernel entry points, each dispatched by the one rule of flab_kernels/dispatch.py (inside an engine: the
 kernels its attention backend chose; outside: Triton on CUDA tensors or with FLAB_FORCE_TRITON=1, torch otherwise).
 
-    store_kv, rms_norm, apply_rotary, silu_and_mul, gelu_and_mul     dispatched here
-    paged_attention_triton                                          the triton attention backend's attention
+    rms_norm, apply_rotary, silu_and_mul, gelu_and_mul     dispatched here (the layers' fused kernels)
+    paged_attention_triton                                 the triton attention backend's attention
 
 Paged attention is no op of its own: the engine's attention backend (backend/layers/attention_backends.py) calls
 the torch plan or `paged_attention_triton`, which chooses between the unified kernel and split-KV decode with
@@ -18,13 +18,11 @@ import torch
 from flab_kernels.activation import gelu_and_mul, silu_and_mul
 from flab_kernels.attention_args import PagedAttentionArgs
 from flab_kernels.attention_choice import SPLIT_KV, UNIFIED, KernelChoice, KernelChoiceConfig, choose_attention_kernel
-from flab_kernels.attention_torch import store_kv_torch
-from flab_kernels.dispatch import current, use_triton
+from flab_kernels.dispatch import current
 from flab_kernels.norm import rms_norm
 from flab_kernels.rotary import apply_rotary
 
 __all__ = [
-    "store_kv",
     "paged_attention_triton",
     "rms_norm",
     "apply_rotary",
@@ -32,21 +30,6 @@ __all__ = [
     "gelu_and_mul",
     "attention_kernel_for",
 ]
-
-
-def store_kv(
-    key: torch.Tensor,  # (T, Hkv, D)
-    value: torch.Tensor,  # (T, Hkv, D)
-    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # (T,) int64
-) -> None:
-    if use_triton(key):
-        from flab_kernels.kv_store import store_kv_triton
-
-        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
-    else:
-        store_kv_torch(key, value, k_cache, v_cache, slot_mapping)
 
 
 def _sm_count(device: torch.device) -> int:

@@ -13,7 +13,7 @@ import flab_kernels.activation
 import flab_kernels.kv_store
 import flab_kernels.norm
 import flab_kernels.rotary
-from backend.layers.attention_backends import engine_kernel_settings, make_attention_backend
+from backend.layers.attention_backends import ATTENTION_BACKENDS, engine_kernel_settings, make_attention_backend
 from flab_kernels import dispatch, ops
 from flab_kernels.dispatch import KernelSettings
 from flab_kernels.rotary import cos_sin_cache_from_inv_freq, rope_inv_freq
@@ -44,17 +44,6 @@ OPS = {
     ),
     "silu_and_mul": (flab_kernels.activation, "silu_and_mul_triton", lambda: ops.silu_and_mul(torch.randn(3, 16))),
     "gelu_and_mul": (flab_kernels.activation, "gelu_and_mul_triton", lambda: ops.gelu_and_mul(torch.randn(3, 16))),
-    "store_kv": (
-        flab_kernels.kv_store,
-        "store_kv_triton",
-        lambda: ops.store_kv(
-            torch.randn(2, 2, 16),
-            torch.randn(2, 2, 16),
-            torch.zeros(2, 16, 2, 16),
-            torch.zeros(2, 16, 2, 16),
-            torch.tensor([0, 17]),
-        ),
-    ),
 }
 
 
@@ -103,6 +92,15 @@ def test_the_attention_backend_decides_the_engines_kernels(requested, device, fo
     assert settings.triton == (expected == "triton") and settings.force_triton == force
     with dispatch.using(settings):
         assert make_attention_backend(requested, torch.device(device)).name == expected
+
+
+def test_each_attention_backend_stores_with_its_own_kernel(monkeypatch):
+    monkeypatch.setattr(flab_kernels.kv_store, "store_kv_triton", _recorder("store_kv_triton"))
+    k, cache, slots = torch.randn(2, 2, 16), torch.zeros(2, 16, 2, 16), torch.tensor([0, 17])
+    with dispatch.using(KernelSettings(force_triton=True)):  # the backend decides, not the setting
+        ATTENTION_BACKENDS["torch"]().store(k, k, cache, cache.clone(), slots)
+    with pytest.raises(Called, match="store_kv_triton"):
+        ATTENTION_BACKENDS["triton"]().store(k, k, cache, cache.clone(), slots)
 
 
 def test_environment_is_validated_once():

@@ -40,7 +40,7 @@ from backend.errors import ContextLengthError, EngineError, RequestError, Reques
 from backend.host_allocator import keep_freed_memory, map_big_blocks
 from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec
 from backend.kv_sizing import check_kv_fits, model_context_len, plan_kv_cache
-from backend.layers.attention_backends import AttentionBackend, make_attention_backend
+from backend.layers.attention_backends import AttentionBackend, engine_kernel_settings, make_attention_backend
 from backend.loading.build import LoadedModel, load_model
 from backend.loading.memory_check import check_before_load
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
@@ -52,7 +52,6 @@ from backend.scheduler import ScheduledBatch, Scheduler
 from backend.sequence import Sequence
 from backend.stop import StopMatcher
 from flab_kernels import dispatch as kernel_dispatch
-from flab_kernels.dispatch import KernelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ class Engine:
         )
         cfg = self.config
         try:  # every kernel override of the environment, read and validated once (flab_kernels/dispatch.py)
-            self.kernel_settings = KernelSettings.from_env()
+            self.kernel_settings = engine_kernel_settings(cfg.attention_backend, cfg.torch_device)
         except ValueError as e:
             raise EngineError(str(e)) from None
         check_before_load(cfg)  # weights + the KV budget asked + the load peak against free memory, before loading
@@ -290,10 +289,13 @@ class Engine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         owner: str | None = None,
+        cache_salt: str | None = None,
     ) -> int:
         """Queue a request; returns its id. Raises RequestError for bad input (nothing is queued then).
-        Its outputs come back from `step()` (the finished delta carries the whole output)."""
-        req = self._add(prompt, params, prompt_token_ids, None, owner)
+        Its outputs come back from `step()` (the finished delta carries the whole output). `cache_salt` (as
+        vLLM's; also on generate / stream / open_stream) enters the hash of the prompt's first KV block: requests
+        share prefix-cache blocks only with requests of the same salt (None, the default: shared by all)."""
+        req = self._add(prompt, params, prompt_token_ids, None, owner, cache_salt)
         req.manual = True
         return req.seq.seq_id
 
@@ -305,9 +307,13 @@ class Engine:
             self._outbox.clear()
             return outputs
 
-    def _add(self, prompt, params, prompt_token_ids, listener: queue.Queue | None, owner=None) -> _Request:
+    def _add(
+        self, prompt, params, prompt_token_ids, listener: queue.Queue | None, owner=None, cache_salt=None
+    ) -> _Request:
         if owner is not None and not isinstance(owner, str):
             raise RequestError(f"owner must be None or a string, got {type(owner).__name__}")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise RequestError(f"cache_salt must be None or a string, got {type(cache_salt).__name__}")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -319,7 +325,7 @@ class Engine:
                 raise RequestError("the engine is closed")
             rid = self._next_id
             self._next_id += 1
-            seq = Sequence(rid, ids, params, generator, owner=owner)
+            seq = Sequence(rid, ids, params, generator, owner=owner, cache_salt=cache_salt)
             detok = Detokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer is not None else None
             req = _Request(seq, prompt, listener=listener, detokenizer=detok, stops=StopMatcher(params.stop))
             if params.prompt_logprobs is not None:
@@ -544,6 +550,7 @@ class Engine:
         sampling_params: SamplingParams | list | None = None,
         prompt_token_ids: list[list[int]] | None = None,
         owner: str | None = None,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Run the prompts to the end; outputs in prompt order. A bad prompt raises RequestError before any
         runs; a request that fails while running raises RequestFailedError (the others still finish)."""
@@ -554,7 +561,7 @@ class Engine:
         reqs: list[_Request] = []
         try:
             for (prompt, token_ids), p in zip(items, params):
-                reqs.append(self._add(prompt, p, token_ids, None, owner))
+                reqs.append(self._add(prompt, p, token_ids, None, owner, cache_salt))
         except BaseException:
             for r in reqs:  # a bad prompt in the list: queue nothing
                 self.abort(r.seq.seq_id)
@@ -617,12 +624,13 @@ class Engine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         owner: str | None = None,
+        cache_salt: str | None = None,
     ) -> "RequestStream":
         """Queue a request now and return its handle: `request_id` at once (another thread may `abort` it before
         its first token, e.g. a client that hung up while it waited), its deltas by iterating. Raises RequestError
         for bad input (nothing is queued then)."""
         self.start_background_loop()
-        return RequestStream(self, self._add(prompt, params, prompt_token_ids, queue.Queue(), owner))
+        return RequestStream(self, self._add(prompt, params, prompt_token_ids, queue.Queue(), owner, cache_salt))
 
     def stream(
         self,
@@ -630,10 +638,11 @@ class Engine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         owner: str | None = None,
+        cache_salt: str | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield deltas as tokens are produced. Leaving the loop early aborts the request. A request that
         fails while running raises RequestFailedError after its last delta."""
-        with self.open_stream(prompt, params, prompt_token_ids, owner) as handle:
+        with self.open_stream(prompt, params, prompt_token_ids, owner, cache_salt) as handle:
             yield from handle
 
     def start_background_loop(self) -> None:

@@ -7,6 +7,13 @@ and what is allowed. A request that was accepted but failed while it ran raises 
 
 from __future__ import annotations
 
+# The one answer to a GGUF checkpoint: the engine runs safetensors only (names the convert command).
+GGUF_MESSAGE = (
+    "GGUF is not supported; use a safetensors checkpoint: convert the GGUF file once with "
+    "`python -m backend.tools.convert_gguf IN.gguf OUT_DIR --dtype bfloat16` and load OUT_DIR "
+    "(or use the original repository)"
+)
+
 
 class EngineError(ValueError):
     """Base class: user-facing problems (bad model, bad settings, bad request)."""

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from backend.kv_cache import KVCache
-from backend.layers.attention_backends import AttentionBackend
 from backend.scheduler import ScheduledBatch
+from flab_kernels.attention_args import PagedAttentionArgs
+
+
+class AttentionBackend(Protocol):
+    """What a step needs of the engine's attention backend (the registry: backend/layers/attention_backends.py)."""
+
+    def prepare(
+        self, query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int
+    ) -> object | None: ...
+
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    ) -> None: ...
+
+    def attend(self, args: PagedAttentionArgs, metadata: object | None) -> torch.Tensor: ...
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -10,31 +12,68 @@ import torch
 
 from backend.errors import KVCacheError
 
+BlockHash = bytes  # 16 bytes of BLAKE2b over the parent's hash (or the cache salt) and the block's tokens
 
-def block_hashes(token_ids: list[int], block_size: int, start_block: int = 0, prev: int | None = None) -> list[int]:
-    """Hash chain over the full blocks of `token_ids` from `start_block` on: each hash covers the whole prefix."""
-    hashes = []
+
+@dataclass(frozen=True)
+class BlockKey:
+    """What a cached block holds, compared on every prefix-cache hit (a hash alone could collide): its tokens,
+    after the prefix whose last block hashed to `parent` (None: the first block, which carries the salt)."""
+
+    parent: BlockHash | None
+    salt: str | None
+    tokens: tuple[int, ...]
+
+
+def hash_block(key: BlockKey) -> BlockHash:
+    h = hashlib.blake2b(digest_size=16)
+    if key.parent is None:  # the first block: the salt (if any) enters its hash, and so every later one
+        salt = b"" if key.salt is None else key.salt.encode("utf-8")
+        h.update((b"\x00" if key.salt is None else b"\x01") + len(salt).to_bytes(8, "little") + salt)
+    else:
+        h.update(b"\x02" + key.parent)
+    h.update(array("q", key.tokens).tobytes())
+    return h.digest()
+
+
+def block_keys(
+    token_ids: list[int], block_size: int, start_block: int = 0, prev: BlockHash | None = None, salt: str | None = None
+) -> list[tuple[BlockHash, BlockKey]]:
+    """The hash chain over the full blocks of `token_ids` from `start_block` on (`prev`: the hash of the block
+    before it): each hash covers the whole prefix and the salt; each key is what a hit must hold."""
+    out = []
     for b in range(start_block, len(token_ids) // block_size):
-        prev = hash((prev, tuple(token_ids[b * block_size : (b + 1) * block_size])))
-        hashes.append(prev)
-    return hashes
+        key = BlockKey(prev, salt if prev is None else None, tuple(token_ids[b * block_size : (b + 1) * block_size]))
+        prev = hash_block(key)
+        out.append((prev, key))
+    return out
+
+
+def block_hashes(
+    token_ids: list[int], block_size: int, start_block: int = 0, prev: BlockHash | None = None, salt: str | None = None
+) -> list[BlockHash]:
+    return [h for h, _ in block_keys(token_ids, block_size, start_block, prev, salt)]
 
 
 class BlockAllocator:
     """Hands out cache blocks. A block is free when no sequence references it; a free block keeps its
-    prefix hash (and content) until it is reused, so a later request with the same prefix can take it
-    back (least recently freed blocks are reused first)."""
+    prefix hash and key (and content) until it is reused, so a later request with the same prefix can take it
+    back (least recently freed blocks are reused first). A hit is taken only when the cached block's key (its
+    tokens, its parent's hash, the salt) equals the one asked for: a hash collision is a miss, never another
+    prompt's KV."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks
+        self.block_key: list[BlockKey | None] = [None] * num_blocks
+        self.hash_to_block: dict[BlockHash, int] = {}
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.prefix_hits = 0  # blocks served from the prefix cache (cumulative)
         self.prefix_queries = 0  # blocks looked up in the prefix cache (cumulative)
+        self.prefix_collisions = 0  # lookups whose hash matched a block holding other tokens (cumulative)
 
     @property
     def num_free(self) -> int:
@@ -54,6 +93,7 @@ class BlockAllocator:
             if old is not None:  # evict its cached prefix
                 del self.hash_to_block[old]
                 self.block_hash[block] = None
+                self.block_key[block] = None
             self.ref_count[block] = 1
             blocks.append(block)
         return blocks
@@ -67,22 +107,28 @@ class BlockAllocator:
             if self.ref_count[block] == 0:
                 self.free_blocks[block] = None
 
-    def match_prefix(self, hashes: list[int]) -> list[int]:
-        """Take a reference on the cached blocks of the longest cached prefix of `hashes`."""
+    def match_prefix(self, token_ids: list[int], salt: str | None = None) -> tuple[list[int], list[BlockHash]]:
+        """Take a reference on the cached blocks of the longest cached prefix of the full blocks of `token_ids`
+        (each hit verified against the block's key) -> (those blocks, their hashes)."""
         if not self.enable_prefix_caching:
-            return []
-        self.prefix_queries += len(hashes)
-        blocks = []
-        for h in hashes:
+            return [], []
+        keys = block_keys(token_ids, self.block_size, salt=salt)
+        self.prefix_queries += len(keys)
+        blocks, hashes = [], []
+        for h, key in keys:
             block = self.hash_to_block.get(h)
             if block is None:
+                break
+            if self.block_key[block] != key:  # a hash collision: another prompt's block
+                self.prefix_collisions += 1
                 break
             if self.ref_count[block] == 0:
                 del self.free_blocks[block]
             self.ref_count[block] += 1
             blocks.append(block)
+            hashes.append(h)
         self.prefix_hits += len(blocks)
-        return blocks
+        return blocks, hashes
 
     @property
     def num_cached_free(self) -> int:
@@ -93,12 +139,14 @@ class BlockAllocator:
         """Forget every published prefix (blocks in use keep their content; nothing is freed)."""
         self.hash_to_block.clear()
         self.block_hash = [None] * self.num_blocks
+        self.block_key = [None] * self.num_blocks
 
-    def register(self, block: int, h: int) -> None:
-        """Publish a full, computed block under its prefix hash (first writer wins)."""
+    def register(self, block: int, h: BlockHash, key: BlockKey) -> None:
+        """Publish a full, computed block under its prefix hash and key (first writer wins)."""
         if self.enable_prefix_caching and h not in self.hash_to_block and self.block_hash[block] is None:
             self.hash_to_block[h] = block
             self.block_hash[block] = h
+            self.block_key[block] = key
 
     def check_invariants(self, owned: list[list[int]]) -> None:
         """Every block is either free (ref 0) or referenced exactly as often as sequences hold it."""

@@ -19,7 +19,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from backend.kv_cache import BlockAllocator, block_hashes
+from backend.kv_cache import BlockAllocator, block_keys
 from backend.sequence import SeqStatus, Sequence
 
 
@@ -144,14 +144,17 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> bool:
         tokens = seq.all_token_ids
         # Leave at least one token to compute: the step must produce logits for the last one.
-        hashes = block_hashes(tokens[: len(tokens) - 1], self.block_size)
         # A request scoring its prompt (prompt_logprobs) computes every position: no prefix-cache hits (as vLLM);
         # its blocks are still published for later requests.
-        cached = [] if seq.params.prompt_logprobs is not None else self.allocator.match_prefix(hashes)
+        cached, hashes = (
+            ([], [])
+            if seq.params.prompt_logprobs is not None
+            else self.allocator.match_prefix(tokens[: len(tokens) - 1], seq.cache_salt)
+        )
         seq.block_table = cached
         seq.num_computed_tokens = len(cached) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
-        seq.block_hashes = hashes[: len(cached)]
+        seq.block_hashes = hashes
         n = min(seq.num_tokens - seq.num_computed_tokens, budget)
         if not self._grow(seq, seq.num_computed_tokens + n):
             self.allocator.free(seq.block_table)
@@ -183,10 +186,10 @@ class Scheduler:
             if full > done:
                 tokens = seq.all_token_ids[: full * self.block_size]
                 prev = seq.block_hashes[-1] if done else None
-                new = block_hashes(tokens, self.block_size, done, prev)
-                for b, h in zip(seq.block_table[done:full], new):
-                    self.allocator.register(b, h)
-                seq.block_hashes.extend(new)
+                new = block_keys(tokens, self.block_size, done, prev, seq.cache_salt)
+                for b, (h, key) in zip(seq.block_table[done:full], new):
+                    self.allocator.register(b, h, key)
+                seq.block_hashes.extend(h for h, _ in new)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finish (or abort) a sequence wherever it is and free its blocks at once."""

@@ -29,7 +29,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache (last admission)
-    block_hashes: list[int] = field(default_factory=list)  # prefix hashes of the leading full, computed blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of the leading full, computed blocks
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
     num_preemptions: int = 0
@@ -38,6 +38,7 @@ class Sequence:
     finish_time: float | None = None
     text: str = ""  # detokenized output so far (set by the engine)
     owner: str | None = None  # who asked (fair scheduling across owners); None = anonymous
+    cache_salt: str | None = None  # enters the first block's hash: only requests with the same salt share blocks
     error: str | None = None
 
     @property

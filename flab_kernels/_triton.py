@@ -33,11 +33,3 @@ def require_triton() -> None:
         raise RuntimeError(
             "Triton is not installed: use the torch implementations (flab_kernels.ops picks them on CPU)"
         )
-
-
-def use_triton(t: "torch.Tensor") -> bool:  # noqa: F821 - annotation only
-    """The dispatch rule (flab_kernels/dispatch.py). CPU tests run Triton through the interpreter:
-    TRITON_INTERPRET=1 must be set before importing triton."""
-    from flab_kernels.dispatch import use_triton as rule
-
-    return rule(t)

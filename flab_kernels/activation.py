@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from flab_kernels._math import tanh_f32
-from flab_kernels._triton import require_triton, tl, triton, use_triton
+from flab_kernels._triton import require_triton, tl, triton
+from flab_kernels.dispatch import use_triton
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 

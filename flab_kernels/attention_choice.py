@@ -16,7 +16,7 @@ multiplies the programs at the cost of a small merge kernel and fp32 partials. W
 sequences (or short contexts) the unified grid already fills the GPU and the merge is overhead.
 
 Override with `KernelChoiceConfig` or the env var FLAB_ATTENTION_KERNEL=unified|split_kv|auto
-(read by `flab_kernels.ops.paged_attention`).
+(read by `flab_kernels.ops.paged_attention_triton`, the triton attention backend's entry).
 """
 
 from __future__ import annotations

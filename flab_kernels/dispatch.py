@@ -1,13 +1,16 @@
 """Which implementation runs each op: the one dispatch rule, and the settings it reads.
 
-Rule (every fused op, the paged attention and the quantized matmuls): Triton for CUDA tensors, or anywhere
-when `force_triton` is set (CPU tests run Triton through the interpreter); the torch math otherwise. On the
-Triton path `attention_kernel` forces the unified kernel or split-KV decode (default: chosen per step).
+Rule (every fused op; the quantized linears still choose their kernel per method at load): inside an engine, what
+the engine chose when it started (`KernelSettings.triton`, set from its attention backend: the triton backend runs
+every op's Triton kernel, the torch backend the torch math). Outside an engine (a kernel test or a benchmark
+calling an op directly): Triton for CUDA tensors, or anywhere when `force_triton` is set (CPU tests run Triton
+through the interpreter). On the Triton path `attention_kernel` forces the unified kernel or split-KV decode
+(default: chosen per step).
 
 The settings come from the environment (FLAB_FORCE_TRITON=0|1, FLAB_ATTENTION_KERNEL=auto|unified|split_kv),
-read and validated ONCE: the engine calls `KernelSettings.from_env()` when it starts (a typo is an error
-then) and runs every load and forward inside `using(settings)`. Outside such a block (a kernel test or a
-benchmark calling an op directly) the environment is read at the call.
+read and validated ONCE: the engine calls `engine_kernel_settings` (backend/layers/attention_backends.py) when it
+starts (a typo is an error then) and runs every load and forward inside `using(settings)`. Outside such a block
+(a kernel test or a benchmark calling an op directly) the environment is read at the call.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from flab_kernels._triton import HAS_TRITON
+
 ATTENTION_KERNELS = ("auto", "unified", "split_kv")
 _BOOLS = {"": False, "0": False, "1": True}
 
@@ -26,6 +31,7 @@ _BOOLS = {"": False, "0": False, "1": True}
 class KernelSettings:
     force_triton: bool = False
     attention_kernel: str = "auto"
+    triton: bool | None = None  # an engine's choice (its attention backend); None: by tensor device and force_triton
 
     def __post_init__(self) -> None:
         if self.attention_kernel not in ATTENTION_KERNELS:
@@ -62,6 +68,7 @@ def current() -> KernelSettings:
 
 def use_triton(t) -> bool:
     """The dispatch rule shared by every op (see the module docstring)."""
-    from flab_kernels._triton import HAS_TRITON
-
-    return HAS_TRITON and (t.is_cuda or current().force_triton)
+    settings = current()
+    if settings.triton is not None:
+        return HAS_TRITON and settings.triton
+    return HAS_TRITON and (t.is_cuda or settings.force_triton)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flab_kernels._triton import require_triton, tl, triton, use_triton
+from flab_kernels._triton import require_triton, tl, triton
+from flab_kernels.dispatch import use_triton
 
 
 def rms_norm_torch(

@@ -1,49 +1,35 @@
-"""The engine's kernel entry points: Triton on CUDA tensors (or with FLAB_FORCE_TRITON=1), torch otherwise.
+"""The kernel entry points, each dispatched by the one rule of flab_kernels/dispatch.py (inside an engine: the
+kernels its attention backend chose; outside: Triton on CUDA tensors or with FLAB_FORCE_TRITON=1, torch otherwise).
 
-    store_kv, paged_attention, rms_norm, apply_rotary, silu_and_mul, gelu_and_mul
+    rms_norm, apply_rotary, silu_and_mul, gelu_and_mul     dispatched here (the layers' fused kernels)
+    paged_attention_triton                                 the triton attention backend's attention
 
-Triton is imported only by the kernel modules, through `flab_kernels._triton`'s guarded import, so this
-module imports (and serves the torch paths) without Triton. `paged_attention` on the Triton path
-chooses between the unified kernel and split-KV decode with `choose_attention_kernel`; the setting
-`attention_kernel` (flab_kernels/dispatch.py, env FLAB_ATTENTION_KERNEL=unified|split_kv|auto) overrides it.
+Paged attention is no op of its own: the engine's attention backend (backend/layers/attention_backends.py) calls
+the torch plan or `paged_attention_triton`, which chooses between the unified kernel and split-KV decode with
+`choose_attention_kernel`; the setting `attention_kernel` (env FLAB_ATTENTION_KERNEL=unified|split_kv|auto)
+overrides it. Triton is imported only by the kernel modules, through `flab_kernels._triton`'s guarded import, so
+this module imports (and serves the torch paths) without Triton.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flab_kernels._triton import use_triton
 from flab_kernels.activation import gelu_and_mul, silu_and_mul
+from flab_kernels.attention_args import PagedAttentionArgs
 from flab_kernels.attention_choice import SPLIT_KV, UNIFIED, KernelChoice, KernelChoiceConfig, choose_attention_kernel
-from flab_kernels.attention_torch import paged_attention_torch, store_kv_torch
 from flab_kernels.dispatch import current
 from flab_kernels.norm import rms_norm
 from flab_kernels.rotary import apply_rotary
 
 __all__ = [
-    "store_kv",
-    "paged_attention",
+    "paged_attention_triton",
     "rms_norm",
     "apply_rotary",
     "silu_and_mul",
     "gelu_and_mul",
     "attention_kernel_for",
 ]
-
-
-def store_kv(
-    key: torch.Tensor,  # (T, Hkv, D)
-    value: torch.Tensor,  # (T, Hkv, D)
-    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # (T,) int64
-) -> None:
-    if use_triton(key):
-        from flab_kernels.kv_store import store_kv_triton
-
-        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
-    else:
-        store_kv_torch(key, value, k_cache, v_cache, slot_mapping)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -74,91 +60,21 @@ def attention_kernel_for(
     return choice
 
 
-def paged_attention(
-    q: torch.Tensor,  # (T, Hq, D)
-    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
-    v_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,  # (S+1,) int32
-    seq_lens: torch.Tensor,  # (S,) int32
-    block_tables: torch.Tensor,  # (S, MB) int32
-    scale: float,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    sinks: torch.Tensor | None = None,  # (Hq,)
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-) -> torch.Tensor:  # (T, Hq, D)
-    """Paged attention of a mixed batch. On the Triton path `max_seq_len` (host int) enables the
-    split-KV choice; without it (None) the unified kernel runs (no device sync to find it)."""
-    if not use_triton(q):
-        return paged_attention_torch(
-            q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, softcap, sliding_window, sinks
-        )
-    return paged_attention_triton_auto(
-        q,
-        k_cache,
-        v_cache,
-        query_start_loc,
-        seq_lens,
-        block_tables,
-        scale,
-        softcap,
-        sliding_window,
-        sinks,
-        max_query_len,
-        max_seq_len,
-    )
-
-
-def paged_attention_triton_auto(
-    q: torch.Tensor,  # (T, Hq, D)
-    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
-    v_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    sinks: torch.Tensor | None = None,
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-) -> torch.Tensor:  # (T, Hq, D)
-    """The Triton path: the unified mixed-batch kernel or split-KV decode, chosen per step."""
+def paged_attention_triton(a: PagedAttentionArgs) -> torch.Tensor:  # (T, Hq, D)
+    """The Triton path: the unified mixed-batch kernel or split-KV decode, chosen per step (split-KV needs the
+    host int `max_seq_len`; without it the unified kernel runs, with no device sync to find it)."""
     choice = KernelChoice(UNIFIED, 1)
-    if max_seq_len is not None:
+    if a.max_seq_len is not None:
         choice = attention_kernel_for(
-            seq_lens.shape[0], q.shape[0], k_cache.shape[2], max_seq_len, q.device, max_query_len
+            a.seq_lens.shape[0], a.q.shape[0], a.k_cache.shape[2], a.max_seq_len, a.q.device, a.max_query_len
         )
+    common = (a.q, a.k_cache, a.v_cache, a.query_start_loc, a.seq_lens, a.block_tables, a.scale)
     if choice.kernel == SPLIT_KV:
         from flab_kernels.paged_decode import paged_decode_triton
 
-        return paged_decode_triton(
-            q,
-            k_cache,
-            v_cache,
-            query_start_loc,
-            seq_lens,
-            block_tables,
-            scale,
-            softcap,
-            sliding_window,
-            sinks,
-            num_splits=choice.num_splits,
-        )
-    from flab_kernels.paged_attention import paged_attention_triton
+        return paged_decode_triton(*common, a.softcap, a.sliding_window, a.sinks, num_splits=choice.num_splits)
+    from flab_kernels import paged_attention
 
-    return paged_attention_triton(
-        q,
-        k_cache,
-        v_cache,
-        query_start_loc,
-        seq_lens,
-        block_tables,
-        scale,
-        softcap,
-        sliding_window,
-        sinks,
-        max_query_len,
-        max_seq_len,
+    return paged_attention.paged_attention_triton(
+        *common, a.softcap, a.sliding_window, a.sinks, a.max_query_len, a.max_seq_len
     )

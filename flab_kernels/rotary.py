@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from flab_kernels._triton import require_triton, tl, triton, use_triton
+from flab_kernels._triton import require_triton, tl, triton
+from flab_kernels.dispatch import use_triton
 
 
 def rope_inv_freq(rotary_dim: int, base: float = 10000.0) -> torch.Tensor:  # (rd/2,)

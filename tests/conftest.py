@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(arch, **overrides) -> path of a random-weight checkpoint (built once per session)."""
-    from backend.tools.tiny_models import build_tiny_model
+    from backend.loading.tiny_models import build_tiny_model
 
     built: dict = {}
 

@@ -94,8 +94,8 @@ def test_benchmark_shapes_are_the_real_models(arch, params):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from backend.loading.tiny_models import build_tokenizer, tiny_config
     from backend.models import build_model
-    from backend.tools.tiny_models import build_tokenizer, tiny_config
 
     config = tiny_config(arch, build_tokenizer())
     with torch.device("meta"):

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
+from backend.loading.train_tiny import TrainConfig, ensure_trained, train
 from backend.tools import bench_quant
-from backend.tools.train_tiny import TrainConfig, ensure_trained, train
 
 TINY = TrainConfig(
     vocab_size=320,

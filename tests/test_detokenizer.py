@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from backend import Engine, SamplingParams
 from backend.detokenizer import Detokenizer, streams
-from backend.tools.tiny_models import CORPUS, build_tokenizer
+from backend.loading.tiny_models import CORPUS, build_tokenizer
 
 TEXT = "The quick brown fox, héllo wörld: 日本語 and 🎉 emoji.  Two  spaces\nand a new line."
 

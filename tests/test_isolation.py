@@ -58,14 +58,14 @@ def _assert_clean(engine) -> None:
 
 
 def test_failing_sampling_fails_that_request_alone(engine, expected, monkeypatch):
-    real = sampling._sample_row
+    real = sampling._draw
 
-    def flaky(logits, p, generator):
-        if p.seed == 666:
+    def flaky(generator, device):  # the per-row part of the batched sampler: the row's own random number
+        if generator is not None and generator.initial_seed() == 666:
             raise RuntimeError("injected sampling fault")
-        return real(logits, p, generator)
+        return real(generator, device)
 
-    monkeypatch.setattr(sampling, "_sample_row", flaky)
+    monkeypatch.setattr(sampling, "_draw", flaky)
     bad = SamplingParams(max_new_tokens=12, temperature=0.7, seed=666)
     results = _stream_all(engine, [(p, GREEDY) for p in PROMPTS] + [("Hello world", bad)])
     assert isinstance(results[len(PROMPTS)], RequestFailedError)

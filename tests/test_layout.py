@@ -1,5 +1,6 @@
-"""The layout shows the architecture: no import circle among the project's modules (module-level imports, type-only
-imports left out), and nothing outside backend/ reads the engine's parts."""
+"""The layout shows the architecture: no import circle among the project's modules and every import goes downward
+(a module imports only from its own layer or a lower one) -- counting every import: module-level, inside functions,
+type-only -- and nothing outside backend/ reads the engine's parts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,47 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("backend", "flab_kernels", "ui")
 INTERNALS = re.compile(r"\bengine\.(allocator|scheduler|metrics|loaded|kv_cache|runner|_requests)\b")
 
+# The allowed direction, lowest layer first: a module belongs to the layer of its longest prefix below, and imports
+# only from its own layer or an earlier one.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("kernels", ("flab_kernels",)),
+    ("base", ("backend.errors", "backend.checks", "backend.units", "backend.paths", "backend.host_allocator")),
+    (
+        "engine core data",
+        (
+            "backend.kv_cache",
+            "backend.kv_sizing",
+            "backend.sampling",
+            "backend.sequence",
+            "backend.scheduler",
+            "backend.forward_batch",
+            "backend.metrics",
+            "backend.outputs",
+            "backend.stop",
+            "backend.detokenizer",
+        ),
+    ),
+    ("layers", ("backend.layers",)),
+    ("options", ("backend.config",)),
+    ("models", ("backend.models",)),
+    ("quantization", ("backend.quantization",)),
+    ("loading", ("backend.loading",)),
+    ("runtime", ("backend.runner", "backend.distributed", "backend.engine")),
+    ("public API", ("backend", "backend.remote")),
+    (
+        "faces and tools",
+        (
+            "backend.hosting",
+            "backend.server",
+            "backend.launch_server",
+            "backend.tools",
+            "backend.distributed.bench",
+            "backend.distributed.testing",
+        ),
+    ),
+    ("app", ("ui",)),
+]
+
 
 def _modules() -> dict[str, Path]:
     mods = {}
@@ -22,18 +64,30 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
-def _imports(path: Path, mods: dict[str, Path]) -> set[str]:
-    found = set()
-    for node in ast.parse(path.read_text()).body:  # module level only: imports inside functions run late
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
+def _imports(path: Path, mods: dict[str, Path]) -> dict[str, int]:
+    """Every project module `path` imports (anywhere in the file: module level, functions, TYPE_CHECKING) -> the
+    line of the first such import."""
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module in mods:
-                found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods}
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name in mods}
+            names = [a.name for a in node.names]
+        for name in names:
+            if name in mods:
+                found.setdefault(name, node.lineno)
     return found
+
+
+def _layer(module: str) -> int:
+    best, rank = -1, -1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, rank = len(prefix), i
+    assert rank >= 0, f"{module} is in no layer of LAYERS: name its layer"
+    return rank
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -67,10 +121,29 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def test_no_import_circle():
+def _graph() -> dict[str, dict[str, int]]:
     mods = _modules()
-    graph = defaultdict(set, {m: _imports(p, mods) for m, p in mods.items()})
+    return {m: _imports(p, mods) for m, p in mods.items()}
+
+
+def test_no_import_circle():
+    graph = defaultdict(set, {m: set(found) for m, found in _graph().items()})
     assert _cycles(graph) == []
+
+
+def test_imports_go_downward_only():
+    upward = [
+        f"{m} ({LAYERS[_layer(m)][0]}) line {line} imports {target} ({LAYERS[_layer(target)][0]})"
+        for m, found in sorted(_graph().items())
+        for target, line in found.items()
+        if _layer(target) > _layer(m)
+    ]
+    assert upward == []
+
+
+def test_every_module_has_a_layer():
+    for m in _modules():
+        _layer(m)
 
 
 def test_nothing_outside_backend_reads_the_engines_parts():

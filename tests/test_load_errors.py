@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend import Engine, SamplingParams
 from backend.errors import ModelNotFoundError, UnsupportedModelError
-from backend.tools.tiny_models import build_tokenizer
+from backend.loading.tiny_models import build_tokenizer
 from tests.helpers import PROMPTS, hf_greedy
 
 SMALL = dict(dtype="float32", kv_cache_memory_gb=0.02)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.errors import UnsupportedModelError
-from backend.layers._kernels import cuda_kernel
+from backend.layers._kernels import triton_kernel
 
 # transformers' `hidden_act` names -> our gated activation (only the ones whose HF math we reproduce exactly)
 ACTIVATIONS: dict[str, str] = {
@@ -28,12 +28,12 @@ def resolve_activation(hidden_act: str) -> str:
 
 def act_and_mul(x: torch.Tensor, kind: str) -> torch.Tensor:  # (..., 2I) -> (..., I)
     if kind == "silu":
-        kernel = cuda_kernel("silu_and_mul", x)
+        kernel = triton_kernel("silu_and_mul", x)
         if kernel is not None:
             return kernel(x)
     else:
         approximate = "tanh" if kind == "gelu_tanh" else "none"
-        kernel = cuda_kernel("gelu_and_mul", x)
+        kernel = triton_kernel("gelu_and_mul", x)
         if kernel is not None:
             return kernel(x, approximate=approximate)
     d = x.shape[-1] // 2

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from backend.forward_batch import ForwardBatch
+from flab_kernels.attention_args import PagedAttentionArgs
 
 
 def paged_attention(
@@ -27,8 +28,22 @@ def paged_attention(
         q, k = _pad_last(q, k_cache.shape[-1]), _pad_last(k, k_cache.shape[-1])  # zeros: same q.k products
     if dv < v_cache.shape[-1]:
         v = _pad_last(v, v_cache.shape[-1])  # zero columns of the output, cut off below
-    batch.attention.store(k, v, k_cache, v_cache, batch)
-    out = batch.attention.attend(q, k_cache, v_cache, batch, scale, softcap, sliding_window, sinks)
+    batch.attention.store(k, v, k_cache, v_cache, batch.slot_mapping)
+    args = PagedAttentionArgs(
+        q,
+        k_cache,
+        v_cache,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.block_tables,
+        scale,
+        softcap,
+        sliding_window,
+        sinks,
+        batch.max_query_len,
+        batch.max_seq_len,
+    )
+    out = batch.attention.attend(args, batch.attn_metadata)
     return out if out.shape[-1] == dv else out[..., :dv]
 
 

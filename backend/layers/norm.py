@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backend.layers._kernels import cuda_kernel
+from backend.layers._kernels import triton_kernel
 from flab_kernels.norm import rms_norm_torch
 
 
@@ -23,7 +23,7 @@ def rms_norm(
     offset: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """norm(x) or, with `residual`, (norm(x + residual), x + residual)."""
-    kernel = cuda_kernel("rms_norm", x)
+    kernel = triton_kernel("rms_norm", x)
     if kernel is not None:
         return kernel(x, weight, eps, residual=residual, offset=offset)
     return rms_norm_torch(x, weight, eps, residual=residual, offset=offset)

@@ -22,7 +22,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from backend.errors import UnsupportedModelError
-from backend.layers._kernels import cuda_kernel
+from backend.layers._kernels import triton_kernel
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -81,7 +81,7 @@ class RopeStep:
 
 def rope_step(rows: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> RopeStep:
     """Gather cos/sin for the step's tokens, rounded to the activation dtype as HF does."""
-    if cuda_kernel("apply_rotary", cos_sin_cache) is not None:  # the kernel reads the cache itself
+    if triton_kernel("apply_rotary", cos_sin_cache) is not None:  # the kernel reads the cache itself
         return RopeStep(rows, None, None)
     cos, sin = cos_sin_cache[rows].to(dtype).chunk(2, dim=-1)  # (T, rd/2) each
     return RopeStep(rows, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
@@ -105,7 +105,7 @@ def apply_rotary(
     cos_sin_cache: torch.Tensor,  # (P, rd) fp32
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (T, Hq * D), (T, Hkv * D)
-    kernel = cuda_kernel("apply_rotary", q)
+    kernel = triton_kernel("apply_rotary", q)
     if kernel is not None:
         return kernel(q, k, rope.rows, cos_sin_cache, is_neox=True, head_dim=head_dim)
     t = q.shape[0]
@@ -151,7 +151,7 @@ class RotaryEmbedding(nn.Module):
     def rotate_qk(self, rope: RopeStep, qk: torch.Tensor, q_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k side by side in one projection output, (T, Hq*D + Hkv*D) -> (T, Hq*D), (T, Hkv*D) views.
         The torch math rotates every head in one pass (half the small ops of rotating q and k apart)."""
-        if cuda_kernel("apply_rotary", qk) is not None:
+        if triton_kernel("apply_rotary", qk) is not None:
             return apply_rotary(qk[:, :q_size], qk[:, q_size:], rope, self.cos_sin_cache, self.head_dim)
         t = qk.shape[0]
         out = _rotate(qk.view(t, -1, self.head_dim), rope).view(t, -1)

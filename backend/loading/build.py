@@ -21,15 +21,15 @@ from backend.layers.cpu.packed_experts import pack_hf_experts
 from backend.layers.cpu.siblings import fuse_siblings
 from backend.layers.cpu.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loading import hub
-from backend.loading.checkpoint import (
+from backend.loading.conversions import streamable
+from backend.models import build_model, needs_weight_conversion, select_model_impl
+from backend.models.checkpoint import (
     StreamingLoader,
     checkpoint_keys,
     fetch_again,
     materialize_leftovers,
     names_match,
 )
-from backend.loading.conversions import streamable
-from backend.models import build_model, needs_weight_conversion, select_model_impl
 from backend.models.moe import Experts
 
 logger = logging.getLogger(__name__)

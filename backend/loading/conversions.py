@@ -18,7 +18,7 @@ from collections.abc import Callable
 from torch import nn
 from transformers import PretrainedConfig
 
-from backend.loading.checkpoint import Region, names_match
+from backend.models.checkpoint import Region, names_match
 
 Mapped = str | Region  # a checkpoint tensor's model name, or its region of a stacked parameter
 

@@ -35,6 +35,7 @@ from backend.loading.hub_common import (
     offline_mode_enabled,
     safetensors_files,
 )
+from backend.models.checkpoint import read_index
 
 __all__ = [
     "DownloadProgress",
@@ -321,8 +322,6 @@ def _is_commit(name: str) -> bool:
 def _weight_files(folder: Path, repo_id: str, tree: dict[str, int | None] | None) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        from backend.loading.checkpoint import read_index
-
         weight_map = read_index(index)
         if weight_map:
             return sorted(set(weight_map.values()))

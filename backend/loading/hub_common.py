@@ -26,18 +26,13 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from backend.errors import GatedModelError, ModelNotFoundError, UnsupportedModelError
+from backend.errors import GGUF_MESSAGE, GatedModelError, ModelNotFoundError, UnsupportedModelError
+from backend.models.checkpoint import read_index
 
 try:  # huggingface_hub >= 2 talks through httpx2, 1.x through httpx
     from httpx2 import TransportError as _TransportError
 except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
     from httpx import TransportError as _TransportError
-
-GGUF_MESSAGE = (
-    "GGUF is not supported; use a safetensors checkpoint: convert the GGUF file once with "
-    "`python -m backend.tools.convert_gguf IN.gguf OUT_DIR --dtype bfloat16` and load OUT_DIR "
-    "(or use the original repository)"
-)
 
 # Bytes per element of each safetensors dtype (https://huggingface.co/docs/safetensors).
 SAFETENSORS_DTYPE_BYTES: dict[str, float] = {
@@ -173,8 +168,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     """The weight files the loader reads: those named by model.safetensors.index.json, else *.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        from backend.loading.checkpoint import read_index  # a garbage index names itself, says download again
-
+        # a garbage index names itself, says download again
         return [folder / name for name in sorted(set(read_index(index).values()))]
     return sorted(folder.glob("*.safetensors"))
 

@@ -21,6 +21,8 @@ from backend.errors import UnsupportedModelError
 from backend.kv_cache import KVCacheSpec, KVSlot
 from flab_kernels.attention_torch import _attend
 
+BATCH_KWARG = "flab_batch"  # the forward kwarg that carries the step (ForwardBatch or KVProbe) to our attention
+
 PROBE_TOKENS = 6
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention"}
 # Module class names of layers that carry state across tokens outside the attention K/V.
@@ -161,8 +163,6 @@ def probe_kv_layout(model: nn.Module, device: torch.device) -> tuple[KVSlot, ...
     """Run the probe forward of a TransformersModel and return its cache slots (in call order).
 
     Sets `flab_kv_slots` (slot indices, one per call of a forward) on every module that called attention."""
-    from backend.models.transformers import BATCH_KWARG
-
     hf = model.hf
     config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
     arch = type(hf).__name__

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 from backend.layers.activation import act_and_mul
 from backend.layers.cpu.packed import can_pack, pack_stacked, packed_linear
-from backend.loading.checkpoint import Region
+from backend.models.checkpoint import Region
 from backend.models.llama import MLP, LlamaForCausalLM
 from backend.models.options import ModelOptions, options_from_config, uniform_windows
 

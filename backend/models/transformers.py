@@ -19,10 +19,9 @@ from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedCon
 from backend.errors import UnsupportedModelError
 from backend.forward_batch import ForwardBatch
 from backend.layers.attention import paged_attention
-from backend.models.kv_layout import KVProbe, probe_kv_layout
+from backend.models.kv_layout import BATCH_KWARG, KVProbe, probe_kv_layout
 
 ATTENTION_NAME = "fallback_lab_paged"
-BATCH_KWARG = "flab_batch"
 
 
 def fallback_lab_attention(

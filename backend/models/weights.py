@@ -25,7 +25,7 @@ from torch import nn
 
 from backend.errors import UnsupportedModelError
 from backend.layers.rotary import RotaryEmbedding
-from backend.loading.checkpoint import Region, RegionFiller, is_missing, iter_checkpoint, set_tensor
+from backend.models.checkpoint import Region, RegionFiller, is_missing, iter_checkpoint, set_tensor
 
 logger = logging.getLogger(__name__)
 

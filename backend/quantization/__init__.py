@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 from torch import nn
 
-from backend.errors import QuantizationError, UnsupportedModelError
+from backend.errors import GGUF_MESSAGE, QuantizationError, UnsupportedModelError
 from backend.quantization.awq import AWQMethod
 from backend.quantization.base import QuantLinearBase, QuantMethod, module_matches
 from backend.quantization.compressed_tensors import CompressedTensorsMethod
@@ -111,8 +111,6 @@ def resolve_quantization(requested: str | None, hf_config, group_size: int | Non
     qcfg = checkpoint_quant_config(hf_config)
     ckpt_method = str(qcfg.get("quant_method", "")).lower() if qcfg is not None else None
     if ckpt_method == "gguf" or (requested or "").strip().lower().startswith("gguf"):
-        from backend.loading.hub_common import GGUF_MESSAGE  # names the convert command
-
         raise UnsupportedModelError(GGUF_MESSAGE)
     if qcfg is not None and ckpt_method not in CHECKPOINT_METHODS:
         supported = sorted(set(CHECKPOINT_METHODS))

@@ -1,6 +1,6 @@
 """The two interfaces of the quantization layer: a method (what to swap) and a quantized linear (what loads).
 
-Protocol with the loader (backend/loading/checkpoint.py):
+Protocol with the loader (backend/models/checkpoint.py):
 
 1. The model is built on `meta`; `apply_quantization(model, method)` replaces every `nn.Linear` that
    `method.skip(prefix)` does not keep, by `method.create_linear(linear, prefix)` (also on meta, holding

@@ -95,7 +95,7 @@ def _quantize_stack(method: QuantMethod, site: ExpertsSite, name: str) -> list[Q
 def quantized_placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
     """The meta parameter left in place of stacked experts weights quantized per expert (`shape` theirs)."""
     placeholder = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
-    placeholder.flab_quantized_away = True  # not a missing weight (backend/loading/checkpoint.is_missing)
+    placeholder.flab_quantized_away = True  # not a missing weight (backend/models/checkpoint.is_missing)
     placeholder._is_hf_initialized = True  # transformers' weight init leaves it alone
     return placeholder
 

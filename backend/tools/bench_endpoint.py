@@ -10,11 +10,10 @@ import time
 
 from backend.remote import RemoteEndpoint
 from backend.sampling import SamplingParams
+from backend.tools.bench_types import BenchOptions, Result, Workload
 
 
-def run_endpoint(path: str, wl, opts):
-    from backend.tools.bench import Result  # bench imports this module lazily: no import cycle
-
+def run_endpoint(path: str, wl: Workload, opts: BenchOptions) -> Result:
     endpoint = RemoteEndpoint(opts.endpoint, opts.endpoint_api_key)
     endpoint.resolve_model()
     params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in wl.output_lens]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from backend import Engine, SamplingParams
-from backend.tools.tiny_models import build_tiny_model
+from backend.loading.tiny_models import build_tiny_model
 
 
 @dataclass

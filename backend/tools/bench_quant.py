@@ -29,6 +29,7 @@ import torch
 
 from backend import Engine, SamplingParams
 from backend.config import MODEL_IMPLS
+from backend.loading.train_tiny import EVAL_MODULE, eval_text
 from backend.tools.bench import (
     BenchOptions,
     Workload,
@@ -37,7 +38,6 @@ from backend.tools.bench import (
     resolve_path,
     run_engine,
 )
-from backend.tools.train_tiny import EVAL_MODULE, eval_text
 
 DEFAULT_METHODS = ("none", "int8", "int4", "int4:g32", "fp8")
 

@@ -71,7 +71,7 @@ class LevelResult:
 
 
 def make_requests(num: int, input_words: int, output_len: int, seed: int) -> list[Request]:
-    from backend.tools.tiny_models import CORPUS
+    from backend.loading.tiny_models import CORPUS
 
     rng = random.Random(seed)
     words = CORPUS.split()

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from this folder: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from backend.tools.tiny_models import build_remote_code_model  # noqa: E402
+from backend.loading.tiny_models import build_remote_code_model  # noqa: E402
 
 MODELING_FILE = "modeling_flab.py"
 

@@ -1,20 +1,22 @@
-"""The one dispatch rule (flab_kernels/dispatch.py): torch on CPU tensors, Triton on CUDA or when forced. Each op's
-Triton entry point is replaced by a recorder, so a wrong dispatch is caught (not just equal results)."""
+"""The one dispatch rule (flab_kernels/dispatch.py): inside an engine the kernels its attention backend chose, for
+every op and every layer; outside, torch on CPU tensors, Triton on CUDA or when forced. Each op's Triton entry point
+is replaced by a recorder, so a wrong dispatch is caught (not just equal results)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import backend.layers.activation
+import backend.layers.norm
 import flab_kernels.activation
 import flab_kernels.kv_store
 import flab_kernels.norm
-import flab_kernels.ops
 import flab_kernels.rotary
+from backend.layers.attention_backends import ATTENTION_BACKENDS, engine_kernel_settings, make_attention_backend
 from flab_kernels import dispatch, ops
 from flab_kernels.dispatch import KernelSettings
 from flab_kernels.rotary import cos_sin_cache_from_inv_freq, rope_inv_freq
-from tests.flab_kernels.helpers import make_paged_batch
 
 
 class Called(Exception):
@@ -26,12 +28,6 @@ def _recorder(name):
         raise Called(name)
 
     return record
-
-
-def _paged_batch():
-    return make_paged_batch(
-        [3, 1], [0, 20], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32
-    )
 
 
 OPS = {
@@ -48,22 +44,6 @@ OPS = {
     ),
     "silu_and_mul": (flab_kernels.activation, "silu_and_mul_triton", lambda: ops.silu_and_mul(torch.randn(3, 16))),
     "gelu_and_mul": (flab_kernels.activation, "gelu_and_mul_triton", lambda: ops.gelu_and_mul(torch.randn(3, 16))),
-    "store_kv": (
-        flab_kernels.kv_store,
-        "store_kv_triton",
-        lambda: ops.store_kv(
-            torch.randn(2, 2, 16),
-            torch.randn(2, 2, 16),
-            torch.zeros(2, 16, 2, 16),
-            torch.zeros(2, 16, 2, 16),
-            torch.tensor([0, 17]),
-        ),
-    ),
-    "paged_attention": (
-        flab_kernels.ops,
-        "paged_attention_triton_auto",
-        lambda: ops.paged_attention(*_paged_batch().args(), 0.25),
-    ),
 }
 
 
@@ -76,6 +56,51 @@ def test_cpu_tensors_run_torch_and_forcing_runs_triton(op, monkeypatch):
     with dispatch.using(KernelSettings(force_triton=True)):
         with pytest.raises(Called, match=name):
             call()
+
+
+LAYER_CALLS = {  # the model layers' own entry points: they follow the same rule
+    "rms_norm": lambda: backend.layers.norm.rms_norm(torch.randn(3, 16), torch.randn(16), 1e-6),
+    "silu_and_mul": lambda: backend.layers.activation.act_and_mul(torch.randn(3, 16), "silu"),
+    "gelu_and_mul": lambda: backend.layers.activation.act_and_mul(torch.randn(3, 16), "gelu_tanh"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(LAYER_CALLS))
+def test_layers_run_the_kernels_the_engine_chose(op, monkeypatch):
+    module, name, _ = OPS[op]
+    monkeypatch.setattr(module, name, _recorder(name))
+    with dispatch.using(KernelSettings(force_triton=True, triton=False)):  # a torch-backend engine
+        LAYER_CALLS[op]()
+    with dispatch.using(KernelSettings(triton=True)):  # a triton-backend engine, on CPU tensors too
+        with pytest.raises(Called, match=name):
+            LAYER_CALLS[op]()
+
+
+@pytest.mark.parametrize(
+    "requested,device,force,expected",
+    [
+        ("auto", "cpu", False, "torch"),
+        ("auto", "cpu", True, "triton"),
+        ("auto", "cuda", False, "triton"),
+        ("torch", "cuda", True, "torch"),
+        ("triton", "cpu", False, "triton"),
+    ],
+)
+def test_the_attention_backend_decides_the_engines_kernels(requested, device, force, expected, monkeypatch):
+    monkeypatch.setenv("FLAB_FORCE_TRITON", "1" if force else "0")
+    settings = engine_kernel_settings(requested, torch.device(device))
+    assert settings.triton == (expected == "triton") and settings.force_triton == force
+    with dispatch.using(settings):
+        assert make_attention_backend(requested, torch.device(device)).name == expected
+
+
+def test_each_attention_backend_stores_with_its_own_kernel(monkeypatch):
+    monkeypatch.setattr(flab_kernels.kv_store, "store_kv_triton", _recorder("store_kv_triton"))
+    k, cache, slots = torch.randn(2, 2, 16), torch.zeros(2, 16, 2, 16), torch.tensor([0, 17])
+    with dispatch.using(KernelSettings(force_triton=True)):  # the backend decides, not the setting
+        ATTENTION_BACKENDS["torch"]().store(k, k, cache, cache.clone(), slots)
+    with pytest.raises(Called, match="store_kv_triton"):
+        ATTENTION_BACKENDS["triton"]().store(k, k, cache, cache.clone(), slots)
 
 
 def test_environment_is_validated_once():

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from backend import Engine, SamplingParams
 from backend.errors import UnsupportedModelError
-from backend.tools.tiny_models import build_tokenizer
+from backend.loading.tiny_models import build_tokenizer
 from tests.helpers import PROMPTS, hf_greedy
 
 N_NEW = 6

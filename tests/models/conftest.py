@@ -21,7 +21,7 @@ def hf_reference(tiny_model):
 @pytest.fixture(scope="session")
 def tiny_variant(tmp_path_factory):
     """tiny_variant(name, arch, **overrides) -> checkpoint path, built once per name (overrides may hold dicts)."""
-    from backend.tools.tiny_models import build_tiny_model
+    from backend.loading.tiny_models import build_tiny_model
 
     built: dict = {}
 

@@ -15,7 +15,7 @@ from backend.layers.cpu.packed_experts import EXPERTS_NAME, pack_hf_experts, pac
 from backend.layers.cpu.siblings import SiblingLinear, fuse_siblings
 from backend.layers.cpu.upcast import MAX_HALF_ROWS, UpcastLinear, half_linears, upcast_linears
 from backend.loading.build import choose_cpu_linear
-from backend.tools.tiny_models import build_tiny_model
+from backend.loading.tiny_models import build_tiny_model
 
 
 def _linear(bias: bool) -> nn.Linear:

@@ -20,11 +20,11 @@ from backend.config import EngineConfig
 from backend.errors import QuantizationError
 from backend.layers.cpu.packed_experts import EXPERTS_NAME
 from backend.loading.build import load_model
+from backend.loading.tiny_models import build_tiny_model
 from backend.models.moe import Experts
 from backend.quantization import QuantizedExperts, quantize_experts, resolve_quantization
 from backend.quantization.experts import experts_sites
 from backend.tools.export_quantized import export_checkpoint, linear_tensors
-from backend.tools.tiny_models import build_tiny_model
 from tests.quantization.common import REL_TOL, rel_err
 
 E, H, INTER, TOP_K, T = 4, 64, 32, 2, 9

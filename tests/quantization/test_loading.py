@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from backend.loading.checkpoint import StreamingLoader, materialize_leftovers
+from backend.loading.tiny_models import build_tiny_model
+from backend.models.checkpoint import StreamingLoader, materialize_leftovers
 from backend.quantization import apply_quantization, resolve_quantization
 from backend.quantization.base import QuantLinearBase
 from backend.tools.export_quantized import export_checkpoint
-from backend.tools.tiny_models import build_tiny_model
 
 IDS = torch.tensor([[1, 5, 9, 30, 44, 100, 7, 8]])
 

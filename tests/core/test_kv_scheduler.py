@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.kv_cache import BlockAllocator, block_hashes
+from backend.kv_cache import BlockAllocator, block_hashes, block_keys
 from backend.sampling import SamplingParams
 from backend.scheduler import Scheduler
 from backend.sequence import Sequence
@@ -12,17 +12,17 @@ from backend.sequence import Sequence
 def test_prefix_blocks_are_shared_and_come_back_after_free():
     alloc = BlockAllocator(num_blocks=8, block_size=4)
     tokens = list(range(10))
-    hashes = block_hashes(tokens, 4)
-    assert len(hashes) == 2  # only full blocks
+    keys = block_keys(tokens, 4)
+    assert len(keys) == 2  # only full blocks
     a = alloc.allocate(3)
-    for b, h in zip(a, hashes):
-        alloc.register(b, h)
-    shared = alloc.match_prefix(hashes)
+    for b, (h, key) in zip(a, keys):
+        alloc.register(b, h, key)
+    shared, _ = alloc.match_prefix(tokens)
     assert shared == a[:2] and alloc.ref_count[a[0]] == 2
     alloc.free(a)
     alloc.free(shared)
     assert alloc.num_free == 8
-    again = alloc.match_prefix(hashes)  # freed but still cached
+    again, _ = alloc.match_prefix(tokens)  # freed but still cached
     assert again == a[:2]
     alloc.free(again)
 

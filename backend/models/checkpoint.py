@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 import backend.paths as paths
-from backend.errors import UnsupportedModelError
+from backend.errors import GGUF_MESSAGE, UnsupportedModelError
 
 DOWNLOAD_AGAIN = "it is probably truncated or corrupt (an interrupted download): delete it and download it again"
 
@@ -67,8 +67,6 @@ def checkpoint_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         if list(path.glob("*.gguf")):
-            from backend.loading.hub_common import GGUF_MESSAGE
-
             raise UnsupportedModelError(f"{path} holds GGUF weights only. {GGUF_MESSAGE}")
         raise UnsupportedModelError(
             f"no *.safetensors weights in {path}; only safetensors checkpoints are loaded "

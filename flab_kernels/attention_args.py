@@ -1,0 +1,24 @@
+"""The values of one paged attention call, as one value: every implementation (the torch plan, the Triton unified
+kernel, split-KV decode) reads them from here instead of twelve positional arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PagedAttentionArgs:
+    q: torch.Tensor  # (T, Hq, D)
+    k_cache: torch.Tensor  # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor  # (NB, BS, Hkv, Dv)
+    query_start_loc: torch.Tensor  # (S + 1,) int32
+    seq_lens: torch.Tensor  # (S,) int32, cached + new
+    block_tables: torch.Tensor  # (S, MB) int32
+    scale: float
+    softcap: float | None = None
+    sliding_window: int | None = None
+    sinks: torch.Tensor | None = None  # (Hq,)
+    max_query_len: int | None = None  # host ints: on the Triton path they enable the split-KV choice
+    max_seq_len: int | None = None

@@ -89,12 +89,10 @@ def test_a_cache_that_cannot_be_written_is_a_cache_dir_error(cache, monkeypatch,
 def test_a_full_disk_while_writing_the_weights_is_a_cache_dir_error(cache, monkeypatch):
     from safetensors import SafetensorError
 
-    import backend.tools.tiny_models as tiny_models
-
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(tiny_models, "build_tiny_model", full)
+    monkeypatch.setattr(builtin, "build_tiny_model", full)
     with pytest.raises(CacheDirError, match="No space left on device") as info:
         builtin.resolve_builtin(NAME)
     assert paths.CACHE_ENV in str(info.value)

@@ -400,10 +400,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             concurrency_limit=GENERATE_CONCURRENCY,
         )
         stop_btn.click(lab.stop, None, run_status, api_name="stop", concurrency_limit=None)
-        preset_outputs = [kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temperature]
-        preset_outputs += [ignore_eos, gap, chat, run_status]
+        preset_settings = [kv_mb, max_batch, step_tokens, max_len, max_new, temperature, ignore_eos, gap, chat]
+        preset_saved = gr.State(None)  # the panel's settings while a preset runs (ui/presets.py Settings)
+        preset_outputs = preset_settings + [prompt, mode, copies, run_status, preset_saved]
         for key, btn in preset_btns.items():
-            btn.click(functools.partial(lab.presets.preset, key), model, preset_outputs, api_name=f"preset_{key}").then(
+            btn.click(
+                functools.partial(lab.presets.preset, key),
+                [model] + preset_settings,
+                preset_outputs,
+                api_name=f"preset_{key}",
+            ).then(
                 lab.loader.load,
                 load_inputs,
                 [load_status, describe_md, kv_plot],
@@ -416,6 +422,18 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                 gen_outputs,
                 api_name=False,
                 concurrency_limit=GENERATE_CONCURRENCY,
+            ).then(
+                lab.presets.restore,
+                [preset_saved, run_status],
+                preset_settings + [run_status, preset_saved],
+                api_name=False,
+            ).then(
+                lab.presets.reload,
+                load_inputs,
+                [load_status, describe_md],
+                api_name=False,
+                concurrency_id="engine",
+                concurrency_limit=1,
             )
 
         cmp_inputs = [

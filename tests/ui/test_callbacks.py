@@ -345,10 +345,15 @@ def test_bug7_expected_errors_log_one_line(lab, tmp_path, caplog):
 # --- issue 17, part 3: presets and the injection shown ------------------------------------------
 
 
+# the panel as the page opens (presets.Settings' order): kv_mb, max_batch, step_tokens, max_len, max_new,
+# temperature, ignore_eos, gap, chat
+PANEL = (4.0, 16, 2048, 0, 64, 0.7, False, 0.0, True)
+
+
 def _run_preset(lab, key):
-    kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temp, ignore_eos, gap, chat, status = (
-        lab.presets.preset(key, defaults.RANDOM_CHOICE)
-    )
+    values = lab.presets.preset(key, defaults.RANDOM_CHOICE, *PANEL)
+    kv_mb, max_batch, step_tokens, max_len, max_new, temp, ignore_eos, gap, chat = values[:9]
+    prompt, mode, copies, status, _ = values[9:]
     lab.loader.load(**dict(LOAD_ARGS, kv_mb=kv_mb, max_batch=max_batch, max_len=max_len), step_tokens=step_tokens)
     *_, last = lab.generate_tab.generate(
         **dict(
@@ -415,3 +420,23 @@ def test_trace_one_step_shows_what_our_attention_received(lab, impl):
     assert {r[2] for r in rows} == {entry}
     assert "flab-hit" in tree and ("attention function injected" if impl == "transformers" else "our paged") in tree
     assert lab.session.current().stats().kv_blocks_used == 0  # the traced requests were aborted
+
+
+# --- issue 30: presets say what they change and put the panel back ----------------------------------------
+
+
+def test_preset_says_what_it_changes_and_restore_puts_the_panel_back(lab):
+    values = lab.presets.preset("chunked", defaults.RANDOM_CHOICE, *PANEL)
+    status, before = values[12], values[13]
+    assert values[2] == 48 and "token budget per step 2048 → 48" in status  # the change, in the panel's words
+    assert "temperature 0.7 → 0" in status and "put back after it" in status
+    assert "KV budget" not in status  # this preset keeps the KV budget: not listed as a change
+    back = lab.presets.restore(before, "done: 2 requests")
+    assert back[:9] == PANEL  # the panel's own values, the token budget included
+    assert back[9].startswith("done: 2 requests") and "settings are back" in back[9] and back[10] is None
+    preempt = lab.presets.preset("preempt", defaults.RANDOM_CHOICE, *PANEL)
+    assert preempt[0] != PANEL[0] and "KV budget (MB) 4 → " in preempt[12]
+    assert lab.presets.restore(preempt[13], "x")[0] == 4.0
+    load_inputs = list(dict(LOAD_ARGS, kv_mb=back[0], max_batch=back[1]).values()) + [False, back[2]]
+    status, desc = lab.presets.reload(*load_inputs)  # the Load button's inputs, in the layout's order
+    assert "blocks × 16 tokens" in status and dict(lab.session.spec.options)["max_num_batched_tokens"] == 2048

@@ -440,3 +440,34 @@ def test_preset_says_what_it_changes_and_restore_puts_the_panel_back(lab):
     load_inputs = list(dict(LOAD_ARGS, kv_mb=back[0], max_batch=back[1]).values()) + [False, back[2]]
     status, desc = lab.presets.reload(*load_inputs)  # the Load button's inputs, in the layout's order
     assert "blocks × 16 tokens" in status and dict(lab.session.spec.options)["max_num_batched_tokens"] == 2048
+
+
+# --- issue 30: Compare warms both sides up before measuring them -------------------------------------------
+
+
+def test_compare_warms_each_side_up_before_measuring_it(lab, monkeypatch):
+    from ui import compare
+    from ui.lab import compare_tab
+
+    warmed = []
+    real = compare_tab.warm_up
+
+    def spy(engine, prompts, ids, owner):
+        real(engine, prompts, ids, owner)
+        view = engine.kv_cache_view()
+        warmed.append((engine.model_impl, engine.stats().kv_blocks_used, sum(b.cached for b in view)))
+
+    monkeypatch.setattr(compare_tab, "warm_up", spy)
+    updates = list(lab.compare_tab.compare(**COMPARE))
+    assert warmed == [("native", 0, 0), ("transformers", 0, 0)]  # done, and no cached prompt left to hit
+    statuses = [u[0] for u in updates if isinstance(u[0], str)]
+
+    def first(prefix: str) -> int:
+        return next(i for i, s in enumerate(statuses) if s.startswith(prefix))
+
+    assert first("**Warming up** A") < first("**Running** A") < first("**Warming up** B") < first("**Running** B")
+    status, *_, table, agree, _ = updates[-1]
+    assert "A and B loaded and warmed up first" in status and "measured in this order: A, then B" in status
+    order = table[table["metric"] == compare.ORDER_ROW].iloc[0].tolist()
+    assert order[1:] == ["1st", "2nd"]
+    assert [row[2] for row in agree] == ["identical (10 tokens)"] * 2  # the warm-up changes no output

@@ -20,6 +20,18 @@ from ui.session import RunHandle
 from ui.workload import Workload
 
 
+def warm_up(engine, prompts: list[str], ids: list, owner: str) -> None:
+    """One untimed run of the same prompts, a few tokens each, on a freshly loaded engine (first-call costs: kernel
+    and allocator set-up, page faults, lazy initialisation), then the prefix cache forgotten, so the measured run
+    starts warm but finds no cached prompt."""
+    from backend import SamplingParams
+
+    params = SamplingParams(max_new_tokens=compare.WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+    token_ids = [list(i) if i else engine.tokenizer.encode(p) for i, p in zip(ids, prompts)]
+    engine.generate(prompt_token_ids=token_ids, sampling_params=params, owner=owner)
+    engine.reset_prefix_cache()
+
+
 class CompareTab:
     """What the Compare button calls."""
 
@@ -86,6 +98,7 @@ class CompareTab:
         restored = False
         claimed = False
         sides: dict[str, compare.Side] = {}
+        warmed: list[str] = []
         decode = None
         skip = gr.skip()
         wl = endpoint_wl = None
@@ -112,13 +125,16 @@ class CompareTab:
                     decode = engine.tokenizer.decode
                     wl = Workload(engine, prompts, [params] * len(prompts), use_chat_template, handle.cancel, owner=key)
                     check_request(state.policy, prompt_tokens=max(wl.prompt_lens, default=0))
+                    yield (f"**Warming up** {label}: {compare.WARMUP_TOKENS} untimed tokens a request…",) + (skip,) * 7
+                    warm_up(engine, prompts, wl._ids, key)
+                    warmed.append(name)
                     for update in self._run_side(name, label, "", wl, handle, sides):
                         yield (update,) + compare.figures(sides) + (skip, skip, skip)
                 table, agree = compare.tables(sides, decode)
                 if endpoint_wl is not None and len(sides) == 2:
                     agree = remote.text_agreement_rows(sides["A"].results, sides["B"].results, decode)
                     table = remote.compare_table(table, sides, endpoint_wl)
-                verdict = compare.verdict(sides, agree, handle.cancel.is_set())
+                verdict = compare.verdict(sides, agree, handle.cancel.is_set(), tuple(warmed))
                 figures = compare.figures(sides)
                 yield (f"{verdict}  \n_loading the lab's engine again…_",) + figures + (table, agree, skip)
                 load_status = self.loader.restore(previous, "Compare")

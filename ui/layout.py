@@ -53,13 +53,17 @@ INTRO = {
     "compare": (
         "**What you are seeing.** The same greedy workload run twice, one engine at a time: e.g. our **native** "
         "modules against the HF modeling code with **our attention injected** (transformers). Greedy tokens "
-        "must agree token for token (the table at the bottom); the curves show what each costs. The lab's "
-        "engine is loaded again afterwards."
+        "must agree token for token (the table at the bottom); the curves show what each costs. Each side is "
+        "loaded and warmed up (an untimed run) before it is measured; engine options come from the left panel, "
+        "and the lab's engine is loaded again afterwards."
     ),
     "benchmark": (
         "**What you are seeing.** Output tokens/s of our engine against transformers' own `generate()` (a "
         "padded batch: every row waits for the longest) and `generate_batch()` (its continuous batching), same "
-        "seeded prompts, one run each, as ratios to HF `generate()` on the bars."
+        "seeded prompts, one run each, as ratios to HF `generate()` on the bars: the harness of "
+        "`python -m backend.tools.bench`. Each system loads the model itself, so the lab's engine is closed first "
+        "and loaded again after. Model, dtype, device, max context and quantization come from the left panel "
+        "(quantization: our engine only)."
     ),
     "inside": (
         "**What you are seeing.** The **KV cache** is cut into blocks of a few tokens; each request holds a "
@@ -237,11 +241,6 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
 
                     with gr.Tab("Compare", id="compare"):
                         gr.Markdown(INTRO["compare"], elem_classes="flab-intro")
-                        gr.Markdown(
-                            "Run the same greedy workload with two settings of the selected model, one after "
-                            "the other (one engine at a time), and overlay what they did. Engine options "
-                            "come from the left panel."
-                        )
                         with gr.Row():
                             with gr.Column():
                                 a_impl = gr.Radio(IMPL_CHOICES, value="native", label="A: implementation")
@@ -289,14 +288,6 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             gr.Markdown(
                                 f"**Not available here**: {benchmark_refusal(policy)}.", elem_id="flab-bench-off"
                             )
-                        gr.Markdown(
-                            "Our engine against transformers' own `generate()` (padded batch) and "
-                            "`generate_batch()` (its continuous batching) on the same seeded prompts, in one "
-                            "run, as ratios: the harness of `python -m backend.tools.bench`. Each system loads the "
-                            "model itself, so the engine loaded in the lab is closed first. Model, dtype, "
-                            "device, max context and quantization come from the left panel; quantization "
-                            "applies to our engine only."
-                        )
                         with gr.Row():
                             bench_workloads = gr.CheckboxGroup(
                                 WORKLOAD_CHOICES, value=["throughput", "latency"], label="Workloads"
@@ -351,7 +342,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 headers=TRACE_HEADERS, label="What our attention received, per layer", wrap=True
                             )
                             tree_html = gr.HTML(elem_id="flab-tree")
-                        describe_md = gr.Markdown()
+                        with gr.Accordion("Engine and model properties (every option, the model's shape)", open=False):
+                            describe_md = gr.Markdown(elem_id="flab-describe")
                         timer = gr.Timer(1.0, active=False)
 
         load_inputs = [model, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust, step_tokens]

@@ -364,9 +364,10 @@ def kv_zoom(view: list, min_shown: int = ZOOM_MIN) -> int:
     return min(n, max(min_shown, -(-(last + 1) // 64) * 64))
 
 
-def kv_cache_figure(view: list, title: str = "KV cache blocks") -> go.Figure:
+def kv_cache_figure(view: list, title: str = "KV cache blocks", note: str | None = None) -> go.Figure:
     """A grid with one cell per block (or per group of blocks on large caches): who owns it, shared, cached.
-    A large cache is shown up to its used range (kv_zoom); the legend counts every block."""
+    A large cache is shown up to its used range (kv_zoom); the legend counts every block. `note`: a line under
+    the title (e.g. when the view was taken)."""
     counts = {KV_FREE: 0, KV_CACHED: 0, KV_SHARED: 0, KV_ORPHAN: 0, "owned": 0}
     for e in view:
         st = kv_block_state(e)
@@ -432,6 +433,8 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks") -> go.Figure:
     if n < total:
         notes.append(f"showing 0–{n - 1:,}; the later ones are free")
     notes.append("number in a cell = owner request id")
+    if note:
+        notes.insert(0, note)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
     fig.update_layout(

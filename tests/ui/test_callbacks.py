@@ -471,3 +471,24 @@ def test_compare_warms_each_side_up_before_measuring_it(lab, monkeypatch):
     order = table[table["metric"] == compare.ORDER_ROW].iloc[0].tolist()
     assert order[1:] == ["1st", "2nd"]
     assert [row[2] for row in agree] == ["identical (10 tokens)"] * 2  # the warm-up changes no output
+
+
+# --- issue 30: the KV map after a run, the trace explained ----------------------------------------------------
+
+
+def test_generate_leaves_the_kv_map_at_the_runs_peak(lab):
+    from ui import plots
+
+    *_, last = lab.generate_tab.generate(**dict(GEN, copies=4, max_new=48, ignore_eos=True))
+    kv = last[8]
+    assert "at the last run's peak" in kv.layout.title.text
+    cells = [v for row in kv.data[0].z for v in row if v is not None]
+    assert any(v >= plots.KV_OWNER0 for v in cells)  # blocks held by requests, though all are free now
+    assert lab.session.current().stats().kv_blocks_used == 0
+
+
+def test_trace_explains_one_prefill_and_one_decode(lab):
+    from ui import inside
+
+    summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
+    assert inside.WHY_TWO in summary and inside.WARM_PROMPT in summary

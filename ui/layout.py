@@ -80,7 +80,6 @@ KV_LEGEND = (
 )
 THEME = gr.themes.Soft(primary_hue="blue")
 GENERATE_CONCURRENCY = 8  # streams from several users share the engine's batch (continuous batching)
-DEFAULT_PROMPT = "Once upon a time"
 COMPARE_PROMPT = "Once upon a time\nThe quick brown fox\nA paged KV cache splits memory into blocks."
 
 
@@ -185,9 +184,21 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             preset_btns = {
                                 p.key: gr.Button(p.label, size="sm", elem_id=f"flab-preset-{p.key}") for p in PRESETS
                             }
-                        prompt = gr.Textbox(DEFAULT_PROMPT, lines=3, label="Prompt", elem_id="flab-prompt")
+                        prompt = gr.Textbox(
+                            "\n".join(defaults.DEFAULT_PROMPTS),
+                            lines=3,
+                            max_lines=8,
+                            label="Prompt",
+                            info=defaults.PROMPT_INFO,
+                            elem_id="flab-prompt",
+                        )
                         with gr.Row():
-                            mode = gr.Radio(MODE_CHOICES, value="copies", label="Parallel requests")
+                            mode = gr.Radio(
+                                MODE_CHOICES,
+                                value=defaults.DEFAULT_MODE,
+                                label="Parallel requests",
+                                elem_id="flab-mode",
+                            )
                             copies = gr.Slider(
                                 1, max_copies, value=min(4, max_copies), step=1, label="copies", elem_id="flab-copies"
                             )

@@ -492,3 +492,17 @@ def test_trace_explains_one_prefill_and_one_decode(lab):
 
     summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
     assert inside.WHY_TWO in summary and inside.WARM_PROMPT in summary
+
+
+def test_the_default_generate_run_shows_a_batch_of_different_requests(lab):
+    from ui.lab.run_inputs import prompts_from
+    from ui.layout import build_demo
+
+    demo = build_demo(lab, default_model=defaults.RANDOM_CHOICE)
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    prompt, mode, copies = by_id["flab-prompt"].value, by_id["flab-mode"].value, by_id["flab-copies"].value
+    prompts = prompts_from(prompt, mode, copies)
+    assert len(prompts) >= 4 and len(set(prompts)) == len(prompts)  # one request per line, each different
+    assert "one batch" in by_id["flab-prompt"].info  # said next to the box
+    *_, last = lab.generate_tab.generate(**dict(GEN, prompt=prompt, mode=mode, copies=copies, ignore_eos=False))
+    assert len(last[1]) == len(prompts) and len({row[5] for row in last[1]}) == len(prompts)  # different outputs

@@ -452,8 +452,8 @@ def test_compare_warms_each_side_up_before_measuring_it(lab, monkeypatch):
     warmed = []
     real = compare_tab.warm_up
 
-    def spy(engine, prompts, ids, owner):
-        real(engine, prompts, ids, owner)
+    def spy(engine, ids, owner):
+        real(engine, ids, owner)
         view = engine.kv_cache_view()
         warmed.append((engine.model_impl, engine.stats().kv_blocks_used, sum(b.cached for b in view)))
 
@@ -466,7 +466,8 @@ def test_compare_warms_each_side_up_before_measuring_it(lab, monkeypatch):
         return next(i for i, s in enumerate(statuses) if s.startswith(prefix))
 
     assert first("**Warming up** A") < first("**Running** A") < first("**Warming up** B") < first("**Running** B")
-    status, *_, table, agree, _ = updates[-1]
+    status, thr, *_, table, agree, _ = updates[-1]
+    assert min(x for t in thr.data for x in t.x) >= 0  # the measured runs' steps only, not the warm-ups'
     assert "A and B loaded and warmed up first" in status and "measured in this order: A, then B" in status
     order = table[table["metric"] == compare.ORDER_ROW].iloc[0].tolist()
     assert order[1:] == ["1st", "2nd"]

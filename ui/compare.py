@@ -12,10 +12,16 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from ui.common import quantization_value, thin
+from ui.common import AGREEMENT_HEADERS, quantization_value, thin
 from ui.plots import Series, batch_figure, memory_figure, throughput_figure, ttft_figure
 from ui.summary import agreement_rows, summarize, summary_table
+from ui.tables import column_widths
 
+# the side-by-side table's columns are the sides' labels ("B: transformers · int8"): its longest word, 12 characters
+SUMMARY_WIDTHS = column_widths(["metric", "A", "B"], {"metric": "40%", "A": 12, "B": 12})
+AGREEMENT_WIDTHS = column_widths(
+    AGREEMENT_HEADERS, {"prompt": "22%", "greedy outputs": "28%", "first difference": "32%"}
+)
 WARMUP_TOKENS = 4  # new tokens a request in a side's untimed warm-up run
 ORDER_ROW = "measured (after a warm-up)"
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import html
 
+from ui.tables import column_widths
+
 TRACE_HEADERS = ["layer", "module", "reached us through", "q", "k", "v", "scale", "kwargs", "step"]
+# longest data word per column ("model.layers.0.self_attn", "AttentionInterface['fallback_lab_paged']", "1×9×12×64")
+TRACE_WIDTHS = column_widths(
+    TRACE_HEADERS,
+    {"layer": 3, "module": 24, "reached us through": 40, "q": 12, "k": 12, "v": 12, "scale": 6, "kwargs": 24},
+)
 WARM_PROMPT = "Hello, my name is"  # the request already running when the traced step starts (it decodes)
 WHY_TWO = (
     f"Why one prefill and one decode for one prompt: the trace first starts a short request (“{WARM_PROMPT}”) "

@@ -10,6 +10,7 @@ from backend.hosting.remote_code import remote_code_status
 from ui import defaults
 from ui.benchmark import MAX_REPEAT, MAX_REQUESTS, SYSTEM_CHOICES, WORKLOAD_CHOICES
 from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
+from ui.benchmark import TABLE_WIDTHS as BENCH_WIDTHS
 from ui.callbacks import Lab
 from ui.common import (
     AGREEMENT_HEADERS,
@@ -22,10 +23,19 @@ from ui.common import (
     SUMMARY_HEADERS,
     device_choices,
 )
-from ui.inside import TRACE_HEADERS
-from ui.plots import batch_figure, bench_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
+from ui.compare import AGREEMENT_WIDTHS, SUMMARY_WIDTHS
+from ui.inside import TRACE_HEADERS, TRACE_WIDTHS
+from ui.plots import (
+    PLOT_MIN_WIDTH,
+    batch_figure,
+    bench_figure,
+    kv_cache_figure,
+    memory_figure,
+    throughput_figure,
+    ttft_figure,
+)
 from ui.presets import PRESETS
-from ui.views import RESULT_HEADERS, SEARCH_HEADERS
+from ui.views import RESULT_HEADERS, RESULT_WIDTHS, SEARCH_HEADERS
 
 CSS = """
 .flab-status p { margin: 0.2em 0; }
@@ -240,14 +250,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             elem_id="flab-results",
                             wrap=True,
                             max_height=300,
-                            column_widths=["4%", "8%", "7%", "8%", "18%", "55%"],
+                            column_widths=RESULT_WIDTHS,
                         )
                         with gr.Row():
-                            thr_plot = gr.Plot(thr0, show_label=False, elem_id="flab-throughput")
-                            ttft_plot = gr.Plot(ttft0, show_label=False)
+                            thr_plot = gr.Plot(
+                                thr0, show_label=False, min_width=PLOT_MIN_WIDTH, elem_id="flab-throughput"
+                            )
+                            ttft_plot = gr.Plot(ttft0, show_label=False, min_width=PLOT_MIN_WIDTH)
                         with gr.Row():
-                            batch_plot = gr.Plot(batch0, show_label=False)
-                            mem_plot = gr.Plot(mem0, show_label=False)
+                            batch_plot = gr.Plot(batch0, show_label=False, min_width=PLOT_MIN_WIDTH)
+                            mem_plot = gr.Plot(mem0, show_label=False, min_width=PLOT_MIN_WIDTH)
                         summary = gr.Dataframe(headers=SUMMARY_HEADERS, label="Summary")
 
                     with gr.Tab("Compare", id="compare"):
@@ -285,13 +297,25 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             cmp_stop = gr.Button("Stop", variant="stop")
                         cmp_status = gr.Markdown(elem_classes="flab-status")
                         with gr.Row():
-                            cmp_thr = gr.Plot(throughput_figure({}), show_label=False)
-                            cmp_ttft = gr.Plot(ttft_figure({}), show_label=False)
+                            cmp_thr = gr.Plot(throughput_figure({}), show_label=False, min_width=PLOT_MIN_WIDTH)
+                            cmp_ttft = gr.Plot(ttft_figure({}), show_label=False, min_width=PLOT_MIN_WIDTH)
                         with gr.Row():
-                            cmp_mem = gr.Plot(memory_figure({}), show_label=False)
-                            cmp_batch = gr.Plot(batch_figure({}), show_label=False)
-                        cmp_summary = gr.Dataframe(headers=["metric", "A", "B"], label="Side by side")
-                        cmp_agree = gr.Dataframe(headers=AGREEMENT_HEADERS, label="Greedy agreement", wrap=True)
+                            cmp_mem = gr.Plot(memory_figure({}), show_label=False, min_width=PLOT_MIN_WIDTH)
+                            cmp_batch = gr.Plot(batch_figure({}), show_label=False, min_width=PLOT_MIN_WIDTH)
+                        cmp_summary = gr.Dataframe(
+                            headers=["metric", "A", "B"],
+                            label="Side by side",
+                            wrap=True,
+                            column_widths=SUMMARY_WIDTHS,
+                            elem_id="flab-cmp-summary",
+                        )
+                        cmp_agree = gr.Dataframe(
+                            headers=AGREEMENT_HEADERS,
+                            label="Greedy agreement",
+                            wrap=True,
+                            column_widths=AGREEMENT_WIDTHS,
+                            elem_id="flab-cmp-agree",
+                        )
 
                     with gr.Tab("Benchmark", id="benchmark"):
                         gr.Markdown(INTRO["benchmark"], elem_classes="flab-intro")
@@ -331,6 +355,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             headers=BENCH_HEADERS,
                             label="Results (same rows as the CLI)",
                             wrap=True,
+                            column_widths=BENCH_WIDTHS,
                             elem_id="flab-bench-table",
                         )
                         bench_json = gr.File(label="Every number (JSON, as `--json` writes it)", interactive=False)
@@ -350,7 +375,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 trace_btn = gr.Button("Trace one step", scale=1, elem_id="flab-trace")
                             trace_md = gr.Markdown(elem_classes="flab-status", elem_id="flab-trace-status")
                             trace_table = gr.Dataframe(
-                                headers=TRACE_HEADERS, label="What our attention received, per layer", wrap=True
+                                headers=TRACE_HEADERS,
+                                label="What our attention received, per layer",
+                                wrap=True,
+                                column_widths=TRACE_WIDTHS,
+                                elem_id="flab-trace-table",
                             )
                             tree_html = gr.HTML(elem_id="flab-tree")
                         with gr.Accordion("Engine and model properties (every option, the model's shape)", open=False):

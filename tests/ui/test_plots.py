@@ -236,3 +236,20 @@ def test_memory_axis_ticks_are_few_and_labelled():
     narrow, text = plots.log_ticks([60.0, 310.0])  # under one decade: 1-2-5 steps
     assert narrow == pytest.approx([50, 100, 200, 500]) and text == ["50", "100", "200", "500"]
     assert plots.log_ticks([]) == ([], [])
+
+
+def test_column_widths_leave_room_for_every_header_word():
+    from ui import benchmark, compare, inside, tables, views
+
+    assert tables.column_widths(["first difference", "x"], {"x": "30%"}) == [f"{tables.fit_px(10)}px", "30%"]
+    assert tables.column_widths(["system"], {"system": 17}) == [f"{tables.fit_px(17)}px"]  # its data is wider
+    for headers, widths in [
+        (views.RESULT_HEADERS, views.RESULT_WIDTHS),
+        (benchmark.TABLE_HEADERS, benchmark.TABLE_WIDTHS),
+        (inside.TRACE_HEADERS, inside.TRACE_WIDTHS),
+        (compare.AGREEMENT_HEADERS, compare.AGREEMENT_WIDTHS),
+    ]:
+        assert len(widths) == len(headers)
+        for header, width in zip(headers, widths):
+            if width.endswith("px"):
+                assert int(width[:-2]) >= tables.fit_px(max(len(w) for w in header.split())), (header, width)

@@ -8,10 +8,10 @@ import html
 from ui.tables import column_widths
 
 TRACE_HEADERS = ["layer", "module", "reached us through", "q", "k", "v", "scale", "kwargs", "step"]
-# longest data word per column ("model.layers.0.self_attn", "AttentionInterface['fallback_lab_paged']", "1×9×12×64")
+# longest data word per column: "model.layers.0.self_attn.attn", "AttentionInterface['fallback_lab_paged']", ...
 TRACE_WIDTHS = column_widths(
     TRACE_HEADERS,
-    {"layer": 3, "module": 24, "reached us through": 40, "q": 12, "k": 12, "v": 12, "scale": 6, "kwargs": 24},
+    {"layer": 3, "module": 30, "reached us through": 40, "q": 12, "k": 12, "v": 12, "scale": 6, "kwargs": 24},
 )
 WARM_PROMPT = "Hello, my name is"  # the request already running when the traced step starts (it decodes)
 WHY_TWO = (

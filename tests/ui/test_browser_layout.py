@@ -43,7 +43,7 @@ def _open(browser, app_url: str, size: tuple[int, int]):
     return page
 
 
-def _check(page, where: str) -> dict:
+def check_layout(page, where: str) -> dict:
     page.wait_for_timeout(700)  # plotly's resize after a tab switch
     found = page.evaluate(LAYOUT_JS)
     assert found["plots"] > 0 or where in ("Inside", "Benchmark"), (where, found)
@@ -64,7 +64,7 @@ def test_every_tab_fits_the_window(browser, app_url, size):
     try:
         page.locator("#flab-generate").click()  # the default run: several different prompts
         expect(page.get_by_text("done:", exact=False).first).to_be_visible()
-        found = _check(page, "Generate")
+        found = check_layout(page, "Generate")
         assert 2 <= found["memoryTicks"] <= 8, found  # the log axis: labelled ticks only, no "5 2" clutter
         page.screenshot(path=str(DOCS / f"layout_generate_{size[0]}.png"), full_page=True)
 
@@ -77,20 +77,20 @@ def test_every_tab_fits_the_window(browser, app_url, size):
         expect(properties).to_be_visible()
         page.locator("#flab-trace").click()
         expect(page.locator("#flab-trace-status")).to_contain_text("Why one prefill and one decode")
-        _check(page, "Inside")
+        check_layout(page, "Inside")
         page.screenshot(path=str(DOCS / f"layout_inside_{size[0]}.png"), full_page=True)
 
         page.get_by_role("tab", name="Benchmark").click()
         intro = page.get_by_text("python -m backend.tools.bench", exact=False)
         expect(intro.first).to_be_visible()
         assert intro.count() == 1  # said once
-        _check(page, "Benchmark")
+        check_layout(page, "Benchmark")
 
         page.get_by_role("tab", name="Compare").click()
         page.locator("#flab-compare").click()
         expect(page.get_by_text("greedy outputs agree token for token", exact=False).first).to_be_visible()
         expect(page.get_by_text("warmed up first", exact=False).first).to_be_visible()
-        _check(page, "Compare")
+        check_layout(page, "Compare")
         page.screenshot(path=str(DOCS / f"layout_compare_{size[0]}.png"), full_page=True)
     finally:
         page.close()

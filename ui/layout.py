@@ -433,7 +433,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         )
         stop_btn.click(lab.stop, None, run_status, api_name="stop", concurrency_limit=None)
         preset_settings = [kv_mb, max_batch, step_tokens, max_len, max_new, temperature, ignore_eos, gap, chat]
-        preset_saved = gr.State(None)  # the panel's settings while a preset runs (ui/presets.py Settings)
+        preset_saved = gr.State(None)  # while a preset runs: the panel's settings before it (ui/presets.py PresetRun)
         preset_outputs = preset_settings + [prompt, mode, copies, run_status, preset_saved]
         for key, btn in preset_btns.items():
             btn.click(

@@ -168,3 +168,21 @@ def changes_markdown(before: Settings, after: Settings) -> str:
     if not changed:
         return "_This preset changes no setting of the panel._"
     return "_Changed for this run, put back after it: " + "; ".join(changed) + "._"
+
+
+@dataclass(frozen=True)
+class PresetRun:
+    """What the page keeps while a preset runs (a gr.State): the panel's settings before it, and what it changed."""
+
+    label: str
+    before: Settings
+    changed: tuple[str, ...]
+
+    def restored_markdown(self) -> str:
+        """The line added to the run status once the panel's settings are back."""
+        if not self.changed:
+            return f"_Preset {self.label}: no setting of the panel was changed._"
+        return (
+            f"_Preset {self.label} ran with: {'; '.join(self.changed)}. The panel's own settings are back "
+            "(the engine is loaded with them again)._"
+        )

@@ -434,6 +434,7 @@ def test_preset_says_what_it_changes_and_restore_puts_the_panel_back(lab):
     back = lab.presets.restore(before, "done: 2 requests")
     assert back[:9] == PANEL  # the panel's own values, the token budget included
     assert back[9].startswith("done: 2 requests") and "settings are back" in back[9] and back[10] is None
+    assert "ran with: token budget per step 2048 → 48" in back[9]  # still said after the run's status replaced it
     preempt = lab.presets.preset("preempt", defaults.RANDOM_CHOICE, *PANEL)
     assert preempt[0] != PANEL[0] and "KV budget (MB) 4 → " in preempt[12]
     assert lab.presets.restore(preempt[13], "x")[0] == 4.0

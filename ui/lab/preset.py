@@ -36,7 +36,7 @@ class PresetButtons:
 
     def preset(self, key: str, choice, *panel):
         """`panel`: the panel's current values in presets.Settings' order. -> the preset's Settings values, then
-        (prompt, mode, copies, run status saying what to watch and what changed, the previous Settings)."""
+        (prompt, mode, copies, run status saying what to watch and what changed, the PresetRun to restore from)."""
         p = presets.BY_KEY[key]
         before = panel_settings(*panel) if panel else None
         engine = self.state.session.current()
@@ -48,16 +48,18 @@ class PresetButtons:
         current_kv = before.kv_mb if before is not None else defaults.suggested_kv_mb(choice)
         after = presets.settings_for(p, presets.kv_mb_for(p, per_block, current_kv))
         status = f"**Preset: {p.label}** — {p.explain}"
+        run = None
         if before is not None:
             status += "  \n" + presets.changes_markdown(before, after)
-        return after.values() + (p.prompt, p.mode, p.copies, status, before)
+            run = presets.PresetRun(p.label, before, tuple(presets.changes(before, after)))
+        return after.values() + (p.prompt, p.mode, p.copies, status, run)
 
-    def restore(self, before: presets.Settings | None, status: str | None):
-        """After a preset's run: the panel's previous settings, and the run status saying they are back."""
-        if before is None:
+    def restore(self, run: presets.PresetRun | None, status: str | None):
+        """After a preset's run: the panel's previous settings, and the run status saying what the preset had
+        changed and that the panel's own settings are back."""
+        if run is None:
             return (gr.skip(),) * (len(presets.LABELS) + 2)
-        back = "  \n_The panel's own settings are back (the engine is loaded with them again)._"
-        return before.values() + ((status or "") + back, None)
+        return run.before.values() + ((status or "") + "  \n" + run.restored_markdown(), None)
 
     def reload(self, *load_inputs, request: gr.Request = None, progress=gr.Progress()):
         """The Load button's work after `restore` -> (load status, description); the KV map keeps the run's view."""

@@ -17,6 +17,9 @@ MIB = 2**20
 PLOT_MIN_WIDTH = 420  # px: the app lays plots side by side only where each gets this much (ui/layout.py)
 TITLE_CHARS = 46  # a title line that fits PLOT_MIN_WIDTH at 14 px; longer facts go on note lines
 LEGEND_ROW_PX = 20
+# a title's first line at the top of the figure, its note lines below it inside the top margin (plotly centres a
+# title of several lines on its anchor otherwise, and the notes run into the plot)
+TITLE_PLACE = dict(x=0.01, y=1.0, yref="container", yanchor="top", pad=dict(t=10))
 
 
 @dataclass
@@ -116,7 +119,7 @@ def _layout(
     shown = bool(names) and fig.layout.showlegend is not False
     rows = legend_rows(names) if shown else 0
     fig.update_layout(
-        title=dict(text=title_text(title, notes), x=0.01, font=dict(size=14)),
+        title=dict(text=title_text(title, notes), font=dict(size=14), **TITLE_PLACE),
         height=height + rows * LEGEND_ROW_PX,
         template="plotly_white",
         margin=dict(l=55, r=10, t=40 + 16 * len(notes), b=10),
@@ -438,7 +441,7 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks", note: str | None
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
     fig.update_layout(
-        title=dict(text=title_text(title, notes), x=0.01, font=dict(size=14)),
+        title=dict(text=title_text(title, notes), font=dict(size=14), **TITLE_PLACE),
         template="plotly_white",
         height=max(220, min(620, 60 + rows * 16)) + 16 * len(notes),
         margin=dict(l=10, r=10, t=40 + 16 * len(notes), b=10),

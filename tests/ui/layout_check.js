@@ -40,8 +40,12 @@
     out.plots += 1;
     const svg = plot.querySelector("svg.main-svg").getBoundingClientRect();
     if (svg.right > window.innerWidth + 1) out.cutPlots.push(Math.round(svg.right));
+    const area = plot.querySelector(".nsewdrag"); // the plot area
+    const top = area ? area.getBoundingClientRect().top : svg.bottom;
     for (const title of plot.querySelectorAll(".gtitle")) {
-      if (title.getBoundingClientRect().right > svg.right + 1) out.cutTitles.push(title.textContent.slice(0, 40));
+      const box = title.getBoundingClientRect();
+      // past the plot's right edge, or its note lines running into the plot area
+      if (box.right > svg.right + 1 || box.bottom > top + 1) out.cutTitles.push(title.textContent.slice(0, 40));
     }
     for (const bar of plot.querySelectorAll(".legend .scrollbar")) {
       if (parseFloat(bar.getAttribute("height") || "0") > 0) out.legendScrollbars += 1;

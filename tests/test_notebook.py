@@ -52,6 +52,35 @@ def cell_text(cell) -> str:
     return "".join(parts)
 
 
+NOISE = ("it/s]", "%|", "TqdmWarning", "IProgress", "Writing model shards", "Loading weights", "deprecated", "Warning:")
+
+
+def noisy_outputs(nb) -> list[str]:
+    """What a reader should not see in an executed notebook: anything written to stderr (warnings, logged
+    errors), raw tqdm bars, progress lines of transformers, deprecation notes."""
+    found = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream" and out.name == "stderr":
+                found.append(f"cell {i} stderr: {out.text[:200]!r}")
+        text = cell_text(cell)
+        found += [f"cell {i}: {word!r} in {text[:200]!r}" for word in NOISE if word in text]
+    return found
+
+
+def test_noise_check_finds_a_tqdm_bar_and_a_warning():
+    nb = nbformat.v4.new_notebook()
+    bar = nbformat.v4.new_output("stream", name="stderr", text="\rLoading weights:  17%|█▋  | 45/272 [00:00<00:00]")
+    warn = nbformat.v4.new_output("stream", name="stdout", text="FutureWarning: x is deprecated\n")
+    clean = nbformat.v4.new_output("stream", name="stdout", text="30 calls for 30 layers\n")
+    nb.cells = [nbformat.v4.new_code_cell(outputs=[bar]), nbformat.v4.new_code_cell(outputs=[warn, clean])]
+    found = noisy_outputs(nb)
+    assert any(f.startswith("cell 0 stderr") for f in found) and any("deprecated" in f for f in found)
+    nb.cells = nb.cells[1:]
+    nb.cells[0].outputs = [clean]
+    assert noisy_outputs(nb) == []
+
+
 @pytest.fixture
 def kernel_name(tmp_path, monkeypatch) -> str:
     """A kernelspec for this very interpreter (the default `python3` spec runs whatever `python` is on PATH)."""
@@ -72,6 +101,7 @@ def test_workshop_notebook_runs_top_to_bottom(kernel_name, smollm2_instruct, mon
         nb, timeout=600, kernel_name=kernel_name, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     )
     client.execute()  # raises CellExecutionError on the first cell that fails
+    assert noisy_outputs(nb) == []  # no progress bars, warnings or deprecation notes in any cell's output
     out = "\n".join(cell_text(c) for c in nb.cells if c.cell_type == "code")
     # 1. the spy attention saw every layer; the engine's function is registered; both twins are refused
     assert "30 calls for 30 layers" in out

@@ -24,6 +24,7 @@ import pandas as pd
 
 from backend.tools import bench
 from ui.plots import bench_figure
+from ui.tables import column_widths
 
 WORKLOAD_CHOICES = [
     ("throughput (all requests at once)", "throughput"),
@@ -37,6 +38,12 @@ SYSTEM_CHOICES = [
     ("HF generate_batch()", "hf-generate_batch"),
 ]
 TABLE_HEADERS = bench.TABLE_HEADERS
+# longest data word per column ("shared_prefix", "flab-transformers", "1234.5"): wider than its place, the table
+# scrolls as a whole
+TABLE_WIDTHS = column_widths(
+    TABLE_HEADERS,
+    {"workload": 13, "system": 17, "output tok/s": 7, "total tok/s": 7, "peak RSS": 6, "TTFT ms": 6, "decode tok/s": 7},
+)
 MAX_REQUESTS = 64
 MAX_REPEAT = 5
 _DONE = object()

@@ -8,7 +8,7 @@ plain values and Plotly figures, testable without a browser. Errors become gr.Er
   lab.loader        ui/lab/loading.py        Load: the host's checks, the LoadSpec, loading and its status lines
   lab.page          ui/lab/startup.py        page load: the picker filled, the default engine, the panel's values
   lab.generate_tab  ui/lab/generate_tab.py   Generate on the engine or an endpoint
-  lab.presets       ui/lab/preset.py         a preset's panel values
+  lab.presets       ui/lab/preset.py         a preset's panel values, the panel's put back after its run
   lab.compare_tab   ui/lab/compare_tab.py    Compare A / B (or an endpoint)
   lab.benchmark_tab ui/lab/benchmark_tab.py  Benchmark (backend/tools/bench.py)
   lab.inside_tab    ui/lab/inside_tab.py     Inside the engine: trace, module tree, description, KV view
@@ -51,7 +51,7 @@ class Lab(LabState):
         self.loader = Loader(self)
         self.page = PageStartup(self, self.picker, self.loader)
         self.generate_tab = GenerateTab(self)
-        self.presets = PresetButtons(self)
+        self.presets = PresetButtons(self, self.loader)
         self.compare_tab = CompareTab(self, self.loader)
         self.benchmark_tab = BenchmarkTab(self, self.loader)
         self.inside_tab = InsideTab(self)

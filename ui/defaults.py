@@ -22,6 +22,21 @@ TRAINED_LABEL = "tiny:trained (3.7M Llama trained on Python source; trained once
 DEFAULT_KV_MB = 64.0  # the default model at bf16: 22.5 KiB per token -> 2,912 tokens in 182 blocks of 16
 TINY_KV_MB = 4.0  # a tiny model: 512 blocks of 16 tokens keep the block view readable
 MODEL_KV_MB = 512.0  # a sensible budget for a real small model
+# The Generate tab's first run: different prompts of different lengths, one request each, so the batch visibly does
+# something (the first tokens arrive at different times, each request stops at its own length and leaves the batch)
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Give me three tips for learning to cook.",
+    "Explain in two sentences why the sky is blue.",
+    "Translate 'good morning' into Spanish.",
+    "Write a short story about a robot who learns to paint.",
+)
+DEFAULT_MODE = "lines"  # one request per line of the prompt box
+PROMPT_INFO = (
+    "One request per line: these prompts run together in one batch and each stops at its own length, so the "
+    "batch plot steps down as they finish. 'copies' sends one prompt several times, each copy with its own seed."
+)
 
 
 def builtin_choices() -> list[tuple[str, str]]:

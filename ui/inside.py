@@ -5,7 +5,20 @@ from __future__ import annotations
 
 import html
 
+from ui.tables import column_widths
+
 TRACE_HEADERS = ["layer", "module", "reached us through", "q", "k", "v", "scale", "kwargs", "step"]
+# longest data word per column: "model.layers.0.self_attn.attn", "AttentionInterface['fallback_lab_paged']", ...
+TRACE_WIDTHS = column_widths(
+    TRACE_HEADERS,
+    {"layer": 3, "module": 30, "reached us through": 40, "q": 12, "k": 12, "v": 12, "scale": 6, "kwargs": 24},
+)
+WARM_PROMPT = "Hello, my name is"  # the request already running when the traced step starts (it decodes)
+WHY_TWO = (
+    f"Why one prefill and one decode for one prompt: the trace first starts a short request (“{WARM_PROMPT}”) "
+    "and lets it prefill, then traces the step in which it **decodes** its next token while your prompt is "
+    "**prefilled**, so one step shows both kinds of work sharing a batch (continuous batching)."
+)
 
 
 def tree_html(rows: list[dict] | None) -> str:
@@ -65,4 +78,5 @@ def trace_summary(calls, impl: str) -> str:
         f"**One step traced**: {len(calls)} attention call(s), one per layer. The step held {c.num_tokens} new "
         f"tokens from {c.num_seqs} sequence(s): **{c.num_prefill} prefill** (prompt tokens written into the KV "
         f"cache) and **{c.num_decode} decode** (one token each, attending over its cached blocks). {layout}"
+        + ("  \n_" + WHY_TWO + "_" if c.num_decode and c.num_prefill else "")
     )

@@ -10,6 +10,7 @@ from backend.hosting.remote_code import remote_code_status
 from ui import defaults
 from ui.benchmark import MAX_REPEAT, MAX_REQUESTS, SYSTEM_CHOICES, WORKLOAD_CHOICES
 from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
+from ui.benchmark import TABLE_WIDTHS as BENCH_WIDTHS
 from ui.callbacks import Lab
 from ui.common import (
     AGREEMENT_HEADERS,
@@ -22,10 +23,19 @@ from ui.common import (
     SUMMARY_HEADERS,
     device_choices,
 )
-from ui.inside import TRACE_HEADERS
-from ui.plots import batch_figure, bench_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
+from ui.compare import AGREEMENT_WIDTHS, SUMMARY_WIDTHS
+from ui.inside import TRACE_HEADERS, TRACE_WIDTHS
+from ui.plots import (
+    PLOT_MIN_WIDTH,
+    batch_figure,
+    bench_figure,
+    kv_cache_figure,
+    memory_figure,
+    throughput_figure,
+    ttft_figure,
+)
 from ui.presets import PRESETS
-from ui.views import RESULT_HEADERS, SEARCH_HEADERS
+from ui.views import RESULT_HEADERS, RESULT_WIDTHS, SEARCH_HEADERS
 
 CSS = """
 .flab-status p { margin: 0.2em 0; }
@@ -53,13 +63,17 @@ INTRO = {
     "compare": (
         "**What you are seeing.** The same greedy workload run twice, one engine at a time: e.g. our **native** "
         "modules against the HF modeling code with **our attention injected** (transformers). Greedy tokens "
-        "must agree token for token (the table at the bottom); the curves show what each costs. The lab's "
-        "engine is loaded again afterwards."
+        "must agree token for token (the table at the bottom); the curves show what each costs. Each side is "
+        "loaded and warmed up (an untimed run) before it is measured; engine options come from the left panel, "
+        "and the lab's engine is loaded again afterwards."
     ),
     "benchmark": (
         "**What you are seeing.** Output tokens/s of our engine against transformers' own `generate()` (a "
         "padded batch: every row waits for the longest) and `generate_batch()` (its continuous batching), same "
-        "seeded prompts, one run each, as ratios to HF `generate()` on the bars."
+        "seeded prompts, one run each, as ratios to HF `generate()` on the bars: the harness of "
+        "`python -m backend.tools.bench`. Each system loads the model itself, so the lab's engine is closed first "
+        "and loaded again after. Model, dtype, device, max context and quantization come from the left panel "
+        "(quantization: our engine only)."
     ),
     "inside": (
         "**What you are seeing.** The **KV cache** is cut into blocks of a few tokens; each request holds a "
@@ -76,7 +90,6 @@ KV_LEGEND = (
 )
 THEME = gr.themes.Soft(primary_hue="blue")
 GENERATE_CONCURRENCY = 8  # streams from several users share the engine's batch (continuous batching)
-DEFAULT_PROMPT = "Once upon a time"
 COMPARE_PROMPT = "Once upon a time\nThe quick brown fox\nA paged KV cache splits memory into blocks."
 
 
@@ -191,9 +204,21 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             preset_btns = {
                                 p.key: gr.Button(p.label, size="sm", elem_id=f"flab-preset-{p.key}") for p in PRESETS
                             }
-                        prompt = gr.Textbox(DEFAULT_PROMPT, lines=3, label="Prompt", elem_id="flab-prompt")
+                        prompt = gr.Textbox(
+                            "\n".join(defaults.DEFAULT_PROMPTS),
+                            lines=3,
+                            max_lines=8,
+                            label="Prompt",
+                            info=defaults.PROMPT_INFO,
+                            elem_id="flab-prompt",
+                        )
                         with gr.Row():
-                            mode = gr.Radio(MODE_CHOICES, value="copies", label="Parallel requests")
+                            mode = gr.Radio(
+                                MODE_CHOICES,
+                                value=defaults.DEFAULT_MODE,
+                                label="Parallel requests",
+                                elem_id="flab-mode",
+                            )
                             copies = gr.Slider(
                                 1, max_copies, value=min(4, max_copies), step=1, label="copies", elem_id="flab-copies"
                             )
@@ -235,23 +260,20 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             elem_id="flab-results",
                             wrap=True,
                             max_height=300,
-                            column_widths=["4%", "8%", "7%", "8%", "18%", "55%"],
+                            column_widths=RESULT_WIDTHS,
                         )
                         with gr.Row():
-                            thr_plot = gr.Plot(thr0, show_label=False, elem_id="flab-throughput")
-                            ttft_plot = gr.Plot(ttft0, show_label=False)
+                            thr_plot = gr.Plot(
+                                thr0, show_label=False, min_width=PLOT_MIN_WIDTH, elem_id="flab-throughput"
+                            )
+                            ttft_plot = gr.Plot(ttft0, show_label=False, min_width=PLOT_MIN_WIDTH)
                         with gr.Row():
-                            batch_plot = gr.Plot(batch0, show_label=False)
-                            mem_plot = gr.Plot(mem0, show_label=False)
+                            batch_plot = gr.Plot(batch0, show_label=False, min_width=PLOT_MIN_WIDTH)
+                            mem_plot = gr.Plot(mem0, show_label=False, min_width=PLOT_MIN_WIDTH)
                         summary = gr.Dataframe(headers=SUMMARY_HEADERS, label="Summary")
 
                     with gr.Tab("Compare", id="compare"):
                         gr.Markdown(INTRO["compare"], elem_classes="flab-intro")
-                        gr.Markdown(
-                            "Run the same greedy workload with two settings of the selected model, one after "
-                            "the other (one engine at a time), and overlay what they did. Engine options "
-                            "come from the left panel."
-                        )
                         with gr.Row():
                             with gr.Column():
                                 a_impl = gr.Radio(IMPL_CHOICES, value="native", label="A: implementation")
@@ -285,13 +307,25 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             cmp_stop = gr.Button("Stop", variant="stop")
                         cmp_status = gr.Markdown(elem_classes="flab-status")
                         with gr.Row():
-                            cmp_thr = gr.Plot(throughput_figure({}), show_label=False)
-                            cmp_ttft = gr.Plot(ttft_figure({}), show_label=False)
+                            cmp_thr = gr.Plot(throughput_figure({}), show_label=False, min_width=PLOT_MIN_WIDTH)
+                            cmp_ttft = gr.Plot(ttft_figure({}), show_label=False, min_width=PLOT_MIN_WIDTH)
                         with gr.Row():
-                            cmp_mem = gr.Plot(memory_figure({}), show_label=False)
-                            cmp_batch = gr.Plot(batch_figure({}), show_label=False)
-                        cmp_summary = gr.Dataframe(headers=["metric", "A", "B"], label="Side by side")
-                        cmp_agree = gr.Dataframe(headers=AGREEMENT_HEADERS, label="Greedy agreement", wrap=True)
+                            cmp_mem = gr.Plot(memory_figure({}), show_label=False, min_width=PLOT_MIN_WIDTH)
+                            cmp_batch = gr.Plot(batch_figure({}), show_label=False, min_width=PLOT_MIN_WIDTH)
+                        cmp_summary = gr.Dataframe(
+                            headers=["metric", "A", "B"],
+                            label="Side by side",
+                            wrap=True,
+                            column_widths=SUMMARY_WIDTHS,
+                            elem_id="flab-cmp-summary",
+                        )
+                        cmp_agree = gr.Dataframe(
+                            headers=AGREEMENT_HEADERS,
+                            label="Greedy agreement",
+                            wrap=True,
+                            column_widths=AGREEMENT_WIDTHS,
+                            elem_id="flab-cmp-agree",
+                        )
 
                     with gr.Tab("Benchmark", id="benchmark"):
                         gr.Markdown(INTRO["benchmark"], elem_classes="flab-intro")
@@ -299,14 +333,6 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             gr.Markdown(
                                 f"**Not available here**: {benchmark_refusal(policy)}.", elem_id="flab-bench-off"
                             )
-                        gr.Markdown(
-                            "Our engine against transformers' own `generate()` (padded batch) and "
-                            "`generate_batch()` (its continuous batching) on the same seeded prompts, in one "
-                            "run, as ratios: the harness of `python -m backend.tools.bench`. Each system loads the "
-                            "model itself, so the engine loaded in the lab is closed first. Model, dtype, "
-                            "device, max context and quantization come from the left panel; quantization "
-                            "applies to our engine only."
-                        )
                         with gr.Row():
                             bench_workloads = gr.CheckboxGroup(
                                 WORKLOAD_CHOICES, value=["throughput", "latency"], label="Workloads"
@@ -339,6 +365,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             headers=BENCH_HEADERS,
                             label="Results (same rows as the CLI)",
                             wrap=True,
+                            column_widths=BENCH_WIDTHS,
                             elem_id="flab-bench-table",
                         )
                         bench_json = gr.File(label="Every number (JSON, as `--json` writes it)", interactive=False)
@@ -358,10 +385,15 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 trace_btn = gr.Button("Trace one step", scale=1, elem_id="flab-trace")
                             trace_md = gr.Markdown(elem_classes="flab-status", elem_id="flab-trace-status")
                             trace_table = gr.Dataframe(
-                                headers=TRACE_HEADERS, label="What our attention received, per layer", wrap=True
+                                headers=TRACE_HEADERS,
+                                label="What our attention received, per layer",
+                                wrap=True,
+                                column_widths=TRACE_WIDTHS,
+                                elem_id="flab-trace-table",
                             )
                             tree_html = gr.HTML(elem_id="flab-tree")
-                        describe_md = gr.Markdown()
+                        with gr.Accordion("Engine and model properties (every option, the model's shape)", open=False):
+                            describe_md = gr.Markdown(elem_id="flab-describe")
                         timer = gr.Timer(1.0, active=False)
 
         load_inputs = [model, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust, step_tokens]
@@ -410,10 +442,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             concurrency_limit=GENERATE_CONCURRENCY,
         )
         stop_btn.click(lab.stop, None, run_status, api_name="stop", concurrency_limit=None)
-        preset_outputs = [kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temperature]
-        preset_outputs += [ignore_eos, gap, chat, run_status]
+        preset_settings = [kv_mb, max_batch, step_tokens, max_len, max_new, temperature, ignore_eos, gap, chat]
+        preset_saved = gr.State(None)  # while a preset runs: the panel's settings before it (ui/presets.py PresetRun)
+        preset_outputs = preset_settings + [prompt, mode, copies, run_status, preset_saved]
         for key, btn in preset_btns.items():
-            btn.click(functools.partial(lab.presets.preset, key), model, preset_outputs, api_name=f"preset_{key}").then(
+            btn.click(
+                functools.partial(lab.presets.preset, key),
+                [model] + preset_settings,
+                preset_outputs,
+                api_name=f"preset_{key}",
+            ).then(
                 lab.loader.load,
                 load_inputs,
                 [load_status, describe_md, kv_plot],
@@ -426,6 +464,18 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                 gen_outputs,
                 api_name=False,
                 concurrency_limit=GENERATE_CONCURRENCY,
+            ).then(
+                lab.presets.restore,
+                [preset_saved, run_status],
+                preset_settings + [run_status, preset_saved],
+                api_name=False,
+            ).then(
+                lab.presets.reload,
+                load_inputs,
+                [load_status, describe_md],
+                api_name=False,
+                concurrency_id="engine",
+                concurrency_limit=1,
             )
 
         cmp_inputs = [

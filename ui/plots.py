@@ -14,6 +14,12 @@ import plotly.graph_objects as go
 PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"]
 DASHES = ["solid", "dash", "dot", "dashdot"]
 MIB = 2**20
+PLOT_MIN_WIDTH = 420  # px: the app lays plots side by side only where each gets this much (ui/layout.py)
+TITLE_CHARS = 46  # a title line that fits PLOT_MIN_WIDTH at 14 px; longer facts go on note lines
+LEGEND_ROW_PX = 20
+# a title's first line at the top of the figure, its note lines below it inside the top margin (plotly centres a
+# title of several lines on its anchor otherwise, and the notes run into the plot)
+TITLE_PLACE = dict(x=0.01, y=1.0, yref="container", yanchor="top", pad=dict(t=10))
 
 
 @dataclass
@@ -85,19 +91,50 @@ def rolling_rate(
     return rates
 
 
-def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str, height: int = 320) -> go.Figure:
+def title_text(title: str, notes: list[str] | tuple[str, ...] = ()) -> str:
+    """A plot title: the main line, then each note on a line of its own in a smaller grey font (plotly does not
+    wrap titles, so every line is kept short enough for a plot PLOT_MIN_WIDTH wide)."""
+    lines = [title] + [f'<span style="font-size:11px;color:#6b7280">{n}</span>' for n in notes]
+    return "<br>".join(lines)
+
+
+def legend_rows(names: list[str], width: int = PLOT_MIN_WIDTH) -> int:
+    """How many rows a horizontal legend of `names` takes in a plot `width` px wide (11 px font: about 6.2 px
+    a character plus the swatch), packed left to right as plotly packs them."""
+    rows, used = 0, width
+    for name in names:
+        w = 40 + 6.2 * len(name)
+        if used + w > width - 20:
+            rows, used = rows + 1, 0
+        used += w
+    return rows
+
+
+def _layout(
+    fig: go.Figure, title: str, xaxis: str, yaxis: str, height: int = 320, notes: list[str] | tuple = ()
+) -> go.Figure:
+    """Common look. The legend sits below the plot and is never scrolled (maxheight: the whole figure): the
+    figure grows by the legend's rows instead, so the plot area keeps its height."""
+    names = [t.name for t in fig.data if t.name and t.showlegend is not False]
+    shown = bool(names) and fig.layout.showlegend is not False
+    rows = legend_rows(names) if shown else 0
     fig.update_layout(
-        title=dict(text=title, x=0.01, font=dict(size=14)),
-        height=height,
+        title=dict(text=title_text(title, notes), font=dict(size=14), **TITLE_PLACE),
+        height=height + rows * LEGEND_ROW_PX,
         template="plotly_white",
-        margin=dict(l=55, r=10, t=40, b=10),
+        margin=dict(l=55, r=10, t=40 + 16 * len(notes), b=10),
         xaxis_title=xaxis,
         yaxis_title=yaxis,
         uirevision=title,
-        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11)),
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11), maxheight=1.0),
     )
     fig.update_xaxes(title_standoff=4)
     return fig
+
+
+def _run_name(label: str) -> str:
+    """A run's short name in an overlaid legend: "A" of "A: native · int8" (the full label is in the hover)."""
+    return label.split(":", 1)[0].strip() or label
 
 
 def _blank_axes(fig: go.Figure, text: str) -> None:
@@ -120,7 +157,7 @@ def _style(run_idx: int, trace_idx: int, overlay: bool) -> dict:
 
 
 def _name(label: str, curve: str, overlay: bool) -> str:
-    return f"{label}: {curve}" if overlay else curve
+    return f"{_run_name(label)}: {curve}" if overlay else curve
 
 
 def throughput_figure(runs: dict[str, Series], window: float | None = None) -> go.Figure:
@@ -152,7 +189,9 @@ def throughput_figure(runs: dict[str, Series], window: float | None = None) -> g
                 )
             )
     _empty_note(fig, runs)
-    return _layout(fig, "Throughput (tokens/s, smoothed; raw per step in the legend)", "time (s)", "tokens/s")
+    return _layout(
+        fig, "Throughput (tokens/s, smoothed)", "time (s)", "tokens/s", notes=["raw per step: click it in the legend"]
+    )
 
 
 def bench_figure(bars: list[tuple[str, str, float, str]]) -> go.Figure:
@@ -174,12 +213,13 @@ def bench_figure(bars: list[tuple[str, str, float, str]]) -> go.Figure:
             )
         )
     fig.update_layout(barmode="group")
-    fig = _layout(fig, "Output tokens/s (ratio to HF generate on the bar)", "workload", "output tok/s", height=380)
+    notes = ["ratio to HF generate on the bar"]
+    fig = _layout(fig, "Output tokens/s", "workload", "output tok/s", height=380, notes=notes)
     if not bars:
         _blank_axes(fig, "no runs yet: pick workloads and systems, then Run benchmark")
     else:
         fig.update_yaxes(range=[0, max(b[2] for b in bars) * 1.18])  # room for the labels
-        fig.update_layout(margin=dict(t=50))
+        fig.update_layout(margin=dict(t=66))
     return fig
 
 
@@ -234,35 +274,45 @@ def batch_figure(runs: dict[str, Series]) -> go.Figure:
     return _layout(fig, "Batch size (continuous batching)", "time (s)", "requests")
 
 
+def log_ticks(values: list[float]) -> tuple[list[float], list[str]]:
+    """Tick positions and labels for a log axis over `values` (MiB): 1-2-5 steps over a narrow range, powers of
+    ten only over a wide one, never plotly's crowded minor labels ("5 2" between decades)."""
+    positive = [v for v in values if v and v > 0]
+    if not positive:
+        return [], []
+    lo, hi = min(positive), max(positive)
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    steps = (1,) if last - first > 2 else (1, 2, 5)
+    ticks = [m * 10.0**e for e in range(first, last + 1) for m in steps]
+    ticks = [t for t in ticks if lo / 2.5 <= t <= hi * 2.5]
+    return ticks, [f"{t:g}" for t in ticks]
+
+
 def memory_figure(runs: dict[str, Series]) -> go.Figure:
     """Weights, KV cache used vs allocated, process RSS, and CUDA allocated/reserved when on a GPU (MiB)."""
     fig = go.Figure()
     overlay = len(runs) > 1
     constant = []
+    shown: list[float] = []
     for r, (label, s) in enumerate(runs.items()):
         curves = [("weights", s.weights), ("KV allocated", s.kv_allocated), ("KV used", s.kv_used), ("RSS", s.rss)]
         if overlay:  # weights and KV allocated do not change during a run: in the title, not four legend lines
             curves = [c for c in curves if c[0] in ("KV used", "RSS")]
             if len(s):
                 constant.append(
-                    f"{label.split(':')[0]}: weights {s.weights[-1] / MIB:.1f}, KV {s.kv_allocated[-1] / MIB:.1f}"
+                    f"{_run_name(label)}: weights {s.weights[-1] / MIB:.1f}, KV {s.kv_allocated[-1] / MIB:.1f} MiB"
                 )
         if any(s.cuda_allocated) or any(s.cuda_reserved):
             curves += [("CUDA allocated", s.cuda_allocated), ("CUDA reserved", s.cuda_reserved)]
         for c, (curve, values) in enumerate(curves):
             line = dict(color=PALETTE[c % len(PALETTE)], dash=DASHES[r % len(DASHES)])
-            fig.add_trace(
-                go.Scatter(
-                    x=s.time,
-                    y=[v / MIB if v else None for v in values],
-                    mode="lines",
-                    line=line,
-                    name=_name(label, curve, overlay),
-                )
-            )
-    fig.update_yaxes(type="log")  # weights, KV and RSS differ by orders of magnitude on small models
-    title = "Memory (log scale)" + (f" — MiB {'; '.join(constant)}" if constant else "")
-    fig = _layout(fig, title, "time (s)", "MiB")
+            ys = [v / MIB if v else None for v in values]
+            shown += [y for y in ys if y]
+            fig.add_trace(go.Scatter(x=s.time, y=ys, mode="lines", line=line, name=_name(label, curve, overlay)))
+    ticks, labels = log_ticks(shown)
+    # weights, KV and RSS differ by orders of magnitude on small models
+    fig.update_yaxes(type="log", tickmode="array" if ticks else "auto", tickvals=ticks, ticktext=labels)
+    fig = _layout(fig, "Memory (MiB, log scale)", "time (s)", "MiB", notes=constant)
     _empty_note(fig, runs)
     return fig
 
@@ -317,9 +367,10 @@ def kv_zoom(view: list, min_shown: int = ZOOM_MIN) -> int:
     return min(n, max(min_shown, -(-(last + 1) // 64) * 64))
 
 
-def kv_cache_figure(view: list, title: str = "KV cache blocks") -> go.Figure:
+def kv_cache_figure(view: list, title: str = "KV cache blocks", note: str | None = None) -> go.Figure:
     """A grid with one cell per block (or per group of blocks on large caches): who owns it, shared, cached.
-    A large cache is shown up to its used range (kv_zoom); the legend counts every block."""
+    A large cache is shown up to its used range (kv_zoom); the legend counts every block. `note`: a line under
+    the title (e.g. when the view was taken)."""
     counts = {KV_FREE: 0, KV_CACHED: 0, KV_SHARED: 0, KV_ORPHAN: 0, "owned": 0}
     for e in view:
         st = kv_block_state(e)
@@ -381,18 +432,20 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks") -> go.Figure:
             marker=dict(size=10, symbol="square", color=PALETTE[0]),
         )
     )
-    sub = f"{total:,} blocks" + (f", one cell = {group} blocks" if group > 1 else "")
+    notes = [f"{total:,} blocks" + (f", one cell = {group} blocks" if group > 1 else "")]
     if n < total:
-        sub += f"; showing 0–{n - 1:,}, all later blocks are free"
-    sub += " · number in a cell = owner request id"
+        notes.append(f"showing 0–{n - 1:,}; the later ones are free")
+    notes.append("number in a cell = owner request id")
+    if note:
+        notes.insert(0, note)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
     fig.update_layout(
-        title=dict(text=f"{title} — {sub}", x=0.01, font=dict(size=14)),
+        title=dict(text=title_text(title, notes), font=dict(size=14), **TITLE_PLACE),
         template="plotly_white",
-        height=max(220, min(620, 60 + rows * 16)),
-        margin=dict(l=10, r=10, t=40, b=10),
-        legend=dict(orientation="h", y=-0.02, yanchor="top", x=0),
+        height=max(220, min(620, 60 + rows * 16)) + 16 * len(notes),
+        margin=dict(l=10, r=10, t=40 + 16 * len(notes), b=10),
+        legend=dict(orientation="h", y=-0.02, yanchor="top", x=0, maxheight=1.0),
         uirevision="kv",
     )
     if not n:

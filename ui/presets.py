@@ -1,12 +1,13 @@
 """Presets: one button each, filling the panels so that one engine mechanism becomes visible in seconds.
 
 Budgets are given in KV blocks and scaled by the loaded model's bytes per block, so a preset means the same
-on any model. `PresetButtons.preset` (ui/lab/preset.py) returns the values; the layout then loads and generates.
+on any model. `PresetButtons.preset` (ui/lab/preset.py) returns the values and says what it changed; the layout
+then loads, generates, and puts the changed settings (`Settings`) back and loads the engine of the panel again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 
 SYSTEM = (
     "You are a patient teacher at a workshop on inference engines. You explain things in short plain sentences, "
@@ -93,3 +94,95 @@ def kv_mb_for(preset: Preset, bytes_per_block: int | None, current_mb: float) ->
     if preset.kv_blocks is None or not bytes_per_block:
         return current_mb
     return round(preset.kv_blocks * bytes_per_block / 2**20 * 1.001, 4)  # a hair over: rounding never drops one
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The panel settings a preset changes for its run and puts back afterwards (in the layout's order); the
+    first four are engine options (changing them loads a new engine)."""
+
+    kv_mb: float
+    max_batch: int
+    step_tokens: int
+    max_len: int
+    max_new: int
+    temperature: float
+    ignore_eos: bool
+    gap_s: float
+    chat: bool
+
+    def values(self) -> tuple:
+        return astuple(self)
+
+
+LABELS = {
+    "kv_mb": "KV budget (MB)",
+    "max_batch": "max batch",
+    "step_tokens": "token budget per step",
+    "max_len": "max context",
+    "max_new": "max new tokens",
+    "temperature": "temperature",
+    "ignore_eos": "ignore EOS",
+    "gap_s": "arrival gap (s)",
+    "chat": "chat template",
+}
+ENGINE_FIELDS = ("kv_mb", "max_batch", "step_tokens", "max_len")
+
+
+def settings_for(preset: Preset, kv_mb: float) -> Settings:
+    """The settings `preset` runs with (`kv_mb`: its KV budget for the loaded model, kv_mb_for)."""
+    return Settings(
+        kv_mb=kv_mb,
+        max_batch=preset.max_batch,
+        step_tokens=preset.step_tokens,
+        max_len=0,
+        max_new=preset.max_new,
+        temperature=0.0,
+        ignore_eos=True,
+        gap_s=preset.gap_s,
+        chat=True,
+    )
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def changes(before: Settings, after: Settings) -> list[str]:
+    """["token budget per step 2048 → 48", ...]: each setting the preset changes, in the panel's words."""
+    out = []
+    for f in fields(Settings):
+        old, new = getattr(before, f.name), getattr(after, f.name)
+        same = old == new if not isinstance(new, float) else abs(float(old or 0) - new) < 1e-9
+        if not same:
+            out.append(f"{LABELS[f.name]} {_show(old)} → {_show(new)}")
+    return out
+
+
+def changes_markdown(before: Settings, after: Settings) -> str:
+    changed = changes(before, after)
+    if not changed:
+        return "_This preset changes no setting of the panel._"
+    return "_Changed for this run, put back after it: " + "; ".join(changed) + "._"
+
+
+@dataclass(frozen=True)
+class PresetRun:
+    """What the page keeps while a preset runs (a gr.State): the panel's settings before it, and what it changed."""
+
+    label: str
+    before: Settings
+    changed: tuple[str, ...]
+
+    def restored_markdown(self) -> str:
+        """The line added to the run status once the panel's settings are back."""
+        if not self.changed:
+            return f"_Preset {self.label}: no setting of the panel was changed._"
+        return (
+            f"_Preset {self.label} ran with: {'; '.join(self.changed)}. The panel's own settings are back "
+            "(the engine is loaded with them again)._"
+        )

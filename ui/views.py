@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ui.fmt import fmt_bytes, fmt_count  # noqa: F401  (re-exported)
 from ui.summary import RequestResult
+from ui.tables import column_widths
 
 # Keys shown first (in this order) when present; the rest follow as they come.
 _DESCRIBE_ORDER = (
@@ -183,6 +184,7 @@ def search_rows(models) -> list[list]:
 
 
 RESULT_HEADERS = ["#", "status", "tokens", "TTFT (ms)", "prompt", "output"]
+RESULT_WIDTHS = column_widths(RESULT_HEADERS, {"#": 2, "status": 7, "prompt": "20%", "output": "30%"})
 
 
 def _tail(text: str, n: int) -> str:

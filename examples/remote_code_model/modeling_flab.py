@@ -2,6 +2,8 @@
 attention goes through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]` with **kwargs passed
 down, and the model class sets `_supports_attention_backend = True`."""
 
+from dataclasses import fields
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -9,6 +11,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_flab import FlabTinyConfig
+
+# transformers >= 5.2x names the output's cache `cache` (the old `past_key_values` logs a deprecation warning)
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def rotate_half(x):
@@ -128,4 +133,4 @@ class FlabForCausalLM(FlabPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         else:
             hidden = hidden[:, logits_to_keep]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), past_key_values=cache)
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden), **{CACHE_FIELD: cache})

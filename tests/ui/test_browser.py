@@ -135,3 +135,8 @@ def test_benchmark_in_the_browser(page):
     assert download.ok and len(download.json()["results"]) == 8
     page.wait_for_timeout(500)
     page.screenshot(path=str(DOCS / "screenshot_benchmark.png"), full_page=True)
+    from tests.ui.test_browser_layout import check_layout
+
+    page.set_viewport_size({"width": 1024, "height": 640})  # issue 30: the filled table at a small window
+    check_layout(page, "Benchmark")
+    page.set_viewport_size({"width": 1440, "height": 1000})

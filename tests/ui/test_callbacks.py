@@ -345,10 +345,15 @@ def test_bug7_expected_errors_log_one_line(lab, tmp_path, caplog):
 # --- issue 17, part 3: presets and the injection shown ------------------------------------------
 
 
+# the panel as the page opens (presets.Settings' order): kv_mb, max_batch, step_tokens, max_len, max_new,
+# temperature, ignore_eos, gap, chat
+PANEL = (4.0, 16, 2048, 0, 64, 0.7, False, 0.0, True)
+
+
 def _run_preset(lab, key):
-    kv_mb, max_batch, step_tokens, max_len, prompt, mode, copies, max_new, temp, ignore_eos, gap, chat, status = (
-        lab.presets.preset(key, defaults.RANDOM_CHOICE)
-    )
+    values = lab.presets.preset(key, defaults.RANDOM_CHOICE, *PANEL)
+    kv_mb, max_batch, step_tokens, max_len, max_new, temp, ignore_eos, gap, chat = values[:9]
+    prompt, mode, copies, status, _ = values[9:]
     lab.loader.load(**dict(LOAD_ARGS, kv_mb=kv_mb, max_batch=max_batch, max_len=max_len), step_tokens=step_tokens)
     *_, last = lab.generate_tab.generate(
         **dict(
@@ -415,3 +420,91 @@ def test_trace_one_step_shows_what_our_attention_received(lab, impl):
     assert {r[2] for r in rows} == {entry}
     assert "flab-hit" in tree and ("attention function injected" if impl == "transformers" else "our paged") in tree
     assert lab.session.current().stats().kv_blocks_used == 0  # the traced requests were aborted
+
+
+# --- issue 30: presets say what they change and put the panel back ----------------------------------------
+
+
+def test_preset_says_what_it_changes_and_restore_puts_the_panel_back(lab):
+    values = lab.presets.preset("chunked", defaults.RANDOM_CHOICE, *PANEL)
+    status, before = values[12], values[13]
+    assert values[2] == 48 and "token budget per step 2048 → 48" in status  # the change, in the panel's words
+    assert "temperature 0.7 → 0" in status and "put back after it" in status
+    assert "KV budget" not in status  # this preset keeps the KV budget: not listed as a change
+    back = lab.presets.restore(before, "done: 2 requests")
+    assert back[:9] == PANEL  # the panel's own values, the token budget included
+    assert back[9].startswith("done: 2 requests") and "settings are back" in back[9] and back[10] is None
+    assert "ran with: token budget per step 2048 → 48" in back[9]  # still said after the run's status replaced it
+    preempt = lab.presets.preset("preempt", defaults.RANDOM_CHOICE, *PANEL)
+    assert preempt[0] != PANEL[0] and "KV budget (MB) 4 → " in preempt[12]
+    assert lab.presets.restore(preempt[13], "x")[0] == 4.0
+    load_inputs = list(dict(LOAD_ARGS, kv_mb=back[0], max_batch=back[1]).values()) + [False, back[2]]
+    status, desc = lab.presets.reload(*load_inputs)  # the Load button's inputs, in the layout's order
+    assert "blocks × 16 tokens" in status and dict(lab.session.spec.options)["max_num_batched_tokens"] == 2048
+
+
+# --- issue 30: Compare warms both sides up before measuring them -------------------------------------------
+
+
+def test_compare_warms_each_side_up_before_measuring_it(lab, monkeypatch):
+    from ui import compare
+    from ui.lab import compare_tab
+
+    warmed = []
+    real = compare_tab.warm_up
+
+    def spy(engine, ids, owner):
+        real(engine, ids, owner)
+        view = engine.kv_cache_view()
+        warmed.append((engine.model_impl, engine.stats().kv_blocks_used, sum(b.cached for b in view)))
+
+    monkeypatch.setattr(compare_tab, "warm_up", spy)
+    updates = list(lab.compare_tab.compare(**COMPARE))
+    assert warmed == [("native", 0, 0), ("transformers", 0, 0)]  # done, and no cached prompt left to hit
+    statuses = [u[0] for u in updates if isinstance(u[0], str)]
+
+    def first(prefix: str) -> int:
+        return next(i for i, s in enumerate(statuses) if s.startswith(prefix))
+
+    assert first("**Warming up** A") < first("**Running** A") < first("**Warming up** B") < first("**Running** B")
+    status, thr, *_, table, agree, _ = updates[-1]
+    assert min(x for t in thr.data for x in t.x) >= 0  # the measured runs' steps only, not the warm-ups'
+    assert "A and B loaded and warmed up first" in status and "measured in this order: A, then B" in status
+    order = table[table["metric"] == compare.ORDER_ROW].iloc[0].tolist()
+    assert order[1:] == ["1st", "2nd"]
+    assert [row[2] for row in agree] == ["identical (10 tokens)"] * 2  # the warm-up changes no output
+
+
+# --- issue 30: the KV map after a run, the trace explained ----------------------------------------------------
+
+
+def test_generate_leaves_the_kv_map_at_the_runs_peak(lab):
+    from ui import plots
+
+    *_, last = lab.generate_tab.generate(**dict(GEN, copies=4, max_new=48, ignore_eos=True))
+    kv = last[8]
+    assert "at the last run's peak" in kv.layout.title.text
+    cells = [v for row in kv.data[0].z for v in row if v is not None]
+    assert any(v >= plots.KV_OWNER0 for v in cells)  # blocks held by requests, though all are free now
+    assert lab.session.current().stats().kv_blocks_used == 0
+
+
+def test_trace_explains_one_prefill_and_one_decode(lab):
+    from ui import inside
+
+    summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
+    assert inside.WHY_TWO in summary and inside.WARM_PROMPT in summary
+
+
+def test_the_default_generate_run_shows_a_batch_of_different_requests(lab):
+    from ui.lab.run_inputs import prompts_from
+    from ui.layout import build_demo
+
+    demo = build_demo(lab, default_model=defaults.RANDOM_CHOICE)
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    prompt, mode, copies = by_id["flab-prompt"].value, by_id["flab-mode"].value, by_id["flab-copies"].value
+    prompts = prompts_from(prompt, mode, copies)
+    assert len(prompts) >= 4 and len(set(prompts)) == len(prompts)  # one request per line, each different
+    assert "one batch" in by_id["flab-prompt"].info  # said next to the box
+    *_, last = lab.generate_tab.generate(**dict(GEN, prompt=prompt, mode=mode, copies=copies, ignore_eos=False))
+    assert len(last[1]) == len(prompts) and len({row[5] for row in last[1]}) == len(prompts)  # different outputs

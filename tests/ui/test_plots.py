@@ -129,7 +129,8 @@ def test_kv_cache_figure_zooms_to_the_used_range_of_a_huge_cache():
     fig = plots.kv_cache_figure(view)
     cells = [v for row in fig.data[0].z for v in row if v is not None]
     assert len(cells) == plots.ZOOM_MIN  # one cell per block: readable, not 16 blocks a cell
-    assert "65,536 blocks; showing 0–1,023, all later blocks are free" in fig.layout.title.text
+    title = fig.layout.title.text
+    assert "65,536 blocks" in title and "showing 0–1,023; the later ones are free" in title
     legend = " ".join(t.name for t in fig.data[1:])
     assert "owned by one request (300)" in legend and "free (65236)" in legend  # every block counted
 
@@ -187,3 +188,68 @@ def test_views():
     res = [summary.RequestResult(0, "hello", "world", [1, 2], "stop", ttft=0.0123)]
     assert views.result_rows(res) == [[0, "stop", 2, 12.3, "hello", "world"]]
     assert "done" in views.run_status_markdown(res, 3, True, False, 0, 8)
+
+
+# --- issue 30: figures that fit a plot PLOT_MIN_WIDTH wide -----------------------------------------------
+
+
+def _title_lines(fig) -> list[str]:
+    import re
+
+    return [re.sub(r"<[^>]+>", "", line) for line in fig.layout.title.text.split("<br>")]
+
+
+LONG_A, LONG_B = "A: transformers (auto) · no quant", "B: native · int4"
+
+
+def test_titles_fit_a_narrow_plot_and_overlaid_legends_do_not_scroll():
+    s = plots.series_from_stats(_stats(30), 10.0)
+    runs = {LONG_A: s, LONG_B: s}
+    figures = [
+        plots.throughput_figure(runs),
+        plots.memory_figure(runs),
+        plots.batch_figure(runs),
+        plots.ttft_figure({LONG_A: [0.01], LONG_B: [0.02]}),
+        plots.bench_figure([("throughput", "flab-native", 100.0, "1.0×")]),
+        plots.kv_cache_figure([KVBlock(block=i, owners=[], ref_count=0, cached=False) for i in range(5000)]),
+    ]
+    for fig in figures:
+        lines = _title_lines(fig)
+        assert all(len(line) <= plots.TITLE_CHARS for line in lines), lines
+        assert fig.layout.margin.t >= 40 + 16 * (len(lines) - 1)  # room for every title line
+        assert fig.layout.legend.maxheight == 1.0  # the legend is never given an inner scrollbar
+    memory = _title_lines(figures[1])
+    assert memory[1].startswith("A: weights") and memory[2].startswith("B: weights")  # one line per side
+    assert [t.name for t in figures[1].data] == ["A: KV used", "A: RSS", "B: KV used", "B: RSS"]
+    single = plots.throughput_figure({"run": s})
+    assert figures[0].layout.height > single.layout.height  # eight legend entries: the figure grows, not the plot
+    assert plots.legend_rows(["x" * 60] * 4) == 4 and plots.legend_rows(["a", "b"]) == 1
+
+
+def test_memory_axis_ticks_are_few_and_labelled():
+    fig = plots.memory_figure({"run": plots.series_from_stats(_stats(30), 10.0)})
+    ticks, labels = fig.layout.yaxis.tickvals, fig.layout.yaxis.ticktext
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.tickmode == "array"
+    assert 2 <= len(ticks) <= 8 and len(labels) == len(ticks)
+    wide, _ = plots.log_ticks([0.006, 95.0])  # four decades: powers of ten only
+    assert wide == pytest.approx([0.01, 0.1, 1, 10, 100])
+    narrow, text = plots.log_ticks([60.0, 310.0])  # under one decade: 1-2-5 steps
+    assert narrow == pytest.approx([50, 100, 200, 500]) and text == ["50", "100", "200", "500"]
+    assert plots.log_ticks([]) == ([], [])
+
+
+def test_column_widths_leave_room_for_every_header_word():
+    from ui import benchmark, compare, inside, tables, views
+
+    assert tables.column_widths(["first difference", "x"], {"x": "30%"}) == [f"{tables.fit_px(10)}px", "30%"]
+    assert tables.column_widths(["system"], {"system": 17}) == [f"{tables.fit_px(17)}px"]  # its data is wider
+    for headers, widths in [
+        (views.RESULT_HEADERS, views.RESULT_WIDTHS),
+        (benchmark.TABLE_HEADERS, benchmark.TABLE_WIDTHS),
+        (inside.TRACE_HEADERS, inside.TRACE_WIDTHS),
+        (compare.AGREEMENT_HEADERS, compare.AGREEMENT_WIDTHS),
+    ]:
+        assert len(widths) == len(headers)
+        for header, width in zip(headers, widths):
+            if width.endswith("px"):
+                assert int(width[:-2]) >= tables.fit_px(max(len(w) for w in header.split())), (header, width)

@@ -17,7 +17,23 @@ from ui.lab.loading import Loader
 from ui.lab.run_inputs import max_new_value, prompts_from
 from ui.lab.state import LabState
 from ui.session import RunHandle
-from ui.workload import Workload
+from ui.workload import Workload, build_prompt_ids
+
+
+def prompt_ids(engine, prompts: list[str], use_chat_template: bool) -> list[list[int]]:
+    """The token ids each prompt is sent as (the chat template applied where the Workload applies it)."""
+    return [build_prompt_ids(engine.tokenizer, p, use_chat_template) or engine.tokenizer.encode(p) for p in prompts]
+
+
+def warm_up(engine, ids: list[list[int]], owner: str) -> None:
+    """One untimed run of the same prompts, a few tokens each, on a freshly loaded engine (first-call costs: kernel
+    and allocator set-up, page faults, lazy initialisation), then the prefix cache forgotten, so the measured run
+    starts warm but finds no cached prompt."""
+    from backend import SamplingParams
+
+    params = SamplingParams(max_new_tokens=compare.WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+    engine.generate(prompt_token_ids=[list(i) for i in ids], sampling_params=params, owner=owner)
+    engine.reset_prefix_cache()
 
 
 class CompareTab:
@@ -86,6 +102,7 @@ class CompareTab:
         restored = False
         claimed = False
         sides: dict[str, compare.Side] = {}
+        warmed: list[str] = []
         decode = None
         skip = gr.skip()
         wl = endpoint_wl = None
@@ -110,15 +127,20 @@ class CompareTab:
                     engine, _ = state.session.load(spec, progress=progress_adapter(progress))
                     label = compare.label(name, engine.model_impl, impl, quant)
                     decode = engine.tokenizer.decode
+                    ids = prompt_ids(engine, prompts, use_chat_template)
+                    check_request(state.policy, prompt_tokens=max(map(len, ids), default=0))
+                    yield (f"**Warming up** {label}: {compare.WARMUP_TOKENS} untimed tokens a request…",) + (skip,) * 7
+                    warm_up(engine, ids, key)
+                    warmed.append(name)
+                    # made after the warm-up: the measured run's steps start here
                     wl = Workload(engine, prompts, [params] * len(prompts), use_chat_template, handle.cancel, owner=key)
-                    check_request(state.policy, prompt_tokens=max(wl.prompt_lens, default=0))
                     for update in self._run_side(name, label, "", wl, handle, sides):
                         yield (update,) + compare.figures(sides) + (skip, skip, skip)
                 table, agree = compare.tables(sides, decode)
                 if endpoint_wl is not None and len(sides) == 2:
                     agree = remote.text_agreement_rows(sides["A"].results, sides["B"].results, decode)
                     table = remote.compare_table(table, sides, endpoint_wl)
-                verdict = compare.verdict(sides, agree, handle.cancel.is_set())
+                verdict = compare.verdict(sides, agree, handle.cancel.is_set(), tuple(warmed))
                 figures = compare.figures(sides)
                 yield (f"{verdict}  \n_loading the lab's engine again…_",) + figures + (table, agree, skip)
                 load_status = self.loader.restore(previous, "Compare")

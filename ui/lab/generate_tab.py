@@ -38,6 +38,28 @@ def run_views(results, series: Series, status: str, summary: dict, kv, memory=No
     )
 
 
+class KVPeak:
+    """The KV block view at the busiest moment of a run (most blocks held), kept so that the KV map can show the
+    last run's state after its blocks were freed, also when the live view is off."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.view: list | None = None
+
+    def take(self, kv_cache_view) -> None:
+        view = kv_cache_view()
+        used = sum(1 for b in view if b.ref_count > 0)
+        if used > self.used:
+            self.used, self.view = used, view
+
+    def figure(self, now: list):
+        """The peak view (`now`, the view after the run, when no block was ever seen held)."""
+        if self.view is None:
+            return kv_cache_figure(now, note="after the last run")
+        note = f"at the last run's peak: {self.used} blocks held (Refresh: now)"
+        return kv_cache_figure(self.view, note=note)
+
+
 class GenerateTab:
     """What the Generate button (and a preset, after its load) calls."""
 
@@ -91,11 +113,16 @@ class GenerateTab:
             for note in notes:
                 gr.Warning(note, title="Capped by the context")
             last_kv = 0.0
+            peak = KVPeak()
             with follow.started(wl, handle):
                 for finished, results, series in follow.updates(wl, self.state.update_s):
                     now = time.perf_counter()
                     kv = gr.skip()
-                    if finished or now - last_kv > 1.0:
+                    if not finished:
+                        peak.take(engine.kv_cache_view)
+                    if finished:  # the run's blocks are freed by now: show them as they were at its peak
+                        kv = peak.figure(engine.kv_cache_view())
+                    elif now - last_kv > 1.0:
                         kv, last_kv = kv_cache_figure(engine.kv_cache_view()), now
                     status = self._status(engine, results, series, finished, handle.cancel.is_set(), notes, before)
                     summary = summarize(results, series, wl.wall_s)

@@ -28,7 +28,7 @@ class InsideTab:
         text = (prompt or "").strip() or "The capital of France is"
         encode = engine.tokenizer.encode
         check_request(self.state.policy, prompt_tokens=len(encode(text)))
-        calls = trace_attention_calls(engine, [encode("Hello, my name is"), encode(text)])
+        calls = trace_attention_calls(engine, [encode(inside.WARM_PROMPT), encode(text)])
         info = describe(engine)
         yield (
             inside.trace_summary(calls, info.get("implementation", "")),

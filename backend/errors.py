@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 class EngineError(ValueError):
-    """Base class: user-facing problems (bad model, bad settings, bad request)."""
+    """Base class: user-facing problems (bad model, bad settings, bad request). `param` names the option or
+    request field whose value was refused, when one was (a face maps it to its own name, e.g. an API field)."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # pickles with its param (errors cross process boundaries in backend/distributed)
+        return (type(self), (str(self), self.param))
 
 
 class ModelNotFoundError(EngineError):

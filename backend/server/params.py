@@ -118,8 +118,7 @@ def sampling_params(
     try:
         return SamplingParams(**options)
     except RequestError as e:
-        name = str(e).split()[0]
-        raise bad_request(str(e), _API_NAMES.get(name, name), "invalid_value") from None
+        raise bad_request(str(e), _API_NAMES.get(e.param, e.param), "invalid_value") from None
 
 
 def with_seed(params: SamplingParams, seed: int | None, index: int) -> SamplingParams:

@@ -255,7 +255,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         with self._state:
-            return self.scheduler.has_work() or any(isinstance(m, AddRequest) for m in self._inbox)
+            return self.scheduler.has_work() or self._queued() > 0
 
     def step(self, on_batch: BatchHook | None = None) -> list[StreamDelta]:
         """Run one engine step; returns a delta for every request that advanced or finished in it. `on_batch`
@@ -498,11 +498,15 @@ class Engine:
         """Bytes of weights one batch-1 decode step reads (for bandwidth figures)."""
         return self.loaded.decode_weight_bytes
 
+    def _queued(self) -> int:
+        """Requests added while a step runs, still in the inbox (the caller holds the state lock)."""
+        return sum(isinstance(m, AddRequest) for m in self._inbox)
+
     @property
     def num_requests(self) -> int:
         """Requests the engine holds (queued or running); finished ones are dropped."""
         with self._state:
-            return len(self._book) + sum(isinstance(m, AddRequest) for m in self._inbox)
+            return len(self._book) + self._queued()
 
     def stats(self) -> EngineStats:
         """A consistent snapshot of queues, KV blocks and cumulative counters (never waits for a forward)."""
@@ -515,6 +519,7 @@ class Engine:
                 self._prompt_tokens,
                 self._generation_tokens,
                 self._book.finished,
+                queued=self._queued(),
             )
 
     def step_history(self, since_step: int = -1) -> list[StepStats]:

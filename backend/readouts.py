@@ -22,10 +22,12 @@ def engine_stats(
     prompt_tokens: int,
     generation_tokens: int,
     finished: Counter[str],
+    queued: int = 0,
 ) -> EngineStats:
+    """`queued`: requests added while a step ran, not yet in the scheduler (they wait too)."""
     return EngineStats(
         num_running=len(scheduler.running),
-        num_waiting=len(scheduler.waiting),
+        num_waiting=len(scheduler.waiting) + queued,
         kv_blocks_total=allocator.num_blocks,
         kv_blocks_used=allocator.num_used,
         kv_blocks_cached=allocator.num_cached_free,

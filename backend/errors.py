@@ -16,7 +16,15 @@ GGUF_MESSAGE = (
 
 
 class EngineError(ValueError):
-    """Base class: user-facing problems (bad model, bad settings, bad request)."""
+    """Base class: user-facing problems (bad model, bad settings, bad request). `param` names the option or
+    request field whose value was refused, when one was (a face maps it to its own name, e.g. an API field)."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # pickles with its param (errors cross process boundaries in backend/distributed)
+        return (type(self), (str(self), self.param))
 
 
 class ModelNotFoundError(EngineError):
@@ -43,9 +51,12 @@ class ContextLengthError(RequestError):
     """A prompt that leaves no room in the context for one new token: `prompt_tokens` of `max_model_len`."""
 
     def __init__(self, message: str, prompt_tokens: int = 0, max_model_len: int = 0) -> None:
-        super().__init__(message)
+        super().__init__(message, param="prompt")
         self.prompt_tokens = prompt_tokens
         self.max_model_len = max_model_len
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.prompt_tokens, self.max_model_len))
 
 
 class CacheDirError(EngineError):

@@ -26,13 +26,14 @@ from collections.abc import Callable
 
 import uvicorn
 
-from backend.config import ATTENTION_BACKENDS, DTYPES, MODEL_IMPLS
+from backend.config import add_engine_flags, engine_option_names, engine_options_from_args
 from backend.hosting import HostingError, HostPolicy, add_hosting_flags, refuse_zerogpu
 from backend.hosting.timeouts import ConnectionTimeouts, uvicorn_options
 
 logger = logging.getLogger("backend.launch_server")
 
 DEFAULT_PORT = 30000  # as SGLang's
+MODEL_OPTIONS = ["model_impl", "quantization", "dtype", "device", "trust_remote_code", "revision"]  # the model group
 GRACEFUL_SHUTDOWN_S = 10  # after the engine is closed, streams end at once; this bounds any other connection
 
 
@@ -47,44 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-path", "--model", dest="model_path", required=True,
         help="Hub id, local checkpoint folder, or a built-in model name (passed to Engine as it is)",
     )  # fmt: skip
-    m.add_argument(
-        "--model-impl", default="auto", choices=MODEL_IMPLS,
-        help="native: our model code; transformers: the transformers model with our attention injected; "
-        "auto: native when the architecture has one (printed at start)",
-    )  # fmt: skip
-    m.add_argument("--quantization", default=None, help="weight quantization, e.g. int8 (see the README)")
-    m.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="weights and activations dtype")
-    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    m.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="allow modeling code shipped in the checkpoint (the same as --allow-remote-code)",
-    )  # fmt: skip
-    m.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    e = p.add_argument_group("engine limits (EngineConfig options)")
-    e.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget in GiB")
-    e.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (overrides the memory budget)")
-    e.add_argument(
-        "--max-model-len", "--context-length", dest="max_model_len", type=int, default=None,
-        help="context length (prompt + output tokens) per request; default: what the model and the budget allow",
-    )  # fmt: skip
-    e.add_argument(
-        "--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int, default=None,
-        help="requests in the running batch at once (engine default 64)",
-    )  # fmt: skip
-    e.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="tokens per engine step; prefills are chunked to fit"
-    )
-    e.add_argument("--block-size", type=int, default=None, help="tokens per KV block (power of two, default 16)")
-    e.add_argument(
-        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-        help="share KV blocks of common prompt prefixes (default on)",
-    )  # fmt: skip
-    e.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS, help="attention kernels")
-    e.add_argument("--seed", type=int, default=None, help="engine seed for requests without their own seed")
-    e.add_argument(
-        "--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=None,
-        help="tensor parallelism: ranks, one process each (gloo on CPU, NCCL on CUDA; default 1)",
-    )  # fmt: skip
+    add_engine_flags(m, MODEL_OPTIONS)
+    e = p.add_argument_group("engine (EngineConfig options; each flag's default is the engine's)")
+    add_engine_flags(e, [n for n in engine_option_names() if n not in MODEL_OPTIONS])
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
@@ -121,14 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-ENGINE_OPTIONS = (
-    "kv_cache_memory_gb", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-    "enable_prefix_caching", "attention_backend", "seed", "revision", "tp_size",
-)  # fmt: skip
-
-
 def engine_options(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in ENGINE_OPTIONS if getattr(args, name) is not None}
+    """The engine options given on the command line (the rest keep EngineConfig's defaults)."""
+    return engine_options_from_args(args)
 
 
 EXIT_ENGINE_DOWN = 3  # the engine can never serve again (its tensor-parallel group is down): restart the process
@@ -199,16 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     print("hosting policy:\n  " + "\n  ".join(policy.summary()), flush=True)
     try:
         # the host names the model itself: any folder of theirs loads; the policy's caps are for the clients
-        engine = Engine(
-            args.model_path,
-            model_impl=args.model_impl,
-            quantization=args.quantization,
-            dtype=args.dtype,
-            device=args.device,
-            trust_remote_code=policy.allow_remote_code,
-            **engine_options(args),
-            **policy.engine_options(),
-        )
+        options = dict(engine_options(args), trust_remote_code=policy.allow_remote_code)
+        engine = Engine(args.model_path, **options, **policy.engine_options())
     except EngineError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -221,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"Fallback Lab server: {name!r} with the {engine.model_impl} implementation (asked: {args.model_impl}), "
+        f"Fallback Lab server: {name!r} with the {engine.model_impl} implementation "
+        f"(asked: {engine.config.model_impl}), "
         f"context {engine.max_model_len} tokens, {engine.stats().kv_blocks_total} KV blocks",
         flush=True,
     )

@@ -25,20 +25,20 @@ def _strings(value, name: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise RequestError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+        raise RequestError(f"{name} must be a string or a list of strings, got {type(value).__name__}", param=name)
     for s in value:
         if not isinstance(s, str) or not s:
-            raise RequestError(f"{name} must be non-empty strings, got {s!r}")
+            raise RequestError(f"{name} must be non-empty strings, got {s!r}", param=name)
         try:
             s.encode("utf-8")
         except UnicodeEncodeError:
-            raise RequestError(f"{name} {s!r} is not valid Unicode (a lone surrogate)") from None
+            raise RequestError(f"{name} {s!r} is not valid Unicode (a lone surrogate)", param=name) from None
     return tuple(value)
 
 
 def _token_ids(value, name: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(is_int(t) and t >= 0 for t in value):
-        raise RequestError(f"{name} must be a list of non-negative integers, got {value!r:.80}")
+        raise RequestError(f"{name} must be a list of non-negative integers, got {value!r:.80}", param=name)
     return tuple(value)
 
 
@@ -97,7 +97,7 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 field_name = message.split()[0]
-                raise RequestError(f"{message}, got {getattr(self, field_name)!r:.80}")
+                raise RequestError(f"{message}, got {getattr(self, field_name)!r:.80}", param=field_name)
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+import backend.engine as engine_module
 import backend.sampling as sampling
 import backend.stop as stop
 from backend import Engine, SamplingParams
@@ -109,16 +110,16 @@ def test_exception_in_the_step_fails_that_step_and_the_engine_keeps_serving(tiny
     # max_num_seqs=2: two requests run, the others wait; the one failing step fails only the two running
     with Engine(str(tiny_model("llama")), dtype="float32", max_model_len=128, max_num_seqs=2) as engine:
         expected = {p: engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS}
-        real = Engine._record
+        real = engine_module.step_stats  # the step's own bookkeeping (was Engine._record)
         calls = {"n": 0}
 
-        def flaky(self, *args):
+        def flaky(*args):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("injected step fault")
-            return real(self, *args)
+            return real(*args)
 
-        monkeypatch.setattr(Engine, "_record", flaky)
+        monkeypatch.setattr(engine_module, "step_stats", flaky)
         results = _stream_all(engine, [(p, GREEDY) for p in PROMPTS])
         failed = [i for i, r in results.items() if isinstance(r, Exception)]
         assert len(failed) == 2 and all("injected step fault" in str(results[i]) for i in failed)
@@ -163,7 +164,7 @@ def test_sampling_params_are_frozen():
 
 def test_a_stream_raises_when_the_engine_loop_died(tiny_model, monkeypatch):
     monkeypatch.setattr(Engine, "_run_loop", lambda self: None)  # the loop thread exits at once, as if crashed
-    monkeypatch.setattr("backend.engine.LISTENER_POLL_S", 0.05)
+    monkeypatch.setattr("backend.streams.LISTENER_POLL_S", 0.05)
     result: dict = {}
     with Engine(str(tiny_model("llama")), dtype="float32", max_model_len=128) as engine:
 

@@ -1,4 +1,4 @@
-"""Errors of the tensor-parallel group at run time (load-time refusals are backend.errors' UnsupportedModelError)."""
+"""Errors of the tensor-parallel group while it runs (refusals at load: backend.errors' UnsupportedModelError)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Build an Engine on a tensor-parallel group without the engine knowing about tensor parallelism (until
-EngineConfig has `tp_size`): rank 0's load and the runner are swapped in while Engine.__init__ runs.
+"""Build an Engine on a tensor-parallel group of the caller's (shared by several engines, e.g. the tests') or a
+group of its own with other options than the engine's default (benchmarks: threads per rank):
 
     engine = make_tp_engine(path, tp_size=2, model_impl="native", dtype="float32")
     group = TensorParallelGroup.start(TPOptions(2)); engine = make_tp_engine(path, group=group, ...)  # shared
@@ -7,11 +7,7 @@ EngineConfig has `tp_size`): rank 0's load and the runner are swapped in while E
 
 from __future__ import annotations
 
-from unittest import mock
-
-import backend.engine as engine_module
 from backend.distributed.group import TensorParallelGroup, TPOptions
-from backend.distributed.runner import DistributedRunner
 from backend.engine import Engine
 
 
@@ -30,19 +26,8 @@ def make_tp_engine(
         group = TensorParallelGroup.start(
             tp_options or TPOptions(tp_size), "cuda" if device.startswith("cuda") else "cpu"
         )
-
-    def load(cfg, progress=None):
-        return group.load(cfg, progress)
-
-    def runner(*args, **kwargs):
-        return DistributedRunner(group, *args, owns_group=owns, **kwargs)
-
     try:
-        with (
-            mock.patch.object(engine_module, "load_model", load),
-            mock.patch.object(engine_module, "ModelRunner", runner),
-        ):
-            return Engine(model, **engine_options)
+        return Engine(model, tp_group=group, own_tp_group=owns, **engine_options)
     except BaseException:
         if owns:
             group.shutdown()

@@ -42,7 +42,7 @@ from huggingface_hub.errors import (
     SafetensorsParsingError,
 )
 
-from backend.config import DTYPES
+from backend.config import DTYPES, EngineConfig
 from backend.errors import ModelNotFoundError, UnsupportedModelError
 from backend.kv_cache import KVCacheSpec, KVSlot
 from backend.kv_sizing import model_context_len, plan_kv_cache
@@ -93,11 +93,11 @@ class TensorMeta:
 class EngineKVSettings:
     """The engine options that size its KV cache (EngineConfig's names and defaults)."""
 
-    block_size: int = 16
-    kv_cache_memory_gb: float | None = None
-    num_kv_blocks: int | None = None
-    max_model_len: int | None = None
-    device: str = "auto"
+    block_size: int = EngineConfig.default("block_size")
+    kv_cache_memory_gb: float | None = EngineConfig.default("kv_cache_memory_gb")
+    num_kv_blocks: int | None = EngineConfig.default("num_kv_blocks")
+    max_model_len: int | None = EngineConfig.default("max_model_len")
+    device: str = EngineConfig.default("device")
 
     @property
     def torch_device(self) -> torch.device:

@@ -1,7 +1,8 @@
 """What our attention received in one engine step, per layer: for the lab's "injection, shown" view.
 
-`trace_attention_calls(engine, prompt_token_ids)` runs one real step of the engine with a recorder around
-the attention entry point of its model, then removes it:
+`trace_attention_calls(engine, prompt_token_ids)` runs one real step of the engine (through its public hooks:
+`exclusive_steps()` and `step(on_batch=...)`) with a recorder around the attention entry point of its model, then
+removes it:
 
 - transformers implementation: the function registered with transformers' `AttentionInterface` under the
   model's `attn_implementation` name is replaced by a recording wrapper for the step (the HF attention modules
@@ -140,26 +141,21 @@ def trace_attention_calls(engine, prompt_token_ids: list[int] | list[list[int]])
     model = engine.loaded.model
     rec = _Recorder(model)
     ids: list[int] = []
-    with engine._lock:  # the background loop steps only between our steps
+    with engine.exclusive_steps():  # the background loop steps only between our steps
         try:
             for prompt in prompts[:-1]:
                 ids.append(engine.add_request(prompt_token_ids=list(prompt), params=params))
             if ids:
                 engine.step()  # untraced: prefill the first prompts, so the traced step decodes them
             ids.append(engine.add_request(prompt_token_ids=list(prompts[-1]), params=params))
-            runner = engine.runner
-            run = runner.run
 
-            def counting_run(batch):
+            def count(batch) -> None:
                 rec.counts = _batch_counts(batch)
-                return run(batch)
 
             undo = _wrap_transformers(model, rec) if hasattr(model, "hf") else _hook_native(model, rec)
-            runner.run = counting_run
             try:
-                engine.step()
+                engine.step(on_batch=count)
             finally:
-                del runner.run  # the class method again
                 undo()
         finally:
             for rid in ids:

@@ -118,19 +118,7 @@ def sampling_params(
     try:
         return SamplingParams(**options)
     except RequestError as e:
-        name = getattr(e, "param", None) or _refused_field(options)
-        raise bad_request(str(e), _API_NAMES.get(name, name), "invalid_value") from None
-
-
-def _refused_field(options: dict) -> str | None:
-    """The SamplingParams field that SamplingParams refuses on its own (each field is checked apart from the
-    others, so exactly the bad ones raise): the parameter to name, found from the fields, not the message."""
-    for name, value in options.items():
-        try:
-            SamplingParams(**{name: value})
-        except RequestError:
-            return name
-    return None
+        raise bad_request(str(e), _API_NAMES.get(e.param, e.param), "invalid_value") from None
 
 
 def with_seed(params: SamplingParams, seed: int | None, index: int) -> SamplingParams:

@@ -26,7 +26,7 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
-from backend.config import DTYPES, MODEL_IMPLS
+from backend.config import DTYPES, MODEL_IMPLS, EngineConfig, add_engine_flags
 from backend.host_allocator import keep_freed_memory, release_freed_memory
 from backend.tools.bench_endpoint import run_endpoint
 from backend.tools.bench_types import BenchOptions, Result, Workload
@@ -450,22 +450,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantization", default=None, help="our engine only (the HF baselines run unquantized)")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_engine_flags(  # EngineConfig's declarations; the benchmark's own defaults where it has them
+        parser,
+        ["dtype", "device", "quantization", "max_model_len", "seed", "trust_remote_code", "tp_size"],
+        defaults={**{n: EngineConfig.default(n) for n in ("device", "seed", "trust_remote_code", "tp_size")},
+                  "dtype": "bfloat16"},
+        help_overrides={
+            "quantization": "our engine only (the HF baselines run unquantized)",
+            "tp_size": "our engine's tensor-parallel ranks (HF runs on one)",
+        },
+    )  # fmt: skip
     parser.add_argument(
         "--repeat", type=int, default=1, help="run every system this many times (round robin) and report the median run"
     )
-    parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument(
         "--endpoint",
         default=None,
         help="also run the workload against this OpenAI-compatible server (base URL, e.g. http://127.0.0.1:8000/v1)",
     )
     parser.add_argument("--endpoint-api-key", default=None, help="API key of --endpoint")
-    parser.add_argument("--tp-size", type=int, default=1, help="our engine's tensor-parallel ranks (HF runs on one)")
     parser.add_argument(
         "--json", default=None, help="write results here (default: bench-<time>.json in the project cache's bench/)"
     )

@@ -329,6 +329,8 @@ def ratios(results: list[LevelResult]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[LevelResult]:
+    from backend.config import EngineConfig, add_engine_flags  # torch: only when run, not for its client helpers
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny:smollm2-135m", help="folder, Hub id, or tiny:<arch>")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
@@ -340,10 +342,11 @@ def main(argv: list[str] | None = None) -> list[LevelResult]:
     p.add_argument(
         "--level-timeout", type=float, default=300, help="seconds one level may take (a server that is slower: noted)"
     )
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    add_engine_flags(  # EngineConfig's declarations; the benchmark's own defaults where it has them
+        p,
+        ["dtype", "device", "max_model_len", "seed"],
+        defaults=dict(dtype="bfloat16", device="cpu", seed=EngineConfig.default("seed")),
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if min(args.concurrency) < 1:

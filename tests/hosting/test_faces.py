@@ -60,10 +60,12 @@ class StreamSpy:
         self.records: list[dict] = []
         engine.open_stream = self
 
-    def __call__(self, prompt=None, params=None, prompt_token_ids=None, owner=None):
+    def __call__(self, prompt=None, params=None, prompt_token_ids=None, owner=None, sink=None):
         rec = dict(owner=owner, added=self.engine.stats().num_steps, first=None, t0=time.perf_counter(), ttft=None)
         with self.lock:
             self.records.append(rec)
+        if sink is not None:  # the server: the engine pushes the deltas to its sink
+            return self.real(prompt, params, prompt_token_ids=prompt_token_ids, owner=owner, sink=_noting(sink, rec))
         return SpiedStream(self.real(prompt, params, prompt_token_ids=prompt_token_ids, owner=owner), rec)
 
     def steps(self, rec: dict) -> int:
@@ -75,6 +77,21 @@ class StreamSpy:
 
     def restore(self) -> None:
         self.engine.open_stream = self.real
+
+
+def _note_first(rec: dict, delta) -> None:
+    if rec["first"] is None and delta.token_ids and delta.stats is not None:
+        rec["first"], rec["ttft"] = delta.stats.step, time.perf_counter() - rec["t0"]
+
+
+def _noting(sink, rec: dict):
+    """A sink that notes the step of the first token in `rec`, then hands the delta on."""
+
+    def push(delta) -> None:
+        _note_first(rec, delta)
+        sink(delta)
+
+    return push
 
 
 class SpiedStream:
@@ -91,8 +108,7 @@ class SpiedStream:
 
     def __next__(self):
         delta = next(self.handle)
-        if self.rec["first"] is None and delta.token_ids and delta.stats is not None:
-            self.rec["first"], self.rec["ttft"] = delta.stats.step, time.perf_counter() - self.rec["t0"]
+        _note_first(self.rec, delta)
         return delta
 
     def __enter__(self) -> "SpiedStream":

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import openai
 import pytest
 
 from backend import Engine
-from backend.errors import RequestFailedError
 from backend.server import build_app
 from tests.server.conftest import SERVED, TEMPLATE, start_server
 
@@ -162,41 +163,34 @@ def test_chat_template_flag_is_used(tiny_model, keyed_no_template):
         thread.join(timeout=30)
 
 
-class PoisonedStream:
-    """An engine RequestStream that hands out one delta, then fails as the engine does for a failed request."""
+def poisoned(sink, engine):
+    """A sink that hands on one delta, then fails the request as the engine does for a failed request (the engine
+    pushes deltas to the server's sink)."""
+    sent: list[int] = []
 
-    def __init__(self, handle) -> None:
-        self.handle, self.request_id, self.sent = handle, handle.request_id, False
+    def push(delta):
+        if not sent:
+            sent.append(delta.request_id)
+            return sink(delta)
+        if len(sent) == 1:
+            sent.append(delta.request_id)
+            engine.abort(delta.request_id)
+            error = "RequestFailedError: sampling failed: injected fault"
+            output = dataclasses.replace(delta.output, finished=True, finish_reason="error", error=error)
+            return sink(
+                dataclasses.replace(delta, text="", token_ids=[], finished=True, finish_reason="error", output=output)
+            )
 
-    def __iter__(self) -> "PoisonedStream":
-        return self
-
-    def __next__(self):
-        if self.sent:
-            self.handle.close()
-            raise RequestFailedError("sampling failed: injected fault", self.request_id)
-        self.sent = True
-        return next(self.handle)
-
-    def abort(self) -> None:
-        self.handle.abort()
-
-    def close(self) -> None:
-        self.handle.close()
-
-    def __enter__(self) -> "PoisonedStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    return push
 
 
 def test_an_engine_failure_fails_that_request_alone(live, http, monkeypatch):
     real_open = live.engine.open_stream
 
-    def open_stream(prompt=None, params=None, prompt_token_ids=None, owner=None):
-        handle = real_open(prompt, params, prompt_token_ids, owner=owner)
-        return PoisonedStream(handle) if params.max_new_tokens == 7 else handle  # 7: the poisoned request
+    def open_stream(prompt=None, params=None, prompt_token_ids=None, owner=None, sink=None):
+        if params.max_new_tokens == 7:  # 7: the poisoned request
+            sink = poisoned(sink, live.engine)
+        return real_open(prompt, params, prompt_token_ids, owner=owner, sink=sink)
 
     monkeypatch.setattr(live.engine, "open_stream", open_stream)
     err = assert_error(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 7}), 500, "request_failed")

@@ -20,6 +20,7 @@ from backend.errors import UnsupportedModelError
 from backend.forward_batch import ForwardBatch
 from backend.layers.attention import paged_attention
 from backend.models.kv_layout import KVProbe, probe_kv_layout
+from backend.models.vlm import attention_implementations, check_image_text_class, image_text_class
 
 ATTENTION_NAME = "fallback_lab_paged"
 BATCH_KWARG = "flab_batch"
@@ -75,6 +76,9 @@ def register_attention() -> str:
 
 
 def resolve_model_class(config: PretrainedConfig, trust_remote_code: bool) -> type:
+    vlm = image_text_class(config)  # an image-text-to-text model (backend/models/vlm.py)
+    if vlm is not None:
+        return vlm
     auto_map = getattr(config, "auto_map", None) or {}
     if "AutoModelForCausalLM" in auto_map and trust_remote_code:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -112,10 +116,15 @@ class TransformersModel(nn.Module):
         super().__init__()
         cls = resolve_model_class(hf_config, trust_remote_code)
         check_attention_support(cls)
+        self.is_image_text = image_text_class(hf_config) is not None
+        if self.is_image_text:
+            check_image_text_class(cls)
         self.attention_name = register_attention()
+        # a VLM: our attention in its language model only, the vision tower keeps transformers' own
+        self._attn = attention_implementations(hf_config, self.attention_name) if self.is_image_text else None
         config = copy.deepcopy(hf_config)  # from_config mutates the config it is given
         with torch.device("meta"):
-            self.hf = cls._from_config(config, attn_implementation=self.attention_name, dtype=dtype)
+            self.hf = cls._from_config(config, attn_implementation=self._attn or self.attention_name, dtype=dtype)
         self.hf.eval()
         self.config = self.hf.config
         self._cls, self._dtype, self._trust_remote_code = cls, dtype, trust_remote_code
@@ -130,7 +139,7 @@ class TransformersModel(nn.Module):
         hf, info = self._cls.from_pretrained(
             path,
             config=copy.deepcopy(self.config),
-            attn_implementation=self.attention_name,
+            attn_implementation=self._attn or self.attention_name,
             dtype=self._dtype,
             trust_remote_code=self._trust_remote_code,
             output_loading_info=True,

@@ -1,0 +1,92 @@
+"""Image-text-to-text models (VLMs) through the transformers fallback: which class, where our attention goes.
+
+A VLM's config holds its language model's config as a sub-config (`get_text_config()`); its class comes from
+transformers' image-text-to-text mapping (`AutoModelForImageTextToText`). Our paged attention is injected into the
+language model only (the text config's `_attn_implementation`); the vision tower keeps transformers' default
+(sdpa / eager) and runs once per image. A family whose language model needs an attention our paged attention
+cannot express is refused here, at load, with the reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+from transformers import AutoModelForImageTextToText, PretrainedConfig
+
+from backend.errors import UnsupportedModelError
+
+# Mask arguments of transformers' masking_utils that make some tokens attend bidirectionally (an image's tokens, a
+# prompt prefix). The paged attention applies causality itself and never sees the mask transformers would build.
+BIDIRECTIONAL_MASK_ARGS = ("block_sequence_ids=", "or_mask_function=", "token_type_ids_mask_function")
+
+
+def image_text_class(config: PretrainedConfig) -> type | None:
+    """The transformers image-text-to-text class of `config` (None: not an image-text model)."""
+    if not _has_text_subconfig(config):
+        return None
+    mapping = AutoModelForImageTextToText._model_mapping
+    return mapping[type(config)] if type(config) in mapping else None
+
+
+def is_image_text_config(config: PretrainedConfig) -> bool:
+    return image_text_class(config) is not None
+
+
+def _has_text_subconfig(config: PretrainedConfig) -> bool:
+    try:
+        return config.get_text_config() is not config
+    except ValueError:  # several text configs
+        return False
+
+
+def attention_implementations(config: PretrainedConfig, ours: str) -> dict:
+    """The `attn_implementation` dict that puts `ours` on the text config only (nested where it is nested), leaving
+    every other sub-config (the vision tower, the projector) at transformers' default."""
+    path = _text_config_path(config, config.get_text_config())
+    if path is None:
+        raise UnsupportedModelError(
+            f"{type(config).__name__}: its text config is not among its sub-configs ({sorted(config.sub_configs)}), "
+            "so the paged attention cannot be injected into its language model alone"
+        )
+    value: str | dict = ours
+    for key in reversed(path):
+        value = {key: value}
+    return value  # type: ignore[return-value]
+
+
+def _text_config_path(config: PretrainedConfig, text: PretrainedConfig) -> list[str] | None:
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is text:
+            return [key]
+        if isinstance(sub, PretrainedConfig):
+            rest = _text_config_path(sub, text)
+            if rest is not None:
+                return [key, *rest]
+    return None
+
+
+def bidirectional_reason(cls: type) -> str | None:
+    """Why the language model of `cls` attends bidirectionally somewhere (None: causal everywhere, as far as its
+    modeling code says). Read from the mask arguments its modeling module passes to transformers' masking_utils."""
+    module = sys.modules.get(cls.__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return None
+    used = [arg.rstrip("=") for arg in BIDIRECTIONAL_MASK_ARGS if arg in source]
+    if not used:
+        return None
+    return (
+        f"{cls.__name__} lets some tokens attend bidirectionally (an image's tokens or the prompt prefix, through "
+        f"{', '.join(used)} in its attention mask); the paged attention is causal and builds no transformers mask, "
+        "so its outputs would differ from transformers'"
+    )
+
+
+def check_image_text_class(cls: type) -> None:
+    """Refuse a VLM class whose language model the paged attention cannot run exactly."""
+    reason = bidirectional_reason(cls)
+    if reason is not None:
+        raise UnsupportedModelError(f"{reason}. Bidirectional image attention is not supported yet")

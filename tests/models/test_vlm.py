@@ -1,0 +1,110 @@
+"""Image-text-to-text models (VLMs) through the transformers fallback (backend/models/vlm.py): loaded with our paged
+attention in the language model only and their processor; text-only requests equal HF generate() on the same
+weights (fp32, CPU); families the paged attention cannot run exactly are refused at load with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from backend import Engine, SamplingParams
+from backend.errors import UnsupportedModelError
+from backend.models.transformers import ATTENTION_NAME
+from backend.tools.tiny_vlms import build_tiny_vlm
+from tests.helpers import PROMPTS
+
+N_NEW = 8
+SLOW = pytest.mark.slow
+EXACT_FAMILIES = [
+    "llava",
+    "qwen2_vl",  # M-RoPE (text-only: three equal position rows)
+    pytest.param("idefics3", marks=SLOW),
+    pytest.param("mistral3", marks=SLOW),  # its processor needs torchvision: text-only here
+    pytest.param("qwen3_vl_moe", marks=SLOW),  # MoE, interleaved M-RoPE
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    built: dict = {}
+
+    def make(family: str):
+        if family not in built:
+            built[family] = build_tiny_vlm(family, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return make
+
+
+def hf_vlm_greedy(path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """HF generate()'s greedy tokens of the VLM for text-only prompts (fp32, one prompt at a time)."""
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    outs = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tok.pad_token_id,
+        )
+        outs.append(gen[0, ids.shape[1] :].tolist())
+    return outs
+
+
+def vlm_engine(path, **options) -> Engine:
+    return Engine(str(path), dtype="float32", device="cpu", kv_cache_memory_gb=0.05, **options)
+
+
+@pytest.mark.parametrize("family", EXACT_FAMILIES)
+def test_text_only_requests_equal_hf_generate(family, tiny_vlm):
+    path = tiny_vlm(family)
+    expected = hf_vlm_greedy(path, PROMPTS, N_NEW)
+    params = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+    with vlm_engine(path) as engine:  # one mixed batch of prompts of different lengths
+        assert [o.token_ids for o in engine.generate(PROMPTS, params)] == expected
+    with vlm_engine(path, max_num_batched_tokens=8, enable_prefix_caching=False) as engine:  # chunked prefill
+        assert [o.token_ids for o in engine.generate(PROMPTS, params)] == expected
+
+
+def test_attention_goes_into_the_language_model_only(tiny_vlm):
+    """LLaVA's vision tower has as many layers as its language model: the probe still finds the language model's."""
+    with vlm_engine(tiny_vlm("llava")) as engine:
+        hf = engine.model.hf
+        assert hf.config.get_text_config()._attn_implementation == ATTENTION_NAME
+        assert hf.config.vision_config._attn_implementation in ("sdpa", "eager")
+        assert [s.layer for s in engine.model.kv_slots] == [0, 1]  # the language model's two layers, one slot each
+        assert all(not hasattr(m, "flab_kv_slots") for m in hf.model.vision_tower.modules())
+
+
+def test_auto_picks_transformers_and_says_why_native_refuses(tiny_vlm):
+    path = tiny_vlm("llava")
+    with vlm_engine(path) as engine:
+        assert engine.model_impl == "transformers"
+        assert "image-text-to-text" in engine.describe()["impl_reason"]
+        assert type(engine.loaded.processor.processor).__name__ == "LlavaProcessor"
+    with pytest.raises(UnsupportedModelError, match="image-text-to-text model; model_impl='native'"):
+        vlm_engine(path, model_impl="native")
+
+
+def test_processor_loads_without_its_video_part(tiny_vlm):
+    """Qwen2-VL's processor has a video part, which transformers builds only with torchvision (absent here)."""
+    with vlm_engine(tiny_vlm("qwen2_vl")) as engine:
+        processor = engine.loaded.processor.processor
+        assert type(processor).__name__ == "Qwen2VLProcessor"
+        assert hasattr(processor, "image_processor") and processor.tokenizer is engine.tokenizer
+
+
+def test_processor_that_needs_torchvision_leaves_the_model_text_only(tiny_vlm):
+    with vlm_engine(tiny_vlm("mistral3")) as engine:
+        loaded = engine.loaded.processor
+        assert loaded.processor is None and "torchvision" in loaded.unavailable.lower()
+
+
+def test_bidirectional_image_attention_is_refused_with_the_reason(tiny_vlm):
+    with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration .* attend bidirectionally"):
+        vlm_engine(tiny_vlm("gemma3"))

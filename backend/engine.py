@@ -44,6 +44,7 @@ from backend.layers.attention_backends import AttentionBackend, make_attention_b
 from backend.loading.build import LoadedModel, load_model
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
 from backend.models.kv_layout import kv_cache_spec
+from backend.multimodal import prepare_image_request
 from backend.outputs import RequestOutput, StreamDelta
 from backend.runner import ModelRunner
 from backend.sampling import PromptLogprobs, SamplingParams, TopLogprobs
@@ -275,10 +276,12 @@ class Engine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         owner: str | None = None,
+        images: object | None = None,
     ) -> int:
         """Queue a request; returns its id. Raises RequestError for bad input (nothing is queued then).
-        Its outputs come back from `step()` (the finished delta carries the whole output)."""
-        req = self._add(prompt, params, prompt_token_ids, None, owner)
+        Its outputs come back from `step()` (the finished delta carries the whole output). `images`: an image or a
+        list of images (PIL, path, bytes) whose placeholders the prompt holds (an image-text model)."""
+        req = self._add(prompt, params, prompt_token_ids, None, owner, images)
         req.manual = True
         return req.seq.seq_id
 
@@ -290,13 +293,20 @@ class Engine:
             self._outbox.clear()
             return outputs
 
-    def _add(self, prompt, params, prompt_token_ids, listener: queue.Queue | None, owner=None) -> _Request:
+    def _add(self, prompt, params, prompt_token_ids, listener: queue.Queue | None, owner=None, images=None) -> _Request:
         if owner is not None and not isinstance(owner, str):
             raise RequestError(f"owner must be None or a string, got {type(owner).__name__}")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
-        ids = self._check_token_ids(prompt_token_ids if prompt_token_ids is not None else self._encode(prompt))
+        image_inputs = None
+        if images is not None:  # an image-text request: the processor expands the placeholders (backend/multimodal)
+            if prompt_token_ids is not None:
+                raise RequestError("images go with a text prompt, not with prompt_token_ids")
+            ids, image_inputs = prepare_image_request(self.loaded.model, self.loaded.processor, prompt, images)
+        else:
+            ids = prompt_token_ids if prompt_token_ids is not None else self._encode(prompt)
+        ids = self._check_token_ids(ids)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
         with self._lock:
@@ -304,7 +314,7 @@ class Engine:
                 raise RequestError("the engine is closed")
             rid = self._next_id
             self._next_id += 1
-            seq = Sequence(rid, ids, params, generator, owner=owner)
+            seq = Sequence(rid, ids, params, generator, owner=owner, images=image_inputs)
             detok = Detokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer is not None else None
             req = _Request(seq, prompt, listener=listener, detokenizer=detok, stops=StopMatcher(params.stop))
             if params.prompt_logprobs is not None:
@@ -529,17 +539,22 @@ class Engine:
         sampling_params: SamplingParams | list | None = None,
         prompt_token_ids: list[list[int]] | None = None,
         owner: str | None = None,
+        images: list | None = None,
     ) -> list[RequestOutput]:
         """Run the prompts to the end; outputs in prompt order. A bad prompt raises RequestError before any
-        runs; a request that fails while running raises RequestFailedError (the others still finish)."""
+        runs; a request that fails while running raises RequestFailedError (the others still finish).
+        `images`: one entry per prompt (None, an image or a list of images: PIL, path or bytes)."""
         items = self._items(prompts, prompt_token_ids)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
         if len(params) != len(items):
             raise RequestError("sampling_params must be one SamplingParams or one per prompt")
+        if images is not None and (not isinstance(images, (list, tuple)) or len(images) != len(items)):
+            raise RequestError("images must be a list with one entry per prompt (None, an image or a list of images)")
+        per_prompt = list(images) if images is not None else [None] * len(items)
         reqs: list[_Request] = []
         try:
-            for (prompt, token_ids), p in zip(items, params):
-                reqs.append(self._add(prompt, p, token_ids, None, owner))
+            for (prompt, token_ids), p, imgs in zip(items, params, per_prompt):
+                reqs.append(self._add(prompt, p, token_ids, None, owner, imgs))
         except BaseException:
             for r in reqs:  # a bad prompt in the list: queue nothing
                 self.abort(r.seq.seq_id)
@@ -602,12 +617,13 @@ class Engine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         owner: str | None = None,
+        images: object | None = None,
     ) -> "RequestStream":
         """Queue a request now and return its handle: `request_id` at once (another thread may `abort` it before
         its first token, e.g. a client that hung up while it waited), its deltas by iterating. Raises RequestError
         for bad input (nothing is queued then)."""
         self.start_background_loop()
-        return RequestStream(self, self._add(prompt, params, prompt_token_ids, queue.Queue(), owner))
+        return RequestStream(self, self._add(prompt, params, prompt_token_ids, queue.Queue(), owner, images))
 
     def stream(
         self,
@@ -615,10 +631,11 @@ class Engine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         owner: str | None = None,
+        images: object | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield deltas as tokens are produced. Leaving the loop early aborts the request. A request that
         fails while running raises RequestFailedError after its last delta."""
-        with self.open_stream(prompt, params, prompt_token_ids, owner) as handle:
+        with self.open_stream(prompt, params, prompt_token_ids, owner, images) as handle:
             yield from handle
 
     def start_background_loop(self) -> None:
@@ -685,6 +702,12 @@ class Engine:
         return self.loaded.model
 
     @property
+    def processor(self):
+        """An image-text model's processor (AutoProcessor); None for a language model, or where it cannot load here
+        (describe()["images"] says why)."""
+        return self.loaded.processor.processor if self.loaded.processor is not None else None
+
+    @property
     def decode_weight_bytes(self) -> int:
         """Bytes of weights one batch-1 decode step reads (for bandwidth figures)."""
         return self.loaded.decode_weight_bytes
@@ -747,6 +770,7 @@ class Engine:
 
     def _describe(self) -> dict:
         from backend.models.describe import describe_model
+        from backend.multimodal.inputs import describe_images
 
         info = describe_model(self.loaded.model)
         spec = self.kv_cache.spec
@@ -764,6 +788,7 @@ class Engine:
             cpu_linear=self.loaded.cpu_linear,
             cpu_linears=self.loaded.num_cpu_linears,
             decode_weight_bytes=self.decode_weight_bytes,
+            images=describe_images(self.loaded.processor),  # an image-text model: its processor, or why none
             weights_bytes=self.weights_bytes,
             kv_cache=dict(
                 num_blocks=self.kv_cache.num_blocks,

@@ -144,7 +144,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> bool:
         tokens = seq.all_token_ids
         # Leave at least one token to compute: the step must produce logits for the last one.
-        hashes = block_hashes(tokens[: len(tokens) - 1], self.block_size)
+        hashes = block_hashes(tokens[: len(tokens) - 1], self.block_size, 0, seq.hash_salt)
         # A request scoring its prompt (prompt_logprobs) computes every position: no prefix-cache hits (as vLLM);
         # its blocks are still published for later requests.
         cached = [] if seq.params.prompt_logprobs is not None else self.allocator.match_prefix(hashes)
@@ -182,7 +182,7 @@ class Scheduler:
             full = seq.num_computed_tokens // self.block_size
             if full > done:
                 tokens = seq.all_token_ids[: full * self.block_size]
-                prev = seq.block_hashes[-1] if done else None
+                prev = seq.block_hashes[-1] if done else seq.hash_salt
                 new = block_hashes(tokens, self.block_size, done, prev)
                 for b, h in zip(seq.block_table[done:full], new):
                     self.allocator.register(b, h)

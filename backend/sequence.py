@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backend.multimodal.inputs import ImageInputs
 from backend.sampling import SamplingParams
 
 
@@ -39,6 +40,12 @@ class Sequence:
     text: str = ""  # detokenized output so far (set by the engine)
     owner: str | None = None  # who asked (fair scheduling across owners); None = anonymous
     error: str | None = None
+    images: ImageInputs | None = None  # an image-text request's images (backend/multimodal/inputs.py)
+
+    @property
+    def hash_salt(self) -> int | None:
+        """Joins the KV block hashes: requests with the same token ids and different images share no blocks."""
+        return None if self.images is None else self.images.content_hash
 
     @property
     def num_tokens(self) -> int:

@@ -19,6 +19,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedCon
 from backend.errors import UnsupportedModelError
 from backend.forward_batch import ForwardBatch
 from backend.layers.attention import paged_attention
+from backend.models import vlm
 from backend.models.kv_layout import KVProbe, probe_kv_layout
 from backend.models.vlm import attention_implementations, check_image_text_class, image_text_class
 
@@ -160,11 +161,39 @@ class TransformersModel(nn.Module):
         """Run the load-time probe forward: sets `kv_slots` (the cache layout) or refuses the model."""
         self.kv_slots = probe_kv_layout(self, device)
 
+    # --- image-text models (backend/models/vlm.py, backend/multimodal/) ---
+    @property
+    def image_token_id(self) -> int | None:
+        return vlm.image_token_id(self.config)
+
+    def image_input_refusal(self) -> str | None:
+        return vlm.image_input_refusal(self.hf)
+
+    def mrope_positions(self, processed: dict) -> tuple[torch.Tensor, int] | None:
+        return vlm.rope_index(self.hf, processed)
+
+    @torch.inference_mode()
+    def encode_images(self, inputs) -> torch.Tensor:  # -> (N, H)
+        feats = vlm.encode_images(self.hf, inputs.tensors, self._dtype)
+        n = inputs.placeholder_positions.numel()
+        if feats.shape[0] != n:
+            raise RuntimeError(f"the vision tower gave {feats.shape[0]} feature rows for {n} image tokens")
+        return feats
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> (R, V)
         kwargs = {BATCH_KWARG: batch, "use_cache": False}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = batch.logits_indices
-        out = self.hf(input_ids=batch.input_ids[None], position_ids=batch.positions[None], **kwargs)
+        ids = batch.input_ids[None]  # (1, T)
+        positions = batch.positions[None] if batch.mrope_positions is None else batch.mrope_positions[:, None]
+        if batch.embed_rows is None:
+            out = self.hf(input_ids=ids, position_ids=positions, **kwargs)
+        else:  # image features at the image tokens' rows, merged into the model's own input embeddings
+            ids = ids.clone()
+            ids[0, batch.embed_rows] = 0  # image token ids may lie outside the embedding table
+            embeds = self.hf.get_input_embeddings()(ids)  # (1, T, H)
+            embeds[0, batch.embed_rows] = batch.embed_values.to(embeds.dtype)
+            out = self.hf(inputs_embeds=embeds, position_ids=positions, **kwargs)
         logits = out.logits[0]  # (R or T, V)
         return logits if self._logits_to_keep else logits[batch.logits_indices]

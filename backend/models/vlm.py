@@ -90,3 +90,56 @@ def check_image_text_class(cls: type) -> None:
     reason = bidirectional_reason(cls)
     if reason is not None:
         raise UnsupportedModelError(f"{reason}. Bidirectional image attention is not supported yet")
+
+
+def image_token_id(config: PretrainedConfig) -> int | None:
+    """The id of the token that stands for one image feature in the prompt."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def image_input_refusal(hf) -> str | None:
+    """Why this model's image requests cannot run exactly (None: they can)."""
+    vision = getattr(hf.config, "vision_config", None)
+    if getattr(vision, "deepstack_visual_indexes", None):
+        return (
+            f"{type(hf).__name__} adds image features inside its language model's layers (deepstack), which the "
+            "engine does not pass yet; send text only"
+        )
+    if image_token_id(hf.config) is None or not callable(getattr(hf, "get_image_features", None)):
+        return f"{type(hf).__name__} names no image token or has no get_image_features"
+    return None
+
+
+def _accepted(fn, values: dict) -> dict:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in values.items() if k in params}
+
+
+def encode_images(hf, tensors: dict, dtype) -> "torch.Tensor":  # noqa: F821 -> (N, H)
+    """The image features of one request from the model's own `get_image_features`, one row per image token."""
+    import torch
+
+    fn = hf.get_image_features
+    kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    kwargs = {k: v.to(hf.device) for k, v in _accepted(fn, kwargs).items()}
+    out = fn(**kwargs)
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (list, tuple)):
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0)
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def rope_index(hf, processed: dict) -> "tuple[torch.Tensor, int] | None":  # noqa: F821
+    """(M-RoPE positions (3, L), delta) of one processed prompt from the model's own `get_rope_index`; None for a
+    model without M-RoPE."""
+    owner = getattr(hf, "model", hf)
+    fn = getattr(owner, "get_rope_index", None)
+    if not callable(fn):
+        return None
+    values = {k: v for k, v in processed.items() if k != "attention_mask"}
+    positions, delta = fn(**_accepted(fn, values))  # (3, 1, L), (1, 1)
+    return positions[:, 0].cpu(), int(delta.reshape(-1)[0])

@@ -88,7 +88,12 @@ def _llava_processor(tok: PreTrainedTokenizerFast, template: str):
     size = dict(height=IMAGE_SIZE, width=IMAGE_SIZE)
     images = transformers.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=size)
     return transformers.LlavaProcessor(
-        images, tok, patch_size=8, vision_feature_select_strategy="default", chat_template=template
+        images,
+        tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+        chat_template=template,
     )
 
 
@@ -108,13 +113,13 @@ def _qwen2_vl_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
 
 
 def _qwen2_vl_processor(tok: PreTrainedTokenizerFast, template: str):
-    pixels = 28 * 28 * 2
+    pixels = 56 * 56  # a 4x4 patch grid: 2x2 merged tokens, whose M-RoPE positions advance by 2 (delta -2)
     images = transformers.Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2)
     return without_video(transformers.Qwen2VLProcessor)(image_processor=images, tokenizer=tok, chat_template=template)
 
 
 def _qwen3_vl_processor(tok: PreTrainedTokenizerFast, template: str):
-    pixels = 28 * 28 * 2
+    pixels = 56 * 56  # a 4x4 patch grid: 2x2 merged tokens, whose M-RoPE positions advance by 2 (delta -2)
     images = transformers.Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2)
     return without_video(transformers.Qwen3VLProcessor)(image_processor=images, tokenizer=tok, chat_template=template)
 

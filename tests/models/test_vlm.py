@@ -5,14 +5,12 @@ weights (fp32, CPU); families the paged attention cannot run exactly are refused
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from backend import Engine, SamplingParams
 from backend.errors import UnsupportedModelError
 from backend.models.transformers import ATTENTION_NAME
-from backend.tools.tiny_vlms import build_tiny_vlm
 from tests.helpers import PROMPTS
+from tests.models.vlm_reference import hf_vlm_greedy
 
 N_NEW = 8
 SLOW = pytest.mark.slow
@@ -23,37 +21,6 @@ EXACT_FAMILIES = [
     pytest.param("mistral3", marks=SLOW),  # its processor needs torchvision: text-only here
     pytest.param("qwen3_vl_moe", marks=SLOW),  # MoE, interleaved M-RoPE
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
-    built: dict = {}
-
-    def make(family: str):
-        if family not in built:
-            built[family] = build_tiny_vlm(family, tmp_path_factory.mktemp(family))
-        return built[family]
-
-    return make
-
-
-def hf_vlm_greedy(path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """HF generate()'s greedy tokens of the VLM for text-only prompts (fp32, one prompt at a time)."""
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    outs = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        gen = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=tok.pad_token_id,
-        )
-        outs.append(gen[0, ids.shape[1] :].tolist())
-    return outs
 
 
 def vlm_engine(path, **options) -> Engine:
@@ -86,7 +53,8 @@ def test_auto_picks_transformers_and_says_why_native_refuses(tiny_vlm):
     with vlm_engine(path) as engine:
         assert engine.model_impl == "transformers"
         assert "image-text-to-text" in engine.describe()["impl_reason"]
-        assert type(engine.loaded.processor.processor).__name__ == "LlavaProcessor"
+        assert type(engine.processor).__name__ == "LlavaProcessor"
+        assert engine.describe()["images"]["accepted"] is True
     with pytest.raises(UnsupportedModelError, match="image-text-to-text model; model_impl='native'"):
         vlm_engine(path, model_impl="native")
 
@@ -94,15 +62,16 @@ def test_auto_picks_transformers_and_says_why_native_refuses(tiny_vlm):
 def test_processor_loads_without_its_video_part(tiny_vlm):
     """Qwen2-VL's processor has a video part, which transformers builds only with torchvision (absent here)."""
     with vlm_engine(tiny_vlm("qwen2_vl")) as engine:
-        processor = engine.loaded.processor.processor
+        processor = engine.processor
         assert type(processor).__name__ == "Qwen2VLProcessor"
         assert hasattr(processor, "image_processor") and processor.tokenizer is engine.tokenizer
 
 
 def test_processor_that_needs_torchvision_leaves_the_model_text_only(tiny_vlm):
     with vlm_engine(tiny_vlm("mistral3")) as engine:
-        loaded = engine.loaded.processor
-        assert loaded.processor is None and "torchvision" in loaded.unavailable.lower()
+        assert engine.processor is None
+        images = engine.describe()["images"]
+        assert images["accepted"] is False and "torchvision" in images["reason"].lower()
 
 
 def test_bidirectional_image_attention_is_refused_with_the_reason(tiny_vlm):

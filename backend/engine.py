@@ -303,6 +303,8 @@ class Engine:
         if images is not None:  # an image-text request: the processor expands the placeholders (backend/multimodal)
             if prompt_token_ids is not None:
                 raise RequestError("images go with a text prompt, not with prompt_token_ids")
+            if self.tp_group is not None:
+                raise RequestError("images: a tensor-parallel engine (tp_size > 1) takes no images yet; send text only")
             ids, image_inputs = prepare_image_request(self.loaded.model, self.loaded.processor, prompt, images)
         else:
             ids = prompt_token_ids if prompt_token_ids is not None else self._encode(prompt)

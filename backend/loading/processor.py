@@ -21,6 +21,7 @@ from transformers.utils import is_torchvision_available
 from backend.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
@@ -56,9 +57,11 @@ class LoadedProcessor:
 
 
 def load_processor(path: Path, config: PretrainedConfig, trust_remote_code: bool) -> LoadedProcessor:
-    """The model's processor. A folder without usable processor files is a clear error; a processor that needs a
-    package this environment cannot import (PixtralProcessor requires torchvision) leaves the model text-only, with
-    the reason kept for the image requests it refuses."""
+    """The model's processor. A folder without processor files, or a processor that needs a package this environment
+    cannot import (PixtralProcessor requires torchvision), leaves the model text-only, with the reason kept for the
+    image requests it refuses; processor files that cannot be read are a clear error."""
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        return LoadedProcessor(None, f"the model folder has no processor files ({', '.join(PROCESSOR_FILES)})")
     cls = processor_class(path, config)
     try:
         if cls is not None and not is_torchvision_available():

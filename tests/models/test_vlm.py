@@ -77,3 +77,20 @@ def test_processor_that_needs_torchvision_leaves_the_model_text_only(tiny_vlm):
 def test_bidirectional_image_attention_is_refused_with_the_reason(tiny_vlm):
     with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration .* attend bidirectionally"):
         vlm_engine(tiny_vlm("gemma3"))
+
+
+def test_a_folder_without_processor_files_serves_text_and_refuses_images(tiny_vlm, tmp_path):
+    import shutil
+
+    from backend.errors import RequestError
+    from tests.models.vlm_reference import random_images
+
+    folder = shutil.copytree(tiny_vlm("llava"), tmp_path / "llava")
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    with vlm_engine(folder) as engine:
+        assert engine.processor is None
+        assert len(engine.generate("Hello world", params)[0].token_ids) == 2
+        with pytest.raises(RequestError, match="images: this model cannot take images here: .*no processor files"):
+            engine.generate("Hello <image>", params, images=[random_images(1)])

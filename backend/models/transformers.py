@@ -160,6 +160,8 @@ class TransformersModel(nn.Module):
     def probe_kv_layout(self, device: torch.device) -> None:
         """Run the load-time probe forward: sets `kv_slots` (the cache layout) or refuses the model."""
         self.kv_slots = probe_kv_layout(self, device)
+        if self.is_image_text:
+            vlm.check_own_positions(self.hf, device, BATCH_KWARG)
 
     # --- image-text models (backend/models/vlm.py, backend/multimodal/) ---
     @property

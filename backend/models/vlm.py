@@ -143,3 +143,30 @@ def rope_index(hf, processed: dict) -> "tuple[torch.Tensor, int] | None":  # noq
     values = {k: v for k, v in processed.items() if k != "attention_mask"}
     positions, delta = fn(**_accepted(fn, values))  # (3, 1, L), (1, 1)
     return positions[:, 0].cpu(), int(delta.reshape(-1)[0])
+
+
+def check_own_positions(hf, device, batch_kwarg: str) -> None:
+    """Refuse a language model that computes its own positions differently from the 0-based position_ids the engine
+    passes (Kosmos-2.5: sinusoidal positions offset by its padding index when none are given, as in generate())."""
+    import torch
+
+    from backend.models.kv_layout import PROBE_TOKENS, KVProbe
+
+    vocab = int(getattr(hf.config.get_text_config(), "vocab_size", 0) or 1)
+    ids = ((torch.arange(PROBE_TOKENS, device=device) + vocab // 2) % vocab)[None]  # (1, T) ordinary tokens
+    with torch.inference_mode():
+        given = hf(
+            input_ids=ids,
+            position_ids=torch.arange(PROBE_TOKENS, device=device)[None],
+            use_cache=False,
+            **{batch_kwarg: KVProbe()},
+        ).logits
+        try:
+            own = hf(input_ids=ids, use_cache=False, **{batch_kwarg: KVProbe()}).logits
+        except Exception:  # the model needs position_ids given: nothing of its own to compare
+            return
+    if not torch.allclose(given.float(), own.float(), rtol=1e-3, atol=1e-3):
+        raise UnsupportedModelError(
+            f"{type(hf).__name__} computes its own token positions (from the input ids when none are given, as in "
+            "generate()) differently from 0-based position ids, which the engine passes; its outputs would differ"
+        )

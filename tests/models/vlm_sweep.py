@@ -49,12 +49,26 @@ def _shrink_tree(config: PretrainedConfig, text: PretrainedConfig, vocab: int, s
         default = sub.to_dict()
         if sub is text:
             shrink = _shrink_sizes(sub, vocab) | {k: v for k, v in special.items() if k in default}
+            shrink |= _shrink_mrope(sub, default, shrink)
         elif _contains(sub, text):
             shrink = _shrink_tree(sub, text, vocab, special)
         else:
             shrink = {k: v for k, v in VISION_SHRINK.items() if k in default and default[k] is not None}
         out[key] = _merged(default, shrink)
     return out
+
+
+def _shrink_mrope(text: PretrainedConfig, default: dict, shrink: dict) -> dict:
+    """M-RoPE sections (time, height, width) that sum to half the shrunk rotary head size (the modeling code's
+    default sections fit the default head size only)."""
+    if "mrope_section" not in (getattr(type(text), "ignore_keys_at_rope_validation", None) or ()):
+        return {}
+    rope = dict(default.get("rope_parameters") or {})
+    head = shrink.get("head_dim") or shrink.get("hidden_size", HIDDEN) // shrink.get("num_attention_heads", 4)
+    half = int(head * float(rope.get("partial_rotary_factor", default.get("partial_rotary_factor") or 1.0))) // 2
+    first = max(1, half // 4)
+    rest = half - first
+    return {"rope_parameters": dict(rope, mrope_section=[first, rest - rest // 2, rest // 2])}
 
 
 def _contains(config: PretrainedConfig, target: PretrainedConfig) -> bool:

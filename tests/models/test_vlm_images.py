@@ -24,11 +24,12 @@ def vlm_engine(path, **options) -> Engine:
 
 
 def mixed_requests(family: str) -> tuple[list[str], list]:
-    """Two image-text prompts (one image before the text, one after) of different lengths and a text-only one."""
+    """Two image-text prompts of different lengths (one image inside the text, two images around it) and a
+    text-only one."""
     image = FAMILIES[family].image_text
-    prompts = [f"Hello {image} world! Once upon", f"The quick brown fox {image}", "1 2 3 4 5 6 7"]
-    a, b = random_images(2)
-    return prompts, [[a], [b], None]
+    prompts = [f"Hello {image} world! Once upon", f"{image} The quick brown fox {image}", "1 2 3 4 5 6 7"]
+    a, b, c = random_images(3)
+    return prompts, [[a], [b, c], None]
 
 
 def count_encodes(engine: Engine) -> list[int]:
@@ -51,8 +52,10 @@ def test_image_requests_equal_hf_generate_mixed_chunked_preempted(family, tiny_v
     expected = hf_vlm_greedy(path, prompts, N_NEW, images)
     with vlm_engine(path) as engine:  # one batch: image-text and text-only requests of different lengths
         calls = count_encodes(engine)
-        assert [o.token_ids for o in engine.generate(prompts, GREEDY, images=images)] == expected
-        assert len(calls) == 2
+        outs = engine.generate(prompts, GREEDY, images=images)
+        assert [o.token_ids for o in outs] == expected
+        assert calls == [1, 2]  # one vision-tower run per image-text request, for all its images
+    longest = max(len(o.prompt_token_ids) for o in outs) + N_NEW
     # chunks of 8 tokens split the image tokens over several steps; features computed once per request
     with vlm_engine(path, max_num_batched_tokens=8, enable_prefix_caching=False) as engine:
         calls = count_encodes(engine)
@@ -60,7 +63,12 @@ def test_image_requests_equal_hf_generate_mixed_chunked_preempted(family, tiny_v
         assert len(calls) == 2
     # too few blocks for all three at once: preemption recomputes the KV, the features are kept (not recomputed)
     with vlm_engine(
-        path, block_size=4, num_kv_blocks=14, max_model_len=56, enable_prefix_caching=False, kv_cache_memory_gb=None
+        path,
+        block_size=4,
+        num_kv_blocks=-(-longest // 4) + 2,  # the longest request fits, the three together do not
+        max_model_len=4 * (-(-longest // 4) + 2),
+        enable_prefix_caching=False,
+        kv_cache_memory_gb=None,
     ) as engine:
         calls = count_encodes(engine)
         outs = engine.generate(prompts, GREEDY, images=images)

@@ -157,6 +157,62 @@ def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
     )
 
 
+GLM_TOKENS = (
+    "<|image|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|video|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+)
+
+
+def _glm4v_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
+    image, start, end, video, vstart, vend = _ids(tok, *GLM_TOKENS)
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 2, 1], partial_rotary_factor=0.5)
+    text = _text(
+        tok,
+        "glm4v_moe_text",
+        rope_parameters=rope,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=14,
+        spatial_merge_size=2,
+        image_size=56,
+    )
+    return AutoConfig.for_model(
+        "glm4v_moe",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image,
+        image_start_token_id=start,
+        image_end_token_id=end,
+        video_token_id=video,
+        video_start_token_id=vstart,
+        video_end_token_id=vend,
+    )
+
+
+def _glm4v_processor(tok: PreTrainedTokenizerFast, template: str):
+    pixels = 56 * 56
+    images = transformers.Glm4vImageProcessorPil(
+        size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14, merge_size=2
+    )
+    return without_video(transformers.Glm4vProcessor)(image_processor=images, tokenizer=tok, chat_template=template)
+
+
 def _mistral3_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
     vision = dict(
         model_type="pixtral",
@@ -259,6 +315,13 @@ FAMILIES: dict[str, Family] = {
         QWEN_TOKENS,
         _qwen3_vl_moe_config,
         _qwen3_vl_processor,
+    ),
+    "glm4v_moe": Family(
+        "glm4v_moe",
+        "<|begin_of_image|><|image|><|end_of_image|>",
+        GLM_TOKENS,
+        _glm4v_moe_config,
+        _glm4v_processor,
     ),
     "mistral3": Family(
         "mistral3", "[IMG]", ("[IMG]", "[IMG_BREAK]", "[IMG_END]"), _mistral3_config, _mistral3_processor

@@ -15,7 +15,12 @@ from tests.models.vlm_reference import hf_vlm_greedy, random_images
 
 N_NEW = 8
 GREEDY = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
-IMAGE_FAMILIES = ["llava", "qwen2_vl", pytest.param("idefics3", marks=pytest.mark.slow)]
+IMAGE_FAMILIES = [
+    "llava",
+    "qwen2_vl",  # M-RoPE from the model's own get_rope_index
+    pytest.param("idefics3", marks=pytest.mark.slow),  # an image split into several sub-images
+    pytest.param("glm4v_moe", marks=pytest.mark.slow),  # MoE language model, M-RoPE over a partial rotary
+]
 
 
 def vlm_engine(path, **options) -> Engine:

@@ -118,6 +118,37 @@ def _qwen2_vl_processor(tok: PreTrainedTokenizerFast, template: str):
     return without_video(transformers.Qwen2VLProcessor)(image_processor=images, tokenizer=tok, chat_template=template)
 
 
+def _qwen2_5_vl_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
+    image, video, start = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>")
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=14,
+        spatial_merge_size=2,
+        window_size=56,  # window attention over 2x2 merged patches; block 1 attends fully
+        fullatt_block_indexes=[1],
+    )
+    return AutoConfig.for_model(
+        "qwen2_5_vl",
+        text_config=_text(tok, "qwen2_5_vl_text", rope_parameters=rope),
+        vision_config=vision,
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+    )
+
+
+def _qwen2_5_vl_processor(tok: PreTrainedTokenizerFast, template: str):
+    pixels = 56 * 84
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2)
+    processor = without_video(transformers.Qwen2_5_VLProcessor)
+    return processor(image_processor=images, tokenizer=tok, chat_template=template)
+
+
 def _qwen3_vl_processor(tok: PreTrainedTokenizerFast, template: str):
     pixels = 56 * 56  # a 4x4 patch grid: 2x2 merged tokens, whose M-RoPE positions advance by 2 (delta -2)
     images = transformers.Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2)
@@ -308,6 +339,13 @@ FAMILIES: dict[str, Family] = {
     "llava": Family("llava", "<image>", ("<image>",), _llava_config, _llava_processor),
     "qwen2_vl": Family(
         "qwen2_vl", "<|vision_start|><|image_pad|><|vision_end|>", QWEN_TOKENS, _qwen2_vl_config, _qwen2_vl_processor
+    ),
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl",
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        QWEN_TOKENS,
+        _qwen2_5_vl_config,
+        _qwen2_5_vl_processor,
     ),
     "qwen3_vl_moe": Family(
         "qwen3_vl_moe",

@@ -17,6 +17,7 @@ SLOW = pytest.mark.slow
 EXACT_FAMILIES = [
     "llava",
     "qwen2_vl",  # M-RoPE (text-only: three equal position rows)
+    pytest.param("qwen2_5_vl", marks=SLOW),
     pytest.param("idefics3", marks=SLOW),
     pytest.param("mistral3", marks=SLOW),  # its processor needs torchvision: text-only here
     pytest.param("qwen3_vl_moe", marks=SLOW),  # MoE, interleaved M-RoPE

@@ -18,6 +18,7 @@ GREEDY = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
 IMAGE_FAMILIES = [
     "llava",
     "qwen2_vl",  # M-RoPE from the model's own get_rope_index
+    pytest.param("qwen2_5_vl", marks=pytest.mark.slow),  # window attention in the vision tower, M-RoPE delta -6
     pytest.param("idefics3", marks=pytest.mark.slow),  # an image split into several sub-images
     pytest.param("glm4v_moe", marks=pytest.mark.slow),  # MoE language model, M-RoPE over a partial rotary
 ]

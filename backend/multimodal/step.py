@@ -8,10 +8,13 @@ from torch import nn
 
 
 def ensure_image_features(model: nn.Module, seqs: list) -> None:
-    """Run the vision tower for each request of the step whose image features are not computed yet."""
+    """Run the vision tower for each request of the step whose image features are not computed yet and still needed
+    (a prefix-cache hit over all its image tokens needs none)."""
     for seq in seqs:
         inputs = getattr(seq, "images", None)
-        if inputs is not None and inputs.features is None:
+        if inputs is None or inputs.features is not None:
+            continue
+        if int(inputs.placeholder_positions[-1]) >= seq.num_computed_tokens:
             inputs.features = model.encode_images(inputs)  # (N, H)
             inputs.num_encodes += 1
 

@@ -108,7 +108,9 @@ def test_prefix_cache_covers_the_pixels(tiny_vlm):
     with vlm_engine(path, block_size=4) as engine:
         first = engine.generate(prompt, GREEDY, images=[a])[0]
         other = engine.generate(prompt, GREEDY, images=[b])[0]  # same token ids, another image
+        calls = count_encodes(engine)
         again = engine.generate(prompt, GREEDY, images=[a])[0]
+        assert calls == []  # its image tokens all came from the prefix cache: no vision-tower run
         text = engine.generate(prompt_token_ids=[first.prompt_token_ids], sampling_params=GREEDY)[0]
     assert first.prompt_token_ids == other.prompt_token_ids
     assert [first.token_ids, other.token_ids] == expected

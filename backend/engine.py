@@ -50,6 +50,7 @@ from backend.loading.memory_check import check_before_load
 from backend.messages import AbortRequest, AddRequest, Message, ResetPrefixCache
 from backend.metrics import EngineStats, KVBlock, Metrics, StepStats
 from backend.models.kv_layout import kv_cache_spec
+from backend.multimodal import prepare_image_request
 from backend.outputs import RequestOutput, StreamDelta
 from backend.readouts import describe_engine, engine_stats, kv_blocks, step_stats
 from backend.requests import Request, RequestBook, Sink, error_text
@@ -209,13 +210,32 @@ class Engine:
             self._inbox.popleft().apply(self._book)
 
     def _new_request(
-        self, prompt, params, prompt_token_ids, sink: Sink | None, owner=None, manual: bool = False, cache_salt=None
+        self,
+        prompt,
+        params,
+        prompt_token_ids,
+        sink: Sink | None,
+        owner=None,
+        manual: bool = False,
+        cache_salt=None,
+        images=None,
     ) -> Request:
         """Check the input (RequestError: nothing is queued) and queue the request."""
         owner = check_owner(owner)
         cache_salt = check_cache_salt(cache_salt)
         params = check_params(params)
-        if prompt_token_ids is None:
+        image_inputs = None
+        if images is not None:  # an image-text request: the processor expands the placeholders (backend/multimodal)
+            if prompt_token_ids is not None:
+                raise RequestError("images go with a text prompt, not with prompt_token_ids", param="images")
+            if self.tp_group is not None:
+                raise RequestError(
+                    "images: a tensor-parallel engine (tp_size > 1) takes no images yet; send text only", param="images"
+                )
+            prompt_token_ids, image_inputs = prepare_image_request(
+                self.loaded.model, self.loaded.processor, prompt, images
+            )
+        elif prompt_token_ids is None:
             prompt_token_ids = encode_prompt(self.tokenizer, prompt)
         ids = check_token_ids(prompt_token_ids, self.vocab_size, self.max_model_len)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -226,7 +246,7 @@ class Engine:
                 raise RequestError("the engine is closed")
             rid = self._next_id
             self._next_id += 1
-            seq = Sequence(rid, ids, params, generator, owner=owner, cache_salt=cache_salt)
+            seq = Sequence(rid, ids, params, generator, owner=owner, cache_salt=cache_salt, images=image_inputs)
             req = Request(seq, prompt, sink=sink, detokenizer=detok, stops=StopMatcher(params.stop), manual=manual)
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(ids)
@@ -251,12 +271,17 @@ class Engine:
         prompt_token_ids: list[int] | None = None,
         owner: str | None = None,
         cache_salt: str | None = None,
+        images: object | None = None,
     ) -> int:
         """Queue a request; returns its id. Raises RequestError for bad input (nothing is queued then).
         Its outputs come back from `step()` (the finished delta carries the whole output). `cache_salt` (as
         vLLM's; also on generate / stream / open_stream) enters the hash of the prompt's first KV block: requests
-        share prefix-cache blocks only with requests of the same salt (None, the default: shared by all)."""
-        req = self._new_request(prompt, params, prompt_token_ids, None, owner, manual=True, cache_salt=cache_salt)
+        share prefix-cache blocks only with requests of the same salt (None, the default: shared by all). `images`
+        (also on generate / stream / open_stream): an image or a list of images (PIL, path, bytes) whose
+        placeholders the prompt holds (an image-text model)."""
+        req = self._new_request(
+            prompt, params, prompt_token_ids, None, owner, manual=True, cache_salt=cache_salt, images=images
+        )
         return req.seq.seq_id
 
     def abort(self, request_id: int) -> None:
@@ -372,6 +397,7 @@ class Engine:
         prompt_token_ids: list[list[int]] | None = None,
         owner: str | None = None,
         cache_salt: str | None = None,
+        images: list | None = None,
     ) -> list[RequestOutput]:
         """Run the prompts to the end; outputs in prompt order. A bad prompt raises RequestError before any
         runs; a request that fails while running raises RequestFailedError (the others still finish)."""
@@ -379,10 +405,15 @@ class Engine:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
         if len(params) != len(items):
             raise RequestError("sampling_params must be one SamplingParams or one per prompt", param="sampling_params")
+        if images is not None and (not isinstance(images, (list, tuple)) or len(images) != len(items)):
+            raise RequestError(
+                "images must be a list with one entry per prompt (None, an image or a list of images)", param="images"
+            )
+        per_prompt = list(images) if images is not None else [None] * len(items)
         reqs: list[Request] = []
         try:
-            for (prompt, token_ids), p in zip(items, params):
-                reqs.append(self._new_request(prompt, p, token_ids, None, owner, cache_salt=cache_salt))
+            for (prompt, token_ids), p, imgs in zip(items, params, per_prompt):
+                reqs.append(self._new_request(prompt, p, token_ids, None, owner, cache_salt=cache_salt, images=imgs))
         except BaseException:
             for r in reqs:  # a bad prompt in the list: queue nothing
                 self.abort(r.seq.seq_id)
@@ -416,6 +447,7 @@ class Engine:
         owner: str | None = None,
         sink: Sink | None = None,
         cache_salt: str | None = None,
+        images: object | None = None,
     ) -> RequestStream:
         """Queue a request now and return its handle: `request_id` at once (another thread may `abort` it before
         its first token, e.g. a client that hung up while it waited), its deltas by iterating. Raises RequestError
@@ -423,7 +455,9 @@ class Engine:
         thread, it must not block; the server's asyncio bridge), and the handle is for its id and abort only."""
         self.start_background_loop()
         deltas = None if sink is not None else queue.SimpleQueue()
-        req = self._new_request(prompt, params, prompt_token_ids, sink or deltas.put, owner, cache_salt=cache_salt)
+        req = self._new_request(
+            prompt, params, prompt_token_ids, sink or deltas.put, owner, cache_salt=cache_salt, images=images
+        )
         return RequestStream(self, req, deltas)
 
     def stream(
@@ -433,10 +467,11 @@ class Engine:
         prompt_token_ids: list[int] | None = None,
         owner: str | None = None,
         cache_salt: str | None = None,
+        images: object | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield deltas as tokens are produced. Leaving the loop early aborts the request. A request that
         fails while running raises RequestFailedError after its last delta."""
-        with self.open_stream(prompt, params, prompt_token_ids, owner, cache_salt=cache_salt) as handle:
+        with self.open_stream(prompt, params, prompt_token_ids, owner, cache_salt=cache_salt, images=images) as handle:
             yield from handle
 
     # --- the background loop --------------------------------------------------------------------
@@ -520,6 +555,12 @@ class Engine:
         """The module tree that runs (native or the wrapped transformers model), for inspection: read, don't
         change it while the engine serves."""
         return self.loaded.model
+
+    @property
+    def processor(self):
+        """An image-text model's processor (AutoProcessor); None for a language model, or where it cannot load here
+        (describe()["images"] says why)."""
+        return self.loaded.processor.processor if self.loaded.processor is not None else None
 
     @property
     def decode_weight_bytes(self) -> int:

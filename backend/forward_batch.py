@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from backend.kv_cache import KVCache
+from backend.multimodal.step import step_embeddings, step_mrope_positions
 from backend.scheduler import ScheduledBatch
 from flab_kernels.attention_args import PagedAttentionArgs
 
@@ -56,6 +57,10 @@ class ForwardBatch:
     prompt_rows: list[PromptRows] = field(default_factory=list)
     # Attention calls made so far in this forward, per module that calls more than once (its KV slot each time):
     attention_calls: dict[int, int] = field(default_factory=dict)
+    # Image-text requests (backend/multimodal/step.py): feature rows replacing the embeddings of image tokens
+    embed_rows: torch.Tensor | None = None  # (K,) int64 token indices in the step
+    embed_values: torch.Tensor | None = None  # (K, H)
+    mrope_positions: torch.Tensor | None = None  # (3, T) int64, M-RoPE positions (Qwen-VL family)
 
     @property
     def num_tokens(self) -> int:
@@ -101,6 +106,8 @@ def build_forward_batch(
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
     block_tables = t(tables, torch.int32)
+    embeds = step_embeddings(batch.seqs, batch.num_new_tokens)  # image tokens of this step: (rows, feature rows)
+    mrope = step_mrope_positions(batch.seqs, batch.num_new_tokens)
     metadata = attention.prepare(qsl, seq_lens, block_tables, block_size)
     return ForwardBatch(
         input_ids=t(input_ids, torch.long),
@@ -117,6 +124,9 @@ def build_forward_batch(
         attn_metadata=metadata,
         sample_rows=t(sample_rows, torch.long) if prompt_rows else None,
         prompt_rows=prompt_rows,
+        embed_rows=None if embeds is None else t(embeds[0], torch.long),
+        embed_values=None if embeds is None else torch.cat(embeds[1]).to(device),
+        mrope_positions=None if mrope is None else mrope.to(device),
     )
 
 

@@ -48,12 +48,23 @@ class KVPlan:
 
 
 def model_context_len(config) -> int:
-    """The model's own context from its config (a transformers config or the config.json dict)."""
+    """The model's own context from its config (a transformers config or the config.json dict); a VLM's is its
+    language model's (the text sub-config)."""
+    text = config.get("text_config") if isinstance(config, dict) else _text_config(config)
+    if text is not None and text is not config:
+        return model_context_len(text)
     for name in CONTEXT_KEYS:
         value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return DEFAULT_CONTEXT
+
+
+def _text_config(config):
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else None
+    except ValueError:  # several text configs
+        return None
 
 
 def kv_budget_bytes(

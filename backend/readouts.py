@@ -102,6 +102,7 @@ def step_stats(
 def describe_engine(engine) -> dict:
     """What runs: implementation, injected/swapped modules, model shape, cache geometry (Engine.describe)."""
     from backend.models.describe import describe_model
+    from backend.multimodal.inputs import describe_images
 
     loaded, kv_cache = engine.loaded, engine.kv_cache
     info = describe_model(loaded.model)
@@ -120,6 +121,7 @@ def describe_engine(engine) -> dict:
         cpu_linear=loaded.cpu_linear,
         cpu_linears=loaded.num_cpu_linears,
         decode_weight_bytes=engine.decode_weight_bytes,
+        images=describe_images(loaded.processor),  # an image-text model: its processor, or why none
         weights_bytes=engine.weights_bytes,
         kv_cache=dict(
             num_blocks=kv_cache.num_blocks,

@@ -8,6 +8,7 @@ from torch import nn
 from backend.forward_batch import ForwardBatch, build_forward_batch
 from backend.kv_cache import KVCache
 from backend.layers.attention_backends import AttentionBackend
+from backend.multimodal.step import ensure_image_features
 from backend.sampling import PromptLogprobs, SampleOutput, sample, score_prompt
 from backend.scheduler import ScheduledBatch
 
@@ -32,12 +33,14 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """The model's logits rows of the batch (prompt-scoring rows first, then one per sampling sequence)."""
+        ensure_image_features(self.model, batch.seqs)
         return self.model(build_forward_batch(batch, self.kv_cache, self.device, self.attention))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SampleOutput:
         """One forward pass over the batch; one sampled token per sequence whose step reaches its end, and the
         logprobs of the prompt tokens this step scores for requests that asked for prompt logprobs."""
+        ensure_image_features(self.model, batch.seqs)  # the vision tower, once per image-text request
         fb = build_forward_batch(batch, self.kv_cache, self.device, self.attention)
         logits = self.model(fb)  # (R, V): prompt-scoring rows (if any) + one row per sequence that samples
         prompt_logprobs = score_prompts(batch, fb, logits)

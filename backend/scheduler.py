@@ -149,7 +149,7 @@ class Scheduler:
         cached, hashes = (
             ([], [])
             if seq.params.prompt_logprobs is not None
-            else self.allocator.match_prefix(tokens[: len(tokens) - 1], seq.cache_salt)
+            else self.allocator.match_prefix(tokens[: len(tokens) - 1], seq.prefix_salt)
         )
         seq.block_table = cached
         seq.num_computed_tokens = len(cached) * self.block_size
@@ -186,7 +186,7 @@ class Scheduler:
             if full > done:
                 tokens = seq.all_token_ids[: full * self.block_size]
                 prev = seq.block_hashes[-1] if done else None
-                new = block_keys(tokens, self.block_size, done, prev, seq.cache_salt)
+                new = block_keys(tokens, self.block_size, done, prev, seq.prefix_salt)
                 for b, (h, key) in zip(seq.block_table[done:full], new):
                     self.allocator.register(b, h, key)
                 seq.block_hashes.extend(h for h, _ in new)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backend.multimodal.inputs import ImageInputs
 from backend.sampling import SamplingParams
 
 
@@ -40,6 +41,15 @@ class Sequence:
     owner: str | None = None  # who asked (fair scheduling across owners); None = anonymous
     cache_salt: str | None = None  # enters the first block's hash: only requests with the same salt share blocks
     error: str | None = None
+    images: ImageInputs | None = None  # an image-text request's images (backend/multimodal/inputs.py)
+
+    @property
+    def prefix_salt(self) -> str | None:
+        """What enters the first KV block's hash: the request's cache_salt and, for an image-text request, a hash of
+        its images' pixels (requests with the same token ids and different images share no blocks)."""
+        if self.images is None:
+            return self.cache_salt
+        return f"{self.cache_salt or ''}\x00images:{self.images.content_hash}"
 
     @property
     def num_tokens(self) -> int:

@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "backend.messages",
             "backend.streams",
             "backend.validation",
+            "backend.multimodal",
         ),
     ),
     ("layers", ("backend.layers",)),

@@ -12,7 +12,13 @@ from typing import Callable
 import psutil
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
@@ -22,7 +28,8 @@ from backend.layers.cpu.siblings import fuse_siblings
 from backend.layers.cpu.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loading import hub
 from backend.loading.conversions import streamable
-from backend.models import build_model, needs_weight_conversion, select_model_impl
+from backend.loading.processor import LoadedProcessor, load_processor
+from backend.models import IMAGE_TEXT_REASON, build_model, needs_weight_conversion, select_model_impl
 from backend.models.checkpoint import (
     StreamingLoader,
     checkpoint_keys,
@@ -31,6 +38,7 @@ from backend.models.checkpoint import (
     names_match,
 )
 from backend.models.moe import Experts
+from backend.models.vlm import is_image_text_config
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     cpu_linear: str = "none"  # how its 16-bit linears run on CPU: "packed", "upcast" or "none" (EngineConfig)
     num_cpu_linears: int = 0  # linears swapped for PackedLinear / UpcastLinear
+    processor: LoadedProcessor | None = None  # an image-text model's processor (backend/loading/processor.py)
 
     @property
     def cpu_upcast(self) -> bool:
@@ -120,10 +129,11 @@ def load_hf_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:
             f"{type(config).__name__} holds several text models (e.g. a text encoder beside a decoder, as MusicGen): "
             "only decoder language models are supported"
         ) from e
-    if text_config is not config:
+    if text_config is not config and not is_image_text_config(config):
         raise UnsupportedModelError(
-            f"{type(config).__name__} is a multimodal or composite model (its language model is a sub-config, as in "
-            "vision-language models or Gemma 4's assistant); only decoder language models are supported for now"
+            f"{type(config).__name__} is a composite model (its language model is a sub-config, as in Gemma 4's "
+            "assistant) and not an image-text-to-text model of transformers; only decoder language models and "
+            "image-text-to-text models are supported"
         )
     return config
 
@@ -186,9 +196,15 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
     dtype = resolve_dtype(cfg.dtype, hf_config)
     impl = select_model_impl(hf_config, cfg.model_impl)
     model = build_model(hf_config, impl, dtype, cfg.trust_remote_code)
+    processor = LoadedProcessor(None, "the engine was started with skip_tokenizer_init")
+    if is_image_text_config(hf_config) and not cfg.skip_tokenizer_init:  # once the model class was accepted
+        processor = load_processor(path, hf_config, cfg.trust_remote_code)
+        tokenizer = getattr(processor.processor, "tokenizer", None) or tokenizer
     if impl == "transformers" and cfg.model_impl == "auto":
         conversion = needs_weight_conversion(hf_config)
         model.impl_reason = f"transformers fallback: {conversion}" if conversion else None
+        if is_image_text_config(hf_config):
+            model.impl_reason = f"transformers fallback: {IMAGE_TEXT_REASON}"
     swapped: list[str] = []
     quant_name = None
     method = _quant_method(cfg.quantization, hf_config)
@@ -252,6 +268,7 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         time.perf_counter() - start,
         cpu_linear,
         swapped_linears,
+        processor if is_image_text_config(hf_config) else None,
     )
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from backend.errors import UnsupportedModelError
+from backend.models.vlm import is_image_text_config
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,23 @@ def needs_weight_conversion(config: PretrainedConfig) -> str | None:
     )
 
 
+IMAGE_TEXT_REASON = (
+    "an image-text-to-text model: its vision tower and the merge of image features run in transformers' own "
+    "modeling code, with the paged attention injected into its language model (there are no native VLMs)"
+)
+
+
 def select_model_impl(config: PretrainedConfig, requested: str) -> str:
     arch = architecture_of(config)
     if requested == "transformers":
+        return "transformers"
+    if is_image_text_config(config):
+        if requested == "native":
+            raise UnsupportedModelError(
+                f"{arch} is an image-text-to-text model; model_impl='native' runs language models only. Use "
+                "model_impl='transformers' (or 'auto', which picks it for such models)"
+            )
+        logger.info("%s is %s", arch, IMAGE_TEXT_REASON)
         return "transformers"
     custom_code = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if requested == "auto" and custom_code:

@@ -105,15 +105,30 @@ def kv_cache_spec(model: nn.Module, dtype: torch.dtype, block_size: int, pad_hea
     return KVCacheSpec(tuple(slots), dtype, block_size)
 
 
-def decoder_layers(hf: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList of the decoder layers (its dotted name): the first list of `num_layers` modules."""
+def decoder_layers(hf: nn.Module, num_layers: int, within: str = "") -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of the decoder layers (its dotted name): the first list of `num_layers` modules (under the
+    module named `within`: a VLM's language model, whose vision tower may have as many layers)."""
     best = None
     for name, m in hf.named_modules():
+        if within and not name.startswith(within + "."):
+            continue
         if isinstance(m, nn.ModuleList) and len(m) == num_layers and num_layers > 0:
             if name.endswith(("layers", ".h", "blocks", "layer")):
                 return name, m
             best = best or (name, m)
     return best
+
+
+def language_model_name(hf: nn.Module) -> str:
+    """The dotted name of a VLM's language model inside it ("" for a language model itself)."""
+    get_decoder = getattr(hf, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        decoder = None
+    if decoder is None or decoder is hf or not getattr(hf.config, "sub_configs", None):
+        return ""
+    return next((name for name, m in hf.named_modules() if m is decoder), "")
 
 
 def _layer_kind(layer: nn.Module, config, index: int) -> str:
@@ -219,7 +234,7 @@ def probe_kv_layout(model: nn.Module, device: torch.device) -> tuple[KVSlot, ...
             "generates causally only. An encoder checkpoint (BERT-style) generates causally only when its config "
             "sets is_decoder=True"
         )
-    found = decoder_layers(hf, int(getattr(config, "num_hidden_layers", 0) or 0))
+    found = decoder_layers(hf, int(getattr(config, "num_hidden_layers", 0) or 0), language_model_name(hf))
     layer_of: dict[int, int] = {}
     if found is not None:
         prefix, layers = found

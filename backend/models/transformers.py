@@ -20,6 +20,16 @@ from backend.errors import UnsupportedModelError
 from backend.forward_batch import ForwardBatch
 from backend.layers.attention import paged_attention
 from backend.models.kv_layout import BATCH_KWARG, KVProbe, probe_kv_layout
+from backend.models.vlm import (
+    attention_implementations,
+    check_image_text_class,
+    check_own_positions,
+    encode_images,
+    image_input_refusal,
+    image_text_class,
+    image_token_id,
+    rope_index,
+)
 
 ATTENTION_NAME = "fallback_lab_paged"
 
@@ -74,6 +84,9 @@ def register_attention() -> str:
 
 
 def resolve_model_class(config: PretrainedConfig, trust_remote_code: bool) -> type:
+    vlm = image_text_class(config)  # an image-text-to-text model (backend/models/vlm.py)
+    if vlm is not None:
+        return vlm
     auto_map = getattr(config, "auto_map", None) or {}
     if "AutoModelForCausalLM" in auto_map and trust_remote_code:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -111,10 +124,15 @@ class TransformersModel(nn.Module):
         super().__init__()
         cls = resolve_model_class(hf_config, trust_remote_code)
         check_attention_support(cls)
+        self.is_image_text = image_text_class(hf_config) is not None
+        if self.is_image_text:
+            check_image_text_class(cls)
         self.attention_name = register_attention()
+        # a VLM: our attention in its language model only, the vision tower keeps transformers' own
+        self._attn = attention_implementations(hf_config, self.attention_name) if self.is_image_text else None
         config = copy.deepcopy(hf_config)  # from_config mutates the config it is given
         with torch.device("meta"):
-            self.hf = cls._from_config(config, attn_implementation=self.attention_name, dtype=dtype)
+            self.hf = cls._from_config(config, attn_implementation=self._attn or self.attention_name, dtype=dtype)
         self.hf.eval()
         self.config = self.hf.config
         self._cls, self._dtype, self._trust_remote_code = cls, dtype, trust_remote_code
@@ -129,7 +147,7 @@ class TransformersModel(nn.Module):
         hf, info = self._cls.from_pretrained(
             path,
             config=copy.deepcopy(self.config),
-            attn_implementation=self.attention_name,
+            attn_implementation=self._attn or self.attention_name,
             dtype=self._dtype,
             trust_remote_code=self._trust_remote_code,
             output_loading_info=True,
@@ -149,12 +167,42 @@ class TransformersModel(nn.Module):
     def probe_kv_layout(self, device: torch.device) -> None:
         """Run the load-time probe forward: sets `kv_slots` (the cache layout) or refuses the model."""
         self.kv_slots = probe_kv_layout(self, device)
+        if self.is_image_text:
+            check_own_positions(self.hf, device, BATCH_KWARG)
+
+    # --- image-text models (backend/models/vlm.py, backend/multimodal/) ---
+    @property
+    def image_token_id(self) -> int | None:
+        return image_token_id(self.config)
+
+    def image_input_refusal(self) -> str | None:
+        return image_input_refusal(self.hf)
+
+    def mrope_positions(self, processed: dict) -> tuple[torch.Tensor, int] | None:
+        return rope_index(self.hf, processed)
+
+    @torch.inference_mode()
+    def encode_images(self, inputs) -> torch.Tensor:  # -> (N, H)
+        feats = encode_images(self.hf, inputs.tensors, self._dtype)
+        n = inputs.placeholder_positions.numel()
+        if feats.shape[0] != n:
+            raise RuntimeError(f"the vision tower gave {feats.shape[0]} feature rows for {n} image tokens")
+        return feats
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> (R, V)
         kwargs = {BATCH_KWARG: batch, "use_cache": False}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = batch.logits_indices
-        out = self.hf(input_ids=batch.input_ids[None], position_ids=batch.positions[None], **kwargs)
+        ids = batch.input_ids[None]  # (1, T)
+        positions = batch.positions[None] if batch.mrope_positions is None else batch.mrope_positions[:, None]
+        if batch.embed_rows is None:
+            out = self.hf(input_ids=ids, position_ids=positions, **kwargs)
+        else:  # image features at the image tokens' rows, merged into the model's own input embeddings
+            ids = ids.clone()
+            ids[0, batch.embed_rows] = 0  # image token ids may lie outside the embedding table
+            embeds = self.hf.get_input_embeddings()(ids)  # (1, T, H)
+            embeds[0, batch.embed_rows] = batch.embed_values.to(embeds.dtype)
+            out = self.hf(inputs_embeds=embeds, position_ids=positions, **kwargs)
         logits = out.logits[0]  # (R or T, V)
         return logits if self._logits_to_keep else logits[batch.logits_indices]

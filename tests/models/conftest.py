@@ -64,3 +64,18 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
         from tests.models.arch_sweep import write_report
 
         write_report(results, Path(os.environ["ARCH_SWEEP_REPORT"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """tiny_vlm(family) -> path of a random-weight image-text model with its processor (backend/tools/tiny_vlms.py)."""
+    from backend.tools.tiny_vlms import build_tiny_vlm
+
+    built: dict = {}
+
+    def make(family: str):
+        if family not in built:
+            built[family] = build_tiny_vlm(family, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return make

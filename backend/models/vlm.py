@@ -1,0 +1,172 @@
+"""Image-text-to-text models (VLMs) through the transformers fallback: which class, where our attention goes.
+
+A VLM's config holds its language model's config as a sub-config (`get_text_config()`); its class comes from
+transformers' image-text-to-text mapping (`AutoModelForImageTextToText`). Our paged attention is injected into the
+language model only (the text config's `_attn_implementation`); the vision tower keeps transformers' default
+(sdpa / eager) and runs once per image. A family whose language model needs an attention our paged attention
+cannot express is refused here, at load, with the reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+from transformers import AutoModelForImageTextToText, PretrainedConfig
+
+from backend.errors import UnsupportedModelError
+
+# Mask arguments of transformers' masking_utils that make some tokens attend bidirectionally (an image's tokens, a
+# prompt prefix). The paged attention applies causality itself and never sees the mask transformers would build.
+BIDIRECTIONAL_MASK_ARGS = ("block_sequence_ids=", "or_mask_function=", "token_type_ids_mask_function")
+
+
+def image_text_class(config: PretrainedConfig) -> type | None:
+    """The transformers image-text-to-text class of `config` (None: not an image-text model)."""
+    if not _has_text_subconfig(config):
+        return None
+    mapping = AutoModelForImageTextToText._model_mapping
+    return mapping[type(config)] if type(config) in mapping else None
+
+
+def is_image_text_config(config: PretrainedConfig) -> bool:
+    return image_text_class(config) is not None
+
+
+def _has_text_subconfig(config: PretrainedConfig) -> bool:
+    try:
+        return config.get_text_config() is not config
+    except ValueError:  # several text configs
+        return False
+
+
+def attention_implementations(config: PretrainedConfig, ours: str) -> dict:
+    """The `attn_implementation` dict that puts `ours` on the text config only (nested where it is nested), leaving
+    every other sub-config (the vision tower, the projector) at transformers' default."""
+    path = _text_config_path(config, config.get_text_config())
+    if path is None:
+        raise UnsupportedModelError(
+            f"{type(config).__name__}: its text config is not among its sub-configs ({sorted(config.sub_configs)}), "
+            "so the paged attention cannot be injected into its language model alone"
+        )
+    value: str | dict = ours
+    for key in reversed(path):
+        value = {key: value}
+    return value  # type: ignore[return-value]
+
+
+def _text_config_path(config: PretrainedConfig, text: PretrainedConfig) -> list[str] | None:
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is text:
+            return [key]
+        if isinstance(sub, PretrainedConfig):
+            rest = _text_config_path(sub, text)
+            if rest is not None:
+                return [key, *rest]
+    return None
+
+
+def bidirectional_reason(cls: type) -> str | None:
+    """Why the language model of `cls` attends bidirectionally somewhere (None: causal everywhere, as far as its
+    modeling code says). Read from the mask arguments its modeling module passes to transformers' masking_utils."""
+    module = sys.modules.get(cls.__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return None
+    used = [arg.rstrip("=") for arg in BIDIRECTIONAL_MASK_ARGS if arg in source]
+    if not used:
+        return None
+    return (
+        f"{cls.__name__} lets some tokens attend bidirectionally (an image's tokens or the prompt prefix, through "
+        f"{', '.join(used)} in its attention mask); the paged attention is causal and builds no transformers mask, "
+        "so its outputs would differ from transformers'"
+    )
+
+
+def check_image_text_class(cls: type) -> None:
+    """Refuse a VLM class whose language model the paged attention cannot run exactly."""
+    reason = bidirectional_reason(cls)
+    if reason is not None:
+        raise UnsupportedModelError(f"{reason}. Bidirectional image attention is not supported yet")
+
+
+def image_token_id(config: PretrainedConfig) -> int | None:
+    """The id of the token that stands for one image feature in the prompt."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def image_input_refusal(hf) -> str | None:
+    """Why this model's image requests cannot run exactly (None: they can)."""
+    vision = getattr(hf.config, "vision_config", None)
+    if getattr(vision, "deepstack_visual_indexes", None):
+        return (
+            f"{type(hf).__name__} adds image features inside its language model's layers (deepstack), which the "
+            "engine does not pass yet; send text only"
+        )
+    if image_token_id(hf.config) is None or not callable(getattr(hf, "get_image_features", None)):
+        return f"{type(hf).__name__} names no image token or has no get_image_features"
+    return None
+
+
+def _accepted(fn, values: dict) -> dict:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in values.items() if k in params}
+
+
+def encode_images(hf, tensors: dict, dtype) -> "torch.Tensor":  # noqa: F821 -> (N, H)
+    """The image features of one request from the model's own `get_image_features`, one row per image token."""
+    import torch
+
+    fn = hf.get_image_features
+    kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    kwargs = {k: v.to(hf.device) for k, v in _accepted(fn, kwargs).items()}
+    out = fn(**kwargs)
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (list, tuple)):
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0)
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def rope_index(hf, processed: dict) -> "tuple[torch.Tensor, int] | None":  # noqa: F821
+    """(M-RoPE positions (3, L), delta) of one processed prompt from the model's own `get_rope_index`; None for a
+    model without M-RoPE."""
+    owner = getattr(hf, "model", hf)
+    fn = getattr(owner, "get_rope_index", None)
+    if not callable(fn):
+        return None
+    values = {k: v for k, v in processed.items() if k != "attention_mask"}
+    positions, delta = fn(**_accepted(fn, values))  # (3, 1, L), (1, 1)
+    return positions[:, 0].cpu(), int(delta.reshape(-1)[0])
+
+
+def check_own_positions(hf, device, batch_kwarg: str) -> None:
+    """Refuse a language model that computes its own positions differently from the 0-based position_ids the engine
+    passes (Kosmos-2.5: sinusoidal positions offset by its padding index when none are given, as in generate())."""
+    import torch
+
+    from backend.models.kv_layout import PROBE_TOKENS, KVProbe
+
+    vocab = int(getattr(hf.config.get_text_config(), "vocab_size", 0) or 1)
+    ids = ((torch.arange(PROBE_TOKENS, device=device) + vocab // 2) % vocab)[None]  # (1, T) ordinary tokens
+    with torch.inference_mode():
+        given = hf(
+            input_ids=ids,
+            position_ids=torch.arange(PROBE_TOKENS, device=device)[None],
+            use_cache=False,
+            **{batch_kwarg: KVProbe()},
+        ).logits
+        try:
+            own = hf(input_ids=ids, use_cache=False, **{batch_kwarg: KVProbe()}).logits
+        except Exception:  # the model needs position_ids given: nothing of its own to compare
+            return
+    if not torch.allclose(given.float(), own.float(), rtol=1e-3, atol=1e-3):
+        raise UnsupportedModelError(
+            f"{type(hf).__name__} computes its own token positions (from the input ids when none are given, as in "
+            "generate()) differently from 0-based position ids, which the engine passes; its outputs would differ"
+        )

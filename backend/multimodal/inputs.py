@@ -1,0 +1,94 @@
+"""An image-text request: the processor expands the prompt's image placeholders and prepares the pixels; what the
+language model needs is kept per request (`ImageInputs`, on the Sequence) for every chunk and decode step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from backend.errors import RequestError
+from backend.multimodal.images import load_image, pixels_hash
+
+MAX_IMAGES_PER_REQUEST = 16
+TEXT_KEYS = {"input_ids", "attention_mask", "token_type_ids"}  # processor outputs that are not the images'
+
+
+@dataclass
+class ImageInputs:
+    """What one request's images give its language model."""
+
+    tensors: dict[str, torch.Tensor]  # processor outputs for the vision tower (pixel_values, image_grid_thw, ...)
+    placeholder_positions: torch.Tensor  # (N,) int64, prompt positions of the image tokens, ascending
+    content_hash: int  # of the pixels: salts the request's KV block hashes
+    num_images: int
+    mrope_positions: torch.Tensor | None = None  # (3, L) the model's own get_rope_index over the prompt
+    mrope_delta: int = 0  # position of a token after the prompt: its index + delta (all three rows)
+    features: torch.Tensor | None = None  # (N, H) image features, computed once at the first prefill step
+    num_encodes: int = 0  # how often the vision tower ran for this request (kept across preemptions: 1)
+
+
+def as_image_list(images: object) -> list:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def prepare_image_request(model: nn.Module, processor, prompt: object, images: object) -> tuple[list[int], ImageInputs]:
+    """The prompt's token ids (placeholders expanded) and its ImageInputs; RequestError for bad input.
+
+    `model` is the loaded model (a TransformersModel of an image-text model), `processor` its LoadedProcessor."""
+    if not getattr(model, "is_image_text", False):
+        raise RequestError("images: this model takes no images (it is a language model); send text only")
+    if processor is None or processor.processor is None:
+        why = processor.unavailable if processor is not None else "it has no processor"
+        raise RequestError(f"images: this model cannot take images here: {why}; send text only")
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("a request with images needs a text prompt (a non-empty string) holding their placeholders")
+    items = as_image_list(images)
+    if not items:
+        raise RequestError("images: an empty list; give at least one image, or leave images out")
+    if len(items) > MAX_IMAGES_PER_REQUEST:
+        raise RequestError(f"images: {len(items)} images; at most {MAX_IMAGES_PER_REQUEST} per request")
+    refusal = model.image_input_refusal()
+    if refusal is not None:
+        raise RequestError(f"images: {refusal}")
+    pil = [load_image(x, f"images[{i}]") for i, x in enumerate(items)]
+    proc = processor.processor
+    try:
+        out = proc(text=[prompt], images=pil, return_tensors="pt")
+    except (ValueError, TypeError, IndexError) as e:
+        token = getattr(proc, "image_token", "the image token")
+        raise RequestError(
+            f"images: the processor refused the prompt with {len(pil)} image(s) ({str(e)[:300]}); the prompt must "
+            f"hold one image placeholder ({token!r}, or the model's chat template) per image"
+        ) from None
+    ids = out["input_ids"][0]  # (L,)
+    positions = (ids == model.image_token_id).nonzero().flatten()  # (N,)
+    if positions.numel() == 0:
+        raise RequestError(
+            f"images: the prompt holds no image placeholder for its {len(pil)} image(s); put "
+            f"{getattr(proc, 'image_token', 'the image token')!r} where each image goes"
+        )
+    tensors = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
+    inputs = ImageInputs(tensors, positions, pixels_hash(tensors), len(pil))
+    mrope = model.mrope_positions(out)
+    if mrope is not None:
+        inputs.mrope_positions, inputs.mrope_delta = mrope
+    return ids.tolist(), inputs
+
+
+def describe_images(processor) -> dict | None:
+    """What the engine's describe() says about image inputs: None for a language model."""
+    if processor is None:
+        return None
+    if processor.processor is None:
+        return dict(accepted=False, reason=processor.unavailable)
+    proc = processor.processor
+    return dict(
+        accepted=True,
+        processor=type(proc).__name__,
+        image_token=getattr(proc, "image_token", None),
+        max_images_per_request=MAX_IMAGES_PER_REQUEST,
+    )

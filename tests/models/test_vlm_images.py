@@ -1,0 +1,159 @@
+"""Requests with images (backend/multimodal/): the processor expands the placeholders, the model's own
+get_image_features runs once per request at its first prefill step, its rows replace the image tokens' embeddings,
+Qwen-VL's M-RoPE positions come from its own get_rope_index. Greedy tokens equal HF generate() with the same
+image+text inputs (fp32), in batches that mix image-text and text-only requests, under chunked prefill and
+preemption; the KV block hashes cover the pixels; bad input is a RequestError naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend import Engine, SamplingParams
+from backend.errors import RequestError
+from backend.tools.tiny_vlms import FAMILIES
+from tests.models.vlm_reference import hf_vlm_greedy, random_images
+
+N_NEW = 8
+GREEDY = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+IMAGE_FAMILIES = [
+    "llava",
+    "qwen2_vl",  # M-RoPE from the model's own get_rope_index
+    pytest.param("qwen2_5_vl", marks=pytest.mark.slow),  # window attention in the vision tower, M-RoPE delta -6
+    pytest.param("idefics3", marks=pytest.mark.slow),  # an image split into several sub-images
+    pytest.param("glm4v_moe", marks=pytest.mark.slow),  # MoE language model, M-RoPE over a partial rotary
+]
+
+
+def vlm_engine(path, **options) -> Engine:
+    options.setdefault("kv_cache_memory_gb", 0.05)
+    return Engine(str(path), dtype="float32", device="cpu", **options)
+
+
+def mixed_requests(family: str) -> tuple[list[str], list]:
+    """Two image-text prompts of different lengths (one image inside the text, two images around it) and a
+    text-only one."""
+    image = FAMILIES[family].image_text
+    prompts = [f"Hello {image} world! Once upon", f"{image} The quick brown fox {image}", "1 2 3 4 5 6 7"]
+    a, b, c = random_images(3)
+    return prompts, [[a], [b, c], None]
+
+
+def count_encodes(engine: Engine) -> list[int]:
+    """Wrap the model's encode_images to count the vision tower's runs (one entry per run)."""
+    calls: list[int] = []
+    encode = engine.model.encode_images
+
+    def counted(inputs):
+        calls.append(inputs.num_images)
+        return encode(inputs)
+
+    engine.model.encode_images = counted
+    return calls
+
+
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
+def test_image_requests_equal_hf_generate_mixed_chunked_preempted(family, tiny_vlm):
+    path = tiny_vlm(family)
+    prompts, images = mixed_requests(family)
+    expected = hf_vlm_greedy(path, prompts, N_NEW, images)
+    with vlm_engine(path) as engine:  # one batch: image-text and text-only requests of different lengths
+        calls = count_encodes(engine)
+        outs = engine.generate(prompts, GREEDY, images=images)
+        assert [o.token_ids for o in outs] == expected
+        assert calls == [1, 2]  # one vision-tower run per image-text request, for all its images
+    longest = max(len(o.prompt_token_ids) for o in outs) + N_NEW
+    # chunks of 8 tokens split the image tokens over several steps; features computed once per request
+    with vlm_engine(path, max_num_batched_tokens=8, enable_prefix_caching=False) as engine:
+        calls = count_encodes(engine)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY, images=images)] == expected
+        assert len(calls) == 2
+    # too few blocks for all three at once: preemption recomputes the KV, the features are kept (not recomputed)
+    with vlm_engine(
+        path,
+        block_size=4,
+        num_kv_blocks=-(-longest // 4) + 2,  # the longest request fits, the three together do not
+        max_model_len=4 * (-(-longest // 4) + 2),
+        enable_prefix_caching=False,
+        kv_cache_memory_gb=None,
+    ) as engine:
+        calls = count_encodes(engine)
+        outs = engine.generate(prompts, GREEDY, images=images)
+        assert [o.token_ids for o in outs] == expected
+        assert engine.stats().num_preemptions > 0
+        assert len(calls) == 2
+        assert engine.stats().kv_blocks_used == 0
+
+
+def test_image_changes_the_output_and_the_stream_takes_images(tiny_vlm):
+    """A test of image handling that could not fail if the image had no effect would be worthless."""
+    path = tiny_vlm("llava")
+    prompt = "Hello <image> world! Once upon"
+    a, b = random_images(2)
+    with vlm_engine(path) as engine:
+        with_a = engine.generate(prompt, GREEDY, images=[a])[0].token_ids
+        with_b = engine.generate(prompt, GREEDY, images=[b])[0].token_ids
+        assert with_a != with_b
+        streamed = [t for d in engine.stream(prompt, GREEDY, images=a) for t in d.token_ids]
+        assert streamed == with_a
+        with engine.open_stream(prompt, GREEDY, images=b) as handle:
+            assert [t for d in handle for t in d.token_ids] == with_b
+
+
+def test_prefix_cache_covers_the_pixels(tiny_vlm):
+    path = tiny_vlm("qwen2_vl")
+    prompt = "Hello <|vision_start|><|image_pad|><|vision_end|> world! The quick brown fox jumps over the lazy dog."
+    a, b = random_images(2, seed=3)
+    expected = hf_vlm_greedy(path, [prompt, prompt], N_NEW, [[a], [b]])
+    assert expected[0] != expected[1]
+    with vlm_engine(path, block_size=4) as engine:
+        first = engine.generate(prompt, GREEDY, images=[a])[0]
+        other = engine.generate(prompt, GREEDY, images=[b])[0]  # same token ids, another image
+        calls = count_encodes(engine)
+        again = engine.generate(prompt, GREEDY, images=[a])[0]
+        assert calls == []  # its image tokens all came from the prefix cache: no vision-tower run
+        text = engine.generate(prompt_token_ids=[first.prompt_token_ids], sampling_params=GREEDY)[0]
+    assert first.prompt_token_ids == other.prompt_token_ids
+    assert [first.token_ids, other.token_ids] == expected
+    assert other.num_cached_tokens == 0 and text.num_cached_tokens == 0  # no block shared across images
+    assert again.num_cached_tokens >= 4 and again.token_ids == first.token_ids  # same image and prompt: a hit
+
+
+def test_bad_image_input_is_a_request_error_and_the_engine_keeps_serving(tiny_vlm, tiny_model, tmp_path):
+    path = tiny_vlm("llava")
+    prompt = "Hello <image> world!"
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with vlm_engine(path, max_model_len=24) as engine:
+        with pytest.raises(RequestError, match=r"images\[0\]: cannot decode the image"):
+            engine.generate(prompt, GREEDY, images=[[b"\x89PNG\r\n\x1a\n not really a png"]])
+        with pytest.raises(RequestError, match=r"images\[0\]: cannot decode the image"):
+            engine.generate(prompt, GREEDY, images=[[str(tmp_path / "broken.png")]])
+        with pytest.raises(RequestError, match=r"images\[0\]: no image file"):
+            engine.generate(prompt, GREEDY, images=[[str(tmp_path / "missing.png")]])
+        with pytest.raises(RequestError, match=r"images\[0\] must be a PIL image, a file path"):
+            engine.generate(prompt, GREEDY, images=[[42]])
+        with pytest.raises(RequestError, match="at most 16 per request"):
+            engine.generate(prompt, GREEDY, images=[random_images(17)])
+        with pytest.raises(RequestError, match="one image placeholder"):
+            engine.generate(prompt, GREEDY, images=[random_images(2)])  # two images, one placeholder
+        with pytest.raises(RequestError, match="the context holds 24"):
+            engine.generate(prompt + " 1 2 3 4 5 6 7 8 9", GREEDY, images=[random_images(1)])
+        with pytest.raises(RequestError, match="one entry per prompt"):
+            engine.generate([prompt, prompt], GREEDY, images=[random_images(1)])
+        with pytest.raises(RequestError, match="not with prompt_token_ids"):
+            engine.add_request(prompt_token_ids=[1, 2], images=random_images(1))
+        assert engine.num_requests == 0
+        short = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+        assert len(engine.generate(prompt, short, images=[random_images(1)])[0].token_ids) == 2
+    with Engine(str(tiny_model("llama")), dtype="float32", kv_cache_memory_gb=0.05) as engine:
+        with pytest.raises(RequestError, match="images: this model takes no images"):
+            engine.generate("Hello", GREEDY, images=[random_images(1)])
+
+
+@pytest.mark.slow
+def test_models_whose_images_cannot_run_refuse_image_requests_with_the_reason(tiny_vlm):
+    with vlm_engine(tiny_vlm("mistral3")) as engine:
+        with pytest.raises(RequestError, match="images: this model cannot take images here: .*[Tt]orchvision"):
+            engine.generate("Hello [IMG] world", GREEDY, images=[random_images(1)])
+    with vlm_engine(tiny_vlm("qwen3_vl_moe")) as engine:
+        with pytest.raises(RequestError, match="deepstack"):
+            engine.generate("Hello <|vision_start|><|image_pad|><|vision_end|>", GREEDY, images=[random_images(1)])

@@ -14,6 +14,7 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", *_ATTENTION_REGISTRY)  # backend/layers/attention_backends.py
 CPU_LINEARS = ("auto", "packed", "upcast", "none")  # how 16-bit linears run on CPU (backend/layers)
+CPU_KERNELS = ("auto", "fused", "torch")  # our C++ CPU kernels (flab_kernels/cpu) or torch ops
 
 
 @dataclass
@@ -42,6 +43,10 @@ class EngineConfig:
     # 16-bit linears on CPU: "packed" (oneDNN prepacked weights; CPUs with bf16/fp16 matmul), "upcast" (fp32
     # copies for many-row products; CPUs without), "none" (plain F.linear); "auto" picks by CPU
     cpu_linear: str = "auto"
+    # our C++ CPU kernels (flab_kernels/cpu, built on first use; backend/layers/cpu/fused.py): "fused" uses them
+    # (GEMV linears for decode rows, native models' fused RMSNorm and SiLU-and-mul), "torch" never, "auto" for
+    # bf16 models on CPU; where they cannot build or run, the torch path runs and describe() says why
+    cpu_kernels: str = "auto"
     # CPU: keep freed memory in the process (glibc mallopt, backend/host_allocator.py) so per-step activations
     # are not page-faulted in again on every layer; process-wide
     keep_freed_memory: bool = True
@@ -51,7 +56,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("model", "model_impl", "dtype", "device", "attention_backend", "cpu_linear"):
+        for name in ("model", "model_impl", "dtype", "device", "attention_backend", "cpu_linear", "cpu_kernels"):
             if not isinstance(getattr(self, name), str):
                 raise EngineError(f"{name} must be a string, got {getattr(self, name)!r:.60}")
         if not self.model.strip():
@@ -81,6 +86,8 @@ class EngineConfig:
             raise EngineError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.cpu_linear not in CPU_LINEARS:
             raise EngineError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise EngineError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
         optional = ("num_kv_blocks", "max_model_len", "max_running_per_owner")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tp_size", *optional):
             value = getattr(self, name)

@@ -763,6 +763,8 @@ class Engine:
             malloc_keeps_freed_memory=self.malloc_tuned,
             cpu_linear=self.loaded.cpu_linear,
             cpu_linears=self.loaded.num_cpu_linears,
+            cpu_kernels=self.loaded.cpu_kernels,
+            cpu_kernels_reason=self.loaded.cpu_kernels_reason,
             decode_weight_bytes=self.decode_weight_bytes,
             weights_bytes=self.weights_bytes,
             kv_cache=dict(

@@ -158,6 +158,9 @@ CPU_LINEAR_CLASSES = {
     "UpcastLinear": "fp32 copy for CPU matmuls",
     "PackedLinear": "oneDNN prepacked 16-bit weight",
     "SiblingLinear": "q/k/v or gate/up as one oneDNN product",
+    "FusedLinear": "C++ GEMV for decode rows",
+    "FusedRMSNorm": "C++ RMSNorm with the residual add",
+    "FusedSiluMLP": "C++ SiLU-and-mul",
 }
 
 

@@ -1,0 +1,148 @@
+"""Our C++ CPU kernels (flab_kernels/cpu) in the model: GEMV linears, fused RMSNorm(+residual) and SiLU-and-mul.
+
+`use_cpu_kernels(model, ext)` runs once at load, after the CPU linear swaps of build.py:
+- every bf16 / fp32 linear (plain, oneDNN `PackedLinear`, `UpcastLinear`, and the shared product of
+  `SiblingLinear` groups) gets a copy of its weight packed for our GEMV (flab_kernels/cpu/ops.py); products of
+  up to `FUSED_MAX_ROWS` rows (decode steps) run our kernel, which streams the weight once across both cores;
+  larger ones (prefill, big batches) run the module it wraps, whose oneDNN / AMX GEMM is faster there. The two
+  copies cost the weights' bytes twice; a decode step reads only ours (build.py `decode_weight_bytes`).
+- native models' `RMSNorm` and SiLU `MLP` modules run the fused kernels for bf16 / fp32 activations.
+Both implementations get the linears; the norms and activation are the native models' (transformers runs its own).
+The loaded extension module is kept on each module (`kernels`): no module-level state.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from backend.layers.activation import act_and_mul
+from backend.layers.cpu.packed import PackedLinear
+from backend.layers.cpu.siblings import SiblingLinear, SiblingProduct
+from backend.layers.cpu.upcast import UpcastLinear
+from backend.layers.norm import RMSNorm
+from backend.models.llama import MLP
+from flab_kernels.cpu import ops
+
+FUSED_MAX_ROWS = 4  # up to this many rows our GEMV; above, the wrapped module's GEMM (oneDNN) is faster
+FUSED_DTYPES = ops.PACKED_DTYPES
+
+
+class FusedProduct:
+    """`x @ W.T + b` by our kernel for few rows of W's dtype (else None: the caller's own product). A plain object."""
+
+    def __init__(self, ext: ModuleType, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.ext = ext
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.packed = ops.pack_weight(weight)  # bf16 (NB, KP, 16, 2) / fp32 (NB, K, 16)
+        self.bias = None if bias is None else bias.detach().float().contiguous()  # (N,) fp32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (..., K) -> (..., N) or None
+        if x.dtype != self.dtype or x.numel() > FUSED_MAX_ROWS * self.in_features or x.device.type != "cpu":
+            return None
+        return ops.linear(self.ext, x, self.packed, self.bias, self.out_features)
+
+
+class FusedLinear(nn.Module):
+    """A linear whose few-row products run our GEMV; `inner` (the module it replaced) computes the rest."""
+
+    def __init__(self, inner: nn.Module, product: FusedProduct) -> None:
+        super().__init__()
+        self.inner = inner
+        self.product = product
+        self.in_features, self.out_features = product.in_features, product.out_features
+        self.register_buffer("fused_packed", product.packed, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # (N, K), for introspection
+        return self.inner.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.inner.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        out = self.product(x)
+        return self.inner(x) if out is None else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, C++ GEMV up to {FUSED_MAX_ROWS} rows"
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm (+ residual add) by our kernel for bf16 / fp32 activations of the weight's dtype."""
+
+    kernels: ModuleType
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.dtype != self.weight.dtype or x.dtype not in FUSED_DTYPES or x.device.type != "cpu":
+            return super().forward(x, residual)
+        return ops.rms_norm(self.kernels, x, self.weight, self.eps, residual, self.offset)
+
+
+class FusedSiluMLP(MLP):
+    """The native SiLU MLP with SiLU-and-mul by our kernel (bf16 / fp32 activations)."""
+
+    kernels: ModuleType
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)
+        y = self.gate_up_proj(x)  # (T, 2I)
+        if y.dtype in FUSED_DTYPES and y.device.type == "cpu":
+            return self.down_proj(ops.silu_and_mul(self.kernels, y))  # (T, I) -> (T, H)
+        return self.down_proj(act_and_mul(y, self.act))
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a linear our GEMV can take over, else None."""
+    if isinstance(module, (PackedLinear, UpcastLinear)) or type(module) is nn.Linear:
+        weight = module.weight.detach()  # PackedLinear: converted back from oneDNN's layout, exactly
+        if weight.dtype in FUSED_DTYPES and weight.device.type == "cpu" and not weight.is_meta:
+            return weight, module.bias
+    return None
+
+
+def fuse_linears(model: nn.Module, ext: ModuleType) -> int:
+    """Wrap every linear our GEMV can run in a FusedLinear, and give sibling groups' shared product ours; in place.
+    Returns how many linears (siblings counted one each) run our kernel."""
+    count = 0
+    products: dict[int, FusedProduct] = {}  # SiblingProduct -> ours (one per group)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SiblingLinear):
+                shared: SiblingProduct = child.product
+                if id(shared) not in products:
+                    weight = shared.packed.to_dense()  # (sum N, K)
+                    if weight.dtype not in FUSED_DTYPES:
+                        continue
+                    products[id(shared)] = shared.fused = FusedProduct(ext, weight, shared.bias)
+                    child.register_buffer("fused_packed", shared.fused.packed, persistent=False)
+                count += 1
+                continue
+            found = _linear_weight(child)
+            if found is not None:
+                setattr(parent, name, FusedLinear(child, FusedProduct(ext, *found)))
+                count += 1
+    return count
+
+
+def fuse_native_layers(model: nn.Module, ext: ModuleType) -> int:
+    """Native models: RMSNorms and SiLU MLPs (backend/models/llama.py) run our kernels; returns how many modules."""
+    count = 0
+    for module in model.modules():
+        if type(module) is RMSNorm:
+            module.__class__ = FusedRMSNorm
+        elif type(module) is MLP and module.act == "silu":
+            module.__class__ = FusedSiluMLP
+        else:
+            continue
+        module.kernels = ext
+        count += 1
+    return count
+
+
+def use_cpu_kernels(model: nn.Module, ext: ModuleType, native: bool) -> int:
+    """The model's linears (and, native, its norms and activations) on our kernels; returns how many modules."""
+    return fuse_linears(model, ext) + (fuse_native_layers(model, ext) if native else 0)

@@ -1,7 +1,7 @@
 """Compile the C++ CPU kernels (csrc/) on first use, for the best instruction set this CPU has.
 
 One source, one extension per instruction set (`flab_cpu_<isa>`), each built with that set's compiler flags by
-`torch.utils.cpp_extension.load` into `<cache_dir()>/cpu_kernels/<torch version>/<isa>` (backend/paths.py), so a
+`torch.utils.cpp_extension.load` into `<cache_dir()>/cpu_kernels/<torch version>/<isa>-<hash>` (backend/paths.py), so a
 second process loads the built library in well under a second. The set is chosen at run time from the CPU's
 flags (/proc/cpuinfo, cross-checked with `torch.backends.cpu.get_cpu_capability()`): AVX512-BF16 (bf16 dot
 products), AVX512F, AVX2+FMA; when a variant does not build (a compiler without `-mavx512bf16`), the next lower
@@ -15,6 +15,7 @@ the process's only state here.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "gemv.cpp", "norm_act.cpp")
+SOURCES = ("bindings.cpp", "gemv.cpp", "norm_act.cpp", "attention.cpp")
 # instruction set -> the CPU flags it needs and the compiler flags it is built with (best first)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx512bf16": (
@@ -74,7 +75,12 @@ def supported_isas(flags: set[str] | None) -> list[str]:
 
 
 def build_dir(root: Path, isa: str) -> Path:
-    return root / "cpu_kernels" / f"torch-{torch.__version__}" / isa
+    """`<root>/cpu_kernels/torch-<version>/<isa>-<hash of the sources and flags>`: an edited source builds into a
+    new folder (a running process keeps the library it loaded)."""
+    digest = hashlib.sha256(" ".join((*COMMON_FLAGS, *VARIANTS[isa][1])).encode())
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return root / "cpu_kernels" / f"torch-{torch.__version__}" / f"{isa}-{digest.hexdigest()[:12]}"
 
 
 def _compiler() -> str | None:

@@ -73,3 +73,32 @@ def rms_norm(
 def silu_and_mul(ext: ModuleType, x: torch.Tensor) -> torch.Tensor:  # (..., 2I) -> (..., I)
     out = ext.silu_and_mul(x.reshape(-1, x.shape[-1]).contiguous())  # (T, I)
     return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def paged_decode(
+    ext: ModuleType,
+    q: torch.Tensor,  # (S, Hq, D): one new token per sequence
+    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor,  # (NB, BS, Hkv, Dv)
+    block_tables: torch.Tensor,  # (S, MB) int32
+    seq_lens: torch.Tensor,  # (S,) int32, the new token included (already stored)
+    scale: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,  # (Hq,)
+) -> torch.Tensor:  # (S, Hq, Dv)
+    """Decode attention reading the K/V blocks in place, threads split by sequence and KV head; the semantics of
+    flab_kernels.attention_torch (sliding window over the last W tokens, softcap, sinks as an extra logit)."""
+    if q.stride(-1) != 1 or q.stride(1) != q.shape[-1]:
+        q = q.contiguous()
+    return ext.paged_decode(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        float(scale),
+        float(softcap or 0.0),
+        int(sliding_window or 0),
+        None if sinks is None else sinks.float().contiguous(),
+    )

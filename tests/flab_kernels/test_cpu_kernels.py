@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from backend.paths import cache_dir
 from flab_kernels.activation import silu_and_mul_torch
+from flab_kernels.attention_torch import paged_attention_torch
 from flab_kernels.cpu import build, ops
 from flab_kernels.norm import rms_norm_torch
+from tests.flab_kernels.helpers import make_paged_batch
 
 ISAS = build.supported_isas(build.cpu_flags())
 pytestmark = pytest.mark.skipif(not ISAS, reason="the C++ CPU kernels need x86 with AVX2 + FMA")
@@ -137,3 +139,38 @@ def test_no_supported_instruction_set():
     assert not kernels.available and "instruction set" in kernels.reason
     assert build.supported_isas(None) == []
     assert build.supported_isas({"sse2"}) == []
+
+
+DECODE_CASES = [  # (cached lens, Hq, Hkv, D, block size): GQA ratios, block boundaries, odd head sizes
+    ([0, 15, 16, 17], 4, 4, 16, 16),
+    ([31, 3, 64], 8, 2, 64, 16),
+    ([100], 12, 1, 32, 8),
+    ([7, 200, 33, 1], 6, 3, 24, 32),
+    ([47], 9, 3, 80, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cached,hq,hkv,d,bs", DECODE_CASES)
+@pytest.mark.parametrize(
+    "softcap,window,with_sinks", [(None, None, False), (30.0, None, False), (None, 5, False), (None, None, True)]
+)
+def test_paged_decode_matches_torch(ext, dtype, cached, hq, hkv, d, bs, softcap, window, with_sinks):
+    """In place over shuffled blocks; tolerance: fp32 1e-5, bf16 one bf16 rounding of the output (2^-7) plus the
+    reference's own bf16 math (SDPA in bf16)."""
+    batch = make_paged_batch([1] * len(cached), cached, hq, hkv, d, bs, dtype, seed=sum(cached) + hq)
+    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(1)) if with_sinks else None
+    scale = d**-0.5
+    out = ops.paged_decode(
+        ext, batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, scale, softcap, window, sinks
+    )
+    ref = paged_attention_torch(*batch.args(), scale, softcap, window, sinks)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_paged_decode_rejects_a_length_outside_its_table(ext):
+    batch = make_paged_batch([1], [15], 2, 2, 16, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="outside its block table"):
+        ops.paged_decode(ext, batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens + 64, 1.0)

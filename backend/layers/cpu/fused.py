@@ -6,8 +6,10 @@
   up to `FUSED_MAX_ROWS` rows (decode steps) run our kernel, which streams the weight once across both cores;
   larger ones (prefill, big batches) run the module it wraps, whose oneDNN / AMX GEMM is faster there. The two
   copies cost the weights' bytes twice; a decode step reads only ours (build.py `decode_weight_bytes`).
-- native models' `RMSNorm` and SiLU `MLP` modules run the fused kernels for bf16 / fp32 activations.
-Both implementations get the linears; the norms and activation are the native models' (transformers runs its own).
+- native models' `RMSNorm` and SiLU `MLP` modules run the fused kernels for bf16 / fp32 activations, and their
+  `PagedAttention` our paged decode kernel on decode-only steps (no gather of the context).
+Both implementations get the linears; the norms, activation and attention are the native models' (transformers
+runs its own modules, and the torch attention path through our attention function).
 The loaded extension module is kept on each module (`kernels`): no module-level state.
 """
 
@@ -18,7 +20,9 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from backend.forward_batch import ForwardBatch
 from backend.layers.activation import act_and_mul
+from backend.layers.attention import PagedAttention
 from backend.layers.cpu.packed import PackedLinear
 from backend.layers.cpu.siblings import SiblingLinear, SiblingProduct
 from backend.layers.cpu.upcast import UpcastLinear
@@ -95,6 +99,45 @@ class FusedSiluMLP(MLP):
         return self.down_proj(act_and_mul(y, self.act))
 
 
+class FusedPagedAttention(PagedAttention):
+    """Decode-only steps on the torch attention backend: our paged decode kernel reads the K/V blocks in place
+    (threads split by sequence and KV head). Prefill and mixed steps, other backends and padded cache slots run
+    the shared path (PagedAttention)."""
+
+    kernels: ModuleType
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:  # q: (T, Hq * D), k/v: (T, Hkv * D) -> (T, Hq * D)
+        k_cache, v_cache = batch.kv_cache.k[self.layer_idx], batch.kv_cache.v[self.layer_idx]
+        if (
+            batch.max_query_len != 1
+            or batch.attention.name != "torch"
+            or q.device.type != "cpu"
+            or q.dtype not in FUSED_DTYPES
+            or k_cache.dtype != q.dtype
+            or k_cache.shape[-1] != self.head_dim
+            or v_cache.shape[-1] != self.head_dim
+        ):
+            return super().forward(q, k, v, batch, sinks)
+        t = q.shape[0]
+        hkv, d = self.num_kv_heads, self.head_dim
+        batch.attention.store(k.view(t, hkv, d), v.view(t, hkv, d), k_cache, v_cache, batch)
+        out = ops.paged_decode(
+            self.kernels,
+            q.view(t, self.num_heads, d),
+            k_cache,
+            v_cache,
+            batch.block_tables,
+            batch.seq_lens,
+            self.scale,
+            self.softcap,
+            self.sliding_window,
+            sinks,
+        )  # (T, Hq, D)
+        return out.view(t, self.num_heads * d)
+
+
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight, bias) of a linear our GEMV can take over, else None."""
     if isinstance(module, (PackedLinear, UpcastLinear)) or type(module) is nn.Linear:
@@ -136,6 +179,8 @@ def fuse_native_layers(model: nn.Module, ext: ModuleType) -> int:
             module.__class__ = FusedRMSNorm
         elif type(module) is MLP and module.act == "silu":
             module.__class__ = FusedSiluMLP
+        elif type(module) is PagedAttention:
+            module.__class__ = FusedPagedAttention
         else:
             continue
         module.kernels = ext

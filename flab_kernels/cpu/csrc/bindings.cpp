@@ -3,6 +3,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "attention.h"
 #include "gemv.h"
 #include "norm_act.h"
 #include "vec.h"
@@ -114,6 +115,53 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
   return out;
 }
 
+// q (S, Hq, D) one new token per sequence, caches (NB, BS, Hkv, D / Dv) read in place -> (S, Hq, Dv)
+torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
+                           double softcap, int64_t window, const c10::optional<torch::Tensor>& sinks) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_decode: q must be (S, Hq, D) rows");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_decode: caches must be contiguous (NB, BS, Hkv, D)");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "paged_decode: q and the caches must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  block_tables.is_contiguous() && seq_lens.is_contiguous(),
+              "paged_decode: block_tables and seq_lens must be contiguous int32");
+  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hq % Hkv == 0 && seq_lens.size(0) == S && block_tables.size(0) == S,
+              "paged_decode: shapes do not match");
+  TORCH_CHECK(!sinks || (sinks->scalar_type() == at::kFloat && sinks->numel() == Hq && sinks->is_contiguous()),
+              "paged_decode: sinks must be fp32 (Hq,)");
+  flab::DecodeShape shape{Hq, Hkv, D, v_cache.size(3), k_cache.size(1), block_tables.size(1), q.stride(0),
+                          static_cast<float>(scale), static_cast<float>(softcap), window};
+  auto out = torch::empty({S, Hq, shape.v_head_dim}, q.options());
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK(lens[s] >= 1 && (lens[s] + shape.block_size - 1) / shape.block_size <= shape.max_blocks,
+                "paged_decode: a sequence length outside its block table");
+  const float* sink = sinks ? sinks->data_ptr<float>() : nullptr;
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || q.scalar_type() == at::kFloat, "paged_decode: bf16 or fp32 only");
+  int64_t work = 0;
+  for (int64_t s = 0; s < S; ++s) work += lens[s];
+  parallel(S * Hkv, work * Hq * D * 2, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = i / Hkv, h = i % Hkv;
+      const int32_t* table = tables + s * shape.max_blocks;
+      if (bf16) {
+        flab::paged_decode_head<uint16_t>(ptr<uint16_t>(q) + s * shape.q_stride, ptr<uint16_t>(k_cache),
+                                          ptr<uint16_t>(v_cache), table, lens[s], h, sink, shape,
+                                          ptr<uint16_t>(out) + s * Hq * shape.v_head_dim);
+      } else {
+        flab::paged_decode_head<float>(ptr<float>(q) + s * shape.q_stride, ptr<float>(k_cache), ptr<float>(v_cache),
+                                       table, lens[s], h, sink, shape, ptr<float>(out) + s * Hq * shape.v_head_dim);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -122,4 +170,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x (M, K) @ packed W.T (+ fp32 bias) -> (M, N)");
   m.def("rms_norm", &rms_norm, "RMSNorm with optional residual add -> (out, x + residual)");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+  m.def("paged_decode", &paged_decode, "paged decode attention over the KV cache in place");
 }

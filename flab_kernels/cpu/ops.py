@@ -2,6 +2,7 @@
 
     pack_weight(w)                    (N, K) bf16 -> (NB, KP, 16, 2) bf16; fp32 -> (NB, K, 16) fp32  (zero padded)
     linear(ext, x, packed, bias, N)   (..., K) -> (..., N): x @ w.T + bias, fp32 accumulation
+    pack_int8_weight(q), linear_int8(ext, x, packed, scales, bias, N)   weight-only int8 (per-row scales)
     rms_norm(ext, x, w, eps, residual, offset)   as flab_kernels.norm.rms_norm_torch
     silu_and_mul(ext, x)              as flab_kernels.activation.silu_and_mul_torch
 
@@ -44,6 +45,21 @@ def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
         return packed.permute(0, 2, 1, 3).reshape(nb * BLOCK, 2 * kp)[:n, :k]
     nb = packed.shape[0]
     return packed.permute(0, 2, 1).reshape(nb * BLOCK, k)[:n]
+
+
+def pack_int8_weight(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 codes -> (NB, K, 16), rows padded with zeros."""
+    n, k = q.shape
+    nb = -(-n // BLOCK)
+    w = F.pad(q.detach(), (0, 0, 0, nb * BLOCK - n))  # (NB*16, K)
+    return w.view(nb, BLOCK, k).permute(0, 2, 1).contiguous()
+
+
+def linear_int8(
+    ext: ModuleType, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int
+) -> torch.Tensor:  # (..., K) -> (..., N): (x @ Q.T) * scales + bias; scales, bias fp32 (N,)
+    k = x.shape[-1]
+    return ext.linear_int8(x.reshape(-1, k), packed, scales, bias, n, k).view(*x.shape[:-1], n)
 
 
 def linear(

@@ -174,3 +174,19 @@ def test_paged_decode_rejects_a_length_outside_its_table(ext):
     batch = make_paged_batch([1], [15], 2, 2, 16, 16, torch.float32)
     with pytest.raises(RuntimeError, match="outside its block table"):
         ops.paged_decode(ext, batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens + 64, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_int8_matches_torch(ext, dtype, m, n, k, bias):
+    """Weight-only int8 with per-row scales against the fp32 product of the dequantized weight (the torch kernel
+    `_weight_int8pack_mm` computes the same in the activation dtype)."""
+    g = torch.Generator().manual_seed(m + n * k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) / 64
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g) if bias else None
+    out = ops.linear_int8(ext, x, ops.pack_int8_weight(q), scales, b, n)
+    assert out.shape == (m, n) and out.dtype == dtype
+    _close(out, F.linear(x.float(), q.float() * scales[:, None], b), dtype)

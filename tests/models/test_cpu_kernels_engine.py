@@ -96,3 +96,11 @@ def test_no_compiler_falls_back_to_torch_with_the_same_tokens(tiny_model, tmp_pa
     assert info["cpu_kernels"] == "torch" and "no C++ compiler" in info["cpu_kernels_reason"]
     assert "running the torch path" in caplog.text
     assert tokens == expected
+
+
+def test_int8_linears_run_the_kernel_with_the_same_tokens(tiny_model):
+    path = tiny_model("llama")
+    fused, info = _tokens(path, model_impl="native", quantization="int8", cpu_kernels="fused")
+    plain, _ = _tokens(path, model_impl="native", quantization="int8", cpu_kernels="torch")
+    assert info["cpu_kernels"] == "fused" and info["swapped"]["FusedLinear (C++ GEMV for decode rows)"] > 0
+    assert fused == plain

@@ -6,6 +6,8 @@
   up to `FUSED_MAX_ROWS` rows (decode steps) run our kernel, which streams the weight once across both cores;
   larger ones (prefill, big batches) run the module it wraps, whose oneDNN / AMX GEMM is faster there. The two
   copies cost the weights' bytes twice; a decode step reads only ours (build.py `decode_weight_bytes`).
+- int8 weight-only linears (on-the-fly `int8`: per-row symmetric scales) the same way: our int8 GEMV for
+  decode rows (codes widened to fp32 in registers, per-row scales at the end), the quantized module above.
 - native models' `RMSNorm` and SiLU `MLP` modules run the fused kernels for bf16 / fp32 activations, and their
   `PagedAttention` our paged decode kernel on decode-only steps (no gather of the context).
 Both implementations get the linears; the norms, activation and attention are the native models' (transformers
@@ -50,15 +52,33 @@ class FusedProduct:
         return ops.linear(self.ext, x, self.packed, self.bias, self.out_features)
 
 
+class FusedInt8Product:
+    """Weight-only int8 (backend/quantization int8: codes (N, K), one scale per row) by our kernel for few rows;
+    None for more (the quantized module's own product)."""
+
+    def __init__(self, ext: ModuleType, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.ext = ext
+        self.out_features, self.in_features = q.shape
+        self.packed = ops.pack_int8_weight(q)  # (NB, K, 16) int8
+        self.scales = scales.detach().float().contiguous()  # (N,)
+        self.bias = None if bias is None else bias.detach().float().contiguous()  # (N,) fp32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (..., K) -> (..., N) or None
+        if x.dtype not in FUSED_DTYPES or x.numel() > FUSED_MAX_ROWS * self.in_features or x.device.type != "cpu":
+            return None
+        return ops.linear_int8(self.ext, x, self.packed, self.scales, self.bias, self.out_features)
+
+
 class FusedLinear(nn.Module):
     """A linear whose few-row products run our GEMV; `inner` (the module it replaced) computes the rest."""
 
-    def __init__(self, inner: nn.Module, product: FusedProduct) -> None:
+    def __init__(self, inner: nn.Module, product: FusedProduct | FusedInt8Product) -> None:
         super().__init__()
         self.inner = inner
         self.product = product
         self.in_features, self.out_features = product.in_features, product.out_features
         self.register_buffer("fused_packed", product.packed, persistent=False)
+        self.register_buffer("fused_scales", getattr(product, "scales", None), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:  # (N, K), for introspection
@@ -147,6 +167,24 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return None
 
 
+def _is_int8_per_row(module: nn.Module) -> bool:
+    """An on-the-fly int8 linear (backend/quantization/intquant.py) with (N, K) int8 codes, one symmetric scale per
+    output row and no column permutation, on CPU (its `cpu_int8pack` or torch kernel)."""
+    if getattr(module, "bits", None) != 8 or getattr(module, "kernel", None) not in ("cpu_int8pack", "torch"):
+        return False
+    q, scales = getattr(module, "w_q", None), getattr(module, "w_scales", None)
+    return (
+        q is not None
+        and q.dtype == torch.int8
+        and q.device.type == "cpu"
+        and q.shape == (module.out_features, module.in_features)
+        and scales is not None
+        and scales.numel() == module.out_features
+        and module.w_zeros is None
+        and module.w_perm is None
+    )
+
+
 def fuse_linears(model: nn.Module, ext: ModuleType) -> int:
     """Wrap every linear our GEMV can run in a FusedLinear, and give sibling groups' shared product ours; in place.
     Returns how many linears (siblings counted one each) run our kernel."""
@@ -167,6 +205,10 @@ def fuse_linears(model: nn.Module, ext: ModuleType) -> int:
             found = _linear_weight(child)
             if found is not None:
                 setattr(parent, name, FusedLinear(child, FusedProduct(ext, *found)))
+                count += 1
+            elif _is_int8_per_row(child):
+                product = FusedInt8Product(ext, child.w_q, child.w_scales.reshape(-1), child.bias)
+                setattr(parent, name, FusedLinear(child, product))
                 count += 1
     return count
 

@@ -61,6 +61,34 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
   return out;
 }
 
+// x (M, K) bf16 / fp32 -> (M, N) in x's dtype: (x @ Q.T) * scales + bias, Q int8 packed [NB][K][16]
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "linear_int8: x must be (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 3 && packed.size(1) == K &&
+                  packed.size(2) == flab::kBlock && packed.is_contiguous() && packed.size(0) * flab::kBlock >= N,
+              "linear_int8: int8 packing");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
+              "linear_int8: scales must be fp32 (N,)");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "linear_int8: bias must be fp32 (N,)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "linear_int8: x must be bf16 or fp32");
+  const int64_t M = x.size(0), NB = packed.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  auto xin = x.to(at::kFloat).contiguous();
+  const float* xp = xin.data_ptr<float>();
+  const auto* w = packed.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  void* op = out.data_ptr();
+  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
+  parallel(NB, M * N * K, [&](int64_t b0, int64_t b1) {
+    flab::gemv_i8_blocks(xp, M, K, w, K, sp, b, N, b0, b1, op, out_bf16);
+  });
+  return out;
+}
+
 template <typename T>
 T* ptr(const torch::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
@@ -168,6 +196,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", [] { return std::string(flab::kIsa); }, "the instruction set this variant was built for");
   m.def("has_bf16_dot", &flab::has_bf16_dot, "bf16 pairs multiplied natively (AVX512-BF16)");
   m.def("linear", &linear, "x (M, K) @ packed W.T (+ fp32 bias) -> (M, N)");
+  m.def("linear_int8", &linear_int8, "x (M, K) @ (int8 packed Q * scales).T (+ fp32 bias) -> (M, N)");
   m.def("rms_norm", &rms_norm, "RMSNorm with optional residual add -> (out, x + residual)");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
   m.def("paged_decode", &paged_decode, "paged decode attention over the KV cache in place");

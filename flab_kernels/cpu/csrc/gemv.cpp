@@ -21,6 +21,9 @@ inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vf vbcast(float f) { return _mm512_set1_ps(f); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vload_i8(const int8_t* p) {  // L int8 -> fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline void vpairs(const uint16_t* p, vf& even, vf& odd) {  // L bf16 pairs -> (w[., k], w[., k + 1]) as fp32
   __m512i v = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -35,6 +38,9 @@ inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vf vbcast(float f) { return _mm256_set1_ps(f); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vload_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline void vpairs(const uint16_t* p, vf& even, vf& odd) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -108,6 +114,25 @@ void tile_f32(const float* x, int64_t xs, const float* w, int64_t K, float* acc_
     for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
 }
 
+template <int MT, int NB>
+void tile_i8(const float* x, int64_t xs, const int8_t* w, int64_t K, float* acc_out) {
+  vf acc[MT][NB * R];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) acc[m][j] = vzero();
+  const int64_t bs = K * kBlock;
+  for (int64_t k = 0; k < K; ++k) {
+    vf wv[NB * R];
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) wv[b * R + r] = vload_i8(w + b * bs + k * kBlock + r * L);
+    for (int m = 0; m < MT; ++m) {
+      const vf xv = vbcast(x[m * xs + k]);
+      for (int j = 0; j < NB * R; ++j) acc[m][j] = vfma(wv[j], xv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
+}
+
 // (mt, nb) -> the tile instantiation, for each kind of tile
 template <typename Fn, template <int, int> class Tile, int NB>
 Fn pick_m(int mt) {
@@ -131,23 +156,26 @@ Fn pick(int mt, int nb) {
 using TileBf16F32x = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*);
 using TileBf16Dot = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*);
 using TileF32 = void (*)(const float*, int64_t, const float*, int64_t, float*);
+using TileI8 = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
 template <int MT, int NB>
 struct Bf16F32x { static constexpr TileBf16F32x fn = tile_bf16_f32x<MT, NB>; };
 template <int MT, int NB>
 struct F32 { static constexpr TileF32 fn = tile_f32<MT, NB>; };
+template <int MT, int NB>
+struct I8 { static constexpr TileI8 fn = tile_i8<MT, NB>; };
 #if defined(__AVX512BF16__)
 template <int MT, int NB>
 struct Bf16Dot { static constexpr TileBf16Dot fn = tile_bf16_dot<MT, NB>; };
 #endif
 
-// acc (mt rows of nb * 16) + bias -> out rows m0.., columns of blocks blk.. (only the N real columns)
+// acc (mt rows of nb * 16) (* scales) + bias -> out rows m0.., columns of blocks blk.. (only the N real columns)
 void write_tile(const float* acc, int mt, int nb, int64_t m0, int64_t blk, const float* bias, int64_t N, void* out,
-                bool out_bf16) {
+                bool out_bf16, const float* scales = nullptr) {
   for (int m = 0; m < mt; ++m) {
     for (int64_t j = 0; j < nb * kBlock; ++j) {
       const int64_t n = blk * kBlock + j;
       if (n >= N) break;
-      const float v = acc[m * nb * kBlock + j] + (bias ? bias[n] : 0.0f);
+      const float v = acc[m * nb * kBlock + j] * (scales ? scales[n] : 1.0f) + (bias ? bias[n] : 0.0f);
       const int64_t i = (m0 + m) * N + n;
       if (out_bf16)
         static_cast<uint16_t*>(out)[i] = f32_to_bf16(v);
@@ -200,6 +228,20 @@ void gemv_f32_blocks(const float* x, int64_t M, int64_t x_stride, const float* w
       const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
       pick<TileF32, F32>(mt, nb)(x + m0 * x_stride, x_stride, w + blk * bs, K, acc);
       write_tile(acc, mt, nb, m0, blk, bias, N, out, false);
+    }
+  }
+}
+
+void gemv_i8_blocks(const float* x, int64_t M, int64_t x_stride, const int8_t* w, int64_t K, const float* scales,
+                    const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+  alignas(64) float acc[MT_MAX * NB_MAX * kBlock];
+  const int64_t bs = K * kBlock;
+  for (int64_t blk = b0; blk < b1; blk += NB_MAX) {
+    const int nb = static_cast<int>(std::min<int64_t>(NB_MAX, b1 - blk));
+    for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
+      const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
+      pick<TileI8, I8>(mt, nb)(x + m0 * x_stride, x_stride, w + blk * bs, K, acc);
+      write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16, scales);
     }
   }
 }

@@ -44,7 +44,7 @@ class EngineConfig:
     # copies for many-row products; CPUs without), "none" (plain F.linear); "auto" picks by CPU
     cpu_linear: str = "auto"
     # our C++ CPU kernels (flab_kernels/cpu, built on first use; backend/layers/cpu/fused.py): "fused" uses them
-    # (GEMV linears for decode rows, native models' fused RMSNorm and SiLU-and-mul), "torch" never, "auto" for
+    # (GEMV linears for decode rows; native models: fused RMSNorm, paged decode attention), "torch" never, "auto" for
     # bf16 models on CPU; where they cannot build or run, the torch path runs and describe() says why
     cpu_kernels: str = "auto"
     # CPU: keep freed memory in the process (glibc mallopt, backend/host_allocator.py) so per-step activations

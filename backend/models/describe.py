@@ -161,7 +161,6 @@ CPU_LINEAR_CLASSES = {
     "SiblingLinear": "q/k/v or gate/up as one oneDNN product",
     "FusedLinear": "C++ GEMV for decode rows",
     "FusedRMSNorm": "C++ RMSNorm with the residual add",
-    "FusedSiluMLP": "C++ SiLU-and-mul",
     "FusedPagedAttention": "C++ paged decode attention",
 }
 

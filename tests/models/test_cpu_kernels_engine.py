@@ -8,7 +8,7 @@ import torch
 
 from backend import Engine, SamplingParams
 from backend.errors import EngineError
-from backend.layers.cpu.fused import FusedLinear, FusedRMSNorm, FusedSiluMLP
+from backend.layers.cpu.fused import FusedLinear, FusedPagedAttention, FusedRMSNorm
 from backend.loading.build import choose_cpu_kernels
 from flab_kernels.cpu import build
 
@@ -64,7 +64,7 @@ def test_auto_runs_bf16_models_on_the_kernels(bf16_llama, impl):
         assert any(isinstance(m, FusedLinear) for m in modules)
         if impl == "native":
             assert any(isinstance(m, FusedRMSNorm) for m in modules)
-            assert any(isinstance(m, FusedSiluMLP) for m in modules)
+            assert any(isinstance(m, FusedPagedAttention) for m in modules)
         tokens = [o.token_ids for o in fused.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
         # a decode step reads our packed weights (padded to 16 rows), not the oneDNN copies kept for prefill
         assert 0 < fused.decode_weight_bytes < fused.weights_bytes

@@ -1,4 +1,4 @@
-"""Our C++ CPU kernels (flab_kernels/cpu) in the model: GEMV linears, fused RMSNorm(+residual) and SiLU-and-mul.
+"""Our C++ CPU kernels (flab_kernels/cpu) in the model: GEMV linears (bf16, fp32, int8), RMSNorm, paged decode.
 
 `use_cpu_kernels(model, ext)` runs once at load, after the CPU linear swaps of build.py:
 - every bf16 / fp32 linear (plain, oneDNN `PackedLinear`, `UpcastLinear`, and the shared product of
@@ -8,8 +8,9 @@
   copies cost the weights' bytes twice; a decode step reads only ours (build.py `decode_weight_bytes`).
 - int8 weight-only linears (on-the-fly `int8`: per-row symmetric scales) the same way: our int8 GEMV for
   decode rows (codes widened to fp32 in registers, per-row scales at the end), the quantized module above.
-- native models' `RMSNorm` and SiLU `MLP` modules run the fused kernels for bf16 / fp32 activations, and their
-  `PagedAttention` our paged decode kernel on decode-only steps (no gather of the context).
+- native models' `RMSNorm` modules run the fused kernel for bf16 / fp32 activations, and their `PagedAttention`
+  our paged decode kernel on decode-only steps (no gather of the context). The SiLU-and-mul kernel is built and
+  tested but not used: without a vectorized exp it is 2-5x slower than torch's silu (measured, 1-32 rows).
 Both implementations get the linears; the norms, activation and attention are the native models' (transformers
 runs its own modules, and the torch attention path through our attention function).
 The loaded extension module is kept on each module (`kernels`): no module-level state.
@@ -23,13 +24,11 @@ import torch
 from torch import nn
 
 from backend.forward_batch import ForwardBatch
-from backend.layers.activation import act_and_mul
 from backend.layers.attention import PagedAttention
 from backend.layers.cpu.packed import PackedLinear
 from backend.layers.cpu.siblings import SiblingLinear, SiblingProduct
 from backend.layers.cpu.upcast import UpcastLinear
 from backend.layers.norm import RMSNorm
-from backend.models.llama import MLP
 from flab_kernels.cpu import ops
 
 FUSED_MAX_ROWS = 4  # up to this many rows our GEMV; above, the wrapped module's GEMM (oneDNN) is faster
@@ -105,18 +104,6 @@ class FusedRMSNorm(RMSNorm):
         if x.dtype != self.weight.dtype or x.dtype not in FUSED_DTYPES or x.device.type != "cpu":
             return super().forward(x, residual)
         return ops.rms_norm(self.kernels, x, self.weight, self.eps, residual, self.offset)
-
-
-class FusedSiluMLP(MLP):
-    """The native SiLU MLP with SiLU-and-mul by our kernel (bf16 / fp32 activations)."""
-
-    kernels: ModuleType
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)
-        y = self.gate_up_proj(x)  # (T, 2I)
-        if y.dtype in FUSED_DTYPES and y.device.type == "cpu":
-            return self.down_proj(ops.silu_and_mul(self.kernels, y))  # (T, I) -> (T, H)
-        return self.down_proj(act_and_mul(y, self.act))
 
 
 class FusedPagedAttention(PagedAttention):
@@ -214,13 +201,11 @@ def fuse_linears(model: nn.Module, ext: ModuleType) -> int:
 
 
 def fuse_native_layers(model: nn.Module, ext: ModuleType) -> int:
-    """Native models: RMSNorms and SiLU MLPs (backend/models/llama.py) run our kernels; returns how many modules."""
+    """Native models: RMSNorms and paged attention layers run our kernels; returns how many modules."""
     count = 0
     for module in model.modules():
         if type(module) is RMSNorm:
             module.__class__ = FusedRMSNorm
-        elif type(module) is MLP and module.act == "silu":
-            module.__class__ = FusedSiluMLP
         elif type(module) is PagedAttention:
             module.__class__ = FusedPagedAttention
         else:

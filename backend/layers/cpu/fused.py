@@ -11,7 +11,7 @@
 - native models' `RMSNorm` modules run the fused kernel for bf16 / fp32 activations, and their `PagedAttention`
   our paged decode kernel on decode-only steps (no gather of the context). The SiLU-and-mul kernel is built and
   tested but not used: without a vectorized exp it is 2-5x slower than torch's silu (measured, 1-32 rows).
-Both implementations get the linears; the norms, activation and attention are the native models' (transformers
+Both implementations get the linears; the norms and attention are the native models' (transformers
 runs its own modules, and the torch attention path through our attention function).
 The loaded extension module is kept on each module (`kernels`): no module-level state.
 """

@@ -25,6 +25,7 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", *_ATTENTION_REGISTRY)  # backend/layers/attention_backends.py
 CPU_LINEARS = ("auto", "packed", "upcast", "none")  # how 16-bit linears run on CPU (backend/layers)
+CPU_KERNELS = ("auto", "fused", "torch")  # our C++ CPU kernels (flab_kernels/cpu) or torch ops
 MAX_SEED = 2**63 - 1
 
 
@@ -167,6 +168,13 @@ class EngineConfig:
         "16-bit linears on CPU: packed (oneDNN prepacked weights; CPUs with bf16/fp16 matmul), upcast (fp32 copies "
         "for many-row products; CPUs without), none (plain F.linear); auto picks by CPU",
         choices=CPU_LINEARS,
+    )  # fmt: skip
+    cpu_kernels: str = option(
+        "auto", str,
+        "our C++ CPU kernels (flab_kernels/cpu, built on first use; backend/layers/cpu/fused.py): fused uses them "
+        "(GEMV linears for decode rows; native models: fused RMSNorm, paged decode attention), torch never, auto for "
+        "bf16 models on CPU; where they cannot build or run, the torch path runs and describe() says why",
+        choices=CPU_KERNELS,
     )  # fmt: skip
     keep_freed_memory: bool = option(
         True, bool, "CPU: keep freed memory in the process (glibc mallopt, backend/host_allocator.py) so per-step "

@@ -120,6 +120,8 @@ def describe_engine(engine) -> dict:
         malloc_keeps_freed_memory=engine.malloc_tuned,
         cpu_linear=loaded.cpu_linear,
         cpu_linears=loaded.num_cpu_linears,
+        cpu_kernels=loaded.cpu_kernels,
+        cpu_kernels_reason=loaded.cpu_kernels_reason,
         decode_weight_bytes=engine.decode_weight_bytes,
         images=describe_images(loaded.processor),  # an image-text model: its processor, or why none
         weights_bytes=engine.weights_bytes,

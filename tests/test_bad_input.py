@@ -172,6 +172,7 @@ CONFIG_NAMES = [
     "max_num_batched_tokens",
     "attention_backend",
     "cpu_linear",
+    "cpu_kernels",
     "seed",
     "trust_remote_code",
     "enable_prefix_caching",

@@ -37,9 +37,10 @@ class RankShard:
 
 
 def rank_config(cfg: EngineConfig, rank: int) -> EngineConfig:
-    """The config a rank loads with: its own device (cuda:<rank> on GPUs), 16-bit CPU linears swapped after sharding."""
+    """The config a rank loads with: its own device (cuda:<rank> on GPUs), 16-bit CPU linears swapped after sharding,
+    and the torch path (our C++ CPU kernels wrap modules the sharding rules would no longer recognise)."""
     device = f"cuda:{rank}" if cfg.torch_device.type == "cuda" else cfg.device
-    return replace(cfg, device=device, cpu_linear="none")
+    return replace(cfg, device=device, cpu_linear="none", cpu_kernels="torch")
 
 
 def load_rank(cfg: EngineConfig, ctx: TPContext, progress=None) -> tuple[LoadedModel, dict]:

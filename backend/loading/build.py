@@ -20,8 +20,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+import backend.paths as paths
 from backend.config import DTYPES, EngineConfig
 from backend.errors import EngineError, QuantizationError, UnsupportedModelError
+from backend.layers.cpu.fused import FusedLinear, use_cpu_kernels
 from backend.layers.cpu.packed import PackedLinear, pack_linears, packing_available
 from backend.layers.cpu.packed_experts import pack_hf_experts
 from backend.layers.cpu.siblings import fuse_siblings
@@ -59,6 +61,8 @@ class LoadedModel:
     cpu_linear: str = "none"  # how its 16-bit linears run on CPU: "packed", "upcast" or "none" (EngineConfig)
     num_cpu_linears: int = 0  # linears swapped for PackedLinear / UpcastLinear
     processor: LoadedProcessor | None = None  # an image-text model's processor (backend/loading/processor.py)
+    cpu_kernels: str = "torch"  # "fused": our C++ CPU kernels run (EngineConfig.cpu_kernels), else "torch"
+    cpu_kernels_reason: str = ""  # which kernels, or why the torch path runs
 
     @property
     def cpu_upcast(self) -> bool:
@@ -82,11 +86,16 @@ class LoadedModel:
         """Bytes of weights one single-row decode step reads: all but the fp32 copies of layers/upcast.py and the
         plain tied weights that PackedLinears keep for the embedding (a decode reads their packed copy)."""
         unread = 0
+        wrapped = {id(m.inner) for m in self.model.modules() if isinstance(m, FusedLinear)}
         for m in self.model.modules():
+            if id(m) in wrapped:
+                continue
             if isinstance(m, UpcastLinear):
                 unread += sum(b.numel() * b.element_size() for b in (m.weight_t, m.bias_f32) if b is not None)
             elif isinstance(m, PackedLinear) and m.shared_weight is not None:
                 unread += m.shared_weight.numel() * m.shared_weight.element_size()
+            elif isinstance(m, FusedLinear):  # a decode reads our packed copy, not the wrapped module's tensors
+                unread += sum(t.numel() * t.element_size() for t in (*m.inner.parameters(), *m.inner.buffers()))
         return self.weights_bytes - unread
 
     @property
@@ -252,6 +261,7 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         quantize_experts(model, method)  # experts not quantized while streaming (transformers' converter loaded them)
     model.eval()
     cpu_linear, swapped_linears = _swap_cpu_linears(model, cfg.cpu_linear, device, dtype)
+    kernels, kernels_reason = _use_cpu_kernels(model, cfg.cpu_kernels, device, dtype, impl == "native")
     if impl == "transformers":
         model.probe_kv_layout(device)  # the KV cache layout from one forward; refuses what the cache cannot hold
     return LoadedModel(
@@ -269,6 +279,8 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         cpu_linear,
         swapped_linears,
         processor if is_image_text_config(hf_config) else None,
+        kernels,
+        kernels_reason,
     )
 
 
@@ -289,6 +301,39 @@ def choose_cpu_linear(requested: str, device: torch.device, dtype: torch.dtype) 
             ", which this torch build or CPU lacks (fp16 needs AVX512-FP16); use 'auto' or 'upcast'"
         )
     return requested
+
+
+def choose_cpu_kernels(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """(whether our C++ CPU kernels run, which ones or why not) for a model of `dtype` on `device`
+    (EngineConfig.cpu_kernels). Builds them on first use; never raises: a failed build means the torch path."""
+    from flab_kernels.cpu.build import cpu_kernels
+
+    if requested == "torch":
+        return False, "cpu_kernels='torch'"
+    if device.type != "cpu":
+        return False, f"the model runs on {device.type}"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return False, f"the C++ CPU kernels run bfloat16 and float32 models, not {str(dtype).removeprefix('torch.')}"
+    if requested == "auto" and dtype == torch.float32:
+        return False, "float32 models stay on torch under 'auto' (bit for bit transformers); 'fused' runs them"
+    kernels = cpu_kernels(paths.cache_dir())
+    if not kernels.available:
+        logger.warning("cpu_kernels=%r: %s; running the torch path", requested, kernels.reason)
+        return False, kernels.reason
+    return True, kernels.reason
+
+
+def _use_cpu_kernels(
+    model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype, native: bool
+) -> tuple[str, str]:
+    """("fused" | "torch", reason): the model's modules swapped for our kernels where they run."""
+    from flab_kernels.cpu.build import cpu_kernels
+
+    use, reason = choose_cpu_kernels(requested, device, dtype)
+    if not use:
+        return "torch", reason
+    count = use_cpu_kernels(model, cpu_kernels(paths.cache_dir()).module, native)
+    return "fused", f"{reason}: {count} modules"
 
 
 def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:

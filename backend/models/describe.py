@@ -12,6 +12,7 @@ from collections import Counter
 from torch import nn
 
 NATIVE_ATTENTION = "paged (native PagedAttention)"
+PAGED_ATTENTION_CLASSES = ("PagedAttention", "FusedPagedAttention")  # FusedPagedAttention: backend/layers/cpu/fused.py
 
 
 def _text_config(model: nn.Module):
@@ -120,7 +121,7 @@ def _shape(model: nn.Module) -> dict:
 
 def _describe_native(model: nn.Module) -> dict:
     opts = model.options
-    attention_layers = [m for m in model.modules() if type(m).__name__ == "PagedAttention"]
+    attention_layers = [m for m in model.modules() if type(m).__name__ in PAGED_ATTENTION_CLASSES]
     windows = sorted({w for w in opts.sliding_windows if w is not None})
     return dict(
         implementation="native",
@@ -158,6 +159,9 @@ CPU_LINEAR_CLASSES = {
     "UpcastLinear": "fp32 copy for CPU matmuls",
     "PackedLinear": "oneDNN prepacked 16-bit weight",
     "SiblingLinear": "q/k/v or gate/up as one oneDNN product",
+    "FusedLinear": "C++ GEMV for decode rows",
+    "FusedRMSNorm": "C++ RMSNorm with the residual add",
+    "FusedPagedAttention": "C++ paged decode attention",
 }
 
 
@@ -195,7 +199,7 @@ def describe_model(model: nn.Module) -> dict:
 def _role(name: str, module: nn.Module, native: bool) -> str:
     """What the engine did to this module, "" when it runs as the model defines it."""
     cls = type(module).__name__
-    if cls == "PagedAttention":
+    if cls in PAGED_ATTENTION_CLASSES:
         return "our paged attention"
     if not native and cls.endswith("Attention") and hasattr(module, "layer_idx"):
         return "attention function injected (ours)"

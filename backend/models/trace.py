@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from backend.models.describe import PAGED_ATTENTION_CLASSES
 from backend.sampling import SamplingParams
 
 
@@ -129,7 +130,7 @@ def _hook_native(model: nn.Module, rec: _Recorder):
     handles = [
         m.register_forward_pre_hook(hook, with_kwargs=True)
         for m in model.modules()
-        if type(m).__name__ == "PagedAttention"
+        if type(m).__name__ in PAGED_ATTENTION_CLASSES
     ]
     return lambda: [h.remove() for h in handles]
 

@@ -54,8 +54,8 @@ def bf16_llama(tmp_path_factory):
 
 
 def test_engine_upcast_on_and_off(bf16_llama):
-    on = Engine(bf16_llama, device="cpu", cpu_linear="upcast", num_kv_blocks=64)
-    off = Engine(bf16_llama, device="cpu", cpu_linear="none", num_kv_blocks=64)
+    on = Engine(bf16_llama, device="cpu", cpu_linear="upcast", cpu_kernels="torch", num_kv_blocks=64)
+    off = Engine(bf16_llama, device="cpu", cpu_linear="none", cpu_kernels="torch", num_kv_blocks=64)
     try:
         assert on.describe()["cpu_linear"] == "upcast" and on.describe()["attention_compute_dtype"] == "float32"
         assert off.describe()["cpu_linears"] == 0 and off.describe()["attention_compute_dtype"] == "bfloat16"
@@ -142,8 +142,9 @@ def test_cpu_linear_choice():
 @needs_packing
 @pytest.mark.parametrize("impl", ["native", "transformers"])
 def test_engine_packed_equals_plain(bf16_llama, impl):
-    packed = Engine(bf16_llama, device="cpu", model_impl=impl, cpu_linear="packed", num_kv_blocks=64)
-    plain = Engine(bf16_llama, device="cpu", model_impl=impl, cpu_linear="none", num_kv_blocks=64)
+    options = dict(device="cpu", model_impl=impl, cpu_kernels="torch", num_kv_blocks=64)
+    packed = Engine(bf16_llama, cpu_linear="packed", **options)
+    plain = Engine(bf16_llama, cpu_linear="none", **options)
     try:
         assert (
             packed.describe()["cpu_linear"] == "packed" and packed.describe()["attention_compute_dtype"] == "bfloat16"
@@ -187,7 +188,7 @@ def test_packed_tokens_across_architectures(tmp_path, arch, impl):
     params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     outs = {}
     for mode in ("packed", "none"):
-        with Engine(str(path), model_impl=impl, cpu_linear=mode, num_kv_blocks=64) as engine:
+        with Engine(str(path), model_impl=impl, cpu_linear=mode, cpu_kernels="torch", num_kv_blocks=64) as engine:
             outs[mode] = [o.token_ids for o in engine.generate(["the cat sat on the mat", "1 2 3"], params)]
             if mode == "packed":
                 assert engine.describe()["cpu_linears"] > 0
@@ -238,8 +239,8 @@ def test_native_moe_experts_are_packed(tmp_path, arch):
     path = build_tiny_model(arch, tmp_path / arch, dtype=torch.bfloat16)
     params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     with (
-        Engine(str(path), model_impl="native", cpu_linear="packed", num_kv_blocks=64) as packed,
-        Engine(str(path), model_impl="native", cpu_linear="none", num_kv_blocks=64) as plain,
+        Engine(str(path), model_impl="native", cpu_linear="packed", cpu_kernels="torch", num_kv_blocks=64) as packed,
+        Engine(str(path), model_impl="native", cpu_linear="none", cpu_kernels="torch", num_kv_blocks=64) as plain,
     ):
         experts = [m for m in packed.model.modules() if type(m).__name__ == "Experts"]
         assert experts and all(m.flab_packed is not None and m.gate_up_proj.is_meta for m in experts)
@@ -260,9 +261,10 @@ def test_transformers_moe_experts_are_packed(tmp_path, arch):
     biases), so the greedy tokens and every logit are the same."""
     path = build_tiny_model(arch, tmp_path / arch, dtype=torch.bfloat16)
     params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    blocks = dict(num_kv_blocks=64)
     with (
-        Engine(str(path), model_impl="transformers", cpu_linear="packed", num_kv_blocks=64) as packed,
-        Engine(str(path), model_impl="transformers", cpu_linear="none", num_kv_blocks=64) as plain,
+        Engine(str(path), model_impl="transformers", cpu_linear="packed", cpu_kernels="torch", **blocks) as packed,
+        Engine(str(path), model_impl="transformers", cpu_linear="none", cpu_kernels="torch", **blocks) as plain,
     ):
         hf = packed.model.hf
         modules = [m for m in hf.modules() if getattr(m, "flab_packed", None) is not None]

@@ -16,6 +16,8 @@ oneDNN may block the wider product differently, which can change the last bf16 b
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -32,9 +34,12 @@ class SiblingProduct:
         self.bias = bias
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None  # (..., sum N) for `input`
+        # our C++ GEMV for few rows (backend/layers/cpu/fused.py FusedProduct: None = not its case), else None
+        self.fused: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.input, self.output = x, packed_linear(x, self.packed, self.bias)
+        out = self.fused(x) if self.fused is not None else None
+        self.input, self.output = x, packed_linear(x, self.packed, self.bias) if out is None else out
         return self.output
 
 

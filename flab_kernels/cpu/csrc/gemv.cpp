@@ -1,0 +1,249 @@
+// GEMV / small-M GEMM over prepacked weights (layouts in gemv.h), one variant per instruction set.
+//
+// A tile is MT input rows x NB packed blocks (NB * 16 outputs): each weight vector is loaded once and used for
+// MT rows, and NB independent accumulator chains hide the FMA latency while NB weight streams are in flight.
+#include "gemv.h"
+
+#include <algorithm>
+
+#include "vec.h"
+
+namespace flab {
+
+namespace {
+
+#if defined(__AVX512F__)
+using vf = __m512;
+constexpr int L = 16;  // fp32 lanes
+constexpr int MT_MAX = 4, NB_MAX = 4;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vbcast(float f) { return _mm512_set1_ps(f); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vload_i8(const int8_t* p) {  // L int8 -> fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vpairs(const uint16_t* p, vf& even, vf& odd) {  // L bf16 pairs -> (w[., k], w[., k + 1]) as fp32
+  __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+using vf = __m256;
+constexpr int L = 8;
+constexpr int MT_MAX = 1, NB_MAX = 2;  // 16 ymm registers
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vbcast(float f) { return _mm256_set1_ps(f); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vload_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vpairs(const uint16_t* p, vf& even, vf& odd) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+#else
+#error "flab CPU kernels need AVX2 + FMA at least"
+#endif
+
+constexpr int R = kBlock / L;  // vectors per block row of 16 outputs
+
+// bf16 weights, fp32 x: acc[m][b * 16 + j] = sum_k x[m, k] * w[block b, row j, k]
+template <int MT, int NB>
+void tile_bf16_f32x(const float* x, int64_t xs, const uint16_t* w, int64_t KP, float* acc_out) {
+  vf acc[MT][NB * R];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) acc[m][j] = vzero();
+  const int64_t bs = KP * 2 * kBlock;
+  for (int64_t p = 0; p < KP; ++p) {
+    vf even[NB * R], odd[NB * R];
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) vpairs(w + b * bs + p * 2 * kBlock + r * 2 * L, even[b * R + r], odd[b * R + r]);
+    for (int m = 0; m < MT; ++m) {
+      const vf x0 = vbcast(x[m * xs + 2 * p]), x1 = vbcast(x[m * xs + 2 * p + 1]);
+      for (int j = 0; j < NB * R; ++j) acc[m][j] = vfma(odd[j], x1, vfma(even[j], x0, acc[m][j]));
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
+}
+
+#if defined(__AVX512BF16__)
+// bf16 weights, bf16 x: one vdpbf16ps multiplies 16 pairs of one block against one broadcast pair of x
+template <int MT, int NB>
+void tile_bf16_dot(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t KP, float* acc_out) {
+  __m512 acc[MT][NB];
+  for (int m = 0; m < MT; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  const int64_t bs = KP * 2 * kBlock;
+  for (int64_t p = 0; p < KP; ++p) {
+    __m512i wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(w + b * bs + p * 2 * kBlock);
+    for (int m = 0; m < MT; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * xs + 2 * p, 4);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], (__m512bh)wv[b], xv);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(acc_out + m * NB * kBlock + b * kBlock, acc[m][b]);
+}
+#endif
+
+template <int MT, int NB>
+void tile_f32(const float* x, int64_t xs, const float* w, int64_t K, float* acc_out) {
+  vf acc[MT][NB * R];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) acc[m][j] = vzero();
+  const int64_t bs = K * kBlock;
+  for (int64_t k = 0; k < K; ++k) {
+    vf wv[NB * R];
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) wv[b * R + r] = vload(w + b * bs + k * kBlock + r * L);
+    for (int m = 0; m < MT; ++m) {
+      const vf xv = vbcast(x[m * xs + k]);
+      for (int j = 0; j < NB * R; ++j) acc[m][j] = vfma(wv[j], xv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
+}
+
+template <int MT, int NB>
+void tile_i8(const float* x, int64_t xs, const int8_t* w, int64_t K, float* acc_out) {
+  vf acc[MT][NB * R];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) acc[m][j] = vzero();
+  const int64_t bs = K * kBlock;
+  for (int64_t k = 0; k < K; ++k) {
+    vf wv[NB * R];
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) wv[b * R + r] = vload_i8(w + b * bs + k * kBlock + r * L);
+    for (int m = 0; m < MT; ++m) {
+      const vf xv = vbcast(x[m * xs + k]);
+      for (int j = 0; j < NB * R; ++j) acc[m][j] = vfma(wv[j], xv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
+}
+
+// (mt, nb) -> the tile instantiation, for each kind of tile
+template <typename Fn, template <int, int> class Tile, int NB>
+Fn pick_m(int mt) {
+  switch (mt) {
+    case 1: return Tile<1, NB>::fn;
+    case 2: return Tile<std::min(2, MT_MAX), NB>::fn;
+    case 3: return Tile<std::min(3, MT_MAX), NB>::fn;
+    default: return Tile<MT_MAX, NB>::fn;
+  }
+}
+template <typename Fn, template <int, int> class Tile>
+Fn pick(int mt, int nb) {
+  switch (nb) {
+    case 1: return pick_m<Fn, Tile, 1>(mt);
+    case 2: return pick_m<Fn, Tile, std::min(2, NB_MAX)>(mt);
+    case 3: return pick_m<Fn, Tile, std::min(3, NB_MAX)>(mt);
+    default: return pick_m<Fn, Tile, NB_MAX>(mt);
+  }
+}
+
+using TileBf16F32x = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*);
+using TileBf16Dot = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*);
+using TileF32 = void (*)(const float*, int64_t, const float*, int64_t, float*);
+using TileI8 = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
+template <int MT, int NB>
+struct Bf16F32x { static constexpr TileBf16F32x fn = tile_bf16_f32x<MT, NB>; };
+template <int MT, int NB>
+struct F32 { static constexpr TileF32 fn = tile_f32<MT, NB>; };
+template <int MT, int NB>
+struct I8 { static constexpr TileI8 fn = tile_i8<MT, NB>; };
+#if defined(__AVX512BF16__)
+template <int MT, int NB>
+struct Bf16Dot { static constexpr TileBf16Dot fn = tile_bf16_dot<MT, NB>; };
+#endif
+
+// acc (mt rows of nb * 16) (* scales) + bias -> out rows m0.., columns of blocks blk.. (only the N real columns)
+void write_tile(const float* acc, int mt, int nb, int64_t m0, int64_t blk, const float* bias, int64_t N, void* out,
+                bool out_bf16, const float* scales = nullptr) {
+  for (int m = 0; m < mt; ++m) {
+    for (int64_t j = 0; j < nb * kBlock; ++j) {
+      const int64_t n = blk * kBlock + j;
+      if (n >= N) break;
+      const float v = acc[m * nb * kBlock + j] * (scales ? scales[n] : 1.0f) + (bias ? bias[n] : 0.0f);
+      const int64_t i = (m0 + m) * N + n;
+      if (out_bf16)
+        static_cast<uint16_t*>(out)[i] = f32_to_bf16(v);
+      else
+        static_cast<float*>(out)[i] = v;
+    }
+  }
+}
+
+}  // namespace
+
+bool has_bf16_dot() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void gemv_bf16_blocks(const void* x, bool x_is_bf16, int64_t M, int64_t x_stride, const uint16_t* w, int64_t KP,
+                      const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+  alignas(64) float acc[MT_MAX * NB_MAX * kBlock];
+  const int64_t bs = KP * 2 * kBlock;
+  for (int64_t blk = b0; blk < b1; blk += NB_MAX) {
+    const int nb = static_cast<int>(std::min<int64_t>(NB_MAX, b1 - blk));
+    for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
+      const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
+#if defined(__AVX512BF16__)
+      if (x_is_bf16) {
+        const uint16_t* xb = static_cast<const uint16_t*>(x) + m0 * x_stride;
+        pick<TileBf16Dot, Bf16Dot>(mt, nb)(xb, x_stride, w + blk * bs, KP, acc);
+        write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16);
+        continue;
+      }
+#endif
+      const float* xf = static_cast<const float*>(x) + m0 * x_stride;
+      pick<TileBf16F32x, Bf16F32x>(mt, nb)(xf, x_stride, w + blk * bs, KP, acc);
+      write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16);
+    }
+  }
+}
+
+void gemv_f32_blocks(const float* x, int64_t M, int64_t x_stride, const float* w, int64_t K, const float* bias,
+                     int64_t N, int64_t b0, int64_t b1, float* out) {
+  alignas(64) float acc[MT_MAX * NB_MAX * kBlock];
+  const int64_t bs = K * kBlock;
+  for (int64_t blk = b0; blk < b1; blk += NB_MAX) {
+    const int nb = static_cast<int>(std::min<int64_t>(NB_MAX, b1 - blk));
+    for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
+      const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
+      pick<TileF32, F32>(mt, nb)(x + m0 * x_stride, x_stride, w + blk * bs, K, acc);
+      write_tile(acc, mt, nb, m0, blk, bias, N, out, false);
+    }
+  }
+}
+
+void gemv_i8_blocks(const float* x, int64_t M, int64_t x_stride, const int8_t* w, int64_t K, const float* scales,
+                    const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+  alignas(64) float acc[MT_MAX * NB_MAX * kBlock];
+  const int64_t bs = K * kBlock;
+  for (int64_t blk = b0; blk < b1; blk += NB_MAX) {
+    const int nb = static_cast<int>(std::min<int64_t>(NB_MAX, b1 - blk));
+    for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
+      const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
+      pick<TileI8, I8>(mt, nb)(x + m0 * x_stride, x_stride, w + blk * bs, K, acc);
+      write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16, scales);
+    }
+  }
+}
+
+}  // namespace flab

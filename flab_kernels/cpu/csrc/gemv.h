@@ -1,0 +1,30 @@
+// Weight GEMV / small-M GEMM over prepacked weights (raw pointers; threading in the caller's loop over blocks).
+//
+// Packed layouts (flab_kernels/cpu/ops.py packs them once at load):
+//   bf16: [NB][KP][16][2]  16 output rows per block, K in pairs (k even, k odd) next to each other, zero padded
+//   fp32: [NB][K][16]
+//   int8: [NB][K][16]  (weight-only: out = (sum_k x * q) * scale[n])
+// out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), fp32 accumulation, written in the output dtype.
+#pragma once
+
+#include <cstdint>
+
+namespace flab {
+
+constexpr int kBlock = 16;  // output rows per packed block
+
+// x: (M, 2*KP) bf16 rows (stride x_stride elements) on CPUs with AVX512-BF16, else fp32 rows; blocks [b0, b1)
+void gemv_bf16_blocks(const void* x, bool x_is_bf16, int64_t M, int64_t x_stride, const uint16_t* w, int64_t KP,
+                      const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
+
+// x: (M, K) fp32 rows; blocks [b0, b1)
+void gemv_f32_blocks(const float* x, int64_t M, int64_t x_stride, const float* w, int64_t K, const float* bias,
+                     int64_t N, int64_t b0, int64_t b1, float* out);
+
+// int8 weights [NB][K][16] (weight-only, per-output-row fp32 scales), x: (M, K) fp32 rows; blocks [b0, b1)
+void gemv_i8_blocks(const float* x, int64_t M, int64_t x_stride, const int8_t* w, int64_t K, const float* scales,
+                    const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
+
+bool has_bf16_dot();  // this variant multiplies bf16 pairs natively (x stays bf16)
+
+}  // namespace flab

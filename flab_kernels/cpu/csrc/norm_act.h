@@ -1,0 +1,18 @@
+// Row-wise fused decoder pieces (raw pointers, one row per call; threading in the caller).
+#pragma once
+
+#include <cstdint>
+
+namespace flab {
+
+// h = x (+ residual), rounded to the dtype; out = rms_norm(h) with HF's roundings (see norm_act.cpp);
+// res_out (when residual is given) = h. T = uint16_t (bf16) or float.
+template <typename T>
+void rms_norm_row(const T* x, const T* residual, const T* weight, float eps, float offset, int64_t H, T* out,
+                  T* res_out);
+
+// out[i] = silu(x[i]) * x[I + i], each product rounded to the dtype as in HF (act_fn(gate) * up)
+template <typename T>
+void silu_and_mul_row(const T* x, int64_t I, T* out);
+
+}  // namespace flab

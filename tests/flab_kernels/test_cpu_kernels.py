@@ -1,0 +1,192 @@
+"""Our C++ CPU kernels (flab_kernels/cpu) against their torch references, per instruction set this CPU runs.
+
+The best variant is built once into the project cache (backend/paths.py) and tested by default; the lower ones
+(AVX512F without BF16, AVX2) are built and tested under `-m slow` (a minute or two each on first use).
+
+Tolerances: fp32 products differ from F.linear by summation order only (rtol 1e-5); bf16 products are fp32 sums
+of exact bf16 x bf16 products rounded once, so they are within one bf16 rounding (2^-8 relative) of the fp32
+product of the same bf16 inputs, plus summation-order noise. Norms and SiLU-and-mul round where transformers
+rounds: bf16 within one bf16 ulp (in practice bit-equal), fp32 within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backend.paths import cache_dir
+from flab_kernels.activation import silu_and_mul_torch
+from flab_kernels.attention_torch import paged_attention_torch
+from flab_kernels.cpu import build, ops
+from flab_kernels.norm import rms_norm_torch
+from tests.flab_kernels.helpers import make_paged_batch
+
+ISAS = build.supported_isas(build.cpu_flags())
+pytestmark = pytest.mark.skipif(not ISAS, reason="the C++ CPU kernels need x86 with AVX2 + FMA")
+
+
+def _isa_params() -> list:
+    return [pytest.param(isa, marks=() if i == 0 else pytest.mark.slow) for i, isa in enumerate(ISAS)]
+
+
+@pytest.fixture(params=_isa_params() or ["none"])
+def ext(request):
+    kernels = build.load_cpu_kernels(cache_dir().resolve(), (request.param,))
+    if not kernels.available:
+        pytest.fail(f"the {request.param} kernels did not load: {kernels.reason}")
+    assert kernels.module.isa() == request.param
+    return kernels.module
+
+
+SHAPES = [(1, 16, 16), (1, 33, 17), (2, 576, 576), (3, 49, 1536), (4, 1, 5), (5, 70, 64), (9, 100, 31), (17, 40, 8)]
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = ref.abs().max().item() + 1e-6
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=scale * 2**-10)
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=scale * 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_torch(ext, dtype, m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g) if bias else None
+    packed = ops.pack_weight(w)
+    assert torch.equal(ops.unpack_weight(packed, n, k), w)  # packing loses nothing
+    out = ops.linear(ext, x, packed, b, n)
+    assert out.shape == (m, n) and out.dtype == dtype
+    _close(out, F.linear(x.float(), w.float(), b), dtype)
+
+
+def test_linear_keeps_leading_dims_and_takes_strided_input(ext):
+    w = torch.randn(24, 40).to(torch.bfloat16)
+    x = torch.randn(2, 3, 80).to(torch.bfloat16)[..., ::2]  # (2, 3, 40), not contiguous
+    out = ops.linear(ext, x, ops.pack_weight(w), None, 24)
+    assert out.shape == (2, 3, 24)
+    _close(out, F.linear(x.float(), w.float()), torch.bfloat16)
+
+
+def test_linear_fp32_input_on_bf16_weights(ext):
+    """An fp32 activation against bf16 weights: multiplied in fp32, fp32 out (no rounding of x)."""
+    w = torch.randn(20, 11).to(torch.bfloat16)
+    x = torch.randn(3, 11)
+    out = ops.linear(ext, x, ops.pack_weight(w), None, 20)
+    assert out.dtype == torch.float32
+    _close(out, F.linear(x, w.float()), torch.float32)
+
+
+def test_linear_rejects_mismatched_shapes(ext):
+    packed = ops.pack_weight(torch.randn(16, 8))
+    with pytest.raises(RuntimeError, match="x must be"):
+        ext.linear(torch.randn(2, 9), packed, None, 16, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (3, 577), (8, 2048)])
+def test_rms_norm_matches_torch(ext, dtype, offset, rows, hidden):
+    g = torch.Generator().manual_seed(rows + hidden)
+    x, r = (torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(2))
+    w = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    out = ops.rms_norm(ext, x, w, 1e-6, offset=offset)
+    torch.testing.assert_close(out, rms_norm_torch(x, w, 1e-6, offset=offset), rtol=ulp, atol=ulp)
+    out, res = ops.rms_norm(ext, x, w, 1e-6, r, offset)
+    ref, ref_res = rms_norm_torch(x, w, 1e-6, r, offset)
+    assert torch.equal(res, ref_res)  # the residual sum is one rounding of x + r, as torch's
+    torch.testing.assert_close(out, ref, rtol=ulp, atol=ulp)
+
+
+def test_rms_norm_on_head_shaped_input(ext):
+    """Qwen3's q/k norms: (T, heads, head_dim), normalised over head_dim."""
+    x = torch.randn(5, 3, 32).to(torch.bfloat16)
+    w = torch.rand(32).to(torch.bfloat16)
+    torch.testing.assert_close(ops.rms_norm(ext, x, w, 1e-6), rms_norm_torch(x, w, 1e-6), rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,inter", [(1, 1), (4, 777), (9, 1536)])
+def test_silu_and_mul_matches_torch(ext, dtype, rows, inter):
+    x = (3 * torch.randn(rows, 2 * inter)).to(dtype)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(ops.silu_and_mul(ext, x), silu_and_mul_torch(x), rtol=ulp, atol=ulp)
+
+
+def test_no_compiler_means_the_torch_path_with_a_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    kernels = build.load_cpu_kernels(tmp_path, tuple(ISAS))
+    assert not kernels.available and "no C++ compiler" in kernels.reason
+
+
+def test_a_failed_build_means_the_torch_path_with_a_reason(tmp_path, monkeypatch):
+    """A variant whose compiler flags the compiler rejects: a real failed build, reported, nothing raised."""
+    isa = ISAS[-1]
+    monkeypatch.setitem(build.VARIANTS, isa, (build.VARIANTS[isa][0], ("-mno-such-instruction-set",)))
+    kernels = build.load_cpu_kernels(tmp_path, (isa,))
+    assert not kernels.available
+    assert kernels.reason.startswith("the C++ CPU kernels did not build") and isa in kernels.reason
+
+
+def test_no_supported_instruction_set():
+    kernels = build.load_cpu_kernels(cache_dir().resolve(), ())
+    assert not kernels.available and "instruction set" in kernels.reason
+    assert build.supported_isas(None) == []
+    assert build.supported_isas({"sse2"}) == []
+
+
+DECODE_CASES = [  # (cached lens, Hq, Hkv, D, block size): GQA ratios, block boundaries, odd head sizes
+    ([0, 15, 16, 17], 4, 4, 16, 16),
+    ([31, 3, 64], 8, 2, 64, 16),
+    ([100], 12, 1, 32, 8),
+    ([7, 200, 33, 1], 6, 3, 24, 32),
+    ([47], 9, 3, 80, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cached,hq,hkv,d,bs", DECODE_CASES)
+@pytest.mark.parametrize(
+    "softcap,window,with_sinks", [(None, None, False), (30.0, None, False), (None, 5, False), (None, None, True)]
+)
+def test_paged_decode_matches_torch(ext, dtype, cached, hq, hkv, d, bs, softcap, window, with_sinks):
+    """In place over shuffled blocks; tolerance: fp32 1e-5, bf16 one bf16 rounding of the output (2^-7) plus the
+    reference's own bf16 math (SDPA in bf16)."""
+    batch = make_paged_batch([1] * len(cached), cached, hq, hkv, d, bs, dtype, seed=sum(cached) + hq)
+    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(1)) if with_sinks else None
+    scale = d**-0.5
+    out = ops.paged_decode(
+        ext, batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, scale, softcap, window, sinks
+    )
+    ref = paged_attention_torch(*batch.args(), scale, softcap, window, sinks)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_paged_decode_rejects_a_length_outside_its_table(ext):
+    batch = make_paged_batch([1], [15], 2, 2, 16, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="outside its block table"):
+        ops.paged_decode(ext, batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens + 64, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_int8_matches_torch(ext, dtype, m, n, k, bias):
+    """Weight-only int8 with per-row scales against the fp32 product of the dequantized weight (the torch kernel
+    `_weight_int8pack_mm` computes the same in the activation dtype)."""
+    g = torch.Generator().manual_seed(m + n * k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) / 64
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g) if bias else None
+    out = ops.linear_int8(ext, x, ops.pack_int8_weight(q), scales, b, n)
+    assert out.shape == (m, n) and out.dtype == dtype
+    _close(out, F.linear(x.float(), q.float() * scales[:, None], b), dtype)

@@ -1,8 +1,8 @@
 """Fallback Lab's inference engine."""
 
-from backend.config import EngineConfig
-from backend.engine import Engine, RequestStream
-from backend.outputs import RequestOutput, StreamDelta
-from backend.sampling import SamplingParams
+from backend.core.config import EngineConfig
+from backend.core.engine import Engine, RequestStream
+from backend.core.outputs import RequestOutput, StreamDelta
+from backend.core.sampling import SamplingParams
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams", "StreamDelta"]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from backend.config import add_engine_flags, engine_option_names, engine_options_from_args
+from backend.core.config import add_engine_flags, engine_option_names, engine_options_from_args
 from backend.hosting import HostingError, HostPolicy, add_hosting_flags, refuse_zerogpu
 from backend.hosting.timeouts import ConnectionTimeouts, uvicorn_options
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from backend import Engine
-    from backend.errors import EngineError
+    from backend.core.errors import EngineError
     from backend.server import ServerLimits, build_app
     from backend.server.health import fatal_problem
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from backend.errors import EngineError, RequestFailedError
-from backend.outputs import RequestOutput, StreamDelta
-from backend.sampling import SamplingParams
+from backend.core.errors import EngineError, RequestFailedError
+from backend.core.outputs import RequestOutput, StreamDelta
+from backend.core.sampling import SamplingParams
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 300.0  # longest silence between two streamed chunks

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend import Engine, EngineConfig, SamplingParams
-from backend.errors import EngineError, RequestError
-from backend.stop import REWRITE_SLACK, StopMatcher
+from backend.core.errors import EngineError, RequestError
+from backend.core.stop import REWRITE_SLACK, StopMatcher
 
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 

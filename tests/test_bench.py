@@ -75,7 +75,7 @@ def test_median_run_and_repeat_validation():
 
 def test_resolve_path(tiny_model, tmp_path):
     """A folder resolves through the engine's hub code (checked like the engine checks it); tiny:<arch> builds."""
-    from backend.errors import ModelNotFoundError
+    from backend.core.errors import ModelNotFoundError
 
     folder = tiny_model("llama")
     assert bench.resolve_path(str(folder), "float32") == str(folder)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from backend import Engine, SamplingParams, paths
-from backend.errors import CacheDirError, EngineError, UnsupportedModelError
+from backend.core.errors import CacheDirError, EngineError, UnsupportedModelError
 from backend.loading import builtin
 
 ROOT = Path(__file__).resolve().parents[1]

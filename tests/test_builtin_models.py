@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backend import Engine, SamplingParams, paths
-from backend.errors import ModelNotFoundError
+from backend.core.errors import ModelNotFoundError
 from backend.loading import builtin
 from backend.loading.hub import resolve_model
 from backend.tools import bench

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from backend import Engine, SamplingParams
-from backend.errors import RequestError
+from backend.core.errors import RequestError
 
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 PROMPT = list(range(5, 30))  # 25 tokens: 3 full blocks of 8

@@ -8,9 +8,15 @@ import dataclasses
 
 import pytest
 
-from backend.config import EngineConfig, OptionSpec, add_engine_flags, engine_option_names, engine_options_from_args
-from backend.errors import EngineError, RequestError
-from backend.sampling import SamplingParams
+from backend.core.config import (
+    EngineConfig,
+    OptionSpec,
+    add_engine_flags,
+    engine_option_names,
+    engine_options_from_args,
+)
+from backend.core.errors import EngineError, RequestError
+from backend.core.sampling import SamplingParams
 
 
 def test_every_option_is_declared_with_help():

@@ -1,4 +1,4 @@
-"""backend/detokenizer.py: streamed output text equals transformers' decode of the same tokens (every step's
+"""backend/core/detokenizer.py: streamed output text equals transformers' decode of the same tokens (every step's
 text a prefix of it, the final text equal), with one full decode per request instead of one per token."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from backend import Engine, SamplingParams
-from backend.detokenizer import Detokenizer, streams
+from backend.core.detokenizer import Detokenizer, streams
 from backend.loading.tiny_models import CORPUS, build_tokenizer
 
 TEXT = "The quick brown fox, héllo wörld: 日本語 and 🎉 emoji.  Two  spaces\nand a new line."

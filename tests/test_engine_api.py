@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from backend import Engine, SamplingParams
-from backend.errors import EngineError, KVCacheError, ModelNotFoundError, RequestError, UnsupportedModelError
+from backend.core.errors import EngineError, KVCacheError, ModelNotFoundError, RequestError, UnsupportedModelError
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
 

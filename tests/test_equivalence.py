@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend import Engine, SamplingParams
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from tests.helpers import PROMPTS, hf_greedy
 
 ARCHS = [

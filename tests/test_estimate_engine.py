@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from backend import Engine
-from backend.errors import KVCacheError, QuantizationError
+from backend.core.errors import KVCacheError, QuantizationError
 from backend.loading.memory import EngineKVSettings, estimate_memory
 
 SETTINGS = [

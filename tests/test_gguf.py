@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from backend import Engine
-from backend.errors import EngineError, UnsupportedModelError
+from backend.core.errors import EngineError, UnsupportedModelError
 from backend.loading.builtin import smollm2_gguf_path
 from backend.loading.gguf import CONVERSION_INFO, convert_gguf, inspect_gguf
 from backend.tools import convert_gguf as command

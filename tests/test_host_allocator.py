@@ -1,4 +1,4 @@
-"""backend/host_allocator.py: after keep_freed_memory(), mid-sized blocks come from glibc's heap (reused from
+"""backend/core/host_allocator.py: after keep_freed_memory(), mid-sized blocks come from glibc's heap (reused from
 step to step) instead of fresh mmap pages, blocks above the threshold are still mapped on their own, and
 release_freed_memory() hands the kept memory back; the bench's per-run peak-RSS window built on it."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from backend import Engine
-from backend.errors import UnsupportedModelError
-from backend.host_allocator import keep_freed_memory, release_freed_memory
+from backend.core.errors import UnsupportedModelError
+from backend.core.host_allocator import keep_freed_memory, release_freed_memory
 from backend.tools.bench import peak_rss, reset_peak_rss
 
 glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -55,7 +55,7 @@ def test_mid_sized_blocks_come_from_the_heap_and_big_ones_stay_mapped():
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 import torch
-from backend.host_allocator import MMAP_THRESHOLD, keep_freed_memory
+from backend.core.host_allocator import MMAP_THRESHOLD, keep_freed_memory
 from tests.test_host_allocator import mapped_bytes
 assert keep_freed_memory()
 before = mapped_bytes()
@@ -80,7 +80,7 @@ def test_while_loading_mid_sized_blocks_are_mapped_and_unmapped():
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 import torch
-from backend.host_allocator import keep_freed_memory, map_big_blocks
+from backend.core.host_allocator import keep_freed_memory, map_big_blocks
 from tests.test_host_allocator import mapped_bytes
 assert map_big_blocks()
 before = mapped_bytes()
@@ -98,7 +98,7 @@ print("ok")
 
 
 def test_the_engine_loads_with_big_blocks_mapped_then_keeps_freed_memory(tiny_model, monkeypatch):
-    import backend.engine as engine_module
+    import backend.core.engine as engine_module
 
     calls: list[str] = []
     real_load = engine_module.load_model

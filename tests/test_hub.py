@@ -21,7 +21,7 @@ from huggingface_hub.utils._safetensors import SafetensorsFileMetadata, Safetens
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from backend.errors import GatedModelError, ModelNotFoundError, QuantizationError, UnsupportedModelError
+from backend.core.errors import GatedModelError, ModelNotFoundError, QuantizationError, UnsupportedModelError
 from backend.loading import hub, memory
 from backend.loading.memory import TensorMeta, compute_estimate
 

@@ -16,7 +16,7 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from backend.errors import GatedModelError, ModelNotFoundError, UnsupportedModelError
+from backend.core.errors import GatedModelError, ModelNotFoundError, UnsupportedModelError
 from backend.loading import hub, memory
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"

@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-import backend.engine as engine_module
-import backend.sampling as sampling
-import backend.stop as stop
+import backend.core.engine as engine_module
+import backend.core.sampling as sampling
+import backend.core.stop as stop
 from backend import Engine, SamplingParams
-from backend.errors import RequestError, RequestFailedError
+from backend.core.errors import RequestError, RequestFailedError
 
 PROMPTS = ["Hello world", "1 2 3 4", "The quick brown fox", "a b c"]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
@@ -129,7 +129,7 @@ def test_exception_in_the_step_fails_that_step_and_the_engine_keeps_serving(tiny
 
 
 def test_a_model_forward_failure_fails_its_batch_loudly(engine, expected, monkeypatch):
-    from backend.runner import ModelRunner
+    from backend.core.runner import ModelRunner
 
     monkeypatch.setattr(ModelRunner, "run", lambda self, batch: (_ for _ in ()).throw(RuntimeError("forward broke")))
     with pytest.raises(RequestFailedError, match="forward broke"):
@@ -164,7 +164,7 @@ def test_sampling_params_are_frozen():
 
 def test_a_stream_raises_when_the_engine_loop_died(tiny_model, monkeypatch):
     monkeypatch.setattr(Engine, "_run_loop", lambda self: None)  # the loop thread exits at once, as if crashed
-    monkeypatch.setattr("backend.streams.LISTENER_POLL_S", 0.05)
+    monkeypatch.setattr("backend.core.streams.LISTENER_POLL_S", 0.05)
     result: dict = {}
     with Engine(str(tiny_model("llama")), dtype="float32", max_model_len=128) as engine:
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend import Engine, SamplingParams
-from backend.errors import ModelNotFoundError, UnsupportedModelError
+from backend.core.errors import ModelNotFoundError, UnsupportedModelError
 from backend.loading.tiny_models import build_tokenizer
 from tests.helpers import PROMPTS, hf_greedy
 

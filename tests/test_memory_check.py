@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from backend import Engine
-from backend.config import EngineConfig, option_range
-from backend.errors import EngineError, KVCacheError
-from backend.kv_sizing import KVPlan, check_kv_fits, free_memory
+from backend.core.config import EngineConfig, option_range
+from backend.core.errors import EngineError, KVCacheError
+from backend.core.kv_sizing import KVPlan, check_kv_fits, free_memory
 
 
 def test_a_kv_budget_over_free_memory_is_refused_before_allocation(tiny_model):

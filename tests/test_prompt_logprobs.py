@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from backend import Engine, SamplingParams
-from backend.errors import RequestError
+from backend.core.errors import RequestError
 from tests.helpers import PROMPTS, hf_logits
 
 TOL = 1e-4

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from backend import Engine, SamplingParams
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from examples.remote_code_model.build import BREAKAGES, build
 from tests.helpers import PROMPTS, hf_greedy
 

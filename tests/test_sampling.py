@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from backend import Engine, SamplingParams
-from backend.errors import RequestError
-from backend.sampling import _filter
+from backend.core.errors import RequestError
+from backend.core.sampling import _filter
 from tests.helpers import hf_logits
 
 

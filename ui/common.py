@@ -6,8 +6,8 @@ from dataclasses import astuple, dataclass
 
 import gradio as gr
 
-from backend.config import DTYPES, MODEL_IMPLS, Range, option_range
-from backend.errors import EngineError
+from backend.core.config import DTYPES, MODEL_IMPLS, Range, option_range
+from backend.core.errors import EngineError
 from backend.loading.gguf import ConversionProgress
 from backend.quantization import QUANTIZATION_METHODS
 from backend.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
@@ -51,7 +51,7 @@ class PanelNumber:
     zero_is_auto: str | None = None  # what 0 means, e.g. "automatic"
 
     def allowed(self) -> Range:
-        """The option's declared range (backend/config.py) in the box's unit."""
+        """The option's declared range (backend/core/config.py) in the box's unit."""
         r = option_range(self.option)
         return Range(r.low / self.scale, r.high / self.scale, r.integer and self.scale == 1, r.low_open)
 
@@ -244,12 +244,12 @@ def panel_values(spec) -> Panel:
 def validate_spec(spec) -> None:
     """Refuse settings that cannot load before the loaded engine is closed: engine options, a GGUF file, a local
     folder that is missing or holds no checkpoint (raises EngineError subclasses, as the engine would)."""
-    from backend.config import EngineConfig
+    from backend.core.config import EngineConfig
     from backend.loading import hub_common
 
     EngineConfig.from_kwargs(spec.model, **spec.engine_kwargs())
     if hub_common.is_gguf_name(spec.model):
-        from backend.errors import UnsupportedModelError
+        from backend.core.errors import UnsupportedModelError
 
         raise UnsupportedModelError(f"{spec.model}: {hub_common.GGUF_MESSAGE}")
     folder = hub_common.local_path(spec.model)

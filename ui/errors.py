@@ -41,7 +41,7 @@ def _quiet(err: gr.Error) -> gr.Error:
 
 def to_gr_error(exc: BaseException, where: str = "") -> gr.Error:
     """The user-facing error for an exception raised by a callback; expected errors are logged as one line."""
-    from backend.errors import EngineError
+    from backend.core.errors import EngineError
 
     doing = f" while {where}" if where else ""
     if isinstance(exc, gr.Error):

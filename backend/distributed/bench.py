@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from backend import Engine, SamplingParams
-from backend.config import MODEL_IMPLS
+from backend.core.config import MODEL_IMPLS
 from backend.distributed.group import TPOptions
 from backend.distributed.testing import make_tp_engine
 

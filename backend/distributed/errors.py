@@ -1,4 +1,4 @@
-"""Errors of the tensor-parallel group while it runs (refusals at load: backend.errors' UnsupportedModelError)."""
+"""Errors of the tensor-parallel group while it runs (refusals at load: backend.core.errors' UnsupportedModelError)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from backend.core.errors import UnsupportedModelError
 from backend.distributed.slicing import ranges_index, take_cols, take_rows
-from backend.errors import UnsupportedModelError
 from backend.quantization.experts import QuantizedExperts, quantized_placeholder
 
 

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from backend.config import EngineConfig
+from backend.core.config import EngineConfig
+from backend.core.errors import EngineError
+from backend.core.kv_cache import KVCache
 from backend.distributed.comm import TPContext
 from backend.distributed.errors import TensorParallelError
 from backend.distributed.protocol import (
@@ -39,8 +41,6 @@ from backend.distributed.protocol import (
     loads,
 )
 from backend.distributed.shard import RankShard, load_rank, probe, rank_shard
-from backend.errors import EngineError
-from backend.kv_cache import KVCache
 from backend.loading.build import LoadedModel
 from flab_kernels import dispatch as kernel_dispatch
 

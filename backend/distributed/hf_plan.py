@@ -26,6 +26,7 @@ import re
 import torch
 from torch import nn
 
+from backend.core.errors import UnsupportedModelError
 from backend.distributed.comm import TPContext
 from backend.distributed.experts import is_quantized_stack, shard_quantized_stack
 from backend.distributed.hooks import (
@@ -38,7 +39,6 @@ from backend.distributed.hooks import (
 )
 from backend.distributed.partition import even_range, head_shard, vocab_range
 from backend.distributed.slicing import ranges_index, take_cols, take_rows
-from backend.errors import UnsupportedModelError
 
 COLWISE = {"colwise"}
 GATHERED = {"colwise_gather_output", "colwise_rep"}

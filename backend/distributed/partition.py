@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

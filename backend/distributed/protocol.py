@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backend.kv_cache import KVCache, KVCacheSpec
+from backend.core.kv_cache import KVCache, KVCacheSpec
 
 LOAD, PROBE, KV, STEP, UNLOAD, SHUTDOWN = "load", "probe", "kv", "step", "unload", "shutdown"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backend.core.runner import ModelRunner
 from backend.distributed.group import TensorParallelGroup
-from backend.runner import ModelRunner
 
 
 class _Driver:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from backend.config import EngineConfig
+from backend.core.config import EngineConfig
 from backend.distributed.comm import TPContext
 from backend.distributed.hf_plan import shard_transformers
 from backend.distributed.hooks import install_hooks

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.quantization.base import QuantLinearBase
 from backend.quantization.fp8 import Fp8LinearBase
 from backend.quantization.intquant import IntLinearBase, num_groups

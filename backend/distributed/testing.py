@@ -7,8 +7,8 @@ group of its own with other options than the engine's default (benchmarks: threa
 
 from __future__ import annotations
 
+from backend.core.engine import Engine
 from backend.distributed.group import TensorParallelGroup, TPOptions
-from backend.engine import Engine
 
 
 def make_tp_engine(

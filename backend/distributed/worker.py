@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from backend.core.kv_cache import KVCache
 from backend.distributed.comm import TPContext
 from backend.distributed.protocol import (
     KV,
@@ -32,7 +33,6 @@ from backend.distributed.protocol import (
     loads,
 )
 from backend.distributed.shard import load_rank, probe, rank_shard
-from backend.kv_cache import KVCache
 from backend.loading.build import LoadedModel
 from flab_kernels import dispatch as kernel_dispatch
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backend.errors import EngineError
+from backend.core.errors import EngineError
 
 
 class HostingError(EngineError):

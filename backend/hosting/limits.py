@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from backend.core.kv_sizing import free_memory
 from backend.hosting.errors import HostingError
 from backend.hosting.policy import HostPolicy
-from backend.kv_sizing import free_memory
 from backend.units import format_bytes
 
 

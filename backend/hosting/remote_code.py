@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.errors import ModelNotFoundError, UnsupportedModelError
+from backend.core.errors import ModelNotFoundError, UnsupportedModelError
 from backend.hosting.errors import HostingError
 from backend.hosting.paths import is_hub_id
 from backend.hosting.policy import HostPolicy

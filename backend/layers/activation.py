@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.layers._kernels import triton_kernel
 
 # transformers' `hidden_act` names -> our gated activation (only the ones whose HF math we reproduce exactly)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backend.forward_batch import ForwardBatch
+from backend.core.forward_batch import ForwardBatch
 from flab_kernels.attention_args import PagedAttentionArgs
 
 

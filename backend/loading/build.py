@@ -21,8 +21,8 @@ from transformers import (
 )
 
 import backend.paths as paths
-from backend.config import DTYPES, EngineConfig
-from backend.errors import EngineError, QuantizationError, UnsupportedModelError
+from backend.core.config import DTYPES, EngineConfig
+from backend.core.errors import EngineError, QuantizationError, UnsupportedModelError
 from backend.layers.cpu.fused import FusedLinear, use_cpu_kernels
 from backend.layers.cpu.packed import PackedLinear, pack_linears, packing_available
 from backend.layers.cpu.packed_experts import pack_hf_experts

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import backend.paths as paths
-from backend.errors import CacheDirError, ModelNotFoundError
+from backend.core.errors import CacheDirError, ModelNotFoundError
 from backend.loading.gguf import ConversionProgress, convert_gguf
 from backend.loading.tiny_models import ARCHS, build_tiny_model
 from backend.loading.train_tiny import ensure_trained

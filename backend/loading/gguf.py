@@ -20,8 +20,8 @@ from typing import Literal
 
 import torch
 
-from backend.config import DTYPES
-from backend.errors import EngineError, ModelNotFoundError, UnsupportedModelError
+from backend.core.config import DTYPES
+from backend.core.errors import EngineError, ModelNotFoundError, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
 CONVERSION_INFO = "flab_conversion.json"  # written last: its presence means the folder is complete

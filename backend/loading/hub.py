@@ -18,7 +18,7 @@ import huggingface_hub as hf
 from huggingface_hub.errors import CacheNotFound, HfHubHTTPError, IncompleteSnapshotError, OfflineModeIsEnabled
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-from backend.errors import ModelNotFoundError, UnsupportedModelError
+from backend.core.errors import ModelNotFoundError, UnsupportedModelError
 from backend.loading.builtin import find_builtin, resolve_builtin
 from backend.loading.hub_common import (
     GGUF_MESSAGE,

@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from backend.errors import GGUF_MESSAGE, GatedModelError, ModelNotFoundError, UnsupportedModelError
+from backend.core.errors import GGUF_MESSAGE, GatedModelError, ModelNotFoundError, UnsupportedModelError
 from backend.models.checkpoint import read_index
 
 try:  # huggingface_hub >= 2 talks through httpx2, 1.x through httpx

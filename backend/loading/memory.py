@@ -19,8 +19,8 @@ checkpoint of per-expert tensors that only transformers' converter reads (no nat
 conversion backend/loading/conversions.py does not stream), every weight: all at full precision first.
 `peak_bytes` (what the host's memory check compares) is the larger of that and weights + KV cache.
 
-KV cache: bytes per token from backend.kv_cache.KVCacheSpec (the engine's own). With `engine=EngineKVSettings(...)`
-the cache and context are the ones the engine will get with those settings (backend/kv_sizing.py); without,
+KV cache: bytes per token from backend.core.kv_cache.KVCacheSpec (the engine's own). With `engine=EngineKVSettings(...)`
+the cache and context are the ones the engine will get with those settings (backend/core/kv_sizing.py); without,
 the cache for `num_seqs` x `context_len` tokens.
 """
 
@@ -42,10 +42,10 @@ from huggingface_hub.errors import (
     SafetensorsParsingError,
 )
 
-from backend.config import DTYPES, EngineConfig
-from backend.errors import ModelNotFoundError, UnsupportedModelError
-from backend.kv_cache import KVCacheSpec, KVSlot
-from backend.kv_sizing import model_context_len, plan_kv_cache
+from backend.core.config import DTYPES, EngineConfig
+from backend.core.errors import ModelNotFoundError, UnsupportedModelError
+from backend.core.kv_cache import KVCacheSpec, KVSlot
+from backend.core.kv_sizing import model_context_len, plan_kv_cache
 from backend.loading.builtin import find_builtin, resolve_builtin
 from backend.loading.conversions import streams_experts
 from backend.loading.hub_common import (

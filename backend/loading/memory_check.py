@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from backend.config import EngineConfig
-from backend.errors import EngineError, KVCacheError
-from backend.kv_sizing import free_memory
+from backend.core.config import EngineConfig
+from backend.core.errors import EngineError, KVCacheError
+from backend.core.kv_sizing import free_memory
 from backend.units import format_bytes
 
 logger = logging.getLogger(__name__)

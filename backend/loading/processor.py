@@ -18,7 +18,7 @@ from transformers import AutoProcessor, PretrainedConfig, ProcessorMixin
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")

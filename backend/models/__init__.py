@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.models.vlm import is_image_text_config
 
 logger = logging.getLogger(__name__)

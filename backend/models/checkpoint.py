@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 import backend.paths as paths
-from backend.errors import GGUF_MESSAGE, UnsupportedModelError
+from backend.core.errors import GGUF_MESSAGE, UnsupportedModelError
 
 DOWNLOAD_AGAIN = "it is probably truncated or corrupt (an interrupted download): delete it and download it again"
 

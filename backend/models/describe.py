@@ -100,7 +100,7 @@ def _global(cfg, name: str):
 
 
 def _shape(model: nn.Module) -> dict:
-    from backend.kv_sizing import model_context_len  # the engine's own reading of the model's context
+    from backend.core.kv_sizing import model_context_len  # the engine's own reading of the model's context
 
     cfg = _text_config(model)
     heads = _global(cfg, "num_attention_heads")

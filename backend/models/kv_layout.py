@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from backend.errors import UnsupportedModelError
-from backend.kv_cache import KVCacheSpec, KVSlot
+from backend.core.errors import UnsupportedModelError
+from backend.core.kv_cache import KVCacheSpec, KVSlot
 from flab_kernels.attention_torch import _attend
 
 BATCH_KWARG = "flab_batch"  # the forward kwarg that carries the step (ForwardBatch or KVProbe) to our attention

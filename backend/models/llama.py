@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from backend.forward_batch import ForwardBatch
+from backend.core.forward_batch import ForwardBatch
 from backend.layers.activation import act_and_mul
 from backend.layers.attention import PagedAttention
 from backend.layers.norm import RMSNorm

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from transformers import PretrainedConfig
 
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.layers.activation import resolve_activation
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from backend.core.sampling import SamplingParams
 from backend.models.describe import PAGED_ATTENTION_CLASSES
-from backend.sampling import SamplingParams
 
 
 @dataclass

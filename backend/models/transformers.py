@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig
 
-from backend.errors import UnsupportedModelError
-from backend.forward_batch import ForwardBatch
+from backend.core.errors import UnsupportedModelError
+from backend.core.forward_batch import ForwardBatch
 from backend.layers.attention import paged_attention
 from backend.models.kv_layout import BATCH_KWARG, KVProbe, probe_kv_layout
 from backend.models.vlm import (

@@ -14,7 +14,7 @@ import sys
 
 from transformers import AutoModelForImageTextToText, PretrainedConfig
 
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 
 # Mask arguments of transformers' masking_utils that make some tokens attend bidirectionally (an image's tokens, a
 # prompt prefix). The paged attention applies causality itself and never sees the mask transformers would build.

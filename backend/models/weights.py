@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.layers.rotary import RotaryEmbedding
 from backend.models.checkpoint import Region, RegionFiller, is_missing, iter_checkpoint, set_tensor
 

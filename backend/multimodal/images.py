@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from backend.errors import RequestError
+from backend.core.errors import RequestError
 
 MAX_IMAGE_PIXELS = 50_000_000  # a decoded image larger than this is refused (a decompression bomb)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backend.errors import RequestError
+from backend.core.errors import RequestError
 from backend.multimodal.images import load_image, pixels_hash
 
 MAX_IMAGES_PER_REQUEST = 16

@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 from torch import nn
 
-from backend.errors import GGUF_MESSAGE, QuantizationError, UnsupportedModelError
+from backend.core.errors import GGUF_MESSAGE, QuantizationError, UnsupportedModelError
 from backend.quantization.awq import AWQMethod
 from backend.quantization.base import QuantLinearBase, QuantMethod, module_matches
 from backend.quantization.compressed_tensors import CompressedTensorsMethod

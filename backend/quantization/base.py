@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 
 SUPPORTED_DEVICES = ("cpu", "cuda")
 KERNELS = ("auto", "torch", "triton")  # auto: CPU fast path / torch on CPU, Triton (or _scaled_mm) on CUDA

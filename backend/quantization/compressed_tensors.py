@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization.base import KERNELS, QuantMethod, module_matches
 from backend.quantization.fp8 import warn_fp8_weight_only
 from backend.quantization.fp8_checkpoint import Fp8CheckpointConfig, Fp8CheckpointLinear

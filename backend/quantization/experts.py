@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization.base import QuantLinearBase, QuantMethod
 
 STACKED_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")  # an experts module's stacked weight parameters

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization.base import KERNELS, QuantLinearBase, QuantMethod
 from backend.quantization.intquant import force_triton, num_groups
 from flab_kernels.quant_torch import dequantize_weight, quant_matmul_torch

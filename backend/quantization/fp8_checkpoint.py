@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization.base import QuantMethod
 from backend.quantization.fp8 import Fp8LinearBase, warn_fp8_weight_only
 

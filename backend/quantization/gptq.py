@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization.base import QuantMethod
 from backend.quantization.intquant import IntLinearBase, num_groups
 from backend.quantization.packing import unpack_int32

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization.base import QuantMethod
 from backend.quantization.intquant import OnTheFlyIntLinear
 from flab_kernels.quant_torch import INT4_PACK_GROUP_SIZES

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization.base import KERNELS, QuantLinearBase
 from flab_kernels.dispatch import current
 from flab_kernels.quant_torch import (

@@ -18,10 +18,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from backend.errors import RequestFailedError
-from backend.outputs import StreamDelta
-from backend.sampling import SamplingParams
-from backend.streams import LISTENER_POLL_S
+from backend.core.errors import RequestFailedError
+from backend.core.outputs import StreamDelta
+from backend.core.sampling import SamplingParams
+from backend.core.streams import LISTENER_POLL_S
 
 
 @dataclass

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from backend.errors import EngineError, RequestFailedError
-from backend.outputs import RequestOutput, StreamDelta
+from backend.core.errors import EngineError, RequestFailedError
+from backend.core.outputs import RequestOutput, StreamDelta
 from backend.server.bridge import ChoiceSpec, ChoiceStreams
 from backend.server.errors import APIError
 from backend.server.metrics import ServerMetrics

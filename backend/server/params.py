@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from backend.errors import RequestError
-from backend.sampling import MAX_LOGPROBS, MAX_SEED, SamplingParams
+from backend.core.errors import RequestError
+from backend.core.sampling import MAX_LOGPROBS, MAX_SEED, SamplingParams
 from backend.server.errors import APIError, bad_request
 from backend.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backend.errors import ContextLengthError, RequestError
+from backend.core.errors import ContextLengthError, RequestError
 from backend.server.errors import APIError, bad_request
 from backend.server.params import context_error
 from backend.server.prompt_size import text_bytes

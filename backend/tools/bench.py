@@ -26,8 +26,8 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
-from backend.config import DTYPES, MODEL_IMPLS, EngineConfig, add_engine_flags
-from backend.host_allocator import keep_freed_memory, release_freed_memory
+from backend.core.config import DTYPES, MODEL_IMPLS, EngineConfig, add_engine_flags
+from backend.core.host_allocator import keep_freed_memory, release_freed_memory
 from backend.tools.bench_endpoint import run_endpoint
 from backend.tools.bench_types import BenchOptions, Result, Workload
 

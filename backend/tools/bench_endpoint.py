@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
+from backend.core.sampling import SamplingParams
 from backend.remote import RemoteEndpoint
-from backend.sampling import SamplingParams
 from backend.tools.bench_types import BenchOptions, Result, Workload
 
 

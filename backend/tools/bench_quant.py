@@ -28,7 +28,7 @@ import psutil
 import torch
 
 from backend import Engine, SamplingParams
-from backend.config import MODEL_IMPLS
+from backend.core.config import MODEL_IMPLS
 from backend.loading.train_tiny import EVAL_MODULE, eval_text
 from backend.tools.bench import (
     BenchOptions,

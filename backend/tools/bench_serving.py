@@ -329,7 +329,7 @@ def ratios(results: list[LevelResult]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[LevelResult]:
-    from backend.config import EngineConfig, add_engine_flags  # torch: only when run, not for its client helpers
+    from backend.core.config import EngineConfig, add_engine_flags  # torch: only when run, not for its client helpers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny:smollm2-135m", help="folder, Hub id, or tiny:<arch>")

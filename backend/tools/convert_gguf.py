@@ -12,8 +12,8 @@ import argparse
 import sys
 import time
 
-from backend.config import DTYPES
-from backend.errors import EngineError
+from backend.core.config import DTYPES
+from backend.core.errors import EngineError
 from backend.loading.gguf import ConversionProgress, convert_gguf
 
 

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from backend.config import DTYPES
+from backend.core.config import DTYPES
 from backend.loading.tiny_models import ARCHS, build_tiny_model
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from backend.kv_cache import BlockAllocator
-from backend.sampling import SamplingParams
-from backend.scheduler import ScheduledBatch, Scheduler
-from backend.sequence import Sequence
+from backend.core.kv_cache import BlockAllocator
+from backend.core.sampling import SamplingParams
+from backend.core.scheduler import ScheduledBatch, Scheduler
+from backend.core.sequence import Sequence
 
 
 def make_scheduler(

@@ -3,10 +3,10 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.kv_cache import BlockAllocator, block_hashes, block_keys
-from backend.sampling import SamplingParams
-from backend.scheduler import Scheduler
-from backend.sequence import Sequence
+from backend.core.kv_cache import BlockAllocator, block_hashes, block_keys
+from backend.core.sampling import SamplingParams
+from backend.core.scheduler import Scheduler
+from backend.core.sequence import Sequence
 
 
 def test_prefix_blocks_are_shared_and_come_back_after_free():

@@ -3,8 +3,8 @@ tokens (a forced hash collision is a miss), the cache salt, prompt scoring witho
 
 from __future__ import annotations
 
-import backend.kv_cache as kv_cache
-from backend.kv_cache import BlockAllocator, block_keys
+import backend.core.kv_cache as kv_cache
+from backend.core.kv_cache import BlockAllocator, block_keys
 from tests.core.helpers import make_scheduler, make_seq, run_to_end
 
 PROMPT = list(range(100, 113))  # 13 tokens: 3 full blocks of 4 (the last token is always computed)

@@ -1,4 +1,4 @@
-"""The batched sampler alone (backend/sampling.py), no model: per-row seeds, filters per row, penalties,
+"""The batched sampler alone (backend/core/sampling.py), no model: per-row seeds, filters per row, penalties,
 numerical safety, logprobs, and a failing row failing alone."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import backend.sampling as sampling
-from backend.sampling import SamplingParams, sample
+import backend.core.sampling as sampling
+from backend.core.sampling import SamplingParams, sample
 
 V = 64
 

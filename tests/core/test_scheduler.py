@@ -1,4 +1,4 @@
-"""The scheduler alone (backend/scheduler.py), no model: admission, chunked prefill, decode first, preemption,
+"""The scheduler alone (backend/core/scheduler.py), no model: admission, chunked prefill, decode first, preemption,
 fairness across owners."""
 
 from __future__ import annotations

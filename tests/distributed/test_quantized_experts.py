@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
+from backend.core.errors import UnsupportedModelError
 from backend.distributed.comm import TPContext
 from backend.distributed.native import _shard_experts
-from backend.errors import UnsupportedModelError
 from backend.models.moe import Experts
 from backend.quantization import quantize_experts, resolve_quantization
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from backend.core.errors import UnsupportedModelError
 from backend.distributed.comm import TPContext
 from backend.distributed.hf_plan import shard_transformers
 from backend.distributed.partition import head_shard, vocab_range
 from backend.distributed.slicing import int_canonical, take_cols, take_rows
-from backend.errors import UnsupportedModelError
 from backend.quantization.fp8 import Fp8Linear
 from backend.quantization.int4 import Int4Config, Int4Linear
 from backend.quantization.int8 import Int8Linear

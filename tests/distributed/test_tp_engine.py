@@ -11,9 +11,9 @@ import pytest
 from transformers import AutoConfig
 
 from backend import Engine, SamplingParams
+from backend.core.errors import UnsupportedModelError
 from backend.distributed import TensorParallelGroup, TPOptions
 from backend.distributed.testing import make_tp_engine
-from backend.errors import UnsupportedModelError
 
 PROMPTS = [[1, 5, 9, 33, 70, 2], [4, 8, 15, 16, 23, 42, 99, 100, 101, 7, 3, 12, 19, 20, 30, 31, 44, 45], [250]]
 PARAMS = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)

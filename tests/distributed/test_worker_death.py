@@ -11,9 +11,9 @@ import pytest
 import torch.distributed as dist
 
 from backend import SamplingParams
+from backend.core.errors import RequestFailedError
 from backend.distributed import TensorParallelGroup, TPOptions
 from backend.distributed.testing import make_tp_engine
-from backend.errors import RequestFailedError
 
 HANG_GUARD_S = 120  # a hang fails the test instead of blocking the suite; not a speed requirement
 

@@ -124,7 +124,7 @@ def test_settings_in_effect_ignore_later_environment_changes(monkeypatch):
 
 def test_engine_refuses_a_bad_override_at_start(tiny_model, monkeypatch):
     from backend import Engine
-    from backend.errors import EngineError
+    from backend.core.errors import EngineError
 
     monkeypatch.setenv("FLAB_ATTENTION_KERNEL", "fast")
     with pytest.raises(EngineError, match="FLAB_ATTENTION_KERNEL"):

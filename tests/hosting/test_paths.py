@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.errors import ModelNotFoundError
+from backend.core.errors import ModelNotFoundError
 from backend.hosting import HostingError, HostPolicy, check_model_name, is_hub_id
 from backend.hosting.paths import PATH_REFUSED
 
@@ -102,7 +102,7 @@ def test_hub_id_spelling_of_an_existing_outside_folder_stays_a_hub_id(layout, ti
     """A Hub-id spelling is a Hub id when hosted, even where a folder of that spelling exists: the engine is told
     never to read it as a folder, so a visitor learns nothing about the host's files."""
     from backend import Engine
-    from backend.errors import ModelNotFoundError
+    from backend.core.errors import ModelNotFoundError
     from backend.hosting import hosted_load_options
 
     policy = layout[0]

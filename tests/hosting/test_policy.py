@@ -146,7 +146,7 @@ def test_policy_is_frozen():
 
 
 def test_engine_options_carry_the_per_visitor_cap():
-    from backend.config import EngineConfig
+    from backend.core.config import EngineConfig
 
     options = HostPolicy.hosted_defaults(max_parallel_per_visitor=3).engine_options()
     assert options == {"max_running_per_owner": 3}

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from backend import Engine, SamplingParams
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.loading.tiny_models import build_tokenizer
 from backend.models.vlm import is_image_text_config
 from tests.helpers import PROMPTS, hf_greedy

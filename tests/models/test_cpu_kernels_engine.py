@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend import Engine, SamplingParams
-from backend.errors import EngineError
+from backend.core.errors import EngineError
 from backend.layers.cpu.fused import FusedLinear, FusedPagedAttention, FusedRMSNorm
 from backend.loading.build import choose_cpu_kernels
 from flab_kernels.cpu import build

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from backend import Engine, SamplingParams
-from backend.errors import EngineError
+from backend.core.errors import EngineError
 from backend.layers.cpu.packed import PackedLinear, pack_linears, packing_available
 from backend.layers.cpu.packed_experts import EXPERTS_NAME, pack_hf_experts, packed_experts_forward
 from backend.layers.cpu.siblings import SiblingLinear, fuse_siblings

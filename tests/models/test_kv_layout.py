@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from backend import Engine, SamplingParams
-from backend.errors import UnsupportedModelError
-from backend.kv_cache import KVCacheSpec, KVSlot
+from backend.core.errors import UnsupportedModelError
+from backend.core.kv_cache import KVCacheSpec, KVSlot
 from backend.models.kv_layout import kv_cache_spec
 from tests.helpers import PROMPTS, hf_greedy
 from tests.models.arch_sweep import build_sweep_model
@@ -63,7 +63,7 @@ def test_padded_slots_give_the_same_tokens(sweep_model, monkeypatch):
     path = sweep_model("deepseek_v3")
     expected = hf_greedy(path, PROMPTS[:2], 6)
     monkeypatch.setattr(
-        "backend.engine.kv_spec_for",
+        "backend.core.engine.kv_spec_for",
         lambda loaded, block_size, backend: kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=True),
     )
     with Engine(str(path), **SMALL) as engine:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from backend import Engine
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.models import NATIVE_MODELS, build_model, select_model_impl
 from backend.models.describe import NATIVE_ATTENTION, describe_model
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from backend import Engine, SamplingParams
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.models.transformers import ATTENTION_NAME
 from tests.helpers import PROMPTS
 from tests.models.vlm_reference import hf_vlm_greedy
@@ -84,7 +84,7 @@ def test_bidirectional_image_attention_is_refused_with_the_reason(tiny_vlm):
 def test_a_folder_without_processor_files_serves_text_and_refuses_images(tiny_vlm, tmp_path):
     import shutil
 
-    from backend.errors import RequestError
+    from backend.core.errors import RequestError
     from tests.models.vlm_reference import random_images
 
     folder = shutil.copytree(tiny_vlm("llava"), tmp_path / "llava")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from backend import Engine, SamplingParams
-from backend.errors import RequestError
+from backend.core.errors import RequestError
 from backend.tools.tiny_vlms import FAMILIES
 from tests.models.vlm_reference import hf_vlm_greedy, random_images
 

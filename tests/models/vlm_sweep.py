@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
 
 from backend import Engine, SamplingParams
-from backend.errors import UnsupportedModelError
+from backend.core.errors import UnsupportedModelError
 from backend.loading.tiny_models import build_tokenizer
 from tests.models.arch_sweep import HIDDEN, MAX_PARAMETERS, N_NEW, SWEEP_PROMPTS, SweepResult, _merged, _shrink_sizes
 from tests.models.vlm_reference import hf_vlm_greedy

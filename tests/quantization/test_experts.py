@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from backend import Engine, SamplingParams
-from backend.config import EngineConfig
-from backend.errors import QuantizationError
+from backend.core.config import EngineConfig
+from backend.core.errors import QuantizationError
 from backend.layers.cpu.packed_experts import EXPERTS_NAME
 from backend.loading.build import load_model
 from backend.loading.tiny_models import build_tiny_model

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization import resolve_quantization
 from backend.tools.export_quantized import linear_tensors, quantize_int
 from tests.quantization.common import build, check_forward, fused_equals_separate, load

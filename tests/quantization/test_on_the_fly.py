@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.errors import QuantizationError
+from backend.core.errors import QuantizationError
 from backend.quantization import resolve_quantization
 from backend.tools.export_quantized import quantize_int
 from tests.quantization.common import build, check_forward, fused_equals_separate, load, weight_bytes

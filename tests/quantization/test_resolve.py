@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from backend.errors import QuantizationError, UnsupportedModelError
+from backend.core.errors import QuantizationError, UnsupportedModelError
 from backend.quantization import QUANTIZATION_METHODS, apply_quantization, resolve_quantization
 from backend.quantization.awq import AWQMethod
 from backend.quantization.base import QuantLinearBase, module_matches

@@ -83,7 +83,7 @@ def test_main_returns_only_once_the_engine_is_closed(tiny_model, monkeypatch):
     servers: list = []
 
     def slow_engine(*args, **kwargs):
-        engine = backend.engine.Engine(*args, **kwargs)
+        engine = backend.core.engine.Engine(*args, **kwargs)
         real_close = engine.close
         first = threading.Lock()
 

@@ -389,7 +389,7 @@ def test_preset_staggered_arrivals_join_and_leave(lab, monkeypatch):
     # quiet machine; every step here takes at least 10 ms, so requests overlap however fast the machine is.
     import time
 
-    from backend.runner import ModelRunner
+    from backend.core.runner import ModelRunner
 
     real = ModelRunner.run
     monkeypatch.setattr(ModelRunner, "run", lambda self, batch: (time.sleep(0.01), real(self, batch))[1])

@@ -4,8 +4,8 @@ or not; the loaded engine stays."""
 
 from __future__ import annotations
 
-from backend.config import option_range
-from backend.kv_sizing import free_memory
+from backend.core.config import option_range
+from backend.core.kv_sizing import free_memory
 from tests.ui.conftest import LOAD_ARGS
 from ui.common import PANEL_NUMBERS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.metrics import KVBlock, MemorySnapshot, StepStats
+from backend.core.metrics import KVBlock, MemorySnapshot, StepStats
 from ui import plots, summary, views
 
 

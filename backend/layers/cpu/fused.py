@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from backend.forward_batch import ForwardBatch
+from backend.core.forward_batch import ForwardBatch
 from backend.layers.attention import PagedAttention
 from backend.layers.cpu.packed import PackedLinear
 from backend.layers.cpu.siblings import SiblingLinear, SiblingProduct

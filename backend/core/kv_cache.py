@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.errors import KVCacheError
+from backend.core.errors import KVCacheError
 
 BlockHash = bytes  # 16 bytes of BLAKE2b over the parent's hash (or the cache salt) and the block's tokens
 

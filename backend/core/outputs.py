@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backend.metrics import StepStats
+from backend.core.metrics import StepStats
 
 
 @dataclass

@@ -15,13 +15,13 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backend.detokenizer import Detokenizer
-from backend.metrics import StepStats
-from backend.outputs import RequestOutput, StreamDelta
-from backend.sampling import PromptLogprobs, SampleOutput, TopLogprobs
-from backend.scheduler import Scheduler
-from backend.sequence import Sequence
-from backend.stop import StopMatcher
+from backend.core.detokenizer import Detokenizer
+from backend.core.metrics import StepStats
+from backend.core.outputs import RequestOutput, StreamDelta
+from backend.core.sampling import PromptLogprobs, SampleOutput, TopLogprobs
+from backend.core.scheduler import Scheduler
+from backend.core.sequence import Sequence
+from backend.core.stop import StopMatcher
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ that raises fails the requests of that batch; any other exception in a step fail
 and the engine keeps serving. `generate()` and `stream()` raise `RequestFailedError` for such a request;
 `step()` callers see finish_reason "error" with the error text on the finished delta.
 
-`owner` (a visitor, an API key) makes scheduling fair across owners (backend/scheduler.py).
+`owner` (a visitor, an API key) makes scheduling fair across owners (backend/core/scheduler.py).
 
 A finished request's state is dropped once its final output is handed over: `generate()` returns it,
 `stream()` yields it, and `step()` returns it as the finished delta (take it from there). A request added with
@@ -38,29 +38,24 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from backend.config import EngineConfig
-from backend.detokenizer import Detokenizer
-from backend.errors import EngineError, RequestError, RequestFailedError
-from backend.host_allocator import keep_freed_memory, map_big_blocks
-from backend.kv_cache import BlockAllocator, KVCache, KVCacheSpec
-from backend.kv_sizing import check_kv_fits, model_context_len, plan_kv_cache
-from backend.layers.attention_backends import AttentionBackend, engine_kernel_settings, make_attention_backend
-from backend.loading.build import LoadedModel, load_model
-from backend.loading.memory_check import check_before_load
-from backend.messages import AbortRequest, AddRequest, Message, ResetPrefixCache
-from backend.metrics import EngineStats, KVBlock, Metrics, StepStats
-from backend.models.kv_layout import kv_cache_spec
-from backend.multimodal import prepare_image_request
-from backend.outputs import RequestOutput, StreamDelta
-from backend.readouts import describe_engine, engine_stats, kv_blocks, step_stats
-from backend.requests import Request, RequestBook, Sink, error_text
-from backend.runner import ModelRunner
-from backend.sampling import SamplingParams
-from backend.scheduler import ScheduledBatch, Scheduler
-from backend.sequence import Sequence
-from backend.stop import StopMatcher
-from backend.streams import LISTENER_POLL_S, RequestStream
-from backend.validation import (
+from backend.core.config import EngineConfig
+from backend.core.detokenizer import Detokenizer
+from backend.core.errors import EngineError, RequestError, RequestFailedError
+from backend.core.host_allocator import keep_freed_memory, map_big_blocks
+from backend.core.kv_cache import BlockAllocator, KVCache, KVCacheSpec
+from backend.core.kv_sizing import check_kv_fits, model_context_len, plan_kv_cache
+from backend.core.messages import AbortRequest, AddRequest, Message, ResetPrefixCache
+from backend.core.metrics import EngineStats, KVBlock, Metrics, StepStats
+from backend.core.outputs import RequestOutput, StreamDelta
+from backend.core.readouts import describe_engine, engine_stats, kv_blocks, step_stats
+from backend.core.requests import Request, RequestBook, Sink, error_text
+from backend.core.runner import ModelRunner
+from backend.core.sampling import SamplingParams
+from backend.core.scheduler import ScheduledBatch, Scheduler
+from backend.core.sequence import Sequence
+from backend.core.stop import StopMatcher
+from backend.core.streams import LISTENER_POLL_S, RequestStream
+from backend.core.validation import (
     check_cache_salt,
     check_owner,
     check_params,
@@ -69,6 +64,11 @@ from backend.validation import (
     encode_prompt,
     prompt_items,
 )
+from backend.layers.attention_backends import AttentionBackend, engine_kernel_settings, make_attention_backend
+from backend.loading.build import LoadedModel, load_model
+from backend.loading.memory_check import check_before_load
+from backend.models.kv_layout import kv_cache_spec
+from backend.multimodal import prepare_image_request
 from flab_kernels import dispatch as kernel_dispatch
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Engine:
 
     def _load(self, cfg: EngineConfig, progress: Callable | None) -> LoadedModel:
         """The model, on this process or the tensor-parallel ranks. On CPU glibc maps big blocks on their own while
-        it loads, then keeps freed memory for the step loop (`keep_freed_memory`, backend/host_allocator.py)."""
+        it loads, then keeps freed memory for the step loop (`keep_freed_memory`, backend/core/host_allocator.py)."""
         tune_malloc = cfg.keep_freed_memory and cfg.torch_device.type == "cpu"
         if tune_malloc:
             map_big_blocks()
@@ -149,7 +149,7 @@ class Engine:
         )
         self.attention_backend = self.attention.name
         spec = kv_spec_for(self.loaded, cfg.block_size, self.attention)
-        plan = plan_kv_cache(  # the one sizing rule (backend/kv_sizing.py), which the memory estimate shares
+        plan = plan_kv_cache(  # the one sizing rule (backend/core/kv_sizing.py), which the memory estimate shares
             spec,
             model_context_len(self.loaded.hf_config),
             self.device,

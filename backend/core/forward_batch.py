@@ -7,9 +7,9 @@ from typing import Protocol
 
 import torch
 
-from backend.kv_cache import KVCache
+from backend.core.kv_cache import KVCache
+from backend.core.scheduler import ScheduledBatch
 from backend.multimodal.step import step_embeddings, step_mrope_positions
-from backend.scheduler import ScheduledBatch
 from flab_kernels.attention_args import PagedAttentionArgs
 
 

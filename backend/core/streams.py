@@ -6,9 +6,9 @@ from __future__ import annotations
 import queue
 from typing import Protocol
 
-from backend.errors import RequestFailedError
-from backend.outputs import StreamDelta
-from backend.requests import Request
+from backend.core.errors import RequestFailedError
+from backend.core.outputs import StreamDelta
+from backend.core.requests import Request
 
 LISTENER_POLL_S = 0.5  # how often a waiting consumer checks that the engine still serves its request
 

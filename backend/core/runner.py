@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backend.forward_batch import ForwardBatch, build_forward_batch
-from backend.kv_cache import KVCache
+from backend.core.forward_batch import ForwardBatch, build_forward_batch
+from backend.core.kv_cache import KVCache
+from backend.core.sampling import PromptLogprobs, SampleOutput, sample, score_prompt
+from backend.core.scheduler import ScheduledBatch
 from backend.layers.attention_backends import AttentionBackend
 from backend.multimodal.step import ensure_image_features
-from backend.sampling import PromptLogprobs, SampleOutput, sample, score_prompt
-from backend.scheduler import ScheduledBatch
 
 
 class ModelRunner:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from backend.checks import is_int
-from backend.errors import ContextLengthError, RequestError
-from backend.sampling import SamplingParams
+from backend.core.checks import is_int
+from backend.core.errors import ContextLengthError, RequestError
+from backend.core.sampling import SamplingParams
 
 PromptItem = tuple[str | None, list[int] | None]  # (text, token ids): one of the two
 

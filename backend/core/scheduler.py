@@ -19,8 +19,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from backend.kv_cache import BlockAllocator, block_keys
-from backend.sequence import SeqStatus, Sequence
+from backend.core.kv_cache import BlockAllocator, block_keys
+from backend.core.sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from backend.errors import KVCacheError
-from backend.kv_cache import KVCacheSpec, plan_num_blocks
+from backend.core.errors import KVCacheError
+from backend.core.kv_cache import KVCacheSpec, plan_num_blocks
 from backend.units import format_bytes
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")

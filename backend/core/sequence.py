@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backend.core.sampling import SamplingParams
 from backend.multimodal.inputs import ImageInputs
-from backend.sampling import SamplingParams
 
 
 class SeqStatus(enum.Enum):

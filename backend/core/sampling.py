@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.checks import is_int, is_real
-from backend.errors import RequestError
+from backend.core.checks import is_int, is_real
+from backend.core.errors import RequestError
 
 MAX_LOGPROBS = 20
 

@@ -17,8 +17,8 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 
 import torch
 
-from backend.checks import is_int, is_real
-from backend.errors import EngineError
+from backend.core.checks import is_int, is_real
+from backend.core.errors import EngineError
 from backend.layers.attention_backends import ATTENTION_BACKENDS as _ATTENTION_REGISTRY
 
 MODEL_IMPLS = ("auto", "native", "transformers")
@@ -177,7 +177,7 @@ class EngineConfig:
         choices=CPU_KERNELS,
     )  # fmt: skip
     keep_freed_memory: bool = option(
-        True, bool, "CPU: keep freed memory in the process (glibc mallopt, backend/host_allocator.py) so per-step "
+        True, bool, "CPU: keep freed memory in the process (glibc mallopt, backend/core/host_allocator.py) so per-step "
         "activations are not page-faulted in again on every layer; process-wide",
     )  # fmt: skip
     seed: int = option(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backend.requests import Request, RequestBook
+from backend.core.requests import Request, RequestBook
 
 
 @dataclass(frozen=True)

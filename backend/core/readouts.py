@@ -9,9 +9,9 @@ from collections import Counter
 
 import torch
 
-from backend.kv_cache import BlockAllocator, KVCache
-from backend.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
-from backend.scheduler import ScheduledBatch, Scheduler
+from backend.core.kv_cache import BlockAllocator, KVCache
+from backend.core.metrics import EngineStats, KVBlock, Metrics, StepStats, memory_snapshot
+from backend.core.scheduler import ScheduledBatch, Scheduler
 
 
 def engine_stats(

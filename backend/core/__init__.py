@@ -1,0 +1,1 @@
+"""The engine core: Engine, its loop, scheduler, KV cache, runner, sampler and outputs."""

@@ -144,6 +144,10 @@ class EngineConfig:
         optional=True, min=1, max=2**24, flags=("--max-model-len", "--context-length"),
     )  # fmt: skip
     enable_prefix_caching: bool = option(True, bool, "share KV blocks of common prompt prefixes")
+    prefix_cache_per_owner: bool = option(
+        False, bool, "requests share prefix-cache blocks only with requests of the same owner (the owner joins each "
+        "request's cache_salt); the hosting policy turns it on", cli=False,
+    )  # fmt: skip
     # scheduler
     max_num_seqs: int = option(
         64, int, "requests in the running batch at once", min=1, max=4096,

@@ -223,6 +223,8 @@ class Engine:
         """Check the input (RequestError: nothing is queued) and queue the request."""
         owner = check_owner(owner)
         cache_salt = check_cache_salt(cache_salt)
+        if self.config.prefix_cache_per_owner and owner is not None:  # hosted: one visitor's blocks are its own
+            cache_salt = f"owner:{owner}" if cache_salt is None else f"owner:{owner}\x00{cache_salt}"
         params = check_params(params)
         image_inputs = None
         if images is not None:  # an image-text request: the processor expands the placeholders (backend/multimodal)

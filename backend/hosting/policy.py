@@ -82,6 +82,9 @@ class HostPolicy:
     max_visitor_models: int | None = None  # visitors holding their own loaded model at once (0: host's only)
     allow_benchmark: bool = True  # the Benchmark tab replaces the shared engine
     check_memory: bool = True  # refuse, before any download or allocation, what does not fit the free memory
+    # prefix-cache blocks shared across visitors: off when hosted (a visitor could confirm another's prompt block by
+    # block through cached_tokens), so each visitor's requests are salted by their owner; the host may share
+    share_prefix_cache: bool = True
     max_body_bytes: int | None = LOCAL_MAX_BODY_BYTES  # server request body limit
     api_key: str | None = field(default=None, repr=False)
     health_public: bool = True  # /health without the key
@@ -121,6 +124,7 @@ class HostPolicy:
             max_visitor_models=d.max_visitor_models,
             allow_benchmark=False,
             check_memory=True,
+            share_prefix_cache=False,
             max_body_bytes=d.max_body_bytes,
             health_public=False,
             metrics_public=False,
@@ -194,6 +198,7 @@ class HostPolicy:
             max_body_bytes=cap("max_body_bytes", "FLAB_MAX_BODY_BYTES"),
             allow_benchmark=boolean("allow_benchmark", "FLAB_ALLOW_BENCHMARK", base.allow_benchmark),
             check_memory=boolean("check_memory", "FLAB_CHECK_MEMORY", base.check_memory),
+            share_prefix_cache=boolean("share_prefix_cache", "FLAB_SHARE_PREFIX_CACHE", base.share_prefix_cache),
             api_key=api_key,
             health_public=boolean("public_health", "FLAB_HEALTH_PUBLIC", base.health_public),
             metrics_public=boolean("public_metrics", "FLAB_METRICS_PUBLIC", base.metrics_public),
@@ -202,10 +207,12 @@ class HostPolicy:
 
     def engine_options(self) -> dict:
         """EngineConfig options that follow from the policy (pass as Engine(..., **policy.engine_options())): the
-        per-visitor cap becomes the scheduler's per-owner cap on running sequences (requests carry owner=visitor)."""
-        if self.max_parallel_per_visitor is None:
-            return {}
-        return {"max_running_per_owner": self.max_parallel_per_visitor}
+        per-visitor cap becomes the scheduler's per-owner cap on running sequences (requests carry owner=visitor),
+        and unless the host shares the prefix cache, each owner's requests share prefix blocks only with its own."""
+        options: dict = {} if self.share_prefix_cache else {"prefix_cache_per_owner": True}
+        if self.max_parallel_per_visitor is not None:
+            options["max_running_per_owner"] = self.max_parallel_per_visitor
+        return options
 
     def summary(self) -> list[str]:
         """One line per setting, for the start-up log and the app's About box (the key itself is not shown)."""
@@ -224,7 +231,8 @@ class HostPolicy:
             f"parallel sequences per visitor: {show(self.max_parallel_per_visitor)}; queue per event: "
             f"{show(self.queue_size)}; visitors with their own model: {show(self.max_visitor_models)}",
             f"benchmark: {'anyone' if self.allow_benchmark else 'host only'}; memory check: "
-            f"{'on' if self.check_memory else 'off'}",
+            f"{'on' if self.check_memory else 'off'}; prefix cache: "
+            f"{'shared by all visitors' if self.share_prefix_cache else 'per visitor'}",
             f"API key: {'set' if self.api_key else 'none'}; /health "
             f"{'public' if self.health_public else 'needs the key'}; /metrics "
             f"{'public' if self.metrics_public else 'needs the key'}; body limit {show(self.max_body_bytes)} bytes",
@@ -305,6 +313,11 @@ def add_hosting_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument(
         "--allow-benchmark", action=argparse.BooleanOptionalAction, default=None,
         help="visitors may run the Benchmark tab (env FLAB_ALLOW_BENCHMARK; hosted default: host only)",
+    )  # fmt: skip
+    g.add_argument(
+        "--share-prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+        help="visitors share prefix-cache blocks, e.g. the host's common system prompt (env FLAB_SHARE_PREFIX_CACHE; "
+        "hosted default: off, each visitor's requests are salted by the visitor, as vLLM's cache_salt)",
     )  # fmt: skip
     g.add_argument(
         "--check-memory", action=argparse.BooleanOptionalAction, default=None,

@@ -149,6 +149,6 @@ def test_engine_options_carry_the_per_visitor_cap():
     from backend.core.config import EngineConfig
 
     options = HostPolicy.hosted_defaults(max_parallel_per_visitor=3).engine_options()
-    assert options == {"max_running_per_owner": 3}
+    assert options == {"max_running_per_owner": 3, "prefix_cache_per_owner": True}
     assert EngineConfig(model="tiny:llama", **options).max_running_per_owner == 3
     assert HostPolicy().engine_options() == {}

@@ -478,9 +478,17 @@ def test_compare_warms_each_side_up_before_measuring_it(lab, monkeypatch):
 # --- issue 30: the KV map after a run, the trace explained ----------------------------------------------------
 
 
-def test_generate_leaves_the_kv_map_at_the_runs_peak(lab):
+def test_generate_leaves_the_kv_map_at_the_runs_peak(lab, monkeypatch):
+    from backend.core.runner import ModelRunner
     from ui import plots
 
+    run = ModelRunner.run
+
+    def slow_run(self, batch):  # steps that span the page's updates, however fast the machine (none is timed)
+        time.sleep(0.02)
+        return run(self, batch)
+
+    monkeypatch.setattr(ModelRunner, "run", slow_run)
     *_, last = lab.generate_tab.generate(**dict(GEN, copies=4, max_new=48, ignore_eos=True))
     kv = last[8]
     assert "at the last run's peak" in kv.layout.title.text

@@ -51,7 +51,16 @@ def test_api_endpoints(client):
     assert {"/load", "/generate", "/stop", "/compare", "/inspect", "/search", "/estimate", "/startup"} <= names
 
 
-def test_generate_streams_with_plot_updates(client):
+def test_generate_streams_with_plot_updates(client, monkeypatch):
+    from backend.core.runner import ModelRunner
+
+    run = ModelRunner.run
+
+    def slow_run(self, batch):  # a run that spans several of the page's updates, however fast the machine
+        time.sleep(0.01)
+        return run(self, batch)
+
+    monkeypatch.setattr(ModelRunner, "run", slow_run)  # the app runs in this process (tests/ui/conftest.py)
     job = client.submit(*gen_args(copies=4, max_new=160), api_name="/generate")
     outputs = _wait(job)
     assert len(outputs) >= 2, "expected several streamed updates"

@@ -95,6 +95,9 @@ class OptionSpec:
             return False
         if self.choices is not None and value not in self.choices:
             return False
+        allowed = self.range()  # the one bounds check the app's number boxes read too
+        if allowed is not None:
+            return allowed.contains(value)
         return (
             (self.min is None or value >= self.min)
             and (self.max is None or value <= self.max)

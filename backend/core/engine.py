@@ -69,6 +69,7 @@ from backend.loading.build import LoadedModel, load_model
 from backend.loading.memory_check import check_before_load
 from backend.models.kv_layout import kv_cache_spec
 from backend.multimodal import prepare_image_request
+from backend.multimodal.chat import ChatPrompt, chat_prompt
 from flab_kernels import dispatch as kernel_dispatch
 
 logger = logging.getLogger(__name__)
@@ -475,6 +476,23 @@ class Engine:
         fails while running raises RequestFailedError after its last delta."""
         with self.open_stream(prompt, params, prompt_token_ids, owner, cache_salt=cache_salt, images=images) as handle:
             yield from handle
+
+    def chat_prompt(
+        self, messages, chat_template: str | None = None, add_generation_prompt: bool = True, **template_kwargs
+    ) -> ChatPrompt:
+        """OpenAI-style chat messages (text and image parts: a PIL image, path, bytes or data: URL) through the chat
+        template, the processor's for an image-text model (backend/multimodal/chat.py, the server's path too):
+        `engine.stream(**p.request_kwargs(), params=...)`. RequestError naming the field for bad input."""
+        processor = self.processor if self.tp_group is None else None
+        return chat_prompt(self.tokenizer, processor, messages, chat_template, add_generation_prompt, template_kwargs)
+
+    def chat(self, messages, params: SamplingParams | None = None, owner=None, cache_salt=None) -> RequestOutput:
+        """Run chat messages (see chat_prompt) to the end; the output of generate()."""
+        p = self.chat_prompt(messages).request_kwargs()
+        images = [p["images"]] if "images" in p else None
+        prompts = [p["prompt"]] if "prompt" in p else None
+        token_ids = [p["prompt_token_ids"]] if "prompt_token_ids" in p else None
+        return self.generate(prompts, params, token_ids, owner, cache_salt, images)[0]
 
     # --- the background loop --------------------------------------------------------------------
 

@@ -37,6 +37,14 @@ def check_request(policy: HostPolicy, *, max_new_tokens: int | None = None, prom
         )
 
 
+def check_image_count(policy: HostPolicy, count: int) -> None:
+    """Refuse a request with more images than the host allows in one request."""
+    cap = policy.max_images_per_request
+    if cap is not None and count > cap:
+        allowed = f"at most {cap}" if cap else "none (this host takes text only)"
+        raise HostingError(f"{count} images in one request; this host allows {allowed}: send fewer images")
+
+
 def check_benchmark(policy: HostPolicy) -> None:
     """The Benchmark tab replaces the shared engine: refused to visitors unless the host allows it."""
     if not policy.allow_benchmark:

@@ -23,6 +23,12 @@ nothing is capped and any local folder loads. Remote code is off in both unless 
     --allow-benchmark             FLAB_ALLOW_BENCHMARK         off (host only)      on
     --check-memory/--no-...       FLAB_CHECK_MEMORY            on                   on
     --max-body-bytes N            FLAB_MAX_BODY_BYTES          1 MiB                8 MiB
+    --max-images-per-request N    FLAB_MAX_IMAGES_PER_REQUEST  4                    no cap (the engine's 16)
+    --max-image-pixels N          FLAB_MAX_IMAGE_PIXELS        4194304 (2048^2)     no cap (the engine's 50 M)
+    --max-image-bytes N           FLAB_MAX_IMAGE_BYTES         1 MiB                no cap (the body limit)
+    --allowed-image-domains A,B   FLAB_ALLOWED_IMAGE_DOMAINS   none                 none
+                                  (image_url http(s) URLs are fetched only from these hosts; see
+                                  backend/server/images.py)
     --api-key KEY                 FLAB_API_KEY                 none                 none
     --public-health/--no-...      FLAB_HEALTH_PUBLIC           off                  on
     --public-metrics/--no-...     FLAB_METRICS_PUBLIC          off                  on
@@ -50,6 +56,7 @@ TRUE = ("1", "true", "yes", "on", "t", "y")
 FALSE = ("0", "false", "no", "off", "f", "n")
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 MIB = 1024 * 1024
+IMAGE_CAPS = ("max_images_per_request", "max_image_pixels", "max_image_bytes")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ class HostedDefaults:
     queue_size: int = 16
     max_visitor_models: int = 1
     max_body_bytes: int = 1 * MIB
+    max_images_per_request: int = 4
+    max_image_pixels: int = 2048 * 2048
+    max_image_bytes: int = 1 * MIB
 
 
 LOCAL_MAX_BODY_BYTES = 8 * MIB  # not hosted: a bound against mistakes, not against strangers
@@ -90,6 +100,10 @@ class HostPolicy:
     health_public: bool = True  # /health without the key
     metrics_public: bool = True  # /metrics without the key
     forwarded_allow_ips: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES  # proxies whose X-Forwarded-For names the visitor
+    max_images_per_request: int | None = None  # image parts in one chat request
+    max_image_pixels: int | None = None  # width x height of one image (checked from its header, before decoding)
+    max_image_bytes: int | None = None  # one image's encoded bytes (a data: URL's decoded payload, a fetched file)
+    allowed_image_domains: tuple[str, ...] = ()  # image_url http(s) hosts the server fetches from (none: data: only)
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,13 +113,27 @@ class HostPolicy:
             "queue_size",
             "max_visitor_models",
             "max_body_bytes",
+            *IMAGE_CAPS,
         ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise HostingError(f"{name} must be a whole number >= 0 or None (no cap), got {value!r}")
-        for name in ("max_new_tokens", "max_prompt_tokens", "max_parallel_per_visitor", "queue_size", "max_body_bytes"):
+        for name in (
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "max_parallel_per_visitor",
+            "queue_size",
+            "max_body_bytes",
+            "max_image_pixels",
+            "max_image_bytes",
+        ):
             if getattr(self, name) == 0:
                 raise HostingError(f"{name} must be at least 1 (or None: no cap)")
+        domains = tuple(str(d).strip().lower().rstrip(".") for d in self.allowed_image_domains if str(d).strip())
+        for d in domains:
+            if "/" in d or ":" in d or " " in d:
+                raise HostingError(f"allowed_image_domains: {d!r} is not a host name (e.g. images.example.com)")
+        object.__setattr__(self, "allowed_image_domains", domains)
         object.__setattr__(self, "forwarded_allow_ips", check_trusted_proxies(self.forwarded_allow_ips, self.hosted))
         if self.api_key is not None and not self.api_key.strip():
             object.__setattr__(self, "api_key", None)
@@ -126,6 +154,9 @@ class HostPolicy:
             check_memory=True,
             share_prefix_cache=False,
             max_body_bytes=d.max_body_bytes,
+            max_images_per_request=d.max_images_per_request,
+            max_image_pixels=d.max_image_pixels,
+            max_image_bytes=d.max_image_bytes,
             health_public=False,
             metrics_public=False,
         )
@@ -185,6 +216,10 @@ class HostPolicy:
             if proxies_text is None:
                 proxies_text = env.get(env_name)
         proxies = tuple(_split_list(proxies_text, ",")) if proxies_text is not None else base.forwarded_allow_ips
+        domains_text = flag("allowed_image_domains")
+        if domains_text is None:
+            domains_text = env.get("FLAB_ALLOWED_IMAGE_DOMAINS")
+        domains = tuple(_split_list(domains_text, ",")) if domains_text is not None else base.allowed_image_domains
         return replace(
             base,
             allow_remote_code=allow_remote,
@@ -203,6 +238,10 @@ class HostPolicy:
             health_public=boolean("public_health", "FLAB_HEALTH_PUBLIC", base.health_public),
             metrics_public=boolean("public_metrics", "FLAB_METRICS_PUBLIC", base.metrics_public),
             forwarded_allow_ips=proxies,
+            max_images_per_request=cap("max_images_per_request", "FLAB_MAX_IMAGES_PER_REQUEST"),
+            max_image_pixels=cap("max_image_pixels", "FLAB_MAX_IMAGE_PIXELS"),
+            max_image_bytes=cap("max_image_bytes", "FLAB_MAX_IMAGE_BYTES"),
+            allowed_image_domains=domains,
         )
 
     def engine_options(self) -> dict:
@@ -236,6 +275,9 @@ class HostPolicy:
             f"API key: {'set' if self.api_key else 'none'}; /health "
             f"{'public' if self.health_public else 'needs the key'}; /metrics "
             f"{'public' if self.metrics_public else 'needs the key'}; body limit {show(self.max_body_bytes)} bytes",
+            f"images per request: {show(self.max_images_per_request)}; pixels per image: "
+            f"{show(self.max_image_pixels)}; bytes per image: {show(self.max_image_bytes)}; image URLs fetched from: "
+            + (", ".join(self.allowed_image_domains) or "no domain (data: URLs only)"),
             "API clients: told apart by address; X-Forwarded-For trusted from "
             + (", ".join(self.forwarded_allow_ips) or "no proxy"),
         ]
@@ -304,12 +346,22 @@ def add_hosting_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         ("--max-visitor-models", "FLAB_MAX_VISITOR_MODELS", "visitors with their own loaded model (0: the host's only)",
          HostedDefaults.max_visitor_models),
         ("--max-body-bytes", "FLAB_MAX_BODY_BYTES", "API request body bytes", HostedDefaults.max_body_bytes),
+        ("--max-images-per-request", "FLAB_MAX_IMAGES_PER_REQUEST", "images in one chat request",
+         HostedDefaults.max_images_per_request),
+        ("--max-image-pixels", "FLAB_MAX_IMAGE_PIXELS", "pixels (width x height) per image",
+         HostedDefaults.max_image_pixels),
+        ("--max-image-bytes", "FLAB_MAX_IMAGE_BYTES", "encoded bytes per image", HostedDefaults.max_image_bytes),
     )  # fmt: skip
     for option, env_name, what, hosted_default in caps:
         g.add_argument(
             option, default=None, metavar="N",
             help=f"cap on {what} (env {env_name}; hosted default {hosted_default}, else none; 'none': no cap)",
         )  # fmt: skip
+    g.add_argument(
+        "--allowed-image-domains", default=None, metavar="HOST,HOST",
+        help="image_url http(s) URLs are fetched from these hosts only, never from private or loopback addresses "
+        "(env FLAB_ALLOWED_IMAGE_DOMAINS; default none: data: URLs only)",
+    )  # fmt: skip
     g.add_argument(
         "--allow-benchmark", action=argparse.BooleanOptionalAction, default=None,
         help="visitors may run the Benchmark tab (env FLAB_ALLOW_BENCHMARK; hosted default: host only)",

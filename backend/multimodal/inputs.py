@@ -36,40 +36,32 @@ def as_image_list(images: object) -> list:
 
 
 def prepare_image_request(model: nn.Module, processor, prompt: object, images: object) -> tuple[list[int], ImageInputs]:
-    """The prompt's token ids (placeholders expanded) and its ImageInputs; RequestError for bad input.
+    """The prompt's token ids (placeholders expanded) and its ImageInputs; RequestError (param "images" or the
+    image's field) for bad input.
 
     `model` is the loaded model (a TransformersModel of an image-text model), `processor` its LoadedProcessor."""
-    if not getattr(model, "is_image_text", False):
-        raise RequestError("images: this model takes no images (it is a language model); send text only")
-    if processor is None or processor.processor is None:
-        why = processor.unavailable if processor is not None else "it has no processor"
-        raise RequestError(f"images: this model cannot take images here: {why}; send text only")
+    check_takes_images(model, processor)
     if not isinstance(prompt, str) or not prompt:
-        raise RequestError("a request with images needs a text prompt (a non-empty string) holding their placeholders")
+        raise RequestError(
+            "a request with images needs a text prompt (a non-empty string) holding their placeholders", param="prompt"
+        )
     items = as_image_list(images)
     if not items:
-        raise RequestError("images: an empty list; give at least one image, or leave images out")
+        raise RequestError("images: an empty list; give at least one image, or leave images out", param="images")
     if len(items) > MAX_IMAGES_PER_REQUEST:
-        raise RequestError(f"images: {len(items)} images; at most {MAX_IMAGES_PER_REQUEST} per request")
+        raise RequestError(f"images: {len(items)} images; at most {MAX_IMAGES_PER_REQUEST} per request", param="images")
     refusal = model.image_input_refusal()
     if refusal is not None:
-        raise RequestError(f"images: {refusal}")
+        raise RequestError(f"images: {refusal}", param="images")
     pil = [load_image(x, f"images[{i}]") for i, x in enumerate(items)]
-    proc = processor.processor
-    try:
-        out = proc(text=[prompt], images=pil, return_tensors="pt")
-    except (ValueError, TypeError, IndexError) as e:
-        token = getattr(proc, "image_token", "the image token")
-        raise RequestError(
-            f"images: the processor refused the prompt with {len(pil)} image(s) ({str(e)[:300]}); the prompt must "
-            f"hold one image placeholder ({token!r}, or the model's chat template) per image"
-        ) from None
+    out = expand_prompt(processor.processor, prompt, pil)
     ids = out["input_ids"][0]  # (L,)
     positions = (ids == model.image_token_id).nonzero().flatten()  # (N,)
     if positions.numel() == 0:
         raise RequestError(
             f"images: the prompt holds no image placeholder for its {len(pil)} image(s); put "
-            f"{getattr(proc, 'image_token', 'the image token')!r} where each image goes"
+            f"{getattr(processor.processor, 'image_token', 'the image token')!r} where each image goes",
+            param="images",
         )
     tensors = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
     inputs = ImageInputs(tensors, positions, pixels_hash(tensors), len(pil))
@@ -77,6 +69,32 @@ def prepare_image_request(model: nn.Module, processor, prompt: object, images: o
     if mrope is not None:
         inputs.mrope_positions, inputs.mrope_delta = mrope
     return ids.tolist(), inputs
+
+
+def check_takes_images(model: nn.Module, processor) -> None:
+    """RequestError (param "images") when this model cannot take images here, with the reason."""
+    if not getattr(model, "is_image_text", False):
+        raise RequestError("images: this model takes no images (it is a language model); send text only", "images")
+    if processor is None or processor.processor is None:
+        why = processor.unavailable if processor is not None else "it has no processor"
+        raise RequestError(f"images: this model cannot take images here: {why}; send text only", param="images")
+
+
+def expand_prompt(proc, prompt: str, images: list) -> dict:
+    """The processor's outputs for one prompt and its decoded images: input_ids (1, L) with each image's placeholder
+    expanded to its image tokens, and the vision tower's inputs. A prompt the template began with the tokenizer's
+    BOS gets no second one (transformers' processor apply_chat_template rule)."""
+    bos = getattr(getattr(proc, "tokenizer", None), "bos_token", None)
+    options = {"add_special_tokens": False} if bos and prompt.startswith(bos) else {}
+    try:
+        return proc(text=[prompt], images=images, return_tensors="pt", **options)
+    except (ValueError, TypeError, IndexError) as e:
+        token = getattr(proc, "image_token", "the image token")
+        raise RequestError(
+            f"images: the processor refused the prompt with {len(images)} image(s) ({str(e)[:300]}); the prompt must "
+            f"hold one image placeholder ({token!r}, or the model's chat template) per image",
+            param="images",
+        ) from None
 
 
 def describe_images(processor) -> dict | None:

@@ -27,7 +27,7 @@ from backend.hosting.timeouts import BodyTimeoutMiddleware, ConnectionTimeouts
 from backend.server.chat import create_chat_completion
 from backend.server.completions import create_completion
 from backend.server.errors import APIError, bad_request, install_error_handlers
-from backend.server.prompts import check_ids, encode_chat, encode_text, render_chat
+from backend.server.prompts import chat_input, check_ids, encode_text
 from backend.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -102,8 +102,7 @@ def tokenize_body(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
     if req.prompt is not None:
         ids = encode_text(state, engine, req.prompt, add_special_tokens=req.add_special_tokens)
     else:
-        text = render_chat(state, engine, req.messages, state.chat_template, req.add_generation_prompt)
-        ids = encode_chat(engine, text)
+        ids = chat_input(state, engine, req.messages, state.chat_template, req.add_generation_prompt).ids
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
 
 

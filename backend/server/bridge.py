@@ -39,6 +39,8 @@ class ChoiceSpec:
     prompt_ids: list[int]
     params: SamplingParams
     owner: str | None = None  # the request's `user`: the engine schedules fairly across owners
+    prompt: str | None = None  # with images: the prompt text the engine's processor expands
+    images: list | None = None  # decoded images: the request is opened with prompt + images, in a worker thread
 
 
 class ChoiceStreams:
@@ -91,10 +93,14 @@ class ChoiceStreams:
         self.queue.put_nowait(ChoiceEvent(index, at, done=True))
 
     def _open(self, spec: ChoiceSpec) -> bool:
-        """Queue one choice's engine request; a refusal is reported as that choice's error (and it ends)."""
+        """Queue one choice's engine request; a refusal is reported as that choice's error (and it ends). A request
+        with images is opened in a worker thread (the engine's processor prepares the pixels there)."""
         if self._cancelled:
             self._end(spec.index, time.perf_counter())
             return False
+        if spec.images:
+            self.loop.run_in_executor(None, self._open_images, spec)
+            return True
         try:
             handle = self.engine.open_stream(
                 None, spec.params, prompt_token_ids=spec.prompt_ids, owner=spec.owner, sink=self._sink(spec.index)
@@ -104,6 +110,32 @@ class ChoiceStreams:
             return False
         self._handles[spec.index] = handle  # its deltas arrive after this (call_soon_threadsafe)
         return True
+
+    def _open_images(self, spec: ChoiceSpec) -> None:
+        """Worker thread: open an image-text request, then hand the handle (or the refusal) to the event loop."""
+        handle, error = None, None
+        try:
+            handle = self.engine.open_stream(
+                spec.prompt, spec.params, owner=spec.owner, sink=self._sink(spec.index), images=spec.images
+            )
+        except Exception as e:
+            error = e
+        try:
+            self.loop.call_soon_threadsafe(self._opened, spec.index, handle, error)
+        except RuntimeError:  # the event loop is gone: nobody will read it
+            if handle is not None:
+                handle.abort()
+
+    def _opened(self, index: int, handle, error: BaseException | None) -> None:
+        if error is not None:
+            self._end(index, time.perf_counter(), error)
+            if index in self._siblings:  # failed before its first delta: the siblings still run (and report)
+                self._open_all(self._siblings.pop(index))
+            return
+        if self._cancelled or index in self._ended:  # cancelled (or already finished) meanwhile
+            handle.abort()
+            return
+        self._handles[index] = handle
 
     def _open_all(self, specs: list[ChoiceSpec]) -> None:
         for spec in specs:

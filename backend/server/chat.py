@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages through the chat template, `n` choices, whole or streamed."""
+"""POST /v1/chat/completions: messages through the chat template (image parts for an image-text model), `n`
+choices, whole or streamed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from backend.server.generation import ChoiceRun
 from backend.server.hosting import answer, check_caps, default_length, visitor_id
 from backend.server.logprobs import TokenText, chat_logprobs
 from backend.server.params import check_unsupported, max_new_tokens, sampling_params, with_seed
-from backend.server.prompts import check_ids, encode_chat, render_chat
+from backend.server.prompts import chat_input
 from backend.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -42,10 +43,10 @@ class ChatJob:
         check_unsupported(req, state.limits.max_n)
         if req.n > state.limits.max_choices:
             raise APIError(400, f"n must be at most {state.limits.max_choices}", "n", "invalid_value")
-        text = render_chat(
+        chat = chat_input(
             state, engine, req.messages, state.chat_template, req.add_generation_prompt, req.chat_template_kwargs
         )
-        self.prompt_ids = check_ids(engine, encode_chat(engine, text), "messages")
+        self.prompt_ids = chat.ids
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         check_caps(state.policy, requested, [len(self.prompt_ids)], param, "messages")
@@ -55,7 +56,10 @@ class ChatJob:
         self.top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, max_tokens, self.top)
         self.groups = [
-            [ChoiceSpec(j, self.prompt_ids, with_seed(params, req.seed, j), self.visitor) for j in range(req.n)]
+            [
+                ChoiceSpec(j, self.prompt_ids, with_seed(params, req.seed, j), self.visitor, chat.text, chat.images)
+                for j in range(req.n)
+            ]
         ]
         self.token_text = TokenText(engine.tokenizer)
         self.model = state.model_name()

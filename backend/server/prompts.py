@@ -1,4 +1,5 @@
-"""Prompts of API requests -> token ids: completion prompts (text or ids) and chat messages (chat template).
+"""Prompts of API requests -> token ids: completion prompts (text or ids) and chat messages (chat template, with
+their images for an image-text model).
 
 The checks are the engine's own (`Engine.check_prompt_text`, `Engine.check_prompt_ids`: what add_request would
 refuse), turned into 400s naming the API parameter; the server adds only what is the API's: the chat template,
@@ -8,10 +9,14 @@ here runs off the event loop (the routes call it through asyncio.to_thread).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.core.errors import ContextLengthError, RequestError
+from backend.multimodal.chat import NoChatTemplateError, NoImagesError, apply_template, encode_chat, read_messages
+from backend.multimodal.inputs import expand_prompt
 from backend.server.errors import APIError, bad_request
+from backend.server.images import load_request_images
 from backend.server.params import context_error
 from backend.server.prompt_size import text_bytes
 from backend.server.protocol import ChatMessage
@@ -81,72 +86,52 @@ def completion_prompts(state, engine, prompt) -> list[tuple[str | None, list[int
     return [(None, check_ids(engine, p)) for p in prompt]
 
 
-def _content(message: ChatMessage, i: int) -> str:
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    texts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type")
-            raise bad_request(
-                f"messages[{i}].content: only text parts are supported, got a part of type {kind!r:.40}",
-                f"messages.{i}.content",
-                "unsupported_content",
-            )
-        texts.append(part["text"])
-    return "".join(texts)
+def _request_error(error: RequestError) -> APIError:
+    code = "unsupported_content" if isinstance(error, NoImagesError) else "invalid_value"
+    if isinstance(error, NoChatTemplateError):
+        code = "no_chat_template"
+    return bad_request(str(error), error.param or "messages", code)
 
 
-def render_chat(
+@dataclass
+class ChatInput:
+    """A chat request's prompt: its text, its token ids (image placeholders expanded) and its decoded images."""
+
+    text: str
+    ids: list[int]
+    images: list = field(default_factory=list)
+
+
+def chat_input(
     state,
     engine,
     messages: list[ChatMessage],
     template: str | None,
     add_generation_prompt: bool = True,
     template_kwargs: dict | None = None,
-) -> str:
-    """The prompt text the chat template makes of `messages`. 400 when there is no template or it fails, when the
-    messages are too many bytes for the token cap, or when the engine refuses the text."""
-    if not messages:
-        raise bad_request("messages is empty: give at least one message", "messages", "invalid_value")
-    tokenizer = engine.tokenizer
-    if tokenizer is None:
-        raise bad_request("this model was loaded without a tokenizer: chat needs one", "messages")
-    template = template or getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise bad_request(
-            "this model has no chat template: start the server with --chat-template (a Jinja file or string), "
-            "or use /v1/completions",
-            "messages",
-            "no_chat_template",
-        )
-    conversation = []
-    for i, m in enumerate(messages):
-        entry = {"role": m.role, "content": _content(m, i)}
-        if m.name is not None:
-            entry["name"] = m.name
-        if m.tool_call_id is not None:
-            entry["tool_call_id"] = m.tool_call_id
-        conversation.append(entry)
-    check_bytes(state, engine, [entry["content"] for entry in conversation], "messages")
-    kwargs = {k: v for k, v in (template_kwargs or {}).items() if isinstance(k, str) and k.isidentifier()}
-    for reserved in ("conversation", "chat_template", "tokenize", "add_generation_prompt", "return_dict", "tools"):
-        kwargs.pop(reserved, None)
+) -> ChatInput:
+    """The messages through the chat template (backend/multimodal/chat.py, the Python API's path), their images
+    under the host's limits (backend/server/images.py), each checked by the engine. 400 naming the field: no
+    template or one that fails, too many bytes for the token cap, a bad image, a prompt the context cannot hold."""
+    processor = engine.processor
+    dicts = [m.model_dump(exclude_none=True) for m in messages]
     try:
-        text = tokenizer.apply_chat_template(
-            conversation, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        conversation = read_messages(dicts, takes_images=processor is not None)
+    except RequestError as e:
+        raise _request_error(e) from None
+    check_bytes(state, engine, conversation.texts, "messages")
+    try:
+        text = apply_template(
+            conversation, engine.tokenizer, processor, template, add_generation_prompt, template_kwargs
         )
-    except Exception as e:  # a template that raises (e.g. "roles must alternate") is the request's problem
-        raise bad_request(f"the chat template failed on these messages: {type(e).__name__}: {e}", "messages") from None
-    if not isinstance(text, str):
-        raise bad_request("the chat template did not produce a prompt text", "messages", "invalid_value")
+    except RequestError as e:
+        raise _request_error(e) from None
     check_text(engine, text, "messages")
-    return text
-
-
-def encode_chat(engine, text: str) -> list[int]:
-    """A rendered chat prompt -> ids (the template writes the special tokens itself, as transformers does)."""
-    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    images = load_request_images(conversation.images, state.policy)
+    if not images:
+        return ChatInput(text, check_ids(engine, encode_chat(engine.tokenizer, text), "messages"))
+    try:  # the ids the engine will run (the engine's processor call, run here to count and check them)
+        ids = expand_prompt(processor, text, images)["input_ids"][0].tolist()
+    except RequestError as e:
+        raise bad_request(str(e), "messages", "invalid_image") from None
+    return ChatInput(text, check_ids(engine, ids, "messages"), images)

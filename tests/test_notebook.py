@@ -126,5 +126,14 @@ def test_workshop_notebook_runs_top_to_bottom(kernel_name, smollm2_instruct, mon
         o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})
     ]
     assert len(figures) == 4
-    # 7. the app launched and was closed
+    # 7. images: placeholder expansion, the merge, M-RoPE positions, the blocks that hold the image
+    assert "the image: 1x4x4 patches of 14 px (t, h, w), merged 2x2 -> 4 image tokens" in out
+    assert "the engine's rows == the model's own get_image_features: True" in out
+    assert "7  8  7   <- image" in out and "sits at i + (-2)" in out
+    assert "blocks holding image features: [1, 2]" in out
+    assert (
+        "flipped picture: 0 (the block hashes cover the pixels)" in out
+        and "same ids, different outputs: True True" in out
+    )
+    # 8. the app launched and was closed
     assert "the app is at http://127.0.0.1:" in out and "closed (notebook test)" in out

@@ -19,6 +19,7 @@ import functools
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> Report:
     if args.rounds < 1 or args.new_tokens < 2:
         parser.error("--rounds must be at least 1 and --new-tokens at least 2")
     report = bench(args.shape, args.rounds, args.new_tokens, args.path)
-    report.command = "python -m backend.tools.bench_vlm " + " ".join(argv if argv is not None else [])
+    report.command = " ".join(["python -m backend.tools.bench_vlm", *(argv if argv is not None else sys.argv[1:])])
     print(format_report(report), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(report), indent=2))

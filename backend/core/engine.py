@@ -483,16 +483,16 @@ class Engine:
         """OpenAI-style chat messages (text and image parts: a PIL image, path, bytes or data: URL) through the chat
         template, the processor's for an image-text model (backend/multimodal/chat.py, the server's path too):
         `engine.stream(**p.request_kwargs(), params=...)`. RequestError naming the field for bad input."""
-        processor = self.processor if self.tp_group is None else None
-        return chat_prompt(self.tokenizer, processor, messages, chat_template, add_generation_prompt, template_kwargs)
+        return chat_prompt(
+            self.tokenizer, self.processor, messages, chat_template, add_generation_prompt, template_kwargs
+        )
 
     def chat(self, messages, params: SamplingParams | None = None, owner=None, cache_salt=None) -> RequestOutput:
         """Run chat messages (see chat_prompt) to the end; the output of generate()."""
-        p = self.chat_prompt(messages).request_kwargs()
-        images = [p["images"]] if "images" in p else None
-        prompts = [p["prompt"]] if "prompt" in p else None
-        token_ids = [p["prompt_token_ids"]] if "prompt_token_ids" in p else None
-        return self.generate(prompts, params, token_ids, owner, cache_salt, images)[0]
+        p = self.chat_prompt(messages)
+        if p.images:
+            return self.generate([p.text], params, None, owner, cache_salt, [p.images])[0]
+        return self.generate(None, params, [p.token_ids], owner, cache_salt)[0]
 
     # --- the background loop --------------------------------------------------------------------
 

@@ -276,3 +276,38 @@ def test_prefix_cache_keys_on_the_pixels(engine):
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     metrics = c.get("/metrics").text
     assert "prefix" in metrics
+
+
+def test_real_http_fetch_connects_to_the_checked_address_with_the_host_header(engine, monkeypatch):
+    """The real connection code on a loopback server: the address check is lifted for this test only (it refuses
+    loopback, as tested above), DNS is mocked; the request reaches the checked address with the URL's Host."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = png(random_images(1, seed=8)[0])
+    hosts: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hosts.append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        monkeypatch.setattr(server_images, "resolve_host", lambda host, p: ["127.0.0.1"])
+        monkeypatch.setattr(server_images, "blocked_reason", lambda address: None)
+        c = client(engine, allowed_image_domains=("images.example.com",))
+        r = c.post("/v1/chat/completions", json=chat(f"http://images.example.com:{port}/cat.png"))
+        assert r.status_code == 200, r.text
+        assert hosts == [f"images.example.com:{port}"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -382,6 +382,7 @@ class Engine:
             prefill_tokens,
             len(sampled),
             now - t0,
+            out.vision_s,
         )
         published = []
         for seq in sampled:

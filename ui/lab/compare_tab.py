@@ -8,7 +8,7 @@ from dataclasses import replace
 import gradio as gr
 
 from backend.hosting import check_request
-from ui import compare
+from ui import compare, images
 from ui import endpoint as remote
 from ui.common import Panel, progress_adapter, session_key, visitor_key
 from ui.errors import status_errors
@@ -25,14 +25,17 @@ def prompt_ids(engine, prompts: list[str], use_chat_template: bool) -> list[list
     return [build_prompt_ids(engine.tokenizer, p, use_chat_template) or engine.tokenizer.encode(p) for p in prompts]
 
 
-def warm_up(engine, ids: list[list[int]], owner: str) -> None:
+def warm_up(engine, ids: list[list[int]], owner: str, image_texts: list[str] | None = None, image=None) -> None:
     """One untimed run of the same prompts, a few tokens each, on a freshly loaded engine (first-call costs: kernel
     and allocator set-up, page faults, lazy initialisation), then the prefix cache forgotten, so the measured run
-    starts warm but finds no cached prompt."""
+    starts warm but finds no cached prompt. With `image`: the image requests' texts (the vision tower warms up too)."""
     from backend import SamplingParams
 
     params = SamplingParams(max_new_tokens=compare.WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
-    engine.generate(prompt_token_ids=[list(i) for i in ids], sampling_params=params, owner=owner)
+    if image is not None:
+        engine.generate(image_texts, params, owner=owner, images=[[image]] * len(image_texts))
+    else:
+        engine.generate(prompt_token_ids=[list(i) for i in ids], sampling_params=params, owner=owner)
     engine.reset_prefix_cache()
 
 
@@ -67,6 +70,7 @@ class CompareTab:
         step_tokens=None,
         b_endpoint="",
         b_api_key="",
+        image=None,
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
@@ -78,6 +82,9 @@ class CompareTab:
         from backend import SamplingParams
 
         state = self.state
+        image = images.checked_image(image)  # both sides get the same image and prompts
+        if (b_endpoint or "").strip():
+            images.refuse_endpoint_image(image)
         prompts = prompts_from(prompt, mode, copies)
         params = SamplingParams(max_new_tokens=max_new_value(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
         check_request(state.policy, max_new_tokens=params.max_new_tokens)
@@ -93,9 +100,13 @@ class CompareTab:
         key = session_key(request)
         state.refuse_if_others_run(key, "Comparing")
         with state.visitors.running(visitor_key(request, state.policy.hosted), len(prompts)):  # HostingError over cap
-            yield from self._run_compare(key, sides_to_run, prompts, params, bool(use_chat_template), progress, panel)
+            yield from self._run_compare(
+                key, sides_to_run, prompts, params, bool(use_chat_template), progress, panel, image
+            )
 
-    def _run_compare(self, key: str, sides_to_run, prompts, params, use_chat_template: bool, progress, panel: Panel):
+    def _run_compare(
+        self, key: str, sides_to_run, prompts, params, use_chat_template: bool, progress, panel: Panel, image=None
+    ):
         state = self.state
         previous = state.session.spec
         previous_holder = state.model_holder
@@ -128,12 +139,16 @@ class CompareTab:
                     label = compare.label(name, engine.model_impl, impl, quant)
                     decode = engine.tokenizer.decode
                     ids = prompt_ids(engine, prompts, use_chat_template)
-                    check_request(state.policy, prompt_tokens=max(map(len, ids), default=0))
+                    texts, lens = None, [len(i) for i in ids]
+                    if image is not None:  # the processor's lengths (placeholders expanded); a text model refuses
+                        texts, lens = images.image_requests(engine, prompts, use_chat_template, image)
+                    check_request(state.policy, prompt_tokens=max(lens, default=0))
                     yield (f"**Warming up** {label}: {compare.WARMUP_TOKENS} untimed tokens a request…",) + (skip,) * 7
-                    warm_up(engine, ids, key)
+                    warm_up(engine, ids, key, texts, image)
                     warmed.append(name)
                     # made after the warm-up: the measured run's steps start here
-                    wl = Workload(engine, prompts, [params] * len(prompts), use_chat_template, handle.cancel, owner=key)
+                    each = [params] * len(prompts)
+                    wl = Workload(engine, prompts, each, use_chat_template, handle.cancel, owner=key, image=image)
                     for update in self._run_side(name, label, "", wl, handle, sides):
                         yield (update,) + compare.figures(sides) + (skip, skip, skip)
                 table, agree = compare.tables(sides, decode)

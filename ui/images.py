@@ -66,6 +66,16 @@ def sample_image():
     return checked_image(str(SAMPLE_IMAGE))
 
 
+def sample_copy(folder: str | Path) -> Path:
+    """The sample image copied into `folder`/flab-sample/ (once; again when the copy differs)."""
+    target = Path(folder) / "flab-sample" / SAMPLE_IMAGE.name
+    data = SAMPLE_IMAGE.read_bytes()
+    if not target.is_file() or target.read_bytes() != data:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return target
+
+
 def image_refusal(engine) -> str | None:
     """Why the loaded engine takes no images (one line), or None when it does."""
     if engine is None:

@@ -155,7 +155,7 @@ def image_prefill_summary(prefill, block_size: int) -> str:
     lines = [
         f"**Image request #{prefill.request_id} prefilled** in {len(prefill.steps)} step(s): "
         f"{len(prefill.prompt_token_ids)} prompt tokens, **{n_image} image placeholder(s)**.",
-        f"**KV blocks holding image features**: {len(blocks)} of block size {block_size} ({shown or 'none'}), "
+        f"**KV blocks holding image features**: {len(blocks)} (blocks of {block_size} tokens: {shown or 'none'}), "
         "pink in the KV map above.",
     ]
     if vision_s > 0:

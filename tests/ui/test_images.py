@@ -70,9 +70,14 @@ def test_checked_image_decodes_an_upload_and_refuses_bad_ones(tmp_path, monkeypa
         images.checked_image(str(tmp_path / "missing.png"))
 
 
-def test_the_sample_image_is_small_and_decodes():
+def test_the_sample_image_is_small_and_decodes(tmp_path, lab):
     assert images.SAMPLE_IMAGE.stat().st_size < 4096
     assert images.sample_image().size == (96, 96)
+    copy = images.sample_copy(tmp_path)
+    assert copy.read_bytes() == images.SAMPLE_IMAGE.read_bytes() and images.sample_copy(tmp_path) == copy
+    from gradio.utils import get_upload_folder
+
+    assert lab.images.sample().startswith(get_upload_folder())  # where Gradio serves it from, whatever the cwd
 
 
 # --- prompts and placeholders ------------------------------------------------------------------------------------

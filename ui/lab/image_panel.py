@@ -33,8 +33,11 @@ class ImagePanel:
         return (text, text) + (gr.update(open=on),) * 2 + (gr.update(interactive=on),) * 4
 
     def sample(self) -> str:
-        """The bundled sample image's path, for an image input."""
-        return str(images.SAMPLE_IMAGE)
+        """The bundled sample image, for an image input: a copy in Gradio's upload folder (which Gradio serves
+        wherever the app was started from)."""
+        from gradio.utils import get_upload_folder
+
+        return str(images.sample_copy(get_upload_folder()))
 
     @status_errors("prefilling an image request", outputs=3, status=0)
     def prefill(self, prompt, image, use_chat_template=True, request: gr.Request = None):

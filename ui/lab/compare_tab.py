@@ -25,17 +25,23 @@ def prompt_ids(engine, prompts: list[str], use_chat_template: bool) -> list[list
     return [build_prompt_ids(engine.tokenizer, p, use_chat_template) or engine.tokenizer.encode(p) for p in prompts]
 
 
-def warm_up(engine, ids: list[list[int]], owner: str, image_texts: list[str] | None = None, image=None) -> None:
+def warm_up(engine, ids: list[list[int]], owner: str) -> None:
     """One untimed run of the same prompts, a few tokens each, on a freshly loaded engine (first-call costs: kernel
     and allocator set-up, page faults, lazy initialisation), then the prefix cache forgotten, so the measured run
-    starts warm but finds no cached prompt. With `image`: the image requests' texts (the vision tower warms up too)."""
+    starts warm but finds no cached prompt."""
     from backend import SamplingParams
 
     params = SamplingParams(max_new_tokens=compare.WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
-    if image is not None:
-        engine.generate(image_texts, params, owner=owner, images=[[image]] * len(image_texts))
-    else:
-        engine.generate(prompt_token_ids=[list(i) for i in ids], sampling_params=params, owner=owner)
+    engine.generate(prompt_token_ids=[list(i) for i in ids], sampling_params=params, owner=owner)
+    engine.reset_prefix_cache()
+
+
+def warm_up_images(engine, texts: list[str], image, owner: str) -> None:
+    """warm_up() of image requests (`texts` with their placeholder, one `image` each): the vision tower too."""
+    from backend import SamplingParams
+
+    params = SamplingParams(max_new_tokens=compare.WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+    engine.generate(texts, params, owner=owner, images=[[image]] * len(texts))
     engine.reset_prefix_cache()
 
 
@@ -144,7 +150,10 @@ class CompareTab:
                         texts, lens = images.image_requests(engine, prompts, use_chat_template, image)
                     check_request(state.policy, prompt_tokens=max(lens, default=0))
                     yield (f"**Warming up** {label}: {compare.WARMUP_TOKENS} untimed tokens a request…",) + (skip,) * 7
-                    warm_up(engine, ids, key, texts, image)
+                    if image is None:
+                        warm_up(engine, ids, key)
+                    else:
+                        warm_up_images(engine, texts, image, key)
                     warmed.append(name)
                     # made after the warm-up: the measured run's steps start here
                     each = [params] * len(prompts)

@@ -170,10 +170,8 @@ class Workload(StreamRuns):
 
     def _open(self, i: int):
         prompt = None if self._ids[i] else self._texts[i]
-        images = None if self.image is None else [self.image]
-        return self.engine.open_stream(
-            prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner, images=images
-        )
+        extra = {} if self.image is None else dict(images=[self.image])  # text requests: the call as before
+        return self.engine.open_stream(prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner, **extra)
 
     def _take(self, i: int, delta) -> None:
         res, out = self.results[i], delta.output

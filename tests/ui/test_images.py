@@ -198,3 +198,17 @@ def test_kv_map_colours_image_blocks_only_when_one_request_owns_them():
     names = [t.name for t in plots.kv_cache_figure(view).data[1:]]
     assert "holds image features (1)" in names
     assert not any("image" in (n or "") for n in (t.name for t in plots.kv_cache_figure(view[1:2]).data[1:]))
+
+
+def test_tiny_qwen2_vl_is_built_in_and_takes_the_sample(ui_cache):
+    """The second built-in image-text model (M-RoPE positions): its placeholder wraps the image pad in vision tokens,
+    and the Inside tab's prefill marks its image tokens and times its vision tower."""
+    from backend import Engine
+    from backend.loading.builtin import builtin_names
+
+    assert {"tiny:llava", "tiny:qwen2_vl"} <= set(builtin_names())
+    with Engine("tiny:qwen2_vl", dtype="float32", device="cpu", kv_cache_memory_gb=0.004, block_size=4) as engine:
+        assert images.placeholder_text(engine.processor) == "<|vision_start|><|image_pad|><|vision_end|>"
+        done = images.prefill_image_request(engine, images.image_prompt(engine, "Hi", True), images.sample_image())
+        assert sum(done.image_mask) >= 1 and done.tokens[done.image_mask.index(True)] == "<|image_pad|>"
+        assert inside.image_blocks(done.kv_view, done.request_id) and done.steps[0].vision_s > 0

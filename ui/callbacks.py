@@ -12,6 +12,7 @@ plain values and Plotly figures, testable without a browser. Errors become gr.Er
   lab.compare_tab   ui/lab/compare_tab.py    Compare A / B (or an endpoint)
   lab.benchmark_tab ui/lab/benchmark_tab.py  Benchmark (backend/tools/bench.py)
   lab.inside_tab    ui/lab/inside_tab.py     Inside the engine: trace, module tree, description, KV view
+  lab.images        ui/lab/image_panel.py    the image inputs (what the model takes, the sample), Inside's image request
   lab.stop, lab.unload_visitor (ui/lab/state.py): the Stop buttons and a closed page
 
 The host's policy (backend/hosting) is the Lab's: which model names a visitor may load, remote code (the
@@ -26,6 +27,7 @@ from backend.hosting import HostPolicy
 from ui.lab.benchmark_tab import BenchmarkTab
 from ui.lab.compare_tab import CompareTab
 from ui.lab.generate_tab import GenerateTab
+from ui.lab.image_panel import ImagePanel
 from ui.lab.inside_tab import InsideTab
 from ui.lab.loading import Loader
 from ui.lab.picker import ModelPicker
@@ -55,3 +57,4 @@ class Lab(LabState):
         self.compare_tab = CompareTab(self, self.loader)
         self.benchmark_tab = BenchmarkTab(self, self.loader)
         self.inside_tab = InsideTab(self)
+        self.images = ImagePanel(self)

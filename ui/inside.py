@@ -80,3 +80,93 @@ def trace_summary(calls, impl: str) -> str:
         f"cache) and **{c.num_decode} decode** (one token each, attending over its cached blocks). {layout}"
         + ("  \n_" + WHY_TWO + "_" if c.num_decode and c.num_prefill else "")
     )
+
+
+# --- an image request, inside (ui/images.py prefill_image_request) ---------------------------------------------
+
+IMAGE_TOKEN_STYLE = "background:#f0abfc;border:1px solid #c026d3"  # the KV map's image colour (ui/plots.py)
+TEXT_TOKEN_STYLE = "background:#f3f4f6;border:1px solid #d1d5db"
+RUN_COLLAPSE = 4  # a run of more image placeholders than this is shown as one chip "× n"
+MAX_CHIPS = 400
+
+
+def _chip(text: str, style: str, title: str, count: int = 1) -> str:
+    shown = html.escape(text).replace(" ", "␣").replace("\n", "↵") or "∅"
+    shown += f" × {count}" if count > 1 else ""
+    return (
+        f'<span class="flab-tok" title="{html.escape(title)}" style="{style};border-radius:4px;padding:0 3px;'
+        f'margin:1px;display:inline-block;font-family:ui-monospace,monospace;font-size:12px">{shown}</span>'
+    )
+
+
+def token_chips(tokens: list[str], image_mask: list[bool]) -> list[str]:
+    """One chip per prompt token; image placeholders coloured, a long run of them as one chip with its count."""
+    chips: list[str] = []
+    i = 0
+    while i < len(tokens) and len(chips) < MAX_CHIPS:
+        if not image_mask[i]:
+            chips.append(_chip(tokens[i], TEXT_TOKEN_STYLE, f"position {i}"))
+            i += 1
+            continue
+        j = i
+        while j < len(tokens) and image_mask[j]:
+            j += 1
+        if j - i > RUN_COLLAPSE:
+            title = f"positions {i}–{j - 1}: image placeholders"
+            chips.append(_chip(tokens[i], IMAGE_TOKEN_STYLE, title, count=j - i))
+        else:
+            chips.extend(_chip(tokens[k], IMAGE_TOKEN_STYLE, f"position {k}: image placeholder") for k in range(i, j))
+        i = j
+    if i < len(tokens):
+        chips.append(f"<span> … {len(tokens) - i} more</span>")
+    return chips
+
+
+def token_view_html(tokens: list[str], image_mask: list[bool]) -> str:
+    """The prompt tokens of an image request, image placeholders marked (pink, as their blocks in the KV map)."""
+    if not tokens:
+        return "<p><em>No image request prefilled yet.</em></p>"
+    n_image = sum(image_mask)
+    head = (
+        f"<p><b>Prompt tokens</b>: {len(tokens)}, of them <b>{n_image} image placeholder(s)</b> "
+        '(<span style="' + IMAGE_TOKEN_STYLE + ';padding:0 3px">pink</span>): the processor expanded the image '
+        "into these; their embeddings are the vision tower's features, not the token's own.</p>"
+    )
+    chips = "".join(token_chips(tokens, image_mask))
+    return f'<div class="flab-tokens" id="flab-image-tokens-list">{head}{chips}</div>'
+
+
+def image_blocks(view: list, request_id: int) -> list[int]:
+    """The KV blocks of request `request_id` that hold image placeholder tokens."""
+    return [b.block for b in view if request_id in b.owners and getattr(b, "image_tokens", 0)]
+
+
+def vision_share(steps: list) -> tuple[float, float]:
+    """(seconds the vision tower ran, seconds of those steps) over `steps` (StepStats)."""
+    return sum(getattr(s, "vision_s", 0.0) for s in steps), sum(s.duration for s in steps)
+
+
+def image_prefill_summary(prefill, block_size: int) -> str:
+    """What one image request's prefill shows: its image tokens, the blocks holding them, the vision tower's share."""
+    blocks = image_blocks(prefill.kv_view, prefill.request_id)
+    vision_s, total_s = vision_share(prefill.steps)
+    n_image = sum(prefill.image_mask)
+    shown = ", ".join(map(str, blocks[:24])) + (" …" if len(blocks) > 24 else "")
+    lines = [
+        f"**Image request #{prefill.request_id} prefilled** in {len(prefill.steps)} step(s): "
+        f"{len(prefill.prompt_token_ids)} prompt tokens, **{n_image} image placeholder(s)**.",
+        f"**KV blocks holding image features**: {len(blocks)} (blocks of {block_size} tokens: {shown or 'none'}), "
+        "pink in the KV map above.",
+    ]
+    if vision_s > 0:
+        lines.append(
+            f"**Vision tower**: {vision_s * 1e3:.1f} ms of the {total_s * 1e3:.1f} ms these steps took "
+            f"(**{100 * vision_s / max(total_s, 1e-9):.0f}%**); it runs once per request, at its first prefill step, "
+            "and its features are kept for later chunks."
+        )
+    else:
+        lines.append(
+            "**Vision tower**: did not run: every image token came from the prefix cache "
+            f"({prefill.cached_tokens} cached prompt tokens; same image and prompt as before)."
+        )
+    return "  \n".join(lines)

@@ -24,7 +24,9 @@ from ui.common import (
     device_choices,
 )
 from ui.compare import AGREEMENT_WIDTHS, SUMMARY_WIDTHS
+from ui.images import UPLOAD_INFO
 from ui.inside import TRACE_HEADERS, TRACE_WIDTHS
+from ui.lab.image_panel import INSIDE_PROMPT
 from ui.plots import (
     PLOT_MIN_WIDTH,
     batch_figure,
@@ -86,8 +88,9 @@ KV_LEGEND = (
     "_One cell = one block (or a group of blocks on large caches: the cell takes the busiest state of its "
     "group). Colour = owner request (number in the cell, hover for the block range and ref_count); yellow = "
     "shared by several requests (prefix hit); green = free but still holding a cached prefix (reusable); "
-    "light grey = free._"
+    "light grey = free; pink = one request's block holding image features (an image-text model)._"
 )
+IMAGE_INSIDE_TITLE = "An image request, inside: its image tokens, the KV blocks holding them, the vision tower's time"
 THEME = gr.themes.Soft(primary_hue="blue")
 GENERATE_CONCURRENCY = 8  # streams from several users share the engine's batch (continuous batching)
 COMPARE_PROMPT = "Once upon a time\nThe quick brown fox\nA paged KV cache splits memory into blocks."
@@ -223,6 +226,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 1, max_copies, value=min(4, max_copies), step=1, label="copies", elem_id="flab-copies"
                             )
                             chat = gr.Checkbox(True, label="apply chat template (when the tokenizer has one)")
+                        gen_image_box, gen_image, gen_image_note, gen_sample = image_input("flab-image")
                         with gr.Accordion("Sampling", open=False):
                             with gr.Row():
                                 temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0 = greedy)")
@@ -293,6 +297,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 )
                                 cmp_key = gr.Textbox("", label="B: API key (optional)", type="password")
                         cmp_prompt = gr.Textbox(COMPARE_PROMPT, lines=3, label="Workload prompt(s)")
+                        cmp_image_box, cmp_image, cmp_image_note, cmp_sample = image_input("flab-cmp-image")
                         with gr.Row():
                             cmp_mode = gr.Radio(MODE_CHOICES, value="lines", label="Parallel requests")
                             cmp_copies = gr.Slider(1, max_copies, value=min(2, max_copies), step=1, label="copies")
@@ -377,6 +382,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             live = gr.Checkbox(False, label="live block view (1 s)")
                         kv_plot = gr.Plot(kv_cache_figure([]), show_label=False, elem_id="flab-kv")
                         gr.Markdown(KV_LEGEND, elem_classes="flab-intro")
+                        with gr.Accordion(IMAGE_INSIDE_TITLE, open=False, elem_id="flab-image-inside"):
+                            with gr.Row():
+                                img_prompt = gr.Textbox(
+                                    INSIDE_PROMPT,
+                                    label="prompt of the image request (the Generate tab's image, else the sample)",
+                                    scale=3,
+                                )
+                                img_btn = gr.Button("Prefill an image request", scale=1, elem_id="flab-image-prefill")
+                            img_md = gr.Markdown(elem_classes="flab-status", elem_id="flab-image-status")
+                            img_tokens = gr.HTML(elem_id="flab-image-tokens")
                         with gr.Accordion("The injection, shown: one traced step", open=True):
                             with gr.Row():
                                 trace_prompt = gr.Textbox(
@@ -400,9 +415,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         estimate_inputs = [model, dtype, quant, kv_mb, max_len, max_batch]
 
         startup_outputs = [picker_note, model, load_status, describe_md, kv_plot] + load_inputs[1:]
+        image_outputs = [gen_image_note, cmp_image_note, gen_image_box, cmp_image_box, gen_image, cmp_image]
+        image_outputs += [gen_sample, cmp_sample]
         demo.load(lab.page.startup, load_inputs, startup_outputs + [search_box, search_btn], api_name="startup").then(
             lab.inside_tab.tree, None, tree_html, api_name=False
-        )
+        ).then(lab.images.note, None, image_outputs, api_name=False)
         demo.load(lab.picker.estimate, estimate_inputs, estimate_md, api_name=False)
         gr.on(
             [search_btn.click, search_box.submit],
@@ -428,7 +445,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             api_name="load",
             concurrency_id="engine",
             concurrency_limit=1,
-        ).then(lab.inside_tab.tree, None, tree_html, api_name=False)
+        ).then(lab.inside_tab.tree, None, tree_html, api_name=False).then(
+            lab.images.note, None, image_outputs, api_name=False
+        )
+        for sample_btn, image_file in ((gen_sample, gen_image), (cmp_sample, cmp_image)):
+            sample_btn.click(lab.images.sample, None, image_file, api_name=False)
 
         gen_inputs = [prompt, chat, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos, gap]
         gen_inputs += [gen_url, gen_key]
@@ -436,7 +457,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         gr.on(
             [gen_btn.click, prompt.submit],
             lab.generate_tab.generate,
-            gen_inputs,
+            gen_inputs + [gen_image],
             gen_outputs,
             api_name="generate",
             concurrency_limit=GENERATE_CONCURRENCY,
@@ -500,6 +521,7 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             step_tokens,
             cmp_url,
             cmp_key,
+            cmp_image,
         ]
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
         cmp_btn.click(
@@ -542,10 +564,37 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             api_name="trace",
             concurrency_id="engine",
         )
+        img_btn.click(
+            lab.images.prefill,
+            [img_prompt, gen_image, chat],
+            [img_md, img_tokens, kv_plot],
+            api_name="image_prefill",
+            concurrency_id="engine",
+        )
         live.change(lambda on: gr.Timer(active=bool(on)), live, timer, api_name=False)
         timer.tick(lab.inside_tab.kv_view, None, kv_plot, api_name=False, show_progress="hidden")
         demo.unload(lab.unload_visitor)  # a closed page frees its model slot and stops its runs
     return demo
+
+
+def image_input(elem_id: str):
+    """An image input of the Generate / Compare tab: -> (its accordion, the file input, the one-line note of what the
+    loaded model takes, the sample button). The file goes to the callback undecoded: ui/images.checked_image decodes
+    it (a clear error for a file too large or that does not decode, also when sent without the page)."""
+    with gr.Accordion("Image (image-text models)", open=False, elem_id=f"{elem_id}-box") as box:
+        note = gr.Markdown(elem_classes="flab-status", elem_id=f"{elem_id}-note")
+        with gr.Row(equal_height=False):
+            file = gr.File(
+                label="image sent with every request",
+                file_types=["image"],
+                type="filepath",
+                height=110,
+                scale=3,
+                elem_id=elem_id,
+            )
+            sample = gr.Button("Use the sample image", size="sm", scale=1, min_width=140)
+        gr.Markdown(f"_{UPLOAD_INFO}; the prompt gets the model's image placeholder (or type it yourself)._")
+    return box, file, note, sample
 
 
 def benchmark_refusal(policy) -> str:

@@ -327,6 +327,9 @@ KV_STATE_NAMES = {
     KV_SHARED: "shared prefix (ref > 1)",
     KV_ORPHAN: "held (no running owner)",
 }
+KV_IMAGE = KV_OWNER0 + len(PALETTE)  # a block of one request that holds image features (KVBlock.image_tokens)
+KV_IMAGE_COLOR = "#f0abfc"
+KV_IMAGE_NAME = "holds image features"
 MAX_CELLS = 4096
 ZOOM_MIN = 1024  # caches larger than this are drawn up to their used range
 
@@ -343,8 +346,13 @@ def kv_block_state(entry) -> int:
     return KV_OWNER0 + owners[0] % len(PALETTE)
 
 
+def image_tokens(entry) -> int:
+    """Image placeholder tokens a kv_cache_view() entry holds (0 for an engine without the field)."""
+    return int(getattr(entry, "image_tokens", 0) or 0)
+
+
 def _discrete_colorscale() -> list:
-    colors = [KV_STATE_COLORS[i] for i in range(KV_OWNER0)] + PALETTE
+    colors = [KV_STATE_COLORS[i] for i in range(KV_OWNER0)] + PALETTE + [KV_IMAGE_COLOR]
     n = len(colors)
     scale = []
     for i, c in enumerate(colors):
@@ -375,6 +383,7 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks", note: str | None
     for e in view:
         st = kv_block_state(e)
         counts[st if st < KV_OWNER0 else "owned"] += 1
+    image_blocks = sum(1 for e in view if image_tokens(e) and kv_block_state(e) >= KV_OWNER0)
     total = len(view)
     view = view[: kv_zoom(view)]
     n = len(view)
@@ -389,6 +398,9 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks", note: str | None
         states = [kv_block_state(e) for e in chunk]
         state = max(states, key=lambda s: (s >= KV_OWNER0, s == KV_SHARED, s == KV_ORPHAN, s == KV_CACHED))
         owners = sorted({o for e in chunk for o in e.owners})
+        images = sum(image_tokens(e) for e in chunk if e.ref_count > 0)
+        if images and state >= KV_OWNER0:  # one request's block: image colour (the owner stays the cell's number)
+            state = KV_IMAGE
         row, col = divmod(c, cols)
         z[row][col] = state + 0.5  # cell centre of its colour band
         first, last = chunk[0].block, chunk[-1].block
@@ -396,7 +408,8 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks", note: str | None
         who = ("requests " + ", ".join(map(str, owners))) if owners else KV_STATE_NAMES.get(state, "")
         refs = max(e.ref_count for e in chunk)
         cached = "<br>cached prefix" if any(e.cached for e in chunk) else ""
-        text[row][col] = f"{where}<br>{who}<br>ref_count {refs}{cached}"
+        image = f"<br>image features: {images} token(s)" if images else ""
+        text[row][col] = f"{where}<br>{who}<br>ref_count {refs}{cached}{image}"
         label[row][col] = ",".join(map(str, owners[:2])) if owners and cells <= 512 else ""
     fig = go.Figure(
         go.Heatmap(
@@ -407,7 +420,7 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks", note: str | None
             hovertemplate="%{customdata}<extra></extra>",
             colorscale=_discrete_colorscale(),
             zmin=0,
-            zmax=KV_OWNER0 + len(PALETTE),
+            zmax=KV_IMAGE + 1,
             showscale=False,
             xgap=1,
             ygap=1,
@@ -432,6 +445,16 @@ def kv_cache_figure(view: list, title: str = "KV cache blocks", note: str | None
             marker=dict(size=10, symbol="square", color=PALETTE[0]),
         )
     )
+    if image_blocks:
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=f"{KV_IMAGE_NAME} ({image_blocks})",
+                marker=dict(size=10, symbol="square", color=KV_IMAGE_COLOR),
+            )
+        )
     notes = [f"{total:,} blocks" + (f", one cell = {group} blocks" if group > 1 else "")]
     if n < total:
         notes.append(f"showing 0–{n - 1:,}; the later ones are free")

@@ -11,6 +11,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 
+from ui.images import image_requests
 from ui.plots import Series, series_from_stats
 from ui.summary import RequestResult
 
@@ -135,9 +136,11 @@ class Workload(StreamRuns):
         cancel: threading.Event | None = None,
         gap_s: float = 0.0,
         owner: str | None = None,
+        image=None,
     ) -> None:
         """`gap_s`: request i arrives i * gap_s seconds after the start (staggered arrivals). `owner`: who runs it
-        (the browser session): the engine schedules fairly across owners."""
+        (the browser session): the engine schedules fairly across owners. `image`: one image (checked, PIL) that
+        every request carries, for an image-text model (ui/images.py)."""
         self.engine = engine
         self.owner = owner
         self.params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -146,8 +149,14 @@ class Workload(StreamRuns):
         self.results = [
             RequestResult(i, p, max_new=getattr(self.params[i], "max_new_tokens", None)) for i, p in enumerate(prompts)
         ]
-        self._ids = [build_prompt_ids(engine.tokenizer, p, use_chat_template) for p in prompts]
-        self.prompt_lens = [len(ids) if ids else len(engine.tokenizer.encode(p)) for ids, p in zip(self._ids, prompts)]
+        self.image = image
+        if image is not None:  # the engine's processor makes the ids: the prompt goes as text with its placeholder
+            self._texts, self.prompt_lens = image_requests(engine, prompts, use_chat_template, image)
+            self._ids = [None] * len(prompts)
+        else:
+            self._ids = [build_prompt_ids(engine.tokenizer, p, use_chat_template) for p in prompts]
+            self._texts = list(prompts)
+            self.prompt_lens = [len(i) if i else len(engine.tokenizer.encode(p)) for i, p in zip(self._ids, prompts)]
         self._init_runs()
         self.since_step = engine.stats().num_steps - 1
         self.t0 = 0.0
@@ -160,8 +169,9 @@ class Workload(StreamRuns):
         return self
 
     def _open(self, i: int):
-        prompt = None if self._ids[i] else self.results[i].prompt
-        return self.engine.open_stream(prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner)
+        prompt = None if self._ids[i] else self._texts[i]
+        extra = {} if self.image is None else dict(images=[self.image])  # text requests: the call as before
+        return self.engine.open_stream(prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner, **extra)
 
     def _take(self, i: int, delta) -> None:
         res, out = self.results[i], delta.output

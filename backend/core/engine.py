@@ -383,6 +383,7 @@ class Engine:
             prefill_tokens,
             len(sampled),
             now - t0,
+            out.vision_s,
         )
         published = []
         for seq in sampled:

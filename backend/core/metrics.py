@@ -39,6 +39,7 @@ class StepStats:
     prefix_hit_blocks: int  # cumulative
     preemptions: int  # cumulative
     memory: MemorySnapshot
+    vision_s: float = 0.0  # seconds of `duration` the vision tower ran (image-text requests' first prefill)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +69,7 @@ class KVBlock:
     owners: list[int]  # ids of the running requests whose block table holds it
     ref_count: int
     cached: bool  # holds a full block published to the prefix cache (reusable after it is freed)
+    image_tokens: int = 0  # of its tokens, image placeholders (their KV comes from image features)
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,16 @@ def engine_stats(
 def kv_blocks(scheduler: Scheduler, allocator: BlockAllocator) -> list[KVBlock]:
     """One entry per KV block: owners (request ids), reference count, whether it holds a cached prefix."""
     owners: list[list[int]] = [[] for _ in range(allocator.num_blocks)]
+    image = [0] * allocator.num_blocks  # image placeholder tokens per block
     for seq in scheduler.running:
         for b in seq.block_table:
             owners[b].append(seq.seq_id)
+        if getattr(seq, "images", None) is not None:
+            for pos in seq.images.placeholder_positions.tolist():
+                if pos // allocator.block_size < len(seq.block_table):
+                    image[seq.block_table[pos // allocator.block_size]] += 1
     return [
-        KVBlock(b, owners[b], allocator.ref_count[b], allocator.block_hash[b] is not None)
+        KVBlock(b, owners[b], allocator.ref_count[b], allocator.block_hash[b] is not None, image[b])
         for b in range(allocator.num_blocks)
     ]
 
@@ -67,6 +72,7 @@ def step_stats(
     prefill_tokens: int,
     sampled: int,
     duration: float,
+    vision_s: float = 0.0,
 ) -> StepStats:
     """The StepStats of a step that just ran (recorded into `metrics`)."""
     alloc = scheduler.allocator
@@ -94,6 +100,7 @@ def step_stats(
             device,
             metrics.process,
         ),
+        vision_s=vision_s,
     )
     metrics.record(stats)
     return stats

@@ -40,7 +40,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> SampleOutput:
         """One forward pass over the batch; one sampled token per sequence whose step reaches its end, and the
         logprobs of the prompt tokens this step scores for requests that asked for prompt logprobs."""
-        ensure_image_features(self.model, batch.seqs)  # the vision tower, once per image-text request
+        vision_s = ensure_image_features(self.model, batch.seqs)  # the vision tower, once per image-text request
         fb = build_forward_batch(batch, self.kv_cache, self.device, self.attention)
         logits = self.model(fb)  # (R, V): prompt-scoring rows (if any) + one row per sequence that samples
         prompt_logprobs = score_prompts(batch, fb, logits)
@@ -48,13 +48,14 @@ class ModelRunner:
             logits = logits[fb.sample_rows]  # (S', V)
         rows = [seq for seq, s in zip(batch.seqs, batch.sample) if s]
         if not rows:
-            return SampleOutput([], None, None, prompt_logprobs)
+            return SampleOutput([], None, None, prompt_logprobs, vision_s=vision_s)
         params = [s.params for s in rows]
         penalized = any(p.penalized for p in params)
         prompts = [s.prompt_token_ids for s in rows] if penalized else None
         outputs = [s.output_token_ids for s in rows] if penalized else None
         out = sample(logits, params, [s.generator for s in rows], prompts, outputs)
         out.prompt_logprobs = prompt_logprobs
+        out.vision_s = vision_s
         return out
 
 

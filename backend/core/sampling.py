@@ -127,6 +127,7 @@ class SampleOutput:
     top_logprobs: list[TopLogprobs | None] | None
     prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # by seq_id
     errors: dict[int, str] = field(default_factory=dict)  # by row: that row's request failed (the cause)
+    vision_s: float = 0.0  # seconds the vision tower ran in this step (image-text requests' first prefill)
 
 
 def _top(logprobs: torch.Tensor, n: int) -> list[TopLogprobs]:  # (N, V) -> N lists of n (id, logprob)

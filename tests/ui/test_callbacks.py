@@ -69,7 +69,8 @@ def test_builtin_models_in_the_picker(ui_cache):
     assert defaults.resolve_choice("") == defaults.resolve_choice(defaults.DEFAULT_CHOICE) == defaults.DEFAULT_CHOICE
     assert defaults.resolve_choice("tiny:llama") == "tiny:llama" and (ui_cache / "config.json").exists()
     assert defaults.resolve_choice("org/model") == "org/model"
-    assert [c for _, c in defaults.builtin_choices()] == ["smollm2-135m-instruct", "tiny:trained", "tiny:llama"]
+    choices = [c for _, c in defaults.builtin_choices()]
+    assert choices == ["smollm2-135m-instruct", "tiny:trained", "tiny:llama", "tiny:llava"]
     assert "random weights" in defaults.label_for("tiny:llama") and "random weights" in defaults.label_for("tiny:qwen3")
     assert defaults.label_for("org/model") is None and defaults.label_for("tiny:nope") is None
     assert defaults.suggested_kv_mb(defaults.DEFAULT_CHOICE) == defaults.DEFAULT_KV_MB

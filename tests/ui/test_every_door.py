@@ -23,7 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignor
 SECRET = b"SECRET-7"  # the first 8 bytes of the outside checkpoint: a safetensors header length when read
 PATH_INPUTS = ("choice", "query")  # the inputs that name a model (or search for one)
 NO_PATH_INPUT = {  # endpoints that take no model name or path, and why
-    "/generate": "a prompt and sampling values; its endpoint URL is refused when hosted (ui/endpoint.py)",
+    "/generate": "a prompt and sampling values; its endpoint URL is refused when hosted (ui/endpoint.py); its image "
+    "is an upload (Gradio refuses a server path; tests/ui/test_image_door.py)",
+    "/image_prefill": "a prompt and an uploaded image on the loaded engine (tests/ui/test_image_door.py)",
     "/stop": "no input",
     "/stop_compare": "no input",
     "/stop_benchmark": "no input",

@@ -8,7 +8,7 @@ from dataclasses import replace
 import gradio as gr
 
 from backend.hosting import check_request
-from ui import compare
+from ui import compare, images
 from ui import endpoint as remote
 from ui.common import Panel, progress_adapter, session_key, visitor_key
 from ui.errors import status_errors
@@ -33,6 +33,15 @@ def warm_up(engine, ids: list[list[int]], owner: str) -> None:
 
     params = SamplingParams(max_new_tokens=compare.WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
     engine.generate(prompt_token_ids=[list(i) for i in ids], sampling_params=params, owner=owner)
+    engine.reset_prefix_cache()
+
+
+def warm_up_images(engine, texts: list[str], image, owner: str) -> None:
+    """warm_up() of image requests (`texts` with their placeholder, one `image` each): the vision tower too."""
+    from backend import SamplingParams
+
+    params = SamplingParams(max_new_tokens=compare.WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+    engine.generate(texts, params, owner=owner, images=[[image]] * len(texts))
     engine.reset_prefix_cache()
 
 
@@ -67,6 +76,7 @@ class CompareTab:
         step_tokens=None,
         b_endpoint="",
         b_api_key="",
+        image=None,
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
@@ -78,6 +88,9 @@ class CompareTab:
         from backend import SamplingParams
 
         state = self.state
+        image = images.checked_image(image)  # both sides get the same image and prompts
+        if (b_endpoint or "").strip():
+            images.refuse_endpoint_image(image)
         prompts = prompts_from(prompt, mode, copies)
         params = SamplingParams(max_new_tokens=max_new_value(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
         check_request(state.policy, max_new_tokens=params.max_new_tokens)
@@ -93,9 +106,13 @@ class CompareTab:
         key = session_key(request)
         state.refuse_if_others_run(key, "Comparing")
         with state.visitors.running(visitor_key(request, state.policy.hosted), len(prompts)):  # HostingError over cap
-            yield from self._run_compare(key, sides_to_run, prompts, params, bool(use_chat_template), progress, panel)
+            yield from self._run_compare(
+                key, sides_to_run, prompts, params, bool(use_chat_template), progress, panel, image
+            )
 
-    def _run_compare(self, key: str, sides_to_run, prompts, params, use_chat_template: bool, progress, panel: Panel):
+    def _run_compare(
+        self, key: str, sides_to_run, prompts, params, use_chat_template: bool, progress, panel: Panel, image=None
+    ):
         state = self.state
         previous = state.session.spec
         previous_holder = state.model_holder
@@ -128,12 +145,19 @@ class CompareTab:
                     label = compare.label(name, engine.model_impl, impl, quant)
                     decode = engine.tokenizer.decode
                     ids = prompt_ids(engine, prompts, use_chat_template)
-                    check_request(state.policy, prompt_tokens=max(map(len, ids), default=0))
+                    texts, lens = None, [len(i) for i in ids]
+                    if image is not None:  # the processor's lengths (placeholders expanded); a text model refuses
+                        texts, lens = images.image_requests(engine, prompts, use_chat_template, image)
+                    check_request(state.policy, prompt_tokens=max(lens, default=0))
                     yield (f"**Warming up** {label}: {compare.WARMUP_TOKENS} untimed tokens a request…",) + (skip,) * 7
-                    warm_up(engine, ids, key)
+                    if image is None:
+                        warm_up(engine, ids, key)
+                    else:
+                        warm_up_images(engine, texts, image, key)
                     warmed.append(name)
                     # made after the warm-up: the measured run's steps start here
-                    wl = Workload(engine, prompts, [params] * len(prompts), use_chat_template, handle.cancel, owner=key)
+                    each = [params] * len(prompts)
+                    wl = Workload(engine, prompts, each, use_chat_template, handle.cancel, owner=key, image=image)
                     for update in self._run_side(name, label, "", wl, handle, sides):
                         yield (update,) + compare.figures(sides) + (skip, skip, skip)
                 table, agree = compare.tables(sides, decode)

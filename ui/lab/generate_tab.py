@@ -9,7 +9,7 @@ import gradio as gr
 
 from backend.hosting import check_request
 from ui import endpoint as remote
-from ui import views
+from ui import images, views
 from ui.common import session_key, thin, visitor_key
 from ui.errors import status_errors
 from ui.lab import follow
@@ -82,11 +82,15 @@ class GenerateTab:
         gap_s=0.0,
         endpoint_url="",
         endpoint_key="",
+        image=None,
         request: gr.Request = None,
     ):
         """Yields (first output, outputs table, run status, throughput, TTFT, batch, memory, summary, KV view).
-        With `endpoint_url`, the target is that OpenAI-compatible endpoint instead of our engine (ui/endpoint.py)."""
+        With `endpoint_url`, the target is that OpenAI-compatible endpoint instead of our engine (ui/endpoint.py).
+        `image`: an uploaded image file every request carries (an image-text model; checked by ui/images.py)."""
+        image = images.checked_image(image)  # RequestError: too large, does not decode
         if (endpoint_url or "").strip():
+            images.refuse_endpoint_image(image)
             yield from self._generate_endpoint(
                 prompt, mode, copies, temperature, top_p, top_k, max_new, seed, ignore_eos, gap_s,
                 endpoint_url, endpoint_key, request,
@@ -100,7 +104,9 @@ class GenerateTab:
             gr.Warning("This tokenizer has no chat template: the prompt is sent as it is.")
         params = sampling_params(len(prompts), temperature, top_p, top_k, max_new, seed, ignore_eos)
         visitor = visitor_key(request, self.state.policy.hosted)  # the engine's owner and the caps' key
-        wl = Workload(engine, prompts, params, bool(use_chat_template), None, gap_s=float(gap_s or 0), owner=visitor)
+        wl = Workload(
+            engine, prompts, params, bool(use_chat_template), None, gap_s=float(gap_s or 0), owner=visitor, image=image
+        )
         check_request(self.state.policy, prompt_tokens=max(wl.prompt_lens, default=0))
         with self.state.visitors.running(visitor, len(prompts)):  # HostingError over the visitor's parallel cap
             yield from self._run_generate(engine, wl, session_key(request), max_new)

@@ -23,7 +23,7 @@ from ui.common import (
     SUMMARY_HEADERS,
     device_choices,
 )
-from ui.compare import AGREEMENT_WIDTHS, SUMMARY_WIDTHS
+from ui.compare import AGREEMENT_WIDTHS, DEFAULT_ROUNDS, KERNEL_CHOICES, ROUNDS, SUMMARY_WIDTHS
 from ui.inside import TRACE_HEADERS, TRACE_WIDTHS
 from ui.plots import (
     PLOT_MIN_WIDTH,
@@ -63,9 +63,10 @@ INTRO = {
     "compare": (
         "**What you are seeing.** The same greedy workload run twice, one engine at a time: e.g. our **native** "
         "modules against the HF modeling code with **our attention injected** (transformers). Greedy tokens "
-        "must agree token for token (the table at the bottom); the curves show what each costs. Each side is "
-        "loaded and warmed up (an untimed run) before it is measured; engine options come from the left panel, "
-        "and the lab's engine is loaded again afterwards."
+        "must agree token for token (the table at the bottom); the curves show what each costs. Both sides are "
+        "loaded and warmed up (an untimed run), then measured in **alternated rounds** (A, B, A, B, …): the table "
+        "shows each side's median round and the ratios B / A over the rounds. Engine options come from the left "
+        "panel; the lab's engine is loaded again afterwards."
     ),
     "benchmark": (
         "**What you are seeing.** Output tokens/s of our engine against transformers' own `generate()` (a "
@@ -88,6 +89,7 @@ KV_LEGEND = (
     "shared by several requests (prefix hit); green = free but still holding a cached prefix (reusable); "
     "light grey = free._"
 )
+KERNELS_INFO = "fused: our C++ kernels; torch: torch ops; auto: fused for bf16 on CPU"
 THEME = gr.themes.Soft(primary_hue="blue")
 GENERATE_CONCURRENCY = 8  # streams from several users share the engine's batch (continuous batching)
 COMPARE_PROMPT = "Once upon a time\nThe quick brown fox\nA paged KV cache splits memory into blocks."
@@ -278,9 +280,15 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             with gr.Column():
                                 a_impl = gr.Radio(IMPL_CHOICES, value="native", label="A: implementation")
                                 a_quant = gr.Dropdown(QUANT_CHOICES, value="as in checkpoint", label="A: quantization")
+                                a_kernels = gr.Radio(
+                                    KERNEL_CHOICES, value="auto", label="A: CPU kernels", info=KERNELS_INFO
+                                )
                             with gr.Column():
                                 b_impl = gr.Radio(IMPL_CHOICES, value="transformers", label="B: implementation")
                                 b_quant = gr.Dropdown(QUANT_CHOICES, value="as in checkpoint", label="B: quantization")
+                                b_kernels = gr.Radio(
+                                    KERNEL_CHOICES, value="auto", label="B: CPU kernels", info=KERNELS_INFO
+                                )
                         with gr.Accordion("B: an OpenAI-compatible endpoint instead", open=False):
                             with gr.Row():
                                 cmp_url = gr.Textbox(
@@ -302,6 +310,14 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 label="max new tokens (greedy)" + cap_note,
                             )
                             cmp_ignore_eos = gr.Checkbox(True, label="ignore EOS")
+                            cmp_rounds = gr.Slider(
+                                ROUNDS.low,
+                                ROUNDS.high,
+                                value=DEFAULT_ROUNDS,
+                                step=1,
+                                label="rounds (A, B alternated)",
+                                elem_id="flab-cmp-rounds",
+                            )
                         with gr.Row():
                             cmp_btn = gr.Button("Compare", variant="primary", elem_id="flab-compare")
                             cmp_stop = gr.Button("Stop", variant="stop")
@@ -500,6 +516,9 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             step_tokens,
             cmp_url,
             cmp_key,
+            cmp_rounds,
+            a_kernels,
+            b_kernels,
         ]
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
         cmp_btn.click(

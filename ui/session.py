@@ -41,6 +41,13 @@ class LoadSpec:
         opts = tuple(sorted((k, v) for k, v in options.items() if v is not None))
         return cls(model, model_impl, quantization, dtype, device, trust_remote_code, opts)
 
+    def with_options(self, **options) -> "LoadSpec":
+        """The same spec with these engine options set (None: removed)."""
+        merged = dict(self.options) | options
+        return LoadSpec.make(
+            self.model, self.model_impl, self.quantization, self.dtype, self.device, self.trust_remote_code, **merged
+        )
+
     def engine_kwargs(self) -> dict:
         return dict(
             model_impl=self.model_impl,
@@ -96,6 +103,11 @@ class Session:
         engine = self._factory(spec.model, progress=progress, **spec.engine_kwargs())
         self.engine, self.spec, self.load_seconds = engine, spec, time.perf_counter() - start
         return engine
+
+    def build_apart(self, spec: LoadSpec, progress: Callable | None = None):
+        """An engine of `spec` beside the one the session holds (Compare's second side, so both sides stay loaded
+        and alternate): the session neither keeps nor reuses it, the caller closes it."""
+        return self._factory(spec.model, progress=progress, **spec.engine_kwargs())
 
     def load_if_empty(self, spec: LoadSpec, progress: Callable | None = None) -> tuple[Any, bool]:
         """Load `spec` only when no engine is loaded (after any load in progress); else keep the current one."""

@@ -443,36 +443,66 @@ def test_preset_says_what_it_changes_and_restore_puts_the_panel_back(lab):
     assert "blocks × 16 tokens" in status and dict(lab.session.spec.options)["max_num_batched_tokens"] == 2048
 
 
-# --- issue 30: Compare warms both sides up before measuring them -------------------------------------------
+# --- issue 30: Compare warms both sides up, then alternates them ------------------------------------------
 
 
-def test_compare_warms_each_side_up_before_measuring_it(lab, monkeypatch):
+def test_compare_warms_both_sides_up_then_alternates_them(lab, monkeypatch):
+    """Both engines loaded and warmed up before any measured run; then rounds A, B, A, B (the order of the runs is
+    checked, never a time); the table's rates are medians over the rounds with B / A."""
     from ui import compare
     from ui.lab import compare_tab
 
-    warmed = []
-    real = compare_tab.warm_up
+    events = []
+    real_warm, real_workload = compare_tab.warm_up, compare_tab.Workload
 
-    def spy(engine, ids, owner):
-        real(engine, ids, owner)
+    def spy_warm(engine, ids, owner):
+        real_warm(engine, ids, owner)
         view = engine.kv_cache_view()
-        warmed.append((engine.model_impl, engine.stats().kv_blocks_used, sum(b.cached for b in view)))
+        events.append(("warm", engine.model_impl, engine.stats().kv_blocks_used, sum(b.cached for b in view)))
 
-    monkeypatch.setattr(compare_tab, "warm_up", spy)
-    updates = list(lab.compare_tab.compare(**COMPARE))
-    assert warmed == [("native", 0, 0), ("transformers", 0, 0)]  # done, and no cached prompt left to hit
+    def spy_workload(engine, *args, **kwargs):
+        events.append(("run", engine.model_impl, engine._closed))
+        return real_workload(engine, *args, **kwargs)
+
+    monkeypatch.setattr(compare_tab, "warm_up", spy_warm)
+    monkeypatch.setattr(compare_tab, "Workload", spy_workload)
+    updates = list(lab.compare_tab.compare(**COMPARE, rounds=2))
+    assert events == [
+        ("warm", "native", 0, 0),  # done, and no cached prompt left to hit
+        ("warm", "transformers", 0, 0),
+        ("run", "native", False),  # both engines stay loaded across the rounds
+        ("run", "transformers", False),
+        ("run", "native", False),
+        ("run", "transformers", False),
+    ]
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
-
-    def first(prefix: str) -> int:
-        return next(i for i, s in enumerate(statuses) if s.startswith(prefix))
-
-    assert first("**Warming up** A") < first("**Running** A") < first("**Warming up** B") < first("**Running** B")
+    running = [s.split(":")[0] + s[s.index("(round") :].split(")")[0] for s in statuses if s.startswith("**Running**")]
+    assert list(dict.fromkeys(running)) == [
+        "**Running** A(round 1 of 2",
+        "**Running** B(round 1 of 2",
+        "**Running** A(round 2 of 2",
+        "**Running** B(round 2 of 2",
+    ]
     status, thr, *_, table, agree, _ = updates[-1]
     assert min(x for t in thr.data for x in t.x) >= 0  # the measured runs' steps only, not the warm-ups'
-    assert "A and B loaded and warmed up first" in status and "measured in this order: A, then B" in status
+    assert "A and B loaded and warmed up first" in status and "2 alternated round(s): A, B, A, B" in status
     order = table[table["metric"] == compare.ORDER_ROW].iloc[0].tolist()
-    assert order[1:] == ["1st", "2nd"]
+    assert order[1:] == ["2: runs 1, 3", "2: runs 2, 4"]
+    ratio = table[table["metric"] == f"output tok/s (wall), {compare.RATIO_NOTE}"].iloc[0].tolist()
+    assert ratio[1].count("·") == 1 and "× A" in ratio[2]  # both rounds listed; B's median as a ratio to A's
     assert [row[2] for row in agree] == ["identical (10 tokens)"] * 2  # the warm-up changes no output
+    assert "rounds gave different" not in status  # greedy rounds repeat their tokens
+    assert lab.session.current().model_impl == "native" and not lab.session.current()._closed  # the lab's again
+
+
+def test_compare_order_and_rounds_are_checked():
+    from ui import compare
+
+    assert compare.run_order(["A", "B"], 3) == ["A", "B", "A", "B", "A", "B"]
+    assert compare.check_rounds(2.0) == 2
+    for bad in (0, 6, 1.5, None):
+        with pytest.raises(gr.Error, match="Rounds: .* outside the allowed range: an integer >= 1 and <= 5"):
+            compare.check_rounds(bad)
 
 
 # --- issue 30: the KV map after a run, the trace explained ----------------------------------------------------

@@ -140,6 +140,7 @@ def hub_module():
 
 
 BUILD_STAGES = {  # backend.loading.gguf.ConversionProgress stages, for people
+    "wait": "first use: waiting for another process to finish converting the model (it holds the cache's lock)…",
     "read": "first use: checking the GGUF file…",
     "tokenizer": "first use: converting the GGUF tokenizer (the slow part, ~20-60 s)…",
     "dequantize": "first use: dequantizing the GGUF weights…",

@@ -416,9 +416,14 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         estimate_inputs = [model, dtype, quant, kv_mb, max_len, max_batch]
 
         startup_outputs = [picker_note, model, load_status, describe_md, kv_plot] + load_inputs[1:]
-        demo.load(lab.page.startup, load_inputs, startup_outputs + [search_box, search_btn], api_name="startup").then(
-            lab.inside_tab.tree, None, tree_html, api_name=False
-        )
+        # no spinner on every panel control: the start-up load's one progress line is in the load status
+        demo.load(
+            lab.page.startup,
+            load_inputs,
+            startup_outputs + [search_box, search_btn],
+            api_name="startup",
+            show_progress="hidden",
+        ).then(lab.inside_tab.tree, None, tree_html, api_name=False)
         demo.load(lab.picker.estimate, estimate_inputs, estimate_md, api_name=False)
         gr.on(
             [search_btn.click, search_box.submit],

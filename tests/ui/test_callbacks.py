@@ -284,7 +284,7 @@ def test_bug2_the_panel_shows_the_loaded_engine(lab):
     lab.loader.load(**dict(LOAD_ARGS, impl="transformers", max_batch=8, kv_mb=2))
     spec = lab.session.spec
     # a page reload: the panel's defaults come in, the loaded engine's settings go out
-    out = lab.page.startup(**dict(LOAD_ARGS, impl="auto"))
+    *_, out = lab.page.startup(**dict(LOAD_ARGS, impl="auto"))
     assert out[1].value == defaults.RANDOM_CHOICE
     assert out[5:15] == ("transformers", "as in checkpoint", "float32", "cpu", 2, 16, 8, 0, False, 2048)
     assert lab.session.spec == spec

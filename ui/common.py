@@ -6,8 +6,7 @@ from dataclasses import astuple, dataclass
 
 import gradio as gr
 
-from backend.core.config import DTYPES, MODEL_IMPLS, Range, option_range
-from backend.core.errors import EngineError
+from backend.core.config import DTYPES, MODEL_IMPLS
 from backend.loading.gguf import ConversionProgress
 from backend.quantization import QUANTIZATION_METHODS
 from backend.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
@@ -38,57 +37,6 @@ SUMMARY_HEADERS = ["metric", "value"]
 AGREEMENT_HEADERS = ["request", "prompt", "greedy outputs", "first difference"]
 STEP_TOKENS = 2048  # EngineConfig.max_num_batched_tokens' default, shown in the panel
 LOAD_WAIT_S = 600.0  # Generate waits this long for a model that is still loading
-
-
-@dataclass(frozen=True)
-class PanelNumber:
-    """A number box of the Model panel: its label, the EngineConfig option it sets (and the factor from the box's
-    unit to the option's), and whether 0 means "the engine's default" (automatic)."""
-
-    label: str
-    option: str
-    scale: float = 1.0
-    zero_is_auto: str | None = None  # what 0 means, e.g. "automatic"
-
-    def allowed(self) -> Range:
-        """The option's declared range (backend/core/config.py) in the box's unit."""
-        r = option_range(self.option)
-        return Range(r.low / self.scale, r.high / self.scale, r.integer and self.scale == 1, r.low_open)
-
-    def info(self) -> str:
-        r = self.allowed()
-        auto = f"0 = {self.zero_is_auto}; else " if self.zero_is_auto else ""
-        return f"{auto}{'>' if r.low_open else ''}{r.low:g} to {r.high:g}"
-
-    def check(self, value) -> None:
-        """EngineError naming the box, the value and the range, once (also for a value Gradio let through)."""
-        if self.zero_is_auto and value in (None, "", 0):
-            return
-        r = self.allowed()
-        number = value
-        if r.integer and isinstance(value, float) and value.is_integer():
-            number = int(value)
-        if not r.contains(number):
-            auto = f"0 ({self.zero_is_auto}) or " if self.zero_is_auto else ""
-            raise EngineError(f"{self.label}: {value!r:.40} is outside the allowed range: {auto}{r.describe()}")
-
-
-PANEL_NUMBERS = {  # the Model panel's number boxes by their Panel field; their ranges are EngineConfig's
-    "kv_mb": PanelNumber("KV cache budget (MB)", "kv_cache_memory_gb", scale=1 / 1024, zero_is_auto="automatic"),
-    "max_len": PanelNumber("Max context", "max_model_len", zero_is_auto="the model's own"),
-    "max_batch": PanelNumber("Max batch", "max_num_seqs"),
-    "step_tokens": PanelNumber("Token budget per step", "max_num_batched_tokens"),
-    "block_size": PanelNumber("Block size", "block_size"),
-}
-
-
-def check_panel_numbers(panel) -> None:
-    """Every number of the Model panel against its one range, before anything else looks at the panel."""
-    for name, box in PANEL_NUMBERS.items():
-        value = getattr(panel, name)
-        if name == "step_tokens" and value in (None, ""):
-            continue  # not given: the engine's default
-        box.check(value)
 
 
 def quantization_value(label: str | None) -> str | None:

@@ -28,7 +28,7 @@ AGREEMENT_WIDTHS = column_widths(
     AGREEMENT_HEADERS, {"prompt": "22%", "greedy outputs": "28%", "first difference": "32%"}
 )
 WARMUP_TOKENS = 4  # new tokens a request in a side's untimed warm-up run
-ROUNDS = Range(1, 5)  # measured rounds per side (the Compare tab's slider and its check)
+ROUNDS = Range(1, 5)  # measured rounds per side (ui/numbers.py: the Compare tab's slider and its check)
 DEFAULT_ROUNDS = 2
 ORDER_ROW = "measured rounds (A, B alternated)"
 RATIO_NOTE = "median of rounds"
@@ -82,14 +82,6 @@ class SideSettings:
     impl: str
     quant: object  # the panel's quantization choice (a RemoteEndpoint for an endpoint side)
     kernels: str = "auto"
-
-
-def check_rounds(value) -> int:
-    """The rounds slider against ROUNDS (gr.Error naming the field, the value and what is allowed)."""
-    number = int(value) if isinstance(value, float) and value.is_integer() else value
-    if not ROUNDS.contains(number):
-        raise gr.Error(f"Rounds: {value!r:.40} is outside the allowed range: {ROUNDS.describe()}", title="Rounds")
-    return int(number)
 
 
 def run_order(names: list[str], rounds: int) -> list[str]:

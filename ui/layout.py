@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import gradio as gr
 
 from backend.hosting.remote_code import remote_code_status
-from ui import defaults
-from ui.benchmark import MAX_REPEAT, MAX_REQUESTS, SYSTEM_CHOICES, WORKLOAD_CHOICES
+from ui import defaults, numbers
+from ui.benchmark import SYSTEM_CHOICES, WORKLOAD_CHOICES
 from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
 from ui.benchmark import TABLE_WIDTHS as BENCH_WIDTHS
 from ui.callbacks import Lab
@@ -18,13 +19,13 @@ from ui.common import (
     DTYPE_CHOICES,
     IMPL_CHOICES,
     MODE_CHOICES,
-    PANEL_NUMBERS,
     QUANT_CHOICES,
     SUMMARY_HEADERS,
     device_choices,
 )
-from ui.compare import AGREEMENT_WIDTHS, DEFAULT_ROUNDS, KERNEL_CHOICES, ROUNDS, SUMMARY_WIDTHS
+from ui.compare import AGREEMENT_WIDTHS, DEFAULT_ROUNDS, KERNEL_CHOICES, SUMMARY_WIDTHS
 from ui.inside import TRACE_HEADERS, TRACE_WIDTHS
+from ui.numbers import PANEL_NUMBERS, RUN_NUMBERS
 from ui.plots import (
     PLOT_MIN_WIDTH,
     batch_figure,
@@ -109,7 +110,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         lab.host_model = defaults.resolve_choice(default_model)
     policy = lab.policy
     host = lab.host_panel()  # the host's model and engine settings: what the app loads at start-up
-    max_copies = min(32, policy.max_parallel_per_visitor or 32)
+    copies_field = RUN_NUMBERS["copies"]
+    if policy.max_parallel_per_visitor:  # the host's cap narrows the slider; the run's check says the cap
+        copies_field = replace(copies_field, allowed=replace(copies_field.allowed, high=min(
+            copies_field.maximum, policy.max_parallel_per_visitor)))  # fmt: skip
+    max_copies = copies_field.maximum
     # the cap is said in the label and checked by the callback (a status line naming the cap), not by the
     # component's maximum (Gradio's own error would mark every output)
     cap_note = f" (at most {policy.max_new_tokens} here)" if policy.max_new_tokens is not None else ""
@@ -162,29 +167,23 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         device = gr.Dropdown(device_choices(), value=host.device, label="Device")
                         block_size = gr.Dropdown(BLOCK_SIZES, value=host.block_size, label="Block size (tokens)")
                     with gr.Row():
-                        # no minimum / maximum on the boxes: the load's own check names the box, the value and
-                        # the range (EngineConfig's, ui/common.PANEL_NUMBERS), where Gradio's would not
-                        kv_mb = gr.Number(
-                            value=host.kv_mb,
-                            label="KV cache budget (MB, 0 = auto)",
-                            info=PANEL_NUMBERS["kv_mb"].info(),
+                        # bounds from EngineConfig's ranges (ui/numbers.py); the load's own check names the box,
+                        # the value and the range, where Gradio's would not
+                        kv_mb = numbers.number(
+                            PANEL_NUMBERS["kv_mb"], host.kv_mb, label="KV cache budget (MB, 0 = auto)"
                         )
-                        max_len = gr.Number(
-                            value=host.max_len,
-                            precision=0,
-                            label="Max context (0 = model's)",
-                            info=PANEL_NUMBERS["max_len"].info(),
+                        max_len = numbers.number(
+                            PANEL_NUMBERS["max_len"], host.max_len, label="Max context (0 = model's)"
                         )
                     with gr.Row():
-                        max_batch = gr.Slider(
-                            1, 64, value=host.max_batch, step=1, label="Max batch (sequences per step)"
+                        max_batch = numbers.slider(
+                            PANEL_NUMBERS["max_batch"], host.max_batch, label="Max batch (sequences per step)"
                         )
-                        step_tokens = gr.Number(
-                            value=host.step_tokens,
-                            precision=0,
+                        step_tokens = numbers.number(
+                            PANEL_NUMBERS["step_tokens"],
+                            host.step_tokens,
+                            info="longer prompts are prefilled in chunks of this size",
                             label="Token budget per step",
-                            info="longer prompts are prefilled in chunks of this size; "
-                            + PANEL_NUMBERS["step_tokens"].info(),
                         )
                     trust = gr.Checkbox(
                         policy.allow_remote_code,
@@ -221,24 +220,28 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 label="Parallel requests",
                                 elem_id="flab-mode",
                             )
-                            copies = gr.Slider(
-                                1, max_copies, value=min(4, max_copies), step=1, label="copies", elem_id="flab-copies"
+                            copies = numbers.slider(
+                                copies_field, min(4, max_copies), label="copies", elem_id="flab-copies"
                             )
                             chat = gr.Checkbox(True, label="apply chat template (when the tokenizer has one)")
                         with gr.Accordion("Sampling", open=False):
                             with gr.Row():
-                                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0 = greedy)")
-                                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
-                                top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
+                                temperature = numbers.slider(
+                                    RUN_NUMBERS["temperature"], 0.7, step=0.05, label="temperature (0 = greedy)"
+                                )
+                                top_p = numbers.slider(RUN_NUMBERS["top_p"], 1.0, step=0.05, label="top-p")
+                                top_k = numbers.slider(RUN_NUMBERS["top_k"], 0, label="top-k (0 = off)")
                             with gr.Row():
-                                max_new = gr.Number(
+                                max_new = numbers.number(
+                                    RUN_NUMBERS["max_new"],
                                     min(64, policy.max_new_tokens or 64),
-                                    precision=0,
                                     label="max new tokens" + cap_note,
                                     elem_id="flab-max-new",
                                 )
-                                gap = gr.Slider(0, 2, value=0, step=0.05, label="arrival gap (s between requests)")
-                                seed = gr.Number(0, precision=0, label="seed (-1 = random)")
+                                gap = numbers.slider(
+                                    RUN_NUMBERS["gap_s"], 0, step=0.05, label="arrival gap (s between requests)"
+                                )
+                                seed = numbers.number(RUN_NUMBERS["seed"], 0, label="seed (-1 = random)")
                                 ignore_eos = gr.Checkbox(False, label="ignore EOS (always max new tokens)")
                         with gr.Accordion("Target: an OpenAI-compatible endpoint instead of our engine", open=False):
                             with gr.Row():
@@ -303,18 +306,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         cmp_prompt = gr.Textbox(COMPARE_PROMPT, lines=3, label="Workload prompt(s)")
                         with gr.Row():
                             cmp_mode = gr.Radio(MODE_CHOICES, value="lines", label="Parallel requests")
-                            cmp_copies = gr.Slider(1, max_copies, value=min(2, max_copies), step=1, label="copies")
-                            cmp_max_new = gr.Number(
+                            cmp_copies = numbers.slider(copies_field, min(2, max_copies), label="copies")
+                            cmp_max_new = numbers.number(
+                                RUN_NUMBERS["max_new"],
                                 min(32, policy.max_new_tokens or 32),
-                                precision=0,
                                 label="max new tokens (greedy)" + cap_note,
                             )
                             cmp_ignore_eos = gr.Checkbox(True, label="ignore EOS")
-                            cmp_rounds = gr.Slider(
-                                ROUNDS.low,
-                                ROUNDS.high,
-                                value=DEFAULT_ROUNDS,
-                                step=1,
+                            cmp_rounds = numbers.slider(
+                                RUN_NUMBERS["rounds"],
+                                DEFAULT_ROUNDS,
                                 label="rounds (A, B alternated)",
                                 elem_id="flab-cmp-rounds",
                             )
@@ -357,15 +358,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 SYSTEM_CHOICES, value=[v for _, v in SYSTEM_CHOICES], label="Systems"
                             )
                         with gr.Row():
-                            bench_n = gr.Slider(
-                                1, MAX_REQUESTS, value=16, step=1, label="requests (throughput and shared prefix)"
+                            bench_n = numbers.slider(
+                                RUN_NUMBERS["num_requests"], 16, label="requests (throughput and shared prefix)"
                             )
-                            bench_repeat = gr.Slider(
-                                1,
-                                MAX_REPEAT,
-                                value=1,
-                                step=1,
-                                label="repeats (round robin; the median run is reported)",
+                            bench_repeat = numbers.slider(
+                                RUN_NUMBERS["repeat"], 1, label="repeats (round robin; the median run is reported)"
                             )
                         with gr.Row():
                             bench_btn = gr.Button(

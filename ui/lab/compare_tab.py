@@ -15,8 +15,9 @@ from ui.common import Panel, describe, progress_adapter, session_key, visitor_ke
 from ui.errors import status_errors
 from ui.lab import follow
 from ui.lab.loading import Loader
-from ui.lab.run_inputs import max_new_value, prompts_from
+from ui.lab.run_inputs import prompts_from
 from ui.lab.state import LabState
+from ui.numbers import check_panel_numbers, checked
 from ui.session import LoadSpec, RunHandle
 from ui.workload import Workload, build_prompt_ids
 
@@ -84,9 +85,10 @@ class CompareTab:
         from backend import SamplingParams
 
         state = self.state
-        rounds = compare.check_rounds(rounds)
-        prompts = prompts_from(prompt, mode, copies)
-        params = SamplingParams(max_new_tokens=max_new_value(max_new), temperature=0.0, ignore_eos=bool(ignore_eos))
+        runs = checked(copies=copies, max_new=max_new, rounds=rounds)  # every number first (ui/numbers.py)
+        rounds = runs["rounds"]
+        prompts = prompts_from(prompt, mode, runs["copies"])
+        params = SamplingParams(max_new_tokens=runs["max_new"], temperature=0.0, ignore_eos=bool(ignore_eos))
         check_request(state.policy, max_new_tokens=params.max_new_tokens)
         if (b_endpoint or "").strip():  # checked (host policy, it answers) before A loads anything
             a = compare.settings(a_impl, a_quant, "endpoint", "", a_kernels, "auto")[0]
@@ -98,6 +100,7 @@ class CompareTab:
             sides_to_run = compare.settings(a_impl, a_quant, b_impl, b_quant, a_kernels, b_kernels)
         panel = Panel(choice, a_impl, a_quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code,
                       step_tokens)  # fmt: skip
+        check_panel_numbers(panel)
         key = session_key(request)
         state.refuse_if_others_run(key, "Comparing")
         with state.visitors.running(visitor_key(request, state.policy.hosted), len(prompts)):  # HostingError over cap

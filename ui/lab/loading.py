@@ -17,7 +17,6 @@ from backend.hosting import (
 from ui import defaults, views
 from ui.common import (
     Panel,
-    check_panel_numbers,
     describe,
     kv_gb_value,
     max_len_value,
@@ -28,6 +27,7 @@ from ui.common import (
 )
 from ui.errors import error_status, to_gr_error
 from ui.lab.state import LabState
+from ui.numbers import check_panel_numbers
 from ui.plots import kv_cache_figure
 from ui.session import LoadSpec
 

@@ -547,3 +547,40 @@ def test_the_default_generate_run_shows_a_batch_of_different_requests(lab):
     assert "one batch" in by_id["flab-prompt"].info  # said next to the box
     *_, last = lab.generate_tab.generate(**dict(GEN, prompt=prompt, mode=mode, copies=copies, ignore_eos=False))
     assert len(last[1]) == len(prompts) and len({row[5] for row in last[1]}) == len(prompts)  # different outputs
+
+
+# --- issue 29: the CPU kernel path as a Compare setting and in the Inside view --------------------------------
+
+
+def test_compare_torch_ops_against_fused_kernels(lab):
+    """The same implementation on both sides, torch ops (A) against our C++ kernels (B): the labels say which path
+    ran, and fp32 greedy tokens agree token for token."""
+    args = dict(COMPARE, a_impl="native", b_impl="native", a_kernels="torch", b_kernels="fused")
+    status, *_, table, agree, _ = list(lab.compare_tab.compare(**args, rounds=1))[-1]
+    engine_ran = "fused" if "B: native · no quant · fused kernels" in table.columns else "torch"
+    assert "A: native · no quant · torch kernels" in table.columns, list(table.columns)
+    assert "B: native · no quant · " + engine_ran + " kernels" in table.columns
+    assert "agree token for token" in status, (status, agree)
+    (status, *_), *_ = list(lab.compare_tab.compare(**dict(args, b_kernels="torch")))
+    assert "A and B are the same settings" in status
+
+
+def test_trace_names_the_kernel_path_that_ran(lab):
+    from types import SimpleNamespace
+
+    from ui import kernel_path
+
+    spec = lab.session.spec
+    lab.session.load(spec.with_options(cpu_kernels="fused"))
+    info = lab.session.current().describe()
+    summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
+    assert f"`cpu_kernels` → **{info['cpu_kernels']}**" in summary
+    if info["cpu_kernels"] == "fused":  # the kernels build on this machine
+        assert "torch paged attention (a step with prefill" in summary and "our fused RMSNorm" in summary
+    lab.session.load(spec.with_options(cpu_kernels="torch"))
+    summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
+    assert "`cpu_kernels` → **torch** (cpu_kernels='torch')" in summary
+    decode = SimpleNamespace(module_class="FusedPagedAttention", num_prefill=0, num_tokens=2)
+    assert kernel_path.attention_path(decode) == "our C++ paged decode kernel (decode-only step)"
+    text = kernel_path.kernel_path_markdown({"cpu_kernels": "fused"}, [decode])
+    assert "our C++ GEMV (2 token rows" in text

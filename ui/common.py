@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
-
 import gradio as gr
 
 from backend.core.config import DTYPES, MODEL_IMPLS
@@ -35,7 +33,6 @@ BLOCK_SIZES = [8, 16, 32, 64, 128]
 MODE_CHOICES = [("copies of the prompt", "copies"), ("one prompt per line", "lines")]
 SUMMARY_HEADERS = ["metric", "value"]
 AGREEMENT_HEADERS = ["request", "prompt", "greedy outputs", "first difference"]
-STEP_TOKENS = 2048  # EngineConfig.max_num_batched_tokens' default, shown in the panel
 LOAD_WAIT_S = 600.0  # Generate waits this long for a model that is still loading
 
 
@@ -43,16 +40,6 @@ def quantization_value(label: str | None) -> str | None:
     """UI label -> Engine(quantization=...). 'as in checkpoint' and 'none' are both None: the engine loads a
     full-precision checkpoint unquantized and a pre-quantized checkpoint as it is (it cannot dequantize)."""
     return None if label in (None, "", "as in checkpoint", "none") else label
-
-
-def max_len_value(max_len) -> int | None:
-    """The 'Max context' number -> Engine(max_model_len=...): 0 or empty means the model's own context."""
-    return int(max_len) if max_len and max_len > 0 else None
-
-
-def kv_gb_value(kv_mb) -> float | None:
-    """The 'KV cache MiB' number -> Engine(kv_cache_memory_gb=...): 0 or empty means sized automatically."""
-    return float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None
 
 
 def device_choices() -> list[str]:
@@ -137,57 +124,6 @@ def thin(series: Series, max_points: int = 1500) -> Series:
         return series
     k = -(-n // max_points)
     return Series(**{name: values[::k] for name, values in vars(series).items()})
-
-
-@dataclass(frozen=True)
-class Panel:
-    """The Model panel's values, in the order of the layout's `load_inputs`: what to load (ui/lab/loading.py
-    turns them into a LoadSpec after the host's checks)."""
-
-    choice: str
-    impl: str
-    quant: str
-    dtype: str
-    device: str
-    kv_mb: float
-    block_size: int
-    max_batch: int
-    max_len: float
-    trust_remote_code: bool = False
-    step_tokens: int | None = None
-
-    def values(self) -> tuple:
-        """The values in the panel's order (the page-load outputs)."""
-        return astuple(self)
-
-
-def host_panel(choice: str, allow_remote_code: bool = False) -> Panel:
-    """The Model panel's values when a page opens: the host's model with the host's engine settings (what the app
-    loads at start-up and what the panel's components show first)."""
-    from ui import defaults
-
-    return Panel(choice, "auto", "as in checkpoint", "auto", "auto", defaults.suggested_kv_mb(choice), 16, 16, 0,
-                 allow_remote_code, STEP_TOKENS)  # fmt: skip
-
-
-def panel_values(spec) -> Panel:
-    """A LoadSpec -> what the left panel shows for the engine that is loaded (a built-in model by its name, as
-    the picker names it)."""
-    opts = dict(spec.options)
-    kv_gb = opts.get("kv_cache_memory_gb")
-    return Panel(
-        spec.model,
-        spec.model_impl,
-        spec.quantization or "as in checkpoint",
-        spec.dtype,
-        spec.device,
-        round(kv_gb * 1024, 3) if kv_gb else 0,
-        opts.get("block_size", 16),
-        opts.get("max_num_seqs", 16),
-        opts.get("max_model_len") or 0,
-        spec.trust_remote_code,
-        opts.get("max_num_batched_tokens", STEP_TOKENS),
-    )
 
 
 def validate_spec(spec) -> None:

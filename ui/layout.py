@@ -8,24 +8,22 @@ from dataclasses import replace
 import gradio as gr
 
 from backend.hosting.remote_code import remote_code_status
-from ui import defaults, numbers
+from ui import defaults, numbers, panel
 from ui.benchmark import SYSTEM_CHOICES, WORKLOAD_CHOICES
 from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
 from ui.benchmark import TABLE_WIDTHS as BENCH_WIDTHS
 from ui.callbacks import Lab
 from ui.common import (
     AGREEMENT_HEADERS,
-    BLOCK_SIZES,
-    DTYPE_CHOICES,
     IMPL_CHOICES,
     MODE_CHOICES,
     QUANT_CHOICES,
     SUMMARY_HEADERS,
-    device_choices,
 )
 from ui.compare import AGREEMENT_WIDTHS, DEFAULT_ROUNDS, KERNEL_CHOICES, SUMMARY_WIDTHS
 from ui.inside import TRACE_HEADERS, TRACE_WIDTHS
-from ui.numbers import PANEL_NUMBERS, RUN_NUMBERS
+from ui.numbers import RUN_NUMBERS
+from ui.panel import KERNELS_INFO
 from ui.plots import (
     PLOT_MIN_WIDTH,
     batch_figure,
@@ -90,7 +88,6 @@ KV_LEGEND = (
     "shared by several requests (prefix hit); green = free but still holding a cached prefix (reusable); "
     "light grey = free._"
 )
-KERNELS_INFO = "fused: our C++ kernels; torch: torch ops; auto: fused for bf16 on CPU"
 THEME = gr.themes.Soft(primary_hue="blue")
 GENERATE_CONCURRENCY = 8  # streams from several users share the engine's batch (continuous batching)
 COMPARE_PROMPT = "Once upon a time\nThe quick brown fox\nA paged KV cache splits memory into blocks."
@@ -154,44 +151,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                     )
                     estimate_md = gr.Markdown(elem_classes="flab-status")
                 with gr.Accordion("Engine", open=True):
-                    impl = gr.Radio(
-                        IMPL_CHOICES,
-                        value=host.impl,
-                        label="Implementation",
-                        info="auto = native when there is one, else the transformers fallback",
-                    )
-                    with gr.Row():
-                        quant = gr.Dropdown(QUANT_CHOICES, value=host.quant, label="Quantization")
-                        dtype = gr.Dropdown(DTYPE_CHOICES, value=host.dtype, label="dtype")
-                    with gr.Row():
-                        device = gr.Dropdown(device_choices(), value=host.device, label="Device")
-                        block_size = gr.Dropdown(BLOCK_SIZES, value=host.block_size, label="Block size (tokens)")
-                    with gr.Row():
-                        # bounds from EngineConfig's ranges (ui/numbers.py); the load's own check names the box,
-                        # the value and the range, where Gradio's would not
-                        kv_mb = numbers.number(
-                            PANEL_NUMBERS["kv_mb"], host.kv_mb, label="KV cache budget (MB, 0 = auto)"
-                        )
-                        max_len = numbers.number(
-                            PANEL_NUMBERS["max_len"], host.max_len, label="Max context (0 = model's)"
-                        )
-                    with gr.Row():
-                        max_batch = numbers.slider(
-                            PANEL_NUMBERS["max_batch"], host.max_batch, label="Max batch (sequences per step)"
-                        )
-                        step_tokens = numbers.number(
-                            PANEL_NUMBERS["step_tokens"],
-                            host.step_tokens,
-                            info="longer prompts are prefilled in chunks of this size",
-                            label="Token budget per step",
-                        )
-                    trust = gr.Checkbox(
-                        policy.allow_remote_code,
+                    # one control per EngineConfig option marked for the app (ui/panel.py: kind, choices, range,
+                    # default and help from the declaration); the load's own check names a box, its value and range
+                    remote_code = dict(
                         label=remote_code_status(policy),
                         info="set by whoever runs the app (--allow-remote-code), not from this page",
                         interactive=False,
                         elem_id="flab-remote-code",
                     )
+                    controls = panel.build_controls(host, {"trust_remote_code": remote_code})
+                    c = controls  # the panel's controls by option name
                     load_btn = gr.Button("Load", variant="primary")
                 with gr.Accordion("This host", open=policy.hosted):
                     gr.Markdown("\n".join(f"- {line}" for line in policy.summary()), elem_id="flab-host-policy")
@@ -409,15 +378,18 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             describe_md = gr.Markdown(elem_id="flab-describe")
                         timer = gr.Timer(1.0, active=False)
 
-        load_inputs = [model, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust, step_tokens]
-        estimate_inputs = [model, dtype, quant, kv_mb, max_len, max_batch]
+        # the panel's values go to the callbacks as keyword arguments by option name (Gradio's inputs_kwargs)
+        panel_inputs = dict(inputs=[model], inputs_kwargs=controls)
+        kv_mb, max_len, max_batch = c["kv_cache_memory_gb"], c["max_model_len"], c["max_num_seqs"]
+        estimate_inputs = [model, c["dtype"], c["quantization"], kv_mb, max_len, max_batch]
 
-        startup_outputs = [picker_note, model, load_status, describe_md, kv_plot] + load_inputs[1:]
+        startup_outputs = [picker_note, model, load_status, describe_md, kv_plot]
+        startup_outputs += [controls[name] for name in panel.app_options()]  # Panel.values()' order
         # no spinner on every panel control: the start-up load's one progress line is in the load status
         demo.load(
             lab.page.startup,
-            load_inputs,
-            startup_outputs + [search_box, search_btn],
+            **panel_inputs,
+            outputs=startup_outputs + [search_box, search_btn],
             api_name="startup",
             show_progress="hidden",
         ).then(lab.inside_tab.tree, None, tree_html, api_name=False)
@@ -432,7 +404,14 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         search_results.select(lab.picker.pick_search_result, None, model, api_name=False)
         model.input(lab.picker.suggest_kv_mb, model, kv_mb, api_name=False)  # a user's pick, not the page-load restore
         gr.on(
-            [model.change, dtype.change, quant.change, kv_mb.change, max_len.change, max_batch.release],
+            [
+                model.change,
+                c["dtype"].change,
+                c["quantization"].change,
+                kv_mb.change,
+                max_len.change,
+                max_batch.release,
+            ],
             lab.picker.estimate,
             estimate_inputs,
             estimate_md,
@@ -441,8 +420,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         )
         load_btn.click(
             lab.loader.load,
-            load_inputs,
-            [load_status, describe_md, kv_plot],
+            **panel_inputs,
+            outputs=[load_status, describe_md, kv_plot],
             api_name="load",
             concurrency_id="engine",
             concurrency_limit=1,
@@ -460,7 +439,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             concurrency_limit=GENERATE_CONCURRENCY,
         )
         stop_btn.click(lab.stop, None, run_status, api_name="stop", concurrency_limit=None)
-        preset_settings = [kv_mb, max_batch, step_tokens, max_len, max_new, temperature, ignore_eos, gap, chat]
+        preset_settings = [kv_mb, max_batch, c["max_num_batched_tokens"], max_len]
+        preset_settings += [max_new, temperature, ignore_eos, gap, chat]
         preset_saved = gr.State(None)  # while a preset runs: the panel's settings before it (ui/presets.py PresetRun)
         preset_outputs = preset_settings + [prompt, mode, copies, run_status, preset_saved]
         for key, btn in preset_btns.items():
@@ -471,8 +451,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                 api_name=f"preset_{key}",
             ).then(
                 lab.loader.load,
-                load_inputs,
-                [load_status, describe_md, kv_plot],
+                **panel_inputs,
+                outputs=[load_status, describe_md, kv_plot],
                 api_name=False,
                 concurrency_id="engine",
                 concurrency_limit=1,
@@ -489,8 +469,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                 api_name=False,
             ).then(
                 lab.presets.reload,
-                load_inputs,
-                [load_status, describe_md],
+                **panel_inputs,
+                outputs=[load_status, describe_md],
                 api_name=False,
                 concurrency_id="engine",
                 concurrency_limit=1,
@@ -502,20 +482,12 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             a_quant,
             b_impl,
             b_quant,
-            dtype,
-            device,
-            kv_mb,
-            block_size,
-            max_batch,
-            max_len,
             cmp_prompt,
             chat,
             cmp_mode,
             cmp_copies,
             cmp_max_new,
             cmp_ignore_eos,
-            trust,
-            step_tokens,
             cmp_url,
             cmp_key,
             cmp_rounds,
@@ -525,8 +497,9 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
         cmp_btn.click(
             lab.compare_tab.compare,
-            cmp_inputs,
-            cmp_outputs,
+            inputs=cmp_inputs,
+            inputs_kwargs=controls,
+            outputs=cmp_outputs,
             api_name="compare",
             concurrency_id="engine",
             concurrency_limit=1,
@@ -535,11 +508,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
 
         bench_inputs = [
             model,
-            dtype,
-            device,
-            quant,
+            c["dtype"],
+            c["device"],
+            c["quantization"],
             max_len,
-            trust,
+            c["trust_remote_code"],
             bench_workloads,
             bench_systems,
             bench_n,

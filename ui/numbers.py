@@ -1,7 +1,7 @@
 """Every number the app takes, with its one range: the control reads its bounds from here and the callback checks
 the value against the same range before anything runs (an error names the field, the value and what is allowed,
-once). The Model panel's numbers take their ranges from EngineConfig's declarations (backend/core/config.py,
-`option_range`); the run's numbers (copies, sampling, rounds, the benchmark's counts) are declared here.
+once). The Model panel's numbers take their ranges from EngineConfig's declarations (ui/panel.py's PANEL_NUMBERS,
+`NumberField.for_option`); the run's numbers (copies, sampling, rounds, the benchmark's counts) are declared here.
 
 The controls are Gradio's Slider / Number with Gradio's own bound check left out (`slider`, `number`): its message
 names no field, and ours runs first in every callback instead, at every door (browser or API).
@@ -106,15 +106,6 @@ def number(field: NumberField, value, info: str | None = None, **kwargs) -> gr.N
     return _checked_by_us(box)
 
 
-PANEL_NUMBERS = {  # the Model panel's number boxes by their Panel field; their ranges are EngineConfig's
-    "kv_mb": NumberField.for_option(
-        "KV cache budget (MB)", "kv_cache_memory_gb", scale=1 / 1024, zero_is_auto="automatic"
-    ),
-    "max_len": NumberField.for_option("Max context", "max_model_len", zero_is_auto="the model's own"),
-    "max_batch": NumberField.for_option("Max batch", "max_num_seqs", high=256),  # a slider: 256 stays usable
-    "step_tokens": NumberField.for_option("Token budget per step", "max_num_batched_tokens"),
-    "block_size": NumberField.for_option("Block size", "block_size"),
-}
 RUN_NUMBERS = {  # the runs' numbers, by the callback parameter they arrive as
     "copies": NumberField("copies", Range(1, 32)),
     "max_new": NumberField("max new tokens", Range(1, option_range("max_model_len").high)),
@@ -127,15 +118,6 @@ RUN_NUMBERS = {  # the runs' numbers, by the callback parameter they arrive as
     "num_requests": NumberField("requests", Range(1, MAX_REQUESTS)),
     "repeat": NumberField("repeats", Range(1, MAX_REPEAT)),
 }
-
-
-def check_panel_numbers(panel) -> None:
-    """Every number of the Model panel against its one range, before anything else looks at the panel."""
-    for name, box in PANEL_NUMBERS.items():
-        value = getattr(panel, name)
-        if name == "step_tokens" and value in (None, ""):
-            continue  # not given: the engine's default
-        box.check(value)
 
 
 def checked(**values) -> dict:

@@ -19,34 +19,30 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadSpec:
+    """What to load: the model and the engine options (EngineConfig's names; an option not set keeps the engine's
+    default, the five below are filled from EngineConfig's defaults)."""
+
     model: str  # a local folder or a Hub id (already resolved from the picker)
-    model_impl: str = "auto"
-    quantization: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    options: tuple[tuple[str, Any], ...] = ()  # engine options (block_size, kv_cache_memory_gb, ...), sorted
+    model_impl: str
+    quantization: str | None
+    dtype: str
+    device: str
+    trust_remote_code: bool
+    options: tuple[tuple[str, Any], ...] = ()  # the other engine options (block_size, kv_cache_memory_gb, ...), sorted
 
     @classmethod
-    def make(
-        cls,
-        model: str,
-        model_impl: str = "auto",
-        quantization: str | None = None,
-        dtype: str = "auto",
-        device: str = "auto",
-        trust_remote_code: bool = False,
-        **options,
-    ) -> "LoadSpec":
+    def make(cls, model: str, **options) -> "LoadSpec":
+        """From EngineConfig options by name (None: the engine's default)."""
+        from backend.core.config import EngineConfig
+
+        named = {n: options.pop(n, None) for n in NAMED}
+        named = {n: EngineConfig.default(n) if v is None else v for n, v in named.items()}
         opts = tuple(sorted((k, v) for k, v in options.items() if v is not None))
-        return cls(model, model_impl, quantization, dtype, device, trust_remote_code, opts)
+        return cls(model, **named, options=opts)
 
     def with_options(self, **options) -> "LoadSpec":
         """The same spec with these engine options set (None: removed)."""
-        merged = dict(self.options) | options
-        return LoadSpec.make(
-            self.model, self.model_impl, self.quantization, self.dtype, self.device, self.trust_remote_code, **merged
-        )
+        return LoadSpec.make(self.model, **(self.engine_kwargs() | options))
 
     def engine_kwargs(self) -> dict:
         return dict(
@@ -57,6 +53,9 @@ class LoadSpec:
             trust_remote_code=self.trust_remote_code,
             **dict(self.options),
         )
+
+
+NAMED = ("model_impl", "quantization", "dtype", "device", "trust_remote_code")  # LoadSpec's own fields
 
 
 def _default_factory(model: str, **kwargs):

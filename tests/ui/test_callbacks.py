@@ -13,8 +13,9 @@ import pytest
 from tests.ui.conftest import LOAD_ARGS
 from ui import defaults
 from ui.callbacks import Lab
-from ui.common import Panel, quantization_value
+from ui.common import quantization_value
 from ui.errors import to_gr_error
+from ui.panel import Panel
 from ui.session import LoadSpec, Session
 
 COMPARE = dict(
@@ -25,10 +26,10 @@ COMPARE = dict(
     b_quant="as in checkpoint",
     dtype="float32",
     device="cpu",
-    kv_mb=4,
+    kv_cache_memory_gb=4,
     block_size=16,
-    max_batch=16,
-    max_len=0,
+    max_num_seqs=16,
+    max_model_len=0,
     prompt="Hello world\nThe quick brown fox",
     use_chat_template=False,
     mode="lines",
@@ -80,7 +81,9 @@ def test_builtin_models_in_the_picker(ui_cache):
 def test_estimate_shows_what_the_engine_gets(lab):
     """The estimate for the panel's settings names the context and cache the loaded engine really has."""
     engine = lab.session.current()
-    est = lab.picker.estimate(LOAD_ARGS["choice"], "float32", "as in checkpoint", LOAD_ARGS["kv_mb"], 0, 16)
+    est = lab.picker.estimate(
+        LOAD_ARGS["choice"], "float32", "as in checkpoint", LOAD_ARGS["kv_cache_memory_gb"], 0, 16
+    )
     kv = engine.describe()["kv_cache"]
     assert f"{kv['num_blocks']:,} blocks of {kv['block_size']} tokens" in est
     assert f"context {engine.max_model_len:,} tokens" in est
@@ -107,7 +110,7 @@ def test_load_reports_and_reuses(lab):
     assert "random weights" in status and "reused" in status and "auto resolved to" in status
     assert lab.session.current() is engine  # nothing changed: same engine
     assert "| **implementation** |" in desc and isinstance(kv, go.Figure)
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, impl="transformers"))
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, model_impl="transformers"))
     assert lab.session.current() is not engine and engine._closed  # settings changed: old engine closed
     assert "**transformers**" in status and "loaded in" in status
 
@@ -163,7 +166,7 @@ def test_another_users_run_keeps_the_shared_engine(lab):
     engine = lab.session.current()
     other = lab.runs.start("someone-else")
     try:
-        status, _, _ = lab.loader.load(**dict(LOAD_ARGS, max_batch=8))
+        status, _, _ = lab.loader.load(**dict(LOAD_ARGS, max_num_seqs=8))
         assert "Engine busy" in status and "1 run(s) of other users" in status
         *_, last = lab.compare_tab.compare(**dict(COMPARE, prompt="Hello", max_new=4))
         assert "Engine busy" in last[0]
@@ -174,7 +177,7 @@ def test_another_users_run_keeps_the_shared_engine(lab):
         assert lab.session.current() is engine
     finally:
         lab.runs.finish("someone-else", other)
-    lab.loader.load(**dict(LOAD_ARGS, max_batch=8))  # nobody else running: replaced
+    lab.loader.load(**dict(LOAD_ARGS, max_num_seqs=8))  # nobody else running: replaced
     assert lab.session.current() is not engine
 
 
@@ -183,7 +186,7 @@ def test_errors_go_to_the_status_line_and_the_app_keeps_working(lab, tmp_path):
     assert "prompt" in last[2] and "No prompt" in last[2]
     status, _, _ = lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
     assert "Load failed" in status and "ModelNotFoundError" in status
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.001))  # a KV budget too small for one block
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_cache_memory_gb=0.001))  # a KV budget too small for one block
     assert "KVCacheError" in status
     *_, last = lab.generate_tab.generate(**GEN)
     assert "done" in last[2]
@@ -269,24 +272,25 @@ def test_progress_adapter_reports_bytes_then_weight_loading():
 
 def test_bug1_a_failed_load_keeps_the_loaded_engine(lab, tmp_path):
     engine = lab.session.current()
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing"), impl="transformers"))
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing"), model_impl="transformers"))
     assert lab.session.current() is engine and not engine.closed  # refused before the old engine was closed
     assert "Load failed" in status and "still loaded, unchanged" in status
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.001))  # the memory check sizes the cache first
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_cache_memory_gb=0.001))  # memory check sizes the cache
     assert "KVCacheError" in status and "still loaded, unchanged" in status  # refused before it closed anything
-    spec = lab.loader.spec(Panel(**LOAD_ARGS))
+    spec = lab.loader.spec(Panel.of(**LOAD_ARGS))
     assert lab.session.spec == spec and lab.session.current() is engine
     *_, last = lab.generate_tab.generate(**GEN)
     assert "done" in last[2]
 
 
 def test_bug2_the_panel_shows_the_loaded_engine(lab):
-    lab.loader.load(**dict(LOAD_ARGS, impl="transformers", max_batch=8, kv_mb=2))
+    lab.loader.load(**dict(LOAD_ARGS, model_impl="transformers", max_num_seqs=8, kv_cache_memory_gb=2))
     spec = lab.session.spec
     # a page reload: the panel's defaults come in, the loaded engine's settings go out
-    *_, out = lab.page.startup(**dict(LOAD_ARGS, impl="auto"))
+    *_, out = lab.page.startup(**dict(LOAD_ARGS, model_impl="auto"))
     assert out[1].value == defaults.RANDOM_CHOICE
-    assert out[5:15] == ("transformers", "as in checkpoint", "float32", "cpu", 2, 16, 8, 0, False, 2048)
+    # the panel's options in declaration order (ui/panel.app_options)
+    assert out[5:16] == ("transformers", "as in checkpoint", "float32", "cpu", False, 16, 2, 0, 8, 2048, "auto")
     assert lab.session.spec == spec
     list(lab.compare_tab.compare(**COMPARE))  # A then B, then the lab's engine again
     assert lab.session.spec == spec
@@ -304,7 +308,7 @@ def test_bug4_caps_are_refused_or_shown(lab):
     for bad in (0, -5):
         *_, last = lab.generate_tab.generate(**dict(GEN, max_new=bad))
         assert f"max new tokens: {bad!r} is outside the allowed range: an integer >= 1" in last[2]
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.125))  # 16 blocks: 256 tokens of context
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_cache_memory_gb=0.125))  # 16 blocks: 256 tokens of context
     assert "cut from the model's 512 by the KV cache budget" in status
     *_, last = lab.generate_tab.generate(**dict(GEN, copies=1, max_new=400))
     assert "more than the context leaves" in last[2] and "stopped at the context limit (256 tokens)" in last[2]
@@ -315,7 +319,7 @@ def test_bug5_weights_count_the_same_way_per_implementation(lab):
     from ui.views import weights_text
 
     native = lab.session.current().describe()
-    lab.loader.load(**dict(LOAD_ARGS, impl="transformers"))
+    lab.loader.load(**dict(LOAD_ARGS, model_impl="transformers"))
     hf = lab.session.current().describe()
     assert native["weights_bytes"] != hf["weights_bytes"]  # the RoPE table: native precomputes cos/sin
     assert native["weights_bytes"] - native["rope_table_bytes"] == hf["weights_bytes"] - hf["rope_table_bytes"]
@@ -354,7 +358,10 @@ def _run_preset(lab, key):
     values = lab.presets.preset(key, defaults.RANDOM_CHOICE, *PANEL)
     kv_mb, max_batch, step_tokens, max_len, max_new, temp, ignore_eos, gap, chat = values[:9]
     prompt, mode, copies, status, _ = values[9:]
-    lab.loader.load(**dict(LOAD_ARGS, kv_mb=kv_mb, max_batch=max_batch, max_len=max_len), step_tokens=step_tokens)
+    lab.loader.load(
+        **dict(LOAD_ARGS, kv_cache_memory_gb=kv_mb, max_num_seqs=max_batch, max_model_len=max_len),
+        max_num_batched_tokens=step_tokens,
+    )
     *_, last = lab.generate_tab.generate(
         **dict(
             GEN,
@@ -411,7 +418,7 @@ def test_preset_long_prompt_is_prefilled_in_chunks(lab):
 
 @pytest.mark.parametrize("impl", ["native", "transformers"])
 def test_trace_one_step_shows_what_our_attention_received(lab, impl):
-    lab.loader.load(**dict(LOAD_ARGS, impl=impl))
+    lab.loader.load(**dict(LOAD_ARGS, model_impl=impl))
     (summary, rows, tree) = next(lab.inside_tab.trace("The capital of France is"))
     assert "1 prefill" in summary and "1 decode" in summary
     layers = lab.session.current().describe()["layers"]
@@ -438,8 +445,8 @@ def test_preset_says_what_it_changes_and_restore_puts_the_panel_back(lab):
     preempt = lab.presets.preset("preempt", defaults.RANDOM_CHOICE, *PANEL)
     assert preempt[0] != PANEL[0] and "KV budget (MB) 4 → " in preempt[12]
     assert lab.presets.restore(preempt[13], "x")[0] == 4.0
-    load_inputs = list(dict(LOAD_ARGS, kv_mb=back[0], max_batch=back[1]).values()) + [False, back[2]]
-    status, desc = lab.presets.reload(*load_inputs)  # the Load button's inputs, in the layout's order
+    panel = dict(LOAD_ARGS, kv_cache_memory_gb=back[0], max_num_seqs=back[1], max_num_batched_tokens=back[2])
+    status, desc = lab.presets.reload(**panel)  # the Load button's inputs, by option name
     assert "blocks × 16 tokens" in status and dict(lab.session.spec.options)["max_num_batched_tokens"] == 2048
 
 

@@ -68,7 +68,7 @@ def test_a_page_opened_during_the_start_up_load_shows_its_progress(ui_cache):
     lab = Lab(Session(slow_factory), update_s=0.1, host_model="tiny:llama")
     try:
         load = lab.page.start_preload()
-        updates = lab.page.startup(*lab.host_panel().values())
+        updates = lab.page.startup(lab.host_panel().choice, **lab.host_panel().options)
         note, _, line, *rest = next(updates)
         while "downloading model.safetensors" not in line:
             note, _, line, *rest = next(updates)
@@ -111,7 +111,9 @@ def test_a_page_says_it_waits_for_another_process_converting(tmp_path, monkeypat
     lab = Lab(update_s=0.1, host_model="tiny:llama")
     try:
         assert holder.stdout.readline().strip() == "held"
-        updates = lab.page.startup(*lab.host_panel().values())  # no engine: the page starts the host's load itself
+        updates = lab.page.startup(
+            lab.host_panel().choice, **lab.host_panel().options
+        )  # no engine: the page starts the host's load itself
         lines = []
         for note, _, line, *_ in updates:
             lines.append(line)

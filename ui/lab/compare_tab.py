@@ -4,20 +4,19 @@ engine loaded again. Views: ui/compare.py."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import gradio as gr
 
 from backend.hosting import check_request
 from ui import compare
 from ui import endpoint as remote
-from ui.common import Panel, describe, progress_adapter, session_key, visitor_key
+from ui.common import describe, progress_adapter, session_key, visitor_key
 from ui.errors import status_errors
 from ui.lab import follow
 from ui.lab.loading import Loader
 from ui.lab.run_inputs import prompts_from
 from ui.lab.state import LabState
-from ui.numbers import check_panel_numbers, checked
+from ui.numbers import checked
+from ui.panel import Panel, check_panel_numbers
 from ui.session import LoadSpec, RunHandle
 from ui.workload import Workload, build_prompt_ids
 
@@ -53,20 +52,12 @@ class CompareTab:
         a_quant,
         b_impl,
         b_quant,
-        dtype,
-        device,
-        kv_mb,
-        block_size,
-        max_batch,
-        max_len,
         prompt,
         use_chat_template,
         mode,
         copies,
         max_new,
         ignore_eos,
-        trust_remote_code=False,
-        step_tokens=None,
         b_endpoint="",
         b_api_key="",
         rounds=compare.DEFAULT_ROUNDS,
@@ -74,11 +65,13 @@ class CompareTab:
         b_kernels="auto",
         request: gr.Request = None,
         progress=gr.Progress(),
+        **options,
     ):
         """Load settings A and B (both held at once), warm each up, then run the same greedy workload in alternated
         rounds (A, B, A, B, ...); overlay the curves. With `b_endpoint`, B is that OpenAI-compatible endpoint
         (ui/endpoint.py), sent A's prompt token ids. `a_kernels` / `b_kernels`: each side's CPU kernel path
-        (EngineConfig.cpu_kernels).
+        (EngineConfig.cpu_kernels). `options`: the panel's engine options by name (ui/panel.py), A's and B's
+        implementation, quantization and CPU kernels set by each side.
 
         The lab's engine (the left panel's) is loaded again at the end, so the panel still tells the truth.
         Yields (status, throughput, TTFT, memory, batch, summary table, agreement table, load status)."""
@@ -98,8 +91,7 @@ class CompareTab:
             ]
         else:
             sides_to_run = compare.settings(a_impl, a_quant, b_impl, b_quant, a_kernels, b_kernels)
-        panel = Panel(choice, a_impl, a_quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code,
-                      step_tokens)  # fmt: skip
+        panel = Panel.of(choice, **options)
         check_panel_numbers(panel)
         key = session_key(request)
         state.refuse_if_others_run(key, "Comparing")
@@ -111,8 +103,7 @@ class CompareTab:
     def side_spec(self, panel: Panel, side: compare.SideSettings) -> LoadSpec:
         """What one side loads: the panel's engine options with the side's implementation, quantization and CPU
         kernel path."""
-        spec = self.loader.spec(replace(panel, impl=side.impl, quant=side.quant))
-        return spec.with_options(cpu_kernels=side.kernels) if side.kernels != "auto" else spec
+        return self.loader.spec(panel.replace(model_impl=side.impl, quantization=side.quant, cpu_kernels=side.kernels))
 
     def _load_side(self, key: str, side: compare.SideSettings, panel: Panel, first: bool, progress):
         """Load one side: the first into the lab's session (other pages see it), the next beside it (the caller

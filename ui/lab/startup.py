@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from ui.common import LOAD_WAIT_S, Panel, panel_values, progress_adapter
+from ui.common import LOAD_WAIT_S, progress_adapter
 from ui.errors import to_gr_error
 from ui.lab.loading import Loader, checked_panel
 from ui.lab.picker import ModelPicker
 from ui.lab.state import LabState
+from ui.panel import Panel, panel_values
 
 logger = logging.getLogger(__name__)
 WAIT_TICK_S = 0.5  # how often a page opened during the start-up load refreshes its progress
@@ -95,33 +96,20 @@ class PageStartup:
                 shown = line
                 yield (load.panel_note(), gr.skip(), line) + (gr.skip(),) * (outputs - 3)
 
-    def startup(
-        self,
-        choice,
-        impl,
-        quant,
-        dtype,
-        device,
-        kv_mb,
-        block_size,
-        max_batch,
-        max_len,
-        trust_remote_code=False,
-        step_tokens=None,
-    ):
+    def startup(self, choice, **options):
         """Fill the picker and make sure some engine is there (the host's model when none is: loaded by the start-up
         load, which this page follows with one progress line in the main area).
 
         Yields (picker note, model dropdown, load status, description, KV figure, then the panel's other values,
         then the search box and button): the panel shows the loaded engine's settings, also after a page reload
-        while another model is loaded."""
+        while another model is loaded. `options`: the panel's engine options by name (ui/panel.py)."""
         state = self.state
-        panel = Panel(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code,
-                      step_tokens)  # fmt: skip
+        panel = Panel.of(choice)  # the page's values pass the same checks as at every door, below
         outputs = 5 + len(panel.values()) - 1 + 2
         try:
-            # the page's values pass the same checks as at every door; what loads when nothing is: the host's model
-            # with the host's settings, not the page's values (a visitor calling /startup cannot set them)
+            # what loads when nothing is: the host's model with the host's settings, not the page's values (a
+            # visitor calling /startup cannot set them)
+            panel = Panel.of(choice, **options)
             checked_panel(state, panel)
             refused = None
         except Exception as e:
@@ -141,7 +129,7 @@ class PageStartup:
                 raise gr.Error(load.error if load is not None and load.error else "no model is loaded")
             if running:  # this page waited for the load: say how long it took
                 host = state.host_panel()
-                status, desc, kv = self.loader.loaded_views(engine, False, host.impl, host.quant)
+                status, desc, kv = self.loader.loaded_views(engine, False, host["model_impl"], host["quantization"])
             else:
                 status, desc, kv = self.loader.engine_views(engine)
             if state.session.spec is not None:

@@ -2,7 +2,7 @@
 chromium (as tests/ui/test_browser.py): no header word split across lines, nothing wider than the window that does
 not scroll as a whole, plot titles inside their plots, legends without an inner scrollbar, few memory-axis ticks;
 the Inside tab's property table collapsed, the KV map showing the last run with the live view off, the Benchmark
-intro said once; a preset puts the panel's settings back after its run."""
+intro said once; Compare's alternated rounds and kernel paths; a preset puts the panel's settings back after its run."""
 
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def test_every_tab_fits_the_window(browser, app_url, size):
 
     page = _open(browser, app_url, size)
     try:
+        # the panel's controls come from EngineConfig's declarations: the CPU kernel path is one of them
+        expect(page.get_by_text("CPU kernels", exact=True).first).to_be_visible()
         page.locator("#flab-generate").click()  # the default run: several different prompts
         expect(page.get_by_text("done:", exact=False).first).to_be_visible()
         found = check_layout(page, "Generate")
@@ -90,6 +92,9 @@ def test_every_tab_fits_the_window(browser, app_url, size):
         page.locator("#flab-compare").click()
         expect(page.get_by_text("greedy outputs agree token for token", exact=False).first).to_be_visible()
         expect(page.get_by_text("warmed up first", exact=False).first).to_be_visible()
+        expect(page.get_by_text("alternated round(s): A, B, A, B", exact=False).first).to_be_visible()
+        expect(page.get_by_text("B: CPU kernels", exact=True)).to_be_visible()  # each side's kernel path
+        expect(page.locator("#flab-cmp-rounds")).to_be_visible()
         check_layout(page, "Compare")
         page.screenshot(path=str(DOCS / f"layout_compare_{size[0]}.png"), full_page=True)
     finally:

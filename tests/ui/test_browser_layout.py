@@ -115,3 +115,58 @@ def test_a_preset_puts_the_panel_back(browser, app_url):
         expect(page.locator("#flab-load-status")).not_to_contain_text("Loading")
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_first_start_says_what_it_waits_for(browser, tmp_path, monkeypatch, size):
+    """A fresh cache whose lock another process holds (as a second `python app.py` converting the GGUF): the page's
+    main area shows one line saying it waits for that process, visible without scrolling, and the panel says what it
+    waits for; when the other process lets go, the model builds and the page shows the loaded engine."""
+    import subprocess
+    import sys
+
+    from playwright.sync_api import expect
+
+    import app as app_module
+    from backend import paths
+    from backend.loading.builtin import builtin_path
+    from tests.ui.conftest import free_port
+    from tests.ui.test_startup_load import HOLD_LOCK
+    from ui.callbacks import Lab
+    from ui.layout import CSS, THEME, build_demo
+
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
+    target = builtin_path("tiny:llama")
+    target.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(target.parent / f".{target.name}.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lab = Lab(update_s=0.2, host_model="tiny:llama")
+    demo = build_demo(lab, default_model="tiny:llama").queue(default_concurrency_limit=app_module.QUEUE_CONCURRENCY)
+    port = free_port()
+    page = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        demo.launch(
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=THEME, css=CSS
+        )
+        page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+        page.goto(f"http://127.0.0.1:{port}/")
+        status = page.locator("#flab-load-status")
+        expect(status).to_contain_text("waiting for another process to finish converting")
+        box = status.bounding_box()
+        assert box is not None and box["y"] + box["height"] <= size[1]  # in view as the page opens
+        expect(page.get_by_text("Waiting for the host's model (tiny:llama) to load", exact=False)).to_be_visible()
+        holder.stdin.close()  # the other process lets go: this one builds the model and loads it
+        expect(page.get_by_text("blocks × 16 tokens", exact=False).first).to_be_visible()
+    finally:
+        if page is not None:
+            page.close()
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(timeout=30)
+        demo.close()
+        lab.session.close()

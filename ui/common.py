@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
-
 import gradio as gr
 
-from backend.core.config import DTYPES, MODEL_IMPLS, Range, option_range
-from backend.core.errors import EngineError
+from backend.core.config import DTYPES, MODEL_IMPLS
 from backend.loading.gguf import ConversionProgress
 from backend.quantization import QUANTIZATION_METHODS
 from backend.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
@@ -36,75 +33,13 @@ BLOCK_SIZES = [8, 16, 32, 64, 128]
 MODE_CHOICES = [("copies of the prompt", "copies"), ("one prompt per line", "lines")]
 SUMMARY_HEADERS = ["metric", "value"]
 AGREEMENT_HEADERS = ["request", "prompt", "greedy outputs", "first difference"]
-STEP_TOKENS = 2048  # EngineConfig.max_num_batched_tokens' default, shown in the panel
 LOAD_WAIT_S = 600.0  # Generate waits this long for a model that is still loading
-
-
-@dataclass(frozen=True)
-class PanelNumber:
-    """A number box of the Model panel: its label, the EngineConfig option it sets (and the factor from the box's
-    unit to the option's), and whether 0 means "the engine's default" (automatic)."""
-
-    label: str
-    option: str
-    scale: float = 1.0
-    zero_is_auto: str | None = None  # what 0 means, e.g. "automatic"
-
-    def allowed(self) -> Range:
-        """The option's declared range (backend/core/config.py) in the box's unit."""
-        r = option_range(self.option)
-        return Range(r.low / self.scale, r.high / self.scale, r.integer and self.scale == 1, r.low_open)
-
-    def info(self) -> str:
-        r = self.allowed()
-        auto = f"0 = {self.zero_is_auto}; else " if self.zero_is_auto else ""
-        return f"{auto}{'>' if r.low_open else ''}{r.low:g} to {r.high:g}"
-
-    def check(self, value) -> None:
-        """EngineError naming the box, the value and the range, once (also for a value Gradio let through)."""
-        if self.zero_is_auto and value in (None, "", 0):
-            return
-        r = self.allowed()
-        number = value
-        if r.integer and isinstance(value, float) and value.is_integer():
-            number = int(value)
-        if not r.contains(number):
-            auto = f"0 ({self.zero_is_auto}) or " if self.zero_is_auto else ""
-            raise EngineError(f"{self.label}: {value!r:.40} is outside the allowed range: {auto}{r.describe()}")
-
-
-PANEL_NUMBERS = {  # the Model panel's number boxes by their Panel field; their ranges are EngineConfig's
-    "kv_mb": PanelNumber("KV cache budget (MB)", "kv_cache_memory_gb", scale=1 / 1024, zero_is_auto="automatic"),
-    "max_len": PanelNumber("Max context", "max_model_len", zero_is_auto="the model's own"),
-    "max_batch": PanelNumber("Max batch", "max_num_seqs"),
-    "step_tokens": PanelNumber("Token budget per step", "max_num_batched_tokens"),
-    "block_size": PanelNumber("Block size", "block_size"),
-}
-
-
-def check_panel_numbers(panel) -> None:
-    """Every number of the Model panel against its one range, before anything else looks at the panel."""
-    for name, box in PANEL_NUMBERS.items():
-        value = getattr(panel, name)
-        if name == "step_tokens" and value in (None, ""):
-            continue  # not given: the engine's default
-        box.check(value)
 
 
 def quantization_value(label: str | None) -> str | None:
     """UI label -> Engine(quantization=...). 'as in checkpoint' and 'none' are both None: the engine loads a
     full-precision checkpoint unquantized and a pre-quantized checkpoint as it is (it cannot dequantize)."""
     return None if label in (None, "", "as in checkpoint", "none") else label
-
-
-def max_len_value(max_len) -> int | None:
-    """The 'Max context' number -> Engine(max_model_len=...): 0 or empty means the model's own context."""
-    return int(max_len) if max_len and max_len > 0 else None
-
-
-def kv_gb_value(kv_mb) -> float | None:
-    """The 'KV cache MiB' number -> Engine(kv_cache_memory_gb=...): 0 or empty means sized automatically."""
-    return float(kv_mb) / 1024 if kv_mb and kv_mb > 0 else None
 
 
 def device_choices() -> list[str]:
@@ -140,6 +75,7 @@ def hub_module():
 
 
 BUILD_STAGES = {  # backend.loading.gguf.ConversionProgress stages, for people
+    "wait": "first use: waiting for another process to finish converting the model (it holds the cache's lock)…",
     "read": "first use: checking the GGUF file…",
     "tokenizer": "first use: converting the GGUF tokenizer (the slow part, ~20-60 s)…",
     "dequantize": "first use: dequantizing the GGUF weights…",
@@ -188,57 +124,6 @@ def thin(series: Series, max_points: int = 1500) -> Series:
         return series
     k = -(-n // max_points)
     return Series(**{name: values[::k] for name, values in vars(series).items()})
-
-
-@dataclass(frozen=True)
-class Panel:
-    """The Model panel's values, in the order of the layout's `load_inputs`: what to load (ui/lab/loading.py
-    turns them into a LoadSpec after the host's checks)."""
-
-    choice: str
-    impl: str
-    quant: str
-    dtype: str
-    device: str
-    kv_mb: float
-    block_size: int
-    max_batch: int
-    max_len: float
-    trust_remote_code: bool = False
-    step_tokens: int | None = None
-
-    def values(self) -> tuple:
-        """The values in the panel's order (the page-load outputs)."""
-        return astuple(self)
-
-
-def host_panel(choice: str, allow_remote_code: bool = False) -> Panel:
-    """The Model panel's values when a page opens: the host's model with the host's engine settings (what the app
-    loads at start-up and what the panel's components show first)."""
-    from ui import defaults
-
-    return Panel(choice, "auto", "as in checkpoint", "auto", "auto", defaults.suggested_kv_mb(choice), 16, 16, 0,
-                 allow_remote_code, STEP_TOKENS)  # fmt: skip
-
-
-def panel_values(spec) -> Panel:
-    """A LoadSpec -> what the left panel shows for the engine that is loaded (a built-in model by its name, as
-    the picker names it)."""
-    opts = dict(spec.options)
-    kv_gb = opts.get("kv_cache_memory_gb")
-    return Panel(
-        spec.model,
-        spec.model_impl,
-        spec.quantization or "as in checkpoint",
-        spec.dtype,
-        spec.device,
-        round(kv_gb * 1024, 3) if kv_gb else 0,
-        opts.get("block_size", 16),
-        opts.get("max_num_seqs", 16),
-        opts.get("max_model_len") or 0,
-        spec.trust_remote_code,
-        opts.get("max_num_batched_tokens", STEP_TOKENS),
-    )
 
 
 def validate_spec(spec) -> None:

@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import gradio as gr
 
 from backend.hosting.remote_code import remote_code_status
-from ui import defaults
-from ui.benchmark import MAX_REPEAT, MAX_REQUESTS, SYSTEM_CHOICES, WORKLOAD_CHOICES
+from ui import defaults, numbers, panel
+from ui.benchmark import SYSTEM_CHOICES, WORKLOAD_CHOICES
 from ui.benchmark import TABLE_HEADERS as BENCH_HEADERS
 from ui.benchmark import TABLE_WIDTHS as BENCH_WIDTHS
 from ui.callbacks import Lab
 from ui.common import (
     AGREEMENT_HEADERS,
-    BLOCK_SIZES,
-    DTYPE_CHOICES,
     IMPL_CHOICES,
     MODE_CHOICES,
-    PANEL_NUMBERS,
     QUANT_CHOICES,
     SUMMARY_HEADERS,
-    device_choices,
 )
-from ui.compare import AGREEMENT_WIDTHS, SUMMARY_WIDTHS
-from ui.images import UPLOAD_INFO
+from ui.compare import AGREEMENT_WIDTHS, DEFAULT_ROUNDS, KERNEL_CHOICES, SUMMARY_WIDTHS
 from ui.inside import TRACE_HEADERS, TRACE_WIDTHS
+from ui.numbers import RUN_NUMBERS
+from ui.panel import KERNELS_INFO
+from ui.images import UPLOAD_INFO
 from ui.lab.image_panel import INSIDE_PROMPT
 from ui.plots import (
     PLOT_MIN_WIDTH,
@@ -65,9 +64,10 @@ INTRO = {
     "compare": (
         "**What you are seeing.** The same greedy workload run twice, one engine at a time: e.g. our **native** "
         "modules against the HF modeling code with **our attention injected** (transformers). Greedy tokens "
-        "must agree token for token (the table at the bottom); the curves show what each costs. Each side is "
-        "loaded and warmed up (an untimed run) before it is measured; engine options come from the left panel, "
-        "and the lab's engine is loaded again afterwards."
+        "must agree token for token (the table at the bottom); the curves show what each costs. Both sides are "
+        "loaded and warmed up (an untimed run), then measured in **alternated rounds** (A, B, A, B, …): the table "
+        "shows each side's median round and the ratios B / A over the rounds. Engine options come from the left "
+        "panel; the lab's engine is loaded again afterwards."
     ),
     "benchmark": (
         "**What you are seeing.** Output tokens/s of our engine against transformers' own `generate()` (a "
@@ -110,7 +110,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         lab.host_model = defaults.resolve_choice(default_model)
     policy = lab.policy
     host = lab.host_panel()  # the host's model and engine settings: what the app loads at start-up
-    max_copies = min(32, policy.max_parallel_per_visitor or 32)
+    copies_field = RUN_NUMBERS["copies"]
+    if policy.max_parallel_per_visitor:  # the host's cap narrows the slider; the run's check says the cap
+        copies_field = replace(copies_field, allowed=replace(copies_field.allowed, high=min(
+            copies_field.maximum, policy.max_parallel_per_visitor)))  # fmt: skip
+    max_copies = copies_field.maximum
     # the cap is said in the label and checked by the callback (a status line naming the cap), not by the
     # component's maximum (Gradio's own error would mark every output)
     cap_note = f" (at most {policy.max_new_tokens} here)" if policy.max_new_tokens is not None else ""
@@ -150,50 +154,16 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                     )
                     estimate_md = gr.Markdown(elem_classes="flab-status")
                 with gr.Accordion("Engine", open=True):
-                    impl = gr.Radio(
-                        IMPL_CHOICES,
-                        value=host.impl,
-                        label="Implementation",
-                        info="auto = native when there is one, else the transformers fallback",
-                    )
-                    with gr.Row():
-                        quant = gr.Dropdown(QUANT_CHOICES, value=host.quant, label="Quantization")
-                        dtype = gr.Dropdown(DTYPE_CHOICES, value=host.dtype, label="dtype")
-                    with gr.Row():
-                        device = gr.Dropdown(device_choices(), value=host.device, label="Device")
-                        block_size = gr.Dropdown(BLOCK_SIZES, value=host.block_size, label="Block size (tokens)")
-                    with gr.Row():
-                        # no minimum / maximum on the boxes: the load's own check names the box, the value and
-                        # the range (EngineConfig's, ui/common.PANEL_NUMBERS), where Gradio's would not
-                        kv_mb = gr.Number(
-                            value=host.kv_mb,
-                            label="KV cache budget (MB, 0 = auto)",
-                            info=PANEL_NUMBERS["kv_mb"].info(),
-                        )
-                        max_len = gr.Number(
-                            value=host.max_len,
-                            precision=0,
-                            label="Max context (0 = model's)",
-                            info=PANEL_NUMBERS["max_len"].info(),
-                        )
-                    with gr.Row():
-                        max_batch = gr.Slider(
-                            1, 64, value=host.max_batch, step=1, label="Max batch (sequences per step)"
-                        )
-                        step_tokens = gr.Number(
-                            value=host.step_tokens,
-                            precision=0,
-                            label="Token budget per step",
-                            info="longer prompts are prefilled in chunks of this size; "
-                            + PANEL_NUMBERS["step_tokens"].info(),
-                        )
-                    trust = gr.Checkbox(
-                        policy.allow_remote_code,
+                    # one control per EngineConfig option marked for the app (ui/panel.py: kind, choices, range,
+                    # default and help from the declaration); the load's own check names a box, its value and range
+                    remote_code = dict(
                         label=remote_code_status(policy),
                         info="set by whoever runs the app (--allow-remote-code), not from this page",
                         interactive=False,
                         elem_id="flab-remote-code",
                     )
+                    controls = panel.build_controls(host, {"trust_remote_code": remote_code})
+                    c = controls  # the panel's controls by option name
                     load_btn = gr.Button("Load", variant="primary")
                 with gr.Accordion("This host", open=policy.hosted):
                     gr.Markdown("\n".join(f"- {line}" for line in policy.summary()), elem_id="flab-host-policy")
@@ -222,25 +192,29 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 label="Parallel requests",
                                 elem_id="flab-mode",
                             )
-                            copies = gr.Slider(
-                                1, max_copies, value=min(4, max_copies), step=1, label="copies", elem_id="flab-copies"
+                            copies = numbers.slider(
+                                copies_field, min(4, max_copies), label="copies", elem_id="flab-copies"
                             )
                             chat = gr.Checkbox(True, label="apply chat template (when the tokenizer has one)")
                         gen_image_box, gen_image, gen_image_note, gen_sample = image_input("flab-image")
                         with gr.Accordion("Sampling", open=False):
                             with gr.Row():
-                                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0 = greedy)")
-                                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top-p")
-                                top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
+                                temperature = numbers.slider(
+                                    RUN_NUMBERS["temperature"], 0.7, step=0.05, label="temperature (0 = greedy)"
+                                )
+                                top_p = numbers.slider(RUN_NUMBERS["top_p"], 1.0, step=0.05, label="top-p")
+                                top_k = numbers.slider(RUN_NUMBERS["top_k"], 0, label="top-k (0 = off)")
                             with gr.Row():
-                                max_new = gr.Number(
+                                max_new = numbers.number(
+                                    RUN_NUMBERS["max_new"],
                                     min(64, policy.max_new_tokens or 64),
-                                    precision=0,
                                     label="max new tokens" + cap_note,
                                     elem_id="flab-max-new",
                                 )
-                                gap = gr.Slider(0, 2, value=0, step=0.05, label="arrival gap (s between requests)")
-                                seed = gr.Number(0, precision=0, label="seed (-1 = random)")
+                                gap = numbers.slider(
+                                    RUN_NUMBERS["gap_s"], 0, step=0.05, label="arrival gap (s between requests)"
+                                )
+                                seed = numbers.number(RUN_NUMBERS["seed"], 0, label="seed (-1 = random)")
                                 ignore_eos = gr.Checkbox(False, label="ignore EOS (always max new tokens)")
                         with gr.Accordion("Target: an OpenAI-compatible endpoint instead of our engine", open=False):
                             with gr.Row():
@@ -282,9 +256,15 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             with gr.Column():
                                 a_impl = gr.Radio(IMPL_CHOICES, value="native", label="A: implementation")
                                 a_quant = gr.Dropdown(QUANT_CHOICES, value="as in checkpoint", label="A: quantization")
+                                a_kernels = gr.Radio(
+                                    KERNEL_CHOICES, value="auto", label="A: CPU kernels", info=KERNELS_INFO
+                                )
                             with gr.Column():
                                 b_impl = gr.Radio(IMPL_CHOICES, value="transformers", label="B: implementation")
                                 b_quant = gr.Dropdown(QUANT_CHOICES, value="as in checkpoint", label="B: quantization")
+                                b_kernels = gr.Radio(
+                                    KERNEL_CHOICES, value="auto", label="B: CPU kernels", info=KERNELS_INFO
+                                )
                         with gr.Accordion("B: an OpenAI-compatible endpoint instead", open=False):
                             with gr.Row():
                                 cmp_url = gr.Textbox(
@@ -300,13 +280,19 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                         cmp_image_box, cmp_image, cmp_image_note, cmp_sample = image_input("flab-cmp-image")
                         with gr.Row():
                             cmp_mode = gr.Radio(MODE_CHOICES, value="lines", label="Parallel requests")
-                            cmp_copies = gr.Slider(1, max_copies, value=min(2, max_copies), step=1, label="copies")
-                            cmp_max_new = gr.Number(
+                            cmp_copies = numbers.slider(copies_field, min(2, max_copies), label="copies")
+                            cmp_max_new = numbers.number(
+                                RUN_NUMBERS["max_new"],
                                 min(32, policy.max_new_tokens or 32),
-                                precision=0,
                                 label="max new tokens (greedy)" + cap_note,
                             )
                             cmp_ignore_eos = gr.Checkbox(True, label="ignore EOS")
+                            cmp_rounds = numbers.slider(
+                                RUN_NUMBERS["rounds"],
+                                DEFAULT_ROUNDS,
+                                label="rounds (A, B alternated)",
+                                elem_id="flab-cmp-rounds",
+                            )
                         with gr.Row():
                             cmp_btn = gr.Button("Compare", variant="primary", elem_id="flab-compare")
                             cmp_stop = gr.Button("Stop", variant="stop")
@@ -346,15 +332,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                                 SYSTEM_CHOICES, value=[v for _, v in SYSTEM_CHOICES], label="Systems"
                             )
                         with gr.Row():
-                            bench_n = gr.Slider(
-                                1, MAX_REQUESTS, value=16, step=1, label="requests (throughput and shared prefix)"
+                            bench_n = numbers.slider(
+                                RUN_NUMBERS["num_requests"], 16, label="requests (throughput and shared prefix)"
                             )
-                            bench_repeat = gr.Slider(
-                                1,
-                                MAX_REPEAT,
-                                value=1,
-                                step=1,
-                                label="repeats (round robin; the median run is reported)",
+                            bench_repeat = numbers.slider(
+                                RUN_NUMBERS["repeat"], 1, label="repeats (round robin; the median run is reported)"
                             )
                         with gr.Row():
                             bench_btn = gr.Button(
@@ -411,15 +393,23 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                             describe_md = gr.Markdown(elem_id="flab-describe")
                         timer = gr.Timer(1.0, active=False)
 
-        load_inputs = [model, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust, step_tokens]
-        estimate_inputs = [model, dtype, quant, kv_mb, max_len, max_batch]
+        # the panel's values go to the callbacks as keyword arguments by option name (Gradio's inputs_kwargs)
+        panel_inputs = dict(inputs=[model], inputs_kwargs=controls)
+        kv_mb, max_len, max_batch = c["kv_cache_memory_gb"], c["max_model_len"], c["max_num_seqs"]
+        estimate_inputs = [model, c["dtype"], c["quantization"], kv_mb, max_len, max_batch]
 
-        startup_outputs = [picker_note, model, load_status, describe_md, kv_plot] + load_inputs[1:]
         image_outputs = [gen_image_note, cmp_image_note, gen_image_box, cmp_image_box, gen_image, cmp_image]
         image_outputs += [gen_sample, cmp_sample]
-        demo.load(lab.page.startup, load_inputs, startup_outputs + [search_box, search_btn], api_name="startup").then(
-            lab.inside_tab.tree, None, tree_html, api_name=False
-        ).then(lab.images.note, None, image_outputs, api_name=False)
+        startup_outputs = [picker_note, model, load_status, describe_md, kv_plot]
+        startup_outputs += [controls[name] for name in panel.app_options()]  # Panel.values()' order
+        # no spinner on every panel control: the start-up load's one progress line is in the load status
+        demo.load(
+            lab.page.startup,
+            **panel_inputs,
+            outputs=startup_outputs + [search_box, search_btn],
+            api_name="startup",
+            show_progress="hidden",
+        ).then(lab.inside_tab.tree, None, tree_html, api_name=False).then(lab.images.note, None, image_outputs, api_name=False)
         demo.load(lab.picker.estimate, estimate_inputs, estimate_md, api_name=False)
         gr.on(
             [search_btn.click, search_box.submit],
@@ -431,7 +421,14 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         search_results.select(lab.picker.pick_search_result, None, model, api_name=False)
         model.input(lab.picker.suggest_kv_mb, model, kv_mb, api_name=False)  # a user's pick, not the page-load restore
         gr.on(
-            [model.change, dtype.change, quant.change, kv_mb.change, max_len.change, max_batch.release],
+            [
+                model.change,
+                c["dtype"].change,
+                c["quantization"].change,
+                kv_mb.change,
+                max_len.change,
+                max_batch.release,
+            ],
             lab.picker.estimate,
             estimate_inputs,
             estimate_md,
@@ -440,8 +437,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
         )
         load_btn.click(
             lab.loader.load,
-            load_inputs,
-            [load_status, describe_md, kv_plot],
+            **panel_inputs,
+            outputs=[load_status, describe_md, kv_plot],
             api_name="load",
             concurrency_id="engine",
             concurrency_limit=1,
@@ -463,7 +460,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             concurrency_limit=GENERATE_CONCURRENCY,
         )
         stop_btn.click(lab.stop, None, run_status, api_name="stop", concurrency_limit=None)
-        preset_settings = [kv_mb, max_batch, step_tokens, max_len, max_new, temperature, ignore_eos, gap, chat]
+        preset_settings = [kv_mb, max_batch, c["max_num_batched_tokens"], max_len]
+        preset_settings += [max_new, temperature, ignore_eos, gap, chat]
         preset_saved = gr.State(None)  # while a preset runs: the panel's settings before it (ui/presets.py PresetRun)
         preset_outputs = preset_settings + [prompt, mode, copies, run_status, preset_saved]
         for key, btn in preset_btns.items():
@@ -474,8 +472,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                 api_name=f"preset_{key}",
             ).then(
                 lab.loader.load,
-                load_inputs,
-                [load_status, describe_md, kv_plot],
+                **panel_inputs,
+                outputs=[load_status, describe_md, kv_plot],
                 api_name=False,
                 concurrency_id="engine",
                 concurrency_limit=1,
@@ -492,8 +490,8 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
                 api_name=False,
             ).then(
                 lab.presets.reload,
-                load_inputs,
-                [load_status, describe_md],
+                **panel_inputs,
+                outputs=[load_status, describe_md],
                 api_name=False,
                 concurrency_id="engine",
                 concurrency_limit=1,
@@ -505,29 +503,25 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             a_quant,
             b_impl,
             b_quant,
-            dtype,
-            device,
-            kv_mb,
-            block_size,
-            max_batch,
-            max_len,
             cmp_prompt,
             chat,
             cmp_mode,
             cmp_copies,
             cmp_max_new,
             cmp_ignore_eos,
-            trust,
-            step_tokens,
             cmp_url,
             cmp_key,
+            cmp_rounds,
+            a_kernels,
+            b_kernels,
             cmp_image,
         ]
         cmp_outputs = [cmp_status, cmp_thr, cmp_ttft, cmp_mem, cmp_batch, cmp_summary, cmp_agree, load_status]
         cmp_btn.click(
             lab.compare_tab.compare,
-            cmp_inputs,
-            cmp_outputs,
+            inputs=cmp_inputs,
+            inputs_kwargs=controls,
+            outputs=cmp_outputs,
             api_name="compare",
             concurrency_id="engine",
             concurrency_limit=1,
@@ -536,11 +530,11 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
 
         bench_inputs = [
             model,
-            dtype,
-            device,
-            quant,
+            c["dtype"],
+            c["device"],
+            c["quantization"],
             max_len,
-            trust,
+            c["trust_remote_code"],
             bench_workloads,
             bench_systems,
             bench_n,

@@ -19,27 +19,30 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadSpec:
+    """What to load: the model and the engine options (EngineConfig's names; an option not set keeps the engine's
+    default, the five below are filled from EngineConfig's defaults)."""
+
     model: str  # a local folder or a Hub id (already resolved from the picker)
-    model_impl: str = "auto"
-    quantization: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    options: tuple[tuple[str, Any], ...] = ()  # engine options (block_size, kv_cache_memory_gb, ...), sorted
+    model_impl: str
+    quantization: str | None
+    dtype: str
+    device: str
+    trust_remote_code: bool
+    options: tuple[tuple[str, Any], ...] = ()  # the other engine options (block_size, kv_cache_memory_gb, ...), sorted
 
     @classmethod
-    def make(
-        cls,
-        model: str,
-        model_impl: str = "auto",
-        quantization: str | None = None,
-        dtype: str = "auto",
-        device: str = "auto",
-        trust_remote_code: bool = False,
-        **options,
-    ) -> "LoadSpec":
+    def make(cls, model: str, **options) -> "LoadSpec":
+        """From EngineConfig options by name (None: the engine's default)."""
+        from backend.core.config import EngineConfig
+
+        named = {n: options.pop(n, None) for n in NAMED}
+        named = {n: EngineConfig.default(n) if v is None else v for n, v in named.items()}
         opts = tuple(sorted((k, v) for k, v in options.items() if v is not None))
-        return cls(model, model_impl, quantization, dtype, device, trust_remote_code, opts)
+        return cls(model, **named, options=opts)
+
+    def with_options(self, **options) -> "LoadSpec":
+        """The same spec with these engine options set (None: removed)."""
+        return LoadSpec.make(self.model, **(self.engine_kwargs() | options))
 
     def engine_kwargs(self) -> dict:
         return dict(
@@ -50,6 +53,9 @@ class LoadSpec:
             trust_remote_code=self.trust_remote_code,
             **dict(self.options),
         )
+
+
+NAMED = ("model_impl", "quantization", "dtype", "device", "trust_remote_code")  # LoadSpec's own fields
 
 
 def _default_factory(model: str, **kwargs):
@@ -96,6 +102,11 @@ class Session:
         engine = self._factory(spec.model, progress=progress, **spec.engine_kwargs())
         self.engine, self.spec, self.load_seconds = engine, spec, time.perf_counter() - start
         return engine
+
+    def build_apart(self, spec: LoadSpec, progress: Callable | None = None):
+        """An engine of `spec` beside the one the session holds (Compare's second side, so both sides stay loaded
+        and alternate): the session neither keeps nor reuses it, the caller closes it."""
+        return self._factory(spec.model, progress=progress, **spec.engine_kwargs())
 
     def load_if_empty(self, spec: LoadSpec, progress: Callable | None = None) -> tuple[Any, bool]:
         """Load `spec` only when no engine is loaded (after any load in progress); else keep the current one."""

@@ -41,14 +41,37 @@ def _mib(value: float | None) -> str:
     return fmt_bytes(value)
 
 
-def summarize(results: list[RequestResult], series: Series, wall_s: float) -> dict[str, str]:
-    """Headline numbers of one run, as display strings (ordered)."""
+RATE_METRICS = {  # the rates a run is measured by (summarize's rows of the same names); Compare's ratios
+    "output tok/s (wall)": "higher",
+    "decode tok/s (decode-only steps)": "higher",
+    "prefill tok/s": "higher",
+    "TTFT mean (ms)": "lower",
+}
+
+
+def rates(results: list[RequestResult], series: Series, wall_s: float) -> dict[str, float | None]:
+    """A run's rates as numbers (RATE_METRICS; None where the run has none)."""
     ttfts = [r.ttft for r in results if r.ttft is not None]
     out_tokens = sum(r.num_tokens for r in results)
     decode_steps = [i for i in range(len(series)) if series.prefill_tokens[i] == 0 and series.decode_tokens[i] > 0]
     prefill_steps = [i for i in range(len(series)) if series.prefill_tokens[i] > 0]
     decode_time = sum(series.duration[i] for i in decode_steps)
     prefill_time = sum(series.duration[i] for i in prefill_steps)
+    return {
+        "output tok/s (wall)": out_tokens / wall_s if wall_s > 0 else None,
+        "decode tok/s (decode-only steps)": (
+            sum(series.decode_tokens[i] for i in decode_steps) / decode_time if decode_time else None
+        ),
+        "prefill tok/s": sum(series.prefill_tokens[i] for i in prefill_steps) / prefill_time if prefill_time else None,
+        "TTFT mean (ms)": statistics.fmean(ttfts) * 1000 if ttfts else None,
+    }
+
+
+def summarize(results: list[RequestResult], series: Series, wall_s: float) -> dict[str, str]:
+    """Headline numbers of one run, as display strings (ordered)."""
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    out_tokens = sum(r.num_tokens for r in results)
+    rate = rates(results, series, wall_s)
     ends = [(r, r.latency if r.latency is not None else wall_s) for r in results]  # a stopped run has no latency
     per_request = [
         (r.num_tokens - 1) / (end - r.ttft)
@@ -63,14 +86,10 @@ def summarize(results: list[RequestResult], series: Series, wall_s: float) -> di
         "generated tokens": f"{out_tokens:,}",
         "wall time": _fmt(wall_s, " s", 2),
         "TTFT mean / max": (f"{statistics.fmean(ttfts) * 1000:,.1f} / {max(ttfts) * 1000:,.1f} ms" if ttfts else "—"),
-        "decode tok/s (decode-only steps)": _fmt(
-            sum(series.decode_tokens[i] for i in decode_steps) / decode_time if decode_time else None
-        ),
+        "decode tok/s (decode-only steps)": _fmt(rate["decode tok/s (decode-only steps)"]),
         "decode tok/s per request (mean)": _fmt(statistics.fmean(per_request) if per_request else None),
-        "prefill tok/s": _fmt(
-            sum(series.prefill_tokens[i] for i in prefill_steps) / prefill_time if prefill_time else None
-        ),
-        "output tok/s (wall)": _fmt(out_tokens / wall_s if wall_s > 0 else None),
+        "prefill tok/s": _fmt(rate["prefill tok/s"]),
+        "output tok/s (wall)": _fmt(rate["output tok/s (wall)"]),
         "engine steps": f"{len(series):,}",
         "max batch size": str(peak(series.batch_size) or 0),
         "weights": _mib(peak(series.weights)),

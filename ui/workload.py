@@ -1,8 +1,10 @@
-"""Run several prompts at once on an engine: one engine.open_stream() consumer thread per request (StreamRuns,
-which ui/endpoint.py's EndpointWorkload shares).
+"""Run several prompts at once on an engine (`Workload`): each request opened with `Engine.open_stream(sink=...)`,
+so the engine's loop pushes its deltas into this object (as the server's bridge does, backend/server/bridge.py): no
+thread per request, and one thread in all only for staggered arrivals.
 
 The engine's background loop batches them (continuous batching); this object only collects what each
-stream yields and the engine's per-step stats, so the UI can poll a snapshot a few times per second.
+request's deltas say and the engine's per-step stats, so the UI can poll a snapshot a few times per second.
+`StreamRuns` is ui/endpoint.py's EndpointWorkload's base: an HTTP stream needs a reader, one thread per request.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from functools import partial
 
 from ui.images import image_requests
 from ui.plots import Series, series_from_stats
@@ -38,9 +41,9 @@ def split_prompts(prompt: str, mode: str, copies: int) -> list[str]:
 
 
 class StreamRuns(ABC):
-    """What the engine's Workload (below) and ui/endpoint.py's EndpointWorkload share: one consumer thread per
-    request, staggered arrivals (request i waits i * `gap_s` seconds), Stop that aborts every request already sent,
-    also one still waiting for its first token, and the run's timing. A subclass sets `results`, `cancel` and
+    """ui/endpoint.py's EndpointWorkload's runs (an HTTP stream needs a reader): one consumer thread per request,
+    staggered arrivals (request i waits i * `gap_s` seconds), Stop that aborts every request already sent, also one
+    still waiting for its first token, and the run's timing. A subclass sets `results`, `cancel` and
     `gap_s`, calls `_init_runs()`, and says how a request is opened (`_open(i)` -> a stream handle: `request_id`,
     iteration, `abort()` from any thread, `close()`) and what a delta changes (`_take(i, delta)`, under the lock)."""
 
@@ -126,7 +129,13 @@ class StreamRuns(ABC):
         return end - self.start_time
 
 
-class Workload(StreamRuns):
+class Workload:
+    """One run of prompts on our engine, its deltas pushed by the engine's loop (`open_stream(sink=...)`).
+
+    start / stop / wait / done / wall_s / snapshot as ui/lab/follow.py follows them. Stop aborts every request
+    already sent (also one still waiting for its first token; its final "abort" delta arrives like any other), and
+    a request not sent yet is never sent."""
+
     def __init__(
         self,
         engine,
@@ -157,7 +166,14 @@ class Workload(StreamRuns):
             self._ids = [build_prompt_ids(engine.tokenizer, p, use_chat_template) for p in prompts]
             self._texts = list(prompts)
             self.prompt_lens = [len(i) if i else len(engine.tokenizer.encode(p)) for i, p in zip(self._ids, prompts)]
-        self._init_runs()
+        self._lock = threading.Lock()  # held only to copy or change `results` (the sink runs on the engine's loop)
+        self._handles: dict[int, object] = {}  # request index -> its RequestStream (for abort and check_serving)
+        self._unfinished = set(range(len(prompts)))
+        self._all_done = threading.Event()
+        if not prompts:
+            self._all_done.set()
+        self.start_time = 0.0
+        self.end_time: float | None = None
         self.since_step = engine.stats().num_steps - 1
         self.t0 = 0.0
 
@@ -165,19 +181,102 @@ class Workload(StreamRuns):
         self.engine.start_background_loop()
         self.start_time = time.perf_counter()
         self.t0 = self.start_time - self.engine.stats().started_at  # the run's start on the engine's clock
-        self._launch("ui-request")
+        if self.gap_s:  # one thread sends them in time
+            threading.Thread(target=self._send_staggered, name="ui-arrivals", daemon=True).start()
+        else:
+            for i in range(len(self.results)):
+                self._send(i)
         return self
 
-    def _open(self, i: int):
+    def _send_staggered(self) -> None:
+        for i in range(len(self.results)):
+            if i and self.cancel.wait(self.gap_s):  # stopped: the rest are never sent
+                for j in range(i, len(self.results)):
+                    self._end(j, finish_reason="abort")
+                return
+            self._send(i)
+
+    def _send(self, i: int) -> None:
+        if self.cancel.is_set():
+            self._end(i, finish_reason="abort")
+            return
         prompt = None if self._ids[i] else self._texts[i]
         extra = {} if self.image is None else dict(images=[self.image])  # text requests: the call as before
-        return self.engine.open_stream(prompt, self.params[i], prompt_token_ids=self._ids[i], owner=self.owner, **extra)
+        try:
+            handle = self.engine.open_stream(
+                prompt,
+                self.params[i],
+                prompt_token_ids=self._ids[i],
+                owner=self.owner,
+                sink=partial(self._take, i),
+                **extra,
+            )
+        except Exception as e:  # a bad request (too long, a closed engine) fails only this row
+            self._end(i, error=f"{type(e).__name__}: {e}")
+            return
+        with self._lock:
+            self.results[i].request_id = handle.request_id
+            self._handles[i] = handle
+        if self.cancel.is_set():  # stop() ran meanwhile and did not see it
+            handle.abort()
 
     def _take(self, i: int, delta) -> None:
-        res, out = self.results[i], delta.output
-        res.text, res.token_ids = out.text, list(out.token_ids)
-        res.finish_reason, res.ttft, res.latency = out.finish_reason, out.ttft, out.latency
-        res.error = out.error
+        """The sink of request i, called on the engine's loop: record the delta (a short lock, never a wait)."""
+        out = delta.output
+        with self._lock:
+            res = self.results[i]
+            res.text, res.token_ids = out.text, list(out.token_ids)
+            res.finish_reason, res.ttft, res.latency = out.finish_reason, out.ttft, out.latency
+            res.error = out.error
+            if delta.finished:
+                self._finished_locked(i)
+
+    def _end(self, i: int, finish_reason: str | None = None, error: str | None = None) -> None:
+        with self._lock:
+            res = self.results[i]
+            res.finish_reason = res.finish_reason or finish_reason
+            res.error = res.error or error
+            self._finished_locked(i)
+
+    def _finished_locked(self, i: int) -> None:
+        if i in self._unfinished:
+            self._unfinished.discard(i)
+            self.end_time = time.perf_counter()  # the last to finish sets it last
+            if not self._unfinished:
+                self._all_done.set()
+
+    def stop(self) -> None:
+        """Cancel: abort every request sent so far (before its first token too); later ones are not sent."""
+        self.cancel.set()
+        with self._lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.abort()
+
+    @property
+    def done(self) -> bool:
+        return self._all_done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds for every request to finish; a request the engine stopped serving (closed,
+        its loop dead) ends with that error instead of waiting for a delta that will not come."""
+        if self._all_done.wait(timeout):
+            return True
+        from backend.core.errors import RequestFailedError
+
+        with self._lock:
+            pending = [(i, self._handles[i]) for i in self._unfinished if i in self._handles]
+        for i, handle in pending:
+            try:
+                handle.check_serving()
+            except RequestFailedError as e:
+                self._end(i, error=f"{type(e).__name__}: {e}")
+        return self.done
+
+    @property
+    def wall_s(self) -> float:
+        end = self.end_time if self.done and self.end_time is not None else time.perf_counter()
+        return end - self.start_time
 
     def snapshot(self) -> tuple[list[RequestResult], Series]:
         with self._lock:

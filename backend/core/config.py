@@ -65,6 +65,7 @@ class OptionSpec:
     expect: str | None = None  # how an error says what is allowed (default: from kind, choices and range)
     flags: tuple[str, ...] = ()  # command-line spellings, the first the main one (default: --name-with-dashes)
     cli: bool = True  # offered by add_engine_flags (False: set by other means, e.g. the hosting policy)
+    app: bool = False  # a control in the app's Model panel (ui/panel.py builds it from this declaration)
 
     def expected(self) -> str:
         if self.expect:
@@ -119,32 +120,36 @@ class EngineConfig:
         "native: our model code; transformers: the transformers model with our attention injected; auto: native "
         "when the architecture has one",
         choices=MODEL_IMPLS,
+        app=True,
     )
     quantization: str | None = option(
         None, str, "weight quantization, e.g. int8 (see the README); None: as the checkpoint is", optional=True,
-        expect="None or a string such as 'int8'",
+        expect="None or a string such as 'int8'", app=True,
     )  # fmt: skip
-    dtype: str = option("auto", str, "weights and activations dtype", choices=("auto", *DTYPES))
-    device: str = option("auto", str, "auto, cpu, cuda or cuda:N", expect="'auto', 'cpu' or 'cuda[:N]'")
+    dtype: str = option("auto", str, "weights and activations dtype", choices=("auto", *DTYPES), app=True)
+    device: str = option("auto", str, "auto, cpu, cuda or cuda:N", expect="'auto', 'cpu' or 'cuda[:N]'", app=True)
     trust_remote_code: bool = option(
-        False, bool, "allow modeling code shipped in the checkpoint (the server: the same as --allow-remote-code)"
+        False,
+        bool,
+        "allow modeling code shipped in the checkpoint (the server: the same as --allow-remote-code)",
+        app=True,
     )
     revision: str | None = option(None, str, "Hub revision (branch, tag or commit)", optional=True)
     allow_local_paths: bool = option(
         True, bool, "False: `model` is a built-in name or a Hub id, never a local folder (hosting)", cli=False
     )
     # KV cache
-    block_size: int = option(16, int, "tokens per KV block (a power of two up to 256)", min=1, max=256)
+    block_size: int = option(16, int, "tokens per KV block (a power of two up to 256)", min=1, max=256, app=True)
     kv_cache_memory_gb: float | None = option(
         None, float, "KV cache budget in GiB; None: a share of free memory (checked against free memory at start)",
-        optional=True, above=0, max=2**20,
+        optional=True, above=0, max=2**20, app=True,
     )  # fmt: skip
     num_kv_blocks: int | None = option(
         None, int, "KV cache blocks (overrides the memory budget)", optional=True, min=1, max=2**24
     )
     max_model_len: int | None = option(
         None, int, "context length (prompt + output tokens) per request; None: what the model and the budget allow",
-        optional=True, min=1, max=2**24, flags=("--max-model-len", "--context-length"),
+        optional=True, min=1, max=2**24, flags=("--max-model-len", "--context-length"), app=True,
     )  # fmt: skip
     enable_prefix_caching: bool = option(True, bool, "share KV blocks of common prompt prefixes")
     prefix_cache_per_owner: bool = option(
@@ -154,10 +159,10 @@ class EngineConfig:
     # scheduler
     max_num_seqs: int = option(
         64, int, "requests in the running batch at once", min=1, max=4096,
-        flags=("--max-num-seqs", "--max-running-requests"),
+        flags=("--max-num-seqs", "--max-running-requests"), app=True,
     )  # fmt: skip
     max_num_batched_tokens: int = option(
-        2048, int, "tokens per engine step; prefills are chunked to fit", min=1, max=2**20
+        2048, int, "tokens per engine step; prefills are chunked to fit", min=1, max=2**20, app=True
     )
     tp_size: int = option(
         1, int, "tensor parallelism: ranks, one process each (gloo on CPU, NCCL on CUDA)", min=1, max=64,
@@ -181,7 +186,7 @@ class EngineConfig:
         "our C++ CPU kernels (flab_kernels/cpu, built on first use; backend/layers/cpu/fused.py): fused uses them "
         "(GEMV linears for decode rows; native models: fused RMSNorm, paged decode attention), torch never, auto for "
         "bf16 models on CPU; where they cannot build or run, the torch path runs and describe() says why",
-        choices=CPU_KERNELS,
+        choices=CPU_KERNELS, app=True,
     )  # fmt: skip
     keep_freed_memory: bool = option(
         True, bool, "CPU: keep freed memory in the process (glibc mallopt, backend/core/host_allocator.py) so per-step "

@@ -127,7 +127,7 @@ def resolve_builtin(name: str, progress: Progress | None = None, cache: str | Pa
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(target.parent / f".{target.name}.lock"):
+        with _file_lock(target.parent / f".{target.name}.lock", lambda: report(ConversionProgress("wait"))):
             if model.name == TRAINED:
                 report(ConversionProgress("build"))
                 _build_trained(target)  # checks its own settings: trained again only when they changed
@@ -249,9 +249,15 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the lock file `path`; `on_wait` is called first when another process (or thread) holds it."""
     with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:

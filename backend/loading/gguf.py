@@ -32,7 +32,7 @@ CONVERT_COMMAND = "python -m backend.tools.convert_gguf IN.gguf OUT_DIR --dtype 
 class ConversionProgress:
     """One report of building or converting a model: `stage`, and how far it is (`done` of `total` steps)."""
 
-    stage: Literal["read", "tokenizer", "dequantize", "write", "build", "done"]
+    stage: Literal["wait", "read", "tokenizer", "dequantize", "write", "build", "done"]  # wait: another holds the lock
     done: int = 0
     total: int = 0
 

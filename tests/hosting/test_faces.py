@@ -39,8 +39,12 @@ KEY = "sk-faces"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_NEW = 256  # the host's cap on new tokens
 PER_VISITOR = 8  # the host's cap on one visitor's parallel sequences (also the scheduler's per-owner cap)
-# choice, impl, quant, dtype, device, kv MB, block size, max batch, max context, trust_remote_code, step tokens
-LOAD = ["tiny:llama", "auto", "as in checkpoint", "float32", "cpu", 4, 16, 32, 0, False, 32]
+# the app's /load: the model, then the Model panel's options by name (ui/panel.py, in its controls' units)
+MODEL = "tiny:llama"
+PANEL = dict(
+    model_impl="auto", quantization="as in checkpoint", dtype="float32", device="cpu", kv_cache_memory_gb=4,
+    block_size=16, max_num_seqs=32, max_model_len=0, trust_remote_code=False, max_num_batched_tokens=32,
+)  # fmt: skip
 SHORT_BOUND_STEPS = 8  # a short request's first token: at most this many engine steps later than alone
 STORM_HTTP = int(os.environ.get("FLAB_FACES_STORM_HTTP", "100"))
 STORM_APP = int(os.environ.get("FLAB_FACES_STORM_APP", "16"))  # app events of 1-5 copies each (~50 requests)
@@ -147,7 +151,7 @@ def start_app(asgi) -> tuple:
 def model_dir():
     from backend.loading.builtin import resolve_builtin
 
-    return resolve_builtin(LOAD[0])
+    return resolve_builtin(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +185,11 @@ def faces(folders):
         max_parallel_per_visitor=PER_VISITOR,
         forwarded_allow_ips=("127.0.0.1",),  # the test's sessions' addresses come through this named proxy
     )
-    asgi, lab = app_module.make_api_app(LOAD[0], policy, served_model_name="tiny")
+    asgi, lab = app_module.make_api_app(MODEL, policy, served_model_name="tiny")
     lab.update_s = 0.2
     server, thread, url = start_app(asgi)
     client = gradio_client.Client(url + "/", verbose=False)
-    status, _, _ = client.predict(*LOAD, api_name="/load")
+    status, _, _ = client.predict(MODEL, api_name="/load", **PANEL)
     assert "random weights" in status, status
     yield dict(url=url, lab=lab, policy=policy, client=client)
     server.should_exit = True
@@ -202,7 +206,7 @@ def visitor_sessions(url: str, n: int = 8) -> tuple[list, list[str]]:
 
 
 def _status(client, choice, trust=False) -> str:
-    return client.predict(choice, *LOAD[1:9], trust, LOAD[10], api_name="/load")[0]
+    return client.predict(choice, api_name="/load", **dict(PANEL, trust_remote_code=trust))[0]
 
 
 def test_no_working_remote_code_toggle(faces, folders):
@@ -222,7 +226,7 @@ def test_no_working_remote_code_toggle(faces, folders):
         f"{remote} needs remote code (it ships its own Python code in its repository) and the host has not "
         "allowed remote code on this host; pick another model" in status
     )
-    assert faces["lab"].session.spec.model == LOAD[0]  # the host's model is still the one loaded
+    assert faces["lab"].session.spec.model == MODEL  # the host's model is still the one loaded
 
 
 def test_no_local_path_outside_the_allowed_folders(faces, folders):
@@ -239,7 +243,7 @@ def test_no_local_path_outside_the_allowed_folders(faces, folders):
         status = _status(client, path)
         assert PATH_REFUSED in status, (path, status)
         assert "No such file" not in status and "does not exist" not in status
-    assert faces["lab"].session.spec.model == LOAD[0]
+    assert faces["lab"].session.spec.model == MODEL
 
 
 def test_model_slots_and_caps(faces, folders):
@@ -256,7 +260,7 @@ def test_model_slots_and_caps(faces, folders):
         )
         assert lab.session.spec.model == mine
     finally:
-        assert "Load failed" not in _status(first, LOAD[0])  # back to the host's model: the slot is free
+        assert "Load failed" not in _status(first, MODEL)  # back to the host's model: the slot is free
     assert lab.model_slots.holders() == 0 and lab.model_holder is None
     out = first.predict(*gen_args(max_new=MAX_NEW + 1), api_name="/generate")
     assert f"max new tokens {MAX_NEW + 1} is over this host's cap of {MAX_NEW}" in out[2]

@@ -11,17 +11,18 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Engine options that keep the tiny model light: a 4 MiB KV cache (512 blocks of 16 tokens).
+# The Model panel's values by option name (ui/panel.py), in the controls' units: they keep the tiny model light,
+# a 4 MiB KV cache (512 blocks of 16 tokens).
 LOAD_ARGS = dict(
     choice="tiny:llama",
-    impl="auto",
-    quant="as in checkpoint",
+    model_impl="auto",
+    quantization="as in checkpoint",
     dtype="float32",
     device="cpu",
-    kv_mb=4,
+    kv_cache_memory_gb=4,  # the panel's box: MiB
     block_size=16,
-    max_batch=16,
-    max_len=0,
+    max_num_seqs=16,
+    max_model_len=0,
 )
 
 

@@ -76,8 +76,8 @@ def test_stop_takes_effect_between_runs(lab):
     [
         (dict(workloads=[]), "at least one workload"),
         (dict(systems=[]), "at least one system"),
-        (dict(num_requests=0), "between 1 and 64"),
-        (dict(repeat=9), "between 1 and 5"),
+        (dict(num_requests=0), "requests: 0 is outside the allowed range: an integer >= 1 and <= 64"),
+        (dict(repeat=9), "repeats: 9 is outside the allowed range: an integer >= 1 and <= 5"),
     ],
 )
 def test_bad_choices_are_refused_before_anything_runs(lab, change, message):

@@ -2,7 +2,7 @@
 chromium (as tests/ui/test_browser.py): no header word split across lines, nothing wider than the window that does
 not scroll as a whole, plot titles inside their plots, legends without an inner scrollbar, few memory-axis ticks;
 the Inside tab's property table collapsed, the KV map showing the last run with the live view off, the Benchmark
-intro said once; a preset puts the panel's settings back after its run."""
+intro said once; Compare's alternated rounds and kernel paths; a preset puts the panel's settings back after its run."""
 
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def test_every_tab_fits_the_window(browser, app_url, size):
 
     page = _open(browser, app_url, size)
     try:
+        # the panel's controls come from EngineConfig's declarations: the CPU kernel path is one of them
+        expect(page.get_by_text("CPU kernels", exact=True).first).to_be_visible()
         page.locator("#flab-generate").click()  # the default run: several different prompts
         expect(page.get_by_text("done:", exact=False).first).to_be_visible()
         found = check_layout(page, "Generate")
@@ -90,6 +92,9 @@ def test_every_tab_fits_the_window(browser, app_url, size):
         page.locator("#flab-compare").click()
         expect(page.get_by_text("greedy outputs agree token for token", exact=False).first).to_be_visible()
         expect(page.get_by_text("warmed up first", exact=False).first).to_be_visible()
+        expect(page.get_by_text("alternated round(s): A, B, A, B", exact=False).first).to_be_visible()
+        expect(page.get_by_text("B: CPU kernels", exact=True)).to_be_visible()  # each side's kernel path
+        expect(page.locator("#flab-cmp-rounds")).to_be_visible()
         check_layout(page, "Compare")
         page.screenshot(path=str(DOCS / f"layout_compare_{size[0]}.png"), full_page=True)
     finally:
@@ -110,3 +115,58 @@ def test_a_preset_puts_the_panel_back(browser, app_url):
         expect(page.locator("#flab-load-status")).not_to_contain_text("Loading")
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_first_start_says_what_it_waits_for(browser, tmp_path, monkeypatch, size):
+    """A fresh cache whose lock another process holds (as a second `python app.py` converting the GGUF): the page's
+    main area shows one line saying it waits for that process, visible without scrolling, and the panel says what it
+    waits for; when the other process lets go, the model builds and the page shows the loaded engine."""
+    import subprocess
+    import sys
+
+    from playwright.sync_api import expect
+
+    import app as app_module
+    from backend import paths
+    from backend.loading.builtin import builtin_path
+    from tests.ui.conftest import free_port
+    from tests.ui.test_startup_load import HOLD_LOCK
+    from ui.callbacks import Lab
+    from ui.layout import CSS, THEME, build_demo
+
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
+    target = builtin_path("tiny:llama")
+    target.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(target.parent / f".{target.name}.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lab = Lab(update_s=0.2, host_model="tiny:llama")
+    demo = build_demo(lab, default_model="tiny:llama").queue(default_concurrency_limit=app_module.QUEUE_CONCURRENCY)
+    port = free_port()
+    page = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        demo.launch(
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=THEME, css=CSS
+        )
+        page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+        page.goto(f"http://127.0.0.1:{port}/")
+        status = page.locator("#flab-load-status")
+        expect(status).to_contain_text("waiting for another process to finish converting")
+        box = status.bounding_box()
+        assert box is not None and box["y"] + box["height"] <= size[1]  # in view as the page opens
+        expect(page.get_by_text("Waiting for the host's model (tiny:llama) to load", exact=False)).to_be_visible()
+        holder.stdin.close()  # the other process lets go: this one builds the model and loads it
+        expect(page.get_by_text("blocks × 16 tokens", exact=False).first).to_be_visible()
+    finally:
+        if page is not None:
+            page.close()
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(timeout=30)
+        demo.close()
+        lab.session.close()

@@ -13,8 +13,9 @@ import pytest
 from tests.ui.conftest import LOAD_ARGS
 from ui import defaults
 from ui.callbacks import Lab
-from ui.common import Panel, quantization_value
+from ui.common import quantization_value
 from ui.errors import to_gr_error
+from ui.panel import Panel
 from ui.session import LoadSpec, Session
 
 COMPARE = dict(
@@ -25,10 +26,10 @@ COMPARE = dict(
     b_quant="as in checkpoint",
     dtype="float32",
     device="cpu",
-    kv_mb=4,
+    kv_cache_memory_gb=4,
     block_size=16,
-    max_batch=16,
-    max_len=0,
+    max_num_seqs=16,
+    max_model_len=0,
     prompt="Hello world\nThe quick brown fox",
     use_chat_template=False,
     mode="lines",
@@ -81,7 +82,9 @@ def test_builtin_models_in_the_picker(ui_cache):
 def test_estimate_shows_what_the_engine_gets(lab):
     """The estimate for the panel's settings names the context and cache the loaded engine really has."""
     engine = lab.session.current()
-    est = lab.picker.estimate(LOAD_ARGS["choice"], "float32", "as in checkpoint", LOAD_ARGS["kv_mb"], 0, 16)
+    est = lab.picker.estimate(
+        LOAD_ARGS["choice"], "float32", "as in checkpoint", LOAD_ARGS["kv_cache_memory_gb"], 0, 16
+    )
     kv = engine.describe()["kv_cache"]
     assert f"{kv['num_blocks']:,} blocks of {kv['block_size']} tokens" in est
     assert f"context {engine.max_model_len:,} tokens" in est
@@ -108,7 +111,7 @@ def test_load_reports_and_reuses(lab):
     assert "random weights" in status and "reused" in status and "auto resolved to" in status
     assert lab.session.current() is engine  # nothing changed: same engine
     assert "| **implementation** |" in desc and isinstance(kv, go.Figure)
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, impl="transformers"))
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, model_impl="transformers"))
     assert lab.session.current() is not engine and engine._closed  # settings changed: old engine closed
     assert "**transformers**" in status and "loaded in" in status
 
@@ -164,7 +167,7 @@ def test_another_users_run_keeps_the_shared_engine(lab):
     engine = lab.session.current()
     other = lab.runs.start("someone-else")
     try:
-        status, _, _ = lab.loader.load(**dict(LOAD_ARGS, max_batch=8))
+        status, _, _ = lab.loader.load(**dict(LOAD_ARGS, max_num_seqs=8))
         assert "Engine busy" in status and "1 run(s) of other users" in status
         *_, last = lab.compare_tab.compare(**dict(COMPARE, prompt="Hello", max_new=4))
         assert "Engine busy" in last[0]
@@ -175,7 +178,7 @@ def test_another_users_run_keeps_the_shared_engine(lab):
         assert lab.session.current() is engine
     finally:
         lab.runs.finish("someone-else", other)
-    lab.loader.load(**dict(LOAD_ARGS, max_batch=8))  # nobody else running: replaced
+    lab.loader.load(**dict(LOAD_ARGS, max_num_seqs=8))  # nobody else running: replaced
     assert lab.session.current() is not engine
 
 
@@ -184,7 +187,7 @@ def test_errors_go_to_the_status_line_and_the_app_keeps_working(lab, tmp_path):
     assert "prompt" in last[2] and "No prompt" in last[2]
     status, _, _ = lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing")))
     assert "Load failed" in status and "ModelNotFoundError" in status
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.001))  # a KV budget too small for one block
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_cache_memory_gb=0.001))  # a KV budget too small for one block
     assert "KVCacheError" in status
     *_, last = lab.generate_tab.generate(**GEN)
     assert "done" in last[2]
@@ -270,24 +273,25 @@ def test_progress_adapter_reports_bytes_then_weight_loading():
 
 def test_bug1_a_failed_load_keeps_the_loaded_engine(lab, tmp_path):
     engine = lab.session.current()
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing"), impl="transformers"))
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, choice=str(tmp_path / "missing"), model_impl="transformers"))
     assert lab.session.current() is engine and not engine.closed  # refused before the old engine was closed
     assert "Load failed" in status and "still loaded, unchanged" in status
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.001))  # the memory check sizes the cache first
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_cache_memory_gb=0.001))  # memory check sizes the cache
     assert "KVCacheError" in status and "still loaded, unchanged" in status  # refused before it closed anything
-    spec = lab.loader.spec(Panel(**LOAD_ARGS))
+    spec = lab.loader.spec(Panel.of(**LOAD_ARGS))
     assert lab.session.spec == spec and lab.session.current() is engine
     *_, last = lab.generate_tab.generate(**GEN)
     assert "done" in last[2]
 
 
 def test_bug2_the_panel_shows_the_loaded_engine(lab):
-    lab.loader.load(**dict(LOAD_ARGS, impl="transformers", max_batch=8, kv_mb=2))
+    lab.loader.load(**dict(LOAD_ARGS, model_impl="transformers", max_num_seqs=8, kv_cache_memory_gb=2))
     spec = lab.session.spec
     # a page reload: the panel's defaults come in, the loaded engine's settings go out
-    out = lab.page.startup(**dict(LOAD_ARGS, impl="auto"))
+    *_, out = lab.page.startup(**dict(LOAD_ARGS, model_impl="auto"))
     assert out[1].value == defaults.RANDOM_CHOICE
-    assert out[5:15] == ("transformers", "as in checkpoint", "float32", "cpu", 2, 16, 8, 0, False, 2048)
+    # the panel's options in declaration order (ui/panel.app_options)
+    assert out[5:16] == ("transformers", "as in checkpoint", "float32", "cpu", False, 16, 2, 0, 8, 2048, "auto")
     assert lab.session.spec == spec
     list(lab.compare_tab.compare(**COMPARE))  # A then B, then the lab's engine again
     assert lab.session.spec == spec
@@ -304,8 +308,8 @@ def test_bug3_stop_after_a_run_keeps_its_result(lab):
 def test_bug4_caps_are_refused_or_shown(lab):
     for bad in (0, -5):
         *_, last = lab.generate_tab.generate(**dict(GEN, max_new=bad))
-        assert "max new tokens must be a whole number of at least 1" in last[2]
-    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_mb=0.125))  # 16 blocks: 256 tokens of context
+        assert f"max new tokens: {bad!r} is outside the allowed range: an integer >= 1" in last[2]
+    status, _, _ = lab.loader.load(**dict(LOAD_ARGS, kv_cache_memory_gb=0.125))  # 16 blocks: 256 tokens of context
     assert "cut from the model's 512 by the KV cache budget" in status
     *_, last = lab.generate_tab.generate(**dict(GEN, copies=1, max_new=400))
     assert "more than the context leaves" in last[2] and "stopped at the context limit (256 tokens)" in last[2]
@@ -316,7 +320,7 @@ def test_bug5_weights_count_the_same_way_per_implementation(lab):
     from ui.views import weights_text
 
     native = lab.session.current().describe()
-    lab.loader.load(**dict(LOAD_ARGS, impl="transformers"))
+    lab.loader.load(**dict(LOAD_ARGS, model_impl="transformers"))
     hf = lab.session.current().describe()
     assert native["weights_bytes"] != hf["weights_bytes"]  # the RoPE table: native precomputes cos/sin
     assert native["weights_bytes"] - native["rope_table_bytes"] == hf["weights_bytes"] - hf["rope_table_bytes"]
@@ -355,7 +359,10 @@ def _run_preset(lab, key):
     values = lab.presets.preset(key, defaults.RANDOM_CHOICE, *PANEL)
     kv_mb, max_batch, step_tokens, max_len, max_new, temp, ignore_eos, gap, chat = values[:9]
     prompt, mode, copies, status, _ = values[9:]
-    lab.loader.load(**dict(LOAD_ARGS, kv_mb=kv_mb, max_batch=max_batch, max_len=max_len), step_tokens=step_tokens)
+    lab.loader.load(
+        **dict(LOAD_ARGS, kv_cache_memory_gb=kv_mb, max_num_seqs=max_batch, max_model_len=max_len),
+        max_num_batched_tokens=step_tokens,
+    )
     *_, last = lab.generate_tab.generate(
         **dict(
             GEN,
@@ -412,7 +419,7 @@ def test_preset_long_prompt_is_prefilled_in_chunks(lab):
 
 @pytest.mark.parametrize("impl", ["native", "transformers"])
 def test_trace_one_step_shows_what_our_attention_received(lab, impl):
-    lab.loader.load(**dict(LOAD_ARGS, impl=impl))
+    lab.loader.load(**dict(LOAD_ARGS, model_impl=impl))
     (summary, rows, tree) = next(lab.inside_tab.trace("The capital of France is"))
     assert "1 prefill" in summary and "1 decode" in summary
     layers = lab.session.current().describe()["layers"]
@@ -439,41 +446,72 @@ def test_preset_says_what_it_changes_and_restore_puts_the_panel_back(lab):
     preempt = lab.presets.preset("preempt", defaults.RANDOM_CHOICE, *PANEL)
     assert preempt[0] != PANEL[0] and "KV budget (MB) 4 → " in preempt[12]
     assert lab.presets.restore(preempt[13], "x")[0] == 4.0
-    load_inputs = list(dict(LOAD_ARGS, kv_mb=back[0], max_batch=back[1]).values()) + [False, back[2]]
-    status, desc = lab.presets.reload(*load_inputs)  # the Load button's inputs, in the layout's order
+    panel = dict(LOAD_ARGS, kv_cache_memory_gb=back[0], max_num_seqs=back[1], max_num_batched_tokens=back[2])
+    status, desc = lab.presets.reload(**panel)  # the Load button's inputs, by option name
     assert "blocks × 16 tokens" in status and dict(lab.session.spec.options)["max_num_batched_tokens"] == 2048
 
 
-# --- issue 30: Compare warms both sides up before measuring them -------------------------------------------
+# --- issue 30: Compare warms both sides up, then alternates them ------------------------------------------
 
 
-def test_compare_warms_each_side_up_before_measuring_it(lab, monkeypatch):
+def test_compare_warms_both_sides_up_then_alternates_them(lab, monkeypatch):
+    """Both engines loaded and warmed up before any measured run; then rounds A, B, A, B (the order of the runs is
+    checked, never a time); the table's rates are medians over the rounds with B / A."""
     from ui import compare
     from ui.lab import compare_tab
 
-    warmed = []
-    real = compare_tab.warm_up
+    events = []
+    real_warm, real_workload = compare_tab.warm_up, compare_tab.Workload
 
-    def spy(engine, ids, owner):
-        real(engine, ids, owner)
+    def spy_warm(engine, ids, owner):
+        real_warm(engine, ids, owner)
         view = engine.kv_cache_view()
-        warmed.append((engine.model_impl, engine.stats().kv_blocks_used, sum(b.cached for b in view)))
+        events.append(("warm", engine.model_impl, engine.stats().kv_blocks_used, sum(b.cached for b in view)))
 
-    monkeypatch.setattr(compare_tab, "warm_up", spy)
-    updates = list(lab.compare_tab.compare(**COMPARE))
-    assert warmed == [("native", 0, 0), ("transformers", 0, 0)]  # done, and no cached prompt left to hit
+    def spy_workload(engine, *args, **kwargs):
+        events.append(("run", engine.model_impl, engine._closed))
+        return real_workload(engine, *args, **kwargs)
+
+    monkeypatch.setattr(compare_tab, "warm_up", spy_warm)
+    monkeypatch.setattr(compare_tab, "Workload", spy_workload)
+    updates = list(lab.compare_tab.compare(**COMPARE, rounds=2))
+    assert events == [
+        ("warm", "native", 0, 0),  # done, and no cached prompt left to hit
+        ("warm", "transformers", 0, 0),
+        ("run", "native", False),  # both engines stay loaded across the rounds
+        ("run", "transformers", False),
+        ("run", "native", False),
+        ("run", "transformers", False),
+    ]
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
-
-    def first(prefix: str) -> int:
-        return next(i for i, s in enumerate(statuses) if s.startswith(prefix))
-
-    assert first("**Warming up** A") < first("**Running** A") < first("**Warming up** B") < first("**Running** B")
+    running = [s.split(":")[0] + s[s.index("(round") :].split(")")[0] for s in statuses if s.startswith("**Running**")]
+    assert list(dict.fromkeys(running)) == [
+        "**Running** A(round 1 of 2",
+        "**Running** B(round 1 of 2",
+        "**Running** A(round 2 of 2",
+        "**Running** B(round 2 of 2",
+    ]
     status, thr, *_, table, agree, _ = updates[-1]
     assert min(x for t in thr.data for x in t.x) >= 0  # the measured runs' steps only, not the warm-ups'
-    assert "A and B loaded and warmed up first" in status and "measured in this order: A, then B" in status
+    assert "A and B loaded and warmed up first" in status and "2 alternated round(s): A, B, A, B" in status
     order = table[table["metric"] == compare.ORDER_ROW].iloc[0].tolist()
-    assert order[1:] == ["1st", "2nd"]
+    assert order[1:] == ["2: runs 1, 3", "2: runs 2, 4"]
+    ratio = table[table["metric"] == f"output tok/s (wall), {compare.RATIO_NOTE}"].iloc[0].tolist()
+    assert ratio[1].count("·") == 1 and "× A" in ratio[2]  # both rounds listed; B's median as a ratio to A's
     assert [row[2] for row in agree] == ["identical (10 tokens)"] * 2  # the warm-up changes no output
+    assert "rounds gave different" not in status  # greedy rounds repeat their tokens
+    assert lab.session.current().model_impl == "native" and not lab.session.current()._closed  # the lab's again
+
+
+def test_compare_order_and_rounds_are_checked(lab):
+    from ui import compare
+    from ui.numbers import checked
+
+    assert compare.run_order(["A", "B"], 3) == ["A", "B", "A", "B", "A", "B"]
+    assert checked(rounds=2.0) == {"rounds": 2}
+    for bad in (0, 6, 1.5, None):
+        *_, last = lab.compare_tab.compare(**COMPARE, rounds=bad)
+        assert "rounds: " in last[0] and "outside the allowed range: an integer >= 1 and <= 5" in last[0], last[0]
 
 
 # --- issue 30: the KV map after a run, the trace explained ----------------------------------------------------
@@ -517,3 +555,40 @@ def test_the_default_generate_run_shows_a_batch_of_different_requests(lab):
     assert "one batch" in by_id["flab-prompt"].info  # said next to the box
     *_, last = lab.generate_tab.generate(**dict(GEN, prompt=prompt, mode=mode, copies=copies, ignore_eos=False))
     assert len(last[1]) == len(prompts) and len({row[5] for row in last[1]}) == len(prompts)  # different outputs
+
+
+# --- issue 29: the CPU kernel path as a Compare setting and in the Inside view --------------------------------
+
+
+def test_compare_torch_ops_against_fused_kernels(lab):
+    """The same implementation on both sides, torch ops (A) against our C++ kernels (B): the labels say which path
+    ran, and fp32 greedy tokens agree token for token."""
+    args = dict(COMPARE, a_impl="native", b_impl="native", a_kernels="torch", b_kernels="fused")
+    status, *_, table, agree, _ = list(lab.compare_tab.compare(**args, rounds=1))[-1]
+    engine_ran = "fused" if "B: native · no quant · fused kernels" in table.columns else "torch"
+    assert "A: native · no quant · torch kernels" in table.columns, list(table.columns)
+    assert "B: native · no quant · " + engine_ran + " kernels" in table.columns
+    assert "agree token for token" in status, (status, agree)
+    (status, *_), *_ = list(lab.compare_tab.compare(**dict(args, b_kernels="torch")))
+    assert "A and B are the same settings" in status
+
+
+def test_trace_names_the_kernel_path_that_ran(lab):
+    from types import SimpleNamespace
+
+    from ui import kernel_path
+
+    spec = lab.session.spec
+    lab.session.load(spec.with_options(cpu_kernels="fused"))
+    info = lab.session.current().describe()
+    summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
+    assert f"`cpu_kernels` → **{info['cpu_kernels']}**" in summary
+    if info["cpu_kernels"] == "fused":  # the kernels build on this machine
+        assert "torch paged attention (a step with prefill" in summary and "our fused RMSNorm" in summary
+    lab.session.load(spec.with_options(cpu_kernels="torch"))
+    summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
+    assert "`cpu_kernels` → **torch** (cpu_kernels='torch')" in summary
+    decode = SimpleNamespace(module_class="FusedPagedAttention", num_prefill=0, num_tokens=2)
+    assert kernel_path.attention_path(decode) == "our C++ paged decode kernel (decode-only step)"
+    text = kernel_path.kernel_path_markdown({"cpu_kernels": "fused"}, [decode])
+    assert "our C++ GEMV (2 token rows" in text

@@ -13,8 +13,11 @@ from tests.ui.conftest import free_port
 gradio_client = pytest.importorskip("gradio_client")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignore:The copy keyword")
 
-# choice, impl, quant, dtype, device, kv MB, block size, max batch, max context, trust_remote_code, step tokens
-HOST = ["tiny:llama", "auto", "as in checkpoint", "auto", "auto", 4, 16, 16, 0, False, 2048]  # lab.host_panel()
+HOST = dict(  # lab.host_panel(): the panel's options by name (ui/panel.py)
+    model_impl="auto", quantization="as in checkpoint", dtype="auto", device="auto", trust_remote_code=False,
+    block_size=16, kv_cache_memory_gb=4, max_model_len=0, max_num_seqs=16, max_num_batched_tokens=2048,
+    cpu_kernels="auto",
+)  # fmt: skip
 REFUSED = "the host's model runs with the host's engine settings (batch, context, KV budget, step budget)"
 
 
@@ -34,11 +37,7 @@ def hosted_app(max_visitor_models: int):
 
 
 def _load(client, **changes) -> str:
-    values = list(HOST)
-    names = ["choice", "impl", "quant", "dtype", "device", "kv_mb", "block_size", "max_batch", "max_len"]
-    for name, value in changes.items():
-        values[names.index(name)] = value
-    return client.predict(*values, api_name="/load")[0]
+    return client.predict("tiny:llama", api_name="/load", **dict(HOST, **changes))[0]
 
 
 def test_other_settings_take_a_slot_and_the_host_settings_come_back(ui_cache):
@@ -46,10 +45,10 @@ def test_other_settings_take_a_slot_and_the_host_settings_come_back(ui_cache):
     try:
         assert lab.host_spec == lab.session.spec and lab.host_spec.engine_kwargs()["max_num_seqs"] == 16
         a, b = (gradio_client.Client(url, verbose=False) for _ in range(2))
-        status = _load(a, max_batch=1, max_len=24)  # the attack: accepted only as a's own model
+        status = _load(a, max_num_seqs=1, max_model_len=24)  # the attack: accepted only as a's own model
         assert "Load failed" not in status, status
         assert lab.model_holder == a.session_hash and lab.model_slots.holders() == 1
-        status = _load(b, kv_mb=8)  # b wants other settings too: the one slot is a's
+        status = _load(b, kv_cache_memory_gb=8)  # b wants other settings too: the one slot is a's
         assert "Load failed" in status and REFUSED in status and "all are in use" in status, status
         assert dict(lab.session.spec.options)["max_num_seqs"] == 1  # a's model, unchanged by b
         assert "Load failed" not in _load(a)  # the host's settings again: the slot is free
@@ -63,7 +62,12 @@ def test_other_settings_are_refused_when_visitors_have_no_slots(ui_cache):
     demo, lab, url = hosted_app(max_visitor_models=0)
     try:
         client = gradio_client.Client(url, verbose=False)
-        for change in (dict(max_batch=1), dict(max_len=24), dict(kv_mb=3000), dict(block_size=32)):
+        for change in (
+            dict(max_num_seqs=1),
+            dict(max_model_len=24),
+            dict(kv_cache_memory_gb=3000),
+            dict(block_size=32),
+        ):
             status = _load(client, **change)
             assert REFUSED in status and "does not let visitors load their own model" in status, (change, status)
             assert lab.session.spec == lab.host_spec

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr
 import httpx
 
 from tests.ui.conftest import free_port
@@ -52,17 +53,9 @@ def test_app_api_serves_without_a_page_visit(ui_cache):
             proc.kill()
 
 
-class Recorder:
-    """gr.Progress's call signature: records each description."""
-
-    def __init__(self) -> None:
-        self.descs: list[str] = []
-
-    def __call__(self, value, desc=None) -> None:
-        self.descs.append(desc or "")
-
-
 def test_a_page_opened_during_the_start_up_load_shows_its_progress(ui_cache):
+    """One progress line in the main area (the load status) while the start-up load runs, the panel's note saying
+    what it waits for, every other output left alone (no spinner on each control); then the loaded engine."""
     release = threading.Event()
 
     def slow_factory(model, progress=None, **kwargs):
@@ -75,22 +68,67 @@ def test_a_page_opened_during_the_start_up_load_shows_its_progress(ui_cache):
     lab = Lab(Session(slow_factory), update_s=0.1, host_model="tiny:llama")
     try:
         load = lab.page.start_preload()
-        recorder, out = Recorder(), {}
-        page = threading.Thread(target=lambda: out.update(v=lab.page.startup(*lab.host_panel().values(),
-                                                                              progress=recorder)))  # fmt: skip
-        page.start()
-        deadline = time.monotonic() + 30
-        while not any("downloading model.safetensors" in d for d in recorder.descs):
-            assert time.monotonic() < deadline and page.is_alive(), recorder.descs
-            time.sleep(0.05)
+        updates = lab.page.startup(lab.host_panel().choice, **lab.host_panel().options)
+        note, _, line, *rest = next(updates)
+        while "downloading model.safetensors" not in line:
+            note, _, line, *rest = next(updates)
         assert lab.session.current() is None and not load.done.is_set()  # still loading: the page waits, showing it
-        assert "loading the host's model at start-up: downloading model.safetensors" in recorder.descs[-1]
+        assert line.startswith("⏳ **Starting** tiny:llama: downloading model.safetensors") and "50%" in line
+        assert "Waiting for the host's model (tiny:llama) to load" in note
+        assert all(isinstance(v, type(gr.skip())) for v in rest)  # the panel's controls untouched meanwhile
         release.set()
-        page.join(timeout=60)
+        *_, last = updates
         assert load.done.is_set() and load.error is None
-        status = out["v"][2]
-        assert "random weights" in status, status  # then the loaded engine's status
+        assert "random weights" in last[2], last[2]  # then the loaded engine's status
         assert lab.host_spec == lab.session.spec  # the start-up load set the host's settings
     finally:
         release.set()
+        lab.session.close()
+
+
+HOLD_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "a+") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_a_page_says_it_waits_for_another_process_converting(tmp_path, monkeypatch):
+    """Another process holds the built-in model's cache lock (as a second `python app.py` converting the GGUF
+    would): the page's one line says it waits for it; when that process lets go, the model builds and loads."""
+    from backend import paths
+    from backend.loading.builtin import builtin_path
+
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
+    target = builtin_path("tiny:llama")
+    target.parent.mkdir(parents=True)
+    lock = target.parent / f".{target.name}.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    lab = Lab(update_s=0.1, host_model="tiny:llama")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        updates = lab.page.startup(
+            lab.host_panel().choice, **lab.host_panel().options
+        )  # no engine: the page starts the host's load itself
+        lines = []
+        for note, _, line, *_ in updates:
+            lines.append(line)
+            if "waiting for another process to finish converting" in line:
+                break
+        assert "waiting for another process to finish converting" in lines[-1], lines
+        assert lines[-1].startswith("⏳ **Starting** tiny:llama: first use:")
+        assert "Waiting for the host's model (tiny:llama)" in note
+        assert lab.session.current() is None and not lab.startup_load.done.is_set()
+        holder.stdin.close()  # the other process lets go: this one builds the model and loads it
+        *_, last = updates
+        assert "random weights" in last[2], last[2]
+        assert (target / "config.json").is_file()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(timeout=30)
         lab.session.close()

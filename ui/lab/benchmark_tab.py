@@ -7,10 +7,12 @@ import gradio as gr
 
 from backend.hosting import check_benchmark
 from ui import benchmark
-from ui.common import PANEL_NUMBERS, hub_module, max_len_value, progress_adapter, quantization_value, session_key
+from ui.common import hub_module, progress_adapter, quantization_value, session_key
 from ui.errors import status_errors
 from ui.lab.loading import Loader, hosted_model
 from ui.lab.state import LabState
+from ui.numbers import checked
+from ui.panel import PANEL_NUMBERS, to_engine
 
 CLOSED = (
     "**The benchmark closed the lab's engine** to free memory (each system loads the model itself); "
@@ -47,6 +49,8 @@ class BenchmarkTab:
 
         state = self.state
         check_benchmark(state.policy)
+        checked(num_requests=num_requests, repeat=repeat)
+        PANEL_NUMBERS["max_model_len"].check(max_len)
         n, reps = benchmark.validate(workloads, systems, num_requests, repeat)
         key = session_key(request)
         state.refuse_if_others_run(key, "The benchmark")
@@ -55,7 +59,6 @@ class BenchmarkTab:
         try:
             with state.run(key) as handle:
                 hosted = hosted_model(state, choice, trust_remote_code)
-                PANEL_NUMBERS["max_len"].check(max_len)
                 path = str(
                     hub_module().resolve_model(
                         hosted.model, progress=progress_adapter(progress), allow_local=hosted.allow_local_paths
@@ -66,7 +69,7 @@ class BenchmarkTab:
                     dtype=dtype or "auto",
                     device=device or "auto",
                     quantization=quantization_value(quant),
-                    max_model_len=max_len_value(max_len),
+                    max_model_len=to_engine("max_model_len", max_len),
                     num_requests=n,
                     repeat=reps,
                     trust_remote_code=hosted.remote_code.trust,

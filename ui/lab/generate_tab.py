@@ -13,8 +13,9 @@ from ui import images, views
 from ui.common import session_key, thin, visitor_key
 from ui.errors import status_errors
 from ui.lab import follow
-from ui.lab.run_inputs import cap_notes, context_stops, max_new_value, prompts_from, sampling_params
+from ui.lab.run_inputs import cap_notes, context_stops, prompts_from, sampling_params
 from ui.lab.state import LabState
+from ui.numbers import checked
 from ui.plots import Series, batch_figure, kv_cache_figure, memory_figure, throughput_figure, ttft_figure
 from ui.summary import summarize, summary_table
 from ui.workload import Workload
@@ -88,6 +89,10 @@ class GenerateTab:
         """Yields (first output, outputs table, run status, throughput, TTFT, batch, memory, summary, KV view).
         With `endpoint_url`, the target is that OpenAI-compatible endpoint instead of our engine (ui/endpoint.py).
         `image`: an uploaded image file every request carries (an image-text model; checked by ui/images.py)."""
+        runs = checked(
+            copies=copies, temperature=temperature, top_p=top_p, top_k=top_k, max_new=max_new, seed=seed, gap_s=gap_s
+        )  # every number against its one range (ui/numbers.py), before anything runs
+        copies, max_new = runs["copies"], runs["max_new"]
         image = images.checked_image(image)  # RequestError: too large, does not decode
         if (endpoint_url or "").strip():
             images.refuse_endpoint_image(image)
@@ -98,7 +103,6 @@ class GenerateTab:
             return
         engine = self.state.engine()
         prompts = prompts_from(prompt, mode, copies)
-        max_new = max_new_value(max_new)
         check_request(self.state.policy, max_new_tokens=max_new)
         if use_chat_template and not getattr(engine.tokenizer, "chat_template", None):
             gr.Warning("This tokenizer has no chat template: the prompt is sent as it is.")
@@ -151,7 +155,7 @@ class GenerateTab:
         state = self.state
         endpoint = remote.connect(url, api_key, state.policy)  # hosted: refused; no answer: EndpointError
         prompts = prompts_from(prompt, mode, copies)
-        params = sampling_params(len(prompts), temperature, top_p, top_k, max_new_value(max_new), seed, ignore_eos)
+        params = sampling_params(len(prompts), temperature, top_p, top_k, max_new, seed, ignore_eos)
         label = f"endpoint {endpoint.model} at {endpoint.api}"
         with state.run(session_key(request)) as handle:
             wl = remote.EndpointWorkload(endpoint, prompts, params, cancel=handle.cancel, gap_s=float(gap_s or 0))

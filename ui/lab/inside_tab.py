@@ -7,6 +7,7 @@ from backend.hosting import check_request
 from ui import inside, views
 from ui.common import describe
 from ui.errors import status_errors
+from ui.kernel_path import kernel_path_markdown
 from ui.lab.loading import describe_md
 from ui.lab.state import LabState
 from ui.plots import kv_cache_figure
@@ -31,7 +32,9 @@ class InsideTab:
         calls = trace_attention_calls(engine, [encode(inside.WARM_PROMPT), encode(text)])
         info = describe(engine)
         yield (
-            inside.trace_summary(calls, info.get("implementation", "")),
+            inside.trace_summary(calls, info.get("implementation", ""))
+            + "  \n"
+            + kernel_path_markdown(info, calls),  # which CPU kernel path ran (EngineConfig.cpu_kernels)
             inside.trace_rows(calls),
             inside.tree_html(info.get("module_tree")),
         )

@@ -16,18 +16,14 @@ from backend.hosting import (
 )
 from ui import defaults, views
 from ui.common import (
-    Panel,
-    check_panel_numbers,
     describe,
-    kv_gb_value,
-    max_len_value,
     progress_adapter,
-    quantization_value,
     session_key,
     validate_spec,
 )
 from ui.errors import error_status, to_gr_error
 from ui.lab.state import LabState
+from ui.panel import Panel, check_panel_numbers
 from ui.plots import kv_cache_figure
 from ui.session import LoadSpec
 
@@ -56,7 +52,7 @@ def checked_panel(state: LabState, panel: Panel) -> HostedModel:
     against their ranges (EngineError), then the model name and remote code against the host's policy
     (HostingError: one message for every refused path)."""
     check_panel_numbers(panel)
-    return hosted_model(state, panel.choice, panel.trust_remote_code)
+    return hosted_model(state, panel.choice, panel["trust_remote_code"])
 
 
 def describe_md(engine, info: dict) -> str:
@@ -75,18 +71,10 @@ class Loader:
         about remote code."""
         hosted = checked_panel(self.state, panel)
         self.state.last_remote_code = hosted.remote_code
+        options = panel.engine_options() | dict(trust_remote_code=hosted.remote_code.trust)
         return LoadSpec.make(
             hosted.model,
-            panel.impl or "auto",
-            quantization_value(panel.quant),
-            panel.dtype or "auto",
-            panel.device or "auto",
-            hosted.remote_code.trust,
-            block_size=int(panel.block_size),
-            kv_cache_memory_gb=kv_gb_value(panel.kv_mb),
-            max_num_seqs=int(panel.max_batch),
-            max_model_len=max_len_value(panel.max_len),
-            max_num_batched_tokens=int(panel.step_tokens) if panel.step_tokens else None,
+            **options,
             allow_local_paths=None if hosted.allow_local_paths else False,
             **self.state.policy.engine_options(),
         )
@@ -118,31 +106,16 @@ class Loader:
             validate_spec(spec)  # the options' ranges first: the memory check sizes what they ask
             self.check_fits(spec)
 
-    def load(
-        self,
-        choice,
-        impl,
-        quant,
-        dtype,
-        device,
-        kv_mb,
-        block_size,
-        max_batch,
-        max_len,
-        trust_remote_code=False,
-        step_tokens=None,
-        request: gr.Request = None,
-        progress=gr.Progress(),
-    ):
-        """The Load button -> (status markdown, engine description markdown, KV block figure).
+    def load(self, choice, request: gr.Request = None, progress=gr.Progress(), **options):
+        """The Load button -> (status markdown, engine description markdown, KV block figure). `options`: the
+        panel's engine options by name (ui/panel.py; Gradio's inputs_kwargs), the others at their first value.
 
         New settings are checked before the loaded engine is closed; when the new engine still fails to build,
         the previous one is loaded again and the status says so (the error is a warning toast, not a badge)."""
         state = self.state
-        panel = Panel(choice, impl, quant, dtype, device, kv_mb, block_size, max_batch, max_len, trust_remote_code,
-                      step_tokens)  # fmt: skip
         progress(0, desc="resolving the model…")
         try:
+            panel = Panel.of(choice, **options)
             spec = self.spec(panel)
             key = session_key(request)
             claimed = False
@@ -161,9 +134,9 @@ class Loader:
             err = to_gr_error(e, "loading the model")
             gr.Warning(err.message, title=err.title or "Load failed")
             return self._failed_load_views(err)
-        status, desc, kv = self.loaded_views(engine, reused, impl, quant)
+        status, desc, kv = self.loaded_views(engine, reused, panel["model_impl"], panel["quantization"])
         decision = state.last_remote_code
-        if decision is not None and (decision.needs or trust_remote_code):
+        if decision is not None and (decision.needs or panel["trust_remote_code"]):
             status += f"\n\n_Remote code: {decision.message}._"
         return status, desc, kv
 

@@ -6,10 +6,11 @@ import gradio as gr
 
 from backend.loading.memory import EngineKVSettings, estimate_memory
 from ui import defaults, views
-from ui.common import Panel, hub_module, kv_gb_value, max_len_value, quantization_value
+from ui.common import hub_module, quantization_value
 from ui.errors import to_gr_error, user_errors
 from ui.lab.loading import checked_panel
 from ui.lab.state import LabState
+from ui.panel import Panel, to_engine
 
 
 class ModelPicker:
@@ -74,13 +75,19 @@ class ModelPicker:
         names and folders, remote code; the panel's number ranges): a refused path gets the one refusal, whether
         it exists or not, and nothing read from it."""
         try:
-            panel = Panel(choice, "auto", quant, dtype, "auto", kv_mb, 16, max_batch, max_len)
+            panel = Panel.of(
+                choice, quantization=quant, dtype=dtype, kv_cache_memory_gb=kv_mb, max_num_seqs=max_batch,
+                max_model_len=max_len,
+            )  # fmt: skip
             hosted = checked_panel(self.state, panel)
             est = estimate_memory(  # the context and KV cache the engine will get with these settings
                 hosted.model,
                 dtype=dtype or "auto",
                 quantization=quantization_value(quant),
-                engine=EngineKVSettings(kv_cache_memory_gb=kv_gb_value(kv_mb), max_model_len=max_len_value(max_len)),
+                engine=EngineKVSettings(
+                    kv_cache_memory_gb=to_engine("kv_cache_memory_gb", kv_mb),
+                    max_model_len=to_engine("max_model_len", max_len),
+                ),
                 allow_local_paths=hosted.allow_local_paths,
             )
         except Exception as e:  # an estimate is advisory: say why there is none

@@ -64,7 +64,7 @@ class PresetButtons:
             return (gr.skip(),) * (len(presets.LABELS) + 2)
         return run.before.values() + ((status or "") + "  \n" + run.restored_markdown(), None)
 
-    def reload(self, *load_inputs, request: gr.Request = None, progress=gr.Progress()):
+    def reload(self, choice, request: gr.Request = None, progress=gr.Progress(), **options):
         """The Load button's work after `restore` -> (load status, description); the KV map keeps the run's view."""
-        status, desc, _ = self.loader.load(*load_inputs, request=request, progress=progress)
+        status, desc, _ = self.loader.load(choice, request=request, progress=progress, **options)
         return status, desc

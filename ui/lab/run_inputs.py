@@ -15,13 +15,6 @@ def prompts_from(prompt: str, mode: str, copies) -> list[str]:
     return prompts
 
 
-def max_new_value(value) -> int:
-    """The 'max new tokens' box: refused below 1 (not silently raised to 1)."""
-    if value is None or value != value or int(value) != value or value < 1:
-        raise gr.Error(f"max new tokens must be a whole number of at least 1, got {value!r}.", title="Max new tokens")
-    return int(value)
-
-
 def sampling_params(n: int, temperature, top_p, top_k, max_new: int, seed, ignore_eos) -> list:
     """One SamplingParams per prompt; with a seed, copy i gets seed + i (copies differ when sampling)."""
     from backend import SamplingParams

@@ -12,7 +12,8 @@ import gradio as gr
 
 from backend.hosting import HostingError, HostPolicy, ModelSlots, RemoteCodeDecision, VisitorLimiter
 from ui import defaults
-from ui.common import LOAD_WAIT_S, Panel, host_panel, hub_module, session_key
+from ui.common import LOAD_WAIT_S, hub_module, session_key
+from ui.panel import Panel, host_panel
 from ui.session import LoadSpec, RunHandle, Runs, Session
 
 

@@ -1,0 +1,43 @@
+"""Which CPU kernel path ran in a traced step (EngineConfig.cpu_kernels; backend/layers/cpu/fused.py): the Inside
+tab's per-step breakdown, read from the engine's describe() and the step's attention calls (backend/models/trace.py).
+
+With the fused kernels loaded, each module still picks per call: our paged decode kernel for decode-only steps
+(`FusedPagedAttention`, native models), our GEMV for products of up to FUSED_MAX_ROWS rows (`FusedLinear`), our
+RMSNorm (native models); larger products and prefill / mixed steps run the module they wrap.
+"""
+
+from __future__ import annotations
+
+from backend.layers.cpu.fused import FUSED_MAX_ROWS
+
+FUSED_ATTENTION = "FusedPagedAttention"
+
+
+def attention_path(call) -> str:
+    """The attention kernel one traced call ran."""
+    if call.module_class == FUSED_ATTENTION and call.num_prefill == 0:
+        return "our C++ paged decode kernel (decode-only step)"
+    if call.module_class == FUSED_ATTENTION:
+        return "torch paged attention (a step with prefill; our C++ decode kernel runs on decode-only steps)"
+    return "torch paged attention"
+
+
+def kernel_path_markdown(info: dict, calls) -> str:
+    """The step's kernel path: which kernels ran for attention, linears and norms, and why."""
+    chosen = info.get("cpu_kernels") or "torch"
+    reason = info.get("cpu_kernels_reason") or ""
+    head = f"**Kernel path**: `cpu_kernels` → **{chosen}**" + (f" ({reason})" if reason else "")
+    if not calls:
+        return head
+    c = calls[0]
+    if chosen != "fused":
+        return f"{head}. In this step: attention {attention_path(c)}; linears and norms as torch ops."
+    rows = c.num_tokens
+    linears = (
+        f"our C++ GEMV ({rows} token rows ≤ {FUSED_MAX_ROWS})"
+        if rows <= FUSED_MAX_ROWS
+        else f"the module they wrap (oneDNN GEMM: {rows} token rows > {FUSED_MAX_ROWS}, where our GEMV is slower)"
+    )
+    native = c.module_class == FUSED_ATTENTION
+    norms = "our fused RMSNorm (+ residual)" if native else "transformers' own modules (torch ops)"
+    return f"{head}. In this step: attention {attention_path(c)}; linears {linears}; norms {norms}."

@@ -21,11 +21,11 @@ from ui.common import (
     SUMMARY_HEADERS,
 )
 from ui.compare import AGREEMENT_WIDTHS, DEFAULT_ROUNDS, KERNEL_CHOICES, SUMMARY_WIDTHS
+from ui.images import UPLOAD_INFO
 from ui.inside import TRACE_HEADERS, TRACE_WIDTHS
+from ui.lab.image_panel import INSIDE_PROMPT
 from ui.numbers import RUN_NUMBERS
 from ui.panel import KERNELS_INFO
-from ui.images import UPLOAD_INFO
-from ui.lab.image_panel import INSIDE_PROMPT
 from ui.plots import (
     PLOT_MIN_WIDTH,
     batch_figure,
@@ -409,7 +409,9 @@ def build_demo(lab: Lab | None = None, default_model: str = defaults.DEFAULT_CHO
             outputs=startup_outputs + [search_box, search_btn],
             api_name="startup",
             show_progress="hidden",
-        ).then(lab.inside_tab.tree, None, tree_html, api_name=False).then(lab.images.note, None, image_outputs, api_name=False)
+        ).then(lab.inside_tab.tree, None, tree_html, api_name=False).then(
+            lab.images.note, None, image_outputs, api_name=False
+        )
         demo.load(lab.picker.estimate, estimate_inputs, estimate_md, api_name=False)
         gr.on(
             [search_btn.click, search_box.submit],

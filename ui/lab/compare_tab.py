@@ -131,7 +131,16 @@ class CompareTab:
         return state.session.build_apart(spec, progress=progress_adapter(progress)), True, claimed
 
     def _run_compare(
-        self, key: str, sides_to_run, prompts, params, use_chat_template: bool, progress, panel: Panel, rounds: int, image=None
+        self,
+        key: str,
+        sides_to_run,
+        prompts,
+        params,
+        use_chat_template: bool,
+        progress,
+        panel: Panel,
+        rounds: int,
+        image=None,
     ):
         state = self.state
         previous = state.session.spec

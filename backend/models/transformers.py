@@ -22,6 +22,7 @@ from backend.layers.attention import paged_attention
 from backend.models.kv_layout import BATCH_KWARG, KVProbe, probe_kv_layout
 from backend.models.vlm import (
     attention_implementations,
+    bidirectional_spans,
     check_image_text_class,
     check_own_positions,
     encode_images,
@@ -125,8 +126,8 @@ class TransformersModel(nn.Module):
         cls = resolve_model_class(hf_config, trust_remote_code)
         check_attention_support(cls)
         self.is_image_text = image_text_class(hf_config) is not None
-        if self.is_image_text:
-            check_image_text_class(cls)
+        # Gemma 3 / PaliGemma: the rule of its bidirectional spans (an image's tokens); others None or refused
+        self._bidirectional = check_image_text_class(cls, hf_config) if self.is_image_text else None
         self.attention_name = register_attention()
         # a VLM: our attention in its language model only, the vision tower keeps transformers' own
         self._attn = attention_implementations(hf_config, self.attention_name) if self.is_image_text else None
@@ -180,6 +181,10 @@ class TransformersModel(nn.Module):
 
     def mrope_positions(self, processed: dict) -> tuple[torch.Tensor, int] | None:
         return rope_index(self.hf, processed)
+
+    def bidirectional_spans(self, processed: dict) -> tuple[tuple[int, int], ...]:
+        """Prompt positions [start, end) whose tokens attend to each other both ways (Gemma 3: an image's)."""
+        return bidirectional_spans(self._bidirectional, processed)
 
     @torch.inference_mode()
     def encode_images(self, inputs) -> torch.Tensor:  # -> (N, H)

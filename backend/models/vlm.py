@@ -5,16 +5,25 @@ transformers' image-text-to-text mapping (`AutoModelForImageTextToText`). Our pa
 language model only (the text config's `_attn_implementation`); the vision tower keeps transformers' default
 (sdpa / eager) and runs once per image. A family whose language model needs an attention our paged attention
 cannot express is refused here, at load, with the reason.
+
+Bidirectional attention among some prompt tokens is expressed as spans (`BidirectionalRule`): positions [start, end)
+of one request whose tokens attend to each other both ways, which the paged attention honours
+(flab_kernels/attention_args.BidirectionalSpan) and the scheduler never splits across chunks. Gemma 3 lets each
+image's tokens attend to each other (read from the processor's `token_type_ids` at the prefill by the model's own
+`get_block_sequence_ids_for_mask`); other families with bidirectional masks are refused with the reason.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from transformers import AutoModelForImageTextToText, PretrainedConfig
 
-from backend.core.errors import UnsupportedModelError
+from backend.core.errors import RequestError, UnsupportedModelError
 
 # Mask arguments of transformers' masking_utils that make some tokens attend bidirectionally (an image's tokens, a
 # prompt prefix). The paged attention applies causality itself and never sees the mask transformers would build.
@@ -85,11 +94,76 @@ def bidirectional_reason(cls: type) -> str | None:
     )
 
 
-def check_image_text_class(cls: type) -> None:
-    """Refuse a VLM class whose language model the paged attention cannot run exactly."""
+@dataclass(frozen=True)
+class BidirectionalRule:
+    """How a family's modeling code groups prompt tokens that attend to each other both ways at the prefill."""
+
+    what: str  # which tokens, in words
+    group_ids: Callable[[torch.Tensor], torch.Tensor]  # token_type_ids (1, L) -> (1, L) group per token, -1 = causal
+
+
+def _gemma3_groups(cls: type) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Gemma 3's own `get_block_sequence_ids_for_mask`: each run of image tokens (token_type_ids == 1) a group."""
+    fn = getattr(sys.modules.get(cls.__module__), "get_block_sequence_ids_for_mask", None)
+    return fn if callable(fn) else None
+
+
+def bidirectional_rule(cls: type, config: PretrainedConfig) -> BidirectionalRule | None:
+    """The rule of a family whose bidirectional attention the paged attention runs as spans (None: not one)."""
+    if cls.__name__ == "Gemma3ForConditionalGeneration":
+        if getattr(config.get_text_config(), "use_bidirectional_attention", False):
+            return None  # every token both ways (an embedding model): not spans of a prompt
+        groups = _gemma3_groups(cls)
+        return BidirectionalRule("the tokens of one image", groups) if groups is not None else None
+    return None
+
+
+# Why a family with bidirectional attention is refused although its spans could be expressed.
+NO_REFERENCE = {
+    "PaliGemmaForConditionalGeneration": (
+        "PaliGemma's language model declares its attention non-causal (its text config's use_bidirectional_attention "
+        "is True by default): where transformers skips the mask (sdpa, no padding: a text-only prompt) the whole "
+        "prompt attends both ways, with eager attention causally, so a text-only request has no one reference to "
+        "match (its image prompts, whose prefix attends both ways, would be one bidirectional span)"
+    ),
+}
+
+
+def check_image_text_class(cls: type, config: PretrainedConfig) -> BidirectionalRule | None:
+    """Refuse a VLM class whose language model the paged attention cannot run exactly; the rule of its bidirectional
+    spans where it has some."""
     reason = bidirectional_reason(cls)
-    if reason is not None:
-        raise UnsupportedModelError(f"{reason}. Bidirectional image attention is not supported yet")
+    if reason is None:
+        return None
+    rule = bidirectional_rule(cls, config)
+    if rule is None:
+        why = NO_REFERENCE.get(cls.__name__, "only Gemma 3's spans (the tokens of one image) are supported")
+        raise UnsupportedModelError(f"{reason}. {why}")
+    return rule
+
+
+def bidirectional_spans(rule: BidirectionalRule | None, processed: dict) -> tuple[tuple[int, int], ...]:
+    """The prompt positions [start, end) of each group of tokens that attend to each other both ways, from the
+    processor's token_type_ids (none given: causal, as in the modeling code)."""
+    token_type_ids = processed.get("token_type_ids")
+    if rule is None or token_type_ids is None:
+        return ()
+    groups = rule.group_ids(token_type_ids)[0].tolist()  # (L,)
+    spans: list[tuple[int, int]] = []
+    for pos, g in enumerate(groups):
+        if g < 0:
+            continue
+        if spans and groups[pos - 1] == g:
+            spans[-1] = (spans[-1][0], pos + 1)
+        elif g in groups[:pos]:
+            raise RequestError(
+                "images: the processor's token_type_ids put tokens apart from each other in one bidirectional group; "
+                "the paged attention takes contiguous groups only",
+                param="images",
+            )
+        else:
+            spans.append((pos, pos + 1))
+    return tuple((a, b) for a, b in spans if b - a > 1)
 
 
 def image_token_id(config: PretrainedConfig) -> int | None:

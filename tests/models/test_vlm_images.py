@@ -10,6 +10,7 @@ import pytest
 
 from backend import Engine, SamplingParams
 from backend.core.errors import RequestError
+from backend.models.transformers import TransformersModel
 from backend.tools.tiny_vlms import FAMILIES
 from tests.models.vlm_reference import hf_vlm_greedy, random_images
 
@@ -17,6 +18,7 @@ N_NEW = 8
 GREEDY = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
 IMAGE_FAMILIES = [
     "llava",
+    "gemma3",  # each image's tokens attend to each other both ways: bidirectional spans, never split by a chunk
     "qwen2_vl",  # M-RoPE from the model's own get_rope_index
     pytest.param("qwen2_5_vl", marks=pytest.mark.slow),  # window attention in the vision tower, M-RoPE delta -6
     pytest.param("idefics3", marks=pytest.mark.slow),  # an image split into several sub-images
@@ -82,6 +84,35 @@ def test_image_requests_equal_hf_generate_mixed_chunked_preempted(family, tiny_v
         assert engine.stats().num_preemptions > 0
         assert len(calls) == 2
         assert engine.stats().kv_blocks_used == 0
+
+
+def test_gemma3_chunks_keep_each_image_whole_and_the_spans_matter(tiny_vlm, monkeypatch):
+    """Under a budget of 5 tokens, chunks that would end inside an image's 4 tokens end at its start (or take it whole);
+    with the spans taken away (causal attention), the tokens differ from HF: the exactness above depends on them."""
+    path = tiny_vlm("gemma3")
+    prompts, images = mixed_requests("gemma3")
+    expected = hf_vlm_greedy(path, prompts, N_NEW, images)
+    chunks: list[tuple[tuple, int, int]] = []
+
+    def record(batch):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.images is not None:
+                chunks.append((seq.images.bidirectional_spans, seq.num_computed_tokens, n))
+
+    with vlm_engine(path, max_num_batched_tokens=5, enable_prefix_caching=False) as engine:
+        handles = [engine.add_request(p, GREEDY, images=i) for p, i in zip(prompts, images)]
+        outs: dict[int, list[int]] = {}
+        while engine.num_requests:
+            for delta in engine.step(on_batch=record):
+                outs.setdefault(delta.request_id, []).extend(delta.token_ids)
+    assert [outs[h] for h in handles] == expected
+    spans = {s for spans, _, _ in chunks for s in spans}
+    assert len(spans) == 3 and all(e - s == 4 for s, e in spans)  # three images of 4 tokens
+    assert not [(start, n) for spans, start, n in chunks for s, e in spans if s < start + n < e]
+    assert any(start == s and n == e - s for spans, start, n in chunks for s, e in spans)  # a chunk moved to a span
+    monkeypatch.setattr(TransformersModel, "bidirectional_spans", lambda self, processed: ())
+    with vlm_engine(path) as engine:
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY, images=images)] != expected
 
 
 def test_image_changes_the_output_and_the_stream_takes_images(tiny_vlm):

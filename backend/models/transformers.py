@@ -25,6 +25,7 @@ from backend.models.vlm import (
     bidirectional_spans,
     check_image_text_class,
     check_own_positions,
+    deepstack_logits,
     encode_images,
     image_input_refusal,
     image_text_class,
@@ -207,7 +208,13 @@ class TransformersModel(nn.Module):
             ids = ids.clone()
             ids[0, batch.embed_rows] = 0  # image token ids may lie outside the embedding table
             embeds = self.hf.get_input_embeddings()(ids)  # (1, T, H)
-            embeds[0, batch.embed_rows] = batch.embed_values.to(embeds.dtype)
+            values = batch.embed_values  # (K, H), or (K, 1 + D, H) with D deepstack layers' rows (Qwen3-VL)
+            embeds[0, batch.embed_rows] = (values[:, 0] if values.dim() == 3 else values).to(embeds.dtype)
+            if values.dim() == 3:
+                extra = {BATCH_KWARG: batch, "use_cache": False}
+                return deepstack_logits(
+                    self.hf, embeds, positions, batch.embed_rows, values, batch.logits_indices, extra
+                )
             out = self.hf(inputs_embeds=embeds, position_ids=positions, **kwargs)
         logits = out.logits[0]  # (R or T, V)
         return logits if self._logits_to_keep else logits[batch.logits_indices]

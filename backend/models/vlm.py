@@ -178,14 +178,44 @@ def image_token_id(config: PretrainedConfig) -> int | None:
 def image_input_refusal(hf) -> str | None:
     """Why this model's image requests cannot run exactly (None: they can)."""
     vision = getattr(hf.config, "vision_config", None)
-    if getattr(vision, "deepstack_visual_indexes", None):
+    if getattr(vision, "deepstack_visual_indexes", None) and deepstack_language_model(hf) is None:
         return (
-            f"{type(hf).__name__} adds image features inside its language model's layers (deepstack), which the "
-            "engine does not pass yet; send text only"
+            f"{type(hf).__name__} adds image features inside its language model's layers (deepstack), but its "
+            "language model takes no `deepstack_visual_embeds`; send text only"
         )
     if image_token_id(hf.config) is None or not callable(getattr(hf, "get_image_features", None)):
         return f"{type(hf).__name__} names no image token or has no get_image_features"
     return None
+
+
+def deepstack_language_model(hf) -> torch.nn.Module | None:
+    """The language model of a deepstack VLM (Qwen3-VL: image features added to the hidden states after its first
+    layers) when it takes them as arguments (`visual_pos_masks`, `deepstack_visual_embeds`)."""
+    lm = getattr(getattr(hf, "model", None), "language_model", None)
+    if lm is None or "deepstack_visual_embeds" not in inspect.signature(lm.forward).parameters:
+        return None
+    return lm
+
+
+def deepstack_logits(
+    hf,
+    embeds: torch.Tensor,  # (1, T, H) input embeddings, image rows merged
+    positions: torch.Tensor,  # (1, T) or (3, 1, T)
+    rows: torch.Tensor,  # (K,) ascending token indices of the step's image tokens
+    values: torch.Tensor,  # (K, 1 + D, H) per image token: its feature and its D deepstack layers' rows
+    logits_indices: torch.Tensor,  # (R,)
+    kwargs: dict,
+) -> torch.Tensor:  # (R, V)
+    """A step with deepstack image rows: the language model's own forward adds each deepstack layer's rows to the
+    hidden states of the image tokens after that layer (as the model's forward does once it merged the features),
+    then its head on the sampled rows (as the model's forward does with logits_to_keep)."""
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)  # (1, T)
+    mask[0, rows] = True
+    deep = [values[:, 1 + i].to(embeds.dtype) for i in range(values.shape[1] - 1)]  # D x (K, H)
+    out = deepstack_language_model(hf)(
+        inputs_embeds=embeds, position_ids=positions, visual_pos_masks=mask, deepstack_visual_embeds=deep, **kwargs
+    )
+    return hf.lm_head(out.last_hidden_state[0, logits_indices])
 
 
 def _accepted(fn, values: dict) -> dict:
@@ -193,21 +223,27 @@ def _accepted(fn, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in params}
 
 
-def encode_images(hf, tensors: dict, dtype) -> "torch.Tensor":  # noqa: F821 -> (N, H)
-    """The image features of one request from the model's own `get_image_features`, one row per image token."""
-    import torch
-
-    fn = hf.get_image_features
-    kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    kwargs = {k: v.to(hf.device) for k, v in _accepted(fn, kwargs).items()}
-    out = fn(**kwargs)
-    feats = getattr(out, "pooler_output", out)
+def _feature_rows(feats) -> torch.Tensor:  # a tensor or one per image -> (N, H)
     if isinstance(feats, (list, tuple)):
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0)
     return feats.reshape(-1, feats.shape[-1])
 
 
-def rope_index(hf, processed: dict) -> "tuple[torch.Tensor, int] | None":  # noqa: F821
+def encode_images(hf, tensors: dict, dtype) -> torch.Tensor:  # -> (N, H) or, deepstack, (N, 1 + D, H)
+    """The image features of one request from the model's own `get_image_features`, one row per image token; a
+    deepstack model's (Qwen3-VL) with its D deepstack layers' rows beside each feature."""
+    fn = hf.get_image_features
+    kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    kwargs = {k: v.to(hf.device) for k, v in _accepted(fn, kwargs).items()}
+    out = fn(**kwargs)
+    feats = _feature_rows(getattr(out, "pooler_output", out))
+    deep = getattr(out, "deepstack_features", None)
+    if deep:
+        return torch.stack([feats, *(_feature_rows(d) for d in deep)], dim=1)  # (N, 1 + D, H)
+    return feats
+
+
+def rope_index(hf, processed: dict) -> tuple[torch.Tensor, int] | None:
     """(M-RoPE positions (3, L), delta) of one processed prompt from the model's own `get_rope_index`; None for a
     model without M-RoPE."""
     owner = getattr(hf, "model", hf)
@@ -222,8 +258,6 @@ def rope_index(hf, processed: dict) -> "tuple[torch.Tensor, int] | None":  # noq
 def check_own_positions(hf, device, batch_kwarg: str) -> None:
     """Refuse a language model that computes its own positions differently from the 0-based position_ids the engine
     passes (Kosmos-2.5: sinusoidal positions offset by its padding index when none are given, as in generate())."""
-    import torch
-
     from backend.models.kv_layout import PROBE_TOKENS, KVProbe
 
     vocab = int(getattr(hf.config.get_text_config(), "vocab_size", 0) or 1)

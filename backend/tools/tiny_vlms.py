@@ -52,6 +52,7 @@ class Family:
     config: Callable[[PreTrainedTokenizerFast], PretrainedConfig]
     processor: Callable[[PreTrainedTokenizerFast, str], object] | None
     named_tokens: tuple[tuple[str, str], ...] = ()  # tokenizer attributes the processor reads (image_token, ...)
+    amplify: tuple[tuple[str, float], ...] = ()  # (name part, factor): weights scaled up so that their path matters
 
 
 def _ids(tok: PreTrainedTokenizerFast, *names: str) -> list[int]:
@@ -156,17 +157,13 @@ def _qwen3_vl_processor(tok: PreTrainedTokenizerFast, template: str):
     return without_video(transformers.Qwen3VLProcessor)(image_processor=images, tokenizer=tok, chat_template=template)
 
 
-def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
+def _qwen3_vl_config(tok: PreTrainedTokenizerFast, moe: bool = False) -> PretrainedConfig:
+    """Qwen3-VL: interleaved M-RoPE; deepstack: the vision tower's block 0 features added after the language model's
+    first layer (MoE: 4 experts, 2 per token)."""
     image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], mrope_interleaved=True)
-    text = _text(
-        tok,
-        "qwen3_vl_moe_text",
-        rope_parameters=rope,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-    )
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if moe else {}
+    text = _text(tok, "qwen3_vl_moe_text" if moe else "qwen3_vl_text", rope_parameters=rope, **experts)
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -179,7 +176,7 @@ def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
         deepstack_visual_indexes=[0],
     )
     return AutoConfig.for_model(
-        "qwen3_vl_moe",
+        "qwen3_vl_moe" if moe else "qwen3_vl",
         text_config=text,
         vision_config=vision,
         image_token_id=image,
@@ -187,6 +184,10 @@ def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
         vision_start_token_id=start,
         vision_end_token_id=end,
     )
+
+
+def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
+    return _qwen3_vl_config(tok, moe=True)
 
 
 GLM_TOKENS = (
@@ -388,6 +389,14 @@ FAMILIES: dict[str, Family] = {
         _qwen2_5_vl_config,
         _qwen2_5_vl_processor,
     ),
+    "qwen3_vl": Family(  # deepstack: image features added inside the language model's first layer
+        "qwen3_vl",
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        QWEN_TOKENS,
+        _qwen3_vl_config,
+        _qwen3_vl_processor,
+        amplify=(("deepstack_merger_list", 3.0),),  # deepstack rows large enough to change the greedy tokens
+    ),
     "qwen3_vl_moe": Family(
         "qwen3_vl_moe",
         "<|vision_start|><|image_pad|><|vision_end|>",
@@ -435,6 +444,14 @@ def _randomize_zero_parameters(model: torch.nn.Module, std: float) -> None:
                 p.normal_(0.0, std)
 
 
+def _amplify(model: torch.nn.Module, amplify: tuple[tuple[str, float], ...]) -> None:
+    with torch.no_grad():
+        for part, factor in amplify:
+            for name, p in model.named_parameters():
+                if part in name:
+                    p.mul_(factor)
+
+
 def build_tiny_vlm(family: str, path: str | Path, seed: int = 0, init_std: float = 0.1) -> Path:
     """Write a random-weight `family` VLM with its tokenizer and processor (where it has one) to `path`."""
     if family not in FAMILIES:
@@ -459,6 +476,7 @@ def build_tiny_vlm(family: str, path: str | Path, seed: int = 0, init_std: float
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     _randomize_zero_parameters(model, init_std)
+    _amplify(model, spec.amplify)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     if spec.processor is not None:

@@ -20,6 +20,7 @@ EXACT_FAMILIES = [
     pytest.param("qwen2_5_vl", marks=SLOW),
     pytest.param("idefics3", marks=SLOW),
     pytest.param("mistral3", marks=SLOW),  # its processor needs torchvision: text-only here
+    pytest.param("qwen3_vl", marks=SLOW),  # interleaved M-RoPE (deepstack only where images are)
     pytest.param("qwen3_vl_moe", marks=SLOW),  # MoE, interleaved M-RoPE
     pytest.param("glm4v_moe", marks=SLOW),  # MoE
     pytest.param("gemma3", marks=SLOW),  # text only: causal (bidirectional spans only where images are)

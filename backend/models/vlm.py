@@ -137,7 +137,7 @@ def check_image_text_class(cls: type, config: PretrainedConfig) -> Bidirectional
         return None
     rule = bidirectional_rule(cls, config)
     if rule is None:
-        why = NO_REFERENCE.get(cls.__name__, "only Gemma 3's spans (the tokens of one image) are supported")
+        why = NO_REFERENCE.get(cls.__name__, "Only Gemma 3's spans (the tokens of one image) are supported")
         raise UnsupportedModelError(f"{reason}. {why}")
     return rule
 

@@ -205,3 +205,37 @@ def test_models_whose_images_cannot_run_refuse_image_requests_with_the_reason(ti
     with vlm_engine(tiny_vlm("mistral3")) as engine:
         with pytest.raises(RequestError, match="images: this model cannot take images here: .*[Tt]orchvision"):
             engine.generate("Hello [IMG] world", GREEDY, images=[random_images(1)])
+
+
+def test_gemma3_prefix_cache_hits_inside_an_image_span_stay_exact(tiny_vlm):
+    """The same image and prompt again: its cached blocks may end inside an image's span (their KV was computed with
+    the whole span, which the image hash salts); the rest of the span is computed whole in one step."""
+    path = tiny_vlm("gemma3")
+    prompt = "Hello <start_of_image>"  # ends 2 tokens after its image: a hit of whole blocks can end inside the image
+    (image,) = random_images(1, seed=5)
+    (expected,) = hf_vlm_greedy(path, [prompt], N_NEW, [[image]])
+    inside = []
+    for block_size in (2, 4, 8):
+        with vlm_engine(path, block_size=block_size) as engine:
+            first = engine.generate(prompt, GREEDY, images=[image])[0]
+            again = engine.generate(prompt, GREEDY, images=[image])[0]
+        assert first.token_ids == again.token_ids == expected
+        assert again.num_cached_tokens > 0
+        spans = tiny_spans(engine_prompt_ids=first.prompt_token_ids, path=path)
+        inside += [s < again.num_cached_tokens < e for s, e in spans]
+    assert any(inside)  # at least one hit ended inside the span
+
+
+def tiny_spans(engine_prompt_ids: list[int], path) -> list[tuple[int, int]]:
+    """The image-token runs of a Gemma 3 prompt (token_type_ids == 1 where the image token stands)."""
+    from transformers import AutoConfig
+
+    image_token = AutoConfig.from_pretrained(path).image_token_id
+    runs, start = [], None
+    for i, t in enumerate([*engine_prompt_ids, -1]):
+        if t == image_token and start is None:
+            start = i
+        elif t != image_token and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs

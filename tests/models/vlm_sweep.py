@@ -23,7 +23,16 @@ from backend import Engine, SamplingParams
 from backend.core.errors import RequestError, UnsupportedModelError
 from backend.loading.tiny_models import build_tokenizer
 from backend.tools.tiny_vlms import FAMILIES, build_tiny_vlm
-from tests.models.arch_sweep import HIDDEN, MAX_PARAMETERS, N_NEW, SWEEP_PROMPTS, SweepResult, _merged, _shrink_sizes
+from tests.models.arch_sweep import (
+    HIDDEN,
+    MAX_PARAMETERS,
+    N_NEW,
+    SWEEP_PROMPTS,
+    SweepResult,
+    _is_pattern,
+    _merged,
+    _shrink_sizes,
+)
 from tests.models.vlm_reference import hf_vlm_greedy, random_images
 
 # Sizes of a vision tower (or audio / projector sub-config), set where its default config has the key.
@@ -60,7 +69,23 @@ def _shrink_tree(config: PretrainedConfig, text: PretrainedConfig, vocab: int, s
             shrink = _shrink_tree(sub, text, vocab, special)
         else:
             shrink = {k: v for k, v in VISION_SHRINK.items() if k in default and default[k] is not None}
+            shrink |= _shrink_patterns(default, shrink)
         out[key] = _merged(default, shrink)
+        if "per_layer_config" in shrink:  # the shrunk layers' overrides replace the default's (other layer indices)
+            out[key]["per_layer_config"] = shrink["per_layer_config"]
+    return out
+
+
+def _shrink_patterns(default: dict, shrink: dict) -> dict:
+    """A shrunk tower's per-layer fields (layer_types, ...) cut to its shrunk layer count, per-layer overrides
+    dropped (they name layers of the default depth)."""
+    layers = int(default.get("num_hidden_layers") or 0)
+    kept = shrink.get("num_hidden_layers")
+    if not kept or layers <= kept:
+        return {}
+    out: dict = {k: list(v)[:kept] for k, v in default.items() if _is_pattern(v, layers)}
+    if default.get("per_layer_config"):
+        out["per_layer_config"] = {}
     return out
 
 

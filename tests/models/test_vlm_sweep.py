@@ -1,8 +1,9 @@
 """Every image-text-to-text model type transformers ships: text-only greedy tokens through the engine equal HF
 generate()'s, or the engine refuses the model at load with the reason (tests/models/vlm_sweep.py). A model that runs
-with different tokens fails. Types with a tiny family and processor (backend/tools/tiny_vlms.py) are checked
-with images too. The default run covers LLaVA and Gemma 3 (bidirectional spans among an image's tokens); the whole sweep is `-m slow`, its counts in the session's "architecture sweep" summary (keys
-`image-text:<model_type>`)."""
+with different tokens fails. Types with a tiny family and processor (backend/tools/tiny_vlms.py) are checked with
+images too. The default run covers LLaVA and Gemma 3 (bidirectional spans among an image's tokens); the whole sweep
+is `-m slow`, its counts in the session's "architecture sweep" summary (keys `image-text:<model_type>`) and in
+docs/vlm.md."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch
 @dataclass(frozen=True)
 class BidirectionalSpan:
     """Positions [start, end) of one sequence of the step whose tokens attend to each other both ways (one image's
-    tokens in Gemma 3; the prompt of a PaliGemma image request): a query in the span also sees the span's later keys.
+    tokens in Gemma 3): a query in the span also sees the span's later keys.
     The step computes the span's last token (the scheduler never splits a span across steps), so those keys are
     in the cache when the step attends."""
 

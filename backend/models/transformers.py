@@ -127,7 +127,7 @@ class TransformersModel(nn.Module):
         cls = resolve_model_class(hf_config, trust_remote_code)
         check_attention_support(cls)
         self.is_image_text = image_text_class(hf_config) is not None
-        # Gemma 3 / PaliGemma: the rule of its bidirectional spans (an image's tokens); others None or refused
+        # Gemma 3: the rule of its bidirectional spans (an image's tokens); other VLMs None, or refused with the reason
         self._bidirectional = check_image_text_class(cls, hf_config) if self.is_image_text else None
         self.attention_name = register_attention()
         # a VLM: our attention in its language model only, the vision tower keeps transformers' own

@@ -28,7 +28,7 @@ class ImageInputs:
     # prompt positions [start, end) whose tokens attend to each other both ways (Gemma 3: each image's tokens), from
     # the model (TransformersModel.bidirectional_spans); ascending, disjoint. The scheduler never splits one.
     bidirectional_spans: tuple[tuple[int, int], ...] = ()
-    features: torch.Tensor | None = None  # (N, H) image features, computed once at the first prefill step
+    features: torch.Tensor | None = None  # (N, H) image features (deepstack: (N, 1 + D, H)), computed once at prefill
     num_encodes: int = 0  # how often the vision tower ran for this request (kept across preemptions: 1)
 
 

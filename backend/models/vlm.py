@@ -99,22 +99,27 @@ class BidirectionalRule:
     """How a family's modeling code groups prompt tokens that attend to each other both ways at the prefill."""
 
     what: str  # which tokens, in words
-    group_ids: Callable[[torch.Tensor], torch.Tensor]  # token_type_ids (1, L) -> (1, L) group per token, -1 = causal
+    key: str  # the processor output the groups come from
+    group_ids: Callable[[torch.Tensor], torch.Tensor] | None  # (1, L) -> (1, L) group per token, -1 = causal; None:
+    # the config makes this model causal everywhere
 
 
-def _gemma3_groups(cls: type) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Gemma 3's own `get_block_sequence_ids_for_mask`: each run of image tokens (token_type_ids == 1) a group."""
+def _own_groups(cls: type) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The modeling module's own `get_block_sequence_ids_for_mask`: each run of image tokens a group."""
     fn = getattr(sys.modules.get(cls.__module__), "get_block_sequence_ids_for_mask", None)
     return fn if callable(fn) else None
 
 
 def bidirectional_rule(cls: type, config: PretrainedConfig) -> BidirectionalRule | None:
     """The rule of a family whose bidirectional attention the paged attention runs as spans (None: not one)."""
-    if cls.__name__ == "Gemma3ForConditionalGeneration":
-        if getattr(config.get_text_config(), "use_bidirectional_attention", False):
-            return None  # every token both ways (an embedding model): not spans of a prompt
-        groups = _gemma3_groups(cls)
-        return BidirectionalRule("the tokens of one image", groups) if groups is not None else None
+    mode = getattr(config.get_text_config(), "use_bidirectional_attention", None)
+    groups = _own_groups(cls)
+    if cls.__name__ == "Gemma3ForConditionalGeneration" and not mode and groups is not None:
+        return BidirectionalRule("the tokens of one image", "token_type_ids", groups)  # mode: all tokens (embedding)
+    if cls.__name__ == "Gemma4ForConditionalGeneration" and mode in (None, "vision") and groups is not None:
+        # "vision": each image's tokens both ways; None (smaller Gemma 4 models): causal everywhere
+        fn = (lambda ids: groups(ids, ids.device)) if mode == "vision" else None
+        return BidirectionalRule("the tokens of one image", "mm_token_type_ids", fn)
     return None
 
 
@@ -137,7 +142,9 @@ def check_image_text_class(cls: type, config: PretrainedConfig) -> Bidirectional
         return None
     rule = bidirectional_rule(cls, config)
     if rule is None:
-        why = NO_REFERENCE.get(cls.__name__, "Only Gemma 3's spans (the tokens of one image) are supported")
+        why = NO_REFERENCE.get(
+            cls.__name__, "Only Gemma 3's and Gemma 4's spans (the tokens of one image) are supported"
+        )
         raise UnsupportedModelError(f"{reason}. {why}")
     return rule
 
@@ -145,8 +152,8 @@ def check_image_text_class(cls: type, config: PretrainedConfig) -> Bidirectional
 def bidirectional_spans(rule: BidirectionalRule | None, processed: dict) -> tuple[tuple[int, int], ...]:
     """The prompt positions [start, end) of each group of tokens that attend to each other both ways, from the
     processor's token_type_ids (none given: causal, as in the modeling code)."""
-    token_type_ids = processed.get("token_type_ids")
-    if rule is None or token_type_ids is None:
+    token_type_ids = processed.get(rule.key) if rule is not None else None
+    if rule is None or rule.group_ids is None or token_type_ids is None:
         return ()
     groups = rule.group_ids(token_type_ids)[0].tolist()  # (L,)
     spans: list[tuple[int, int]] = []
@@ -185,6 +192,12 @@ def image_input_refusal(hf) -> str | None:
         )
     if image_token_id(hf.config) is None or not callable(getattr(hf, "get_image_features", None)):
         return f"{type(hf).__name__} names no image token or has no get_image_features"
+    lm = getattr(getattr(hf, "model", None), "language_model", None)
+    if lm is not None and "per_layer_inputs" in inspect.signature(lm.forward).parameters:
+        return (
+            f"{type(hf).__name__}'s language model takes per-layer inputs that its forward computes from the input "
+            "ids (image tokens masked), which the engine's merged input embeddings do not carry; send text only"
+        )
     return None
 
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from backend.core.errors import UnsupportedModelError
 from backend.core.kv_cache import BlockAllocator
 from backend.core.sampling import SamplingParams
 from backend.core.scheduler import Scheduler
@@ -159,3 +160,28 @@ def test_prefix_cache_hits_stop_at_a_span_that_holds_text_tokens():
         assert again.num_cached_tokens == hit
         scheduler.finish(again, "length")
         allocator.reset_prefix_cache()
+
+
+def test_gemma4_spans_come_from_its_own_grouping_and_its_image_requests_are_refused(tmp_path):
+    """Gemma 4 runs text exactly (the sweep); with use_bidirectional_attention="vision" its spans are each image's
+    tokens (mm_token_type_ids 1 or 2, grouped by its own get_block_sequence_ids_for_mask), with None it is causal.
+    Its image requests are refused: its language model's per-layer inputs come from the input ids."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from backend.models.vlm import bidirectional_spans, check_image_text_class, image_input_refusal
+    from tests.models.vlm_sweep import build_sweep_vlm
+
+    build_sweep_vlm("gemma4", tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    cls = type(AutoModelForImageTextToText.from_config(config))
+    types = torch.tensor([[0, 1, 1, 1, 0, 0, 2, 2, 0]])  # an image's 3 tokens, a video frame's 2
+    assert bidirectional_spans(check_image_text_class(cls, config), {"mm_token_type_ids": types}) == ()
+    config.get_text_config().use_bidirectional_attention = "vision"
+    rule = check_image_text_class(cls, config)
+    assert bidirectional_spans(rule, {"mm_token_type_ids": types}) == ((1, 4), (6, 8))
+    assert bidirectional_spans(rule, {"token_type_ids": types}) == ()  # not its key: nothing read
+    config.get_text_config().use_bidirectional_attention = "all"
+    with pytest.raises(UnsupportedModelError, match="Only Gemma 3's and Gemma 4's spans"):
+        check_image_text_class(cls, config)
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert "per-layer inputs" in image_input_refusal(hf)

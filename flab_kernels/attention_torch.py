@@ -10,15 +10,20 @@ Per step metadata:
 
 The new tokens of sequence i are the last `n_i = qsl[i+1] - qsl[i]` of its `seq_lens[i]` tokens and
 attend causally to everything before them (and, with a sliding window W, only to the last W tokens
-including themselves, the convention transformers uses).
+including themselves, the convention transformers uses). A bidirectional span [s, e) of a sequence (one image's
+tokens in Gemma 3) lets its queries also see the span's later keys: mask = (causal OR both in the span) AND window,
+as transformers composes its masks (masking_utils: `blockwise_overlay` OR'ed, `sliding_window_overlay` AND'ed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from flab_kernels.attention_args import BidirectionalSpan
 
 
 def store_kv_torch(
@@ -77,7 +82,7 @@ class TorchAttentionPlan:
     """
 
     decode_groups: list[DecodeGroup]
-    prefills: list[tuple[int, int, int, torch.Tensor]]  # (q_start, q_end, context length, blocks) per prefill
+    prefills: list[tuple[int, int, int, int, torch.Tensor]]  # (seq, q_start, q_end, context length, blocks)
     all_decode: bool  # every token of the batch is a decode token, in order, in one group (no scatter needed)
     compute_dtype: torch.dtype | None = None
 
@@ -146,7 +151,7 @@ def build_plan(
     for i in range(num_seqs):
         if i not in decode_set:
             nb = -(-seq_lens[i] // block_size)
-            prefills.append((query_start_loc[i], query_start_loc[i + 1], seq_lens[i], block_tables[i, :nb].long()))
+            prefills.append((i, query_start_loc[i], query_start_loc[i + 1], seq_lens[i], block_tables[i, :nb].long()))
     all_decode = len(decode_ids) == num_seqs == query_start_loc[-1] and len(groups) == 1
     return TorchAttentionPlan(groups, prefills, all_decode, compute_dtype)
 
@@ -194,6 +199,7 @@ def paged_attention_planned(
     softcap: float | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
+    bidirectional: Sequence[BidirectionalSpan] = (),
 ) -> torch.Tensor:  # (T, Hq, Dv)
     hkv, d = k_cache.shape[2:]
     dv = v_cache.shape[-1]
@@ -211,23 +217,36 @@ def paged_attention_planned(
         if plan.all_decode:
             return od
         out.index_copy_(0, g.tokens, od)
-    for start, end, length, blocks in plan.prefills:
+    for seq, start, end, length, blocks in plan.prefills:
         n = end - start
+        spans = [b for b in bidirectional if b.seq == seq]
         qp = q[start:end].transpose(0, 1).unsqueeze(0).to(cd)  # (1, Hq, n, D)
         kp = _gather(k_cache, blocks, cd)[:length].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
         vp = _gather(v_cache, blocks, cd)[:length].transpose(0, 1).unsqueeze(0)
-        if n == length and sliding_window is None and softcap is None and sinks is None:
+        if n == length and sliding_window is None and softcap is None and sinks is None and not spans:
             # no cached prefix: plain causal attention (lets SDPA take its fused causal kernel)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            q_pos = torch.arange(length - n, length, device=q.device)[:, None]
-            kv_pos = torch.arange(length, device=q.device)[None, :]
-            mask = kv_pos <= q_pos  # (n, L)
-            if sliding_window is not None:
-                mask &= kv_pos > q_pos - sliding_window
-            op = _attend(qp, kp, vp, mask[None, None], scale, softcap, sinks)
+            op = _attend(qp, kp, vp, prefill_mask(n, length, sliding_window, spans, q.device), scale, softcap, sinks)
         out[start:end] = op[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+def prefill_mask(
+    n: int, length: int, sliding_window: int | None, spans: Sequence[BidirectionalSpan], device: torch.device
+) -> torch.Tensor:  # (1, 1, n, L) bool, True = attend
+    """The mask of a sequence's `n` new tokens (the last of its `length`): causal, OR within a bidirectional span
+    whose keys the step holds, AND the sliding window."""
+    q_pos = torch.arange(length - n, length, device=device)[:, None]
+    kv_pos = torch.arange(length, device=device)[None, :]
+    mask = kv_pos <= q_pos  # (n, L)
+    for span in spans:
+        if span.end > length:
+            raise ValueError(f"bidirectional span [{span.start}, {span.end}) ends past the step's {length} tokens")
+        mask |= (q_pos >= span.start) & (q_pos < span.end) & (kv_pos >= span.start) & (kv_pos < span.end)
+    if sliding_window is not None:
+        mask &= kv_pos > q_pos - sliding_window
+    return mask[None, None]
 
 
 def paged_attention_torch(
@@ -241,7 +260,8 @@ def paged_attention_torch(
     softcap: float | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
+    bidirectional: Sequence[BidirectionalSpan] = (),
 ) -> torch.Tensor:  # (T, Hq, D)
-    """Reference entry point with the same signature as the Triton kernel."""
+    """Reference entry point with the same signature as the Triton kernel (plus the bidirectional spans)."""
     plan = build_plan(query_start_loc.tolist(), seq_lens.tolist(), block_tables, k_cache.shape[1])
-    return paged_attention_planned(q, k_cache, v_cache, plan, scale, softcap, sliding_window, sinks)
+    return paged_attention_planned(q, k_cache, v_cache, plan, scale, softcap, sliding_window, sinks, bidirectional)

@@ -9,8 +9,8 @@ import torch
 
 from backend.core.kv_cache import KVCache
 from backend.core.scheduler import ScheduledBatch
-from backend.multimodal.step import step_embeddings, step_mrope_positions
-from flab_kernels.attention_args import PagedAttentionArgs
+from backend.multimodal.step import step_bidirectional_spans, step_embeddings, step_mrope_positions
+from flab_kernels.attention_args import BidirectionalSpan, PagedAttentionArgs
 
 
 class AttentionBackend(Protocol):
@@ -61,6 +61,7 @@ class ForwardBatch:
     embed_rows: torch.Tensor | None = None  # (K,) int64 token indices in the step
     embed_values: torch.Tensor | None = None  # (K, H)
     mrope_positions: torch.Tensor | None = None  # (3, T) int64, M-RoPE positions (Qwen-VL family)
+    bidirectional: tuple[BidirectionalSpan, ...] = ()  # spans whose tokens attend both ways (Gemma 3's images)
 
     @property
     def num_tokens(self) -> int:
@@ -127,6 +128,7 @@ def build_forward_batch(
         embed_rows=None if embeds is None else t(embeds[0], torch.long),
         embed_values=None if embeds is None else torch.cat(embeds[1]).to(device),
         mrope_positions=None if mrope is None else mrope.to(device),
+        bidirectional=step_bidirectional_spans(batch.seqs, batch.num_new_tokens),
     )
 
 

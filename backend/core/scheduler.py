@@ -10,6 +10,12 @@ Fairness across owners (a request's `owner`: a visitor of the app, an API key): 
 waiting or running, each owner's prefill chunks take at most an equal share of the step's budget, the next
 request admitted is the oldest of the owner with the fewest running sequences, and `max_running_per_owner`
 caps how many sequences one owner runs at once. With one owner (the default) it is plain FIFO.
+
+Bidirectional spans (an image-text request's tokens that attend to each other both ways, Gemma 3's images) are never
+split across steps: a chunk that would end inside a span ends at the span's start, and a chunk that starts at (or
+inside) a span takes the rest of it whole, even past the step's token budget. A prefix-cache hit stops at the start
+of a span that holds text tokens (their KV depends on later tokens of the prompt, which the block hashes do not
+cover; a span of image tokens only depends on the images, which the hashes' salt covers).
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class Scheduler:
                 if n <= 0:
                     i += 1
                     continue
+            n = self._chunk(seq, n)
             while not self._grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -98,7 +105,7 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             self.running.append(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             self._add_to_batch(batch, seq, n)
             budget -= n
         return batch
@@ -126,6 +133,25 @@ class Scheduler:
                     break
         return best
 
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> int:
+        """`n` new tokens of `seq` moved so that the chunk splits no bidirectional span (see the module doc)."""
+        start = seq.num_computed_tokens
+        for s, e in seq.images.bidirectional_spans if seq.images is not None else ():
+            if s < start + n < e:
+                return s - start if s > start else e - start
+        return n
+
+    @staticmethod
+    def _cacheable(seq: Sequence) -> int:
+        """How many leading tokens of `seq` may come from the prefix cache: up to the first span with text tokens."""
+        images = seq.images
+        for s, e in images.bidirectional_spans if images is not None else ():
+            pos = images.placeholder_positions
+            if int(((pos >= s) & (pos < e)).sum()) < e - s:
+                return s
+        return seq.num_tokens
+
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)
         batch.num_new_tokens.append(n)
@@ -149,13 +175,13 @@ class Scheduler:
         cached, hashes = (
             ([], [])
             if seq.params.prompt_logprobs is not None
-            else self.allocator.match_prefix(tokens[: len(tokens) - 1], seq.prefix_salt)
+            else self.allocator.match_prefix(tokens[: min(len(tokens) - 1, self._cacheable(seq))], seq.prefix_salt)
         )
         seq.block_table = cached
         seq.num_computed_tokens = len(cached) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
         seq.block_hashes = hashes
-        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        n = self._chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
         if not self._grow(seq, seq.num_computed_tokens + n):
             self.allocator.free(seq.block_table)
             seq.block_table, seq.block_hashes, seq.num_computed_tokens, seq.num_cached_tokens = [], [], 0, 0

@@ -42,6 +42,7 @@ def paged_attention(
         sinks,
         batch.max_query_len,
         batch.max_seq_len,
+        batch.bidirectional,
     )
     out = batch.attention.attend(args, batch.attn_metadata)
     return out if out.shape[-1] == dv else out[..., :dv]

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from flab_kernels.attention_args import PagedAttentionArgs
-from flab_kernels.attention_torch import build_plan, paged_attention_planned, store_kv_torch
+from flab_kernels.attention_torch import build_plan, paged_attention_planned, paged_attention_torch, store_kv_torch
 from flab_kernels.dispatch import KernelSettings, current
 
 
@@ -57,7 +57,7 @@ class TorchAttention(AttentionBackend):
     def attend(self, args, metadata):
         a = args
         return paged_attention_planned(
-            a.q, a.k_cache, a.v_cache, metadata, a.scale, a.softcap, a.sliding_window, a.sinks
+            a.q, a.k_cache, a.v_cache, metadata, a.scale, a.softcap, a.sliding_window, a.sinks, a.bidirectional
         )
 
 
@@ -72,6 +72,13 @@ class TritonAttention(AttentionBackend):
 
     def attend(self, args, metadata):
         from flab_kernels.ops import paged_attention_triton
+
+        if args.bidirectional:  # spans of bidirectional attention (Gemma 3's images): the torch path honours them
+            a = args
+            return paged_attention_torch(
+                a.q, a.k_cache, a.v_cache, a.query_start_loc, a.seq_lens, a.block_tables, a.scale, a.softcap,
+                a.sliding_window, a.sinks, a.bidirectional,
+            )  # fmt: skip
 
         return paged_attention_triton(dataclasses.replace(args, q=args.q.contiguous()))
 

@@ -72,6 +72,8 @@ KV_DTYPES_BY_BYTES: dict[int, torch.dtype] = {4: torch.float32, 2: torch.bfloat1
 ON_THE_FLY = ("int8", "int4", "fp8")  # methods whose bytes are computed here (checkpoint formats: as stored)
 UNQUANTIZED_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "shared", "word_embeddings")
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # per-expert checkpoint tensors
+# Tensor names of an image-text model's vision tower and projector (the rest: its language model)
+VISION_NAME_PARTS = ("vision", "visual", "multi_modal_projector", "mm_projector", "connector.", "image_newline")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class MemoryEstimate:
     block_size: int | None = None
     model_context_len: int = 0  # the model's own context (config)
     load_peak_bytes: int = 0  # weights in memory at the worst moment of loading (MoE experts before quantizing)
+    vision_bytes: int = 0  # of weight_bytes, an image-text model's vision tower and projector
 
     @property
     def peak_bytes(self) -> int:
@@ -292,8 +295,9 @@ def compute_estimate(
         notes.append(f"{method.describe()}: the checkpoint's quantized weights are counted as stored")
     on_the_fly = method if method is not None and method.on_the_fly and method.name in ON_THE_FLY else None
     quant_label = method.name if on_the_fly is not None else None
-    weight_bytes, quantized, experts_quantized = 0, 0, 0
+    weight_bytes, quantized, experts_quantized, vision_bytes = 0, 0, 0, 0
     layer_extra: dict[str, int] = {}  # experts module -> its bytes at full precision beyond its quantized bytes
+    image_text = isinstance(config.get("vision_config"), dict)
 
     def as_loaded(t: TensorMeta) -> int:  # its bytes unquantized
         return t.nbytes if dtype == "auto" or t.dtype not in FLOAT_DTYPES else t.numel * act_bytes
@@ -302,14 +306,16 @@ def compute_estimate(
     for t in tensors:
         if on_the_fly is not None and _quantizable(t, on_the_fly):
             size = _quantized_bytes(t, on_the_fly, act_bytes)
-            weight_bytes += size
             quantized += 1
             if _is_expert(t):
                 experts_quantized += size
                 module = t.name.partition(".experts.")[0]
                 layer_extra[module] = layer_extra.get(module, 0) + as_loaded(t) - size
         else:
-            weight_bytes += as_loaded(t)
+            size = as_loaded(t)
+        weight_bytes += size
+        if image_text and _is_vision(t):
+            vision_bytes += size
     load_peak = weight_bytes
     if layer_extra:
         per_expert_names = any(_PER_EXPERT.search(t.name) for t in tensors)
@@ -333,6 +339,11 @@ def compute_estimate(
             notes.append(
                 "the checkpoint already holds non-float weights (a quantized checkpoint): those are counted as stored"
             )
+    if image_text:
+        notes.append(
+            f"the vision tower and projector: {format_bytes(vision_bytes)} of the weights (counted; run once per "
+            "image, at its request's first prefill step)"
+        )
     if dtype == "auto":
         stored = sorted({t.dtype for t in tensors})
         dtype_label = f"auto ({'/'.join(stored)})"
@@ -384,6 +395,7 @@ def compute_estimate(
         block_size if engine is not None else None,
         model_len,
         int(load_peak),
+        int(vision_bytes),
     )
 
 
@@ -407,6 +419,10 @@ def _auto_activation_bytes(config: dict, text: dict, tensors: list[TensorMeta]) 
         if t.dtype in ("F32", "F16", "BF16"):
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
     return int(SAFETENSORS_DTYPE_BYTES[max(counts, key=counts.get)]) if counts else 4
+
+
+def _is_vision(t: TensorMeta) -> bool:
+    return any(part in t.name for part in VISION_NAME_PARTS)
 
 
 def _is_expert(t: TensorMeta) -> bool:

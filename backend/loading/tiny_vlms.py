@@ -51,6 +51,8 @@ class Family:
     tokens: tuple[str, ...]
     config: Callable[[PreTrainedTokenizerFast], PretrainedConfig]
     processor: Callable[[PreTrainedTokenizerFast, str], object] | None
+    named_tokens: tuple[tuple[str, str], ...] = ()  # tokenizer attributes the processor reads (image_token, ...)
+    amplify: tuple[tuple[str, float], ...] = ()  # (name part, factor): weights scaled up so that their path matters
 
 
 def _ids(tok: PreTrainedTokenizerFast, *names: str) -> list[int]:
@@ -155,17 +157,13 @@ def _qwen3_vl_processor(tok: PreTrainedTokenizerFast, template: str):
     return without_video(transformers.Qwen3VLProcessor)(image_processor=images, tokenizer=tok, chat_template=template)
 
 
-def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
+def _qwen3_vl_config(tok: PreTrainedTokenizerFast, moe: bool = False) -> PretrainedConfig:
+    """Qwen3-VL: interleaved M-RoPE; deepstack: the vision tower's block 0 features added after the language model's
+    first layer (MoE: 4 experts, 2 per token)."""
     image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], mrope_interleaved=True)
-    text = _text(
-        tok,
-        "qwen3_vl_moe_text",
-        rope_parameters=rope,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-    )
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if moe else {}
+    text = _text(tok, "qwen3_vl_moe_text" if moe else "qwen3_vl_text", rope_parameters=rope, **experts)
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -178,7 +176,7 @@ def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
         deepstack_visual_indexes=[0],
     )
     return AutoConfig.for_model(
-        "qwen3_vl_moe",
+        "qwen3_vl_moe" if moe else "qwen3_vl",
         text_config=text,
         vision_config=vision,
         image_token_id=image,
@@ -186,6 +184,10 @@ def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
         vision_start_token_id=start,
         vision_end_token_id=end,
     )
+
+
+def _qwen3_vl_moe_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
+    return _qwen3_vl_config(tok, moe=True)
 
 
 GLM_TOKENS = (
@@ -321,7 +323,13 @@ def _gemma3_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
         image_size=IMAGE_SIZE,
         patch_size=8,
     )
-    text = _text(tok, "gemma3_text", sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    text = _text(
+        tok,
+        "gemma3_text",
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=4,  # sharper attention than the default 1/16 scale: an image's bidirectional span matters
+    )
     image, boi, eoi = _ids(tok, "<image_soft_token>", "<start_of_image>", "<end_of_image>")
     return AutoConfig.for_model(
         "gemma3",
@@ -334,6 +342,40 @@ def _gemma3_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
     )
 
 
+def _gemma3_processor(tok: PreTrainedTokenizerFast, template: str):
+    images = transformers.Gemma3ImageProcessorPil(size=dict(height=IMAGE_SIZE, width=IMAGE_SIZE))
+    return transformers.Gemma3Processor(images, tok, image_seq_length=4, chat_template=template)
+
+
+def _paligemma_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=TEXT["hidden_size"],
+    )
+    text = _text(tok, "gemma", query_pre_attn_scalar=4)
+    (image,) = _ids(tok, "<image>")
+    return AutoConfig.for_model(
+        "paligemma", text_config=text, vision_config=vision, image_token_id=image, projection_dim=TEXT["hidden_size"]
+    )
+
+
+def _paligemma_processor(tok: PreTrainedTokenizerFast, template: str):
+    images = transformers.SiglipImageProcessorPil(size=dict(height=IMAGE_SIZE, width=IMAGE_SIZE))
+    images.image_seq_length = (IMAGE_SIZE // 8) ** 2  # one token per patch
+    return transformers.PaliGemmaProcessor(images, tok, chat_template=template)
+
+
+GEMMA3_TOKENS = (
+    ("image_token", "<image_soft_token>"),
+    ("boi_token", "<start_of_image>"),
+    ("eoi_token", "<end_of_image>"),
+)
 QWEN_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 FAMILIES: dict[str, Family] = {
     "llava": Family("llava", "<image>", ("<image>",), _llava_config, _llava_processor),
@@ -346,6 +388,14 @@ FAMILIES: dict[str, Family] = {
         QWEN_TOKENS,
         _qwen2_5_vl_config,
         _qwen2_5_vl_processor,
+    ),
+    "qwen3_vl": Family(  # deepstack: image features added inside the language model's first layer
+        "qwen3_vl",
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        QWEN_TOKENS,
+        _qwen3_vl_config,
+        _qwen3_vl_processor,
+        amplify=(("deepstack_merger_list", 3.0),),  # deepstack rows large enough to change the greedy tokens
     ),
     "qwen3_vl_moe": Family(
         "qwen3_vl_moe",
@@ -372,7 +422,17 @@ FAMILIES: dict[str, Family] = {
         _idefics3_config,
         _idefics3_processor,
     ),
-    "gemma3": Family("gemma3", "", ("<image_soft_token>", "<start_of_image>", "<end_of_image>"), _gemma3_config, None),
+    "paligemma": Family(  # its whole prompt (images and text prefix) attends both ways (one bidirectional span)
+        "paligemma", "<image>", ("<image>",), _paligemma_config, _paligemma_processor, (("image_token", "<image>"),)
+    ),
+    "gemma3": Family(  # each image's 4 tokens attend to each other both ways (bidirectional spans)
+        "gemma3",
+        "<start_of_image>",
+        tuple(t for _, t in GEMMA3_TOKENS),
+        _gemma3_config,
+        _gemma3_processor,
+        GEMMA3_TOKENS,
+    ),
 }
 
 
@@ -384,6 +444,14 @@ def _randomize_zero_parameters(model: torch.nn.Module, std: float) -> None:
                 p.normal_(0.0, std)
 
 
+def _amplify(model: torch.nn.Module, amplify: tuple[tuple[str, float], ...]) -> None:
+    with torch.no_grad():
+        for part, factor in amplify:
+            for name, p in model.named_parameters():
+                if part in name:
+                    p.mul_(factor)
+
+
 def build_tiny_vlm(family: str, path: str | Path, seed: int = 0, init_std: float = 0.1) -> Path:
     """Write a random-weight `family` VLM with its tokenizer and processor (where it has one) to `path`."""
     if family not in FAMILIES:
@@ -393,12 +461,22 @@ def build_tiny_vlm(family: str, path: str | Path, seed: int = 0, init_std: float
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(spec.tokens)})
+    if spec.named_tokens:  # the same tokenizer, with the attributes its processor reads (tok.image_token, ...)
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tok.backend_tokenizer,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            pad_token=tok.pad_token,
+            chat_template=tok.chat_template,
+            extra_special_tokens=dict(spec.named_tokens),
+        )
     config = spec.config(tok)
     config.initializer_range = init_std
     config.get_text_config().initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     _randomize_zero_parameters(model, init_std)
+    _amplify(model, spec.amplify)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     if spec.processor is not None:

@@ -22,8 +22,10 @@ from backend.layers.attention import paged_attention
 from backend.models.kv_layout import BATCH_KWARG, KVProbe, probe_kv_layout
 from backend.models.vlm import (
     attention_implementations,
+    bidirectional_spans,
     check_image_text_class,
     check_own_positions,
+    deepstack_logits,
     encode_images,
     image_input_refusal,
     image_text_class,
@@ -125,8 +127,8 @@ class TransformersModel(nn.Module):
         cls = resolve_model_class(hf_config, trust_remote_code)
         check_attention_support(cls)
         self.is_image_text = image_text_class(hf_config) is not None
-        if self.is_image_text:
-            check_image_text_class(cls)
+        # Gemma 3: the rule of its bidirectional spans (an image's tokens); other VLMs None, or refused with the reason
+        self._bidirectional = check_image_text_class(cls, hf_config) if self.is_image_text else None
         self.attention_name = register_attention()
         # a VLM: our attention in its language model only, the vision tower keeps transformers' own
         self._attn = attention_implementations(hf_config, self.attention_name) if self.is_image_text else None
@@ -181,6 +183,10 @@ class TransformersModel(nn.Module):
     def mrope_positions(self, processed: dict) -> tuple[torch.Tensor, int] | None:
         return rope_index(self.hf, processed)
 
+    def bidirectional_spans(self, processed: dict) -> tuple[tuple[int, int], ...]:
+        """Prompt positions [start, end) whose tokens attend to each other both ways (Gemma 3: an image's)."""
+        return bidirectional_spans(self._bidirectional, processed)
+
     @torch.inference_mode()
     def encode_images(self, inputs) -> torch.Tensor:  # -> (N, H)
         feats = encode_images(self.hf, inputs.tensors, self._dtype)
@@ -202,7 +208,13 @@ class TransformersModel(nn.Module):
             ids = ids.clone()
             ids[0, batch.embed_rows] = 0  # image token ids may lie outside the embedding table
             embeds = self.hf.get_input_embeddings()(ids)  # (1, T, H)
-            embeds[0, batch.embed_rows] = batch.embed_values.to(embeds.dtype)
+            values = batch.embed_values  # (K, H), or (K, 1 + D, H) with D deepstack layers' rows (Qwen3-VL)
+            embeds[0, batch.embed_rows] = (values[:, 0] if values.dim() == 3 else values).to(embeds.dtype)
+            if values.dim() == 3:
+                extra = {BATCH_KWARG: batch, "use_cache": False}
+                return deepstack_logits(
+                    self.hf, embeds, positions, batch.embed_rows, values, batch.logits_indices, extra
+                )
             out = self.hf(inputs_embeds=embeds, position_ids=positions, **kwargs)
         logits = out.logits[0]  # (R or T, V)
         return logits if self._logits_to_keep else logits[batch.logits_indices]

@@ -5,16 +5,25 @@ transformers' image-text-to-text mapping (`AutoModelForImageTextToText`). Our pa
 language model only (the text config's `_attn_implementation`); the vision tower keeps transformers' default
 (sdpa / eager) and runs once per image. A family whose language model needs an attention our paged attention
 cannot express is refused here, at load, with the reason.
+
+Bidirectional attention among some prompt tokens is expressed as spans (`BidirectionalRule`): positions [start, end)
+of one request whose tokens attend to each other both ways, which the paged attention honours
+(flab_kernels/attention_args.BidirectionalSpan) and the scheduler never splits across chunks. Gemma 3 lets each
+image's tokens attend to each other (read from the processor's `token_type_ids` at the prefill by the model's own
+`get_block_sequence_ids_for_mask`); other families with bidirectional masks are refused with the reason.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from transformers import AutoModelForImageTextToText, PretrainedConfig
 
-from backend.core.errors import UnsupportedModelError
+from backend.core.errors import RequestError, UnsupportedModelError
 
 # Mask arguments of transformers' masking_utils that make some tokens attend bidirectionally (an image's tokens, a
 # prompt prefix). The paged attention applies causality itself and never sees the mask transformers would build.
@@ -85,11 +94,83 @@ def bidirectional_reason(cls: type) -> str | None:
     )
 
 
-def check_image_text_class(cls: type) -> None:
-    """Refuse a VLM class whose language model the paged attention cannot run exactly."""
+@dataclass(frozen=True)
+class BidirectionalRule:
+    """How a family's modeling code groups prompt tokens that attend to each other both ways at the prefill."""
+
+    what: str  # which tokens, in words
+    key: str  # the processor output the groups come from
+    group_ids: Callable[[torch.Tensor], torch.Tensor] | None  # (1, L) -> (1, L) group per token, -1 = causal; None:
+    # the config makes this model causal everywhere
+
+
+def _own_groups(cls: type) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The modeling module's own `get_block_sequence_ids_for_mask`: each run of image tokens a group."""
+    fn = getattr(sys.modules.get(cls.__module__), "get_block_sequence_ids_for_mask", None)
+    return fn if callable(fn) else None
+
+
+def bidirectional_rule(cls: type, config: PretrainedConfig) -> BidirectionalRule | None:
+    """The rule of a family whose bidirectional attention the paged attention runs as spans (None: not one)."""
+    mode = getattr(config.get_text_config(), "use_bidirectional_attention", None)
+    groups = _own_groups(cls)
+    if cls.__name__ == "Gemma3ForConditionalGeneration" and not mode and groups is not None:
+        return BidirectionalRule("the tokens of one image", "token_type_ids", groups)  # mode: all tokens (embedding)
+    if cls.__name__ == "Gemma4ForConditionalGeneration" and mode in (None, "vision") and groups is not None:
+        # "vision": each image's tokens both ways; None (smaller Gemma 4 models): causal everywhere
+        fn = (lambda ids: groups(ids, ids.device)) if mode == "vision" else None
+        return BidirectionalRule("the tokens of one image", "mm_token_type_ids", fn)
+    return None
+
+
+# Why a family with bidirectional attention is refused although its spans could be expressed.
+NO_REFERENCE = {
+    "PaliGemmaForConditionalGeneration": (
+        "PaliGemma's language model declares its attention non-causal (its text config's use_bidirectional_attention "
+        "is True by default): where transformers skips the mask (sdpa, no padding: a text-only prompt) the whole "
+        "prompt attends both ways, with eager attention causally, so a text-only request has no one reference to "
+        "match (its image prompts, whose prefix attends both ways, would be one bidirectional span)"
+    ),
+}
+
+
+def check_image_text_class(cls: type, config: PretrainedConfig) -> BidirectionalRule | None:
+    """Refuse a VLM class whose language model the paged attention cannot run exactly; the rule of its bidirectional
+    spans where it has some."""
     reason = bidirectional_reason(cls)
-    if reason is not None:
-        raise UnsupportedModelError(f"{reason}. Bidirectional image attention is not supported yet")
+    if reason is None:
+        return None
+    rule = bidirectional_rule(cls, config)
+    if rule is None:
+        why = NO_REFERENCE.get(
+            cls.__name__, "Only Gemma 3's and Gemma 4's spans (the tokens of one image) are supported"
+        )
+        raise UnsupportedModelError(f"{reason}. {why}")
+    return rule
+
+
+def bidirectional_spans(rule: BidirectionalRule | None, processed: dict) -> tuple[tuple[int, int], ...]:
+    """The prompt positions [start, end) of each group of tokens that attend to each other both ways, from the
+    processor's token_type_ids (none given: causal, as in the modeling code)."""
+    token_type_ids = processed.get(rule.key) if rule is not None else None
+    if rule is None or rule.group_ids is None or token_type_ids is None:
+        return ()
+    groups = rule.group_ids(token_type_ids)[0].tolist()  # (L,)
+    spans: list[tuple[int, int]] = []
+    for pos, g in enumerate(groups):
+        if g < 0:
+            continue
+        if spans and groups[pos - 1] == g:
+            spans[-1] = (spans[-1][0], pos + 1)
+        elif g in groups[:pos]:
+            raise RequestError(
+                "images: the processor's token_type_ids put tokens apart from each other in one bidirectional group; "
+                "the paged attention takes contiguous groups only",
+                param="images",
+            )
+        else:
+            spans.append((pos, pos + 1))
+    return tuple((a, b) for a, b in spans if b - a > 1)
 
 
 def image_token_id(config: PretrainedConfig) -> int | None:
@@ -104,14 +185,50 @@ def image_token_id(config: PretrainedConfig) -> int | None:
 def image_input_refusal(hf) -> str | None:
     """Why this model's image requests cannot run exactly (None: they can)."""
     vision = getattr(hf.config, "vision_config", None)
-    if getattr(vision, "deepstack_visual_indexes", None):
+    if getattr(vision, "deepstack_visual_indexes", None) and deepstack_language_model(hf) is None:
         return (
-            f"{type(hf).__name__} adds image features inside its language model's layers (deepstack), which the "
-            "engine does not pass yet; send text only"
+            f"{type(hf).__name__} adds image features inside its language model's layers (deepstack), but its "
+            "language model takes no `deepstack_visual_embeds`; send text only"
         )
     if image_token_id(hf.config) is None or not callable(getattr(hf, "get_image_features", None)):
         return f"{type(hf).__name__} names no image token or has no get_image_features"
+    lm = getattr(getattr(hf, "model", None), "language_model", None)
+    if lm is not None and "per_layer_inputs" in inspect.signature(lm.forward).parameters:
+        return (
+            f"{type(hf).__name__}'s language model takes per-layer inputs that its forward computes from the input "
+            "ids (image tokens masked), which the engine's merged input embeddings do not carry; send text only"
+        )
     return None
+
+
+def deepstack_language_model(hf) -> torch.nn.Module | None:
+    """The language model of a deepstack VLM (Qwen3-VL: image features added to the hidden states after its first
+    layers) when it takes them as arguments (`visual_pos_masks`, `deepstack_visual_embeds`)."""
+    lm = getattr(getattr(hf, "model", None), "language_model", None)
+    if lm is None or "deepstack_visual_embeds" not in inspect.signature(lm.forward).parameters:
+        return None
+    return lm
+
+
+def deepstack_logits(
+    hf,
+    embeds: torch.Tensor,  # (1, T, H) input embeddings, image rows merged
+    positions: torch.Tensor,  # (1, T) or (3, 1, T)
+    rows: torch.Tensor,  # (K,) ascending token indices of the step's image tokens
+    values: torch.Tensor,  # (K, 1 + D, H) per image token: its feature and its D deepstack layers' rows
+    logits_indices: torch.Tensor,  # (R,)
+    kwargs: dict,
+) -> torch.Tensor:  # (R, V)
+    """A step with deepstack image rows: the language model's own forward adds each deepstack layer's rows to the
+    hidden states of the image tokens after that layer (as the model's forward does once it merged the features),
+    then its head on the sampled rows (as the model's forward does with logits_to_keep)."""
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)  # (1, T)
+    mask[0, rows] = True
+    deep = [values[:, 1 + i].to(embeds.dtype) for i in range(values.shape[1] - 1)]  # D x (K, H)
+    out = deepstack_language_model(hf)(
+        inputs_embeds=embeds, position_ids=positions, visual_pos_masks=mask, deepstack_visual_embeds=deep, **kwargs
+    )
+    return hf.lm_head(out.last_hidden_state[0, logits_indices])
 
 
 def _accepted(fn, values: dict) -> dict:
@@ -119,21 +236,27 @@ def _accepted(fn, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in params}
 
 
-def encode_images(hf, tensors: dict, dtype) -> "torch.Tensor":  # noqa: F821 -> (N, H)
-    """The image features of one request from the model's own `get_image_features`, one row per image token."""
-    import torch
-
-    fn = hf.get_image_features
-    kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    kwargs = {k: v.to(hf.device) for k, v in _accepted(fn, kwargs).items()}
-    out = fn(**kwargs)
-    feats = getattr(out, "pooler_output", out)
+def _feature_rows(feats) -> torch.Tensor:  # a tensor or one per image -> (N, H)
     if isinstance(feats, (list, tuple)):
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0)
     return feats.reshape(-1, feats.shape[-1])
 
 
-def rope_index(hf, processed: dict) -> "tuple[torch.Tensor, int] | None":  # noqa: F821
+def encode_images(hf, tensors: dict, dtype) -> torch.Tensor:  # -> (N, H) or, deepstack, (N, 1 + D, H)
+    """The image features of one request from the model's own `get_image_features`, one row per image token; a
+    deepstack model's (Qwen3-VL) with its D deepstack layers' rows beside each feature."""
+    fn = hf.get_image_features
+    kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    kwargs = {k: v.to(hf.device) for k, v in _accepted(fn, kwargs).items()}
+    out = fn(**kwargs)
+    feats = _feature_rows(getattr(out, "pooler_output", out))
+    deep = getattr(out, "deepstack_features", None)
+    if deep:
+        return torch.stack([feats, *(_feature_rows(d) for d in deep)], dim=1)  # (N, 1 + D, H)
+    return feats
+
+
+def rope_index(hf, processed: dict) -> tuple[torch.Tensor, int] | None:
     """(M-RoPE positions (3, L), delta) of one processed prompt from the model's own `get_rope_index`; None for a
     model without M-RoPE."""
     owner = getattr(hf, "model", hf)
@@ -148,8 +271,6 @@ def rope_index(hf, processed: dict) -> "tuple[torch.Tensor, int] | None":  # noq
 def check_own_positions(hf, device, batch_kwarg: str) -> None:
     """Refuse a language model that computes its own positions differently from the 0-based position_ids the engine
     passes (Kosmos-2.5: sinusoidal positions offset by its padding index when none are given, as in generate())."""
-    import torch
-
     from backend.models.kv_layout import PROBE_TOKENS, KVProbe
 
     vocab = int(getattr(hf.config.get_text_config(), "vocab_size", 0) or 1)

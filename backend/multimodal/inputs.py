@@ -25,7 +25,10 @@ class ImageInputs:
     num_images: int
     mrope_positions: torch.Tensor | None = None  # (3, L) the model's own get_rope_index over the prompt
     mrope_delta: int = 0  # position of a token after the prompt: its index + delta (all three rows)
-    features: torch.Tensor | None = None  # (N, H) image features, computed once at the first prefill step
+    # prompt positions [start, end) whose tokens attend to each other both ways (Gemma 3: each image's tokens), from
+    # the model (TransformersModel.bidirectional_spans); ascending, disjoint. The scheduler never splits one.
+    bidirectional_spans: tuple[tuple[int, int], ...] = ()
+    features: torch.Tensor | None = None  # (N, H) image features (deepstack: (N, 1 + D, H)), computed once at prefill
     num_encodes: int = 0  # how often the vision tower ran for this request (kept across preemptions: 1)
 
 
@@ -68,6 +71,7 @@ def prepare_image_request(model: nn.Module, processor, prompt: object, images: o
     mrope = model.mrope_positions(out)
     if mrope is not None:
         inputs.mrope_positions, inputs.mrope_delta = mrope
+    inputs.bidirectional_spans = model.bidirectional_spans(out)
     return ids.tolist(), inputs
 
 

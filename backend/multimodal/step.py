@@ -1,5 +1,6 @@
 """One step's part of its requests' images: features computed at a request's first prefill step (and kept, also
-across preemptions), the feature rows of the tokens this step computes, and M-RoPE positions."""
+across preemptions), the feature rows of the tokens this step computes, M-RoPE positions, and the spans of
+bidirectional attention (Gemma 3's images) the step's attention honours."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 
 import torch
 from torch import nn
+
+from flab_kernels.attention_args import BidirectionalSpan
 
 
 def ensure_image_features(model: nn.Module, seqs: list) -> float:
@@ -62,3 +65,21 @@ def step_mrope_positions(seqs: list, num_new: list[int]) -> torch.Tensor | None:
         after = plain[:, known.shape[1] :] + inputs.mrope_delta  # tokens past the prompt
         parts.append(torch.cat([known, after], dim=1))
     return torch.cat(parts, dim=1)  # (3, T)
+
+
+def step_bidirectional_spans(seqs: list, num_new: list[int]) -> tuple[BidirectionalSpan, ...]:
+    """The bidirectional spans in which this step computes a query that sees a later key of its span (a span is
+    computed whole by one step: backend/core/scheduler.py never ends a chunk inside one)."""
+    out: list[BidirectionalSpan] = []
+    for i, (seq, n) in enumerate(zip(seqs, num_new)):
+        inputs = getattr(seq, "images", None)
+        start, stop = seq.num_computed_tokens, seq.num_computed_tokens + n
+        for s, e in inputs.bidirectional_spans if inputs is not None else ():
+            if max(s, start) >= e - 1:  # done before this step, or only its last token left: causal suffices
+                continue
+            if s >= stop:
+                break
+            if e > stop:
+                raise RuntimeError(f"a step ends at position {stop} inside the bidirectional span [{s}, {e})")
+            out.append(BidirectionalSpan(i, s, e))
+    return tuple(out)

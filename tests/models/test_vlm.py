@@ -20,8 +20,10 @@ EXACT_FAMILIES = [
     pytest.param("qwen2_5_vl", marks=SLOW),
     pytest.param("idefics3", marks=SLOW),
     pytest.param("mistral3", marks=SLOW),  # its processor needs torchvision: text-only here
+    pytest.param("qwen3_vl", marks=SLOW),  # interleaved M-RoPE (deepstack only where images are)
     pytest.param("qwen3_vl_moe", marks=SLOW),  # MoE, interleaved M-RoPE
     pytest.param("glm4v_moe", marks=SLOW),  # MoE
+    pytest.param("gemma3", marks=SLOW),  # text only: causal (bidirectional spans only where images are)
 ]
 
 
@@ -76,9 +78,11 @@ def test_processor_that_needs_torchvision_leaves_the_model_text_only(tiny_vlm):
         assert images["accepted"] is False and "torchvision" in images["reason"].lower()
 
 
-def test_bidirectional_image_attention_is_refused_with_the_reason(tiny_vlm):
-    with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration .* attend bidirectionally"):
-        vlm_engine(tiny_vlm("gemma3"))
+def test_bidirectional_attention_without_one_reference_is_refused_with_the_reason(tiny_vlm):
+    """Gemma 3's image spans run (test_vlm_images.py); PaliGemma's text-only prompts attend both ways under sdpa and
+    causally under eager in transformers: no one reference, refused."""
+    with pytest.raises(UnsupportedModelError, match="PaliGemmaForConditionalGeneration .* no one reference to match"):
+        vlm_engine(tiny_vlm("paligemma"))
 
 
 def test_a_folder_without_processor_files_serves_text_and_refuses_images(tiny_vlm, tmp_path):

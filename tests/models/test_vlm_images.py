@@ -10,6 +10,7 @@ import pytest
 
 from backend import Engine, SamplingParams
 from backend.core.errors import RequestError
+from backend.models.transformers import TransformersModel
 from backend.tools.tiny_vlms import FAMILIES
 from tests.models.vlm_reference import hf_vlm_greedy, random_images
 
@@ -17,10 +18,13 @@ N_NEW = 8
 GREEDY = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
 IMAGE_FAMILIES = [
     "llava",
+    "gemma3",  # each image's tokens attend to each other both ways: bidirectional spans, never split by a chunk
     "qwen2_vl",  # M-RoPE from the model's own get_rope_index
     pytest.param("qwen2_5_vl", marks=pytest.mark.slow),  # window attention in the vision tower, M-RoPE delta -6
     pytest.param("idefics3", marks=pytest.mark.slow),  # an image split into several sub-images
     pytest.param("glm4v_moe", marks=pytest.mark.slow),  # MoE language model, M-RoPE over a partial rotary
+    "qwen3_vl",  # deepstack: image features added to the hidden states after the language model's first layer
+    pytest.param("qwen3_vl_moe", marks=pytest.mark.slow),  # deepstack, MoE
 ]
 
 
@@ -82,6 +86,41 @@ def test_image_requests_equal_hf_generate_mixed_chunked_preempted(family, tiny_v
         assert engine.stats().num_preemptions > 0
         assert len(calls) == 2
         assert engine.stats().kv_blocks_used == 0
+
+
+def test_gemma3_chunks_keep_each_image_whole_and_the_spans_matter(tiny_vlm, monkeypatch):
+    """Under a budget of 5 tokens, chunks that would end inside an image's 4 tokens end at its start (or take it whole);
+    with the spans taken away (causal attention) the logits differ: the exactness above depends on them (with
+    transformers 5.25 the greedy tokens differ too, test_vlm_bidirectional.py checks the mask itself)."""
+    path = tiny_vlm("gemma3")
+    prompts, images = mixed_requests("gemma3")
+    expected = hf_vlm_greedy(path, prompts, N_NEW, images)
+    chunks: list[tuple[tuple, int, int]] = []
+
+    def record(batch):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.images is not None:
+                chunks.append((seq.images.bidirectional_spans, seq.num_computed_tokens, n))
+
+    with vlm_engine(path, max_num_batched_tokens=5, enable_prefix_caching=False) as engine:
+        handles = [engine.add_request(p, GREEDY, images=i) for p, i in zip(prompts, images)]
+        outs: dict[int, list[int]] = {}
+        while engine.num_requests:
+            for delta in engine.step(on_batch=record):
+                outs.setdefault(delta.request_id, []).extend(delta.token_ids)
+    assert [outs[h] for h in handles] == expected
+    spans = {s for spans, _, _ in chunks for s in spans}
+    assert len(spans) == 3 and all(e - s == 4 for s, e in spans)  # three images of 4 tokens
+    assert not [(start, n) for spans, start, n in chunks for s, e in spans if s < start + n < e]
+    assert any(start == s and n == e - s for spans, start, n in chunks for s, e in spans)  # a chunk moved to a span
+    # the logprobs of the first sampled token (the prompt's last position, after the images): the spans change them
+    first = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=0)
+    with vlm_engine(path) as engine:
+        with_spans = [o.logprobs[0] for o in engine.generate(prompts[:2], first, images=images[:2])]
+    monkeypatch.setattr(TransformersModel, "bidirectional_spans", lambda self, processed: ())
+    with vlm_engine(path) as engine:
+        causal = [o.logprobs[0] for o in engine.generate(prompts[:2], first, images=images[:2])]
+    assert all(abs(a - b) > 1e-4 for a, b in zip(with_spans, causal)), (with_spans, causal)
 
 
 def test_image_changes_the_output_and_the_stream_takes_images(tiny_vlm):
@@ -149,11 +188,54 @@ def test_bad_image_input_is_a_request_error_and_the_engine_keeps_serving(tiny_vl
             engine.generate("Hello", GREEDY, images=[random_images(1)])
 
 
+def test_qwen3_vl_deepstack_rows_matter(tiny_vlm, monkeypatch):
+    """Without the deepstack rows (only the merged features) the tokens differ from HF: the exactness above depends
+    on the language model's own deepstack addition, not just on the merged image features."""
+    path = tiny_vlm("qwen3_vl")
+    prompts, images = mixed_requests("qwen3_vl")
+    expected = hf_vlm_greedy(path, prompts, N_NEW, images)
+    encode = TransformersModel.encode_images
+    monkeypatch.setattr(TransformersModel, "encode_images", lambda self, inputs: encode(self, inputs)[:, 0])
+    with vlm_engine(path) as engine:
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY, images=images)] != expected
+
+
 @pytest.mark.slow
 def test_models_whose_images_cannot_run_refuse_image_requests_with_the_reason(tiny_vlm):
     with vlm_engine(tiny_vlm("mistral3")) as engine:
         with pytest.raises(RequestError, match="images: this model cannot take images here: .*[Tt]orchvision"):
             engine.generate("Hello [IMG] world", GREEDY, images=[random_images(1)])
-    with vlm_engine(tiny_vlm("qwen3_vl_moe")) as engine:
-        with pytest.raises(RequestError, match="deepstack"):
-            engine.generate("Hello <|vision_start|><|image_pad|><|vision_end|>", GREEDY, images=[random_images(1)])
+
+
+def test_gemma3_prefix_cache_hits_inside_an_image_span_stay_exact(tiny_vlm):
+    """The same image and prompt again: its cached blocks may end inside an image's span (their KV was computed with
+    the whole span, which the image hash salts); the rest of the span is computed whole in one step."""
+    path = tiny_vlm("gemma3")
+    prompt = "Hello <start_of_image>"  # ends 2 tokens after its image: a hit of whole blocks can end inside the image
+    (image,) = random_images(1, seed=5)
+    (expected,) = hf_vlm_greedy(path, [prompt], N_NEW, [[image]])
+    inside = []
+    for block_size in (2, 4, 8):
+        with vlm_engine(path, block_size=block_size) as engine:
+            first = engine.generate(prompt, GREEDY, images=[image])[0]
+            again = engine.generate(prompt, GREEDY, images=[image])[0]
+        assert first.token_ids == again.token_ids == expected
+        assert again.num_cached_tokens > 0
+        spans = tiny_spans(engine_prompt_ids=first.prompt_token_ids, path=path)
+        inside += [s < again.num_cached_tokens < e for s, e in spans]
+    assert any(inside)  # at least one hit ended inside the span
+
+
+def tiny_spans(engine_prompt_ids: list[int], path) -> list[tuple[int, int]]:
+    """The image-token runs of a Gemma 3 prompt (token_type_ids == 1 where the image token stands)."""
+    from transformers import AutoConfig
+
+    image_token = AutoConfig.from_pretrained(path).image_token_id
+    runs, start = [], None
+    for i, t in enumerate([*engine_prompt_ids, -1]):
+        if t == image_token and start is None:
+            start = i
+        elif t != image_token and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs

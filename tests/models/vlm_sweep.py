@@ -5,6 +5,11 @@ model shrunk like the causal-LM sweep's (tests/models/arch_sweep.py) and every o
 shrunk by VISION_SHRINK; HF generate()'s greedy tokens on text-only prompts; the engine (fp32, CPU; the folder has no
 processor files, so it serves text only). Outcomes as in the causal-LM sweep: "exact", "refused" (at load, with the
 reason), "skipped" (HF cannot build or run the shrunk model), "mismatch" (a failure).
+
+A type that is exact text-only and has a tiny family with a processor (backend/tools/tiny_vlms.py) is then checked
+with images too: image-text and text-only requests in one batch, greedy tokens against HF generate() with the same
+image+text inputs; its detail says "images: exact", or why its image requests are refused; a mismatch fails it.
+The other exact types are exact text-only ("images: not checked": no tiny processor for that type).
 """
 
 from __future__ import annotations
@@ -15,10 +20,20 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
 
 from backend import Engine, SamplingParams
-from backend.core.errors import UnsupportedModelError
+from backend.core.errors import RequestError, UnsupportedModelError
 from backend.loading.tiny_models import build_tokenizer
-from tests.models.arch_sweep import HIDDEN, MAX_PARAMETERS, N_NEW, SWEEP_PROMPTS, SweepResult, _merged, _shrink_sizes
-from tests.models.vlm_reference import hf_vlm_greedy
+from backend.tools.tiny_vlms import FAMILIES, build_tiny_vlm
+from tests.models.arch_sweep import (
+    HIDDEN,
+    MAX_PARAMETERS,
+    N_NEW,
+    SWEEP_PROMPTS,
+    SweepResult,
+    _is_pattern,
+    _merged,
+    _shrink_sizes,
+)
+from tests.models.vlm_reference import hf_vlm_greedy, random_images
 
 # Sizes of a vision tower (or audio / projector sub-config), set where its default config has the key.
 VISION_SHRINK: dict[str, object] = dict(
@@ -54,7 +69,23 @@ def _shrink_tree(config: PretrainedConfig, text: PretrainedConfig, vocab: int, s
             shrink = _shrink_tree(sub, text, vocab, special)
         else:
             shrink = {k: v for k, v in VISION_SHRINK.items() if k in default and default[k] is not None}
+            shrink |= _shrink_patterns(default, shrink)
         out[key] = _merged(default, shrink)
+        if "per_layer_config" in shrink:  # the shrunk layers' overrides replace the default's (other layer indices)
+            out[key]["per_layer_config"] = shrink["per_layer_config"]
+    return out
+
+
+def _shrink_patterns(default: dict, shrink: dict) -> dict:
+    """A shrunk tower's per-layer fields (layer_types, ...) cut to its shrunk layer count, per-layer overrides
+    dropped (they name layers of the default depth)."""
+    layers = int(default.get("num_hidden_layers") or 0)
+    kept = shrink.get("num_hidden_layers")
+    if not kept or layers <= kept:
+        return {}
+    out: dict = {k: list(v)[:kept] for k, v in default.items() if _is_pattern(v, layers)}
+    if default.get("per_layer_config"):
+        out["per_layer_config"] = {}
     return out
 
 
@@ -118,4 +149,26 @@ def run_vlm(model_type: str, path: Path) -> SweepResult:
         got = [o.token_ids for o in engine.generate(SWEEP_PROMPTS, params)]
     if got != expected:
         return SweepResult(model_type, "mismatch", f"engine {got} != HF {expected}")
-    return SweepResult(model_type, "exact")
+    return image_check(model_type, path.parent / f"{model_type}-images")
+
+
+def image_check(model_type: str, path: Path) -> SweepResult:
+    """The verdict of a type exact text-only: with images too where a tiny family with a processor exists."""
+    family = FAMILIES.get(model_type)
+    if family is None or family.processor is None:
+        return SweepResult(model_type, "exact", "text only; images: not checked (no tiny processor for this type)")
+    build_tiny_vlm(model_type, path)
+    image = family.image_text
+    prompts = [f"Hello {image} world! Once upon", f"{image} The quick brown fox {image}", "1 2 3 4 5 6 7"]
+    a, b, c = random_images(3)
+    images = [[a], [b, c], None]
+    params = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+    with Engine(str(path), dtype="float32", device="cpu", kv_cache_memory_gb=0.05) as engine:
+        try:
+            got = [o.token_ids for o in engine.generate(prompts, params, images=images)]
+        except RequestError as e:
+            return SweepResult(model_type, "exact", f"text exact; images refused: {e}")
+    expected = hf_vlm_greedy(path, prompts, N_NEW, images)
+    if got != expected:
+        return SweepResult(model_type, "mismatch", f"with images: engine {got} != HF {expected}")
+    return SweepResult(model_type, "exact", "text and images: exact")

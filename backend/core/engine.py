@@ -53,7 +53,7 @@ from backend.core.requests import Request, RequestBook, Sink, error_text
 from backend.core.runner import ModelRunner
 from backend.core.sampling import SamplingParams
 from backend.core.scheduler import ScheduledBatch, Scheduler
-from backend.core.sequence import Sequence
+from backend.core.sequence import Sequence, prefix_salt
 from backend.core.stop import StopMatcher
 from backend.core.streams import LISTENER_POLL_S, RequestStream
 from backend.core.validation import (
@@ -253,8 +253,6 @@ class Engine:
         """Check the input (RequestError: nothing is queued) and queue the request."""
         owner = check_owner(owner)
         cache_salt = check_cache_salt(cache_salt)
-        if self.config.prefix_cache_per_owner and owner is not None:  # hosted: one visitor's blocks are its own
-            cache_salt = f"owner:{owner}" if cache_salt is None else f"owner:{owner}\x00{cache_salt}"
         params = check_params(params)
         image_inputs = None
         if images is not None:  # an image-text request: the processor expands the placeholders (backend/multimodal)
@@ -278,7 +276,12 @@ class Engine:
                 raise RequestError("the engine is closed")
             rid = self._next_id
             self._next_id += 1
-            seq = Sequence(rid, ids, params, generator, owner=owner, cache_salt=cache_salt, images=image_inputs)
+            salt = prefix_salt(
+                owner if self.config.prefix_cache_per_owner else None,  # hosted: one visitor's blocks are its own
+                cache_salt,
+                None if image_inputs is None else image_inputs.content_hash,  # another image shares no block
+            )
+            seq = Sequence(rid, ids, params, generator, owner=owner, prefix_salt=salt, images=image_inputs)
             req = Request(seq, prompt, sink=sink, detokenizer=detok, stops=StopMatcher(params.stop), manual=manual)
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(ids)

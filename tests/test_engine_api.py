@@ -210,3 +210,19 @@ def test_a_consumer_holding_its_final_delta_sees_its_request_gone(engine):
             pass
         assert delta.finished and engine.num_requests == 0
         assert engine.stats().num_running == 0 and engine.stats().kv_blocks_used == 0
+
+
+def test_a_consumer_that_raises_fails_its_own_request_only(engine):
+    got = []
+
+    def broken(delta):
+        got.append(delta)
+        if not delta.finished:
+            raise RuntimeError("consumer gone")
+
+    handle = engine.open_stream("Hello", SamplingParams(max_new_tokens=50, ignore_eos=True), sink=broken)
+    ok = engine.generate(["Hello"], GREEDY)[0]  # another request, served meanwhile
+    handle.close()  # waits until the engine dropped it
+    assert got[-1].finished and got[-1].finish_reason == "error" and "consumer gone" in got[-1].output.error
+    assert ok.finish_reason == "length" and len(ok.token_ids) == 8
+    assert engine.num_requests == 0 and engine.stats().kv_blocks_used == 0

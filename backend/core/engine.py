@@ -237,7 +237,8 @@ class Engine:
         """Between steps (the caller holds the state lock): swap in the snapshot the read-outs show, then push the
         deltas published since the last time to their consumers (who then see a state that matches them)."""
         self._snapshot = self._take_snapshot()
-        self._book.deliver()
+        if self._book.deliver():  # a consumer failed: its request finished meanwhile
+            self._snapshot = self._take_snapshot()
 
     def _new_request(
         self,

@@ -141,10 +141,11 @@ class RequestBook:
         self.pending.append((req, delta))
         return delta
 
-    def deliver(self) -> None:
+    def deliver(self) -> bool:
         """Push the deltas published since the last call to their sinks, in order, then wake the waiters of the
         finished ones. A sink that raises fails its request (whose error delta goes to the same sink once more);
-        never raises."""
+        never raises. Returns whether a sink failed (the state changed: that request finished)."""
+        sink_failed = False
         while self.pending:
             batch, self.pending = self.pending, []
             for req, delta in batch:
@@ -154,9 +155,11 @@ class RequestBook:
                 except Exception as e:
                     logger.warning("request %d: its consumer failed: %s", req.seq.seq_id, error_text(e))
                     if not delta.finished:
+                        sink_failed = True
                         self.fail([req.seq], error_text(e))
                 if delta.finished:
                     req.done.set()
+        return sink_failed
 
     @staticmethod
     def output(req: Request, text: str | None = None) -> RequestOutput:

@@ -9,10 +9,10 @@ batch is scheduled (`step(on_batch=...)`) until it ends, the main thread times `
 before the step did are counted, so each one overlapped the forward. Prints the step's duration and per call the
 median and the worst, in milliseconds.
 
-`steps`: the batch-1 decode step (one request, a 128-token prompt, median step time over 64 decode steps) and the
-throughput step (32 requests of 64-token prompts decoding together: median step time while all 32 decode, and the
-output tokens per second of those steps). Public API only, so the same file runs against an older checkout for an
-A/B (copy it there and run both in turn).
+`steps`: the batch-1 decode step (one request, a 128-token prompt, median step time over `--decode-steps` decode
+steps, 64) and the throughput step (32 requests of 64-token prompts decoding together for half as many steps: median
+step time while all 32 decode, and the output tokens per second of those steps). Public API only, so the same file
+runs against an older checkout for an A/B (copy it there and run both in turn).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import random
 import statistics
 import threading
 import time
+
+import torch
 
 from backend import Engine, SamplingParams
 
@@ -96,7 +98,7 @@ def measure_latency(path: str, dtype: str, prompt_len: int, waiting: int) -> dic
         engine.close()
 
 
-def measure_steps(path: str, dtype: str, num_requests: int) -> dict:
+def measure_steps(path: str, dtype: str, num_requests: int, decode_steps_n: int = 64) -> dict:
     engine = Engine(path, dtype=dtype, max_num_seqs=max(num_requests, 1), num_kv_blocks=2048)
     try:
         rng = random.Random(0)
@@ -119,8 +121,8 @@ def measure_steps(path: str, dtype: str, num_requests: int) -> dict:
                     out.append((dt, len(deltas)))
             return out
 
-        one = decode_steps(1, 128, 65)
-        many = decode_steps(num_requests, 64, 33)
+        one = decode_steps(1, 128, decode_steps_n + 1)
+        many = decode_steps(num_requests, 64, decode_steps_n // 2 + 1)
         return {
             "batch1_decode_step_ms": statistics.median(s for s, _ in one) * 1000,
             f"batch{num_requests}_decode_step_ms": statistics.median(s for s, _ in many) * 1000,
@@ -138,14 +140,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=1024, help="latency: the long step's prefill tokens")
     parser.add_argument("--waiting", type=int, default=64, help="latency: requests queued behind it, to abort")
     parser.add_argument("--num-requests", type=int, default=32, help="steps: the throughput batch")
+    parser.add_argument("--decode-steps", type=int, default=64, help="steps: batch-1 decode steps (half at batch N)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from backend.tools.bench import resolve_path
 
     path = resolve_path(args.model, args.dtype)
     if args.what == "latency":
         result = measure_latency(path, args.dtype, args.prompt_len, args.waiting)
     else:
-        result = measure_steps(path, args.dtype, args.num_requests)
+        result = measure_steps(path, args.dtype, args.num_requests, args.decode_steps)
     print(json.dumps(result, indent=1))
     return result
 

@@ -171,3 +171,58 @@ def test_kv_budget_too_small_for_one_sequence(tiny_model):
 def test_bad_engine_options(tiny_model, opts):
     with pytest.raises(EngineError):
         Engine(str(tiny_model("llama")), **opts)
+
+
+def test_read_outs_show_the_snapshot_taken_between_steps(engine):
+    """stats(), kv_cache_view() and num_requests read the state the loop published before the step in flight: while
+    its batch is scheduled (blocks allocated, the request running) they still show it waiting with no block; a
+    request added meanwhile counts as waiting; after the step, all of it shows."""
+    seen = {}
+
+    def during(batch):
+        # the step holds the state lock here; the read-outs must not need it (another thread could not wait on it)
+        reader = threading.Thread(
+            target=lambda: seen.update(stats=engine.stats(), blocks=engine.kv_cache_view(), n=engine.num_requests)
+        )
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "a read-out waited for the step's lock"
+        engine.add_request(prompt_token_ids=[5, 6, 7], params=GREEDY)  # applied when the step ends
+        seen["after_add"] = engine.stats().num_waiting, engine.num_requests
+
+    first = engine.add_request(prompt_token_ids=[1, 2, 3, 4], params=GREEDY)
+    engine.step(on_batch=during)
+    assert seen["stats"].num_running == 0 and seen["stats"].num_waiting == 1 and seen["n"] == 1
+    assert all(b.owners == [] for b in seen["blocks"]) and seen["stats"].kv_blocks_used == 0
+    assert seen["after_add"] == (2, 2)
+    after = engine.stats()
+    assert after.num_running == 1 and after.num_waiting == 1 and engine.num_requests == 2
+    assert any(first in b.owners for b in engine.kv_cache_view())
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.num_requests == 0 and engine.stats().kv_blocks_used == 0
+
+
+def test_a_consumer_holding_its_final_delta_sees_its_request_gone(engine):
+    """Deltas are pushed after the snapshot that matches them: once a stream ended, the read-outs no longer hold it."""
+    for _ in range(5):
+        for delta in engine.stream("Hello", GREEDY):
+            pass
+        assert delta.finished and engine.num_requests == 0
+        assert engine.stats().num_running == 0 and engine.stats().kv_blocks_used == 0
+
+
+def test_a_consumer_that_raises_fails_its_own_request_only(engine):
+    got = []
+
+    def broken(delta):
+        got.append(delta)
+        if not delta.finished:
+            raise RuntimeError("consumer gone")
+
+    handle = engine.open_stream("Hello", SamplingParams(max_new_tokens=50, ignore_eos=True), sink=broken)
+    ok = engine.generate(["Hello"], GREEDY)[0]  # another request, served meanwhile
+    handle.close()  # waits until the engine dropped it
+    assert got[-1].finished and got[-1].finish_reason == "error" and "consumer gone" in got[-1].output.error
+    assert ok.finish_reason == "length" and len(ok.token_ids) == 8
+    assert engine.num_requests == 0 and engine.stats().kv_blocks_used == 0

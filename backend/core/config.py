@@ -19,6 +19,7 @@ import torch
 
 from backend.core.checks import is_int, is_real
 from backend.core.errors import EngineError
+from backend.core.sampling import MAX_SEED  # one bound for a request's seed and the engine's
 from backend.layers.attention_backends import ATTENTION_BACKENDS as _ATTENTION_REGISTRY
 
 MODEL_IMPLS = ("auto", "native", "transformers")
@@ -26,7 +27,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ATTENTION_BACKENDS = ("auto", *_ATTENTION_REGISTRY)  # backend/layers/attention_backends.py
 CPU_LINEARS = ("auto", "packed", "upcast", "none")  # how 16-bit linears run on CPU (backend/layers)
 CPU_KERNELS = ("auto", "fused", "torch")  # our C++ CPU kernels (flab_kernels/cpu) or torch ops
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ the notebook use. Nothing outside backend/ reads the engine's parts. The work is
 One step is: drain the inbox -> schedule -> run -> update and publish. Callers never wait for a forward:
 `add_request`, `abort` and `reset_prefix_cache` are messages (messages.py) applied at once when no step is in
 progress, else at the end of the step in progress; the state lock is held for that bookkeeping only, never
-across the model forward, so `stats()` and `kv_cache_view()` read the state between steps without waiting for
-one. Each request's deltas are pushed to its consumer (a RequestStream's queue, or a sink such as the server's
+across the model forward. Between steps the loop publishes an immutable `StateSnapshot` (readouts.py), which
+`stats()`, `kv_cache_view()` and `num_requests` read without any lock; then it pushes each request's deltas to
+its consumer (a RequestStream's queue, or a sink such as the server's
 asyncio bridge). A background thread runs steps while several callers stream at once (UI, server); without
 it, `generate` drives the steps itself, and `step()` stays for callers who drive the engine themselves.
 
@@ -47,12 +48,12 @@ from backend.core.kv_sizing import check_kv_fits, model_context_len, plan_kv_cac
 from backend.core.messages import AbortRequest, AddRequest, Message, ResetPrefixCache
 from backend.core.metrics import EngineStats, KVBlock, Metrics, StepStats
 from backend.core.outputs import RequestOutput, StreamDelta
-from backend.core.readouts import describe_engine, engine_stats, kv_blocks, step_stats
+from backend.core.readouts import StateSnapshot, describe_engine, engine_stats, kv_blocks, step_stats, take_snapshot
 from backend.core.requests import Request, RequestBook, Sink, error_text
 from backend.core.runner import ModelRunner
 from backend.core.sampling import SamplingParams
 from backend.core.scheduler import ScheduledBatch, Scheduler
-from backend.core.sequence import Sequence
+from backend.core.sequence import Sequence, prefix_salt
 from backend.core.stop import StopMatcher
 from backend.core.streams import LISTENER_POLL_S, RequestStream
 from backend.core.validation import (
@@ -194,21 +195,51 @@ class Engine:
         self._closed = False
         self._prompt_tokens = 0
         self._generation_tokens = 0
+        self._queued_adds = 0  # AddRequest messages in the inbox
         self._description: dict | None = None
+        self._snapshot: StateSnapshot = self._take_snapshot()
 
     # --- requests: messages to the loop ---------------------------------------------------------
 
     def _post(self, message: Message) -> None:
         with self._state:
             self._inbox.append(message)
+            adds = isinstance(message, AddRequest)
+            self._queued_adds += adds
             if not self._busy:
                 self._drain()
+                self._publish_state()
+            elif adds:  # a step is in flight: the read-outs count it as waiting until the step's end applies it
+                self._snapshot = self._snapshot.with_queued(1)
             self._wake.notify_all()
 
-    def _drain(self) -> None:
-        """Apply the inbox's messages in order (the caller holds the state lock and no step is in flight)."""
+    def _drain(self) -> bool:
+        """Apply the inbox's messages in order (the caller holds the state lock and no step is in flight); whether
+        there were any."""
+        applied = bool(self._inbox)
         while self._inbox:
-            self._inbox.popleft().apply(self._book)
+            message = self._inbox.popleft()
+            self._queued_adds -= isinstance(message, AddRequest)
+            message.apply(self._book)
+        return applied
+
+    def _take_snapshot(self) -> StateSnapshot:
+        return take_snapshot(
+            self.scheduler,
+            self.metrics,
+            len(self._book),
+            self._queued_adds,
+            self._prompt_tokens,
+            self._generation_tokens,
+            self._book.finished,
+        )
+
+    def _publish_state(self) -> None:
+        """Between steps (the caller holds the state lock): swap in the snapshot the read-outs show, then push the
+        deltas published since the last time to their consumers (who then see a state that matches them)."""
+        self._snapshot = self._take_snapshot()
+        if self._book.deliver():  # a consumer failed: its request finished meanwhile
+            self._snapshot = self._take_snapshot()
 
     def _new_request(
         self,
@@ -224,8 +255,6 @@ class Engine:
         """Check the input (RequestError: nothing is queued) and queue the request."""
         owner = check_owner(owner)
         cache_salt = check_cache_salt(cache_salt)
-        if self.config.prefix_cache_per_owner and owner is not None:  # hosted: one visitor's blocks are its own
-            cache_salt = f"owner:{owner}" if cache_salt is None else f"owner:{owner}\x00{cache_salt}"
         params = check_params(params)
         image_inputs = None
         if images is not None:  # an image-text request: the processor expands the placeholders (backend/multimodal)
@@ -249,7 +278,12 @@ class Engine:
                 raise RequestError("the engine is closed")
             rid = self._next_id
             self._next_id += 1
-            seq = Sequence(rid, ids, params, generator, owner=owner, cache_salt=cache_salt, images=image_inputs)
+            salt = prefix_salt(
+                owner if self.config.prefix_cache_per_owner else None,  # hosted: one visitor's blocks are its own
+                cache_salt,
+                None if image_inputs is None else image_inputs.content_hash,  # another image shares no block
+            )
+            seq = Sequence(rid, ids, params, generator, owner=owner, prefix_salt=salt, images=image_inputs)
             req = Request(seq, prompt, sink=sink, detokenizer=detok, stops=StopMatcher(params.stop), manual=manual)
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(ids)
@@ -308,7 +342,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         with self._state:
-            return self.scheduler.has_work() or self._queued() > 0
+            return self.scheduler.has_work() or self._queued_adds > 0
 
     def step(self, on_batch: BatchHook | None = None) -> list[StreamDelta]:
         """Run one engine step; returns a delta for every request that advanced or finished in it. `on_batch`
@@ -324,7 +358,8 @@ class Engine:
 
     def _step_once(self, to_outbox: bool, on_batch: BatchHook | None = None) -> list[StreamDelta]:
         with self._step_lock, self._state:
-            self._drain()
+            if self._drain():
+                self._publish_state()
             self._busy = True
             involved: list[Sequence] = list(self.scheduler.running)
             try:
@@ -335,6 +370,7 @@ class Engine:
             finally:
                 self._busy = False
                 self._drain()  # what callers asked during the step
+                self._publish_state()
 
     def _step(self, involved: list[Sequence], to_outbox: bool, on_batch: BatchHook | None) -> list[StreamDelta]:
         """Under the state lock, which it lets go for the forward only."""
@@ -546,6 +582,7 @@ class Engine:
             self._drain()
             for req in list(self._book.requests.values()):
                 self._book.abort(req.seq.seq_id)
+            self._publish_state()
         if self._loop is not None:
             self._loop.join(timeout=10)
         self.kv_cache.k.clear()
@@ -588,29 +625,16 @@ class Engine:
         """Bytes of weights one batch-1 decode step reads (for bandwidth figures)."""
         return self.loaded.decode_weight_bytes
 
-    def _queued(self) -> int:
-        """Requests added while a step runs, still in the inbox (the caller holds the state lock)."""
-        return sum(isinstance(m, AddRequest) for m in self._inbox)
-
     @property
     def num_requests(self) -> int:
-        """Requests the engine holds (queued or running); finished ones are dropped."""
-        with self._state:
-            return len(self._book) + self._queued()
+        """Requests the engine holds (queued or running); finished ones are dropped. From the latest snapshot."""
+        snap = self._snapshot
+        return snap.num_held + snap.queued
 
     def stats(self) -> EngineStats:
-        """A consistent snapshot of queues, KV blocks and cumulative counters (never waits for a forward)."""
-        with self._state:
-            return engine_stats(
-                self.scheduler,
-                self.allocator,
-                self.metrics,
-                self.max_model_len,
-                self._prompt_tokens,
-                self._generation_tokens,
-                self._book.finished,
-                queued=self._queued(),
-            )
+        """Queues, KV blocks and cumulative counters as they were at the end of the last step (or the last request
+        added or aborted between steps): the snapshot the loop published; takes no lock."""
+        return engine_stats(self._snapshot, self.allocator, self.metrics, self.max_model_len)
 
     def step_history(self, since_step: int = -1) -> list[StepStats]:
         """The recent steps (bounded history) after step number `since_step`."""
@@ -618,8 +642,7 @@ class Engine:
 
     def kv_cache_view(self) -> list[KVBlock]:
         """One entry per KV block: owners (request ids), reference count, whether it holds a cached prefix."""
-        with self._state:
-            return kv_blocks(self.scheduler, self.allocator)
+        return kv_blocks(self._snapshot)
 
     def describe(self) -> dict:
         """What runs: implementation, injected/swapped modules, model shape, cache geometry (for UI and notebook).

@@ -2,9 +2,10 @@
 
 `RequestBook` is the registry the engine's loop owns (only the thread that holds the engine's state lock touches
 it): `append_token` takes one sampled token through detokenization and the stop rules, `publish` turns what is
-new since the last publish into a `StreamDelta` and pushes it to the request's consumer, `fail` finishes
-requests with an error without ever raising. A finished request is dropped from the book as its final delta is
-published.
+new since the last publish into a `StreamDelta`, `deliver` pushes the published deltas to their consumers (the
+engine calls it once it has published the state snapshot that matches them, so a consumer holding its final
+delta never reads a snapshot that still holds its request), `fail` finishes requests with an error without ever
+raising. A finished request is dropped from the book as its final delta is published.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class RequestBook:
         self.requests: dict[int, Request] = {}
         self.finished: Counter[str] = Counter()  # finished requests by reason (cumulative)
         self.outbox: deque[RequestOutput] = deque(maxlen=OUTBOX_SIZE)
+        self.pending: list[tuple[Request, StreamDelta]] = []  # published, not yet pushed to their consumers
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -108,8 +110,8 @@ class RequestBook:
             self.scheduler.finish(seq, reason)
 
     def publish(self, req: Request, stats: StepStats | None, to_outbox: bool = False) -> StreamDelta:
-        """Build the delta since the last publish and push it to the request's sink. A finished request is
-        dropped here: its final output travels in the delta (and into the outbox when `to_outbox` and nobody
+        """Build the delta since the last publish, to be pushed to the request's sink by `deliver`. A finished request
+        is dropped here: its final output travels in the delta (and into the outbox when `to_outbox` and nobody
         called the step that finished it)."""
         seq = req.seq
         finished = seq.is_finished
@@ -136,11 +138,28 @@ class RequestBook:
             self.requests.pop(seq.seq_id, None)
             if req.manual and to_outbox:
                 self.outbox.append(output)  # nobody called this step: keep it for take_finished()
-        if req.sink is not None:
-            req.sink(delta)
-        if finished:
-            req.done.set()
+        self.pending.append((req, delta))
         return delta
+
+    def deliver(self) -> bool:
+        """Push the deltas published since the last call to their sinks, in order, then wake the waiters of the
+        finished ones. A sink that raises fails its request (whose error delta goes to the same sink once more);
+        never raises. Returns whether a sink failed (the state changed: that request finished)."""
+        sink_failed = False
+        while self.pending:
+            batch, self.pending = self.pending, []
+            for req, delta in batch:
+                try:
+                    if req.sink is not None:
+                        req.sink(delta)
+                except Exception as e:
+                    logger.warning("request %d: its consumer failed: %s", req.seq.seq_id, error_text(e))
+                    if not delta.finished:
+                        sink_failed = True
+                        self.fail([req.seq], error_text(e))
+                if delta.finished:
+                    req.done.set()
+        return sink_failed
 
     @staticmethod
     def output(req: Request, text: str | None = None) -> RequestOutput:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
@@ -43,6 +45,43 @@ def _token_ids(value, name: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class FieldCheck:
+    """One SamplingParams field's check: its name (the `param` of the error), the test, and what is allowed."""
+
+    param: str
+    ok: Callable[[object], bool]
+    allowed: str  # completes "<param> must be ..."
+
+    def apply(self, value) -> None:
+        if not self.ok(value):
+            raise RequestError(f"{self.param} must be {self.allowed}, got {value!r:.80}", param=self.param)
+
+
+def _real_in(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[object], bool]:
+    return lambda v: is_real(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+
+
+# Every scalar field's check, declared once with the name its error carries (stop and stop_token_ids are normalized
+# by _strings / _token_ids above). The server names the API parameter from `param`, never from the message.
+SAMPLING_CHECKS: tuple[FieldCheck, ...] = (
+    FieldCheck("max_new_tokens", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    FieldCheck("temperature", lambda v: is_real(v) and v >= 0, "a number >= 0 (0 = greedy)"),
+    FieldCheck("top_k", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    FieldCheck("top_p", _real_in(0, 1, low_open=True), "a number in (0, 1]"),
+    FieldCheck("min_p", _real_in(0, 1, high_open=True), "a number in [0, 1)"),
+    FieldCheck("repetition_penalty", _real_in(0.01, 100), "a number in [0.01, 100] (1 = off)"),
+    FieldCheck("presence_penalty", _real_in(-2, 2), "in [-2, 2]"),
+    FieldCheck("frequency_penalty", _real_in(-2, 2), "in [-2, 2]"),
+    FieldCheck("seed", lambda v: v is None or (is_int(v) and 0 <= v <= MAX_SEED), "None or an integer in [0, 2**63)"),
+    FieldCheck("ignore_eos", lambda v: isinstance(v, bool), "True or False"),
+    FieldCheck("skip_special_tokens", lambda v: isinstance(v, bool), "True or False"),
+    FieldCheck("logprobs", _valid_top_n, f"None or an integer 0..{MAX_LOGPROBS}"),
+    FieldCheck("prompt_logprobs", _valid_top_n, f"None or an integer 0..{MAX_LOGPROBS}"),
+)
+SAMPLING_CHECK = MappingProxyType({check.param: check for check in SAMPLING_CHECKS})  # by field name
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one request samples and stops. Validated when built and frozen afterwards (`dataclasses.replace`
     builds a changed, validated copy). Every bad value raises RequestError naming the value."""
@@ -67,37 +106,8 @@ class SamplingParams:
         set_ = object.__setattr__
         set_(self, "stop", _strings(self.stop, "stop"))
         set_(self, "stop_token_ids", _token_ids(self.stop_token_ids, "stop_token_ids"))
-        checks = [
-            (is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
-            (is_real(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0 (0 = greedy)"),
-            (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be a number in (0, 1]"),
-            (is_real(self.min_p) and 0 <= self.min_p < 1, "min_p must be a number in [0, 1)"),
-            (
-                is_real(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100,
-                "repetition_penalty must be a number in [0.01, 100] (1 = off)",
-            ),
-            (
-                is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-                "presence_penalty must be in [-2, 2]",
-            ),
-            (
-                is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-                "frequency_penalty must be in [-2, 2]",
-            ),
-            (
-                self.seed is None or (is_int(self.seed) and 0 <= self.seed <= MAX_SEED),
-                "seed must be None or an integer in [0, 2**63)",
-            ),
-            (isinstance(self.ignore_eos, bool), "ignore_eos must be True or False"),
-            (isinstance(self.skip_special_tokens, bool), "skip_special_tokens must be True or False"),
-            (_valid_top_n(self.logprobs), "logprobs must be None or an integer 0..20"),
-            (_valid_top_n(self.prompt_logprobs), "prompt_logprobs must be None or an integer 0..20"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                field_name = message.split()[0]
-                raise RequestError(f"{message}, got {getattr(self, field_name)!r:.80}", param=field_name)
+        for check in SAMPLING_CHECKS:
+            check.apply(getattr(self, check.param))
 
     @property
     def greedy(self) -> bool:

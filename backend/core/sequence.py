@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -10,6 +11,17 @@ import torch
 
 from backend.core.sampling import SamplingParams
 from backend.multimodal.inputs import ImageInputs
+
+
+def prefix_salt(owner: str | None, cache_salt: str | None, image_hash: int | None) -> str | None:
+    """The one composition of what enters a request's first KV block hash (backend/core/kv_cache.hash_block), so that
+    two requests share prefix blocks only when all three agree: `owner` (given only when the engine keeps each
+    owner's blocks to itself, `prefix_cache_per_owner`), the request's `cache_salt` (as vLLM's) and a hash of an
+    image-text request's pixels. None when all are None (shared by every such request). The parts are encoded
+    unambiguously (a JSON list), so no choice of one part can spell another combination."""
+    if owner is None and cache_salt is None and image_hash is None:
+        return None
+    return json.dumps([owner, cache_salt, image_hash])
 
 
 class SeqStatus(enum.Enum):
@@ -39,17 +51,9 @@ class Sequence:
     finish_time: float | None = None
     text: str = ""  # detokenized output so far (set by the engine)
     owner: str | None = None  # who asked (fair scheduling across owners); None = anonymous
-    cache_salt: str | None = None  # enters the first block's hash: only requests with the same salt share blocks
+    prefix_salt: str | None = None  # enters the first block's hash (`prefix_salt()` composes it): equal salts share
     error: str | None = None
     images: ImageInputs | None = None  # an image-text request's images (backend/multimodal/inputs.py)
-
-    @property
-    def prefix_salt(self) -> str | None:
-        """What enters the first KV block's hash: the request's cache_salt and, for an image-text request, a hash of
-        its images' pixels (requests with the same token ids and different images share no blocks)."""
-        if self.images is None:
-            return self.cache_salt
-        return f"{self.cache_salt or ''}\x00images:{self.images.content_hash}"
 
     @property
     def num_tokens(self) -> int:

@@ -41,6 +41,7 @@ from backend.models.checkpoint import (
 )
 from backend.models.moe import Experts
 from backend.models.vlm import is_image_text_config
+from backend.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -360,10 +361,10 @@ def _upcast_linears_if_memory_allows(model: nn.Module, forced: bool) -> int:
     available = psutil.virtual_memory().available
     if not forced and 2 * half_bytes > available // 2:
         logger.warning(
-            "not making fp32 copies of the linear weights (%.1f GB) with %.1f GB available: many-token "
+            "not making fp32 copies of the linear weights (%s) with %s available: many-token "
             "steps will use the slower 16-bit matmul",
-            2 * half_bytes / 1e9,
-            available / 1e9,
+            format_bytes(2 * half_bytes),
+            format_bytes(available),
         )
         return 0
     return upcast_linears(linears)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from backend.core.errors import RequestError
-from backend.core.sampling import MAX_LOGPROBS, MAX_SEED, SamplingParams
+from backend.core.sampling import MAX_SEED, SAMPLING_CHECK, SamplingParams
 from backend.server.errors import APIError, bad_request
 from backend.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 
@@ -47,12 +47,25 @@ def max_new_tokens(
     return requested
 
 
+def field_error(e: RequestError) -> APIError:
+    """A SamplingParams field's RequestError as a 400 naming the API parameter (from `e.param`, never the message)."""
+    return bad_request(str(e), _API_NAMES.get(e.param, e.param), "invalid_value")
+
+
+def check_field(name: str, value, api_param: str | None = None) -> None:
+    """SamplingParams' own check of field `name` (backend/core/sampling.py SAMPLING_CHECKS) on an API value; a 400
+    naming `api_param` (default: the field's API name)."""
+    check = SAMPLING_CHECK[name]
+    if not check.ok(value):
+        param = api_param or _API_NAMES.get(name, name)
+        raise bad_request(f"{param} must be {check.allowed}, got {value!r:.80}", param, "invalid_value")
+
+
 def choice_seed(seed: int | None, index: int) -> int | None:
     """Choice `index` of a seeded request samples with seed + index: the choices differ and repeat."""
     if seed is None:
         return None
-    if not 0 <= seed <= MAX_SEED:
-        raise bad_request(f"seed must be an integer in [0, 2**63), got {seed}", "seed", "invalid_value")
+    check_field("seed", seed)
     return (seed + index) % (MAX_SEED + 1)
 
 
@@ -70,8 +83,7 @@ def check_unsupported(req: _Sampling, max_n: int) -> None:
             raise bad_request(
                 "best_of other than n is not supported by this server", "best_of", "unsupported_parameter"
             )
-        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"logprobs must be an integer in [0, {MAX_LOGPROBS}]", "logprobs", "invalid_value")
+        check_field("logprobs", req.logprobs)
     if isinstance(req, ChatCompletionRequest):
         if req.tools and req.tool_choice != "none":
             raise bad_request(
@@ -85,10 +97,7 @@ def check_unsupported(req: _Sampling, max_n: int) -> None:
                 "unsupported_parameter",
             )
         if req.top_logprobs is not None:
-            if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
-                raise bad_request(
-                    f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]", "top_logprobs", "invalid_value"
-                )
+            check_field("logprobs", req.top_logprobs, "top_logprobs")  # the chosen token's top-n
             if not req.logprobs:
                 raise bad_request("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
 
@@ -118,7 +127,7 @@ def sampling_params(
     try:
         return SamplingParams(**options)
     except RequestError as e:
-        raise bad_request(str(e), _API_NAMES.get(e.param, e.param), "invalid_value") from None
+        raise field_error(e) from None
 
 
 def with_seed(params: SamplingParams, seed: int | None, index: int) -> SamplingParams:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from backend.core.kv_cache import BlockAllocator
 from backend.core.sampling import SamplingParams
 from backend.core.scheduler import ScheduledBatch, Scheduler
-from backend.core.sequence import Sequence
+from backend.core.sequence import Sequence, prefix_salt
 
 
 def make_scheduler(
@@ -16,6 +16,8 @@ def make_scheduler(
 
 def make_seq(seq_id: int, prompt: list[int], max_new_tokens: int = 4, **kwargs) -> Sequence:
     prompt_logprobs = kwargs.pop("prompt_logprobs", None)
+    if "cache_salt" in kwargs:  # as the engine composes it (backend/core/sequence.prefix_salt)
+        kwargs["prefix_salt"] = prefix_salt(None, kwargs.pop("cache_salt"), None)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, prompt_logprobs=prompt_logprobs)
     return Sequence(seq_id, list(prompt), params, **kwargs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import backend.core.kv_cache as kv_cache
 from backend.core.kv_cache import BlockAllocator, block_keys
+from backend.core.sequence import prefix_salt
 from tests.core.helpers import make_scheduler, make_seq, run_to_end
 
 PROMPT = list(range(100, 113))  # 13 tokens: 3 full blocks of 4 (the last token is always computed)
@@ -91,3 +92,32 @@ def test_the_least_recently_freed_block_is_evicted_first():
     assert alloc.allocate(1) == first  # reuses the least recently freed block: its prefix is gone
     assert alloc.match_prefix([1, 2, 3, 4, 0])[0] == []
     assert alloc.match_prefix([5, 6, 7, 8, 0])[0] == second
+
+
+def test_the_prefix_salt_is_composed_unambiguously():
+    """One composition (backend/core/sequence.prefix_salt) of owner, cache_salt and image hash: no choice of one part
+    spells another combination, and a request with none of them stays unsalted (shared by all such requests)."""
+    assert prefix_salt(None, None, None) is None
+    combos = [
+        ("x", None, None),
+        (None, "owner:x", None),
+        (None, "x", None),
+        ("x", "", None),
+        (None, "", None),
+        (None, None, 7),
+        (None, "\x00images:7", None),
+        ("x", None, 7),
+        ("x\x00y", None, None),
+        ("x", "y", None),
+    ]
+    salts = [prefix_salt(*c) for c in combos]
+    assert None not in salts and len(set(salts)) == len(combos)
+
+
+def test_a_visitor_salt_and_an_anonymous_cache_salt_share_no_block():
+    """Before, the owner salt `owner:x` was spelled like an anonymous request's cache_salt "owner:x"."""
+    sched = make_scheduler()
+    visitor = make_seq(0, PROMPT, prefix_salt=prefix_salt("x", None, None))
+    assert _served(sched, visitor) == 0
+    assert _served(sched, make_seq(1, PROMPT, cache_salt="owner:x")) == 0
+    assert _served(sched, make_seq(2, PROMPT, prefix_salt=prefix_salt("x", None, None))) == 12

@@ -173,10 +173,18 @@ def test_bad_engine_options(tiny_model, opts):
         Engine(str(tiny_model("llama")), **opts)
 
 
-def test_read_outs_show_the_snapshot_taken_between_steps(engine):
+@pytest.fixture
+def stepped_engine(tiny_model):
+    """An engine only the test steps (no background loop that another test's stream started)."""
+    with Engine(str(tiny_model("llama")), dtype="float32", max_model_len=128) as e:
+        yield e
+
+
+def test_read_outs_show_the_snapshot_taken_between_steps(stepped_engine):
     """stats(), kv_cache_view() and num_requests read the state the loop published before the step in flight: while
     its batch is scheduled (blocks allocated, the request running) they still show it waiting with no block; a
     request added meanwhile counts as waiting; after the step, all of it shows."""
+    engine = stepped_engine
     seen = {}
 
     def during(batch):

@@ -46,7 +46,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("backend.models",)),
     ("quantization", ("backend.quantization",)),
     ("loading", ("backend.loading",)),
-    ("runtime", ("backend.core.runner", "backend.distributed", "backend.core.readouts", "backend.core.engine")),
+    (
+        "runtime",
+        (
+            "backend.core.runner",
+            "backend.distributed",
+            "backend.core.parts",
+            "backend.core.readouts",
+            "backend.core.engine",
+        ),
+    ),
     ("public API", ("backend", "backend.remote")),
     (
         "faces and tools",

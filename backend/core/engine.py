@@ -41,18 +41,16 @@ import torch
 
 from backend.core.config import EngineConfig
 from backend.core.detokenizer import Detokenizer
-from backend.core.errors import EngineError, RequestError, RequestFailedError
-from backend.core.host_allocator import keep_freed_memory, map_big_blocks
-from backend.core.kv_cache import BlockAllocator, KVCache, KVCacheSpec
-from backend.core.kv_sizing import check_kv_fits, model_context_len, plan_kv_cache
+from backend.core.errors import RequestError, RequestFailedError
+from backend.core.kv_cache import KVCacheSpec
 from backend.core.messages import AbortRequest, AddRequest, Message, ResetPrefixCache
 from backend.core.metrics import EngineStats, KVBlock, Metrics, StepStats
 from backend.core.outputs import RequestOutput, StreamDelta
+from backend.core.parts import build_parts
 from backend.core.readouts import StateSnapshot, describe_engine, engine_stats, kv_blocks, step_stats, take_snapshot
 from backend.core.requests import Request, RequestBook, Sink, error_text
-from backend.core.runner import ModelRunner
 from backend.core.sampling import SamplingParams
-from backend.core.scheduler import ScheduledBatch, Scheduler
+from backend.core.scheduler import ScheduledBatch
 from backend.core.sequence import Sequence, prefix_salt
 from backend.core.stop import StopMatcher
 from backend.core.streams import LISTENER_POLL_S, RequestStream
@@ -65,10 +63,7 @@ from backend.core.validation import (
     encode_prompt,
     prompt_items,
 )
-from backend.layers.attention_backends import AttentionBackend, engine_kernel_settings, make_attention_backend
-from backend.loading.build import LoadedModel, load_model
-from backend.loading.memory_check import check_before_load
-from backend.models.kv_layout import kv_cache_spec
+from backend.loading.build import LoadedModel
 from backend.multimodal import prepare_image_request
 from backend.multimodal.chat import ChatPrompt, chat_prompt
 from flab_kernels import dispatch as kernel_dispatch
@@ -76,11 +71,6 @@ from flab_kernels import dispatch as kernel_dispatch
 logger = logging.getLogger(__name__)
 
 BatchHook = Callable[[ScheduledBatch], None]
-
-
-def kv_spec_for(loaded: LoadedModel, block_size: int, attention: AttentionBackend) -> KVCacheSpec:
-    """The KV cache layout the model reported at load (backend/models/kv_layout.py: native options or the probe)."""
-    return kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=attention.pads_head_dims)
 
 
 class Engine:
@@ -110,80 +100,24 @@ class Engine:
             trust_remote_code=trust_remote_code,
             **engine_options,
         )
-        cfg = self.config
-        try:  # every kernel override of the environment, read and validated once (flab_kernels/dispatch.py)
-            self.kernel_settings = engine_kernel_settings(cfg.attention_backend, cfg.torch_device)
-        except ValueError as e:
-            raise EngineError(str(e)) from None
-        check_before_load(cfg)  # weights + the KV budget asked + the load peak against free memory, before loading
-        self.tp_group = tp_group  # backend/distributed: the worker ranks when tp_size > 1
-        self._owns_tp_group = tp_group is None or own_tp_group
-        with kernel_dispatch.using(self.kernel_settings):
-            if self.tp_group is None and cfg.tp_size > 1:
-                from backend.distributed import TensorParallelGroup, TPOptions
-
-                self.tp_group = TensorParallelGroup.start(TPOptions(cfg.tp_size), cfg.torch_device.type)
-            try:
-                self.loaded: LoadedModel = self._load(cfg, progress)
-                self._set_up(cfg)
-            except BaseException:
-                if self.tp_group is not None and self._owns_tp_group:
-                    self.tp_group.shutdown()
-                raise
-
-    def _load(self, cfg: EngineConfig, progress: Callable | None) -> LoadedModel:
-        """The model, on this process or the tensor-parallel ranks. On CPU glibc maps big blocks on their own while
-        it loads, then keeps freed memory for the step loop (`keep_freed_memory`, backend/core/host_allocator.py)."""
-        tune_malloc = cfg.keep_freed_memory and cfg.torch_device.type == "cpu"
-        if tune_malloc:
-            map_big_blocks()
-        try:
-            return self.tp_group.load(cfg, progress) if self.tp_group else load_model(cfg, progress)
-        finally:
-            self.malloc_tuned = tune_malloc and keep_freed_memory()
-
-    def _set_up(self, cfg: EngineConfig) -> None:
+        parts = build_parts(self.config, progress, tp_group, own_tp_group)  # backend/core/parts.py
+        self.kernel_settings = parts.kernel_settings
+        self.tp_group = parts.tp_group  # backend/distributed: the worker ranks when tp_size > 1
+        self.loaded: LoadedModel = parts.loaded
+        self.malloc_tuned = parts.malloc_tuned
+        self.attention = parts.attention
+        self.kv_cache, self.allocator, self.scheduler = parts.kv_cache, parts.allocator, parts.scheduler
+        self.runner = parts.runner
+        self.max_model_len = parts.max_model_len
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
         self.model_impl = self.loaded.impl
-        self.attention = make_attention_backend(
-            cfg.attention_backend, self.device, torch.float32 if self.loaded.cpu_upcast else None
-        )
         self.attention_backend = self.attention.name
-        spec = kv_spec_for(self.loaded, cfg.block_size, self.attention)
-        plan = plan_kv_cache(  # the one sizing rule (backend/core/kv_sizing.py), which the memory estimate shares
-            spec,
-            model_context_len(self.loaded.hf_config),
-            self.device,
-            cfg.kv_cache_memory_gb,
-            cfg.num_kv_blocks,
-            cfg.max_model_len,
-        )
-        check_kv_fits(plan, self.device, cfg.kv_cache_memory_gb, cfg.num_kv_blocks)  # before the allocator sees it
-        self.max_model_len, num_blocks = plan.max_model_len, plan.num_blocks
-        self.kv_cache = KVCache(spec, num_blocks, self.device)
-        self.allocator = BlockAllocator(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_running_per_owner
-        )
-        if self.tp_group is not None:
-            from backend.distributed import DistributedRunner
-
-            self.runner = DistributedRunner(
-                self.tp_group,
-                self.loaded.model,
-                self.kv_cache,
-                self.device,
-                self.attention,
-                owns_group=self._owns_tp_group,
-            )
-        else:
-            self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device, self.attention)
-        self.metrics = Metrics()
         self.vocab_size = self.loaded.hf_config.get_text_config().vocab_size
+        self.metrics = Metrics()
         self._book = RequestBook(self.scheduler, self.loaded.eos_token_ids, self.max_model_len)
         self._next_id = 0
-        self._rng = random.Random(cfg.seed)
+        self._rng = random.Random(self.config.seed)
         # _state guards the scheduler, the allocator and the book; held for bookkeeping only, never across a forward
         self._state = threading.RLock()
         self._wake = threading.Condition(self._state)  # the loop waits here for work

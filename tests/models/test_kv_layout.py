@@ -63,7 +63,7 @@ def test_padded_slots_give_the_same_tokens(sweep_model, monkeypatch):
     path = sweep_model("deepseek_v3")
     expected = hf_greedy(path, PROMPTS[:2], 6)
     monkeypatch.setattr(
-        "backend.core.engine.kv_spec_for",
+        "backend.core.parts.kv_spec_for",
         lambda loaded, block_size, backend: kv_cache_spec(loaded.model, loaded.dtype, block_size, pad_head_dims=True),
     )
     with Engine(str(path), **SMALL) as engine:

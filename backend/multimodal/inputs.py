@@ -66,6 +66,7 @@ def prepare_image_request(model: nn.Module, processor, prompt: object, images: o
             f"{getattr(processor.processor, 'image_token', 'the image token')!r} where each image goes",
             param="images",
         )
+    check_image_token_count(processor.processor, pil, positions.numel())
     tensors = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
     inputs = ImageInputs(tensors, positions, pixels_hash(tensors), len(pil))
     mrope = model.mrope_positions(out)
@@ -73,6 +74,27 @@ def prepare_image_request(model: nn.Module, processor, prompt: object, images: o
         inputs.mrope_positions, inputs.mrope_delta = mrope
     inputs.bidirectional_spans = model.bidirectional_spans(out)
     return ids.tolist(), inputs
+
+
+def check_image_token_count(proc, images: list, found: int) -> None:
+    """RequestError when the expanded prompt holds another number of image tokens than its images give features
+    (more images than placeholders: some processors of older transformers expand one placeholder only and leave the
+    mismatch to the model's forward, which would fail the whole step). The count per image is the processor's own
+    `_get_num_multimodal_tokens` (what vLLM asks it too); a processor without it is left to its own checks."""
+    count = getattr(proc, "_get_num_multimodal_tokens", None)
+    if count is None:
+        return
+    try:
+        per_image = list(count(image_sizes=[(im.height, im.width) for im in images]).num_image_tokens or [])
+    except Exception:  # noqa: BLE001 - the processor cannot tell: its own checks and the model's decide
+        return
+    if len(per_image) == len(images) and sum(per_image) != found:
+        token = getattr(proc, "image_token", "the image token")
+        raise RequestError(
+            f"images: {len(images)} image(s) need {sum(per_image)} image tokens, the prompt's placeholders expanded to "
+            f"{found}; the prompt must hold one image placeholder ({token!r}, or the model's chat template) per image",
+            param="images",
+        )
 
 
 def check_takes_images(model: nn.Module, processor) -> None:

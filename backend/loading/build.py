@@ -265,6 +265,8 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
     kernels, kernels_reason = _use_cpu_kernels(model, cfg.cpu_kernels, device, dtype, impl == "native")
     if impl == "transformers":
         model.probe_kv_layout(device)  # the KV cache layout from one forward; refuses what the cache cannot hold
+        if is_image_text_config(hf_config) and processor.processor is not None:
+            model.probe_images(processor.processor, device)  # and with a small image: or image requests are refused
     return LoadedModel(
         path,
         hf_config,

@@ -28,6 +28,7 @@ from backend.models.vlm import (
     deepstack_logits,
     encode_images,
     image_input_refusal,
+    image_probe_refusal,
     image_text_class,
     image_token_id,
     rope_index,
@@ -141,6 +142,7 @@ class TransformersModel(nn.Module):
         params = inspect.signature(self.hf.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self.kv_slots: tuple = ()  # set by probe_kv_layout once the weights are loaded
+        self._image_refusal: str | None = None  # set by probe_images: why image requests cannot run
 
     def load_with_transformers(self, path, device: torch.device) -> None:
         """Load through transformers' own `from_pretrained` (for checkpoints that need its name conversions).
@@ -178,7 +180,13 @@ class TransformersModel(nn.Module):
         return image_token_id(self.config)
 
     def image_input_refusal(self) -> str | None:
-        return image_input_refusal(self.hf)
+        return image_input_refusal(self.hf) or self._image_refusal
+
+    def probe_images(self, processor, device: torch.device) -> None:
+        """The load-time probe with a small image (after probe_kv_layout): image requests must call our attention
+        as a text prompt does, else they are refused with what differed (backend/models/vlm.py)."""
+        if image_input_refusal(self.hf) is None:
+            self._image_refusal = image_probe_refusal(self.hf, processor, device, BATCH_KWARG, self.kv_slots)
 
     def mrope_positions(self, processed: dict) -> tuple[torch.Tensor, int] | None:
         return rope_index(self.hf, processed)

@@ -291,3 +291,47 @@ def check_own_positions(hf, device, batch_kwarg: str) -> None:
             f"{type(hf).__name__} computes its own token positions (from the input ids when none are given, as in "
             "generate()) differently from 0-based position ids, which the engine passes; its outputs would differ"
         )
+
+
+PROBE_IMAGE_SIDE = 32  # pixels of the load-time probe's image (the processor resizes it to the model's own size)
+
+
+def probe_image_prompt(proc) -> str:
+    """A prompt with one image placeholder, as the model's chat template writes it (else the processor's token)."""
+    if getattr(proc, "chat_template", None):
+        message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+        return proc.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+    return f"{getattr(proc, 'image_token', '<image>')} Describe it."
+
+
+def image_probe_refusal(hf, proc, device, batch_kwarg: str, text_slots: tuple) -> str | None:
+    """Why image requests cannot run exactly (None: they can), from one forward of the model's own code on a small
+    image with the probe as its attention: every attention call must be one the text probe saw, in the same order
+    and with the same heads and head sizes (image features enter as input embeddings only). A model whose image path
+    calls attention otherwise (cross-attention to image states, extra layers) keeps text requests and refuses
+    images with what differed."""
+    from PIL import Image
+
+    from backend.models.kv_layout import KVProbe
+
+    image = Image.new("RGB", (PROBE_IMAGE_SIDE, PROBE_IMAGE_SIDE), (128, 96, 64))
+    probe = KVProbe()
+    try:
+        processed = proc(text=[probe_image_prompt(proc)], images=[image], return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in processed.items() if isinstance(v, torch.Tensor)}
+        inputs = _accepted(hf.forward, {k: v for k, v in inputs.items() if k != "attention_mask"})
+        with torch.inference_mode():
+            hf(**inputs, use_cache=False, **{batch_kwarg: probe})
+    except Exception as e:  # noqa: BLE001 - the model's own code refused the probe image: say so, keep text
+        side = PROBE_IMAGE_SIDE
+        return f"the load-time probe with a {side}x{side} image failed ({type(e).__name__}: {str(e)[:200]})"
+    seen = [(c.num_kv_heads, c.k_head_dim, c.v_head_dim) for c in probe.calls]
+    text = [(s.num_kv_heads, s.k_head_dim, s.v_head_dim) for s in text_slots]
+    unknown = [c for c in probe.calls if getattr(c.module, "flab_kv_slots", None) is None]
+    if seen != text or unknown:
+        return (
+            f"with an image its language model called attention {len(seen)} times (a text prompt: {len(text)})"
+            + (f", {len(unknown)} of them in modules a text prompt never runs" if unknown else "")
+            + "; the paged KV cache holds only what a text prompt's calls keep"
+        )
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +25,38 @@ logger = logging.getLogger(__name__)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
+@dataclass(frozen=True)
+class NoVideo:
+    """Where a processor loaded without its video part reads video settings (SmolVLM's apply_chat_template reads
+    num_frames and fps even for image-only messages): the engine takes no videos."""
+
+    num_frames: int | None = None
+    fps: float | None = None
+
+
 def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """A subclass of the processor class `cls` (same name) whose sub-processors leave out the video processor."""
     attributes = [a for a in cls.get_attributes() if "video" not in a]
     if len(attributes) == len(cls.get_attributes()):
         return cls
-    return type(
-        cls.__name__,
-        (cls,),
-        {"get_attributes": classmethod(lambda _: list(attributes)), "__module__": cls.__module__},
-    )
+    namespace = {
+        "get_attributes": classmethod(lambda _: list(attributes)),
+        "__module__": cls.__module__,
+        "video_processor": NoVideo(),
+    }
+    init = cls.__init__
+    code = init.__code__
+    positional = code.co_varnames[1 : code.co_argcount]  # without self
+    defaults = init.__defaults__ or ()
+    first_default = len(positional) - len(defaults)
+    if "video_processor" in positional and positional.index("video_processor") < first_default:
+        # a required argument of its own __init__ (SmolVLM): the same function with None as its default, so that
+        # from_pretrained (which reads the code's argument names) and save_pretrained work as for the class itself
+        missing = first_default - positional.index("video_processor")
+        same = types.FunctionType(code, init.__globals__, init.__name__, (None,) * missing + defaults, init.__closure__)
+        same.__kwdefaults__ = init.__kwdefaults__
+        namespace["__init__"] = same
+    return type(cls.__name__, (cls,), namespace)
 
 
 def processor_class(path: Path, config: PretrainedConfig) -> type[ProcessorMixin] | None:

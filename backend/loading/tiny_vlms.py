@@ -313,6 +313,20 @@ def _idefics3_processor(tok: PreTrainedTokenizerFast, template: str):
     return transformers.Idefics3Processor(images, tok, image_seq_len=4, chat_template=template)
 
 
+def _smolvlm_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """SmolVLM: Idefics3's architecture (pixel shuffle, image splitting) under its own model type and processor."""
+    config = _idefics3_config(tok).to_dict()
+    config.pop("model_type", None)
+    return AutoConfig.for_model("smolvlm", **config)
+
+
+def _smolvlm_processor(tok: PreTrainedTokenizerFast, template: str):
+    images = transformers.SmolVLMImageProcessorPil(
+        size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True
+    )
+    return without_video(transformers.SmolVLMProcessor)(images, tok, image_seq_len=4, chat_template=template)
+
+
 def _gemma3_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
     vision = dict(
         model_type="siglip_vision_model",
@@ -421,6 +435,14 @@ FAMILIES: dict[str, Family] = {
         + tuple(f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3)),
         _idefics3_config,
         _idefics3_processor,
+    ),
+    "smolvlm": Family(  # Idefics3's architecture; its processor writes numbers with num2words
+        "smolvlm",
+        "<image>",
+        ("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+        + tuple(f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3)),
+        _smolvlm_config,
+        _smolvlm_processor,
     ),
     "paligemma": Family(  # its whole prompt (images and text prefix) attends both ways (one bidirectional span)
         "paligemma", "<image>", ("<image>",), _paligemma_config, _paligemma_processor, (("image_token", "<image>"),)

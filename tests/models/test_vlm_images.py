@@ -7,12 +7,22 @@ preemption; the KV block hashes cover the pixels; bad input is a RequestError na
 from __future__ import annotations
 
 import pytest
+import transformers
 
 from backend import Engine, SamplingParams
 from backend.core.errors import RequestError
 from backend.models.transformers import TransformersModel
 from backend.tools.tiny_vlms import FAMILIES
 from tests.models.vlm_reference import hf_vlm_greedy, random_images
+
+
+def pil_image_processors_without_torchvision() -> bool:
+    try:
+        transformers.SmolVLMImageProcessorPil()
+    except ImportError:
+        return False
+    return True
+
 
 N_NEW = 8
 GREEDY = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
@@ -22,6 +32,13 @@ IMAGE_FAMILIES = [
     "qwen2_vl",  # M-RoPE from the model's own get_rope_index
     pytest.param("qwen2_5_vl", marks=pytest.mark.slow),  # window attention in the vision tower, M-RoPE delta -6
     pytest.param("idefics3", marks=pytest.mark.slow),  # an image split into several sub-images
+    pytest.param(  # Idefics3's architecture, its own processor (loaded without its video part)
+        "smolvlm",
+        marks=pytest.mark.skipif(
+            not pil_image_processors_without_torchvision(),
+            reason="this transformers' SmolVLMImageProcessorPil requires torchvision (5.17; not 5.25)",
+        ),
+    ),
     pytest.param("glm4v_moe", marks=pytest.mark.slow),  # MoE language model, M-RoPE over a partial rotary
     "qwen3_vl",  # deepstack: image features added to the hidden states after the language model's first layer
     pytest.param("qwen3_vl_moe", marks=pytest.mark.slow),  # deepstack, MoE

@@ -94,6 +94,8 @@ def linear_int4(
     ext: ModuleType, x: torch.Tensor, w: Int4Packed, bias: torch.Tensor | None, n: int
 ) -> torch.Tensor:  # (..., K) -> (..., N) in x's dtype; bias fp32 (N,)
     k = x.shape[-1]
+    if x.dim() == 2:
+        return ext.linear_int4(x, w.codes, w.scales, w.offsets, bias, n, k, w.group_size)
     out = ext.linear_int4(x.reshape(-1, k), w.codes, w.scales, w.offsets, bias, n, k, w.group_size)
     return out.view(*x.shape[:-1], n)
 
@@ -109,6 +111,8 @@ def linear(
     ext: ModuleType, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int
 ) -> torch.Tensor:  # (..., K) -> (..., N); bias fp32 (N,)
     k = x.shape[-1]
+    if x.dim() == 2:  # the usual (T, K): no reshapes (each is a dispatch on every decode-step linear)
+        return ext.linear(x, packed, bias, n, k)
     out = ext.linear(x.reshape(-1, k), packed, bias, n, k)  # (M, N)
     return out.view(*x.shape[:-1], n)
 
@@ -123,6 +127,9 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """norm(x) or, with `residual`, (norm(x + residual), x + residual)."""
     h = x.shape[-1]
+    if x.dim() == 2 and x.is_contiguous() and (residual is None or residual.is_contiguous()):  # (T, H): as is
+        out, res_out = ext.rms_norm(x, residual, weight, float(eps), float(offset))
+        return out if residual is None else (out, res_out)
     res = None if residual is None else residual.reshape(-1, h).contiguous()
     out, res_out = ext.rms_norm(x.reshape(-1, h).contiguous(), res, weight.contiguous(), float(eps), float(offset))
     out = out.view(x.shape)

@@ -299,3 +299,46 @@ def test_store_kv_matches_torch(ext, dtype):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     with pytest.raises(RuntimeError, match="slot outside the cache"):
         ops.store_kv(ext, k, v, caches[0], caches[1], slots + 100)
+
+
+def test_products_shared_by_claimed_chunks_equal_one_thread(ext):
+    """The products split into chunks that this thread and helpers claim (csrc/claim.h): every output written once,
+    bit for bit what one thread computes, over many calls of varying sizes (helpers asleep or spinning)."""
+    g = torch.Generator().manual_seed(7)
+    cases = [(torch.randn(n, 576, generator=g).bfloat16(), n) for n in (64, 576, 1728, 3000)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        x = torch.randn(1, 576, generator=g).bfloat16()
+        ref = [ops.linear(ext, x, ops.pack_weight(w), None, n) for w, n in cases]
+        torch.set_num_threads(max(2, threads))
+        for _ in range(50):
+            for (w, n), r in zip(cases, ref):
+                assert torch.equal(ops.linear(ext, x, ops.pack_weight(w), None, n), r)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _product_in_child(queue) -> None:  # runs in a forked child: the parent's helper threads are not there
+    torch.set_num_threads(1)  # torch's own ops stay off OpenMP here (libgomp regions hang after a fork)
+    ext = build.cpu_kernels(cache_dir()).module
+    packed, x = ops.pack_weight(torch.ones(256, 512).bfloat16()), torch.ones(1, 512).bfloat16()
+    torch.set_num_threads(2)  # only our kernel's chunks see 2 threads
+    out = ops.linear(ext, x, packed, None, 256)
+    torch.set_num_threads(1)
+    queue.put(out.float().sum().item())
+
+
+def test_a_forked_child_computes_without_the_parents_helpers(ext):
+    """After a fork the helper threads are gone: the caller claims every chunk itself (no wait, no deadlock)."""
+    import multiprocessing
+
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    ops.linear(ext, torch.ones(1, 512).bfloat16(), ops.pack_weight(torch.ones(256, 512).bfloat16()), None, 256)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_product_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == 256 * 512

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, kernels: "
         f"{info['cpu_kernels_reason']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; {args.model} {args.dtype} "
-        f"{args.impl}; {args.rounds} alternating rounds, median\n"
+        f"{args.quantization or 'unquantized'} {args.impl}; {args.rounds} alternating rounds, median\n"
     )
     print("| path | batch-1 decode tok/s | % of bound | TTFT ms (128 tokens) | 32 requests output tok/s |")
     print("|---|---|---|---|---|")

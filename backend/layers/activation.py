@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +29,22 @@ def resolve_activation(hidden_act: str) -> str:
     return ACTIVATIONS[hidden_act]
 
 
-def act_and_mul(x: torch.Tensor, kind: str) -> torch.Tensor:  # (..., 2I) -> (..., I)
+@dataclass(frozen=True)
+class KernelActivation:
+    """A gated activation that a kernel of the model's device runs (the C++ CPU SiLU-and-mul, backend/layers/cpu):
+    `fn(x)` is the result, or None for inputs it does not take, which then run `kind`'s own math. Set as a
+    module's `act` at load (a plain `str` otherwise)."""
+
+    kind: str
+    fn: Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def act_and_mul(x: torch.Tensor, kind: str | KernelActivation) -> torch.Tensor:  # (..., 2I) -> (..., I)
+    if isinstance(kind, KernelActivation):
+        out = kind.fn(x)
+        if out is not None:
+            return out
+        kind = kind.kind
     if kind == "silu":
         kernel = triton_kernel("silu_and_mul", x)
         if kernel is not None:

@@ -15,6 +15,7 @@ Limit: `dynamic` NTK uses its base frequencies (as HF does within the original c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -127,6 +128,9 @@ class RotaryEmbedding(nn.Module):
         self.original_max = longrope_original_max(config)
         rows = max_position if self.original_max is None else 2 * max_position
         self.register_buffer("cos_sin_cache", torch.empty(rows, self.rotary_dim), persistent=False)
+        # set at load where a CPU kernel rotates in place (backend/layers/cpu/fused.py): f(x, cos, sin, heads)
+        # rotates `heads` heads of x's rows and returns True, or returns False for inputs it does not take
+        self.cpu_kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], bool] | None = None
 
     def build(self, device: torch.device) -> None:
         cache = compute_cos_sin_cache(self.config, self.head_dim, self.max_position)
@@ -154,6 +158,10 @@ class RotaryEmbedding(nn.Module):
         if triton_kernel("apply_rotary", qk) is not None:
             return apply_rotary(qk[:, :q_size], qk[:, q_size:], rope, self.cos_sin_cache, self.head_dim)
         t = qk.shape[0]
+        if self.cpu_kernel is not None and rope.cos is not None:
+            heads = qk.shape[1] // self.head_dim
+            if self.cpu_kernel(qk, rope.cos, rope.sin, heads):  # in place: qk is the projection's fresh output
+                return qk[:, :q_size], qk[:, q_size:]
         out = _rotate(qk.view(t, -1, self.head_dim), rope).view(t, -1)
         return out[:, :q_size], out[:, q_size:]
 

@@ -26,9 +26,8 @@ MODES = ("fused", "torch")
 
 def _latency(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     """(decode tok/s after the first token, ms to the first token) of one request."""
-    out = engine.generate(
-        prompt_token_ids=[prompt], sampling_params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    )[0]
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    out = engine.generate(prompt_token_ids=[prompt], sampling_params=params)[0]
     return (len(out.token_ids) - 1) / (out.latency - out.ttft), out.ttft * 1000
 
 
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--impl", default="native", choices=("native", "transformers"))
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantization", default=None, help="e.g. int4, int8 (on-the-fly weight-only)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
             dtype=args.dtype,
             device="cpu",
             cpu_kernels=mode,
+            quantization=args.quantization,
             max_num_seqs=args.num_requests,
             num_kv_blocks=kv_blocks_for(throughput) + kv_blocks_for(latency),
         )
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, kernels: "
         f"{info['cpu_kernels_reason']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; {args.model} {args.dtype} "
-        f"{args.impl}; {args.rounds} alternating rounds, median\n"
+        f"{args.quantization or 'unquantized'} {args.impl}; {args.rounds} alternating rounds, median\n"
     )
     print("| path | batch-1 decode tok/s | % of bound | TTFT ms (128 tokens) | 32 requests output tok/s |")
     print("|---|---|---|---|---|")

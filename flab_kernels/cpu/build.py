@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "gemv.cpp", "norm_act.cpp", "attention.cpp")
+SOURCES = ("bindings.cpp", "gemv.cpp", "norm_act.cpp", "attention.cpp", "claim.cpp")
 # instruction set -> the CPU flags it needs and the compiler flags it is built with (best first)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx512bf16": (
@@ -39,7 +39,8 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "avx2": (("avx2", "fma"), ("-mavx2", "-mfma", "-mf16c")),
 }
-COMMON_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
+ISA_ENV = "FLAB_CPU_ISA"  # the highest instruction set to use (tests of the lower paths on a better CPU)
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off")  # fp32 as torch
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,22 @@ def load_cpu_kernels(root: Path, isas: tuple[str, ...]) -> CpuKernels:
     return CpuKernels(None, None, "the C++ CPU kernels did not build (" + "; ".join(failures) + ")")
 
 
+def capped_isas(isas: list[str], cap: str | None) -> list[str]:
+    """`isas` without those above `cap` (`$FLAB_CPU_ISA`: run a lower instruction set than the CPU's best, e.g.
+    the AVX2 kernels on an AVX512 machine); unknown names raise ValueError."""
+    if not cap:
+        return isas
+    if cap not in VARIANTS:
+        raise ValueError(f"{ISA_ENV}={cap!r} is not one of {', '.join(VARIANTS)}")
+    order = list(VARIANTS)
+    return [isa for isa in isas if order.index(isa) >= order.index(cap)]
+
+
 def cpu_kernels(cache: Path) -> CpuKernels:
-    """The kernels for this CPU, built on first use under `cache` (the project's cache folder, backend/paths.py)."""
-    return load_cpu_kernels(cache.resolve(), tuple(supported_isas(cpu_flags())))
+    """The kernels for this CPU, built on first use under `cache` (the project's cache folder, backend/paths.py),
+    for its best instruction set or the one `$FLAB_CPU_ISA` caps it to."""
+    try:
+        isas = capped_isas(supported_isas(cpu_flags()), os.environ.get(ISA_ENV))
+    except ValueError as e:
+        return CpuKernels(None, None, str(e))
+    return load_cpu_kernels(cache.resolve(), tuple(isas))

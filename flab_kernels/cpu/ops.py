@@ -3,8 +3,11 @@
     pack_weight(w)                    (N, K) bf16 -> (NB, KP, 16, 2) bf16; fp32 -> (NB, K, 16) fp32  (zero padded)
     linear(ext, x, packed, bias, N)   (..., K) -> (..., N): x @ w.T + bias, fp32 accumulation
     pack_int8_weight(q), linear_int8(ext, x, packed, scales, bias, N)   weight-only int8 (per-row scales)
+    pack_int4_weight(codes, scales, offsets, group), linear_int4(ext, x, packed, bias, N)   int4 group-wise
     rms_norm(ext, x, w, eps, residual, offset)   as flab_kernels.norm.rms_norm_torch
     silu_and_mul(ext, x)              as flab_kernels.activation.silu_and_mul_torch
+    rope_(ext, x, cos, sin, heads, head_dim)   in place, as backend/layers/rotary.py's torch math
+    store_kv(ext, k, v, k_cache, v_cache, slots)   as flab_kernels.attention_torch.store_kv_torch
 
 `ext` is the loaded module (flab_kernels/cpu/build.py `cpu_kernels(cache).module`). Tolerances against the torch
 references (tests/flab_kernels/test_cpu_kernels.py): fp32 results differ by summation order only; bf16 linears
@@ -14,6 +17,7 @@ where transformers rounds, so bf16 results are mostly bit-equal and at most one 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -55,6 +59,47 @@ def pack_int8_weight(q: torch.Tensor) -> torch.Tensor:
     return w.view(nb, BLOCK, k).permute(0, 2, 1).contiguous()
 
 
+@dataclass(frozen=True)
+class Int4Packed:
+    """int4 group-wise weights for `linear_int4`: w[n, k] = code[n, k] * scale[n, g] + offset[n, g], g = k // group."""
+
+    codes: torch.Tensor  # (NB, KP, 16) uint8: byte j of pair p holds row j's codes for k = 2p (low nibble), 2p + 1
+    scales: torch.Tensor  # (NB, G, 16) fp32
+    offsets: torch.Tensor  # (NB, G, 16) fp32
+    group_size: int
+
+
+def pack_int4_weight(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> Int4Packed:
+    """(N, K) unsigned codes 0..15, (N, G) scales and offsets -> `Int4Packed`; N padded to 16 rows and K to whole
+    groups with zero codes and zero scales / offsets (a padded column meets a zero x)."""
+    if group_size <= 0 or group_size % 2:
+        raise ValueError(f"the int4 kernel takes an even group size, got {group_size}")
+    n, k = codes.shape
+    g = -(-k // group_size)
+    if scales.shape != (n, g) or offsets.shape != (n, g):
+        raise ValueError(f"scales and offsets must be ({n}, {g}), got {tuple(scales.shape)}, {tuple(offsets.shape)}")
+    nb = -(-n // BLOCK)
+    c = F.pad(codes.to(torch.uint8), (0, g * group_size - k, 0, nb * BLOCK - n))  # (NB*16, G*gs)
+    pairs = c[:, 0::2] | (c[:, 1::2] << 4)  # (NB*16, KP)
+    packed = pairs.view(nb, BLOCK, -1).permute(0, 2, 1).contiguous()  # (NB, KP, 16)
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:  # (N, G) -> (NB, G, 16)
+        t = F.pad(t.float(), (0, 0, 0, nb * BLOCK - n))
+        return t.view(nb, BLOCK, g).permute(0, 2, 1).contiguous()
+
+    return Int4Packed(packed, per_block(scales), per_block(offsets), group_size)
+
+
+def linear_int4(
+    ext: ModuleType, x: torch.Tensor, w: Int4Packed, bias: torch.Tensor | None, n: int
+) -> torch.Tensor:  # (..., K) -> (..., N) in x's dtype; bias fp32 (N,)
+    k = x.shape[-1]
+    if x.dim() == 2:
+        return ext.linear_int4(x, w.codes, w.scales, w.offsets, bias, n, k, w.group_size)
+    out = ext.linear_int4(x.reshape(-1, k), w.codes, w.scales, w.offsets, bias, n, k, w.group_size)
+    return out.view(*x.shape[:-1], n)
+
+
 def linear_int8(
     ext: ModuleType, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int
 ) -> torch.Tensor:  # (..., K) -> (..., N): (x @ Q.T) * scales + bias; scales, bias fp32 (N,)
@@ -66,6 +111,8 @@ def linear(
     ext: ModuleType, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int
 ) -> torch.Tensor:  # (..., K) -> (..., N); bias fp32 (N,)
     k = x.shape[-1]
+    if x.dim() == 2:  # the usual (T, K): no reshapes (each is a dispatch on every decode-step linear)
+        return ext.linear(x, packed, bias, n, k)
     out = ext.linear(x.reshape(-1, k), packed, bias, n, k)  # (M, N)
     return out.view(*x.shape[:-1], n)
 
@@ -80,6 +127,9 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """norm(x) or, with `residual`, (norm(x + residual), x + residual)."""
     h = x.shape[-1]
+    if x.dim() == 2 and x.is_contiguous() and (residual is None or residual.is_contiguous()):  # (T, H): as is
+        out, res_out = ext.rms_norm(x, residual, weight, float(eps), float(offset))
+        return out if residual is None else (out, res_out)
     res = None if residual is None else residual.reshape(-1, h).contiguous()
     out, res_out = ext.rms_norm(x.reshape(-1, h).contiguous(), res, weight.contiguous(), float(eps), float(offset))
     out = out.view(x.shape)
@@ -89,6 +139,30 @@ def rms_norm(
 def silu_and_mul(ext: ModuleType, x: torch.Tensor) -> torch.Tensor:  # (..., 2I) -> (..., I)
     out = ext.silu_and_mul(x.reshape(-1, x.shape[-1]).contiguous())  # (T, I)
     return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def rope_(
+    ext: ModuleType,
+    x: torch.Tensor,  # (T, >= heads * D) rows with unit column stride (e.g. the q | k columns of a qkv output)
+    cos: torch.Tensor,  # (T, 1, rd) [cos | cos] in x's dtype (rotary.py rope_step)
+    sin: torch.Tensor,  # (T, 1, rd) [-sin | sin]
+    heads: int,
+    head_dim: int,
+) -> None:
+    """Rotate the first rd dims of each of `heads` heads in place: x * cos + rotate_half(x) * sin, each product and
+    the sum rounded to x's dtype (HF's expression; fp32 bit for bit)."""
+    ext.rope(x, cos, sin, heads, head_dim)
+
+
+def store_kv(
+    ext: ModuleType,
+    k: torch.Tensor,  # (T, Hkv * D) rows, the caches' dtype
+    v: torch.Tensor,  # (T, Hkv * Dv)
+    k_cache: torch.Tensor,  # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor,  # (NB, BS, Hkv, Dv)
+    slots: torch.Tensor,  # (T,) int64
+) -> None:
+    ext.store_kv(k, v, k_cache, v_cache, slots)
 
 
 def paged_decode(

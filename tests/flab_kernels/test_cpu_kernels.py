@@ -190,3 +190,155 @@ def test_linear_int8_matches_torch(ext, dtype, m, n, k, bias):
     out = ops.linear_int8(ext, x, ops.pack_int8_weight(q), scales, b, n)
     assert out.shape == (m, n) and out.dtype == dtype
     _close(out, F.linear(x.float(), q.float() * scales[:, None], b), dtype)
+
+
+INT4_CASES = [  # (M, N, K, group): odd N, K not a whole number of groups, groups of 2..128, 1-9 rows
+    (1, 16, 32, 32),
+    (1, 33, 70, 32),
+    (2, 576, 576, 64),
+    (3, 49, 256, 128),
+    (4, 5, 2, 2),
+    (9, 70, 100, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,k,group", INT4_CASES)
+@pytest.mark.parametrize("with_zeros,bias", [(False, False), (True, True)])
+def test_linear_int4_matches_torch(ext, dtype, m, n, k, group, with_zeros, bias):
+    """int4 group-wise (w = (code - 8 - zero) * scale, as flab_kernels.quant_torch) against the fp32 product of the
+    dequantized weight; the same tolerance as the 16-bit products (one output rounding plus summation order)."""
+    g = torch.Generator().manual_seed(m + n * k + group)
+    groups = -(-k // group)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = torch.rand(n, groups, generator=g) / 16
+    zeros = torch.randint(-8, 8, (n, groups), generator=g).float() if with_zeros else torch.zeros(n, groups)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g) if bias else None
+    cols = torch.arange(k) // group
+    w = (codes.float() - 8 - zeros[:, cols]) * scales[:, cols]  # (N, K)
+    packed = ops.pack_int4_weight(codes, scales, -(8 + zeros) * scales, group)
+    out = ops.linear_int4(ext, x, packed, b, n)
+    assert out.shape == (m, n) and out.dtype == dtype
+    _close(out, F.linear(x.float(), w, b), dtype)
+
+
+def test_int4_packing_rejects_odd_groups_and_bad_scales():
+    codes = torch.zeros(4, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="even group size"):
+        ops.pack_int4_weight(codes, torch.ones(4, 3), torch.zeros(4, 3), 3)
+    with pytest.raises(ValueError, match="scales and offsets"):
+        ops.pack_int4_weight(codes, torch.ones(4, 1), torch.zeros(4, 1), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_and_mul_over_the_whole_range(ext, dtype):
+    """The vectorized exp at its clamps (|x| up to 200: silu -> 0 or x), tails of odd widths, inf and NaN."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(5, 2 * 203, generator=g) * 400 - 200).to(dtype)
+    x[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])
+    out, ref = ops.silu_and_mul(ext, x), silu_and_mul_torch(x)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out[:, 4:], ref[:, 4:], rtol=ulp, atol=ulp)
+    assert out[0, 2].isnan() and out[0, 3] == 0  # NaN stays NaN; silu(0) * u = 0
+
+
+def test_the_isa_cap_picks_lower_variants(monkeypatch):
+    order = list(build.VARIANTS)
+    assert build.capped_isas(order, None) == order
+    assert build.capped_isas(order, "avx2") == ["avx2"]
+    assert build.capped_isas(order, "avx512") == ["avx512", "avx2"]
+    with pytest.raises(ValueError, match="FLAB_CPU_ISA"):
+        build.capped_isas(order, "sse9")
+    monkeypatch.setenv(build.ISA_ENV, "sse9")
+    kernels = build.cpu_kernels(cache_dir())
+    assert not kernels.available and "FLAB_CPU_ISA='sse9'" in kernels.reason
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("avx2" not in ISAS, reason="no AVX2 on this CPU")
+def test_the_isa_cap_loads_the_avx2_kernels(monkeypatch):
+    monkeypatch.setenv(build.ISA_ENV, "avx2")
+    kernels = build.cpu_kernels(cache_dir())
+    assert kernels.available and kernels.isa == "avx2" and kernels.module.isa() == "avx2"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t,hq,hkv,d,rd", [(1, 9, 3, 64, 64), (5, 4, 4, 16, 8), (3, 2, 1, 80, 40)])
+def test_rope_matches_torch_bit_for_bit(ext, dtype, t, hq, hkv, d, rd):
+    """In place over the q | k columns of a (T, (Hq + 2 Hkv) * D) projection output (rows strided), partial rotary
+    dims included; the same roundings as backend/layers/rotary.py's torch math, so equal bit for bit."""
+    from backend.layers.rotary import _rotate, rope_step
+
+    g = torch.Generator().manual_seed(t * d + rd)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, rd, 2).float() / rd))
+    angles = torch.arange(512).float()[:, None] * inv[None]  # (P, rd/2)
+    cache = torch.cat([angles.cos(), angles.sin()], -1)  # (P, rd) [cos | sin]
+    rope = rope_step(torch.randint(0, 512, (t,), generator=g), cache, dtype)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    qk = qkv[:, : (hq + hkv) * d]
+    ref = _rotate(qk.reshape(t, hq + hkv, d), rope).view(t, -1)
+    v_before = qkv[:, (hq + hkv) * d :].clone()
+    ops.rope_(ext, qk, rope.cos, rope.sin, hq + hkv, d)
+    assert torch.equal(qk, ref)
+    assert torch.equal(qkv[:, (hq + hkv) * d :], v_before)  # the v columns untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_kv_matches_torch(ext, dtype):
+    from flab_kernels.attention_torch import store_kv_torch
+
+    g = torch.Generator().manual_seed(0)
+    t, hkv, d, nb, bs = 5, 3, 24, 6, 4
+    kv = torch.randn(t, 3 * hkv * d, generator=g).to(dtype)  # k and v as strided column ranges of one output
+    k, v = kv[:, hkv * d : 2 * hkv * d], kv[:, 2 * hkv * d :]
+    slots = torch.tensor([0, 23, 5, 4, 17])
+    caches = [torch.zeros(nb, bs, hkv, d, dtype=dtype) for _ in range(4)]
+    ops.store_kv(ext, k, v, caches[0], caches[1], slots)
+    store_kv_torch(k.reshape(t, hkv, d), v.reshape(t, hkv, d), caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    with pytest.raises(RuntimeError, match="slot outside the cache"):
+        ops.store_kv(ext, k, v, caches[0], caches[1], slots + 100)
+
+
+def test_products_shared_by_claimed_chunks_equal_one_thread(ext):
+    """The products split into chunks that this thread and helpers claim (csrc/claim.h): every output written once,
+    bit for bit what one thread computes, over many calls of varying sizes (helpers asleep or spinning)."""
+    g = torch.Generator().manual_seed(7)
+    cases = [(torch.randn(n, 576, generator=g).bfloat16(), n) for n in (64, 576, 1728, 3000)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        x = torch.randn(1, 576, generator=g).bfloat16()
+        ref = [ops.linear(ext, x, ops.pack_weight(w), None, n) for w, n in cases]
+        torch.set_num_threads(max(2, threads))
+        for _ in range(50):
+            for (w, n), r in zip(cases, ref):
+                assert torch.equal(ops.linear(ext, x, ops.pack_weight(w), None, n), r)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _product_in_child(queue) -> None:  # runs in a forked child: the parent's helper threads are not there
+    torch.set_num_threads(1)  # torch's own ops stay off OpenMP here (libgomp regions hang after a fork)
+    ext = build.cpu_kernels(cache_dir()).module
+    packed, x = ops.pack_weight(torch.ones(256, 512).bfloat16()), torch.ones(1, 512).bfloat16()
+    torch.set_num_threads(2)  # only our kernel's chunks see 2 threads
+    out = ops.linear(ext, x, packed, None, 256)
+    torch.set_num_threads(1)
+    queue.put(out.float().sum().item())
+
+
+def test_a_forked_child_computes_without_the_parents_helpers(ext):
+    """After a fork the helper threads are gone: the caller claims every chunk itself (no wait, no deadlock)."""
+    import multiprocessing
+
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    ops.linear(ext, torch.ones(1, 512).bfloat16(), ops.pack_weight(torch.ones(256, 512).bfloat16()), None, 256)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_product_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == 256 * 512

@@ -8,6 +8,7 @@ import torch
 
 from backend import Engine, SamplingParams
 from backend.core.errors import EngineError
+from backend.layers.activation import KernelActivation
 from backend.layers.cpu.fused import FusedLinear, FusedPagedAttention, FusedRMSNorm
 from backend.loading.build import choose_cpu_kernels
 from flab_kernels.cpu import build
@@ -65,6 +66,8 @@ def test_auto_runs_bf16_models_on_the_kernels(bf16_llama, impl):
         if impl == "native":
             assert any(isinstance(m, FusedRMSNorm) for m in modules)
             assert any(isinstance(m, FusedPagedAttention) for m in modules)
+            acts = [m.act for m in modules if hasattr(m, "act")]
+            assert acts and all(isinstance(a, KernelActivation) and a.kind == "silu" for a in acts)
         tokens = [o.token_ids for o in fused.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
         # a decode step reads our packed weights (padded to 16 rows), not the oneDNN copies kept for prefill
         assert 0 < fused.decode_weight_bytes < fused.weights_bytes
@@ -104,3 +107,20 @@ def test_int8_linears_run_the_kernel_with_the_same_tokens(tiny_model):
     plain, _ = _tokens(path, model_impl="native", quantization="int8", cpu_kernels="torch")
     assert info["cpu_kernels"] == "fused" and info["swapped"]["FusedLinear (C++ GEMV for decode rows)"] > 0
     assert fused == plain
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int4_linears_run_the_kernel_with_the_same_tokens(tiny_model, dtype):
+    """fp32: the same tokens. bf16: the torch path rounds the dequantized weight to bf16 before its product, ours
+    keeps code * scale + offset in fp32; the tiny random model's next-token distribution is nearly flat (chosen
+    log-probabilities ~ -4.1, the runners-up within 0.01), so greedy paths part at a near-tie after ~8 tokens
+    (seen: the 10th): the first 6 tokens of every prompt must agree."""
+    path = tiny_model("llama")
+    options = dict(model_impl="native", quantization="int4", dtype=dtype)
+    fused, info = _tokens(path, cpu_kernels="fused", **options)
+    plain, _ = _tokens(path, cpu_kernels="torch", **options)
+    assert info["cpu_kernels"] == "fused" and info["swapped"]["FusedLinear (C++ GEMV for decode rows)"] > 0
+    if dtype == "float32":
+        assert fused == plain
+    else:
+        assert [t[:6] for t in fused] == [t[:6] for t in plain]

@@ -1,4 +1,5 @@
-"""Our C++ CPU kernels (flab_kernels/cpu) in the model: GEMV linears (bf16, fp32, int8), RMSNorm, paged decode.
+"""Our C++ CPU kernels (flab_kernels/cpu) in the model: GEMV linears (bf16, fp32, int8, int4), RMSNorm, SiLU-and-mul,
+paged decode.
 
 `use_cpu_kernels(model, ext)` runs once at load, after the CPU linear swaps of build.py:
 - every bf16 / fp32 linear (plain, oneDNN `PackedLinear`, `UpcastLinear`, and the shared product of
@@ -7,10 +8,14 @@
   larger ones (prefill, big batches) run the module it wraps, whose oneDNN / AMX GEMM is faster there. The two
   copies cost the weights' bytes twice; a decode step reads only ours (build.py `decode_weight_bytes`).
 - int8 weight-only linears (on-the-fly `int8`: per-row symmetric scales) the same way: our int8 GEMV for
-  decode rows (codes widened to fp32 in registers, per-row scales at the end), the quantized module above.
-- native models' `RMSNorm` modules run the fused kernel for bf16 / fp32 activations, and their `PagedAttention`
-  our paged decode kernel on decode-only steps (no gather of the context). The SiLU-and-mul kernel is built and
-  tested but not used: without a vectorized exp it is 2-5x slower than torch's silu (measured, 1-32 rows).
+  decode rows (codes widened to fp32 in registers, per-row scales at the end), the quantized module above;
+  int4 group-wise linears (contiguous groups: on-the-fly `int4`, GPTQ without act-order, ...) too, repacked
+  to our layout (two codes a byte, 16 rows a block; per-group scale and offset).
+- native models' `RMSNorm` modules run the fused kernel for bf16 / fp32 activations, SiLU MLPs (a module
+  whose `act` is "silu": the dense MLP, MoE experts) our SiLU-and-mul (vectorized exp) through
+  backend/layers/activation.py's `KernelActivation`, their `RotaryEmbedding` our in-place RoPE over the q | k
+  columns of the qkv output (`cpu_kernel`), and their `PagedAttention` the K/V store (one call) and our paged
+  decode kernel on decode-only steps (no gather of the context).
 Both implementations get the linears; the norms and attention are the native models' (transformers
 runs its own modules, and the torch attention path through our attention function).
 The loaded extension module is kept on each module (`kernels`): no module-level state.
@@ -24,12 +29,15 @@ import torch
 from torch import nn
 
 from backend.core.forward_batch import ForwardBatch
+from backend.layers.activation import KernelActivation
 from backend.layers.attention import PagedAttention
 from backend.layers.cpu.packed import PackedLinear
 from backend.layers.cpu.siblings import SiblingLinear, SiblingProduct
 from backend.layers.cpu.upcast import UpcastLinear
 from backend.layers.norm import RMSNorm
+from backend.layers.rotary import RotaryEmbedding
 from flab_kernels.cpu import ops
+from flab_kernels.quant_torch import int4_codes
 
 FUSED_MAX_ROWS = 4  # up to this many rows our GEMV; above, the wrapped module's GEMM (oneDNN) is faster
 FUSED_DTYPES = ops.PACKED_DTYPES
@@ -68,16 +76,65 @@ class FusedInt8Product:
         return ops.linear_int8(self.ext, x, self.packed, self.scales, self.bias, self.out_features)
 
 
+class FusedInt4Product:
+    """Weight-only int4, group-wise (backend/quantization int4 with contiguous groups), by our kernel for few rows;
+    None for more (the quantized module's own product). Packed from the module's codes, scales and zeros."""
+
+    def __init__(self, ext: ModuleType, weight: ops.Int4Packed, n: int, k: int, bias: torch.Tensor | None) -> None:
+        self.ext = ext
+        self.out_features, self.in_features = n, k
+        self.packed = weight
+        self.bias = None if bias is None else bias.detach().float().contiguous()  # (N,) fp32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (..., K) -> (..., N) or None
+        if x.dtype not in FUSED_DTYPES or x.numel() > FUSED_MAX_ROWS * self.in_features or x.device.type != "cpu":
+            return None
+        return ops.linear_int4(self.ext, x, self.packed, self.bias, self.out_features)
+
+
+class FusedSiluAndMul:
+    """SiLU-and-mul by our kernel (vectorized exp) for bf16 / fp32 CPU activations; None for others. A plain object,
+    set as a native MLP's `act` through backend/layers/activation.py's `KernelActivation`."""
+
+    def __init__(self, ext: ModuleType) -> None:
+        self.ext = ext
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (..., 2I) -> (..., I) or None
+        if x.dtype not in FUSED_DTYPES or x.device.type != "cpu":
+            return None
+        return ops.silu_and_mul(self.ext, x)
+
+
+class FusedRope:
+    """Rotary embedding in place by our kernel (bf16 / fp32 rows of the cos / sin dtype), as RotaryEmbedding's
+    `cpu_kernel`; False for inputs it does not take (the torch math runs)."""
+
+    def __init__(self, ext: ModuleType, head_dim: int) -> None:
+        self.ext = ext
+        self.head_dim = head_dim
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> bool:
+        if x.dtype not in FUSED_DTYPES or x.device.type != "cpu" or x.stride(-1) != 1 or cos.dtype != x.dtype:
+            return False
+        ops.rope_(self.ext, x, cos.contiguous(), sin.contiguous(), heads, self.head_dim)
+        return True
+
+
 class FusedLinear(nn.Module):
     """A linear whose few-row products run our GEMV; `inner` (the module it replaced) computes the rest."""
 
-    def __init__(self, inner: nn.Module, product: FusedProduct | FusedInt8Product) -> None:
+    def __init__(self, inner: nn.Module, product: FusedProduct | FusedInt8Product | FusedInt4Product) -> None:
         super().__init__()
         self.inner = inner
         self.product = product
         self.in_features, self.out_features = product.in_features, product.out_features
-        self.register_buffer("fused_packed", product.packed, persistent=False)
-        self.register_buffer("fused_scales", getattr(product, "scales", None), persistent=False)
+        if isinstance(product, FusedInt4Product):
+            self.register_buffer("fused_packed", product.packed.codes, persistent=False)
+            self.register_buffer("fused_scales", product.packed.scales, persistent=False)
+            self.register_buffer("fused_offsets", product.packed.offsets, persistent=False)
+        else:
+            self.register_buffer("fused_packed", product.packed, persistent=False)
+            self.register_buffer("fused_scales", getattr(product, "scales", None), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:  # (N, K), for introspection
@@ -129,7 +186,10 @@ class FusedPagedAttention(PagedAttention):
             return super().forward(q, k, v, batch, sinks)
         t = q.shape[0]
         hkv, d = self.num_kv_heads, self.head_dim
-        batch.attention.store(k.view(t, hkv, d), v.view(t, hkv, d), k_cache, v_cache, batch.slot_mapping)
+        if k.dim() == 2 and v.dim() == 2 and k.stride(1) == 1 and v.stride(1) == 1 and k.dtype == k_cache.dtype:
+            ops.store_kv(self.kernels, k, v, k_cache, v_cache, batch.slot_mapping)  # one call, rows copied
+        else:
+            batch.attention.store(k.view(t, hkv, d), v.view(t, hkv, d), k_cache, v_cache, batch.slot_mapping)
         out = ops.paged_decode(
             self.kernels,
             q.view(t, self.num_heads, d),
@@ -172,6 +232,40 @@ def _is_int8_per_row(module: nn.Module) -> bool:
     )
 
 
+def _int4_groups(module: nn.Module) -> ops.Int4Packed | None:
+    """An int4 linear (backend/quantization/intquant.py) with contiguous groups of even size, on CPU, as our int4
+    packing; None for others. Codes, scales and zeros come from its `torch` layout (nibbles, (N, G) scales,
+    centered zeros: w = (code - 8 - zero) * scale) or, for `cpu_int4pack` (torch's opaque blocked layout), from
+    the weight read back through torch's kernel (`dequantize()`) and its (G, N, 2) scale / offset pairs: the codes
+    are round((w - offset) / scale) + 8, exact because w's bf16 rounding is far below half a scale step."""
+    if getattr(module, "bits", None) != 4 or getattr(module, "kernel", None) not in ("cpu_int4pack", "torch"):
+        return None
+    group = getattr(module, "group_size", 0)
+    q = getattr(module, "w_q", None)
+    if (
+        q is None
+        or q.device.type != "cpu"
+        or group <= 0
+        or group % 2
+        or module.w_perm is not None
+        or getattr(module, "w_gidx", None) is not None
+    ):
+        return None
+    n, k = module.out_features, module.in_features
+    if module.kernel == "torch":
+        scales = module.w_scales.float()  # (N, G)
+        zeros = module.w_zeros.float() if module.w_zeros is not None else torch.zeros_like(scales)
+        return ops.pack_int4_weight(int4_codes(q, k), scales, -(8 + zeros) * scales, group)
+    pairs = module.w_scales.float()  # (G, N, 2): scale, offset
+    scales, offsets = pairs[..., 0].t(), pairs[..., 1].t()  # (N, G)
+    g = scales.shape[1]
+    w = module.dequantize().view(n, g, group)  # (N, G, gs) fp32
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    codes = torch.round((w - offsets[..., None]) / safe[..., None]) + 8
+    codes = torch.where(scales[..., None] == 0, torch.full_like(codes, 8), codes).clamp(0, 15)
+    return ops.pack_int4_weight(codes.view(n, k).to(torch.uint8), scales, offsets - 8 * scales, group)
+
+
 def fuse_linears(model: nn.Module, ext: ModuleType) -> int:
     """Wrap every linear our GEMV can run in a FusedLinear, and give sibling groups' shared product ours; in place.
     Returns how many linears (siblings counted one each) run our kernel."""
@@ -197,14 +291,24 @@ def fuse_linears(model: nn.Module, ext: ModuleType) -> int:
                 product = FusedInt8Product(ext, child.w_q, child.w_scales.reshape(-1), child.bias)
                 setattr(parent, name, FusedLinear(child, product))
                 count += 1
+            elif (int4 := _int4_groups(child)) is not None:
+                product = FusedInt4Product(ext, int4, child.out_features, child.in_features, child.bias)
+                setattr(parent, name, FusedLinear(child, product))
+                count += 1
     return count
 
 
 def fuse_native_layers(model: nn.Module, ext: ModuleType) -> int:
-    """Native models: RMSNorms and paged attention layers run our kernels; returns how many modules."""
+    """Native models: RMSNorms, SiLU gated MLPs (and MoE experts: a module whose `act` is "silu") and paged
+    attention layers run our kernels; returns how many modules."""
     count = 0
+    silu = KernelActivation("silu", FusedSiluAndMul(ext))
     for module in model.modules():
-        if type(module) is RMSNorm:
+        if getattr(module, "act", None) == "silu":
+            module.act = silu
+        elif isinstance(module, RotaryEmbedding):
+            module.cpu_kernel = FusedRope(ext, module.head_dim)
+        elif type(module) is RMSNorm:
             module.__class__ = FusedRMSNorm
         elif type(module) is PagedAttention:
             module.__class__ = FusedPagedAttention

@@ -3,7 +3,10 @@
 
 #include <ATen/Parallel.h>
 
+#include <cstring>
+
 #include "attention.h"
+#include "claim.h"
 #include "gemv.h"
 #include "norm_act.h"
 #include "vec.h"
@@ -11,6 +14,10 @@
 namespace {
 
 constexpr int64_t kSerialWork = 1 << 15;  // below this many multiply-adds one thread does the whole product
+// element-wise kernels (norms, activations, rotary) stay on one thread below this many elements: a parallel
+// region costs more than it saves there, and on a loaded machine its barrier waits for a descheduled thread
+// (measured: SiLU-and-mul of 4 x 1536 took 575 us on 2 threads against 6.5 us on one, load average 10)
+constexpr int64_t kSerialElements = 1 << 17;
 
 // threads get contiguous ranges of [0, n) items (disjoint outputs); small work stays on the calling thread
 template <typename F>
@@ -18,6 +25,20 @@ void parallel(int64_t n, int64_t work, const F& f) {
   const int64_t threads = work < kSerialWork ? 1 : at::get_num_threads();
   const int64_t grain = std::max<int64_t>(1, (n + threads - 1) / threads);
   at::parallel_for(0, n, grain, f);
+}
+
+// the product kernels: chunks of [0, n) (whole tiles of `align` items) claimed by this thread and helpers (claim.h),
+// so a helper that another process keeps off its core costs nothing but the chunk it may hold
+template <typename F>
+void claim_parallel(int64_t n, int64_t work, int64_t align, const F& f) {
+  const int threads = work < kSerialWork ? 1 : at::get_num_threads();
+  if (threads <= 1 || n <= align) {
+    f(0, n);
+    return;
+  }
+  const int64_t chunks = std::min<int64_t>((n + align - 1) / align, 8 * threads);
+  const int64_t per = ((n + chunks - 1) / chunks + align - 1) / align * align;
+  flab::claim_run((n + per - 1) / per, threads, [&](int64_t c) { f(c * per, std::min(n, (c + 1) * per)); });
 }
 
 // x (M, K) -> out (M, N) = x @ W.T + bias, W packed by flab_kernels/cpu/ops.py (bf16 [NB][KP][16][2], fp32 [NB][K][16])
@@ -46,7 +67,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
     void* op = out.data_ptr();
     const bool out_bf16 = out.scalar_type() == at::kBFloat16;
     TORCH_CHECK(out_bf16 || out.scalar_type() == at::kFloat, "linear: output must be bf16 or fp32");
-    parallel(NB, M * N * K, [&](int64_t b0, int64_t b1) {
+    claim_parallel(NB, M * N * K, 4, [&](int64_t b0, int64_t b1) {
       flab::gemv_bf16_blocks(xp, dot, M, 2 * KP, w, KP, b, N, b0, b1, op, out_bf16);
     });
     return out;
@@ -57,7 +78,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
   const float* xp = xin.data_ptr<float>();
   const float* w = packed.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  parallel(NB, M * N * K, [&](int64_t b0, int64_t b1) { flab::gemv_f32_blocks(xp, M, K, w, K, b, N, b0, b1, op); });
+  claim_parallel(NB, M * N * K, 4, [&](int64_t b0, int64_t b1) { flab::gemv_f32_blocks(xp, M, K, w, K, b, N, b0, b1, op); });
   return out;
 }
 
@@ -83,8 +104,47 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   void* op = out.data_ptr();
   const bool out_bf16 = out.scalar_type() == at::kBFloat16;
-  parallel(NB, M * N * K, [&](int64_t b0, int64_t b1) {
+  claim_parallel(NB, M * N * K, 4, [&](int64_t b0, int64_t b1) {
     flab::gemv_i8_blocks(xp, M, K, w, K, sp, b, N, b0, b1, op, out_bf16);
+  });
+  return out;
+}
+
+// x (M, K) bf16 / fp32 -> (M, N) in x's dtype: x @ W.T + bias, W int4 group-wise (gemv.h): w = code * scale + offset
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
+                          int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "linear_int4: x must be (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "linear_int4: the group size must be even");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == flab::kBlock &&
+                  packed.is_contiguous() && packed.size(0) * flab::kBlock >= N && (2 * packed.size(1)) % group_size == 0 &&
+                  2 * packed.size(1) >= K,
+              "linear_int4: int4 packing");
+  const int64_t NB = packed.size(0), KP = packed.size(1), G = 2 * KP / group_size;
+  for (const auto* t : {&scales, &offsets})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == NB &&
+                    t->size(1) == G && t->size(2) == flab::kBlock,
+                "linear_int4: scales and offsets must be fp32 (NB, G, 16)");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "linear_int4: bias must be fp32 (N,)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "linear_int4: x must be bf16 or fp32");
+  const int64_t M = x.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  auto xin = x.to(at::kFloat);
+  if (2 * KP != K) xin = at::constant_pad_nd(xin, {0, 2 * KP - K});
+  xin = xin.contiguous();
+  auto xsum = xin.view({M, G, group_size}).sum(-1).contiguous();  // (M, G)
+  const float* xp = xin.data_ptr<float>();
+  const float* xs = xsum.data_ptr<float>();
+  const auto* w = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* op_ = offsets.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  void* op = out.data_ptr();
+  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
+  claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
+    flab::gemv_i4_blocks(xp, M, 2 * KP, xs, G, w, KP, group_size / 2, sp, op_, b, N, b0, b1, op, out_bf16);
   });
   return out;
 }
@@ -108,7 +168,7 @@ std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x, const 
   auto res_out = residual ? torch::empty_like(x) : torch::empty({0}, x.options());
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "rms_norm: bf16 or fp32 only");
-  parallel(T, T * H * 4, [&](int64_t r0, int64_t r1) {
+  parallel(T, T * H < kSerialElements ? 0 : kSerialWork, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * H;
       if (bf16) {
@@ -125,6 +185,30 @@ std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x, const 
   return {out, res_out};
 }
 
+// in place: x (T, >= heads * D) rows (unit column stride), cos / sin (T, 1, rd) of x's dtype (rotary.py rope_step)
+void rope(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t D) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) >= heads * D, "rope: x must be (T, >= heads * D) rows");
+  const int64_t T = x.size(0);
+  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == T && cos.size(1) == 1 && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
+                  sin.is_contiguous() && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rope: cos and sin must be contiguous (T, 1, rd) of x's dtype");
+  const int64_t rd = cos.size(2);
+  TORCH_CHECK(rd % 2 == 0 && rd <= D, "rope: the rotary dim must be even and at most the head dim");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "rope: bf16 or fp32 only");
+  const int64_t xs = x.stride(0);
+  parallel(T, T * heads * rd < kSerialElements ? 0 : kSerialWork, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (bf16)
+        flab::rope_row<uint16_t>(ptr<uint16_t>(x) + t * xs, ptr<uint16_t>(cos) + t * rd, ptr<uint16_t>(sin) + t * rd,
+                                 heads, D, rd);
+      else
+        flab::rope_row<float>(ptr<float>(x) + t * xs, ptr<float>(cos) + t * rd, ptr<float>(sin) + t * rd, heads, D,
+                              rd);
+    }
+  });
+}
+
 // x (T, 2I) -> (T, I)
 torch::Tensor silu_and_mul(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "silu_and_mul: x must be contiguous (T, 2I)");
@@ -132,7 +216,7 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
   auto out = torch::empty({T, I}, x.options());
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "silu_and_mul: bf16 or fp32 only");
-  parallel(T, T * I * 8, [&](int64_t r0, int64_t r1) {
+  parallel(T, T * I < kSerialElements ? 0 : kSerialWork, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (bf16)
         flab::silu_and_mul_row<uint16_t>(ptr<uint16_t>(x) + r * 2 * I, I, ptr<uint16_t>(out) + r * I);
@@ -144,6 +228,31 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
 }
 
 // q (S, Hq, D) one new token per sequence, caches (NB, BS, Hkv, D / Dv) read in place -> (S, Hq, Dv)
+// the new tokens' K / V rows (T, Hkv * D / Dv, unit column stride) into the caches' slots (T,) int64
+void store_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
+              const torch::Tensor& slots) {
+  const int64_t T = k.size(0);
+  const int64_t kw = k_cache.size(2) * k_cache.size(3), vw = v_cache.size(2) * v_cache.size(3);
+  TORCH_CHECK(k.dim() == 2 && v.dim() == 2 && k.size(1) == kw && v.size(1) == vw && v.size(0) == T &&
+                  k.stride(1) == 1 && v.stride(1) == 1,
+              "store_kv: k / v must be (T, Hkv * D) rows");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "store_kv: k / v must have the caches' dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
+              "store_kv: slots must be int64 (T,)");
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1), es = k.element_size();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < num_slots, "store_kv: a slot outside the cache");
+    std::memcpy(kc + sl[t] * kw * es, kp + t * k.stride(0) * es, kw * es);
+    std::memcpy(vc + sl[t] * vw * es, vp + t * v.stride(0) * es, vw * es);
+  }
+}
+
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
                            double softcap, int64_t window, const c10::optional<torch::Tensor>& sinks) {
@@ -173,7 +282,7 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   TORCH_CHECK(bf16 || q.scalar_type() == at::kFloat, "paged_decode: bf16 or fp32 only");
   int64_t work = 0;
   for (int64_t s = 0; s < S; ++s) work += lens[s];
-  parallel(S * Hkv, work * Hq * D * 2, [&](int64_t i0, int64_t i1) {
+  claim_parallel(S * Hkv, work * Hq * D * 2, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = i / Hkv, h = i % Hkv;
       const int32_t* table = tables + s * shape.max_blocks;
@@ -197,7 +306,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16_dot", &flab::has_bf16_dot, "bf16 pairs multiplied natively (AVX512-BF16)");
   m.def("linear", &linear, "x (M, K) @ packed W.T (+ fp32 bias) -> (M, N)");
   m.def("linear_int8", &linear_int8, "x (M, K) @ (int8 packed Q * scales).T (+ fp32 bias) -> (M, N)");
+  m.def("linear_int4", &linear_int4, "x (M, K) @ (int4 group-wise W).T (+ fp32 bias) -> (M, N)");
   m.def("rms_norm", &rms_norm, "RMSNorm with optional residual add -> (out, x + residual)");
+  m.def("rope", &rope, "rotary embedding in place over (T, heads * D) rows");
   m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+  m.def("store_kv", &store_kv, "the new tokens' K / V rows into their cache slots");
   m.def("paged_decode", &paged_decode, "paged decode attention over the KV cache in place");
 }

@@ -24,6 +24,11 @@ inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vload_i8(const int8_t* p) {  // L int8 -> fp32
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline void vnibbles(const uint8_t* p, vf& lo, vf& hi) {  // L bytes -> (low nibbles, high nibbles) as fp32
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xf)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
 inline void vpairs(const uint16_t* p, vf& even, vf& odd) {  // L bf16 pairs -> (w[., k], w[., k + 1]) as fp32
   __m512i v = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -40,6 +45,11 @@ inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vload_i8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vnibbles(const uint8_t* p, vf& lo, vf& hi) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xf)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
 inline void vpairs(const uint16_t* p, vf& even, vf& odd) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -133,6 +143,39 @@ void tile_i8(const float* x, int64_t xs, const int8_t* w, int64_t K, float* acc_
     for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
 }
 
+// int4 group-wise: per group, the partial sums of x times the raw codes (0..15), then times the group's scale
+// plus its offset times the sum of x over the group (w = code * scale + offset)
+template <int MT, int NB>
+void tile_i4(const float* x, int64_t xs, const float* xsum, int64_t G, const uint8_t* w, int64_t KP, int64_t gp,
+             const float* sc, const float* of, float* acc_out) {
+  vf acc[MT][NB * R];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) acc[m][j] = vzero();
+  const int64_t bs = KP * kBlock, ss = G * kBlock;
+  for (int64_t g = 0; g < G; ++g) {
+    vf part[MT][NB * R];
+    for (int m = 0; m < MT; ++m)
+      for (int j = 0; j < NB * R; ++j) part[m][j] = vzero();
+    for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
+      vf lo[NB * R], hi[NB * R];
+      for (int b = 0; b < NB; ++b)
+        for (int r = 0; r < R; ++r) vnibbles(w + b * bs + p * kBlock + r * L, lo[b * R + r], hi[b * R + r]);
+      for (int m = 0; m < MT; ++m) {
+        const vf x0 = vbcast(x[m * xs + 2 * p]), x1 = vbcast(x[m * xs + 2 * p + 1]);
+        for (int j = 0; j < NB * R; ++j) part[m][j] = vfma(hi[j], x1, vfma(lo[j], x0, part[m][j]));
+      }
+    }
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) {
+        const vf s = vload(sc + b * ss + g * kBlock + r * L), o = vload(of + b * ss + g * kBlock + r * L);
+        for (int m = 0; m < MT; ++m)
+          acc[m][b * R + r] = vfma(part[m][b * R + r], s, vfma(o, vbcast(xsum[m * G + g]), acc[m][b * R + r]));
+      }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
+}
+
 // (mt, nb) -> the tile instantiation, for each kind of tile
 template <typename Fn, template <int, int> class Tile, int NB>
 Fn pick_m(int mt) {
@@ -157,12 +200,16 @@ using TileBf16F32x = void (*)(const float*, int64_t, const uint16_t*, int64_t, f
 using TileBf16Dot = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*);
 using TileF32 = void (*)(const float*, int64_t, const float*, int64_t, float*);
 using TileI8 = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
+using TileI4 = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t*, int64_t, int64_t, const float*,
+                        const float*, float*);
 template <int MT, int NB>
 struct Bf16F32x { static constexpr TileBf16F32x fn = tile_bf16_f32x<MT, NB>; };
 template <int MT, int NB>
 struct F32 { static constexpr TileF32 fn = tile_f32<MT, NB>; };
 template <int MT, int NB>
 struct I8 { static constexpr TileI8 fn = tile_i8<MT, NB>; };
+template <int MT, int NB>
+struct I4 { static constexpr TileI4 fn = tile_i4<MT, NB>; };
 #if defined(__AVX512BF16__)
 template <int MT, int NB>
 struct Bf16Dot { static constexpr TileBf16Dot fn = tile_bf16_dot<MT, NB>; };
@@ -242,6 +289,24 @@ void gemv_i8_blocks(const float* x, int64_t M, int64_t x_stride, const int8_t* w
       const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
       pick<TileI8, I8>(mt, nb)(x + m0 * x_stride, x_stride, w + blk * bs, K, acc);
       write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16, scales);
+    }
+  }
+}
+
+void gemv_i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xsum, int64_t G, const uint8_t* w,
+                    int64_t KP, int64_t group_pairs, const float* scales, const float* offsets, const float* bias,
+                    int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+  constexpr int NB4 = 2;  // two blocks per tile: the per-group partial sums double the live accumulators
+  alignas(64) float acc[MT_MAX * NB4 * kBlock];
+  const int64_t bs = KP * kBlock, ss = G * kBlock;
+  for (int64_t blk = b0; blk < b1; blk += NB4) {
+    const int nb = static_cast<int>(std::min<int64_t>(NB4, b1 - blk));
+    for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
+      const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
+      const TileI4 fn = nb == 1 ? pick_m<TileI4, I4, 1>(mt) : pick_m<TileI4, I4, NB4>(mt);
+      fn(x + m0 * x_stride, x_stride, xsum + m0 * G, G, w + blk * bs, KP, group_pairs, scales + blk * ss,
+         offsets + blk * ss, acc);
+      write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16);
     }
   }
 }

@@ -4,6 +4,7 @@
 //   bf16: [NB][KP][16][2]  16 output rows per block, K in pairs (k even, k odd) next to each other, zero padded
 //   fp32: [NB][K][16]
 //   int8: [NB][K][16]  (weight-only: out = (sum_k x * q) * scale[n])
+//   int4: [NB][K/2][16] bytes of two codes, with [NB][G][16] scales and offsets per group
 // out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), fp32 accumulation, written in the output dtype.
 #pragma once
 
@@ -24,6 +25,13 @@ void gemv_f32_blocks(const float* x, int64_t M, int64_t x_stride, const float* w
 // int8 weights [NB][K][16] (weight-only, per-output-row fp32 scales), x: (M, K) fp32 rows; blocks [b0, b1)
 void gemv_i8_blocks(const float* x, int64_t M, int64_t x_stride, const int8_t* w, int64_t K, const float* scales,
                     const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
+
+// int4 group-wise weight-only: w [NB][KP][16] uint8, byte j of pair p = row j's codes (0..15) for k = 2p (low
+// nibble) and 2p + 1 (high); scales, offsets [NB][G][16] fp32 (w = code * scale + offset); group_pairs = group / 2;
+// x: (M, 2 * KP) fp32 rows, xsum: (M, G) the sums of x over each group; blocks [b0, b1)
+void gemv_i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xsum, int64_t G, const uint8_t* w,
+                    int64_t KP, int64_t group_pairs, const float* scales, const float* offsets, const float* bias,
+                    int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
 
 bool has_bf16_dot();  // this variant multiplies bf16 pairs natively (x stays bf16)
 

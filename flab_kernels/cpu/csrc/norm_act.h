@@ -15,4 +15,10 @@ void rms_norm_row(const T* x, const T* residual, const T* weight, float eps, flo
 template <typename T>
 void silu_and_mul_row(const T* x, int64_t I, T* out);
 
+// rotary embedding (neox / rotate-half) in place over `heads` heads of D at x, the first rd of each rotated:
+// x = x * cos + rotate_half(x) * sin with cos = [c | c], sin = [-s | s] (rd each, the step's values in the
+// dtype), each product and the sum rounded to the dtype as in HF's torch expression
+template <typename T>
+void rope_row(T* x, const T* cos, const T* sin, int64_t heads, int64_t D, int64_t rd);
+
 }  // namespace flab

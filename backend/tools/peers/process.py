@@ -4,6 +4,7 @@ environment's own Python, spoken to over the line protocol of wire.py. Its other
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import threading
@@ -23,8 +24,11 @@ class PeerError(RuntimeError):
 class PeerProcess:
     """One running worker. `start()` waits for its ready reply (the model loaded and warmed up)."""
 
-    def __init__(self, python: Path, script: str, settings: dict, log_path: Path) -> None:
+    def __init__(
+        self, python: Path, script: str, settings: dict, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.python = python
+        self.env = env or {}
         self.script = PEERS_DIR / script
         self.settings = settings
         self.log_path = log_path
@@ -42,6 +46,7 @@ class PeerProcess:
             stderr=log,
             text=True,
             cwd=PEERS_DIR,
+            env={**os.environ, **self.env},
         )
         threading.Thread(target=self._read, args=(self._proc.stdout, log), daemon=True).start()
         self.ready = self._wait(timeout_s, "start")
@@ -102,5 +107,6 @@ class PeerProcess:
             lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
         except OSError:
             lines = []
-        last = lines[-1].strip()[:300] if lines else "no output"
-        return f" (last line of {self.log_path}: {last})"
+        errors = [ln for ln in lines if "Error" in ln or "error:" in ln]  # the exception's line, not its footnotes
+        last = (errors or lines or ["no output"])[-1].strip()[:300]
+        return f" ({self.log_path}: {last})"

@@ -23,6 +23,10 @@ def _cpu_range(threads: int) -> str:
     return ",".join(str(c) for c in cpus)
 
 
+def _name(value) -> str:
+    return str(getattr(value, "name", value))
+
+
 def main() -> None:
     settings = settings_from_argv()
     threads = int(settings["threads"])
@@ -69,9 +73,8 @@ def main() -> None:
                 "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
                 "max_model_len": config.model_config.max_model_len,
                 "prefix_caching": False,
-                "compilation": str(
-                    getattr(config.compilation_config, "mode", getattr(config.compilation_config, "level", "?"))
-                ),
+                "compilation": _name(getattr(config.compilation_config, "mode", None)),
+                "LD_PRELOAD": settings.get("preload", "none"),
                 "sampling": "greedy (temperature 0), ignore_eos",
                 "ttft": "a separate 1-token request",
             },

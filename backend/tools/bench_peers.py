@@ -131,6 +131,7 @@ def make_system(spec: SystemSpec, args: argparse.Namespace, path: Path, latency:
         n_ctx=args.max_model_len,
         n_batch=512,
         batching=args.llama_batching,
+        extra_bufts=args.llama_extra_bufts,
         max_num_seqs=args.num_requests,
         batched_n_ctx=-(-tokens // 256) * 256,  # every request of the many-request workload at once
     )
@@ -176,10 +177,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("batched", "sequential"),
         help="llama.cpp's many-request workload: shared batches (llama_decode, as its server) or one at a time",
     )
+    parser.add_argument(
+        "--llama-extra-bufts",
+        action="store_true",
+        help="let llama.cpp repack weights into its extra CPU buffer types (AMX, ...); off by default: its AMX path "
+        "dies with SIGILL on VMs that list AMX without enabling it",
+    )
     parser.add_argument("--vllm-kv-cache-gb", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     parser.add_argument("--vllm-omp-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default: --threads CPUs)")
     parser.add_argument("--start-timeout", type=float, default=1800, help="seconds a system may take to load")
     parser.add_argument("--request-timeout", type=float, default=1800, help="seconds one measurement may take")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="seconds after which no new round starts (the report says)"
+    )
     parser.add_argument("--json", default=None, help="write every number here (default: the cache's bench/)")
     args = parser.parse_args(argv)
     for name in ("rounds", "threads", "prompt_len", "new_tokens", "num_requests"):
@@ -216,6 +226,7 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
 
     results: list[SystemResult] = []
     running = {}
+    clock = time.perf_counter()
     try:
         for name in args.systems:
             spec = find_system(name)
@@ -233,8 +244,8 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
             t = time.perf_counter()
             try:
                 ready = system.start(args.start_timeout)
-            except (PeerError, OSError) as e:
-                result.status = f"failed: {e}"
+            except Exception as e:  # a peer that does not start, our engine refusing the model: reported, not fatal
+                result.status = f"failed: {e}" if isinstance(e, PeerError) else f"failed: {type(e).__name__}: {e}"
                 system.close()
                 print(f"{name}: {result.status}", flush=True)
                 continue
@@ -244,6 +255,9 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
             running[name] = system
         bandwidths = []
         for r in range(args.rounds):
+            if args.time_budget is not None and r > 0 and time.perf_counter() - clock > args.time_budget:
+                print(f"time budget of {args.time_budget:.0f} s spent: {r} of {args.rounds} rounds run", flush=True)
+                break
             bandwidths.append(measure_memory_bandwidth(torch.device("cpu")))
             for result in results:
                 system = running.get(result.spec.name)
@@ -251,8 +265,8 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
                     continue
                 try:
                     one = run_round(system, latency, throughput, args.request_timeout)
-                except (PeerError, OSError, KeyError) as e:
-                    result.status = f"failed in round {r + 1}: {e}"
+                except Exception as e:  # one system's failure leaves the others measured
+                    result.status = f"failed in round {r + 1}: {type(e).__name__}: {e}"
                     system.close()
                     running.pop(result.spec.name)
                     continue
@@ -269,7 +283,7 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
     bandwidth = statistics.median(bandwidths) if bandwidths else measure_memory_bandwidth(torch.device("cpu"))
     reference = args.reference or next((s for s in args.systems if s.startswith("ours")), args.systems[0])
     load_after = os.getloadavg()
-    lines = machine_lines(started, load_before, load_after, bandwidth, args)
+    lines = machine_lines(started, load_before, load_after, bandwidth, args, len(bandwidths))
     lines += ["", *markdown_table(results, reference, bandwidth, args), ""]
     lines += settings_lines(results) + [""] + rounds_lines(results)
     print("\n" + "\n".join(lines))
@@ -281,13 +295,18 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
                 started=started.isoformat(),
                 load=[load_before, load_after],
                 bandwidth=bandwidth,
-                results=[asdict(r) for r in results],
+                results=[{**asdict(r), "median": _medians(r)} for r in results],
             ),
             indent=1,
         )
     )
     print(f"results: {out}")
     return results
+
+
+def _medians(result: SystemResult) -> dict[str, float]:
+    metrics = ("decode_tok_s", "prefill_tok_s", "output_tok_s")
+    return {m: result.median(m) for m in metrics} if result.ok else {}
 
 
 def _default_json() -> Path:

@@ -15,12 +15,30 @@ from llama_batched import BatchedContext
 from wire import serve, settings_from_argv
 
 
+def _without_extra_buffer_types(llama_cpp) -> None:
+    """Load models with `use_extra_bufts` off (the high-level API has no argument for it): no weight repacking
+    into llama.cpp's extra CPU buffer types, whose AMX path dies with SIGILL on a VM that lists AMX but does not
+    enable its tile state."""
+    low = llama_cpp.llama_cpp
+    defaults = low.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+
+
 def main() -> None:
     import llama_cpp
     from llama_cpp import Llama
 
     settings = settings_from_argv()
     threads = int(settings["threads"])
+    extra_bufts = bool(settings.get("extra_bufts", False))
+    if not extra_bufts:
+        _without_extra_buffer_types(llama_cpp)
     llm = Llama(
         model_path=settings["model"],
         n_ctx=int(settings.get("n_ctx", 1024)),
@@ -80,6 +98,7 @@ def main() -> None:
                 "n_threads_batch": threads,
                 "n_ctx": llm.n_ctx(),
                 "n_batch": llm.n_batch,
+                "use_extra_bufts": extra_bufts,
                 "sampling": "greedy (temp 0), EOS not checked",
                 "batching": (
                     f"batched: llama_decode over up to {settings.get('max_num_seqs')} sequences ({batched.settings})"

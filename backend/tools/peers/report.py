@@ -38,13 +38,14 @@ def machine_lines(
     load_after: tuple[float, float, float],
     bandwidth: float,
     args: argparse.Namespace,
+    rounds_run: int,
 ) -> list[str]:
     import os
 
     load = lambda v: " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
     return [
-        f"date: {started:%Y-%m-%d %H:%M} UTC; model {args.model}; {args.rounds} rounds, each running every system in "
-        f"turn ({', '.join(args.systems)}); medians",
+        f"date: {started:%Y-%m-%d %H:%M} UTC; model {args.model}; {rounds_run} of {args.rounds} rounds, each running "
+        f"every system in turn ({', '.join(args.systems)}); medians",
         f"machine: {cpu_model()}, {os.cpu_count()} CPUs; {relevant_flags()}",
         f"load average (1 / 5 / 15 min): {load(load_before)} at the start, {load(load_after)} at the end",
         f"threads: {args.threads} for every system; copy bandwidth {bandwidth / 1e9:.1f} GB/s (median of the rounds; "

@@ -53,6 +53,8 @@ def test_peers_absent_are_reported_with_their_path_and_ours_is_measured(tiny_mod
     assert "16 in / 4 out" in text and "load average" in text and "copy bandwidth" in text
     saved = json.loads(out.read_text())
     assert [r["status"] for r in saved["results"]] == [r.status for r in results]
+    assert saved["results"][0]["median"]["decode_tok_s"] == ours.median("decode_tok_s")
+    assert saved["results"][1]["median"] == {}  # nothing measured
 
 
 def test_bad_flags_are_refused(capsys):

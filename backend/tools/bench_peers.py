@@ -225,7 +225,8 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
     latency = Workload("latency", [prompt], [args.new_tokens])
 
     results: list[SystemResult] = []
-    running = {}
+    running: dict = {}
+    bandwidths: list[float] = []
     clock = time.perf_counter()
     try:
         for name in args.systems:
@@ -253,33 +254,61 @@ def _run(args: argparse.Namespace) -> list[SystemResult]:
             result.weight_bytes = ready.get("weight_bytes", result.weight_bytes)
             print(f"{name}: ready in {time.perf_counter() - t:.0f} s ({result.version})", flush=True)
             running[name] = system
-        bandwidths = []
-        for r in range(args.rounds):
-            if args.time_budget is not None and r > 0 and time.perf_counter() - clock > args.time_budget:
-                print(f"time budget of {args.time_budget:.0f} s spent: {r} of {args.rounds} rounds run", flush=True)
-                break
-            bandwidths.append(measure_memory_bandwidth(torch.device("cpu")))
-            for result in results:
-                system = running.get(result.spec.name)
-                if system is None:
-                    continue
-                try:
-                    one = run_round(system, latency, throughput, args.request_timeout)
-                except Exception as e:  # one system's failure leaves the others measured
-                    result.status = f"failed in round {r + 1}: {type(e).__name__}: {e}"
-                    system.close()
-                    running.pop(result.spec.name)
-                    continue
-                one.bandwidth = bandwidths[-1]
-                result.rounds.append(one)
-                print(
-                    f"round {r + 1} {result.spec.name}: decode {one.decode_tok_s:.1f} tok/s, prefill "
-                    f"{one.prefill_tok_s:.0f} tok/s, {args.num_requests} requests {one.output_tok_s:.1f} tok/s",
-                    flush=True,
-                )
+        try:
+            _rounds(args, results, running, latency, throughput, bandwidths, clock)
+        except KeyboardInterrupt:  # Ctrl-C: the rounds so far are reported
+            print(f"interrupted: {len(bandwidths)} of {args.rounds} rounds reported", flush=True)
     finally:
         for system in running.values():
             system.close()
+    return _report(args, results, bandwidths, started, load_before)
+
+
+def _rounds(
+    args: argparse.Namespace,
+    results: list[SystemResult],
+    running: dict,
+    latency: Workload,
+    throughput: Workload,
+    bandwidths: list[float],
+    clock: float,
+) -> None:
+    """Every round: the copy bandwidth (appended to `bandwidths`), then every running system in turn (one that
+    fails is closed and dropped; the others go on)."""
+    for r in range(args.rounds):
+        if args.time_budget is not None and r > 0 and time.perf_counter() - clock > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s spent: {r} of {args.rounds} rounds run", flush=True)
+            return
+        bandwidths.append(measure_memory_bandwidth(torch.device("cpu")))
+        for result in results:
+            system = running.get(result.spec.name)
+            if system is None:
+                continue
+            try:
+                one = run_round(system, latency, throughput, args.request_timeout)
+            except Exception as e:  # one system's failure leaves the others measured
+                result.status = f"failed in round {r + 1}: {type(e).__name__}: {e}"
+                system.close()
+                running.pop(result.spec.name)
+                continue
+            one.bandwidth = bandwidths[-1]
+            result.rounds.append(one)
+            print(
+                f"round {r + 1} {result.spec.name}: decode {one.decode_tok_s:.1f} tok/s, prefill "
+                f"{one.prefill_tok_s:.0f} tok/s, {args.num_requests} requests {one.output_tok_s:.1f} tok/s "
+                f"(copy {one.bandwidth / 1e9:.1f} GB/s)",
+                flush=True,
+            )
+
+
+def _report(
+    args: argparse.Namespace,
+    results: list[SystemResult],
+    bandwidths: list[float],
+    started: datetime.datetime,
+    load_before: tuple[float, float, float],
+) -> list[SystemResult]:
+    """Print the machine, the table, the settings and every round; write the JSON."""
     bandwidth = statistics.median(bandwidths) if bandwidths else measure_memory_bandwidth(torch.device("cpu"))
     reference = args.reference or next((s for s in args.systems if s.startswith("ours")), args.systems[0])
     load_after = os.getloadavg()

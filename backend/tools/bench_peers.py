@@ -313,7 +313,7 @@ def _report(
     reference = args.reference or next((s for s in args.systems if s.startswith("ours")), args.systems[0])
     load_after = os.getloadavg()
     lines = machine_lines(started, load_before, load_after, bandwidth, args, len(bandwidths))
-    lines += ["", *markdown_table(results, reference, bandwidth, args), ""]
+    lines += ["", *markdown_table(results, reference, args), ""]
     lines += settings_lines(results) + [""] + rounds_lines(results)
     print("\n" + "\n".join(lines))
     out = Path(args.json) if args.json else _default_json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
 from pathlib import Path
 
 from backend.tools.peers.systems import SystemResult
@@ -66,14 +67,13 @@ def _same_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def markdown_table(
-    results: list[SystemResult], reference: str, bandwidth: float, args: argparse.Namespace
-) -> list[str]:
+def markdown_table(results: list[SystemResult], reference: str, args: argparse.Namespace) -> list[str]:
     ref = next((r for r in results if r.spec.name == reference and r.ok), None)
     ref_values = {m: ref.median(m) if ref else None for m in ("decode_tok_s", "prefill_tok_s", "output_tok_s")}
     n = args.num_requests
     lines = [
         f"| system | batch-1 decode tok/s ({args.prompt_len} in / {args.new_tokens} out) | % of the bandwidth bound "
+        "(median of the rounds' decode x weight bytes / copy bandwidth; the bytes) "
         f"| {args.prompt_len}-token prefill tok/s | {n} requests, output tok/s | vs {reference}: decode / prefill / "
         f"{n} requests | greedy tokens equal to {reference}'s |",
         "|---|---|---|---|---|---|---|",
@@ -83,8 +83,9 @@ def markdown_table(
             lines.append(f"| {r.spec.label} (`{r.spec.name}`) | {r.status} | | | | | |")
             continue
         decode, prefill, output = (r.median(m) for m in ("decode_tok_s", "prefill_tok_s", "output_tok_s"))
-        bound = bandwidth / r.weight_bytes if r.weight_bytes else 0.0
-        share = f"{100 * decode / bound:.0f}% of {bound:.0f} ({format_bytes(r.weight_bytes)})" if bound else "-"
+        # each round's decode against that round's copy bandwidth (the machine's load changes between rounds)
+        shares = [x.decode_tok_s * r.weight_bytes / x.bandwidth for x in r.rounds if x.bandwidth and r.weight_bytes]
+        share = f"{100 * statistics.median(shares):.0f}% ({format_bytes(r.weight_bytes)})" if shares else "-"
         ratios = " / ".join(_ratio(v, ref_values[m]) for v, m in zip((decode, prefill, output), ref_values))
         same = (
             f"first {_same_prefix(r.rounds[0].latency_tokens, ref.rounds[0].latency_tokens)} of "

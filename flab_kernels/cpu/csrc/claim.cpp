@@ -8,6 +8,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include <pthread.h>
@@ -28,7 +30,7 @@ namespace {
 constexpr int kIdxBits = 20;
 constexpr uint64_t kIdxMask = (uint64_t{1} << kIdxBits) - 1;
 constexpr int kMaxHelpers = 63;
-constexpr auto kSpin = std::chrono::microseconds(200);  // a helper spins this long for the next job, then sleeps
+constexpr auto kSpin = std::chrono::microseconds(20);  // a helper spins this long for the next job, then sleeps
 
 inline uint64_t pack(uint64_t gen, uint64_t n, uint64_t idx) { return (gen << (2 * kIdxBits)) | (n << kIdxBits) | idx; }
 inline uint64_t gen_of(uint64_t s) { return s >> (2 * kIdxBits); }
@@ -127,9 +129,27 @@ Pool& pool() {
 
 }  // namespace
 
+// Which pool runs the chunks, read once from FLAB_CPU_POOL: "omp" (the default) OpenMP's fork-join regions, the
+// pool torch's own ops use, so no second pool competes with it for the cores (on a quiet 2-core machine: batch-1
+// decode 77 vs 65 tok/s, the transformers fallback 50 vs 42); "claim" the helpers above, which never wait at a
+// barrier for a thread another process took off its core (on a loaded machine: 195-255 vs 734-1309 ms for one
+// token's GEMVs; docs/cpu_kernels.md)
+bool use_openmp() {
+  static const bool omp = [] {
+    const char* v = std::getenv("FLAB_CPU_POOL");
+    return v == nullptr || std::strcmp(v, "claim") != 0;
+  }();
+  return omp;
+}
+
 void claim_run(int64_t n, int threads, const std::function<void(int64_t)>& chunk) {
   if (n <= 0) return;
   if (threads <= 1 || n == 1 || n > static_cast<int64_t>(kIdxMask)) {
+    for (int64_t i = 0; i < n; ++i) chunk(i);
+    return;
+  }
+  if (use_openmp()) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) chunk(i);
     return;
   }

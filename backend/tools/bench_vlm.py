@@ -4,7 +4,7 @@
     python -m backend.tools.bench_vlm --shape tiny --rounds 1 # the test's sizes
     python -m backend.tools.bench_vlm --json out.json
 
-A random-weight Qwen2-VL-shaped checkpoint is built with backend/tools/tiny_vlms.py's family (its tokenizer, config
+A random-weight Qwen2-VL-shaped checkpoint is built with backend/loading/tiny_vlms.py's family (its tokenizer, config
 and processor) at the chosen shape. Each round sends one image-text request (a fresh image, so no prefix-cache hit)
 to our engine and to HF `generate()` on the same checkpoint, in alternating order, batch 1, greedy, fp32. Measured:
 time to first token (the request's arrival to its first new token: processor, vision tower, prefill), output tok/s
@@ -93,7 +93,7 @@ def build_bench_vlm(path: Path, shape: Shape, seed: int = 0) -> Path:
 
     from backend.loading.processor import without_video
     from backend.loading.tiny_models import build_tokenizer
-    from backend.tools.tiny_vlms import CHAT_TEMPLATE, FAMILIES
+    from backend.loading.tiny_vlms import CHAT_TEMPLATE, FAMILIES
 
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path

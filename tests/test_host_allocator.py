@@ -98,7 +98,7 @@ print("ok")
 
 
 def test_the_engine_loads_with_big_blocks_mapped_then_keeps_freed_memory(tiny_model, monkeypatch):
-    import backend.core.engine as engine_module
+    import backend.core.parts as engine_module  # where the engine loads its model
 
     calls: list[str] = []
     real_load = engine_module.load_model

@@ -50,7 +50,7 @@ STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or s
 def api_router(state: ServerState) -> APIRouter:
     """The routes that need the API key (when one is set)."""
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # a header comparison: on the event loop, not in a worker thread
         state.authorize(request)
 
     router = APIRouter(dependencies=[Depends(authorized)], responses=ERRORS)

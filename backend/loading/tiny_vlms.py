@@ -34,6 +34,14 @@ TEXT = dict(
     tie_word_embeddings=False,
 )
 IMAGE_SIZE = 32
+VISION = dict(  # a ViT-style tower (CLIP, SigLIP, Pixtral, Idefics3's): the families add their own keys
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+)
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for part in m['content'] %}{% if part['type'] == 'image' %}{{ IMAGE }}{% else %}{{ part['text'] }}"
@@ -72,16 +80,7 @@ def _text(tok: PreTrainedTokenizerFast, model_type: str, **extra) -> dict:
 
 
 def _llava_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
-    vision = dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        projection_dim=32,
-    )
+    vision = dict(VISION, model_type="clip_vision_model", projection_dim=32)
     (image,) = _ids(tok, "<image>")
     return AutoConfig.for_model("llava", text_config=_text(tok, "llama"), vision_config=vision, image_token_id=image)
 
@@ -247,16 +246,7 @@ def _glm4v_processor(tok: PreTrainedTokenizerFast, template: str):
 
 
 def _mistral3_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
-    vision = dict(
-        model_type="pixtral",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        head_dim=16,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-    )
+    vision = dict(VISION, model_type="pixtral", head_dim=16)
     (image,) = _ids(tok, "[IMG]")
     return AutoConfig.for_model(
         "mistral3",
@@ -292,24 +282,24 @@ def _mistral3_processor(tok: PreTrainedTokenizerFast, template: str):
 
 
 def _idefics3_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-    )
+    vision = dict(VISION)
     (image,) = _ids(tok, "<image>")
     return AutoConfig.for_model(
         "idefics3", text_config=_text(tok, "llama"), vision_config=vision, image_token_id=image, scale_factor=2
     )
 
 
+# Idefics3 / SmolVLM: an image split into sub-images of IMAGE_SIZE plus the whole one, each with its row / col token
+SPLIT_IMAGES = dict(
+    size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True
+)
+IDEFICS3_TOKENS = ("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>") + tuple(
+    f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3)
+)
+
+
 def _idefics3_processor(tok: PreTrainedTokenizerFast, template: str):
-    images = transformers.Idefics3ImageProcessorPil(
-        size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True
-    )
+    images = transformers.Idefics3ImageProcessorPil(**SPLIT_IMAGES)
     return transformers.Idefics3Processor(images, tok, image_seq_len=4, chat_template=template)
 
 
@@ -321,22 +311,12 @@ def _smolvlm_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
 
 
 def _smolvlm_processor(tok: PreTrainedTokenizerFast, template: str):
-    images = transformers.SmolVLMImageProcessorPil(
-        size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True
-    )
+    images = transformers.SmolVLMImageProcessorPil(**SPLIT_IMAGES)
     return without_video(transformers.SmolVLMProcessor)(images, tok, image_seq_len=4, chat_template=template)
 
 
 def _gemma3_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-    )
+    vision = dict(VISION, model_type="siglip_vision_model")
     text = _text(
         tok,
         "gemma3_text",
@@ -362,16 +342,7 @@ def _gemma3_processor(tok: PreTrainedTokenizerFast, template: str):
 
 
 def _paligemma_config(tok: PreTrainedTokenizerFast) -> PretrainedConfig:
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        projection_dim=TEXT["hidden_size"],
-    )
+    vision = dict(VISION, model_type="siglip_vision_model", projection_dim=TEXT["hidden_size"])
     text = _text(tok, "gemma", query_pre_attn_scalar=4)
     (image,) = _ids(tok, "<image>")
     return AutoConfig.for_model(
@@ -431,16 +402,14 @@ FAMILIES: dict[str, Family] = {
     "idefics3": Family(
         "idefics3",
         "<image>",
-        ("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
-        + tuple(f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3)),
+        IDEFICS3_TOKENS,
         _idefics3_config,
         _idefics3_processor,
     ),
     "smolvlm": Family(  # Idefics3's architecture; its processor writes numbers with num2words
         "smolvlm",
         "<image>",
-        ("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
-        + tuple(f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3)),
+        IDEFICS3_TOKENS,
         _smolvlm_config,
         _smolvlm_processor,
     ),

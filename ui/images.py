@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.core.errors import RequestError
+from backend.models import vlm
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # an uploaded image file larger than this is refused before it is decoded
 MAX_UPLOAD_PIXELS = 4096 * 4096  # and a decoded one with more pixels than this
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "sample_image.png"  # 96x96, drawn, 479 bytes
 UPLOAD_INFO = f"PNG, JPEG, WebP, ...: at most {MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS:,} pixels"
 FIELD = "image"
-MARK_BEFORE, MARK_AFTER = "[[flab-before]]", "[[flab-after]]"  # around an image part, to find its placeholder text
 
 
 def upload_path(value) -> str | None:
@@ -95,37 +95,10 @@ def require_images(engine) -> None:
         raise RequestError(f"{FIELD}: {why}; remove the image", param=FIELD)
 
 
-def placeholder_text(processor) -> str:
-    """What stands for one image in a prompt for this processor: its chat template's rendering of an image part
-    (Qwen2-VL: `<|vision_start|><|image_pad|><|vision_end|>`), else its image token (`<image>`)."""
-    token = str(getattr(processor, "image_token", None) or "<image>")
-    if not getattr(processor, "chat_template", None):
-        return token
-    parts = [{"type": "text", "text": MARK_BEFORE}, {"type": "image"}, {"type": "text", "text": MARK_AFTER}]
-    try:
-        text = processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False)
-    except Exception:  # a template that wants other message shapes: the plain token
-        return token
-    if not isinstance(text, str) or MARK_BEFORE not in text or MARK_AFTER not in text:
-        return token
-    between = text.split(MARK_BEFORE, 1)[1].split(MARK_AFTER, 1)[0]
-    return between if token in between else token
-
-
 def image_prompt(engine, text: str, use_chat_template: bool) -> str:
-    """The prompt text of an image request: the processor's chat template over an image part and `text` when asked
-    (and it has one), else `text` after the model's image placeholder; a `text` that already holds the placeholder
-    is sent as it is."""
-    processor = engine.processor
-    token = str(getattr(processor, "image_token", None) or "")
-    if token and token in text:
-        return text
-    if use_chat_template and getattr(processor, "chat_template", None):
-        message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-        rendered = processor.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
-        if isinstance(rendered, str) and token in rendered:
-            return rendered
-    return placeholder_text(processor) + text
+    """The prompt text of an image request for the loaded model (backend/models/vlm.image_prompt: its chat template
+    over an image part and `text`, else its placeholder before `text`)."""
+    return vlm.image_prompt(engine.processor, text, use_chat_template)
 
 
 def image_token_id(engine) -> int | None:

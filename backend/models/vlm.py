@@ -296,12 +296,39 @@ def check_own_positions(hf, device, batch_kwarg: str) -> None:
 PROBE_IMAGE_SIDE = 32  # pixels of the load-time probe's image (the processor resizes it to the model's own size)
 
 
-def probe_image_prompt(proc) -> str:
-    """A prompt with one image placeholder, as the model's chat template writes it (else the processor's token)."""
-    if getattr(proc, "chat_template", None):
-        message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
-        return proc.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
-    return f"{getattr(proc, 'image_token', '<image>')} Describe it."
+MARK_BEFORE, MARK_AFTER = "[[flab-before]]", "[[flab-after]]"  # around an image part, to find its placeholder text
+
+
+def placeholder_text(processor) -> str:
+    """What stands for one image in a prompt for this processor: its chat template's rendering of an image part
+    (Qwen2-VL: `<|vision_start|><|image_pad|><|vision_end|>`), else its image token (`<image>`)."""
+    token = str(getattr(processor, "image_token", None) or "<image>")
+    if not getattr(processor, "chat_template", None):
+        return token
+    parts = [{"type": "text", "text": MARK_BEFORE}, {"type": "image"}, {"type": "text", "text": MARK_AFTER}]
+    try:
+        text = processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False)
+    except Exception:  # a template that wants other message shapes: the plain token
+        return token
+    if not isinstance(text, str) or MARK_BEFORE not in text or MARK_AFTER not in text:
+        return token
+    between = text.split(MARK_BEFORE, 1)[1].split(MARK_AFTER, 1)[0]
+    return between if token in between else token
+
+
+def image_prompt(processor, text: str, use_chat_template: bool) -> str:
+    """The prompt text of a request with one image: the processor's chat template over an image part and `text` when
+    asked (and it has one), else `text` after the model's image placeholder; a `text` that already holds the
+    placeholder is kept as it is (the app's prompts, the load-time probe's)."""
+    token = str(getattr(processor, "image_token", None) or "")
+    if token and token in text:
+        return text
+    if use_chat_template and getattr(processor, "chat_template", None):
+        message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+        rendered = processor.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+        if isinstance(rendered, str) and token in rendered:
+            return rendered
+    return placeholder_text(processor) + text
 
 
 def image_probe_refusal(hf, proc, device, batch_kwarg: str, text_slots: tuple) -> str | None:
@@ -317,7 +344,7 @@ def image_probe_refusal(hf, proc, device, batch_kwarg: str, text_slots: tuple) -
     image = Image.new("RGB", (PROBE_IMAGE_SIDE, PROBE_IMAGE_SIDE), (128, 96, 64))
     probe = KVProbe()
     try:
-        processed = proc(text=[probe_image_prompt(proc)], images=[image], return_tensors="pt")
+        processed = proc(text=[image_prompt(proc, "Describe it.", True)], images=[image], return_tensors="pt")
         inputs = {k: v.to(device) for k, v in processed.items() if isinstance(v, torch.Tensor)}
         inputs = _accepted(hf.forward, {k: v for k, v in inputs.items() if k != "attention_mask"})
         with torch.inference_mode():

@@ -13,6 +13,7 @@ from PIL import Image
 from backend import SamplingParams
 from backend.core.errors import RequestError
 from backend.core.metrics import KVBlock
+from backend.models import vlm
 from tests.ui.conftest import LOAD_ARGS
 from tests.ui.test_callbacks import COMPARE, GEN
 from ui import images, inside, plots
@@ -86,7 +87,7 @@ def test_the_sample_image_is_small_and_decodes(tmp_path, lab):
 def test_image_prompt_puts_the_models_placeholder(vlm_lab):
     engine = vlm_lab.engine()
     assert images.image_refusal(engine) is None
-    assert images.placeholder_text(engine.processor) == "<image>"
+    assert vlm.placeholder_text(engine.processor) == "<image>"
     assert images.image_prompt(engine, "Describe.", False) == "<image>Describe."
     assert images.image_prompt(engine, "Describe.", True) == "<|user|><image>Describe.<|eos|><|assistant|>"
     assert images.image_prompt(engine, "A <image> here", True) == "A <image> here"  # the user's own placeholder
@@ -208,7 +209,7 @@ def test_tiny_qwen2_vl_is_built_in_and_takes_the_sample(ui_cache):
 
     assert {"tiny:llava", "tiny:qwen2_vl"} <= set(builtin_names())
     with Engine("tiny:qwen2_vl", dtype="float32", device="cpu", kv_cache_memory_gb=0.004, block_size=4) as engine:
-        assert images.placeholder_text(engine.processor) == "<|vision_start|><|image_pad|><|vision_end|>"
+        assert vlm.placeholder_text(engine.processor) == "<|vision_start|><|image_pad|><|vision_end|>"
         done = images.prefill_image_request(engine, images.image_prompt(engine, "Hi", True), images.sample_image())
         assert sum(done.image_mask) >= 1 and done.tokens[done.image_mask.index(True)] == "<|image_pad|>"
         assert inside.image_blocks(done.kv_view, done.request_id) and done.steps[0].vision_s > 0

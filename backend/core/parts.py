@@ -73,7 +73,6 @@ def _load(cfg: EngineConfig, progress: Callable | None, tp_group) -> tuple[Loade
     tune_malloc = cfg.keep_freed_memory and cfg.torch_device.type == "cpu"
     if tune_malloc:
         map_big_blocks()
-    tuned = False
     try:
         loaded = tp_group.load(cfg, progress) if tp_group else load_model(cfg, progress)
     finally:

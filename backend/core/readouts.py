@@ -86,10 +86,10 @@ def image_tokens_per_block(running, block_size: int) -> tuple[tuple[int, int], .
     for seq in running:
         if getattr(seq, "images", None) is None:
             continue
-        for pos in seq.images.placeholder_positions.tolist():
-            if pos // block_size < len(seq.block_table):
-                b = seq.block_table[pos // block_size]
-                count[b] = count.get(b, 0) + 1
+        for i, n in seq.images.tokens_per_block(block_size):
+            if i < len(seq.block_table):
+                b = seq.block_table[i]
+                count[b] = count.get(b, 0) + n
     return tuple(sorted(count.items()))
 
 

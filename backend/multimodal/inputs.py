@@ -3,7 +3,7 @@ language model needs is kept per request (`ImageInputs`, on the Sequence) for ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,15 @@ class ImageInputs:
     bidirectional_spans: tuple[tuple[int, int], ...] = ()
     features: torch.Tensor | None = None  # (N, H) image features (deepstack: (N, 1 + D, H)), computed once at prefill
     num_encodes: int = 0  # how often the vision tower ran for this request (kept across preemptions: 1)
+    _per_block: tuple = field(default=(), repr=False)  # (block size, tokens_per_block's answer), computed once
+
+    def tokens_per_block(self, block_size: int) -> tuple[tuple[int, int], ...]:
+        """(block index in the request, image tokens it holds) for the blocks that hold any (the KV map's read-out,
+        taken every step: computed once per request)."""
+        if not self._per_block or self._per_block[0] != block_size:
+            idx, counts = torch.unique(self.placeholder_positions // block_size, return_counts=True)
+            self._per_block = (block_size, tuple(zip(idx.tolist(), counts.tolist())))
+        return self._per_block[1]
 
 
 def as_image_list(images: object) -> list:

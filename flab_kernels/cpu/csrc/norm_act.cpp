@@ -62,20 +62,12 @@ using vf = __m512;
 constexpr int64_t L = 16;
 inline vf vset(float f) { return _mm512_set1_ps(f); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-inline vf vexp(vf x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, vset(-87.0f)), vset(88.0f));
-  const vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  vf r = _mm512_fnmadd_ps(n, vset(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, vset(-2.12194440e-4f), r);
-  vf p = vset(1.9875691500e-4f);
-  p = vfma(p, r, vset(1.3981999507e-3f));
-  p = vfma(p, r, vset(8.3334519073e-3f));
-  p = vfma(p, r, vset(4.1665795894e-2f));
-  p = vfma(p, r, vset(1.6666665459e-1f));
-  p = vfma(p, r, vset(5.0000001201e-1f));
-  const vf y = vfma(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, vset(1.0f)));
-  return _mm512_scalef_ps(y, n);
-}
+inline vf vclamp(vf x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, vset(lo)), vset(hi)); }
+inline vf vround_nearest(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT); }
+inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vtimes_pow2(vf y, vf n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
 inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vf vload(const uint16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -98,20 +90,14 @@ using vf = __m256;
 constexpr int64_t L = 8;
 inline vf vset(float f) { return _mm256_set1_ps(f); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-inline vf vexp(vf x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, vset(-87.0f)), vset(88.0f));
-  const vf n = _mm256_round_ps(_mm256_mul_ps(x, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vf r = _mm256_fnmadd_ps(n, vset(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, vset(-2.12194440e-4f), r);
-  vf p = vset(1.9875691500e-4f);
-  p = vfma(p, r, vset(1.3981999507e-3f));
-  p = vfma(p, r, vset(8.3334519073e-3f));
-  p = vfma(p, r, vset(4.1665795894e-2f));
-  p = vfma(p, r, vset(1.6666665459e-1f));
-  p = vfma(p, r, vset(5.0000001201e-1f));
-  const vf y = vfma(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, vset(1.0f)));
+inline vf vclamp(vf x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, vset(lo)), vset(hi)); }
+inline vf vround_nearest(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vtimes_pow2(vf y, vf n) {  // y * 2^n, n in [-126, 127]: 2^n is a normal float
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));  // n in [-126, 127]: 2^n is a normal float
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vf vload(const uint16_t* p) {
@@ -134,6 +120,20 @@ inline void vstore(uint16_t* p, vf v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 #endif
+
+inline vf vexp(vf x) {
+  x = vclamp(x, -87.0f, 88.0f);
+  const vf n = vround_nearest(vmul(x, vset(1.44269504088896341f)));
+  vf r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  vf p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  return vtimes_pow2(vfma(p, vmul(r, r), vadd(r, vset(1.0f))), n);
+}
 
 inline vf vround_to(vf v, const float*) { return v; }
 inline vf vround_to(vf v, const uint16_t*) { return vround_bf16(v); }

@@ -9,6 +9,7 @@ from backend/layers. Family files (qwen.py, gemma.py, phi3.py, moe.py) only chan
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ from transformers import PretrainedConfig
 from backend.core.forward_batch import ForwardBatch
 from backend.layers.activation import act_and_mul
 from backend.layers.attention import PagedAttention
+from backend.layers.cpu.decode_stack import CpuDecodeStack, DecodeLayerParts, build_decode_stack
 from backend.layers.norm import RMSNorm
 from backend.layers.rotary import RopeStep, RotaryEmbedding
 from backend.models.options import ModelOptions, options_from_config, uniform_windows
@@ -110,6 +112,25 @@ class DecoderLayer(nn.Module):
             h = self.mlp(h)
         return h, residual
 
+    def decode_parts(self) -> DecodeLayerParts | None:
+        """This layer for the C++ decode stack (backend/layers/cpu/decode_stack.py): the plain shape only (no
+        sandwich norms, a gated dense MLP)."""
+        if self.sandwich or type(self.mlp) is not MLP:
+            return None
+        attn, mlp = self.self_attn, self.mlp
+        return DecodeLayerParts(
+            self.input_layernorm,
+            self.post_attention_layernorm,
+            attn.q_norm,
+            attn.k_norm,
+            attn.qkv_proj,
+            attn.o_proj,
+            mlp.gate_up_proj,
+            mlp.down_proj,
+            mlp.act,
+            attn.attn,
+        )
+
 
 class DecoderModel(nn.Module):
     """Mirrors HF's `model.` subtree so checkpoint names map one to one (after fusing)."""
@@ -120,6 +141,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(opts, i, make_mlp) for i in range(opts.num_layers))
         self.norm = RMSNorm(opts.hidden_size, opts.rms_norm_eps, opts.norm_offset)
         self.rotary_emb = RotaryEmbedding(config, opts.head_dim, opts.max_position)
+        self.cpu_decode: CpuDecodeStack | None = None  # decode steps in one C++ call (use_cpu_decode_stack)
         # HF multiplies by torch.tensor(scale) cast to the weight dtype: round the same way
         self.embed_scale = (
             None
@@ -133,10 +155,23 @@ class DecoderModel(nn.Module):
             h = h * self.embed_scale
         residual = None
         rope = self.rotary_emb.prepare(positions, batch.seq_lens, batch.query_start_loc, h.dtype)
-        for layer in self.layers:
-            h, residual = layer(rope, h, residual, batch, self.rotary_emb)
+        stacked = None if self.cpu_decode is None else self.cpu_decode(h, rope, batch)
+        if stacked is not None:
+            h, residual = stacked
+        else:
+            for layer in self.layers:
+                h, residual = layer(rope, h, residual, batch, self.rotary_emb)
         h, _ = self.norm(h, residual)
         return h  # (T, H)
+
+    def use_cpu_decode_stack(self, ext: ModuleType) -> bool:
+        """Decode steps through every layer in one call of our C++ kernels, when every layer is the plain shape
+        on them and the rotary runs our kernel (after backend/layers/cpu/fused.py's swaps)."""
+        parts = [layer.decode_parts() for layer in self.layers]
+        if self.rotary_emb.cpu_kernel is None or any(p is None for p in parts):
+            return False
+        self.cpu_decode = build_decode_stack(ext, parts)
+        return self.cpu_decode is not None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -170,6 +205,9 @@ class LlamaForCausalLM(nn.Module):
         """Stream the checkpoint in (backend/models/weights.py); `on_loaded(name)` as each parameter completes."""
         NativeWeightLoader(self, device, dtype, on_loaded).load(Path(path))
         build_buffers(self, device)
+
+    def use_cpu_decode_stack(self, ext: ModuleType) -> bool:
+        return self.model.use_cpu_decode_stack(ext)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> (R, V)

@@ -26,7 +26,15 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "gemv.cpp", "norm_act.cpp", "attention.cpp", "claim.cpp")
+SOURCES = (
+    "bindings.cpp",
+    "tensor_ops.cpp",
+    "decode_stack.cpp",
+    "gemv.cpp",
+    "norm_act.cpp",
+    "attention.cpp",
+    "claim.cpp",
+)
 # instruction set -> the CPU flags it needs and the compiler flags it is built with (best first)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx512bf16": (

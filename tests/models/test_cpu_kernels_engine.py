@@ -61,7 +61,7 @@ def test_auto_runs_bf16_models_on_the_kernels(bf16_llama, impl):
     with Engine(str(bf16_llama), model_impl=impl, num_kv_blocks=64) as fused:
         info = fused.describe()
         assert info["cpu_kernels"] == "fused" and info["cpu_kernels_reason"].startswith("C++ kernels for")
-        modules = list(fused.loaded.model.modules())
+        modules = list(fused.model.modules())
         assert any(isinstance(m, FusedLinear) for m in modules)
         if impl == "native":
             assert any(isinstance(m, FusedRMSNorm) for m in modules)

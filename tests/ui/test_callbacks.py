@@ -585,10 +585,11 @@ def test_trace_names_the_kernel_path_that_ran(lab):
     assert f"`cpu_kernels` → **{info['cpu_kernels']}**" in summary
     if info["cpu_kernels"] == "fused":  # the kernels build on this machine
         assert "torch paged attention (a step with prefill" in summary and "our fused RMSNorm" in summary
+        assert "one C++ call (the decode stack" in summary  # the lab's model is Llama-shaped
     lab.session.load(spec.with_options(cpu_kernels="torch"))
     summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
     assert "`cpu_kernels` → **torch** (cpu_kernels='torch')" in summary
     decode = SimpleNamespace(module_class="FusedPagedAttention", num_prefill=0, num_tokens=2)
     assert kernel_path.attention_path(decode) == "our C++ paged decode kernel (decode-only step)"
     text = kernel_path.kernel_path_markdown({"cpu_kernels": "fused"}, [decode])
-    assert "our C++ GEMV (2 token rows" in text
+    assert "our C++ GEMV (2 token rows" in text and "decode stack" not in text

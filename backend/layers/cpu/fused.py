@@ -319,6 +319,14 @@ def fuse_native_layers(model: nn.Module, ext: ModuleType) -> int:
     return count
 
 
-def use_cpu_kernels(model: nn.Module, ext: ModuleType, native: bool) -> int:
-    """The model's linears (and, native, its norms and activations) on our kernels; returns how many modules."""
-    return fuse_linears(model, ext) + (fuse_native_layers(model, ext) if native else 0)
+def use_cpu_kernels(model: nn.Module, ext: ModuleType, native: bool) -> tuple[int, bool]:
+    """The model's linears (and, native, its norms and activations) on our kernels, and a native model's decode
+    steps in one C++ call where it offers them (`use_cpu_decode_stack`: backend/layers/cpu/decode_stack.py);
+    returns (how many modules, whether decode steps run the stack)."""
+    count = fuse_linears(model, ext)
+    stacked = False
+    if native:
+        count += fuse_native_layers(model, ext)
+        stack = getattr(model, "use_cpu_decode_stack", None)
+        stacked = stack is not None and stack(ext)
+    return count, stacked

@@ -1,0 +1,37 @@
+// The kernels on tensors (tensor_ops.cpp): each checks its inputs (TORCH_CHECK), allocates its output and shares the
+// work among the threads. Python calls them through bindings.cpp; the decode stack (decode_stack.cpp) calls them
+// in a row, so both paths run the same code.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace flab {
+
+// x (M, K) -> (M, N) = x @ W.T + bias, W packed by flab_kernels/cpu/ops.py (bf16 [NB][KP][16][2], fp32 [NB][K][16])
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                     int64_t N, int64_t K);
+// x (M, K) bf16 / fp32 -> (M, N) in x's dtype: (x @ Q.T) * scales + bias, Q int8 packed [NB][K][16]
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K);
+// x (M, K) bf16 / fp32 -> (M, N) in x's dtype: x @ W.T + bias, W int4 group-wise (gemv.h): w = code * scale + offset
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
+                          int64_t group_size);
+// x (T, H) [+ residual (T, H)] -> (out, x + residual); without residual the second tensor is empty
+std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                                  const torch::Tensor& weight, double eps, double offset);
+// in place: x (T, >= heads * D) rows (unit column stride), cos / sin (T, 1, rd) of x's dtype (rotary.py rope_step)
+void rope(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t D);
+// x (T, 2I) -> (T, I): silu(x[:, :I]) * x[:, I:]
+torch::Tensor silu_and_mul(const torch::Tensor& x);
+// the new tokens' K / V rows (T, Hkv * D / Dv, unit column stride) into the caches' slots (T,) int64
+void store_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
+              const torch::Tensor& slots);
+// q (S, Hq, D) one new token per sequence, caches (NB, BS, Hkv, D / Dv) read in place -> (S, Hq, Dv)
+torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
+                           double softcap, int64_t window, const c10::optional<torch::Tensor>& sinks);
+
+}  // namespace flab

@@ -6,6 +6,7 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -45,12 +46,58 @@ inline const float* as_f32(const uint16_t* p, int64_t d, float* row) {
 }
 
 #if defined(__AVX512BF16__)
-// bf16 q . bf16 k over d values (d % 32 == 0): products of bf16 pairs summed in fp32 (vdpbf16ps)
-inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t d) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d; i += 32)
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + i), (__m512bh)_mm512_loadu_si512(k + i));
-  return _mm512_reduce_add_ps(acc);
+// r[i] holds row i (16 x 32-bit); afterwards r[i] holds column i
+inline void transpose16x16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+      t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+// scores[g * BS + t] = scale * (q_g . k_t) for the n <= 16 tokens t of k (rows k_row apart) and the G heads of q
+// (rows D apart; D % 32 == 0), bf16: 32 columns of the 16 K rows are loaded and transposed (16 x 16 pairs), so the
+// tokens are the 16 lanes of each pair's vector, multiplied with every head's broadcast q pair (vdpbf16ps:
+// products of bf16 pairs summed in fp32): no horizontal sums
+inline void score_tokens_bf16(const uint16_t* q, int64_t G, int64_t D, const uint16_t* k, int64_t k_row, int64_t n,
+                              float scale, float* scores, int64_t BS) {
+  const __mmask16 mask = n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+  constexpr int64_t GC = 8;  // heads per pass (accumulators in registers)
+  for (int64_t g0 = 0; g0 < G; g0 += GC) {
+    const int64_t gc = std::min(GC, G - g0);
+    __m512 acc[GC];
+    for (int64_t g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 32) {
+      __m512 r[16];
+      for (int64_t t = 0; t < 16; ++t)
+        r[t] = t < n ? _mm512_castsi512_ps(_mm512_loadu_si512(k + t * k_row + c)) : _mm512_setzero_ps();
+      transpose16x16(r);  // r[p]: pair c / 2 + p of the 16 tokens
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t g = 0; g < GC; ++g) {
+          if (g >= gc) break;
+          int32_t pair;
+          std::memcpy(&pair, q + (g0 + g) * D + c + 2 * p, 4);
+          acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)r[p], (__m512bh)_mm512_set1_epi32(pair));
+        }
+    }
+    for (int64_t g = 0; g < gc; ++g)
+      _mm512_mask_storeu_ps(scores + (g0 + g) * BS, mask, _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
+  }
 }
 #endif
 
@@ -85,9 +132,31 @@ inline float exp_row(float* s, int64_t n, float m) {
   return total;
 }
 
-}  // namespace
-
-namespace {
+// acc[g] += sum_j p[g * BS + j] * v_j for the n tokens of a block (rows v_row apart) and the G heads, HD values per
+// row: the accumulators of up to GC heads stay in registers over the block, each V row is loaded (converted) once
+// per GC heads
+template <int64_t HD, typename T>
+inline void pv_block(const T* vb, int64_t v_row, int64_t n, const float* p, int64_t BS, int64_t G, float* acc) {
+  constexpr int64_t NV = HD / L, GC = NV >= 16 ? 1 : 16 / NV;
+  for (int64_t g0 = 0; g0 < G; g0 += GC) {
+    const int64_t gc = std::min(GC, G - g0);
+    vf a[GC][NV];
+    for (int64_t g = 0; g < GC; ++g)
+      for (int64_t i = 0; i < NV; ++i) a[g][i] = g < gc ? vload(acc + (g0 + g) * HD + i * L) : vset(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* v = vb + j * v_row;
+      vf vv[NV];
+      for (int64_t i = 0; i < NV; ++i) vv[i] = vload(v + i * L);
+      for (int64_t g = 0; g < GC; ++g) {
+        if (g >= gc) break;
+        const vf pv = vset(p[(g0 + g) * BS + j]);
+        for (int64_t i = 0; i < NV; ++i) a[g][i] = vfma(pv, vv[i], a[g][i]);
+      }
+    }
+    for (int64_t g = 0; g < gc; ++g)
+      for (int64_t i = 0; i < NV; ++i) vstore(acc + (g0 + g) * HD + i * L, a[g][i]);
+  }
+}
 
 // HD > 0: head_dim == v_head_dim == HD known at compile time (the row loops unrolled); 0: read from the shape
 template <typename T, int64_t HD>
@@ -124,19 +193,26 @@ void decode_head(const T* q, const T* k_cache, const T* v_cache, const int32_t* 
     const int64_t lo = std::max(begin, b * BS) - b * BS, hi = std::min(seq_len, (b + 1) * BS) - b * BS, n = hi - lo;
     const T* kb = k_cache + block * BS * k_row + kv_head * D;
     const T* vb = v_cache + block * BS * v_row + kv_head * DV;
-    for (int64_t j = lo; j < hi; ++j) {
-      const T* k = kb + j * k_row;
-      const float* kf = pairs ? nullptr : as_f32(k, D, row);
-      for (int64_t g = 0; g < G; ++g) {
 #if defined(__AVX512BF16__)
-        float s = (pairs ? dot_bf16(reinterpret_cast<const uint16_t*>(q) + (first_head + g) * D,
-                                    reinterpret_cast<const uint16_t*>(k), D)
-                         : dot(qf + g * D, kf, D)) * sh.scale;
-#else
-        float s = dot(qf + g * D, kf, D) * sh.scale;
+    if (pairs) {
+      for (int64_t j = lo; j < hi; j += 16)
+        score_tokens_bf16(reinterpret_cast<const uint16_t*>(q) + first_head * D, G, D,
+                          reinterpret_cast<const uint16_t*>(kb + j * k_row), k_row, std::min<int64_t>(16, hi - j),
+                          sh.scale, scores + j - lo, BS);
+      if (sh.softcap > 0.0f)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t j = 0; j < n; ++j)
+            scores[g * BS + j] = std::tanh(scores[g * BS + j] / sh.softcap) * sh.softcap;
+    } else
 #endif
-        if (sh.softcap > 0.0f) s = std::tanh(s / sh.softcap) * sh.softcap;
-        scores[g * BS + j - lo] = s;
+    {
+      for (int64_t j = lo; j < hi; ++j) {
+        const float* kf = as_f32(kb + j * k_row, D, row);
+        for (int64_t g = 0; g < G; ++g) {
+          float s = dot(qf + g * D, kf, D) * sh.scale;
+          if (sh.softcap > 0.0f) s = std::tanh(s / sh.softcap) * sh.softcap;
+          scores[g * BS + j - lo] = s;
+        }
       }
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -148,9 +224,13 @@ void decode_head(const T* q, const T* k_cache, const T* v_cache, const int32_t* 
       l[g] = l[g] * rescale + exp_row(s, n, block_max);
       m[g] = block_max;
     }
-    for (int64_t j = 0; j < n; ++j) {
-      const float* v = as_f32(vb + (lo + j) * v_row, DV, row);
-      for (int64_t g = 0; g < G; ++g) axpy(scores[g * BS + j], v, acc + g * DV, DV);
+    if constexpr (HD > 0 && HD % L == 0) {
+      pv_block<HD>(vb + lo * v_row, v_row, n, scores, BS, G, acc);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const float* v = as_f32(vb + (lo + j) * v_row, DV, row);
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * BS + j], v, acc + g * DV, DV);
+      }
     }
   }
   for (int64_t g = 0; g < G; ++g) {

@@ -4,9 +4,9 @@ tab's per-step breakdown, read from the engine's describe() and the step's atten
 With the fused kernels loaded, each module still picks per call: our paged decode kernel for decode-only steps
 (`FusedPagedAttention`, native models), our GEMV for products of up to FUSED_MAX_ROWS rows (`FusedLinear`), our
 RMSNorm (native models); larger products and prefill / mixed steps run the module they wrap. A native Llama-shaped
-model runs its decode-only steps of up to FUSED_MAX_ROWS rows through every layer in one C++ call (the decode
-stack, backend/layers/cpu/decode_stack.py: the same kernels, no Python between them); a traced step runs module
-by module, so that its attention calls can be recorded.
+model runs its decode-only steps through every layer in one C++ call (the decode stack,
+backend/layers/cpu/decode_stack.py: the same kernels, no Python between them); a traced step runs module by
+module, so that its attention calls can be recorded.
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ def kernel_path_markdown(info: dict, calls) -> str:
     native = c.module_class == FUSED_ATTENTION
     norms = "our fused RMSNorm (+ residual)" if native else "transformers' own modules (torch ops)"
     stack = (
-        f" Untraced decode-only steps of up to {FUSED_MAX_ROWS} rows run every layer in one C++ call (the decode "
-        "stack: the same kernels, no Python between them); this traced step ran module by module to record its "
-        "calls."
+        " Untraced decode-only steps run every layer in one C++ call (the decode stack: the same kernels, no Python "
+        "between them); this traced step ran module by module to record its calls."
         if "one C++ call" in reason
         else ""
     )

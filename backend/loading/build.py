@@ -23,7 +23,7 @@ from transformers import (
 import backend.paths as paths
 from backend.core.config import DTYPES, EngineConfig
 from backend.core.errors import EngineError, QuantizationError, UnsupportedModelError
-from backend.layers.cpu.fused import FUSED_MAX_ROWS, FusedLinear, use_cpu_kernels
+from backend.layers.cpu.fused import FusedLinear, use_cpu_kernels
 from backend.layers.cpu.packed import PackedLinear, pack_linears, packing_available
 from backend.layers.cpu.packed_experts import pack_hf_experts
 from backend.layers.cpu.siblings import fuse_siblings
@@ -336,7 +336,7 @@ def _use_cpu_kernels(
     if not use:
         return "torch", reason
     count, stacked = use_cpu_kernels(model, cpu_kernels(paths.cache_dir()).module, native)
-    stack = f"; decode steps of up to {FUSED_MAX_ROWS} rows through every layer in one C++ call" if stacked else ""
+    stack = "; decode steps through every layer in one C++ call" if stacked else ""
     return "fused", f"{reason}: {count} modules{stack}"
 
 

@@ -67,7 +67,7 @@ def test_the_stack_gives_the_per_module_paths_bits(tiny_model, arch, dtype):
     with Engine(str(tiny_model(arch)), model_impl="native", dtype=dtype, cpu_kernels="fused", num_kv_blocks=64) as e:
         assert "through every layer in one C++ call" in e.describe()["cpu_kernels_reason"]
         with_stack, without, rows = _stack_and_modules(e)
-    assert rows and all(r <= FUSED_MAX_ROWS for r in rows)  # every decode step of the 3 requests took the stack
+    assert len(rows) == GREEDY.max_new_tokens - 1  # every decode step of the 3 requests took the stack
     assert with_stack == without  # tokens and the logprob of each, bit for bit
 
 
@@ -93,19 +93,37 @@ def test_the_torch_path_has_no_stack(tiny_model):
         assert e.model.model.cpu_decode is None
 
 
-def test_steps_the_stack_leaves_to_the_modules(tiny_model):
-    """Eight requests decode in steps of more than FUSED_MAX_ROWS rows (the modules' GEMM path) until only a few
-    are left; a hook on an attention module (the lab's trace) sends every step through the modules."""
-    path = tiny_model("llama")
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("float32", None), ("float32", "int8")])
+def test_more_rows_than_the_gemv_takes(tiny_model, dtype, quantization):
+    """Eight requests decode in steps of more than FUSED_MAX_ROWS rows (bf16: oneDNN's prepacked GEMM called from
+    C++; fp32 and int8: the wrapped module called back in Python), then of fewer (our GEMV): the same bits as the
+    per-module path throughout."""
     lens = [2, 2, 2, 2, 6, 6, 6, 6]
     prompts = [[3 + i, 5, 7 + i] for i in range(len(lens))]
     params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0) for n in lens]
-    with Engine(str(path), model_impl="native", cpu_kernels="fused", num_kv_blocks=64) as e:
+    path = tiny_model("llama")
+    options = dict(model_impl="native", dtype=dtype, quantization=quantization, cpu_kernels="fused", num_kv_blocks=64)
+    with Engine(str(path), **options) as e:
+        model = e.model.model
+        stack = model.cpu_decode
+        counting = CountingStack(stack.stack)
+        stack.stack = counting
+        with_stack = _run(e, prompts, params)
+        stack.stack = counting.inner
+        e.reset_prefix_cache()
+        model.cpu_decode = None
+        without = _run(e, prompts, params)
+        model.cpu_decode = stack
+    assert max(counting.rows) == 8 > FUSED_MAX_ROWS and min(counting.rows) == 4
+    assert with_stack == without
+
+
+def test_a_hooked_module_sends_steps_through_the_modules(tiny_model):
+    """A hook on an attention module (the lab's trace records calls that way) must see every step."""
+    with Engine(str(tiny_model("llama")), model_impl="native", cpu_kernels="fused", num_kv_blocks=64) as e:
         model = e.model.model
         counting = CountingStack(model.cpu_decode.stack)
         model.cpu_decode.stack = counting
-        _run(e, prompts, params)
-        assert counting.rows and max(counting.rows) <= FUSED_MAX_ROWS  # the 8-row steps ran the modules
         calls = []
         handle = model.layers[0].self_attn.attn.register_forward_pre_hook(lambda m, args: calls.append(1))
         try:

@@ -3,9 +3,10 @@
 The per-module path (fused.py) already runs our kernels, but between them ~10 Python module calls per layer cost
 more than the norms, the rotary and the attention themselves at batch 1 (measured on SmolLM2-135M: 30 layers,
 the linears alone 6.6 ms of a 9.5 ms step). The stack calls the same kernels in the same order from one C++ loop,
-so its results are the same bits as the per-module path; a step it does not take (prefill and mixed steps, more
-than `FUSED_MAX_ROWS` rows, another attention backend, an activation dtype the weights do not have) runs the
-per-module path.
+so its results are the same bits as the per-module path: our GEMV up to `FUSED_MAX_ROWS` rows, above it oneDNN's
+prepacked GEMM (called from C++) or the module the linear wraps (called back in Python). A step it does not take
+(prefill and mixed steps, another attention backend, an activation dtype the weights do not have, a hooked
+module) runs the per-module path. The GIL is released for the call: the server's event loop runs meanwhile.
 
 A model offers its layers as `DecodeLayerParts` (backend/models/llama.py `DecoderModel.use_cpu_decode_stack`);
 `build_decode_stack` takes them when every layer is the plain shape (fused RMSNorms, our GEMV on every linear,
@@ -32,6 +33,7 @@ from backend.layers.cpu.fused import (
     FusedProduct,
     FusedRMSNorm,
 )
+from backend.layers.cpu.packed import PackedLinear
 from backend.layers.norm import RMSNorm
 from backend.layers.rotary import RopeStep
 
@@ -54,16 +56,23 @@ class DecodeLayerParts:
 
 
 def _gemv(ext: ModuleType, module: nn.Module):  # -> ext.GemvWeight | None
+    """Our kernel up to FUSED_MAX_ROWS rows; above, oneDNN's prepacked GEMM from C++ (a `PackedLinear` inside) or
+    the module itself (called back in Python), as the per-module path runs them."""
     if not isinstance(module, FusedLinear):
         return None
-    p = module.product
+    p, inner = module.product, module.inner
+    large = (
+        dict(onednn=inner.packed, onednn_bias=inner.bias) if isinstance(inner, PackedLinear) else dict(module=module)
+    )
+    rows = dict(max_rows=FUSED_MAX_ROWS, **large)
+    n, k = p.out_features, p.in_features
     if isinstance(p, FusedProduct):
-        return ext.GemvWeight("dense", p.packed, None, None, p.bias, p.out_features, p.in_features)
+        return ext.GemvWeight("dense", p.packed, None, None, p.bias, n, k, **rows)
     if isinstance(p, FusedInt8Product):
-        return ext.GemvWeight("int8", p.packed, p.scales, None, p.bias, p.out_features, p.in_features)
+        return ext.GemvWeight("int8", p.packed, p.scales, None, p.bias, n, k, **rows)
     if isinstance(p, FusedInt4Product):
         w = p.packed
-        return ext.GemvWeight("int4", w.codes, w.scales, w.offsets, p.bias, p.out_features, p.in_features, w.group_size)
+        return ext.GemvWeight("int4", w.codes, w.scales, w.offsets, p.bias, n, k, w.group_size, **rows)
     return None
 
 
@@ -108,7 +117,7 @@ def _layer(ext: ModuleType, parts: DecodeLayerParts, dtype: torch.dtype):  # -> 
 
 
 class CpuDecodeStack:
-    """Decode-only steps of up to FUSED_MAX_ROWS rows through every layer in one C++ call; None for other steps."""
+    """Decode-only steps through every layer in one C++ call (the GIL released); None for other steps."""
 
     def __init__(self, stack, dtype: torch.dtype, head_dims: set[int], modules: list[nn.Module]) -> None:
         self.stack = stack  # ext.DecodeStack
@@ -125,7 +134,6 @@ class CpuDecodeStack:
         cache = batch.kv_cache
         if (
             batch.max_query_len != 1
-            or h.shape[0] > FUSED_MAX_ROWS
             or h.dtype != self.dtype
             or h.device.type != "cpu"
             or batch.attention.name != "torch"

@@ -24,18 +24,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<GemvWeight>(m, "GemvWeight", "a packed weight and its kernel; called on (M, K) rows -> (M, N)")
       .def(py::init([](const std::string& kind, torch::Tensor packed, c10::optional<torch::Tensor> scales,
                        c10::optional<torch::Tensor> offsets, c10::optional<torch::Tensor> bias, int64_t N, int64_t K,
-                       int64_t group_size) {
+                       int64_t group_size, int64_t max_rows, c10::optional<torch::Tensor> onednn,
+                       c10::optional<torch::Tensor> onednn_bias, py::object module) {
              const auto k = kind == "dense"  ? GemvWeight::Kind::kDense
                             : kind == "int8" ? GemvWeight::Kind::kInt8
                             : kind == "int4" ? GemvWeight::Kind::kInt4
                                              : throw std::invalid_argument("GemvWeight: kind must be dense, int8 or int4");
              TORCH_CHECK(k == GemvWeight::Kind::kDense || scales, "GemvWeight: ", kind, " needs scales");
              TORCH_CHECK(k != GemvWeight::Kind::kInt4 || offsets, "GemvWeight: int4 needs offsets");
-             return GemvWeight{k, std::move(packed), scales.value_or(torch::Tensor()), offsets.value_or(torch::Tensor()),
-                               std::move(bias), N, K, group_size};
+             return GemvWeight{k,         std::move(packed), scales.value_or(torch::Tensor()),
+                               offsets.value_or(torch::Tensor()), std::move(bias), N, K, group_size, max_rows,
+                               std::move(onednn), std::move(onednn_bias), std::move(module)};
            }),
            py::arg("kind"), py::arg("packed"), py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("N"),
-           py::arg("K"), py::arg("group_size") = 0)
+           py::arg("K"), py::arg("group_size") = 0, py::arg("max_rows") = INT64_MAX, py::arg("onednn") = py::none(),
+           py::arg("onednn_bias") = py::none(), py::arg("module") = py::none())
       .def("__call__", &GemvWeight::operator(), py::arg("x"));
   py::class_<flab::RmsNormWeight>(m, "RmsNormWeight")
       .def(py::init([](torch::Tensor weight, double eps, double offset) {
@@ -59,6 +62,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<flab::DecodeStack>(m, "DecodeStack", "a decode step through every layer in one call")
       .def(py::init<std::vector<flab::DecodeLayer>>(), py::arg("layers"))
       .def("__len__", &flab::DecodeStack::size)
-      .def("forward", &flab::DecodeStack::forward, py::arg("h"), py::arg("residual"), py::arg("cos"), py::arg("sin"),
+      .def("forward", &flab::DecodeStack::forward, py::call_guard<py::gil_scoped_release>(), py::arg("h"), py::arg("residual"), py::arg("cos"), py::arg("sin"),
            py::arg("k_caches"), py::arg("v_caches"), py::arg("slots"), py::arg("block_tables"), py::arg("seq_lens"));
 }

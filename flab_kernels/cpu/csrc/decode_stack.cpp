@@ -1,11 +1,33 @@
 // The decode stack (decode_stack.h): the per-module path's kernels, called in its order from one loop.
 #include "decode_stack.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include "tensor_ops.h"
 
 namespace flab {
 
+namespace {
+
+// oneDNN's product with a prepacked weight, as backend/layers/cpu/packed.py `packed_linear` calls it
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& b) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, packed, b, std::string("none"), c10::List<c10::optional<c10::Scalar>>(),
+                                 std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+}  // namespace
+
 torch::Tensor GemvWeight::operator()(const torch::Tensor& x) const {
+  if (x.size(0) > max_rows) {
+    if (onednn) return onednn_linear(x, *onednn, onednn_bias);
+    TORCH_CHECK(!module.is_none(), "GemvWeight: ", x.size(0), " rows and no product for more than ", max_rows);
+    pybind11::gil_scoped_acquire gil;
+    return module(x).cast<torch::Tensor>();
+  }
   switch (kind) {
     case Kind::kDense: return linear(x, packed, bias, N, K);
     case Kind::kInt8: return linear_int8(x, packed, scales, bias, N, K);
@@ -26,6 +48,11 @@ void head_norm_(torch::Tensor& x, int64_t first, int64_t heads, int64_t D, const
 }
 
 }  // namespace
+
+DecodeStack::~DecodeStack() {
+  pybind11::gil_scoped_acquire gil;
+  layers_.clear();
+}
 
 std::tuple<torch::Tensor, torch::Tensor> DecodeStack::forward(torch::Tensor h, c10::optional<torch::Tensor> residual,
                                                               const torch::Tensor& cos, const torch::Tensor& sin,

@@ -2,7 +2,9 @@
 // the optional per-head q / k RMSNorm, RoPE in place, the K / V store, paged decode attention, the o product,
 // RMSNorm + residual, gate_up, SiLU-and-mul, down. The same kernels (tensor_ops.h) in the same order as the
 // per-module path (backend/layers/cpu/fused.py), so the results are the same bits; what goes is the Python between
-// them (~10 module calls per layer). Built once at load (backend/layers/cpu/decode_stack.py), called per step.
+// them (~10 module calls per layer). Products of more than `max_rows` rows run what the per-module path runs
+// there: oneDNN's prepacked GEMM (`mkldnn::_linear_pointwise`, through the dispatcher) or the module itself (a
+// Python callable, called with the GIL taken back). Built once at load (backend/layers/cpu/decode_stack.py).
 #pragma once
 
 #include <torch/extension.h>
@@ -20,6 +22,9 @@ struct GemvWeight {
   torch::Tensor scales, offsets;        // int8: (N,) per-row scales; int4: (NB, G, 16) each; dense: empty
   c10::optional<torch::Tensor> bias;    // (N,) fp32
   int64_t N, K, group_size;             // group_size: int4 only
+  int64_t max_rows;                     // more rows: `onednn` or `module`
+  c10::optional<torch::Tensor> onednn, onednn_bias;  // oneDNN's prepacked weight and the module's bias
+  pybind11::object module;              // else the module (x -> x @ W.T + b), None when there is neither
 
   torch::Tensor operator()(const torch::Tensor& x) const;  // (M, K) -> (M, N) in x's dtype
 };
@@ -42,6 +47,7 @@ struct DecodeLayer {
 class DecodeStack {
  public:
   explicit DecodeStack(std::vector<DecodeLayer> layers) : layers_(std::move(layers)) {}
+  ~DecodeStack();  // drops the modules' Python references with the GIL held
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
 
   // h (T, H) the embeddings (residual none) or a layer's output with its residual; cos / sin (T, 1, rd) of h's

@@ -174,6 +174,40 @@ def test_paged_decode_matches_torch(ext, dtype, cached, hq, hkv, d, bs, softcap,
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
+LONG_CASES = [  # fewer (sequence, KV head) items than two per thread: each context split into chunks of blocks
+    ([1100], 9, 3, 64, 16),
+    ([700, 30], 4, 1, 128, 16),
+    ([999], 2, 2, 40, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cached,hq,hkv,d,bs", LONG_CASES)
+@pytest.mark.parametrize(
+    "softcap,window,with_sinks", [(None, None, False), (30.0, None, False), (None, 600, False), (None, None, True)]
+)
+def test_paged_decode_splits_long_contexts_across_threads(
+    ext, dtype, cached, hq, hkv, d, bs, softcap, window, with_sinks
+):
+    """Two threads: the long contexts are split into chunks computed apart and merged; the same tolerance against
+    the torch reference as unsplit, and within fp32 summation order of one thread's unsplit result."""
+    batch = make_paged_batch([1] * len(cached), cached, hq, hkv, d, bs, dtype, seed=sum(cached) + d)
+    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(2)) if with_sinks else None
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, d**-0.5, softcap, window, sinks)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = ops.paged_decode(ext, *args)
+        torch.set_num_threads(1)
+        whole = ops.paged_decode(ext, *args)
+    finally:
+        torch.set_num_threads(threads)
+    ref = paged_attention_torch(*batch.args(), d**-0.5, softcap, window, sinks)
+    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(split, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(split, whole, rtol=tol, atol=tol)
+
+
 def test_paged_decode_rejects_a_length_outside_its_table(ext):
     batch = make_paged_batch([1], [15], 2, 2, 16, 16, torch.float32)
     with pytest.raises(RuntimeError, match="outside its block table"):

@@ -158,23 +158,21 @@ inline void pv_block(const T* vb, int64_t v_row, int64_t n, const float* p, int6
   }
 }
 
-// HD > 0: head_dim == v_head_dim == HD known at compile time (the row loops unrolled); 0: read from the shape
+// The online-softmax state of one (sequence, KV head) over the tokens [t0, t1) of its sequence, per head of the
+// group: running max m (G), running sum l (G), unnormalized output acc (G, DV). HD > 0: head_dim == v_head_dim ==
+// HD known at compile time (the row loops unrolled); 0: read from the shape.
 template <typename T, int64_t HD>
-void decode_head(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t seq_len,
-                 int64_t kv_head, const float* sinks, const DecodeShape& sh, T* out) {
+void decode_range(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t t0, int64_t t1,
+                  int64_t kv_head, const DecodeShape& sh, float* m, float* l, float* acc) {
   const int64_t G = sh.num_q_heads / sh.num_kv_heads, BS = sh.block_size;
   const int64_t D = HD > 0 ? HD : sh.head_dim, DV = HD > 0 ? HD : sh.v_head_dim;
   const int64_t first_head = kv_head * G;
-  const int64_t begin = sh.window > 0 ? std::max<int64_t>(0, seq_len - sh.window) : 0;
-  // qf (G, D) | acc (G, DV) | scores (G, BS) | running max m (G) | running sum l (G) | one K or V row as fp32
+  // qf (G, D) | scores (G, BS) | one K or V row as fp32: reused across calls
   thread_local std::vector<float> buf;
-  buf.resize(G * (D + DV + BS + 2) + std::max(D, DV));
+  buf.resize(G * (D + BS) + std::max(D, DV));
   float* qf = buf.data();
-  float* acc = qf + G * D;
-  float* scores = acc + G * DV;
-  float* m = scores + G * BS;
-  float* l = m + G;
-  float* row = l + G;
+  float* scores = qf + G * D;
+  float* row = scores + G * BS;
   std::fill(acc, acc + G * DV, 0.0f);
   for (int64_t g = 0; g < G; ++g) {
     m[g] = -std::numeric_limits<float>::infinity();
@@ -188,9 +186,9 @@ void decode_head(const T* q, const T* k_cache, const T* v_cache, const int32_t* 
   const bool pairs = false;
 #endif
   const int64_t k_row = sh.num_kv_heads * D, v_row = sh.num_kv_heads * DV;  // elements between two tokens
-  for (int64_t b = begin / BS; b * BS < seq_len; ++b) {
+  for (int64_t b = t0 / BS; b * BS < t1; ++b) {
     const int64_t block = table[b];
-    const int64_t lo = std::max(begin, b * BS) - b * BS, hi = std::min(seq_len, (b + 1) * BS) - b * BS, n = hi - lo;
+    const int64_t lo = std::max(t0, b * BS) - b * BS, hi = std::min(t1, (b + 1) * BS) - b * BS, n = hi - lo;
     const T* kb = k_cache + block * BS * k_row + kv_head * D;
     const T* vb = v_cache + block * BS * v_row + kv_head * DV;
 #if defined(__AVX512BF16__)
@@ -233,9 +231,15 @@ void decode_head(const T* q, const T* k_cache, const T* v_cache, const int32_t* 
       }
     }
   }
+}
+
+// out rows of the group's heads: acc / l, the sink's logit joining the softmax when there are sinks
+template <typename T>
+void finalize(const float* m, const float* l, const float* acc, int64_t first_head, int64_t G, int64_t DV,
+              const float* sinks, T* out) {
   for (int64_t g = 0; g < G; ++g) {
     float r = 1.0f / l[g];
-    if (sinks != nullptr) {  // the sink's logit joins the softmax: rescale to its max with the sink
+    if (sinks != nullptr) {  // rescale to the max with the sink
       const float sink = sinks[first_head + g];
       const float mx = std::max(m[g], sink);
       r = std::exp(m[g] - mx) / (l[g] * std::exp(m[g] - mx) + std::exp(sink - mx));
@@ -247,20 +251,58 @@ void decode_head(const T* q, const T* k_cache, const T* v_cache, const int32_t* 
 }  // namespace
 
 template <typename T>
-void paged_decode_head(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t seq_len,
-                       int64_t kv_head, const float* sinks, const DecodeShape& sh, T* out) {
+void paged_decode_partial(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t t0,
+                          int64_t t1, int64_t kv_head, const DecodeShape& sh, float* m, float* l, float* acc) {
   const bool same = sh.head_dim == sh.v_head_dim;
   if (same && sh.head_dim == 64)
-    decode_head<T, 64>(q, k_cache, v_cache, table, seq_len, kv_head, sinks, sh, out);
+    decode_range<T, 64>(q, k_cache, v_cache, table, t0, t1, kv_head, sh, m, l, acc);
   else if (same && sh.head_dim == 128)
-    decode_head<T, 128>(q, k_cache, v_cache, table, seq_len, kv_head, sinks, sh, out);
+    decode_range<T, 128>(q, k_cache, v_cache, table, t0, t1, kv_head, sh, m, l, acc);
   else
-    decode_head<T, 0>(q, k_cache, v_cache, table, seq_len, kv_head, sinks, sh, out);
+    decode_range<T, 0>(q, k_cache, v_cache, table, t0, t1, kv_head, sh, m, l, acc);
+}
+
+template <typename T>
+void paged_decode_head(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t seq_len,
+                       int64_t kv_head, const float* sinks, const DecodeShape& sh, T* out) {
+  const int64_t G = sh.num_q_heads / sh.num_kv_heads, DV = sh.v_head_dim;
+  thread_local std::vector<float> state;  // m (G) | l (G) | acc (G, DV)
+  state.resize(G * (2 + DV));
+  float *m = state.data(), *l = m + G, *acc = l + G;
+  paged_decode_partial(q, k_cache, v_cache, table, window_begin(seq_len, sh), seq_len, kv_head, sh, m, l, acc);
+  finalize(m, l, acc, kv_head * G, G, DV, sinks, out);
+}
+
+template <typename T>
+void paged_decode_merge(const float* m, const float* l, const float* acc, int64_t chunks, int64_t kv_head,
+                        const float* sinks, const DecodeShape& sh, T* out) {
+  const int64_t G = sh.num_q_heads / sh.num_kv_heads, DV = sh.v_head_dim;
+  std::vector<float> state(G * (2 + DV), 0.0f);  // m (G) | l (G) | acc (G, DV) of the whole range
+  float *mm = state.data(), *ll = mm + G, *aa = ll + G;
+  for (int64_t g = 0; g < G; ++g) {
+    mm[g] = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < chunks; ++c) mm[g] = std::max(mm[g], m[c * G + g]);
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (l[c * G + g] == 0.0f) continue;  // an empty chunk (m = -inf)
+      const float w = std::exp(m[c * G + g] - mm[g]);
+      ll[g] += l[c * G + g] * w;
+      for (int64_t i = 0; i < DV; ++i) aa[g * DV + i] += acc[(c * G + g) * DV + i] * w;
+    }
+  }
+  finalize(mm, ll, aa, kv_head * G, G, DV, sinks, out);
 }
 
 template void paged_decode_head<float>(const float*, const float*, const float*, const int32_t*, int64_t, int64_t,
                                        const float*, const DecodeShape&, float*);
 template void paged_decode_head<uint16_t>(const uint16_t*, const uint16_t*, const uint16_t*, const int32_t*, int64_t,
                                           int64_t, const float*, const DecodeShape&, uint16_t*);
+template void paged_decode_partial<float>(const float*, const float*, const float*, const int32_t*, int64_t, int64_t,
+                                          int64_t, const DecodeShape&, float*, float*, float*);
+template void paged_decode_partial<uint16_t>(const uint16_t*, const uint16_t*, const uint16_t*, const int32_t*,
+                                             int64_t, int64_t, int64_t, const DecodeShape&, float*, float*, float*);
+template void paged_decode_merge<float>(const float*, const float*, const float*, int64_t, int64_t, const float*,
+                                        const DecodeShape&, float*);
+template void paged_decode_merge<uint16_t>(const float*, const float*, const float*, int64_t, int64_t, const float*,
+                                           const DecodeShape&, uint16_t*);
 
 }  // namespace flab

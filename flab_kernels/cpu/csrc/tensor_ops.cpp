@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "attention.h"
 #include "claim.h"
@@ -19,6 +21,8 @@ constexpr int64_t kSerialWork = 1 << 15;  // below this many multiply-adds one t
 // region costs more than it saves there, and on a loaded machine its barrier waits for a descheduled thread
 // (measured: SiLU-and-mul of 4 x 1536 took 575 us on 2 threads against 6.5 us on one, load average 10)
 constexpr int64_t kSerialElements = 1 << 17;
+// decode attention splits a context across threads only in chunks of at least this many tokens
+constexpr int64_t kMinChunk = 256;
 
 // threads get contiguous ranges of [0, n) items (disjoint outputs); small work stays on the calling thread
 template <typename F>
@@ -277,22 +281,74 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   const float* sink = sinks ? sinks->data_ptr<float>() : nullptr;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || q.scalar_type() == at::kFloat, "paged_decode: bf16 or fp32 only");
-  int64_t work = 0;
-  for (int64_t s = 0; s < S; ++s) work += lens[s];
-  claim_parallel(S * Hkv, work * Hq * D * 2, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t s = i / Hkv, h = i % Hkv;
-      const int32_t* table = tables + s * shape.max_blocks;
-      if (bf16) {
-        flab::paged_decode_head<uint16_t>(ptr<uint16_t>(q) + s * shape.q_stride, ptr<uint16_t>(k_cache),
-                                          ptr<uint16_t>(v_cache), table, lens[s], h, sink, shape,
-                                          ptr<uint16_t>(out) + s * Hq * shape.v_head_dim);
-      } else {
-        flab::paged_decode_head<float>(ptr<float>(q) + s * shape.q_stride, ptr<float>(k_cache), ptr<float>(v_cache),
-                                       table, lens[s], h, sink, shape, ptr<float>(out) + s * Hq * shape.v_head_dim);
+  int64_t work = 0, longest = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    work += lens[s];
+    longest = std::max<int64_t>(longest, lens[s] - flab::window_begin(lens[s], shape));
+  }
+  // fewer (sequence, KV head) items than two per thread and long contexts: each context split into chunks of
+  // whole blocks, at least kMinChunk tokens, computed apart and merged (flash-decoding's split)
+  const int64_t items = S * Hkv, threads = work * Hq * D * 2 < kSerialWork ? 1 : at::get_num_threads();
+  const int64_t chunks = items >= 2 * threads ? 1 : std::min((2 * threads + items - 1) / items, longest / kMinChunk);
+  if (chunks <= 1) {
+    claim_parallel(items, work * Hq * D * 2, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t s = i / Hkv, h = i % Hkv;
+        const int32_t* table = tables + s * shape.max_blocks;
+        if (bf16) {
+          flab::paged_decode_head<uint16_t>(ptr<uint16_t>(q) + s * shape.q_stride, ptr<uint16_t>(k_cache),
+                                            ptr<uint16_t>(v_cache), table, lens[s], h, sink, shape,
+                                            ptr<uint16_t>(out) + s * Hq * shape.v_head_dim);
+        } else {
+          flab::paged_decode_head<float>(ptr<float>(q) + s * shape.q_stride, ptr<float>(k_cache),
+                                         ptr<float>(v_cache), table, lens[s], h, sink, shape,
+                                         ptr<float>(out) + s * Hq * shape.v_head_dim);
+        }
       }
+    });
+    return out;
+  }
+  const int64_t G = Hq / Hkv, DV = shape.v_head_dim, BS = shape.block_size;
+  auto state = torch::empty({items * chunks, G * (2 + DV)}, q.options().dtype(at::kFloat));  // m | l | acc
+  float* st = state.data_ptr<float>();
+  const int64_t row = G * (2 + DV);
+  auto chunk_range = [&](int64_t s, int64_t c) {  // chunk c of sequence s: tokens [t0, t1), whole blocks
+    const int64_t begin = flab::window_begin(lens[s], shape);
+    const int64_t per = ((lens[s] - begin + chunks - 1) / chunks + BS - 1) / BS * BS;
+    const int64_t t0 = std::min<int64_t>(lens[s], begin + c * per);
+    return std::make_pair(t0, std::min<int64_t>(lens[s], t0 + per));
+  };
+  claim_parallel(items * chunks, work * Hq * D * 2, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t item = i / chunks, c = i % chunks, s = item / Hkv, h = item % Hkv;
+      const auto [t0, t1] = chunk_range(s, c);
+      float* m = st + i * row;
+      const int32_t* table = tables + s * shape.max_blocks;
+      if (bf16)
+        flab::paged_decode_partial<uint16_t>(ptr<uint16_t>(q) + s * shape.q_stride, ptr<uint16_t>(k_cache),
+                                             ptr<uint16_t>(v_cache), table, t0, t1, h, shape, m, m + G, m + 2 * G);
+      else
+        flab::paged_decode_partial<float>(ptr<float>(q) + s * shape.q_stride, ptr<float>(k_cache),
+                                          ptr<float>(v_cache), table, t0, t1, h, shape, m, m + G, m + 2 * G);
     }
   });
+  // merge: the chunks of an item are rows [item * chunks, (item + 1) * chunks) of (m | l | acc); regroup by field
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t s = item / Hkv, h = item % Hkv;
+    std::vector<float> m(chunks * G), l(chunks * G), acc(chunks * G * DV);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* r = st + (item * chunks + c) * row;
+      std::copy(r, r + G, m.begin() + c * G);
+      std::copy(r + G, r + 2 * G, l.begin() + c * G);
+      std::copy(r + 2 * G, r + row, acc.begin() + c * G * DV);
+    }
+    if (bf16)
+      flab::paged_decode_merge<uint16_t>(m.data(), l.data(), acc.data(), chunks, h, sink, shape,
+                                         ptr<uint16_t>(out) + s * Hq * DV);
+    else
+      flab::paged_decode_merge<float>(m.data(), l.data(), acc.data(), chunks, h, sink, shape,
+                                      ptr<float>(out) + s * Hq * DV);
+  }
   return out;
 }
 

@@ -52,13 +52,28 @@ def model_path(tiny_model):
     return str(tiny_model("llama"))
 
 
-def _storm_engine(model_path: str) -> Engine:
+@pytest.fixture(params=["torch", "fused"])
+def cpu_kernels(request) -> str:
+    """The torch path and our C++ kernels (decode steps in the C++ decode stack: fp32 asked for explicitly)."""
+    return request.param
+
+
+def _storm_engine(model_path: str, cpu_kernels: str) -> Engine:
     # 20 blocks of 8 tokens: far below 16 running sequences of up to 56 tokens each
-    return Engine(model_path, dtype="float32", max_model_len=64, block_size=8, num_kv_blocks=20, max_num_seqs=16)
+    return Engine(
+        model_path,
+        dtype="float32",
+        max_model_len=64,
+        block_size=8,
+        num_kv_blocks=20,
+        max_num_seqs=16,
+        cpu_kernels=cpu_kernels,
+    )
 
 
-def _alone(model_path: str, jobs: list[Job]) -> dict[int, tuple[list[int], list[float]]]:
-    with Engine(model_path, dtype="float32", max_model_len=64, block_size=8, max_num_seqs=1) as ref:
+def _alone(model_path: str, jobs: list[Job], cpu_kernels: str) -> dict[int, tuple[list[int], list[float]]]:
+    options = dict(dtype="float32", max_model_len=64, block_size=8, max_num_seqs=1, cpu_kernels=cpu_kernels)
+    with Engine(model_path, **options) as ref:
         return {
             j.index: (o.token_ids, o.logprobs)
             for j in jobs
@@ -92,7 +107,7 @@ def _assert_drained(engine: Engine) -> None:
     engine.check_invariants()
 
 
-def test_storm_through_stream_threads(model_path):
+def test_storm_through_stream_threads(model_path, cpu_kernels):
     jobs = make_jobs(NUM_REQUESTS, 400, seed=1)
     finished: dict[int, tuple[list[int], list[float]]] = {}
     aborted: set[int] = set()
@@ -101,7 +116,7 @@ def test_storm_through_stream_threads(model_path):
     for j in jobs:
         todo.put(j)
     lock = threading.Lock()
-    with _storm_engine(model_path) as engine:
+    with _storm_engine(model_path, cpu_kernels) as engine:
 
         def worker():
             while True:
@@ -132,7 +147,7 @@ def test_storm_through_stream_threads(model_path):
         _assert_drained(engine)
     assert len(seen) == len(set(seen)), "a request finished twice"
     assert set(finished) | aborted == {j.index for j in jobs}, "a request was lost"
-    bugs, report = _compare(finished, _alone(model_path, [j for j in jobs if j.index in finished]))
+    bugs, report = _compare(finished, _alone(model_path, [j for j in jobs if j.index in finished], cpu_kernels))
     print(
         f"\nstorm (stream threads): {len(jobs)} requests, {len(aborted)} aborted, {len(finished)} finished, "
         f"{stats.num_preemptions} preemptions, {bugs} mismatches, {len(report) - bugs} near-ties"
@@ -142,7 +157,7 @@ def test_storm_through_stream_threads(model_path):
     assert bugs == 0
 
 
-def test_storm_through_add_request_and_step(model_path):
+def test_storm_through_add_request_and_step(model_path, cpu_kernels):
     jobs = make_jobs(NUM_REQUESTS // 2, 400, seed=2)
     rng = random.Random(3)
     finished: dict[int, tuple[list[int], list[float]]] = {}
@@ -150,7 +165,7 @@ def test_storm_through_add_request_and_step(model_path):
     aborted: set[int] = set()
     seen: list[int] = []
     pending = list(jobs)
-    with _storm_engine(model_path) as engine:
+    with _storm_engine(model_path, cpu_kernels) as engine:
         while pending or engine.has_unfinished():
             for _ in range(rng.randint(0, 4)):  # staggered arrivals
                 if pending:
@@ -169,7 +184,7 @@ def test_storm_through_add_request_and_step(model_path):
         _assert_drained(engine)
     assert len(seen) == len(set(seen)), "a request finished twice"
     assert set(finished) | aborted == {j.index for j in jobs}, "a request was lost"
-    bugs, report = _compare(finished, _alone(model_path, [j for j in jobs if j.index in finished]))
+    bugs, report = _compare(finished, _alone(model_path, [j for j in jobs if j.index in finished], cpu_kernels))
     print(
         f"\nstorm (add_request/step): {len(jobs)} requests, {len(aborted)} aborted, {len(finished)} finished, "
         f"{stats.num_preemptions} preemptions, {bugs} mismatches, {len(report) - bugs} near-ties"

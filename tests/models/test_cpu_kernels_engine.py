@@ -124,3 +124,31 @@ def test_int4_linears_run_the_kernel_with_the_same_tokens(tiny_model, dtype):
         assert fused == plain
     else:
         assert [t[:6] for t in fused] == [t[:6] for t in plain]
+
+
+SWEEP_SAMPLE = {  # model type: what it exercises on the fused path (transformers implementation)
+    "gemma2": "sliding window + attention softcap",
+    "gpt_oss": "attention sinks, MoE",
+    "deepseek_v3": "MLA: K and V head sizes differ (a padded cache slot)",
+    "gpt_bigcode": "multi-query attention, biases",
+    "diffllama": "two attention calls per layer",
+    "jetmoe": "kv_channels head size, MoE attention",
+}
+
+
+@pytest.mark.parametrize(
+    "model_type",
+    [t if t in ("gemma2", "gpt_oss") else pytest.param(t, marks=pytest.mark.slow) for t in SWEEP_SAMPLE],
+)
+def test_fused_fp32_tokens_equal_the_torch_path_on_a_sample_of_the_sweep(model_type, tmp_path):
+    """A sample of the architecture sweep (tests/models/test_arch_sweep.py), transformers implementation, fp32: the
+    same greedy tokens on our C++ kernels (linears, and attention where it runs them) as on the torch path."""
+    from tests.models.arch_sweep import build_sweep_model
+
+    path = tmp_path / model_type
+    _, built = build_sweep_model(model_type, path)
+    assert built
+    fused, info = _tokens(path, model_impl="transformers", dtype="float32", cpu_kernels="fused")
+    plain, _ = _tokens(path, model_impl="transformers", dtype="float32", cpu_kernels="torch")
+    assert info["cpu_kernels"] == "fused"
+    assert fused == plain

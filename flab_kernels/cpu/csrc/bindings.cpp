@@ -8,6 +8,7 @@
 
 namespace py = pybind11;
 
+// each instruction set's variant is its own module in one process (tests load several): its classes stay local
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using flab::GemvWeight;
   m.def("isa", [] { return std::string(flab::kIsa); }, "the instruction set this variant was built for");
@@ -20,8 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &flab::silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
   m.def("store_kv", &flab::store_kv, "the new tokens' K / V rows into their cache slots");
   m.def("paged_decode", &flab::paged_decode, "paged decode attention over the KV cache in place");
+  m.def("paged_prefill", &flab::paged_prefill, "causal paged attention of prefill / mixed steps over the cache in place");
 
-  py::class_<GemvWeight>(m, "GemvWeight", "a packed weight and its kernel; called on (M, K) rows -> (M, N)")
+  py::class_<GemvWeight>(m, "GemvWeight", py::module_local(), "a packed weight and its kernel; called on (M, K) rows -> (M, N)")
       .def(py::init([](const std::string& kind, torch::Tensor packed, c10::optional<torch::Tensor> scales,
                        c10::optional<torch::Tensor> offsets, c10::optional<torch::Tensor> bias, int64_t N, int64_t K,
                        int64_t group_size, int64_t max_rows, c10::optional<torch::Tensor> onednn,
@@ -40,12 +42,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("K"), py::arg("group_size") = 0, py::arg("max_rows") = INT64_MAX, py::arg("onednn") = py::none(),
            py::arg("onednn_bias") = py::none(), py::arg("module") = py::none())
       .def("__call__", &GemvWeight::operator(), py::arg("x"));
-  py::class_<flab::RmsNormWeight>(m, "RmsNormWeight")
+  py::class_<flab::RmsNormWeight>(m, "RmsNormWeight", py::module_local())
       .def(py::init([](torch::Tensor weight, double eps, double offset) {
              return flab::RmsNormWeight{std::move(weight), eps, offset};
            }),
            py::arg("weight"), py::arg("eps"), py::arg("offset"));
-  py::class_<flab::DecodeLayer>(m, "DecodeLayer", "one decoder layer's weights and attention options")
+  py::class_<flab::DecodeLayer>(m, "DecodeLayer", py::module_local(), "one decoder layer's weights and attention options")
       .def(py::init([](flab::RmsNormWeight input_norm, flab::RmsNormWeight post_attention_norm,
                        c10::optional<flab::RmsNormWeight> q_norm, c10::optional<flab::RmsNormWeight> k_norm,
                        GemvWeight qkv, GemvWeight o, GemvWeight gate_up, GemvWeight down, int64_t num_heads,
@@ -59,7 +61,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"),
            py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("num_heads"), py::arg("num_kv_heads"),
            py::arg("head_dim"), py::arg("cache_slot"), py::arg("scale"), py::arg("softcap"), py::arg("window"));
-  py::class_<flab::DecodeStack>(m, "DecodeStack", "a decode step through every layer in one call")
+  py::class_<flab::DecodeStack>(m, "DecodeStack", py::module_local(), "a decode step through every layer in one call")
       .def(py::init<std::vector<flab::DecodeLayer>>(), py::arg("layers"))
       .def("__len__", &flab::DecodeStack::size)
       .def("forward", &flab::DecodeStack::forward, py::call_guard<py::gil_scoped_release>(), py::arg("h"), py::arg("residual"), py::arg("cos"), py::arg("sin"),

@@ -352,4 +352,63 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   return out;
 }
 
+torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                            const torch::Tensor& query_start_loc, double scale, double softcap, int64_t window,
+                            const c10::optional<torch::Tensor>& sinks) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_prefill: q must be (T, Hq, D) rows");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_prefill: caches must be contiguous (NB, BS, Hkv, D)");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "paged_prefill: q and the caches must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  query_start_loc.scalar_type() == at::kInt && block_tables.is_contiguous() &&
+                  seq_lens.is_contiguous() && query_start_loc.is_contiguous(),
+              "paged_prefill: block_tables, seq_lens and query_start_loc must be contiguous int32");
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2), S = seq_lens.size(0);
+  TORCH_CHECK(k_cache.size(3) == D && Hq % Hkv == 0 && block_tables.size(0) == S && query_start_loc.size(0) == S + 1,
+              "paged_prefill: shapes do not match");
+  TORCH_CHECK(!sinks || (sinks->scalar_type() == at::kFloat && sinks->numel() == Hq && sinks->is_contiguous()),
+              "paged_prefill: sinks must be fp32 (Hq,)");
+  flab::DecodeShape shape{Hq, Hkv, D, v_cache.size(3), k_cache.size(1), block_tables.size(1), q.stride(0),
+                          static_cast<float>(scale), static_cast<float>(softcap), window};
+  auto out = torch::empty({T, Hq, shape.v_head_dim}, q.options());
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  TORCH_CHECK(qsl[0] == 0 && qsl[S] == T, "paged_prefill: query_start_loc must run from 0 to T");
+  struct Item {
+    int64_t s, first, nq;  // sequence, its first query row in the block, how many
+  };
+  std::vector<Item> items;
+  int64_t work = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = qsl[s + 1] - qsl[s];
+    TORCH_CHECK(n >= 0 && n <= lens[s] && (lens[s] + shape.block_size - 1) / shape.block_size <= shape.max_blocks,
+                "paged_prefill: a sequence length outside its block table or shorter than its new tokens");
+    for (int64_t i = 0; i < n; i += 16) items.push_back({s, qsl[s] + i, std::min<int64_t>(16, n - i)});
+    work += n * lens[s];
+  }
+  const float* sink = sinks ? sinks->data_ptr<float>() : nullptr;
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || q.scalar_type() == at::kFloat, "paged_prefill: bf16 or fp32 only");
+  const int64_t row = Hq * shape.v_head_dim;
+  claim_parallel(static_cast<int64_t>(items.size()) * Hkv, work * Hq * D * 2, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i / Hkv];
+      const int64_t h = i % Hkv, pos0 = lens[it.s] - (qsl[it.s + 1] - qsl[it.s]) + (it.first - qsl[it.s]);
+      const int32_t* table = tables + it.s * shape.max_blocks;
+      if (bf16)
+        flab::paged_prefill_block<uint16_t>(ptr<uint16_t>(q) + it.first * shape.q_stride, shape.q_stride, it.nq, pos0,
+                                            ptr<uint16_t>(k_cache), ptr<uint16_t>(v_cache), table, h, sink, shape,
+                                            ptr<uint16_t>(out) + it.first * row, row);
+      else
+        flab::paged_prefill_block<float>(ptr<float>(q) + it.first * shape.q_stride, shape.q_stride, it.nq, pos0,
+                                         ptr<float>(k_cache), ptr<float>(v_cache), table, h, sink, shape,
+                                         ptr<float>(out) + it.first * row, row);
+    }
+  });
+  return out;
+}
+
 }  // namespace flab

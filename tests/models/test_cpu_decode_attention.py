@@ -178,10 +178,12 @@ def _tokens(path, count: bool = False, **options) -> tuple[list[list[int]], dict
         return [o.token_ids for o in outs], info, calls
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", pytest.param("mistral", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "arch", ["llama", "gemma2", *(pytest.param(a, marks=pytest.mark.slow) for a in ("mistral", "gpt_oss"))]
+)
 def test_transformers_fp32_decode_on_the_kernel_gives_the_torch_tokens(tiny_model, arch):
     """gemma2: softcap 5 and a sliding window of 8 tokens on every other layer (prompts of up to 21 tokens, 12 new:
-    the window cuts); mistral: a window of 8 on every layer."""
+    the window cuts); mistral (slow): a window of 8 on every layer; gpt_oss (slow): sinks and a window of 8."""
     path = tiny_model(arch)
     fused, info, calls = _tokens(path, count=True, cpu_kernels="fused")
     plain, plain_info, _ = _tokens(path, cpu_kernels="torch")

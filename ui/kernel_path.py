@@ -2,11 +2,12 @@
 tab's per-step breakdown, read from the engine's describe() and the step's attention calls (backend/models/trace.py).
 
 With the fused kernels loaded, each module still picks per call: our paged decode kernel for decode-only steps
-(`FusedPagedAttention`, native models), our GEMV for products of up to FUSED_MAX_ROWS rows (`FusedLinear`), our
-RMSNorm (native models); larger products and prefill / mixed steps run the module they wrap. A native Llama-shaped
-model runs its decode-only steps through every layer in one C++ call (the decode stack,
-backend/layers/cpu/decode_stack.py: the same kernels, no Python between them); a traced step runs module by
-module, so that its attention calls can be recorded.
+(`FusedPagedAttention` in native models; the transformers implementation's injected attention reaches it through
+the torch attention backend, which holds the kernels: backend/layers/attention_backends.py), our GEMV for
+products of up to FUSED_MAX_ROWS rows (`FusedLinear`), our RMSNorm (native models); larger products and
+prefill / mixed steps run the module they wrap. A native Llama-shaped model runs its decode-only steps through
+every layer in one C++ call (the decode stack, backend/layers/cpu/decode_stack.py: the same kernels, no Python
+between them); a traced step runs module by module, so that its attention calls can be recorded.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from backend.layers.cpu.fused import FUSED_MAX_ROWS
 FUSED_ATTENTION = "FusedPagedAttention"
 
 
-def attention_path(call) -> str:
-    """The attention kernel one traced call ran."""
-    if call.module_class == FUSED_ATTENTION and call.num_prefill == 0:
-        return "our C++ paged decode kernel (decode-only step)"
-    if call.module_class == FUSED_ATTENTION:
+def attention_path(call, backend_kernel: bool = False) -> str:
+    """The attention kernel one traced call ran. `backend_kernel`: the engine's torch attention backend holds our
+    kernels (cpu_kernels "fused"), so a call of the transformers implementation (an HF attention module calling the
+    injected function) runs our paged decode kernel on decode-only steps too."""
+    native = call.module_class == FUSED_ATTENTION
+    if (native or backend_kernel) and call.num_prefill == 0:
+        through = "" if native else ", through the injected attention and the torch backend"
+        return f"our C++ paged decode kernel (decode-only step{through})"
+    if native or backend_kernel:
         return "torch paged attention (a step with prefill; our C++ decode kernel runs on decode-only steps)"
     return "torch paged attention"
 
@@ -35,6 +40,7 @@ def kernel_path_markdown(info: dict, calls) -> str:
     c = calls[0]
     if chosen != "fused":
         return f"{head}. In this step: attention {attention_path(c)}; linears and norms as torch ops."
+    backend_kernel = info.get("attention_backend", "torch") == "torch"  # the backend that holds our decode kernel
     rows = c.num_tokens
     linears = (
         f"our C++ GEMV ({rows} token rows ≤ {FUSED_MAX_ROWS})"
@@ -49,4 +55,5 @@ def kernel_path_markdown(info: dict, calls) -> str:
         if "one C++ call" in reason
         else ""
     )
-    return f"{head}. In this step: attention {attention_path(c)}; linears {linears}; norms {norms}.{stack}"
+    attention = attention_path(c, backend_kernel)
+    return f"{head}. In this step: attention {attention}; linears {linears}; norms {norms}.{stack}"

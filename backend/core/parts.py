@@ -84,7 +84,8 @@ def _around(cfg: EngineConfig, settings, tp_group, owns: bool, loaded: LoadedMod
     """The parts around a loaded model: attention backend, KV cache (the one sizing rule), allocator, scheduler,
     runner."""
     device = loaded.device
-    attention = make_attention_backend(cfg.attention_backend, device, torch.float32 if loaded.cpu_upcast else None)
+    compute_dtype = torch.float32 if loaded.cpu_upcast else None
+    attention = make_attention_backend(cfg.attention_backend, device, compute_dtype, loaded.cpu_kernel_module)
     spec = kv_spec_for(loaded, cfg.block_size, attention)
     plan = plan_kv_cache(  # backend/core/kv_sizing.py, which the memory estimate shares
         spec, model_context_len(loaded.hf_config), device, cfg.kv_cache_memory_gb, cfg.num_kv_blocks, cfg.max_model_len

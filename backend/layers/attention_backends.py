@@ -7,19 +7,31 @@ FLAB_FORCE_TRITON=1, torch elsewhere) and every step uses it; that choice is als
 other op of the engine (flab_kernels/dispatch.py): the triton backend's engine runs the Triton norm, rotary and
 activation kernels, the torch backend's the torch math.
 
-    torch   the CPU path and the reference: a per-step plan of block gathers (flab_kernels/attention_torch.py)
+    torch   the CPU path and the reference: a per-step plan of block gathers (flab_kernels/attention_torch.py);
+            with the engine's C++ CPU kernels loaded (EngineConfig.cpu_kernels "fused"), decode-only steps read the
+            paged K/V in place through our paged decode kernel and K/V rows are stored in one call
+            (flab_kernels/cpu/ops.py), for both implementations (native layers and the injected HF attention)
     triton  the CUDA kernels (flab_kernels/kv_store.py, flab_kernels/paged_attention.py, flab_kernels/paged_decode.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import cached_property
+from types import ModuleType
 from typing import ClassVar
 
 import torch
 
 from flab_kernels.attention_args import PagedAttentionArgs
-from flab_kernels.attention_torch import build_plan, paged_attention_planned, paged_attention_torch, store_kv_torch
+from flab_kernels.attention_torch import (
+    TorchAttentionPlan,
+    build_plan,
+    paged_attention_planned,
+    paged_attention_torch,
+    store_kv_torch,
+)
+from flab_kernels.cpu import ops as cpu_ops
 from flab_kernels.dispatch import KernelSettings, current
 
 
@@ -27,8 +39,11 @@ class AttentionBackend:
     name: ClassVar[str]
     pads_head_dims: ClassVar[bool] = False  # K and V stored at one (padded) head size per cache slot
 
-    def __init__(self, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, compute_dtype: torch.dtype | None = None, cpu_kernels: ModuleType | None = None) -> None:
         self.compute_dtype = compute_dtype  # the attention math dtype (None = the model's)
+        # the loaded C++ CPU kernels (flab_kernels/cpu/build.py) when the engine runs them (cpu_kernels "fused"):
+        # the torch backend's decode-only steps use them; None: the backend's own path only
+        self.cpu_kernels = cpu_kernels
 
     def prepare(
         self, query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor, block_size: int
@@ -45,19 +60,80 @@ class AttentionBackend:
         raise NotImplementedError  # pragma: no cover - every registered backend implements it
 
 
+@dataclasses.dataclass
+class TorchStep:
+    """The torch backend's metadata of one step: whether its attention calls run our C++ paged decode kernel
+    (chosen once per step: one new token per sequence and the kernels loaded) and the plan of block gathers for
+    the others (built in `prepare`, or on first use in a step on the kernel: a call the kernel does not take)."""
+
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_tables: torch.Tensor  # (S, MB) int32
+    block_size: int
+    compute_dtype: torch.dtype | None
+    cpu_decode: bool
+
+    @cached_property
+    def plan(self) -> TorchAttentionPlan:
+        return build_plan(self.query_start_loc, self.seq_lens, self.block_tables, self.block_size, self.compute_dtype)
+
+
+def cpu_decode_takes(args: PagedAttentionArgs) -> bool:
+    """Whether our C++ paged decode kernel computes this call as the torch path does: a decode-only call on CPU,
+    bf16 / fp32 q of the caches' dtype, K and V cached at q's head size (a slot padded to one head size,
+    KVSlot.padded, arrives here zero-padded: the same products), contiguous caches, no bidirectional span, sinks
+    one per query head. Sliding window, softcap and sinks as flab_kernels/attention_torch.py."""
+    q, kc, vc = args.q, args.k_cache, args.v_cache
+    return (
+        args.max_query_len == 1
+        and not args.bidirectional
+        and q.device.type == "cpu"
+        and q.dtype in cpu_ops.PACKED_DTYPES
+        and kc.dtype == q.dtype
+        and vc.dtype == q.dtype
+        and kc.shape[-1] == q.shape[-1]
+        and vc.shape[-1] == q.shape[-1]
+        and kc.is_contiguous()
+        and vc.is_contiguous()
+        and (args.sinks is None or args.sinks.numel() == q.shape[1])
+    )
+
+
+def _rows(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor | None:  # (T, H, D) -> (T, H * D) view, or None
+    """x as the rows the one-call K/V store copies (each token's heads adjacent, the cache's dtype), else None."""
+    if x.dtype != cache.dtype or x.device.type != "cpu" or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        return None
+    return x.view(x.shape[0], -1)
+
+
 class TorchAttention(AttentionBackend):
     name = "torch"
 
     def prepare(self, query_start_loc, seq_lens, block_tables, block_size):
-        return build_plan(query_start_loc, seq_lens, block_tables, block_size, self.compute_dtype)
+        decode = self.cpu_kernels is not None and len(seq_lens) == query_start_loc[-1]  # one new token each
+        step = TorchStep(query_start_loc, seq_lens, block_tables, block_size, self.compute_dtype, decode)
+        if not decode:
+            step.plan  # noqa: B018 - built before the forward, as every backend prepares its step
+        return step
 
     def store(self, k, v, k_cache, v_cache, slots):
+        ext = self.cpu_kernels
+        if ext is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
+            k_rows, v_rows = _rows(k, k_cache), _rows(v, v_cache)
+            if k_rows is not None and v_rows is not None:
+                cpu_ops.store_kv(ext, k_rows, v_rows, k_cache, v_cache, slots)  # one call, rows copied
+                return
         store_kv_torch(k, v, k_cache, v_cache, slots)
 
     def attend(self, args, metadata):
         a = args
+        if metadata.cpu_decode and cpu_decode_takes(a):
+            return cpu_ops.paged_decode(
+                self.cpu_kernels, a.q, a.k_cache, a.v_cache, a.block_tables, a.seq_lens, a.scale, a.softcap,
+                a.sliding_window, a.sinks,
+            )  # fmt: skip
         return paged_attention_planned(
-            a.q, a.k_cache, a.v_cache, metadata, a.scale, a.softcap, a.sliding_window, a.sinks, a.bidirectional
+            a.q, a.k_cache, a.v_cache, metadata.plan, a.scale, a.softcap, a.sliding_window, a.sinks, a.bidirectional
         )
 
 
@@ -102,9 +178,13 @@ def engine_kernel_settings(requested: str, device: torch.device) -> KernelSettin
     return dataclasses.replace(settings, triton=name == "triton")
 
 
-def make_attention_backend(requested: str, device: torch.device, compute_dtype=None) -> AttentionBackend:
-    """The backend the settings in effect chose (inside an engine: `engine_kernel_settings`)."""
+def make_attention_backend(
+    requested: str, device: torch.device, compute_dtype=None, cpu_kernels: ModuleType | None = None
+) -> AttentionBackend:
+    """The backend the settings in effect chose (inside an engine: `engine_kernel_settings`); `cpu_kernels`: the
+    loaded C++ CPU kernels when the engine runs them (the torch backend's decode-only steps use them)."""
     settings = current()
     if settings.triton is not None and requested == "auto":
-        return ATTENTION_BACKENDS["triton" if settings.triton else "torch"](compute_dtype)
-    return ATTENTION_BACKENDS[resolve_attention_backend(requested, device, settings.force_triton)](compute_dtype)
+        return ATTENTION_BACKENDS["triton" if settings.triton else "torch"](compute_dtype, cpu_kernels)
+    name = resolve_attention_backend(requested, device, settings.force_triton)
+    return ATTENTION_BACKENDS[name](compute_dtype, cpu_kernels)

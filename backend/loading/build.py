@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import psutil
@@ -64,6 +65,8 @@ class LoadedModel:
     processor: LoadedProcessor | None = None  # an image-text model's processor (backend/loading/processor.py)
     cpu_kernels: str = "torch"  # "fused": our C++ CPU kernels run (EngineConfig.cpu_kernels), else "torch"
     cpu_kernels_reason: str = ""  # which kernels, or why the torch path runs
+    # the loaded C++ CPU kernels when they run: the torch attention backend's decode-only steps use them (parts.py)
+    cpu_kernel_module: ModuleType | None = None
 
     @property
     def cpu_upcast(self) -> bool:
@@ -262,7 +265,7 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         quantize_experts(model, method)  # experts not quantized while streaming (transformers' converter loaded them)
     model.eval()
     cpu_linear, swapped_linears = _swap_cpu_linears(model, cfg.cpu_linear, device, dtype)
-    kernels, kernels_reason = _use_cpu_kernels(model, cfg.cpu_kernels, device, dtype, impl == "native")
+    kernels, kernels_reason, kernel_module = _use_cpu_kernels(model, cfg.cpu_kernels, device, dtype, impl == "native")
     if impl == "transformers":
         model.probe_kv_layout(device)  # the KV cache layout from one forward; refuses what the cache cannot hold
         if is_image_text_config(hf_config) and processor.processor is not None:
@@ -284,6 +287,7 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         processor if is_image_text_config(hf_config) else None,
         kernels,
         kernels_reason,
+        kernel_module,
     )
 
 
@@ -328,16 +332,19 @@ def choose_cpu_kernels(requested: str, device: torch.device, dtype: torch.dtype)
 
 def _use_cpu_kernels(
     model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype, native: bool
-) -> tuple[str, str]:
-    """("fused" | "torch", reason): the model's modules swapped for our kernels where they run."""
+) -> tuple[str, str, ModuleType | None]:
+    """("fused" | "torch", reason, the loaded kernel module or None): the model's modules swapped for our kernels
+    where they run; the module also goes to the torch attention backend (its decode-only steps, both
+    implementations)."""
     from flab_kernels.cpu.build import cpu_kernels
 
     use, reason = choose_cpu_kernels(requested, device, dtype)
     if not use:
-        return "torch", reason
-    count, stacked = use_cpu_kernels(model, cpu_kernels(paths.cache_dir()).module, native)
+        return "torch", reason, None
+    ext = cpu_kernels(paths.cache_dir()).module
+    count, stacked = use_cpu_kernels(model, ext, native)
     stack = "; decode steps through every layer in one C++ call" if stacked else ""
-    return "fused", f"{reason}: {count} modules{stack}"
+    return "fused", f"{reason}: {count} modules{stack}", ext
 
 
 def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:

@@ -586,6 +586,10 @@ def test_trace_names_the_kernel_path_that_ran(lab):
     if info["cpu_kernels"] == "fused":  # the kernels build on this machine
         assert "torch paged attention (a step with prefill" in summary and "our fused RMSNorm" in summary
         assert "one C++ call (the decode stack" in summary  # the lab's model is Llama-shaped
+        lab.session.load(spec.with_options(cpu_kernels="fused", model_impl="transformers"))
+        summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
+        assert "torch paged attention (a step with prefill; our C++ decode kernel runs" in summary
+        assert "transformers' own modules" in summary
     lab.session.load(spec.with_options(cpu_kernels="torch"))
     summary, _, _ = next(lab.inside_tab.trace("The capital of France is"))
     assert "`cpu_kernels` → **torch** (cpu_kernels='torch')" in summary
@@ -593,3 +597,12 @@ def test_trace_names_the_kernel_path_that_ran(lab):
     assert kernel_path.attention_path(decode) == "our C++ paged decode kernel (decode-only step)"
     text = kernel_path.kernel_path_markdown({"cpu_kernels": "fused"}, [decode])
     assert "our C++ GEMV (2 token rows" in text and "decode stack" not in text
+    # the transformers implementation: an HF attention module's call reaches the kernel through the torch backend
+    hf_decode = SimpleNamespace(module_class="LlamaAttention", num_prefill=0, num_tokens=1)
+    assert kernel_path.attention_path(hf_decode) == "torch paged attention"
+    fused = {"cpu_kernels": "fused", "attention_backend": "torch"}
+    text = kernel_path.kernel_path_markdown(fused, [hf_decode])
+    assert "attention our C++ paged decode kernel (decode-only step, through the injected attention" in text
+    assert "transformers' own modules" in text
+    torch_text = kernel_path.kernel_path_markdown({"cpu_kernels": "torch", "attention_backend": "torch"}, [hf_decode])
+    assert "attention torch paged attention;" in torch_text

@@ -16,8 +16,10 @@ paged decode.
   backend/layers/activation.py's `KernelActivation`, their `RotaryEmbedding` our in-place RoPE over the q | k
   columns of the qkv output (`cpu_kernel`), and their `PagedAttention` the K/V store (one call) and our paged
   decode kernel on decode-only steps (no gather of the context).
-Both implementations get the linears; the norms and attention are the native models' (transformers
-runs its own modules, and the torch attention path through our attention function).
+Both implementations get the linears; the norms are the native models' (transformers runs its own modules).
+Decode attention: native layers call the kernel here (`FusedPagedAttention`); the transformers implementation's
+injected attention reaches it through the torch attention backend, which holds the same loaded module
+(backend/layers/attention_backends.py `TorchAttention.cpu_kernels`).
 The loaded extension module is kept on each module (`kernels`): no module-level state.
 """
 

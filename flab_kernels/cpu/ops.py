@@ -8,7 +8,7 @@
     silu_and_mul(ext, x)              as flab_kernels.activation.silu_and_mul_torch
     rope_(ext, x, cos, sin, heads, head_dim)   in place, as backend/layers/rotary.py's torch math
     store_kv(ext, k, v, k_cache, v_cache, slots)   as flab_kernels.attention_torch.store_kv_torch
-    paged_decode(ext, q, ...), paged_prefill(ext, q, ...)   as flab_kernels.attention_torch (decode / causal steps)
+    paged_decode(ext, q, ...)         as flab_kernels.attention_torch on decode-only steps
 
 `ext` is the loaded module (flab_kernels/cpu/build.py `cpu_kernels(cache).module`). Tolerances against the torch
 references (tests/flab_kernels/test_cpu_kernels.py): fp32 results differ by summation order only; bf16 linears
@@ -194,33 +194,3 @@ def paged_decode(
         None if sinks is None else sinks.float().contiguous(),
     )
 
-
-def paged_prefill(
-    ext: ModuleType,
-    q: torch.Tensor,  # (T, Hq, D): the step's new tokens, sequence after sequence
-    k_cache: torch.Tensor,  # (NB, BS, Hkv, D), the new tokens' K already stored
-    v_cache: torch.Tensor,  # (NB, BS, Hkv, Dv)
-    block_tables: torch.Tensor,  # (S, MB) int32
-    seq_lens: torch.Tensor,  # (S,) int32, cached + new
-    query_start_loc: torch.Tensor,  # (S + 1,) int32
-    scale: float,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    sinks: torch.Tensor | None = None,  # (Hq,)
-) -> torch.Tensor:  # (T, Hq, Dv)
-    """Causal attention of prefill chunks and mixed steps over the K/V blocks in place (16 queries of a sequence
-    share each K block read); the semantics of flab_kernels.attention_torch without bidirectional spans."""
-    if q.stride(-1) != 1 or q.stride(1) != q.shape[-1]:
-        q = q.contiguous()
-    return ext.paged_prefill(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        float(scale),
-        float(softcap or 0.0),
-        int(sliding_window or 0),
-        None if sinks is None else sinks.float().contiguous(),
-    )

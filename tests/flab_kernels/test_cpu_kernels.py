@@ -208,44 +208,6 @@ def test_paged_decode_splits_long_contexts_across_threads(
     torch.testing.assert_close(split, whole, rtol=tol, atol=tol)
 
 
-PREFILL_CASES = [  # (new tokens, cached tokens, Hq, Hkv, D, block size): prefill chunks, mixed steps, odd sizes
-    ([5], [0], 4, 4, 16, 16),
-    ([40, 1, 1, 17], [0, 31, 64, 20], 8, 2, 64, 16),
-    ([33], [100], 12, 1, 32, 8),
-    ([1, 70, 3], [7, 0, 200], 6, 3, 24, 32),
-    ([18, 2], [47, 5], 9, 3, 64, 16),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("new,cached,hq,hkv,d,bs", PREFILL_CASES)
-@pytest.mark.parametrize(
-    "softcap,window,with_sinks", [(None, None, False), (30.0, None, False), (None, 5, False), (None, None, True)]
-)
-def test_paged_prefill_matches_torch(ext, dtype, new, cached, hq, hkv, d, bs, softcap, window, with_sinks):
-    """Causal over the cache in place, each query its own window; the decode test's tolerances."""
-    batch = make_paged_batch(new, cached, hq, hkv, d, bs, dtype, seed=sum(new) + sum(cached) + hq)
-    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(3)) if with_sinks else None
-    scale = d**-0.5
-    out = ops.paged_prefill(
-        ext,
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.seq_lens,
-        batch.query_start_loc,
-        scale,
-        softcap,
-        window,
-        sinks,
-    )
-    ref = paged_attention_torch(*batch.args(), scale, softcap, window, sinks)
-    assert out.shape == ref.shape and out.dtype == dtype
-    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-
-
 def test_paged_decode_rejects_a_length_outside_its_table(ext):
     batch = make_paged_batch([1], [15], 2, 2, 16, 16, torch.float32)
     with pytest.raises(RuntimeError, match="outside its block table"):

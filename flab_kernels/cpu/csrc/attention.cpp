@@ -292,88 +292,6 @@ void paged_decode_merge(const float* m, const float* l, const float* acc, int64_
   finalize(mm, ll, aa, kv_head * G, G, DV, sinks, out);
 }
 
-template <typename T>
-void paged_prefill_block(const T* q, int64_t q_row, int64_t nq, int64_t pos0, const T* k_cache, const T* v_cache,
-                         const int32_t* table, int64_t kv_head, const float* sinks, const DecodeShape& sh, T* out,
-                         int64_t out_row) {
-  const int64_t G = sh.num_q_heads / sh.num_kv_heads, D = sh.head_dim, DV = sh.v_head_dim, BS = sh.block_size;
-  const int64_t first_head = kv_head * G, R = nq * G;  // row r = query i * G + head g
-  // m (R) | l (R) | acc (R, DV) | scores (R, 16) | qf (R, D) | K pairs transposed (D / 2, 16) | V rows (16, DV)
-  thread_local std::vector<float> buf;
-  buf.resize(R * (2 + DV + 16 + D) + (D / 2) * 16 + 16 * DV);
-  float *m = buf.data(), *l = m + R, *acc = l + R, *sc = acc + R * DV, *qf = sc + R * 16;
-  float *kt = qf + R * D, *vrows = kt + (D / 2) * 16;
-  std::fill(acc, acc + R * DV, 0.0f);
-  for (int64_t r = 0; r < R; ++r) {
-    m[r] = -std::numeric_limits<float>::infinity();
-    l[r] = 0.0f;
-    const T* qr = q + (r / G) * q_row + (first_head + r % G) * D;
-    for (int64_t i = 0; i < D; ++i) qf[r * D + i] = to_f32(qr[i]);
-  }
-#if defined(__AVX512BF16__)
-  const bool pairs = std::is_same_v<T, uint16_t> && D % 32 == 0;
-#else
-  const bool pairs = false;
-#endif
-  const int64_t k_row = sh.num_kv_heads * D, v_row = sh.num_kv_heads * DV;
-  const int64_t hi_key = pos0 + nq;  // keys [window start of the first query, the last query's position]
-  for (int64_t k0 = window_begin(pos0 + 1, sh), n = 0; k0 < hi_key; k0 += n) {
-    const int64_t b = k0 / BS, off = k0 - b * BS;
-    n = std::min({int64_t{16}, BS - off, hi_key - k0});  // keys [k0, k0 + n): one cache block
-    const T* kb = k_cache + (table[b] * BS + off) * k_row + kv_head * D;
-    const T* vb = v_cache + (table[b] * BS + off) * v_row + kv_head * DV;
-#if defined(__AVX512BF16__)
-    if (pairs) {
-      const auto* k16 = reinterpret_cast<const uint16_t*>(kb);
-      for (int64_t c = 0; c < D; c += 32) {
-        __m512 t[16];
-        for (int64_t j = 0; j < 16; ++j)
-          t[j] = j < n ? _mm512_castsi512_ps(_mm512_loadu_si512(k16 + j * k_row + c)) : _mm512_setzero_ps();
-        transpose16x16(t);  // t[p]: pair c / 2 + p of the n keys
-        for (int64_t p = 0; p < 16; ++p) _mm512_storeu_ps(kt + (c / 2 + p) * 16, t[p]);
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        const auto* qr = reinterpret_cast<const uint16_t*>(q + (r / G) * q_row + (first_head + r % G) * D);
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t p = 0; p < D / 2; ++p) {
-          int32_t pair;
-          std::memcpy(&pair, qr + 2 * p, 4);
-          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(kt + p * 16)),
-                               (__m512bh)_mm512_set1_epi32(pair));
-        }
-        _mm512_storeu_ps(sc + r * 16, _mm512_mul_ps(a, _mm512_set1_ps(sh.scale)));
-      }
-    } else
-#endif
-    {
-      for (int64_t j = 0; j < n; ++j) {
-        const float* kf = as_f32(kb + j * k_row, D, vrows);
-        for (int64_t r = 0; r < R; ++r) sc[r * 16 + j] = dot(qf + r * D, kf, D) * sh.scale;
-      }
-    }
-    for (int64_t j = 0; j < n; ++j) {  // V rows as fp32, once for every row
-      const float* v = as_f32(vb + j * v_row, DV, vrows + j * DV);
-      if (v != vrows + j * DV) std::copy(v, v + DV, vrows + j * DV);
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t pos = pos0 + r / G, first = window_begin(pos + 1, sh);  // this query sees keys [first, pos]
-      const int64_t j0 = std::max<int64_t>(0, first - k0), j1 = std::min<int64_t>(n, pos - k0 + 1);
-      if (j0 >= j1) continue;
-      float* s = sc + r * 16;
-      if (sh.softcap > 0.0f)
-        for (int64_t j = j0; j < j1; ++j) s[j] = std::tanh(s[j] / sh.softcap) * sh.softcap;
-      float block_max = m[r];
-      for (int64_t j = j0; j < j1; ++j) block_max = std::max(block_max, s[j]);
-      const float rescale = std::exp(m[r] - block_max);
-      if (rescale != 1.0f) scale_row(acc + r * DV, rescale, DV);
-      l[r] = l[r] * rescale + exp_row(s + j0, j1 - j0, block_max);  // s[j0, j1) become the probabilities
-      m[r] = block_max;
-      for (int64_t j = j0; j < j1; ++j) axpy(s[j], vrows + j * DV, acc + r * DV, DV);
-    }
-  }
-  for (int64_t i = 0; i < nq; ++i) finalize(m + i * G, l + i * G, acc + i * G * DV, first_head, G, DV, sinks, out + i * out_row);
-}
-
 template void paged_decode_head<float>(const float*, const float*, const float*, const int32_t*, int64_t, int64_t,
                                        const float*, const DecodeShape&, float*);
 template void paged_decode_head<uint16_t>(const uint16_t*, const uint16_t*, const uint16_t*, const int32_t*, int64_t,
@@ -382,11 +300,6 @@ template void paged_decode_partial<float>(const float*, const float*, const floa
                                           int64_t, const DecodeShape&, float*, float*, float*);
 template void paged_decode_partial<uint16_t>(const uint16_t*, const uint16_t*, const uint16_t*, const int32_t*,
                                              int64_t, int64_t, int64_t, const DecodeShape&, float*, float*, float*);
-template void paged_prefill_block<float>(const float*, int64_t, int64_t, int64_t, const float*, const float*,
-                                         const int32_t*, int64_t, const float*, const DecodeShape&, float*, int64_t);
-template void paged_prefill_block<uint16_t>(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*,
-                                            const uint16_t*, const int32_t*, int64_t, const float*, const DecodeShape&,
-                                            uint16_t*, int64_t);
 template void paged_decode_merge<float>(const float*, const float*, const float*, int64_t, int64_t, const float*,
                                         const DecodeShape&, float*);
 template void paged_decode_merge<uint16_t>(const float*, const float*, const float*, int64_t, int64_t, const float*,

@@ -36,12 +36,4 @@ template <typename T>
 void paged_decode_merge(const float* m, const float* l, const float* acc, int64_t chunks, int64_t kv_head,
                         const float* sinks, const DecodeShape& shape, T* out);
 
-// Prefill chunks and mixed steps: the nq <= 16 new tokens of one sequence at positions pos0 .. pos0 + nq - 1 (query
-// rows q_row elements apart, heads D apart; their K / V already stored) attend causally over the cache (the
-// window of each query its own) for the heads of KV head `kv_head`; output rows out_row elements apart
-template <typename T>
-void paged_prefill_block(const T* q, int64_t q_row, int64_t nq, int64_t pos0, const T* k_cache, const T* v_cache,
-                         const int32_t* table, int64_t kv_head, const float* sinks, const DecodeShape& shape, T* out,
-                         int64_t out_row);
-
 }  // namespace flab

@@ -21,7 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &flab::silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
   m.def("store_kv", &flab::store_kv, "the new tokens' K / V rows into their cache slots");
   m.def("paged_decode", &flab::paged_decode, "paged decode attention over the KV cache in place");
-  m.def("paged_prefill", &flab::paged_prefill, "causal paged attention of prefill / mixed steps over the cache in place");
 
   py::class_<GemvWeight>(m, "GemvWeight", py::module_local(), "a packed weight and its kernel; called on (M, K) rows -> (M, N)")
       .def(py::init([](const std::string& kind, torch::Tensor packed, c10::optional<torch::Tensor> scales,

@@ -34,11 +34,4 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
                            double softcap, int64_t window, const c10::optional<torch::Tensor>& sinks);
 
-// prefill chunks and mixed steps: the new tokens q (T, Hq, D) of the sequences (query_start_loc (S + 1,)), their
-// K / V already stored, attend causally over the caches in place -> (T, Hq, Dv)
-torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                            const torch::Tensor& query_start_loc, double scale, double softcap, int64_t window,
-                            const c10::optional<torch::Tensor>& sinks);
-
 }  // namespace flab

@@ -256,14 +256,17 @@ def _int4_groups(module: nn.Module) -> ops.Int4Packed | None:
         scales = module.w_scales.float()  # (N, G)
         zeros = module.w_zeros.float() if module.w_zeros is not None else torch.zeros_like(scales)
         return ops.pack_int4_weight(int4_codes(q, k), scales, -(8 + zeros) * scales, group)
-    pairs = module.w_scales.float()  # (G, N, 2): scale, offset
-    scales, offsets = pairs[..., 0].t(), pairs[..., 1].t()  # (N, G)
+    pairs = module.w_scales  # (G, N, 2): scale, offset (the model's dtype)
+    scales, offsets = pairs[..., 0].t().float(), pairs[..., 1].t().float()  # (N, G)
     g = scales.shape[1]
     w = module.dequantize().view(n, g, group)  # (N, G, gs) fp32
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)
     codes = torch.round((w - offsets[..., None]) / safe[..., None]) + 8
     codes = torch.where(scales[..., None] == 0, torch.full_like(codes, 8), codes).clamp(0, 15)
-    return ops.pack_int4_weight(codes.view(n, k).to(torch.uint8), scales, offsets - 8 * scales, group)
+    codes = codes.view(n, k).to(torch.uint8)
+    if pairs.dtype == torch.bfloat16:  # kept as they are (half the bytes of fp32), the code bias in the kernel
+        return ops.pack_int4_weight(codes, pairs[..., 0].t(), pairs[..., 1].t(), group, centered=True)
+    return ops.pack_int4_weight(codes, scales, offsets - 8 * scales, group)
 
 
 def fuse_linears(model: nn.Module, ext: ModuleType) -> int:

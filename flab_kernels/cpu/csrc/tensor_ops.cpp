@@ -19,6 +19,9 @@ constexpr int64_t kSerialWork = 1 << 15;  // below this many multiply-adds one t
 // region costs more than it saves there, and on a loaded machine its barrier waits for a descheduled thread
 // (measured: SiLU-and-mul of 4 x 1536 took 575 us on 2 threads against 6.5 us on one, load average 10)
 constexpr int64_t kSerialElements = 1 << 17;
+// int4 products of up to this many rows run the group-wise tile over the packed codes (the weights streamed once,
+// no dequantized copy); more rows dequantize each block once into a buffer and run the bf16 / fp32 tiles over it
+constexpr int64_t kInt4GroupRows = 4;
 
 // threads get contiguous ranges of [0, n) items (disjoint outputs); small work stays on the calling thread
 template <typename F>
@@ -128,30 +131,45 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
                   2 * packed.size(1) >= K,
               "linear_int4: int4 packing");
   const int64_t NB = packed.size(0), KP = packed.size(1), G = 2 * KP / group_size;
+  const bool bf16_scales = scales.scalar_type() == at::kBFloat16;
   for (const auto* t : {&scales, &offsets})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == NB &&
-                    t->size(1) == G && t->size(2) == flab::kBlock,
-                "linear_int4: scales and offsets must be fp32 (NB, G, 16)");
+    TORCH_CHECK((t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                    t->scalar_type() == scales.scalar_type() && t->is_contiguous() && t->dim() == 3 &&
+                    t->size(0) == NB && t->size(1) == G && t->size(2) == flab::kBlock,
+                "linear_int4: scales and offsets must be both fp32 or both bf16 (NB, G, 16)");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
               "linear_int4: bias must be fp32 (N,)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "linear_int4: x must be bf16 or fp32");
   const int64_t M = x.size(0);
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
+  const auto* w = packed.data_ptr<uint8_t>();
+  const void* sp = scales.data_ptr();
+  const void* op_ = offsets.data_ptr();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  void* op = out.data_ptr();
+  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
+  if (M > kInt4GroupRows) {  // many rows: each block's weights dequantized once, then every row over them
+    const bool x_bf16 = x.scalar_type() == at::kBFloat16 && flab::has_bf16_dot();
+    auto xin = x_bf16 ? x : x.to(at::kFloat);
+    if (2 * KP != K) xin = at::constant_pad_nd(xin, {0, 2 * KP - K});
+    xin = xin.contiguous();
+    const void* xp = xin.data_ptr();
+    claim_parallel(NB, M * N * K, 4, [&](int64_t b0, int64_t b1) {
+      flab::gemv_i4_dequant_blocks(xp, x_bf16, M, 2 * KP, G, w, KP, group_size / 2, sp, op_, bf16_scales, b, N, b0,
+                                   b1, op, out_bf16);
+    });
+    return out;
+  }
   auto xin = x.to(at::kFloat);
   if (2 * KP != K) xin = at::constant_pad_nd(xin, {0, 2 * KP - K});
   xin = xin.contiguous();
   auto xsum = xin.view({M, G, group_size}).sum(-1).contiguous();  // (M, G)
   const float* xp = xin.data_ptr<float>();
   const float* xs = xsum.data_ptr<float>();
-  const auto* w = packed.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* op_ = offsets.data_ptr<float>();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  void* op = out.data_ptr();
-  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
   claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
-    flab::gemv_i4_blocks(xp, M, 2 * KP, xs, G, w, KP, group_size / 2, sp, op_, b, N, b0, b1, op, out_bf16);
+    flab::gemv_i4_blocks(xp, M, 2 * KP, xs, G, w, KP, group_size / 2, sp, op_, bf16_scales, b, N, b0, b1, op,
+                         out_bf16);
   });
   return out;
 }

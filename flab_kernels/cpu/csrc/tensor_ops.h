@@ -15,7 +15,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
 // x (M, K) bf16 / fp32 -> (M, N) in x's dtype: (x @ Q.T) * scales + bias, Q int8 packed [NB][K][16]
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K);
-// x (M, K) bf16 / fp32 -> (M, N) in x's dtype: x @ W.T + bias, W int4 group-wise (gemv.h): w = code * scale + offset
+// x (M, K) bf16 / fp32 -> (M, N) in x's dtype: x @ W.T + bias, W int4 group-wise (gemv.h): fp32 scales / offsets
+// w = code * scale + offset, bf16 ones (torch's cpu_int4pack pairs) w = (code - 8) * scale + offset
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
                           int64_t group_size);

@@ -1,10 +1,11 @@
-"""int4 products by row count: our kernel (flab_kernels/cpu `linear_int4`) against the quantized module's own
+"""int4 products by row count: our kernel's two routes (flab_kernels/cpu `linear_int4`: the group-wise tile over the
+packed codes, and the weight dequantized once then torch's GEMM) against the quantized module's own
 (`torch._weight_int4pack_mm_for_cpu`, the `cpu_int4pack` kernel), on one layer's four products of a model shape.
 
     python -m backend.tools.bench_int4_rows --rows 1 4 8 16 32 64 128 512 --threads 2
 
 Both in one process, alternating per round, medians; bf16 activations, bf16 scale / offset pairs (on-the-fly
-`int4` of a bf16 model). Prints one line per row count: microseconds per layer for each and the ratio.
+`int4` of a bf16 model). Prints one line per row count: microseconds per layer for each.
 """
 
 from __future__ import annotations
@@ -60,20 +61,24 @@ def main() -> None:
         xs = {k: torch.randn(m, k, generator=gen).to(torch.bfloat16) for _, k, *_ in layer}
         calls = max(3, 2048 // m)
 
-        def ours() -> None:
-            for n, k, _, _, packed in layer:
-                ops.linear_int4(ext, xs[k], packed, None, n)
+        def tile() -> None:
+            for n, k, g, _, p in layer:
+                ext.linear_int4(xs[k], p.codes, p.scales, p.offsets, None, n, k, g, mm_rows=m + 1)
+
+        def dequant_mm() -> None:
+            for n, k, g, _, p in layer:
+                ext.linear_int4(xs[k], p.codes, p.scales, p.offsets, None, n, k, g, mm_rows=0)
 
         def theirs() -> None:
             for _, k, group, (w, pairs), _ in layer:
                 torch._weight_int4pack_mm_for_cpu(xs[k], w, group, pairs)
 
-        ta, tb = [], []
+        times: dict[str, list[float]] = {"tile": [], "dequant+mm": [], "torch int4pack": []}
         for _ in range(args.rounds):
-            ta.append(_time(ours, calls))
-            tb.append(_time(theirs, calls))
-        a, b = statistics.median(ta), statistics.median(tb)
-        print(f"M={m:4d}  ours {a:9.1f}  torch {b:9.1f}  torch / ours {b / a:5.2f}x", flush=True)
+            for name, fn in zip(times, (tile, dequant_mm, theirs)):
+                times[name].append(_time(fn, calls))
+        cols = "  ".join(f"{name} {statistics.median(t):9.1f}" for name, t in times.items())
+        print(f"M={m:4d}  {cols}", flush=True)
 
 
 if __name__ == "__main__":

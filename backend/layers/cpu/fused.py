@@ -10,7 +10,8 @@ paged decode.
 - int8 weight-only linears (on-the-fly `int8`: per-row symmetric scales) the same way: our int8 GEMV for
   decode rows (codes widened to fp32 in registers, per-row scales at the end), the quantized module above;
   int4 group-wise linears (contiguous groups: on-the-fly `int4`, GPTQ without act-order, ...) too, repacked
-  to our layout (two codes a byte, 16 rows a block; per-group scale and offset).
+  to our layout (two codes a byte, 16 rows a block; per-group scale and offset), for every row count (prefill
+  included: the weight dequantized once, then torch's GEMM).
 - native models' `RMSNorm` modules run the fused kernel for bf16 / fp32 activations, SiLU MLPs (a module
   whose `act` is "silu": the dense MLP, MoE experts) our SiLU-and-mul (vectorized exp) through
   backend/layers/activation.py's `KernelActivation`, their `RotaryEmbedding` our in-place RoPE over the q | k
@@ -77,8 +78,10 @@ class FusedInt8Product:
 
 
 class FusedInt4Product:
-    """Weight-only int4, group-wise (backend/quantization int4 with contiguous groups), by our kernel for few rows;
-    None for more (the quantized module's own product). Packed from the module's codes, scales and zeros."""
+    """Weight-only int4, group-wise (backend/quantization int4 with contiguous groups), by our kernel for every row
+    count: the group-wise tile for few rows, the weight dequantized once and torch's GEMM for many (faster than
+    the module's own `cpu_int4pack` product at every count measured, 1-512 rows: docs/cpu_kernels.md). Packed from
+    the module's codes, scales and zeros."""
 
     def __init__(self, ext: ModuleType, weight: ops.Int4Packed, n: int, k: int, bias: torch.Tensor | None) -> None:
         self.ext = ext
@@ -87,7 +90,7 @@ class FusedInt4Product:
         self.bias = None if bias is None else bias.detach().float().contiguous()  # (N,) fp32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (..., K) -> (..., N) or None
-        if x.dtype not in FUSED_DTYPES or x.numel() > FUSED_MAX_ROWS * self.in_features or x.device.type != "cpu":
+        if x.dtype not in FUSED_DTYPES or x.device.type != "cpu":
             return None
         return ops.linear_int4(self.ext, x, self.packed, self.bias, self.out_features)
 

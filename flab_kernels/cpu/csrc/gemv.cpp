@@ -5,7 +5,6 @@
 #include "gemv.h"
 
 #include <algorithm>
-#include <vector>
 
 #include "vec.h"
 
@@ -196,39 +195,50 @@ void tile_i4(const float* x, int64_t xs, const float* xsum, int64_t G, const uin
     for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
 }
 
-// one packed int4 block [KP][16] -> fp32 [2 * KP][16] (the fp32 tile's layout): w = code * scale + offset
-template <typename S>
-void dequant_i4_f32(const uint8_t* w, int64_t G, int64_t gp, const S* sc, const S* of, float* dst) {
-  for (int64_t g = 0; g < G; ++g)
-    for (int r = 0; r < R; ++r) {
-      vf s, o;
-      vscale(sc + g * kBlock + r * L, of + g * kBlock + r * L, s, o);
-      for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
-        vf lo, hi;
-        vnibbles(w + p * kBlock + r * L, lo, hi);
-        vstore(dst + 2 * p * kBlock + r * L, vfma(lo, s, o));
-        vstore(dst + (2 * p + 1) * kBlock + r * L, vfma(hi, s, o));
-      }
-    }
+// fp32 -> bf16 bits, round to nearest even (f32_to_bf16 in vec.h for finite values), in the low 16 bits of each lane
+#if defined(__AVX512F__)
+inline void vstore_bf16(uint16_t* p, vf v) {
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                         _mm512_set1_epi32(1))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
-
-#if defined(__AVX512BF16__)
-// one packed int4 block [KP][16] -> bf16 pairs [KP][16][2] (the bf16 dot tile's layout), each w rounded once
-template <typename S>
-void dequant_i4_bf16(const uint8_t* w, int64_t G, int64_t gp, const S* sc, const S* of, uint16_t* dst) {
-  for (int64_t g = 0; g < G; ++g) {
-    vf s, o;
-    vscale(sc + g * kBlock, of + g * kBlock, s, o);
-    for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
-      vf lo, hi;
-      vnibbles(w + p * kBlock, lo, hi);
-      const __m512i even = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vfma(lo, s, o)));
-      const __m512i odd = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vfma(hi, s, o)));
-      _mm512_storeu_si512(dst + p * 2 * kBlock, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
-    }
-  }
+#else
+inline void vstore_bf16(uint16_t* p, vf v) {
+  __m256i u = _mm256_castps_si256(v);
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                                                         _mm256_set1_epi32(1))));
+  u = _mm256_srli_epi32(u, 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08);  // 8 x u16 in the low half
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 #endif
+
+// packed int4 blocks [b0, b1) -> rows k of W^T (K, ld): out[k, b * 16 + j] = code * scale + offset in fp32, stored
+// fp32 or rounded once to bf16
+template <typename S>
+void dequant_i4_kn(const uint8_t* w, int64_t KP, int64_t G, int64_t gp, const S* sc, const S* of, int64_t ld,
+                   int64_t b0, int64_t b1, void* out, bool out_bf16) {
+  const int64_t bs = KP * kBlock, ss = G * kBlock;
+  for (int64_t blk = b0; blk < b1; ++blk)
+    for (int64_t g = 0; g < G; ++g)
+      for (int r = 0; r < R; ++r) {
+        vf s, o;
+        vscale(sc + blk * ss + g * kBlock + r * L, of + blk * ss + g * kBlock + r * L, s, o);
+        for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
+          vf lo, hi;
+          vnibbles(w + blk * bs + p * kBlock + r * L, lo, hi);
+          const int64_t i = 2 * p * ld + blk * kBlock + r * L;
+          if (out_bf16) {
+            vstore_bf16(static_cast<uint16_t*>(out) + i, vfma(lo, s, o));
+            vstore_bf16(static_cast<uint16_t*>(out) + i + ld, vfma(hi, s, o));
+          } else {
+            vstore(static_cast<float*>(out) + i, vfma(lo, s, o));
+            vstore(static_cast<float*>(out) + i + ld, vfma(hi, s, o));
+          }
+        }
+      }
+}
 
 // (mt, nb) -> the tile instantiation, for each kind of tile
 template <typename Fn, template <int, int> class Tile, int NB>
@@ -373,49 +383,6 @@ void i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xsum, i
   }
 }
 
-template <typename S>
-void i4_dequant_blocks(const void* x, bool x_is_bf16, int64_t M, int64_t x_stride, int64_t G, const uint8_t* w,
-                       int64_t KP, int64_t group_pairs, const S* scales, const S* offsets, const float* bias, int64_t N,
-                       int64_t b0, int64_t b1, void* out, bool out_bf16) {
-  alignas(64) float acc[MT_MAX * NB_MAX * kBlock];
-  const int64_t bs = KP * kBlock, ss = G * kBlock;
-  const int64_t wbuf = 2 * KP * kBlock;  // fp32 weights of one dequantized block (bf16 pairs: half the bytes)
-  thread_local std::vector<float> buffer;  // this thread's dequantized blocks, reused across calls
-  if (static_cast<int64_t>(buffer.size()) < NB_MAX * wbuf) buffer.resize(NB_MAX * wbuf);
-  float* wf = buffer.data();
-#if defined(__AVX512BF16__)
-  uint16_t* wh = reinterpret_cast<uint16_t*>(wf);
-#else
-  (void)x_is_bf16;
-#endif
-  for (int64_t blk = b0; blk < b1; blk += NB_MAX) {
-    const int nb = static_cast<int>(std::min<int64_t>(NB_MAX, b1 - blk));
-#if defined(__AVX512BF16__)
-    if (x_is_bf16) {
-      for (int b = 0; b < nb; ++b)
-        dequant_i4_bf16(w + (blk + b) * bs, G, group_pairs, scales + (blk + b) * ss, offsets + (blk + b) * ss,
-                        wh + b * wbuf);
-      for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
-        const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
-        const uint16_t* xb = static_cast<const uint16_t*>(x) + m0 * x_stride;
-        pick<TileBf16Dot, Bf16Dot>(mt, nb)(xb, x_stride, wh, KP, acc);
-        write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16);
-      }
-      continue;
-    }
-#endif
-    for (int b = 0; b < nb; ++b)
-      dequant_i4_f32(w + (blk + b) * bs, G, group_pairs, scales + (blk + b) * ss, offsets + (blk + b) * ss,
-                     wf + b * wbuf);
-    for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
-      const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
-      const float* xf = static_cast<const float*>(x) + m0 * x_stride;
-      pick<TileF32, F32>(mt, nb)(xf, x_stride, wf, 2 * KP, acc);
-      write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16);
-    }
-  }
-}
-
 }  // namespace
 
 void gemv_i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xsum, int64_t G, const uint8_t* w,
@@ -429,15 +396,15 @@ void gemv_i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xs
               static_cast<const float*>(offsets), bias, N, b0, b1, out, out_bf16);
 }
 
-void gemv_i4_dequant_blocks(const void* x, bool x_is_bf16, int64_t M, int64_t x_stride, int64_t G, const uint8_t* w,
-                            int64_t KP, int64_t group_pairs, const void* scales, const void* offsets, bool bf16_scales,
-                            const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+void dequant_i4_blocks(const uint8_t* w, int64_t KP, int64_t G, int64_t group_pairs, const void* scales,
+                       const void* offsets, bool bf16_scales, int64_t ld, int64_t b0, int64_t b1, void* out,
+                       bool out_bf16) {
   if (bf16_scales)
-    i4_dequant_blocks(x, x_is_bf16, M, x_stride, G, w, KP, group_pairs, static_cast<const uint16_t*>(scales),
-                      static_cast<const uint16_t*>(offsets), bias, N, b0, b1, out, out_bf16);
+    dequant_i4_kn(w, KP, G, group_pairs, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(offsets),
+                  ld, b0, b1, out, out_bf16);
   else
-    i4_dequant_blocks(x, x_is_bf16, M, x_stride, G, w, KP, group_pairs, static_cast<const float*>(scales),
-                      static_cast<const float*>(offsets), bias, N, b0, b1, out, out_bf16);
+    dequant_i4_kn(w, KP, G, group_pairs, static_cast<const float*>(scales), static_cast<const float*>(offsets), ld,
+                  b0, b1, out, out_bf16);
 }
 
 }  // namespace flab

@@ -36,13 +36,11 @@ void gemv_i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xs
                     int64_t KP, int64_t group_pairs, const void* scales, const void* offsets, bool bf16_scales,
                     const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
 
-// int4 for many rows: each packed block's weights dequantized once (code * scale + offset in fp32) into a buffer of
-// the calling thread, as bf16 pairs when x is bf16 and the variant has the bf16 dot product (the weight rounded to
-// bf16, as torch's bf16 products round it), else fp32; then the bf16 / fp32 tiles run every row over that buffer.
-// x: (M, 2 * KP) bf16 rows (x_is_bf16, only where has_bf16_dot()) or fp32 rows. Blocks [b0, b1).
-void gemv_i4_dequant_blocks(const void* x, bool x_is_bf16, int64_t M, int64_t x_stride, int64_t G, const uint8_t* w,
-                            int64_t KP, int64_t group_pairs, const void* scales, const void* offsets, bool bf16_scales,
-                            const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
+// int4 blocks [b0, b1) dequantized (code * scale + offset in fp32, the scales as in gemv_i4_blocks) into W^T:
+// out (2 * KP, ld) row-major, out[k, b * 16 + j] = w[b * 16 + j, k], fp32 or rounded once to bf16 (out_bf16)
+void dequant_i4_blocks(const uint8_t* w, int64_t KP, int64_t G, int64_t group_pairs, const void* scales,
+                       const void* offsets, bool bf16_scales, int64_t ld, int64_t b0, int64_t b1, void* out,
+                       bool out_bf16);
 
 bool has_bf16_dot();  // this variant multiplies bf16 pairs natively (x stays bf16)
 

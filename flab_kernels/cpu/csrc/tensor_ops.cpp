@@ -19,9 +19,6 @@ constexpr int64_t kSerialWork = 1 << 15;  // below this many multiply-adds one t
 // region costs more than it saves there, and on a loaded machine its barrier waits for a descheduled thread
 // (measured: SiLU-and-mul of 4 x 1536 took 575 us on 2 threads against 6.5 us on one, load average 10)
 constexpr int64_t kSerialElements = 1 << 17;
-// int4 products of up to this many rows run the group-wise tile over the packed codes (the weights streamed once,
-// no dequantized copy); more rows dequantize each block once into a buffer and run the bf16 / fp32 tiles over it
-constexpr int64_t kInt4GroupRows = 4;
 
 // threads get contiguous ranges of [0, n) items (disjoint outputs); small work stays on the calling thread
 template <typename F>
@@ -123,7 +120,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
 
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
-                          int64_t group_size) {
+                          int64_t group_size, int64_t mm_rows) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "linear_int4: x must be (M, ", K, "), got ", x.sizes());
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "linear_int4: the group size must be even");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == flab::kBlock &&
@@ -149,17 +146,18 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   void* op = out.data_ptr();
   const bool out_bf16 = out.scalar_type() == at::kBFloat16;
-  if (M > kInt4GroupRows) {  // many rows: each block's weights dequantized once, then every row over them
-    const bool x_bf16 = x.scalar_type() == at::kBFloat16 && flab::has_bf16_dot();
-    auto xin = x_bf16 ? x : x.to(at::kFloat);
-    if (2 * KP != K) xin = at::constant_pad_nd(xin, {0, 2 * KP - K});
-    xin = xin.contiguous();
-    const void* xp = xin.data_ptr();
-    claim_parallel(NB, M * N * K, 4, [&](int64_t b0, int64_t b1) {
-      flab::gemv_i4_dequant_blocks(xp, x_bf16, M, 2 * KP, G, w, KP, group_size / 2, sp, op_, bf16_scales, b, N, b0,
-                                   b1, op, out_bf16);
+  if (M >= mm_rows) {  // many rows: the weight dequantized once, torch's GEMM (oneDNN, AMX where present) over it
+    auto wt = torch::empty({2 * KP, NB * flab::kBlock}, x.options());  // W^T, in x's dtype
+    const bool wt_bf16 = wt.scalar_type() == at::kBFloat16;
+    void* wtp = wt.data_ptr();
+    claim_parallel(NB, N * K, 1, [&](int64_t b0, int64_t b1) {
+      flab::dequant_i4_blocks(w, KP, G, group_size / 2, sp, op_, bf16_scales, NB * flab::kBlock, b0, b1, wtp, wt_bf16);
     });
-    return out;
+    auto xin = 2 * KP != K ? at::constant_pad_nd(x, {0, 2 * KP - K}) : x;
+    auto y = at::mm(xin, wt);  // (M, NB * 16)
+    if (NB * flab::kBlock != N) y = y.narrow(1, 0, N);
+    if (bias) y.add_(*bias);  // in fp32, one rounding
+    return y.contiguous();
   }
   auto xin = x.to(at::kFloat);
   if (2 * KP != K) xin = at::constant_pad_nd(xin, {0, 2 * KP - K});

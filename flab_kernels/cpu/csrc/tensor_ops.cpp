@@ -138,14 +138,10 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
               "linear_int4: bias must be fp32 (N,)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "linear_int4: x must be bf16 or fp32");
   const int64_t M = x.size(0);
-  auto out = torch::empty({M, N}, x.options());
-  if (M == 0) return out;
+  if (M == 0) return torch::empty({M, N}, x.options());
   const auto* w = packed.data_ptr<uint8_t>();
   const void* sp = scales.data_ptr();
   const void* op_ = offsets.data_ptr();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  void* op = out.data_ptr();
-  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
   if (M >= mm_rows) {  // many rows: the weight dequantized once, torch's GEMM (oneDNN, AMX where present) over it
     auto wt = torch::empty({2 * KP, NB * flab::kBlock}, x.options());  // W^T, in x's dtype
     const bool wt_bf16 = wt.scalar_type() == at::kBFloat16;
@@ -156,9 +152,13 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
     auto xin = 2 * KP != K ? at::constant_pad_nd(x, {0, 2 * KP - K}) : x;
     auto y = at::mm(xin, wt);  // (M, NB * 16)
     if (NB * flab::kBlock != N) y = y.narrow(1, 0, N);
-    if (bias) y.add_(*bias);  // in fp32, one rounding
+    if (bias) y.add_(*bias);  // computed in fp32, rounded to x's dtype (as the module's y + bias)
     return y.contiguous();
   }
+  auto out = torch::empty({M, N}, x.options());
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  void* op = out.data_ptr();
+  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
   auto xin = x.to(at::kFloat);
   if (2 * KP != K) xin = at::constant_pad_nd(xin, {0, 2 * KP - K});
   xin = xin.contiguous();

@@ -3,7 +3,8 @@
     pack_weight(w)                    (N, K) bf16 -> (NB, KP, 16, 2) bf16; fp32 -> (NB, K, 16) fp32  (zero padded)
     linear(ext, x, packed, bias, N)   (..., K) -> (..., N): x @ w.T + bias, fp32 accumulation
     pack_int8_weight(q), linear_int8(ext, x, packed, scales, bias, N)   weight-only int8 (per-row scales)
-    pack_int4_weight(codes, scales, offsets, group), linear_int4(ext, x, packed, bias, N)   int4 group-wise
+    pack_int4_weight(codes, scales, offsets, group, centered), linear_int4(ext, x, packed, bias, N)   int4 group-wise
+      (few rows: the group-wise tile over the packed codes; many: the weight dequantized once, torch's GEMM)
     rms_norm(ext, x, w, eps, residual, offset)   as flab_kernels.norm.rms_norm_torch
     silu_and_mul(ext, x)              as flab_kernels.activation.silu_and_mul_torch
     rope_(ext, x, cos, sin, heads, head_dim)   in place, as backend/layers/rotary.py's torch math
@@ -62,30 +63,52 @@ def pack_int8_weight(q: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Int4Packed:
-    """int4 group-wise weights for `linear_int4`: w[n, k] = code[n, k] * scale[n, g] + offset[n, g], g = k // group."""
+    """int4 group-wise weights for `linear_int4`, g = k // group: with fp32 scales / offsets w[n, k] = code[n, k] *
+    scale[n, g] + offset[n, g]; with bf16 ones (`centered`, torch's `cpu_int4pack` pairs as they are: half the
+    bytes) w[n, k] = (code[n, k] - 8) * scale[n, g] + offset[n, g], the kernel taking offset - 8 * scale in fp32."""
 
     codes: torch.Tensor  # (NB, KP, 16) uint8: byte j of pair p holds row j's codes for k = 2p (low nibble), 2p + 1
-    scales: torch.Tensor  # (NB, G, 16) fp32
-    offsets: torch.Tensor  # (NB, G, 16) fp32
+    scales: torch.Tensor  # (NB, G, 16) fp32, or bf16 when centered
+    offsets: torch.Tensor  # (NB, G, 16) fp32, or bf16 when centered
     group_size: int
 
+    @property
+    def centered(self) -> bool:
+        return self.scales.dtype == torch.bfloat16
 
-def pack_int4_weight(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> Int4Packed:
+    def dequantize(self, n: int, k: int) -> torch.Tensor:  # (N, K) fp32, the kernel's weight (for tests)
+        nb, kp, _ = self.codes.shape
+        c = self.codes.permute(0, 2, 1).reshape(nb * BLOCK, kp)
+        codes = torch.stack((c & 0xF, c >> 4), dim=-1).flatten(-2)[:n, :k].float()  # (N, K)
+        cols = torch.arange(k) // self.group_size
+        scales = self.scales.float().permute(0, 2, 1).reshape(nb * BLOCK, -1)[:n, cols]
+        offsets = self.offsets.float().permute(0, 2, 1).reshape(nb * BLOCK, -1)[:n, cols]
+        if self.centered:
+            offsets = offsets - 8 * scales
+        return codes * scales + offsets
+
+
+def pack_int4_weight(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int, centered: bool = False
+) -> Int4Packed:
     """(N, K) unsigned codes 0..15, (N, G) scales and offsets -> `Int4Packed`; N padded to 16 rows and K to whole
-    groups with zero codes and zero scales / offsets (a padded column meets a zero x)."""
+    groups with zero codes and zero scales / offsets (a padded column meets a zero x). `centered`: bf16 scales and
+    offsets of w = (code - 8) * scale + offset, kept in bf16; else w = code * scale + offset in fp32."""
     if group_size <= 0 or group_size % 2:
         raise ValueError(f"the int4 kernel takes an even group size, got {group_size}")
     n, k = codes.shape
     g = -(-k // group_size)
     if scales.shape != (n, g) or offsets.shape != (n, g):
         raise ValueError(f"scales and offsets must be ({n}, {g}), got {tuple(scales.shape)}, {tuple(offsets.shape)}")
+    if centered and (scales.dtype != torch.bfloat16 or offsets.dtype != torch.bfloat16):
+        raise TypeError(f"centered int4 scales and offsets are bf16, got {scales.dtype}, {offsets.dtype}")
     nb = -(-n // BLOCK)
     c = F.pad(codes.to(torch.uint8), (0, g * group_size - k, 0, nb * BLOCK - n))  # (NB*16, G*gs)
     pairs = c[:, 0::2] | (c[:, 1::2] << 4)  # (NB*16, KP)
     packed = pairs.view(nb, BLOCK, -1).permute(0, 2, 1).contiguous()  # (NB, KP, 16)
 
     def per_block(t: torch.Tensor) -> torch.Tensor:  # (N, G) -> (NB, G, 16)
-        t = F.pad(t.float(), (0, 0, 0, nb * BLOCK - n))
+        t = F.pad(t.detach() if centered else t.detach().float(), (0, 0, 0, nb * BLOCK - n))
         return t.view(nb, BLOCK, g).permute(0, 2, 1).contiguous()
 
     return Int4Packed(packed, per_block(scales), per_block(offsets), group_size)

@@ -245,7 +245,8 @@ INT4_CASES = [  # (M, N, K, group): odd N, K not a whole number of groups, group
 @pytest.mark.parametrize("with_zeros,bias", [(False, False), (True, True)])
 def test_linear_int4_matches_torch(ext, dtype, m, n, k, group, with_zeros, bias):
     """int4 group-wise (w = (code - 8 - zero) * scale, as flab_kernels.quant_torch) against the fp32 product of the
-    dequantized weight; the same tolerance as the 16-bit products (one output rounding plus summation order)."""
+    dequantized weight; up to 4 rows the same tolerance as the 16-bit products (one output rounding plus summation
+    order), above in bf16 `_int4_bound`."""
     g = torch.Generator().manual_seed(m + n * k + group)
     groups = -(-k // group)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
@@ -258,7 +259,98 @@ def test_linear_int4_matches_torch(ext, dtype, m, n, k, group, with_zeros, bias)
     packed = ops.pack_int4_weight(codes, scales, -(8 + zeros) * scales, group)
     out = ops.linear_int4(ext, x, packed, b, n)
     assert out.shape == (m, n) and out.dtype == dtype
-    _close(out, F.linear(x.float(), w, b), dtype)
+    if dtype == torch.bfloat16 and m > 4:  # many rows: w rounded to bf16 for the bf16 dot product
+        _int4_bound(out, F.linear(x.float(), w, b), x, w)
+    else:
+        _close(out, F.linear(x.float(), w, b), dtype)
+
+
+INT4_ROWS = [1, 2, 4, 5, 8, 13, 32, 64]  # up to 4: the group-wise tile; above: dequantized blocks, every row over them
+INT4_SHAPES = [(33, 70, 32), (49, 200, 64), (96, 256, 128), (16, 576, 64)]  # (N, K, group): odd N, K partial groups
+
+
+def _int4_centered(n: int, k: int, group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) codes 0..15 and (N, G) bf16 scale / offset pairs of w = (code - 8) * scale + offset (cpu_int4pack's)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-k // group)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, groups, generator=g) / 16).to(torch.bfloat16)
+    offsets = (torch.randn(n, groups, generator=g) / 8).to(torch.bfloat16)
+    return codes, scales, offsets
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k,group", INT4_SHAPES)
+def test_int4_bf16_scales_equal_the_fp32_packing_bit_for_bit(ext, dtype, n, k, group):
+    """bf16 scale / offset pairs (the code bias 8 applied in the kernel) give the bits of the fp32 packing of
+    offsets - 8 * scales computed in fp32 by torch, for every row count (both kernels)."""
+    codes, scales, offsets = _int4_centered(n, k, group, n + k)
+    centered = ops.pack_int4_weight(codes, scales, offsets, group, centered=True)
+    assert centered.scales.dtype == torch.bfloat16 and centered.centered
+    fp32 = ops.pack_int4_weight(codes, scales.float(), offsets.float() - 8 * scales.float(), group)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    for m in INT4_ROWS:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        assert torch.equal(ops.linear_int4(ext, x, centered, b, n), ops.linear_int4(ext, x, fp32, b, n)), m
+    torch.testing.assert_close(centered.dequantize(n, k), fp32.dequantize(n, k), rtol=0, atol=0)
+
+
+def _int4_bound(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """bf16: |out - ref| <= 2^-8 |ref| + 2^-8 (|x| @ |w|.T): one output rounding each (2^-9) and, where one side
+    rounds the dequantized weight to bf16 (2^-9 of each |x w| term) and the other does not, that rounding."""
+    bound = 2**-8 * ref.abs() + 2**-8 * (x.float().abs() @ w.abs().t())
+    excess = (out.float() - ref).abs() - bound
+    assert excess.max().item() <= 0, f"off by {excess.max().item()} beyond the bound"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k,group", INT4_SHAPES)
+@pytest.mark.parametrize("centered", [False, True])
+def test_linear_int4_rows_match_the_fp32_product(ext, dtype, n, k, group, centered):
+    """1..64 rows, both scale storages, against the fp32 product of the dequantized weight: fp32 within 1e-5
+    (summation order, one rounding of w); bf16 within `_int4_bound` (many rows with bf16 x on the bf16 dot product
+    round w to bf16)."""
+    codes, scales, offsets = _int4_centered(n, k, group, 3 * n + k)
+    if centered:
+        packed = ops.pack_int4_weight(codes, scales, offsets, group, centered=True)
+    else:
+        packed = ops.pack_int4_weight(codes, scales.float(), offsets.float() - 8 * scales.float(), group)
+    w = packed.dequantize(n, k)  # (N, K) fp32
+    b = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    for m in INT4_ROWS:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(7 * m)).to(dtype)
+        out = ops.linear_int4(ext, x, packed, b, n)
+        assert out.shape == (m, n) and out.dtype == dtype
+        ref = F.linear(x.float(), w, b)
+        if dtype == torch.float32:
+            _close(out, ref, dtype)
+        else:
+            _int4_bound(out, ref, x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 16, 33, 64])
+def test_linear_int4_matches_torchs_int4pack_kernel(ext, dtype, group, m):
+    """Against torch's own `_weight_int4pack_mm_for_cpu` on the same codes and bf16 / fp32 pairs (what the quantized
+    module runs): fp32 within 1e-5, bf16 within `_int4_bound`."""
+    from flab_kernels.quant_torch import int4pack_weight
+
+    n, k = 48, 2 * group + 256
+    codes, scales, offsets = _int4_centered(n, k, group, m + group)
+    pairs = torch.stack((scales, offsets), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    ref = torch._weight_int4pack_mm_for_cpu(x, int4pack_weight(codes.int() - 8), group, pairs).float()
+    s, o = pairs[..., 0].t(), pairs[..., 1].t()
+    if dtype == torch.bfloat16:
+        packed = ops.pack_int4_weight(codes, s, o, group, centered=True)
+    else:
+        packed = ops.pack_int4_weight(codes, s, o - 8 * s, group)
+    out = ops.linear_int4(ext, x, packed, None, n)
+    if dtype == torch.float32:
+        _close(out, ref, dtype)
+    else:
+        _int4_bound(out, ref, x, packed.dequantize(n, k))
 
 
 def test_int4_packing_rejects_odd_groups_and_bad_scales():
@@ -267,6 +359,8 @@ def test_int4_packing_rejects_odd_groups_and_bad_scales():
         ops.pack_int4_weight(codes, torch.ones(4, 3), torch.zeros(4, 3), 3)
     with pytest.raises(ValueError, match="scales and offsets"):
         ops.pack_int4_weight(codes, torch.ones(4, 1), torch.zeros(4, 1), 4)
+    with pytest.raises(TypeError, match="bf16"):
+        ops.pack_int4_weight(codes, torch.ones(4, 2), torch.zeros(4, 2), 4, centered=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

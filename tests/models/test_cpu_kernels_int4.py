@@ -1,15 +1,19 @@
-"""int4 group-wise linears on our C++ GEMV: the repacking from both layouts the quantization layer keeps (its torch
-nibbles and torch's opaque `cpu_int4pack`), the kernel's product against the module's own, and engine tokens."""
+"""int4 group-wise linears on our C++ kernels: the repacking from both layouts the quantization layer keeps (its torch
+nibbles and torch's opaque `cpu_int4pack`, whose bf16 scale / offset pairs stay bf16), the kernel's product against
+the module's own at every row count (few rows: the group-wise tile; many: dequantized once, torch's GEMM), and
+engine tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from backend.layers.cpu.fused import FusedInt4Product, _int4_groups
+from backend import Engine, SamplingParams
+from backend.layers.cpu.fused import FusedInt4Product, FusedLinear, _int4_groups
 from backend.paths import cache_dir
 from backend.quantization import resolve_quantization
 from flab_kernels.cpu import build as cpu_build
+from flab_kernels.cpu import ops
 from tests.quantization.common import build, load
 
 ISAS = cpu_build.supported_isas(cpu_build.cpu_flags())
@@ -30,13 +34,7 @@ def _module(dtype: torch.dtype, spec: str, n: int = 64, k: int = 256):
 
 
 def _dequant(packed, n: int, k: int) -> torch.Tensor:  # our packing back to (N, K) fp32
-    nb, kp, _ = packed.codes.shape
-    c = packed.codes.permute(0, 2, 1).reshape(nb * 16, kp)
-    codes = torch.stack((c & 0xF, c >> 4), dim=-1).flatten(-2)[:n, :k].float()
-    cols = torch.arange(k) // packed.group_size
-    scales = packed.scales.permute(0, 2, 1).reshape(nb * 16, -1)[:n]
-    offsets = packed.offsets.permute(0, 2, 1).reshape(nb * 16, -1)[:n]
-    return codes * scales[:, cols] + offsets[:, cols]
+    return packed.dequantize(n, k)
 
 
 @pytest.mark.parametrize(
@@ -68,3 +66,69 @@ def test_repacked_weight_is_the_modules_weight(ext, dtype, spec, kernel):
 def test_other_linears_are_not_int4_groups():
     assert _int4_groups(_module(torch.float32, "int8")) is None
     assert _int4_groups(torch.nn.Linear(4, 4)) is None
+
+
+def test_bf16_int4pack_pairs_stay_bf16_and_give_the_fp32_packings_bits(ext):
+    """From a bf16 `cpu_int4pack` module the scale / offset pairs are kept as they are (half the bytes of fp32) and
+    the products are bit for bit those of the fp32 packing of offsets - 8 * scales (the packing before)."""
+    m = _module(torch.bfloat16, "int4:g64")
+    assert m.kernel == "cpu_int4pack"
+    packed = _int4_groups(m)
+    assert packed.centered and packed.scales.dtype == packed.offsets.dtype == torch.bfloat16
+    s = packed.scales.float()
+    fp32 = ops.Int4Packed(packed.codes, s, packed.offsets.float() - 8 * s, packed.group_size)
+    assert packed.scales.nbytes + packed.offsets.nbytes == (fp32.scales.nbytes + fp32.offsets.nbytes) // 2
+    for rows in (1, 4, 7, 40):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        ours = FusedInt4Product(ext, packed, 64, 256, m.bias)(x)
+        assert torch.equal(ours, FusedInt4Product(ext, fp32, 64, 256, m.bias)(x)), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 100])
+def test_every_row_count_runs_ours_close_to_the_modules_product(ext, dtype, rows):
+    """FusedLinear runs our kernel for any row count (prefill included), against the module's own product (bf16:
+    torch's `_weight_int4pack_mm_for_cpu`; fp32: the `torch` kernel's dequantize-and-multiply): fp32 within 1e-5;
+    bf16 within one output rounding each plus, where ours rounds the dequantized weight to bf16 (many rows), that
+    rounding: 2^-8 of |ref| + 2^-8 of sum |x w|."""
+    m = _module(dtype, "int4:g64")
+    assert m.kernel == ("cpu_int4pack" if dtype == torch.bfloat16 else "torch")
+    lin = FusedLinear(m, FusedInt4Product(ext, _int4_groups(m), 64, 256, m.bias))
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    out = lin(x)
+    calls = []
+    lin.inner.register_forward_hook(lambda *a: calls.append(1))
+    lin(x)
+    assert not calls, "the module's own product ran"
+    ref = m(x).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        w = m.dequantize()
+        bound = 2**-8 * ref.abs() + 2**-8 * (x.float().abs() @ w.abs().t()) + 2**-8 * m.bias.float().abs()
+        assert ((out.float() - ref).abs() <= bound).all()
+
+
+PROMPTS = [list(range(1, 60)), [7, 8, 9] * 3, [11]]  # a prefill of 59 rows (dequantized weights), short ones
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def _tokens(path, **options) -> tuple[list[list[int]], dict]:
+    with Engine(str(path), num_kv_blocks=64, model_impl="native", quantization="int4", **options) as engine:
+        outs = engine.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+        return [o.token_ids for o in outs], engine.describe()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_tokens_with_int4_prefill_on_our_kernel(tiny_model, dtype):
+    """Greedy tokens with the int4 products of prefill and decode on our kernels against the torch path: fp32 the
+    same tokens; bf16 the first 6 of every prompt (the tiny random model's next-token distribution is nearly flat,
+    and the two paths round the dequantized weight differently: they part at a near-tie after ~8 tokens)."""
+    path = tiny_model("llama")
+    fused, info = _tokens(path, cpu_kernels="fused", dtype=dtype)
+    plain, _ = _tokens(path, cpu_kernels="torch", dtype=dtype)
+    assert info["cpu_kernels"] == "fused" and info["swapped"]["FusedLinear (C++ GEMV for decode rows)"] > 0
+    if dtype == "float32":
+        assert fused == plain
+    else:
+        assert [t[:6] for t in fused] == [t[:6] for t in plain]

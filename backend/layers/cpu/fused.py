@@ -10,7 +10,8 @@ paged decode.
 - int8 weight-only linears (on-the-fly `int8`: per-row symmetric scales) the same way: our int8 GEMV for
   decode rows (codes widened to fp32 in registers, per-row scales at the end), the quantized module above;
   int4 group-wise linears (contiguous groups: on-the-fly `int4`, GPTQ without act-order, ...) too, repacked
-  to our layout (two codes a byte, 16 rows a block; per-group scale and offset).
+  to our layout (two codes a byte, 16 rows a block; per-group scale and offset), for every row count (prefill
+  included: the weight dequantized once, then torch's GEMM).
 - native models' `RMSNorm` modules run the fused kernel for bf16 / fp32 activations, SiLU MLPs (a module
   whose `act` is "silu": the dense MLP, MoE experts) our SiLU-and-mul (vectorized exp) through
   backend/layers/activation.py's `KernelActivation`, their `RotaryEmbedding` our in-place RoPE over the q | k
@@ -79,8 +80,10 @@ class FusedInt8Product:
 
 
 class FusedInt4Product:
-    """Weight-only int4, group-wise (backend/quantization int4 with contiguous groups), by our kernel for few rows;
-    None for more (the quantized module's own product). Packed from the module's codes, scales and zeros."""
+    """Weight-only int4, group-wise (backend/quantization int4 with contiguous groups), by our kernel for every row
+    count: the group-wise tile for few rows, the weight dequantized once and torch's GEMM for many (faster than
+    the module's own `cpu_int4pack` product at every count measured, 1-512 rows: docs/cpu_kernels.md). Packed from
+    the module's codes, scales and zeros."""
 
     def __init__(self, ext: ModuleType, weight: ops.Int4Packed, n: int, k: int, bias: torch.Tensor | None) -> None:
         self.ext = ext
@@ -89,7 +92,7 @@ class FusedInt4Product:
         self.bias = None if bias is None else bias.detach().float().contiguous()  # (N,) fp32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (..., K) -> (..., N) or None
-        if x.dtype not in FUSED_DTYPES or x.numel() > FUSED_MAX_ROWS * self.in_features or x.device.type != "cpu":
+        if x.dtype not in FUSED_DTYPES or x.device.type != "cpu":
             return None
         return ops.linear_int4(self.ext, x, self.packed, self.bias, self.out_features)
 
@@ -258,14 +261,17 @@ def _int4_groups(module: nn.Module) -> ops.Int4Packed | None:
         scales = module.w_scales.float()  # (N, G)
         zeros = module.w_zeros.float() if module.w_zeros is not None else torch.zeros_like(scales)
         return ops.pack_int4_weight(int4_codes(q, k), scales, -(8 + zeros) * scales, group)
-    pairs = module.w_scales.float()  # (G, N, 2): scale, offset
-    scales, offsets = pairs[..., 0].t(), pairs[..., 1].t()  # (N, G)
+    pairs = module.w_scales  # (G, N, 2): scale, offset (the model's dtype)
+    scales, offsets = pairs[..., 0].t().float(), pairs[..., 1].t().float()  # (N, G)
     g = scales.shape[1]
     w = module.dequantize().view(n, g, group)  # (N, G, gs) fp32
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)
     codes = torch.round((w - offsets[..., None]) / safe[..., None]) + 8
     codes = torch.where(scales[..., None] == 0, torch.full_like(codes, 8), codes).clamp(0, 15)
-    return ops.pack_int4_weight(codes.view(n, k).to(torch.uint8), scales, offsets - 8 * scales, group)
+    codes = codes.view(n, k).to(torch.uint8)
+    if pairs.dtype == torch.bfloat16:  # kept as they are (half the bytes of fp32), the code bias in the kernel
+        return ops.pack_int4_weight(codes, pairs[..., 0].t(), pairs[..., 1].t(), group, centered=True)
+    return ops.pack_int4_weight(codes, scales, offsets - 8 * scales, group)
 
 
 def fuse_linears(model: nn.Module, ext: ModuleType) -> int:

@@ -15,7 +15,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16_dot", &flab::has_bf16_dot, "bf16 pairs multiplied natively (AVX512-BF16)");
   m.def("linear", &flab::linear, "x (M, K) @ packed W.T (+ fp32 bias) -> (M, N)");
   m.def("linear_int8", &flab::linear_int8, "x (M, K) @ (int8 packed Q * scales).T (+ fp32 bias) -> (M, N)");
-  m.def("linear_int4", &flab::linear_int4, "x (M, K) @ (int4 group-wise W).T (+ fp32 bias) -> (M, N)");
+  m.def("linear_int4", &flab::linear_int4, "x (M, K) @ (int4 group-wise W).T (+ fp32 bias) -> (M, N)", py::arg("x"),
+        py::arg("packed"), py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("N"), py::arg("K"),
+        py::arg("group_size"), py::arg("mm_rows") = flab::kInt4MmRows);
   m.def("rms_norm", &flab::rms_norm, "RMSNorm with optional residual add -> (out, x + residual)");
   m.def("rope", &flab::rope, "rotary embedding in place over (T, heads * D) rows");
   m.def("silu_and_mul", &flab::silu_and_mul, "silu(x[:, :I]) * x[:, I:]");

@@ -29,6 +29,9 @@ inline void vnibbles(const uint8_t* p, vf& lo, vf& hi) {  // L bytes -> (low nib
   lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xf)));
   hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
+inline vf vload_bf16(const uint16_t* p) {  // L bf16 -> fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
 inline void vpairs(const uint16_t* p, vf& even, vf& odd) {  // L bf16 pairs -> (w[., k], w[., k + 1]) as fp32
   __m512i v = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -50,6 +53,9 @@ inline void vnibbles(const uint8_t* p, vf& lo, vf& hi) {
   const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xf)));
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+inline vf vload_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 inline void vpairs(const uint16_t* p, vf& even, vf& odd) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -143,11 +149,23 @@ void tile_i8(const float* x, int64_t xs, const int8_t* w, int64_t K, float* acc_
     for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
 }
 
+// int4 scales / offsets of L rows: fp32 as stored (w = code * scale + offset); bf16 pairs of torch's cpu_int4pack
+// (w = (code - 8) * scale + offset) widened, the code bias folded into the offset: offset - 8 * scale, one fp32
+// rounding (8 * scale is exact), the value the fp32 packing stores
+inline void vscale(const float* s, const float* o, vf& sv, vf& ov) {
+  sv = vload(s);
+  ov = vload(o);
+}
+inline void vscale(const uint16_t* s, const uint16_t* o, vf& sv, vf& ov) {
+  sv = vload_bf16(s);
+  ov = vfma(vbcast(-8.0f), sv, vload_bf16(o));
+}
+
 // int4 group-wise: per group, the partial sums of x times the raw codes (0..15), then times the group's scale
-// plus its offset times the sum of x over the group (w = code * scale + offset)
-template <int MT, int NB>
+// plus its offset times the sum of x over the group (w = code * scale + offset); S: the scales' storage
+template <int MT, int NB, typename S>
 void tile_i4(const float* x, int64_t xs, const float* xsum, int64_t G, const uint8_t* w, int64_t KP, int64_t gp,
-             const float* sc, const float* of, float* acc_out) {
+             const S* sc, const S* of, float* acc_out) {
   vf acc[MT][NB * R];
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < NB * R; ++j) acc[m][j] = vzero();
@@ -167,13 +185,59 @@ void tile_i4(const float* x, int64_t xs, const float* xsum, int64_t G, const uin
     }
     for (int b = 0; b < NB; ++b)
       for (int r = 0; r < R; ++r) {
-        const vf s = vload(sc + b * ss + g * kBlock + r * L), o = vload(of + b * ss + g * kBlock + r * L);
+        vf s, o;
+        vscale(sc + b * ss + g * kBlock + r * L, of + b * ss + g * kBlock + r * L, s, o);
         for (int m = 0; m < MT; ++m)
           acc[m][b * R + r] = vfma(part[m][b * R + r], s, vfma(o, vbcast(xsum[m * G + g]), acc[m][b * R + r]));
       }
   }
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < NB * R; ++j) vstore(acc_out + m * NB * kBlock + j * L, acc[m][j]);
+}
+
+// fp32 -> bf16 bits, round to nearest even (f32_to_bf16 in vec.h for finite values), in the low 16 bits of each lane
+#if defined(__AVX512F__)
+inline void vstore_bf16(uint16_t* p, vf v) {
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                         _mm512_set1_epi32(1))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+#else
+inline void vstore_bf16(uint16_t* p, vf v) {
+  __m256i u = _mm256_castps_si256(v);
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                                                         _mm256_set1_epi32(1))));
+  u = _mm256_srli_epi32(u, 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08);  // 8 x u16 in the low half
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+#endif
+
+// packed int4 blocks [b0, b1) -> rows k of W^T (K, ld): out[k, b * 16 + j] = code * scale + offset in fp32, stored
+// fp32 or rounded once to bf16
+template <typename S>
+void dequant_i4_kn(const uint8_t* w, int64_t KP, int64_t G, int64_t gp, const S* sc, const S* of, int64_t ld,
+                   int64_t b0, int64_t b1, void* out, bool out_bf16) {
+  const int64_t bs = KP * kBlock, ss = G * kBlock;
+  for (int64_t blk = b0; blk < b1; ++blk)
+    for (int64_t g = 0; g < G; ++g)
+      for (int r = 0; r < R; ++r) {
+        vf s, o;
+        vscale(sc + blk * ss + g * kBlock + r * L, of + blk * ss + g * kBlock + r * L, s, o);
+        for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
+          vf lo, hi;
+          vnibbles(w + blk * bs + p * kBlock + r * L, lo, hi);
+          const int64_t i = 2 * p * ld + blk * kBlock + r * L;
+          if (out_bf16) {
+            vstore_bf16(static_cast<uint16_t*>(out) + i, vfma(lo, s, o));
+            vstore_bf16(static_cast<uint16_t*>(out) + i + ld, vfma(hi, s, o));
+          } else {
+            vstore(static_cast<float*>(out) + i, vfma(lo, s, o));
+            vstore(static_cast<float*>(out) + i + ld, vfma(hi, s, o));
+          }
+        }
+      }
 }
 
 // (mt, nb) -> the tile instantiation, for each kind of tile
@@ -200,16 +264,20 @@ using TileBf16F32x = void (*)(const float*, int64_t, const uint16_t*, int64_t, f
 using TileBf16Dot = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*);
 using TileF32 = void (*)(const float*, int64_t, const float*, int64_t, float*);
 using TileI8 = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
-using TileI4 = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t*, int64_t, int64_t, const float*,
-                        const float*, float*);
+template <typename S>
+using TileI4 = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t*, int64_t, int64_t, const S*,
+                        const S*, float*);
 template <int MT, int NB>
 struct Bf16F32x { static constexpr TileBf16F32x fn = tile_bf16_f32x<MT, NB>; };
 template <int MT, int NB>
 struct F32 { static constexpr TileF32 fn = tile_f32<MT, NB>; };
 template <int MT, int NB>
 struct I8 { static constexpr TileI8 fn = tile_i8<MT, NB>; };
-template <int MT, int NB>
-struct I4 { static constexpr TileI4 fn = tile_i4<MT, NB>; };
+template <typename S>
+struct I4 {
+  template <int MT, int NB>
+  struct T { static constexpr TileI4<S> fn = tile_i4<MT, NB, S>; };
+};
 #if defined(__AVX512BF16__)
 template <int MT, int NB>
 struct Bf16Dot { static constexpr TileBf16Dot fn = tile_bf16_dot<MT, NB>; };
@@ -293,9 +361,12 @@ void gemv_i8_blocks(const float* x, int64_t M, int64_t x_stride, const int8_t* w
   }
 }
 
-void gemv_i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xsum, int64_t G, const uint8_t* w,
-                    int64_t KP, int64_t group_pairs, const float* scales, const float* offsets, const float* bias,
-                    int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+namespace {
+
+template <typename S>
+void i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xsum, int64_t G, const uint8_t* w, int64_t KP,
+               int64_t group_pairs, const S* scales, const S* offsets, const float* bias, int64_t N, int64_t b0,
+               int64_t b1, void* out, bool out_bf16) {
   constexpr int NB4 = 2;  // two blocks per tile: the per-group partial sums double the live accumulators
   alignas(64) float acc[MT_MAX * NB4 * kBlock];
   const int64_t bs = KP * kBlock, ss = G * kBlock;
@@ -303,12 +374,37 @@ void gemv_i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xs
     const int nb = static_cast<int>(std::min<int64_t>(NB4, b1 - blk));
     for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
       const int mt = static_cast<int>(std::min<int64_t>(MT_MAX, M - m0));
-      const TileI4 fn = nb == 1 ? pick_m<TileI4, I4, 1>(mt) : pick_m<TileI4, I4, NB4>(mt);
+      const TileI4<S> fn = nb == 1 ? pick_m<TileI4<S>, I4<S>::template T, 1>(mt)
+                                   : pick_m<TileI4<S>, I4<S>::template T, NB4>(mt);
       fn(x + m0 * x_stride, x_stride, xsum + m0 * G, G, w + blk * bs, KP, group_pairs, scales + blk * ss,
          offsets + blk * ss, acc);
       write_tile(acc, mt, nb, m0, blk, bias, N, out, out_bf16);
     }
   }
+}
+
+}  // namespace
+
+void gemv_i4_blocks(const float* x, int64_t M, int64_t x_stride, const float* xsum, int64_t G, const uint8_t* w,
+                    int64_t KP, int64_t group_pairs, const void* scales, const void* offsets, bool bf16_scales,
+                    const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+  if (bf16_scales)
+    i4_blocks(x, M, x_stride, xsum, G, w, KP, group_pairs, static_cast<const uint16_t*>(scales),
+              static_cast<const uint16_t*>(offsets), bias, N, b0, b1, out, out_bf16);
+  else
+    i4_blocks(x, M, x_stride, xsum, G, w, KP, group_pairs, static_cast<const float*>(scales),
+              static_cast<const float*>(offsets), bias, N, b0, b1, out, out_bf16);
+}
+
+void dequant_i4_blocks(const uint8_t* w, int64_t KP, int64_t G, int64_t group_pairs, const void* scales,
+                       const void* offsets, bool bf16_scales, int64_t ld, int64_t b0, int64_t b1, void* out,
+                       bool out_bf16) {
+  if (bf16_scales)
+    dequant_i4_kn(w, KP, G, group_pairs, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(offsets),
+                  ld, b0, b1, out, out_bf16);
+  else
+    dequant_i4_kn(w, KP, G, group_pairs, static_cast<const float*>(scales), static_cast<const float*>(offsets), ld,
+                  b0, b1, out, out_bf16);
 }
 
 }  // namespace flab

@@ -124,7 +124,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
 
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
-                          int64_t group_size) {
+                          int64_t group_size, int64_t mm_rows) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "linear_int4: x must be (M, ", K, "), got ", x.sizes());
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "linear_int4: the group size must be even");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == flab::kBlock &&
@@ -132,30 +132,46 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
                   2 * packed.size(1) >= K,
               "linear_int4: int4 packing");
   const int64_t NB = packed.size(0), KP = packed.size(1), G = 2 * KP / group_size;
+  const bool bf16_scales = scales.scalar_type() == at::kBFloat16;
   for (const auto* t : {&scales, &offsets})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == NB &&
-                    t->size(1) == G && t->size(2) == flab::kBlock,
-                "linear_int4: scales and offsets must be fp32 (NB, G, 16)");
+    TORCH_CHECK((t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                    t->scalar_type() == scales.scalar_type() && t->is_contiguous() && t->dim() == 3 &&
+                    t->size(0) == NB && t->size(1) == G && t->size(2) == flab::kBlock,
+                "linear_int4: scales and offsets must be both fp32 or both bf16 (NB, G, 16)");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
               "linear_int4: bias must be fp32 (N,)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "linear_int4: x must be bf16 or fp32");
   const int64_t M = x.size(0);
+  if (M == 0) return torch::empty({M, N}, x.options());
+  const auto* w = packed.data_ptr<uint8_t>();
+  const void* sp = scales.data_ptr();
+  const void* op_ = offsets.data_ptr();
+  if (M >= mm_rows) {  // many rows: the weight dequantized once, torch's GEMM (oneDNN, AMX where present) over it
+    auto wt = torch::empty({2 * KP, NB * flab::kBlock}, x.options());  // W^T, in x's dtype
+    const bool wt_bf16 = wt.scalar_type() == at::kBFloat16;
+    void* wtp = wt.data_ptr();
+    claim_parallel(NB, N * K, 1, [&](int64_t b0, int64_t b1) {
+      flab::dequant_i4_blocks(w, KP, G, group_size / 2, sp, op_, bf16_scales, NB * flab::kBlock, b0, b1, wtp, wt_bf16);
+    });
+    auto xin = 2 * KP != K ? at::constant_pad_nd(x, {0, 2 * KP - K}) : x;
+    auto y = at::mm(xin, wt);  // (M, NB * 16)
+    if (NB * flab::kBlock != N) y = y.narrow(1, 0, N);
+    if (bias) y.add_(*bias);  // computed in fp32, rounded to x's dtype (as the module's y + bias)
+    return y.contiguous();
+  }
   auto out = torch::empty({M, N}, x.options());
-  if (M == 0) return out;
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  void* op = out.data_ptr();
+  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
   auto xin = x.to(at::kFloat);
   if (2 * KP != K) xin = at::constant_pad_nd(xin, {0, 2 * KP - K});
   xin = xin.contiguous();
   auto xsum = xin.view({M, G, group_size}).sum(-1).contiguous();  // (M, G)
   const float* xp = xin.data_ptr<float>();
   const float* xs = xsum.data_ptr<float>();
-  const auto* w = packed.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* op_ = offsets.data_ptr<float>();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  void* op = out.data_ptr();
-  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
   claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
-    flab::gemv_i4_blocks(xp, M, 2 * KP, xs, G, w, KP, group_size / 2, sp, op_, b, N, b0, b1, op, out_bf16);
+    flab::gemv_i4_blocks(xp, M, 2 * KP, xs, G, w, KP, group_size / 2, sp, op_, bf16_scales, b, N, b0, b1, op,
+                         out_bf16);
   });
   return out;
 }

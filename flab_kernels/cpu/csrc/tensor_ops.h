@@ -15,10 +15,14 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
 // x (M, K) bf16 / fp32 -> (M, N) in x's dtype: (x @ Q.T) * scales + bias, Q int8 packed [NB][K][16]
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K);
-// x (M, K) bf16 / fp32 -> (M, N) in x's dtype: x @ W.T + bias, W int4 group-wise (gemv.h): w = code * scale + offset
+// x (M, K) bf16 / fp32 -> (M, N) in x's dtype: x @ W.T + bias, W int4 group-wise (gemv.h): fp32 scales / offsets
+// w = code * scale + offset, bf16 ones (torch's cpu_int4pack pairs) w = (code - 8) * scale + offset. Below mm_rows
+// rows the group-wise tile over the packed codes (the codes read once for every row: the rows loop inside each
+// block); from mm_rows on the weight dequantized once into W^T of x's dtype (bf16: rounded once) and torch's GEMM
+constexpr int64_t kInt4MmRows = 32;  // measured (docs/cpu_kernels.md, backend/tools/bench_int4_rows.py)
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
-                          int64_t group_size);
+                          int64_t group_size, int64_t mm_rows = kInt4MmRows);
 // x (T, H) [+ residual (T, H)] -> (out, x + residual); without residual the second tensor is empty
 std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                                   const torch::Tensor& weight, double eps, double offset);

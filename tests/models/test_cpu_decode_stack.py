@@ -93,7 +93,9 @@ def test_the_torch_path_has_no_stack(tiny_model):
         assert e.model.model.cpu_decode is None
 
 
-@pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("float32", None), ("float32", "int8")])
+@pytest.mark.parametrize(
+    "dtype,quantization", [("bfloat16", None), ("float32", None), ("float32", "int8"), ("bfloat16", "int4")]
+)
 def test_more_rows_than_the_gemv_takes(tiny_model, dtype, quantization):
     """Eight requests decode in steps of more than FUSED_MAX_ROWS rows (bf16: oneDNN's prepacked GEMM called from
     C++; fp32 and int8: the wrapped module called back in Python), then of fewer (our GEMV): the same bits as the

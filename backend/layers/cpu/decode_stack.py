@@ -56,8 +56,8 @@ class DecodeLayerParts:
 
 
 def _gemv(ext: ModuleType, module: nn.Module):  # -> ext.GemvWeight | None
-    """Our kernel up to FUSED_MAX_ROWS rows; above, oneDNN's prepacked GEMM from C++ (a `PackedLinear` inside) or
-    the module itself (called back in Python), as the per-module path runs them."""
+    """Our kernel up to FUSED_MAX_ROWS rows (int4: every row count); above, oneDNN's prepacked GEMM from C++ (a
+    `PackedLinear` inside) or the module itself (called back in Python), as the per-module path runs them."""
     if not isinstance(module, FusedLinear):
         return None
     p, inner = module.product, module.inner
@@ -70,9 +70,9 @@ def _gemv(ext: ModuleType, module: nn.Module):  # -> ext.GemvWeight | None
         return ext.GemvWeight("dense", p.packed, None, None, p.bias, n, k, **rows)
     if isinstance(p, FusedInt8Product):
         return ext.GemvWeight("int8", p.packed, p.scales, None, p.bias, n, k, **rows)
-    if isinstance(p, FusedInt4Product):
+    if isinstance(p, FusedInt4Product):  # our int4 kernel takes every row count (FusedInt4Product)
         w = p.packed
-        return ext.GemvWeight("int4", w.codes, w.scales, w.offsets, p.bias, n, k, w.group_size, **rows)
+        return ext.GemvWeight("int4", w.codes, w.scales, w.offsets, p.bias, n, k, w.group_size)
     return None
 
 

@@ -154,7 +154,8 @@ class FusedLinear(nn.Module):
         return self.inner(x) if out is None else out
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, C++ GEMV up to {FUSED_MAX_ROWS} rows"
+        rows = "every row count" if isinstance(self.product, FusedInt4Product) else f"up to {FUSED_MAX_ROWS} rows"
+        return f"in_features={self.in_features}, out_features={self.out_features}, C++ kernel for {rows}"
 
 
 class FusedRMSNorm(RMSNorm):

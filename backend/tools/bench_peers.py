@@ -190,6 +190,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds after which no new round starts (the report says)"
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds of quiet before each system's turn: a peer's OpenMP threads spin on after its work (Intel "
+        "OpenMP's default block time is 200 ms) and took cores from the next system's first request",
+    )
     parser.add_argument("--json", default=None, help="write every number here (default: the cache's bench/)")
     args = parser.parse_args(argv)
     for name in ("rounds", "threads", "prompt_len", "new_tokens", "num_requests"):
@@ -284,6 +291,7 @@ def _rounds(
             system = running.get(result.spec.name)
             if system is None:
                 continue
+            time.sleep(args.settle)  # the previous system's threads stop spinning (OpenMP's block time) first
             try:
                 one = run_round(system, latency, throughput, args.request_timeout)
             except Exception as e:  # one system's failure leaves the others measured

@@ -216,4 +216,3 @@ def paged_decode(
         int(sliding_window or 0),
         None if sinks is None else sinks.float().contiguous(),
     )
-

@@ -6,7 +6,6 @@
 
 #include <cstring>
 #include <utility>
-#include <vector>
 
 #include "attention.h"
 #include "claim.h"
@@ -325,9 +324,10 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
     return out;
   }
   const int64_t G = Hq / Hkv, DV = shape.v_head_dim, BS = shape.block_size;
-  auto state = torch::empty({items * chunks, G * (2 + DV)}, q.options().dtype(at::kFloat));  // m | l | acc
+  // per item, field by field as the merge reads them: m (chunks, G) | l (chunks, G) | acc (chunks, G, DV)
+  const int64_t per_item = chunks * G * (2 + DV);
+  auto state = torch::empty({items, per_item}, q.options().dtype(at::kFloat));
   float* st = state.data_ptr<float>();
-  const int64_t row = G * (2 + DV);
   auto chunk_range = [&](int64_t s, int64_t c) {  // chunk c of sequence s: tokens [t0, t1), whole blocks
     const int64_t begin = flab::window_begin(lens[s], shape);
     const int64_t per = ((lens[s] - begin + chunks - 1) / chunks + BS - 1) / BS * BS;
@@ -338,31 +338,26 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t item = i / chunks, c = i % chunks, s = item / Hkv, h = item % Hkv;
       const auto [t0, t1] = chunk_range(s, c);
-      float* m = st + i * row;
+      float* m = st + item * per_item + c * G;
+      float* l = m + chunks * G;
+      float* acc = st + item * per_item + 2 * chunks * G + c * G * DV;
       const int32_t* table = tables + s * shape.max_blocks;
       if (bf16)
         flab::paged_decode_partial<uint16_t>(ptr<uint16_t>(q) + s * shape.q_stride, ptr<uint16_t>(k_cache),
-                                             ptr<uint16_t>(v_cache), table, t0, t1, h, shape, m, m + G, m + 2 * G);
+                                             ptr<uint16_t>(v_cache), table, t0, t1, h, shape, m, l, acc);
       else
         flab::paged_decode_partial<float>(ptr<float>(q) + s * shape.q_stride, ptr<float>(k_cache),
-                                          ptr<float>(v_cache), table, t0, t1, h, shape, m, m + G, m + 2 * G);
+                                          ptr<float>(v_cache), table, t0, t1, h, shape, m, l, acc);
     }
   });
-  // merge: the chunks of an item are rows [item * chunks, (item + 1) * chunks) of (m | l | acc); regroup by field
-  for (int64_t item = 0; item < items; ++item) {
+  for (int64_t item = 0; item < items; ++item) {  // merge each item's chunks
     const int64_t s = item / Hkv, h = item % Hkv;
-    std::vector<float> m(chunks * G), l(chunks * G), acc(chunks * G * DV);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* r = st + (item * chunks + c) * row;
-      std::copy(r, r + G, m.begin() + c * G);
-      std::copy(r + G, r + 2 * G, l.begin() + c * G);
-      std::copy(r + 2 * G, r + row, acc.begin() + c * G * DV);
-    }
+    const float* m = st + item * per_item;
     if (bf16)
-      flab::paged_decode_merge<uint16_t>(m.data(), l.data(), acc.data(), chunks, h, sink, shape,
+      flab::paged_decode_merge<uint16_t>(m, m + chunks * G, m + 2 * chunks * G, chunks, h, sink, shape,
                                          ptr<uint16_t>(out) + s * Hq * DV);
     else
-      flab::paged_decode_merge<float>(m.data(), l.data(), acc.data(), chunks, h, sink, shape,
+      flab::paged_decode_merge<float>(m, m + chunks * G, m + 2 * chunks * G, chunks, h, sink, shape,
                                       ptr<float>(out) + s * Hq * DV);
   }
   return out;

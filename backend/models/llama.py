@@ -170,7 +170,7 @@ class DecoderModel(nn.Module):
         parts = [layer.decode_parts() for layer in self.layers]
         if self.rotary_emb.cpu_kernel is None or any(p is None for p in parts):
             return False
-        self.cpu_decode = build_decode_stack(ext, parts)
+        self.cpu_decode = build_decode_stack(ext, parts, list(self.layers.modules()))
         return self.cpu_decode is not None
 
 

@@ -120,14 +120,17 @@ def test_more_rows_than_the_gemv_takes(tiny_model, dtype, quantization):
     assert with_stack == without
 
 
-def test_a_hooked_module_sends_steps_through_the_modules(tiny_model):
-    """A hook on an attention module (the lab's trace records calls that way) must see every step."""
+@pytest.mark.parametrize("where", ["attention", "mlp"])
+def test_a_hooked_module_sends_steps_through_the_modules(tiny_model, where):
+    """A hook on a module the stack stands in for (the lab's trace hooks attention modules; a user may hook any)
+    must see every step."""
     with Engine(str(tiny_model("llama")), model_impl="native", cpu_kernels="fused", num_kv_blocks=64) as e:
         model = e.model.model
         counting = CountingStack(model.cpu_decode.stack)
         model.cpu_decode.stack = counting
         calls = []
-        handle = model.layers[0].self_attn.attn.register_forward_pre_hook(lambda m, args: calls.append(1))
+        module = model.layers[0].self_attn.attn if where == "attention" else model.layers[0].mlp
+        handle = module.register_forward_pre_hook(lambda m, args: calls.append(1))
         try:
             counting.rows.clear()
             _run(e, PROMPTS)

@@ -123,7 +123,7 @@ class CpuDecodeStack:
         self.stack = stack  # ext.DecodeStack
         self.dtype = dtype
         self.head_dims = head_dims
-        self.modules = modules  # the layers' modules: one with a hook (the lab's attention trace) must be called
+        self.modules = modules  # every module of the layers: one with a hook (the lab's trace, a user's) must be called
 
     def hooked(self) -> bool:
         return any(m._forward_pre_hooks or m._forward_hooks for m in self.modules)
@@ -157,8 +157,11 @@ class CpuDecodeStack:
         )
 
 
-def build_decode_stack(ext: ModuleType, layers: list[DecodeLayerParts]) -> CpuDecodeStack | None:
-    """The stack over `layers` when each is the plain shape on our kernels (after fused.py's swaps), else None."""
+def build_decode_stack(
+    ext: ModuleType, layers: list[DecodeLayerParts], modules: list[nn.Module]
+) -> CpuDecodeStack | None:
+    """The stack over `layers` when each is the plain shape on our kernels (after fused.py's swaps), else None.
+    `modules`: every module the stack stands in for; a step where one of them has a hook runs them instead."""
     if not layers:
         return None
     dtype = layers[0].input_norm.weight.dtype
@@ -168,4 +171,4 @@ def build_decode_stack(ext: ModuleType, layers: list[DecodeLayerParts]) -> CpuDe
     if any(layer is None for layer in built):
         return None
     head_dims = {parts.attn.head_dim for parts in layers}
-    return CpuDecodeStack(ext.DecodeStack(built), dtype, head_dims, [parts.attn for parts in layers])
+    return CpuDecodeStack(ext.DecodeStack(built), dtype, head_dims, modules)

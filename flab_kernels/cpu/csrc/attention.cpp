@@ -158,6 +158,16 @@ inline void pv_block(const T* vb, int64_t v_row, int64_t n, const float* p, int6
   }
 }
 
+// Ask for the n rows (`row` elements apart, `bytes` each) of one head of a cache block: the blocks of a sequence lie
+// anywhere in the cache, so the hardware prefetchers cannot run ahead of a block boundary
+template <typename T>
+inline void prefetch_rows(const T* first, int64_t row, int64_t n, int64_t bytes) {
+  for (int64_t j = 0; j < n; ++j) {
+    const char* p = reinterpret_cast<const char*>(first + j * row);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+  }
+}
+
 // The online-softmax state of one (sequence, KV head) over the tokens [t0, t1) of its sequence, per head of the
 // group: running max m (G), running sum l (G), unnormalized output acc (G, DV). HD > 0: head_dim == v_head_dim ==
 // HD known at compile time (the row loops unrolled); 0: read from the shape.
@@ -191,6 +201,12 @@ void decode_range(const T* q, const T* k_cache, const T* v_cache, const int32_t*
     const int64_t lo = std::max(t0, b * BS) - b * BS, hi = std::min(t1, (b + 1) * BS) - b * BS, n = hi - lo;
     const T* kb = k_cache + block * BS * k_row + kv_head * D;
     const T* vb = v_cache + block * BS * v_row + kv_head * DV;
+    if (b == t0 / BS) prefetch_rows(vb + lo * v_row, v_row, n, DV * sizeof(T));  // K: read at once
+    if ((b + 1) * BS < t1) {  // the next block's rows arrive while this one is computed
+      const int64_t next = table[b + 1], nn = std::min(t1 - (b + 1) * BS, BS);
+      prefetch_rows(k_cache + next * BS * k_row + kv_head * D, k_row, nn, D * sizeof(T));
+      prefetch_rows(v_cache + next * BS * v_row + kv_head * DV, v_row, nn, DV * sizeof(T));
+    }
 #if defined(__AVX512BF16__)
     if (pairs) {
       for (int64_t j = lo; j < hi; j += 16)

@@ -4,15 +4,13 @@ tab's per-step breakdown, read from the engine's describe() and the step's atten
 With the fused kernels loaded, each module still picks per call: our paged decode kernel for decode-only steps
 (`FusedPagedAttention` in native models; the transformers implementation's injected attention reaches it through
 the torch attention backend, which holds the kernels: backend/layers/attention_backends.py), our GEMV for
-products of up to FUSED_MAX_ROWS rows (`FusedLinear`), our RMSNorm (native models); larger products and
+products of up to describe()'s `cpu_kernel_rows` rows (`FusedLinear`: 4, 32 for bf16 on AMX tiles), our RMSNorm (native models); larger products and
 prefill / mixed steps run the module they wrap. A native Llama-shaped model runs its decode-only steps through
 every layer in one C++ call (the decode stack, backend/layers/cpu/decode_stack.py: the same kernels, no Python
 between them); a traced step runs module by module, so that its attention calls can be recorded.
 """
 
 from __future__ import annotations
-
-from backend.layers.cpu.fused import FUSED_MAX_ROWS
 
 FUSED_ATTENTION = "FusedPagedAttention"
 
@@ -41,11 +39,11 @@ def kernel_path_markdown(info: dict, calls) -> str:
     if chosen != "fused":
         return f"{head}. In this step: attention {attention_path(c)}; linears and norms as torch ops."
     backend_kernel = info.get("attention_backend", "torch") == "torch"  # the backend that holds our decode kernel
-    rows = c.num_tokens
+    rows, limit = c.num_tokens, info.get("cpu_kernel_rows", 0)
     linears = (
-        f"our C++ GEMV ({rows} token rows ≤ {FUSED_MAX_ROWS})"
-        if rows <= FUSED_MAX_ROWS
-        else f"the module they wrap (oneDNN GEMM: {rows} token rows > {FUSED_MAX_ROWS}, where our GEMV is slower)"
+        f"our C++ kernel ({rows} token rows ≤ {limit})"
+        if rows <= limit
+        else f"the module they wrap (oneDNN GEMM: {rows} token rows > {limit}, where ours is slower)"
     )
     native = c.module_class == FUSED_ATTENTION
     norms = "our fused RMSNorm (+ residual)" if native else "transformers' own modules (torch ops)"

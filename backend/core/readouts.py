@@ -196,6 +196,7 @@ def describe_engine(engine) -> dict:
         cpu_linears=loaded.num_cpu_linears,
         cpu_kernels=loaded.cpu_kernels,
         cpu_kernels_reason=loaded.cpu_kernels_reason,
+        cpu_kernel_rows=loaded.cpu_kernel_rows,
         decode_weight_bytes=engine.decode_weight_bytes,
         images=describe_images(loaded.processor),  # an image-text model: its processor, or why none
         weights_bytes=engine.weights_bytes,

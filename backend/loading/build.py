@@ -65,6 +65,7 @@ class LoadedModel:
     processor: LoadedProcessor | None = None  # an image-text model's processor (backend/loading/processor.py)
     cpu_kernels: str = "torch"  # "fused": our C++ CPU kernels run (EngineConfig.cpu_kernels), else "torch"
     cpu_kernels_reason: str = ""  # which kernels, or why the torch path runs
+    cpu_kernel_rows: int = 0  # linears run our product up to this many rows (fused.py KernelUse.max_rows)
     # the loaded C++ CPU kernels when they run: the torch attention backend's decode-only steps use them (parts.py)
     cpu_kernel_module: ModuleType | None = None
 
@@ -265,7 +266,9 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         quantize_experts(model, method)  # experts not quantized while streaming (transformers' converter loaded them)
     model.eval()
     cpu_linear, swapped_linears = _swap_cpu_linears(model, cfg.cpu_linear, device, dtype)
-    kernels, kernels_reason, kernel_module = _use_cpu_kernels(model, cfg.cpu_kernels, device, dtype, impl == "native")
+    kernels, kernels_reason, kernel_module, kernel_rows = _use_cpu_kernels(
+        model, cfg.cpu_kernels, device, dtype, impl == "native"
+    )
     if impl == "transformers":
         model.probe_kv_layout(device)  # the KV cache layout from one forward; refuses what the cache cannot hold
         if is_image_text_config(hf_config) and processor.processor is not None:
@@ -287,7 +290,8 @@ def load_model(cfg: EngineConfig, progress: Callable | None = None) -> LoadedMod
         processor if is_image_text_config(hf_config) else None,
         kernels,
         kernels_reason,
-        kernel_module,
+        cpu_kernel_module=kernel_module,
+        cpu_kernel_rows=kernel_rows,
     )
 
 
@@ -332,19 +336,20 @@ def choose_cpu_kernels(requested: str, device: torch.device, dtype: torch.dtype)
 
 def _use_cpu_kernels(
     model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype, native: bool
-) -> tuple[str, str, ModuleType | None]:
-    """("fused" | "torch", reason, the loaded kernel module or None): the model's modules swapped for our kernels
-    where they run; the module also goes to the torch attention backend (its decode-only steps, both
-    implementations)."""
+) -> tuple[str, str, ModuleType | None, int]:
+    """("fused" | "torch", reason, the loaded kernel module or None, the linears' row limit): the model's modules
+    swapped for our kernels where they run; the module also goes to the torch attention backend (its decode-only
+    steps, both implementations)."""
     from flab_kernels.cpu.build import cpu_kernels
 
     use, reason = choose_cpu_kernels(requested, device, dtype)
     if not use:
-        return "torch", reason, None
+        return "torch", reason, None, 0
     ext = cpu_kernels(paths.cache_dir()).module
-    count, stacked = use_cpu_kernels(model, ext, native)
-    stack = "; decode steps through every layer in one C++ call" if stacked else ""
-    return "fused", f"{reason}: {count} modules{stack}", ext
+    used = use_cpu_kernels(model, ext, native)
+    rows = f"; linears ours up to {used.max_rows} rows" if used.max_rows else ""
+    stack = "; decode steps through every layer in one C++ call" if used.stacked else ""
+    return "fused", f"{reason}: {used.modules} modules{rows}{stack}", ext, used.max_rows
 
 
 def _swap_cpu_linears(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:

@@ -37,6 +37,11 @@ SOURCES = (
 )
 # instruction set -> the CPU flags it needs and the compiler flags it is built with (best first)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "amx": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "amx_tile", "amx_bf16"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mavx2", "-mf16c")
+        + ("-mamx-tile", "-mamx-bf16"),
+    ),
     "avx512bf16": (
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"),
         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mavx2", "-mf16c"),

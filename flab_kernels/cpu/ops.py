@@ -131,6 +131,12 @@ def linear_int8(
     return ext.linear_int8(x.reshape(-1, k), packed, scales, bias, n, k).view(*x.shape[:-1], n)
 
 
+def linear_max_rows(ext: ModuleType, packed: torch.Tensor) -> int:
+    """The most rows for which `linear` (an int8 packing: `linear_int8`) is the product to run on this packed weight
+    here: 4 (GEMV tiles), 32 for bf16 on AMX tiles; above, oneDNN is faster (docs/cpu_kernels.md)."""
+    return int(ext.linear_max_rows(packed))
+
+
 def linear(
     ext: ModuleType, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int
 ) -> torch.Tensor:  # (..., K) -> (..., N); bias fp32 (N,)

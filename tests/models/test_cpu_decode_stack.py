@@ -1,13 +1,12 @@
 """The C++ decode stack (backend/layers/cpu/decode_stack.py): which native models get it, the same bits as the
 per-module path on our kernels (logprobs of every chosen token compared exactly), and the steps it leaves to
-the modules (prefill, more than FUSED_MAX_ROWS rows, a hooked attention module such as the lab's trace)."""
+the modules (prefill, more rows than our products take, a hooked attention module such as the lab's trace)."""
 
 from __future__ import annotations
 
 import pytest
 
 from backend import Engine, SamplingParams
-from backend.layers.cpu.fused import FUSED_MAX_ROWS
 from flab_kernels.cpu import build
 
 pytestmark = pytest.mark.skipif(
@@ -97,15 +96,18 @@ def test_the_torch_path_has_no_stack(tiny_model):
     "dtype,quantization", [("bfloat16", None), ("float32", None), ("float32", "int8"), ("bfloat16", "int4")]
 )
 def test_more_rows_than_the_gemv_takes(tiny_model, dtype, quantization):
-    """Eight requests decode in steps of more than FUSED_MAX_ROWS rows (bf16: oneDNN's prepacked GEMM called from
-    C++; fp32 and int8: the wrapped module called back in Python), then of fewer (our GEMV): the same bits as the
-    per-module path throughout."""
-    lens = [2, 2, 2, 2, 6, 6, 6, 6]
-    prompts = [[3 + i, 5, 7 + i] for i in range(len(lens))]
-    params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0) for n in lens]
+    """More requests than our products take rows (describe()'s cpu_kernel_rows: 4, 32 for bf16 on AMX tiles) decode
+    in steps above that limit (bf16: oneDNN's prepacked GEMM called from C++; fp32 and int8: the wrapped module
+    called back in Python), then of fewer (ours): the same bits as the per-module path throughout."""
     path = tiny_model("llama")
-    options = dict(model_impl="native", dtype=dtype, quantization=quantization, cpu_kernels="fused", num_kv_blocks=64)
-    with Engine(str(path), **options) as e:
+    options = dict(model_impl="native", dtype=dtype, quantization=quantization, cpu_kernels="fused", num_kv_blocks=128)
+    with Engine(str(path), max_num_seqs=64, **options) as e:
+        limit = e.describe()["cpu_kernel_rows"]
+        assert limit in (4, 32)
+        short = max(limit, 4)  # int4 takes every row count (limit: the other linears'); then half finish early
+        lens = [2] * short + [6] * 4
+        prompts = [[3 + i % 50, 5, 7 + i % 40] for i in range(len(lens))]
+        params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0) for n in lens]
         model = e.model.model
         stack = model.cpu_decode
         counting = CountingStack(stack.stack)
@@ -116,7 +118,7 @@ def test_more_rows_than_the_gemv_takes(tiny_model, dtype, quantization):
         model.cpu_decode = None
         without = _run(e, prompts, params)
         model.cpu_decode = stack
-    assert max(counting.rows) == 8 > FUSED_MAX_ROWS and min(counting.rows) == 4
+    assert max(counting.rows) == len(lens) > limit and min(counting.rows) == 4
     assert with_stack == without
 
 

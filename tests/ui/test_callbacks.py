@@ -595,8 +595,11 @@ def test_trace_names_the_kernel_path_that_ran(lab):
     assert "`cpu_kernels` → **torch** (cpu_kernels='torch')" in summary
     decode = SimpleNamespace(module_class="FusedPagedAttention", num_prefill=0, num_tokens=2)
     assert kernel_path.attention_path(decode) == "our C++ paged decode kernel (decode-only step)"
-    text = kernel_path.kernel_path_markdown({"cpu_kernels": "fused"}, [decode])
-    assert "our C++ GEMV (2 token rows" in text and "decode stack" not in text
+    text = kernel_path.kernel_path_markdown({"cpu_kernels": "fused", "cpu_kernel_rows": 4}, [decode])
+    assert "linears our C++ kernel (2 token rows ≤ 4)" in text and "decode stack" not in text
+    wide = SimpleNamespace(module_class="FusedPagedAttention", num_prefill=0, num_tokens=8)
+    text = kernel_path.kernel_path_markdown({"cpu_kernels": "fused", "cpu_kernel_rows": 4}, [wide])
+    assert "the module they wrap (oneDNN GEMM: 8 token rows > 4" in text
     # the transformers implementation: an HF attention module's call reaches the kernel through the torch backend
     hf_decode = SimpleNamespace(module_class="LlamaAttention", num_prefill=0, num_tokens=1)
     assert kernel_path.attention_path(hf_decode) == "torch paged attention"

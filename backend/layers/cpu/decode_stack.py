@@ -3,7 +3,7 @@
 The per-module path (fused.py) already runs our kernels, but between them ~10 Python module calls per layer cost
 more than the norms, the rotary and the attention themselves at batch 1 (measured on SmolLM2-135M: 30 layers,
 the linears alone 6.6 ms of a 9.5 ms step). The stack calls the same kernels in the same order from one C++ loop,
-so its results are the same bits as the per-module path: our GEMV up to `FUSED_MAX_ROWS` rows, above it oneDNN's
+so its results are the same bits as the per-module path: our product up to each linear's `max_rows`, above it oneDNN's
 prepacked GEMM (called from C++) or the module the linear wraps (called back in Python). A step it does not take
 (prefill and mixed steps, another attention backend, an activation dtype the weights do not have, a hooked
 module) runs the per-module path. The GIL is released for the call: the server's event loop runs meanwhile.
@@ -25,7 +25,6 @@ from backend.core.forward_batch import ForwardBatch
 from backend.layers.activation import KernelActivation
 from backend.layers.cpu.fused import (
     FUSED_DTYPES,
-    FUSED_MAX_ROWS,
     FusedInt4Product,
     FusedInt8Product,
     FusedLinear,
@@ -56,20 +55,19 @@ class DecodeLayerParts:
 
 
 def _gemv(ext: ModuleType, module: nn.Module):  # -> ext.GemvWeight | None
-    """Our kernel up to FUSED_MAX_ROWS rows (int4: every row count); above, oneDNN's prepacked GEMM from C++ (a
-    `PackedLinear` inside) or the module itself (called back in Python), as the per-module path runs them."""
+    """Our kernel up to the product's `max_rows` rows (int4: every row count); above, oneDNN's prepacked GEMM from
+    C++ (a `PackedLinear` inside) or the module itself (called back in Python), as the per-module path runs them."""
     if not isinstance(module, FusedLinear):
         return None
     p, inner = module.product, module.inner
     large = (
         dict(onednn=inner.packed, onednn_bias=inner.bias) if isinstance(inner, PackedLinear) else dict(module=module)
     )
-    rows = dict(max_rows=FUSED_MAX_ROWS, **large)
     n, k = p.out_features, p.in_features
     if isinstance(p, FusedProduct):
-        return ext.GemvWeight("dense", p.packed, None, None, p.bias, n, k, **rows)
+        return ext.GemvWeight("dense", p.packed, None, None, p.bias, n, k, max_rows=p.max_rows, **large)
     if isinstance(p, FusedInt8Product):
-        return ext.GemvWeight("int8", p.packed, p.scales, None, p.bias, n, k, **rows)
+        return ext.GemvWeight("int8", p.packed, p.scales, None, p.bias, n, k, max_rows=p.max_rows, **large)
     if isinstance(p, FusedInt4Product):  # our int4 kernel takes every row count (FusedInt4Product)
         w = p.packed
         return ext.GemvWeight("int4", w.codes, w.scales, w.offsets, p.bias, n, k, w.group_size)

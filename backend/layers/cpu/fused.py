@@ -4,9 +4,10 @@ paged decode.
 `use_cpu_kernels(model, ext)` runs once at load, after the CPU linear swaps of build.py:
 - every bf16 / fp32 linear (plain, oneDNN `PackedLinear`, `UpcastLinear`, and the shared product of
   `SiblingLinear` groups) gets a copy of its weight packed for our GEMV (flab_kernels/cpu/ops.py); products of
-  up to `FUSED_MAX_ROWS` rows (decode steps) run our kernel, which streams the weight once across both cores;
-  larger ones (prefill, big batches) run the module it wraps, whose oneDNN / AMX GEMM is faster there. The two
-  copies cost the weights' bytes twice; a decode step reads only ours (build.py `decode_weight_bytes`).
+  up to the kernel's row limit (decode steps: 4 rows, 32 on AMX tiles for bf16, `ops.linear_max_rows`) run our
+  kernel, which streams the weight once across both cores; larger ones (prefill, big batches) run the module it
+  wraps, whose oneDNN GEMM is faster there. The two copies cost the weights' bytes twice; a decode step reads
+  only ours (build.py `decode_weight_bytes`).
 - int8 weight-only linears (on-the-fly `int8`: per-row symmetric scales) the same way: our int8 GEMV for
   decode rows (codes widened to fp32 in registers, per-row scales at the end), the quantized module above;
   int4 group-wise linears (contiguous groups: on-the-fly `int4`, GPTQ without act-order, ...) too, repacked
@@ -26,6 +27,7 @@ The loaded extension module is kept on each module (`kernels`): no module-level 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -42,12 +44,22 @@ from backend.layers.rotary import RotaryEmbedding
 from flab_kernels.cpu import ops
 from flab_kernels.quant_torch import int4_codes
 
-FUSED_MAX_ROWS = 4  # up to this many rows our GEMV; above, the wrapped module's GEMM (oneDNN) is faster
 FUSED_DTYPES = ops.PACKED_DTYPES
 
 
+@dataclass(frozen=True)
+class KernelUse:
+    """What `use_cpu_kernels` put on our kernels: how many modules, whether decode steps run the decode stack, and
+    up to how many rows every 16-bit / int8 linear runs our product (0: none does)."""
+
+    modules: int
+    stacked: bool
+    max_rows: int
+
+
 class FusedProduct:
-    """`x @ W.T + b` by our kernel for few rows of W's dtype (else None: the caller's own product). A plain object."""
+    """`x @ W.T + b` by our kernel for up to `max_rows` rows of W's dtype (else None: the caller's own product). A
+    plain object."""
 
     def __init__(self, ext: ModuleType, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.ext = ext
@@ -55,9 +67,10 @@ class FusedProduct:
         self.dtype = weight.dtype
         self.packed = ops.pack_weight(weight)  # bf16 (NB, KP, 16, 2) / fp32 (NB, K, 16)
         self.bias = None if bias is None else bias.detach().float().contiguous()  # (N,) fp32
+        self.max_rows = ops.linear_max_rows(ext, self.packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (..., K) -> (..., N) or None
-        if x.dtype != self.dtype or x.numel() > FUSED_MAX_ROWS * self.in_features or x.device.type != "cpu":
+        if x.dtype != self.dtype or x.numel() > self.max_rows * self.in_features or x.device.type != "cpu":
             return None
         return ops.linear(self.ext, x, self.packed, self.bias, self.out_features)
 
@@ -72,9 +85,10 @@ class FusedInt8Product:
         self.packed = ops.pack_int8_weight(q)  # (NB, K, 16) int8
         self.scales = scales.detach().float().contiguous()  # (N,)
         self.bias = None if bias is None else bias.detach().float().contiguous()  # (N,) fp32
+        self.max_rows = ops.linear_max_rows(ext, self.packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:  # (..., K) -> (..., N) or None
-        if x.dtype not in FUSED_DTYPES or x.numel() > FUSED_MAX_ROWS * self.in_features or x.device.type != "cpu":
+        if x.dtype not in FUSED_DTYPES or x.numel() > self.max_rows * self.in_features or x.device.type != "cpu":
             return None
         return ops.linear_int8(self.ext, x, self.packed, self.scales, self.bias, self.out_features)
 
@@ -154,7 +168,8 @@ class FusedLinear(nn.Module):
         return self.inner(x) if out is None else out
 
     def extra_repr(self) -> str:
-        rows = "every row count" if isinstance(self.product, FusedInt4Product) else f"up to {FUSED_MAX_ROWS} rows"
+        p = self.product
+        rows = "every row count" if isinstance(p, FusedInt4Product) else f"up to {p.max_rows} rows"
         return f"in_features={self.in_features}, out_features={self.out_features}, C++ kernel for {rows}"
 
 
@@ -275,10 +290,11 @@ def _int4_groups(module: nn.Module) -> ops.Int4Packed | None:
     return ops.pack_int4_weight(codes, scales, offsets - 8 * scales, group)
 
 
-def fuse_linears(model: nn.Module, ext: ModuleType) -> int:
+def fuse_linears(model: nn.Module, ext: ModuleType) -> tuple[int, int]:
     """Wrap every linear our GEMV can run in a FusedLinear, and give sibling groups' shared product ours; in place.
-    Returns how many linears (siblings counted one each) run our kernel."""
-    count = 0
+    Returns (how many linears, siblings counted one each, run our kernel; the fewest of their row limits, 0 when
+    none: int4 takes every row count and does not count)."""
+    count, max_rows = 0, []
     products: dict[int, FusedProduct] = {}  # SiblingProduct -> ours (one per group)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -289,22 +305,26 @@ def fuse_linears(model: nn.Module, ext: ModuleType) -> int:
                     if weight.dtype not in FUSED_DTYPES:
                         continue
                     products[id(shared)] = shared.fused = FusedProduct(ext, weight, shared.bias)
+                    max_rows.append(shared.fused.max_rows)
                     child.register_buffer("fused_packed", shared.fused.packed, persistent=False)
                 count += 1
                 continue
             found = _linear_weight(child)
             if found is not None:
-                setattr(parent, name, FusedLinear(child, FusedProduct(ext, *found)))
+                product = FusedProduct(ext, *found)
+                setattr(parent, name, FusedLinear(child, product))
                 count += 1
+                max_rows.append(product.max_rows)
             elif _is_int8_per_row(child):
                 product = FusedInt8Product(ext, child.w_q, child.w_scales.reshape(-1), child.bias)
                 setattr(parent, name, FusedLinear(child, product))
                 count += 1
+                max_rows.append(product.max_rows)
             elif (int4 := _int4_groups(child)) is not None:
                 product = FusedInt4Product(ext, int4, child.out_features, child.in_features, child.bias)
                 setattr(parent, name, FusedLinear(child, product))
                 count += 1
-    return count
+    return count, min(max_rows, default=0)
 
 
 def fuse_native_layers(model: nn.Module, ext: ModuleType) -> int:
@@ -328,14 +348,13 @@ def fuse_native_layers(model: nn.Module, ext: ModuleType) -> int:
     return count
 
 
-def use_cpu_kernels(model: nn.Module, ext: ModuleType, native: bool) -> tuple[int, bool]:
+def use_cpu_kernels(model: nn.Module, ext: ModuleType, native: bool) -> KernelUse:
     """The model's linears (and, native, its norms and activations) on our kernels, and a native model's decode
-    steps in one C++ call where it offers them (`use_cpu_decode_stack`: backend/layers/cpu/decode_stack.py);
-    returns (how many modules, whether decode steps run the stack)."""
-    count = fuse_linears(model, ext)
+    steps in one C++ call where it offers them (`use_cpu_decode_stack`: backend/layers/cpu/decode_stack.py)."""
+    count, max_rows = fuse_linears(model, ext)
     stacked = False
     if native:
         count += fuse_native_layers(model, ext)
         stack = getattr(model, "use_cpu_decode_stack", None)
         stacked = stack is not None and stack(ext)
-    return count, stacked
+    return KernelUse(count, stacked, max_rows)

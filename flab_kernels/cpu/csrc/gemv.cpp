@@ -5,7 +5,14 @@
 #include "gemv.h"
 
 #include <algorithm>
+#include <cstdlib>
 
+#if defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "simd.h"
 #include "vec.h"
 
 namespace flab {
@@ -283,24 +290,124 @@ template <int MT, int NB>
 struct Bf16Dot { static constexpr TileBf16Dot fn = tile_bf16_dot<MT, NB>; };
 #endif
 
-// acc (mt rows of nb * 16) (* scales) + bias -> out rows m0.., columns of blocks blk.. (only the N real columns)
+// acc (mt rows of nb * 16) (* scales) + bias -> out rows m0.., columns of blocks blk.. (only the N real columns):
+// whole vectors where the row has them (simd.h: the same fp32 operations in the same order, bf16 rounded as
+// f32_to_bf16), the columns past the last whole vector one by one
 void write_tile(const float* acc, int mt, int nb, int64_t m0, int64_t blk, const float* bias, int64_t N, void* out,
                 bool out_bf16, const float* scales = nullptr) {
+  const int64_t n0 = blk * kBlock, n1 = std::min<int64_t>(N, n0 + nb * kBlock);
+  const int64_t vec_end = n0 + (n1 - n0) / simd::L * simd::L;
   for (int m = 0; m < mt; ++m) {
-    for (int64_t j = 0; j < nb * kBlock; ++j) {
-      const int64_t n = blk * kBlock + j;
-      if (n >= N) break;
-      const float v = acc[m * nb * kBlock + j] * (scales ? scales[n] : 1.0f) + (bias ? bias[n] : 0.0f);
-      const int64_t i = (m0 + m) * N + n;
+    const float* a = acc + m * nb * kBlock - n0;  // a[n]: column n
+    const int64_t row = (m0 + m) * N;
+    for (int64_t n = n0; n < vec_end; n += simd::L) {
+      simd::vf v = simd::vload(a + n);
+      if (scales) v = simd::vmul(v, simd::vload(scales + n));
+      if (bias) v = simd::vadd(v, simd::vload(bias + n));
       if (out_bf16)
-        static_cast<uint16_t*>(out)[i] = f32_to_bf16(v);
+        simd::vstore(static_cast<uint16_t*>(out) + row + n, v);
       else
-        static_cast<float*>(out)[i] = v;
+        simd::vstore(static_cast<float*>(out) + row + n, v);
+    }
+    for (int64_t n = vec_end; n < n1; ++n) {
+      const float v = a[n] * (scales ? scales[n] : 1.0f) + (bias ? bias[n] : 0.0f);
+      if (out_bf16)
+        static_cast<uint16_t*>(out)[row + n] = f32_to_bf16(v);
+      else
+        static_cast<float*>(out)[row + n] = v;
     }
   }
 }
 
+#if defined(__AMX_BF16__)
+// AMX: tmm0-3 the C tiles (2 row groups x 2 blocks), tmm4-5 the A tiles (16 rows of x, 32 bf16 of K each), tmm6-7
+// the B tiles: 16 pairs of K x 16 outputs, 64 bytes a row, which is the bf16 packing as it lies ([KP][16][2] of a
+// block), read in place
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <int MT, int NB>
+void tile_amx(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t KP, float* acc_out) {
+  const int64_t bs = KP * 2 * kBlock;
+  _tile_zero(0);
+  if (NB > 1) _tile_zero(1);
+  if (MT > 1) _tile_zero(2);
+  if (MT > 1 && NB > 1) _tile_zero(3);
+  constexpr int64_t kAhead = 4 * kAmxPairs;  // pairs ahead: the weight comes from memory
+  for (int64_t p = 0; p < KP; p += kAmxPairs) {
+    if (p + kAhead < KP)
+      for (int b = 0; b < NB; ++b)
+        for (int64_t line = 0; line < kAmxPairs; ++line)
+          __builtin_prefetch(w + b * bs + (p + kAhead + line) * 2 * kBlock);
+    _tile_loadd(6, w + p * 2 * kBlock, 64);
+    if (NB > 1) _tile_loadd(7, w + bs + p * 2 * kBlock, 64);
+    _tile_loadd(4, x + 2 * p, xs * 2);
+    if (MT > 1) _tile_loadd(5, x + 16 * xs + 2 * p, xs * 2);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if (MT > 1) _tile_dpbf16ps(2, 5, 6);
+    if (MT > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  // acc rows of NB * 16: tile (r, b) at rows 16 r.., columns 16 b..
+  const int64_t ld = NB * kBlock * 4;
+  _tile_stored(0, acc_out, ld);
+  if (NB > 1) _tile_stored(1, acc_out + kBlock, ld);
+  if (MT > 1) _tile_stored(2, acc_out + 16 * NB * kBlock, ld);
+  if (MT > 1 && NB > 1) _tile_stored(3, acc_out + 16 * NB * kBlock + kBlock, ld);
+}
+#endif
+
 }  // namespace
+
+bool amx_ready() {
+#if defined(__AMX_BF16__)
+  // Linux hands out the tile registers' state only to a process that asks (ARCH_REQ_XCOMP_PERM, XTILEDATA);
+  // asked once, the answer kept
+  static const bool ready = [] {
+    constexpr long kReqPerm = 0x1023, kGetPerm = 0x1022, kXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kReqPerm, kXtiledata) != 0) return false;
+    unsigned long features = 0;
+    return syscall(SYS_arch_prctl, kGetPerm, &features) == 0 && (features & (1ul << kXtiledata)) != 0;
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+void gemm_bf16_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const uint16_t* w, int64_t KP,
+                          const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+#if defined(__AMX_BF16__)
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  alignas(64) float acc[2 * 16 * 2 * kBlock];
+  const int64_t bs = KP * 2 * kBlock;
+  for (int64_t blk = b0; blk < b1; blk += 2) {
+    const int nb = static_cast<int>(std::min<int64_t>(2, b1 - blk));
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const int mt = M - m0 > 16 ? 2 : 1;
+      const uint16_t* xr = x + m0 * x_stride;
+      if (mt == 2 && nb == 2) tile_amx<2, 2>(xr, x_stride, w + blk * bs, KP, acc);
+      else if (mt == 2) tile_amx<2, 1>(xr, x_stride, w + blk * bs, KP, acc);
+      else if (nb == 2) tile_amx<1, 2>(xr, x_stride, w + blk * bs, KP, acc);
+      else tile_amx<1, 1>(xr, x_stride, w + blk * bs, KP, acc);
+      write_tile(acc, static_cast<int>(std::min<int64_t>(16 * mt, M - m0)), nb, m0, blk, bias, N, out, out_bf16);
+    }
+  }
+  _tile_release();
+#else
+  (void)x, (void)M, (void)x_stride, (void)w, (void)KP, (void)bias, (void)N, (void)b0, (void)b1, (void)out,
+      (void)out_bf16;
+  std::abort();  // callers check amx_ready() first
+#endif
+}
 
 bool has_bf16_dot() {
 #if defined(__AVX512BF16__)

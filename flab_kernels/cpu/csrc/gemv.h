@@ -42,6 +42,14 @@ void dequant_i4_blocks(const uint8_t* w, int64_t KP, int64_t G, int64_t group_pa
                        const void* offsets, bool bf16_scales, int64_t ld, int64_t b0, int64_t b1, void* out,
                        bool out_bf16);
 
+// AMX (variant amx, when amx_ready(): the OS lets this process use the tile registers): x (M, 2 * KP) bf16 rows
+// that go on to a multiple of 16 rows (the tiles read whole groups of 16; those padding rows are not written out);
+// KP a multiple of kAmxPairs. Blocks [b0, b1)
+constexpr int64_t kAmxPairs = 16;  // K pairs per tile
+bool amx_ready();
+void gemm_bf16_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const uint16_t* w, int64_t KP,
+                          const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
+
 bool has_bf16_dot();  // this variant multiplies bf16 pairs natively (x stays bf16)
 
 }  // namespace flab

@@ -54,6 +54,17 @@ T* ptr(const torch::Tensor& t) {
 
 namespace flab {
 
+namespace {
+
+bool amx_packing(const torch::Tensor& packed) {  // bf16 packing, K pairs a multiple of the tiles', AMX usable
+  return packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(1) % flab::kAmxPairs == 0 &&
+         flab::amx_ready();
+}
+
+}  // namespace
+
+int64_t linear_max_rows(const torch::Tensor& packed) { return amx_packing(packed) ? kAmxMaxRows : kGemvMaxRows; }
+
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                      int64_t N, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "linear: x must be (M, ", K, "), got ", x.sizes());
@@ -79,6 +90,15 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
     void* op = out.data_ptr();
     const bool out_bf16 = out.scalar_type() == at::kBFloat16;
     TORCH_CHECK(out_bf16 || out.scalar_type() == at::kFloat, "linear: output must be bf16 or fp32");
+    if (dot && M > kGemvMaxRows && amx_packing(packed)) {
+      const int64_t padded = (M + 15) / 16 * 16;  // the tiles read whole groups of 16 rows
+      if (padded != M) xin = at::constant_pad_nd(xin, {0, 0, 0, padded - M});
+      const auto* xa = reinterpret_cast<const uint16_t*>(xin.data_ptr());
+      claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
+        flab::gemm_bf16_amx_blocks(xa, M, 2 * KP, w, KP, b, N, b0, b1, op, out_bf16);
+      });
+      return out;
+    }
     claim_parallel(NB, M * N * K, 4, [&](int64_t b0, int64_t b1) {
       flab::gemv_bf16_blocks(xp, dot, M, 2 * KP, w, KP, b, N, b0, b1, op, out_bf16);
     });

@@ -9,7 +9,14 @@
 
 namespace flab {
 
-// x (M, K) -> (M, N) = x @ W.T + bias, W packed by flab_kernels/cpu/ops.py (bf16 [NB][KP][16][2], fp32 [NB][K][16])
+// x (M, K) -> (M, N) = x @ W.T + bias, W packed by flab_kernels/cpu/ops.py (bf16 [NB][KP][16][2], fp32 [NB][K][16]).
+// Up to kGemvMaxRows rows the GEMV tiles; more rows of bf16 x on bf16 weights run on AMX tiles where this variant
+// has them and K is a multiple of 32 (else the GEMV tiles: correct, slower than oneDNN there)
+constexpr int64_t kGemvMaxRows = 4;
+constexpr int64_t kAmxMaxRows = 32;  // measured against oneDNN (docs/cpu_kernels.md): ahead to 32 rows, even at 64
+// the most rows for which `linear` (int8 packing: `linear_int8`) is the product to run on this weight; above, oneDNN
+// (the module the linear wraps) is faster
+int64_t linear_max_rows(const torch::Tensor& packed);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                      int64_t N, int64_t K);
 // x (M, K) bf16 / fp32 -> (M, N) in x's dtype: (x @ Q.T) * scales + bias, Q int8 packed [NB][K][16]

@@ -11,7 +11,9 @@
 
 namespace flab {
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+constexpr const char* kIsa = "amx";
+#elif defined(__AVX512BF16__) && defined(__AVX512F__)
 constexpr const char* kIsa = "avx512bf16";
 #elif defined(__AVX512F__)
 constexpr const char* kIsa = "avx512";

@@ -27,7 +27,7 @@ from backend.core.errors import EngineError, QuantizationError, UnsupportedModel
 from backend.layers.cpu.fused import FusedLinear, use_cpu_kernels
 from backend.layers.cpu.packed import PackedLinear, pack_linears, packing_available
 from backend.layers.cpu.packed_experts import pack_hf_experts
-from backend.layers.cpu.siblings import fuse_siblings
+from backend.layers.cpu.siblings import SiblingLinear, fuse_siblings
 from backend.layers.cpu.upcast import UpcastLinear, cpu_has_fast_half_matmul, half_linears, upcast_linears
 from backend.loading import hub
 from backend.loading.conversions import streamable
@@ -76,36 +76,48 @@ class LoadedModel:
 
     @property
     def weights_bytes(self) -> int:
-        seen: set[int] = set()
-        total = 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            key = id(t) if t.is_mkldnn else t.data_ptr()  # packed (mkldnn) tensors have no data pointer
-            if key in seen or t.is_meta:
-                continue
-            seen.add(key)
-            total += t.numel() * t.element_size()
-        return total
+        return _tensor_bytes(list(self.model.parameters()) + list(self.model.buffers()))
 
     @property
     def decode_weight_bytes(self) -> int:
-        """Bytes of weights one single-row decode step reads: all but the fp32 copies of layers/upcast.py and the
-        plain tied weights that PackedLinears keep for the embedding (a decode reads their packed copy)."""
-        unread = 0
+        """Bytes of weights one single-row decode step reads: all but the fp32 copies of layers/upcast.py, the plain
+        tied weights that PackedLinears keep for the embedding (a decode reads their packed copy), the tensors of
+        modules our kernels stand in for (FusedLinear's inner module, a sibling group's oneDNN product), and
+        embedding tables no linear multiplies by (a decode reads one row)."""
         wrapped = {id(m.inner) for m in self.model.modules() if isinstance(m, FusedLinear)}
+        multiplied = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Linear) and id(m) not in wrapped}
+        unread: list[torch.Tensor] = []
         for m in self.model.modules():
             if id(m) in wrapped:
                 continue
             if isinstance(m, UpcastLinear):
-                unread += sum(b.numel() * b.element_size() for b in (m.weight_t, m.bias_f32) if b is not None)
+                unread += [b for b in (m.weight_t, m.bias_f32) if b is not None]
             elif isinstance(m, PackedLinear) and m.shared_weight is not None:
-                unread += m.shared_weight.numel() * m.shared_weight.element_size()
+                unread.append(m.shared_weight)
             elif isinstance(m, FusedLinear):  # a decode reads our packed copy, not the wrapped module's tensors
-                unread += sum(t.numel() * t.element_size() for t in (*m.inner.parameters(), *m.inner.buffers()))
-        return self.weights_bytes - unread
+                unread += [*m.inner.parameters(), *m.inner.buffers()]
+            elif isinstance(m, SiblingLinear) and m.first and m.product.fused is not None:  # the same: oneDNN's
+                unread.append(m.product.packed)
+            elif isinstance(m, nn.Embedding) and id(m.weight) not in multiplied:
+                unread.append(m.weight)
+        return self.weights_bytes - _tensor_bytes(unread)
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+
+def _tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct tensors (one storage counted once; meta tensors none)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # packed (mkldnn) tensors have no data pointer
+        if key in seen or t.is_meta:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
 
 
 TOKENIZER_FILES = (

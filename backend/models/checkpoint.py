@@ -244,9 +244,21 @@ class StreamingLoader:
         partial = self.filler.incomplete()
         if partial:
             raise UnsupportedModelError(f"the checkpoint lacks pieces of stacked weights: {partial[:6]}")
+        self._tie_quantized(report)
         for module in self.quant_modules.values():
             module.finalize()
         return report
+
+    def _tie_quantized(self, report: LoadReport) -> None:
+        """A tied weight whose module is quantized (an lm_head quantized on the fly, tied to the embedding): the
+        quantized module takes the source's tensor, as a plain tied weight would share it."""
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        for target, source in tied.items():
+            module_name, _, attr = target.rpartition(".")
+            if module_name in self.quant_modules and target not in report.loaded and source in report.loaded:
+                weight = self.model.get_parameter(source).data  # the loaded tensor (`targets` holds the meta one)
+                self.quant_modules[module_name].load_tensor(attr, weight, self.device, self.dtype)
+                report.loaded.add(target)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         module_name, _, attr = name.rpartition(".")

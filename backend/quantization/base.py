@@ -189,8 +189,10 @@ class QuantMethod(ABC):
     config_class: ClassVar[type | None] = None  # the method's settings (a dataclass); None: it keeps its own
 
     def __init__(self, config=None, ignore: list[str] | None = None) -> None:
-        self.ignore = list(ignore) if ignore is not None else ["lm_head"]
         self.config = config if config is not None or self.config_class is None else self.config_class()
+        # the output projection stays in full precision unless an on-the-fly config's `lm_head` says otherwise
+        keep_head = getattr(self.config, "lm_head", "none") == "none"
+        self.ignore = list(ignore) if ignore is not None else (["lm_head"] if keep_head else [])
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "QuantMethod":

@@ -14,21 +14,29 @@ from dataclasses import dataclass
 from torch import nn
 
 from backend.core.errors import QuantizationError
-from backend.quantization.base import QuantMethod
+from backend.quantization.base import QuantMethod, module_matches
+from backend.quantization.int8 import Int8Config, Int8Linear, check_lm_head
 from backend.quantization.intquant import OnTheFlyIntLinear
 from flab_kernels.quant_torch import INT4_PACK_GROUP_SIZES
 
 GROUP_SIZES = INT4_PACK_GROUP_SIZES  # the one list: the group sizes torch's CPU int4 kernel packs
 
 
+LM_HEAD_CHOICES = ("none", "int8", "int4")
+
+
 @dataclass
 class Int4Config:
     group_size: int = 128
     kernel: str = "auto"  # auto | torch | triton
+    # the output projection: "none" keeps it in full precision; "int8" (per row, as llama.cpp's Q4 files keep their
+    # output in Q8_0) or "int4" quantize it too
+    lm_head: str = "none"
 
     def __post_init__(self) -> None:
         if self.group_size not in GROUP_SIZES:
             raise QuantizationError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        check_lm_head(self.lm_head, LM_HEAD_CHOICES)
 
 
 def effective_group_size(in_features: int, requested: int) -> int:
@@ -63,8 +71,12 @@ class Int4Method(QuantMethod):
     config_class = Int4Config
     config: Int4Config
 
-    def create_linear(self, linear: nn.Linear, prefix: str) -> Int4Linear:
-        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, prefix, self.config)
+    def create_linear(self, linear: nn.Linear, prefix: str) -> Int4Linear | Int8Linear:
+        shape = (linear.in_features, linear.out_features, linear.bias is not None, prefix)
+        if self.config.lm_head == "int8" and module_matches(prefix, "lm_head"):
+            return Int8Linear(*shape, Int8Config(kernel=self.config.kernel))
+        return Int4Linear(*shape, self.config)
 
     def describe(self) -> str:
-        return f"int4 (W4A16, group {self.config.group_size}, asymmetric, on the fly)"
+        head = f", lm_head {self.config.lm_head}" if self.config.lm_head != "none" else ""
+        return f"int4 (W4A16, group {self.config.group_size}, asymmetric, on the fly{head})"

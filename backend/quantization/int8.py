@@ -12,13 +12,25 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from backend.core.errors import QuantizationError
 from backend.quantization.base import QuantMethod
 from backend.quantization.intquant import OnTheFlyIntLinear
+
+LM_HEAD_CHOICES = ("none", "int8")
 
 
 @dataclass
 class Int8Config:
     kernel: str = "auto"  # auto | torch | triton
+    lm_head: str = "none"  # the output projection: "none" keeps it in full precision, "int8" quantizes it too
+
+    def __post_init__(self) -> None:
+        check_lm_head(self.lm_head, LM_HEAD_CHOICES)
+
+
+def check_lm_head(value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise QuantizationError(f"lm_head must be one of {list(choices)}, got {value!r}")
 
 
 class Int8Linear(OnTheFlyIntLinear):
@@ -41,4 +53,5 @@ class Int8Method(QuantMethod):
         return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, prefix, self.config)
 
     def describe(self) -> str:
-        return "int8 (W8A16, per-channel symmetric, on the fly)"
+        head = ", lm_head int8" if self.config.lm_head == "int8" else ""
+        return f"int8 (W8A16, per-channel symmetric, on the fly{head})"

@@ -21,7 +21,7 @@ IDS = torch.tensor([[1, 5, 9, 30, 44, 100, 7, 8]])
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     fp = build_tiny_model("llama", root / "fp")
-    paths = {"fp": fp}
+    paths = {"fp": fp, "tied": build_tiny_model("llama", root / "tied", tie_word_embeddings=True)}
     for fmt in ("gptq", "awq", "compressed-tensors", "fp8"):
         paths[fmt] = root / fmt
         export_checkpoint(fp, paths[fmt], fmt, bits=4, group_size=32, block=(32, 32))
@@ -67,7 +67,35 @@ def test_loads_and_matches_dequantized_model(checkpoints, checkpoint, requested,
     assert ((out - base).norm() / base.norm()).item() < max_rel  # and close to full precision (random tiny model)
 
 
-@pytest.mark.parametrize("checkpoint,requested", [("fp", "int4:g32"), ("gptq", None), ("fp8", None)])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(
+    "requested,bits", [("int4:g32,lm_head=int8", 8), ("int4:g32,lm_head=int4", 4), ("int8:lm_head=int8", 8)]
+)
+def test_a_quantized_lm_head(checkpoints, requested, bits, tied):
+    """`lm_head=`: the output projection quantized too, from its own weight or, tied to the embedding, from the
+    embedding's tensor (the checkpoint has no lm_head then); the embedding itself stays in full precision."""
+    path = checkpoints["tied" if tied else "fp"]
+    model, swapped, report = load_quantized(path, requested)
+    assert len(swapped) == 15 and "lm_head" in swapped and not report.unexpected
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lm_head, embed = model.get_submodule("lm_head"), model.get_input_embeddings().weight
+    assert isinstance(lm_head, QuantLinearBase) and lm_head.bits == bits
+    torch.testing.assert_close(embed, full.get_input_embeddings().weight, rtol=0, atol=0)
+    ref = full.get_output_embeddings().weight
+    rel = ((lm_head.dequantize() - ref).norm() / ref.norm()).item()
+    assert 0 < rel < (0.02 if bits == 8 else 0.2)
+
+
+@pytest.mark.parametrize(
+    "checkpoint,requested",
+    [
+        ("fp", "int4:g32"),
+        ("fp", "int4:g32,lm_head=int8"),
+        ("tied", "int4:g32,lm_head=int8"),
+        ("gptq", None),
+        ("fp8", None),
+    ],
+)
 def test_engine_native_and_transformers_agree(checkpoints, checkpoint, requested):
     """The same quantization layer under both implementations (native fuses q/k/v and gate/up shards)."""
     from backend import Engine, SamplingParams

@@ -124,13 +124,22 @@ def test_on_the_fly_requests_and_options():
     with pytest.raises(QuantizationError, match="parse"):
         resolve_quantization("int4:fast", {})
     # every on-the-fly option is a field of the method's config, converted to that field's type
-    with pytest.raises(QuantizationError, match=r"int8 options are \['kernel'\].*got \['group_size'\]"):
+    with pytest.raises(QuantizationError, match=r"int8 options are \['kernel', 'lm_head'\].*got \['group_size'\]"):
         resolve_quantization("int8:g64", {})
     with pytest.raises(QuantizationError, match="group_size must be of type int, got 'abc'"):
         resolve_quantization("int4:group_size=abc", {})
     with pytest.raises(QuantizationError, match="kernel must be one of"):
         resolve_quantization("fp8:kernel=fast", {})
     assert resolve_quantization("fp8:kernel=triton", {}).config.kernel == "triton"
+    # the output projection stays in full precision unless `lm_head=` names a format
+    assert resolve_quantization("int4", {}).ignore == ["lm_head"]
+    head = resolve_quantization("int4:g32,lm_head=int8", {})
+    assert head.config.lm_head == "int8" and head.ignore == [] and "lm_head int8" in head.describe()
+    assert resolve_quantization("int8:lm_head=int8", {}).ignore == []
+    with pytest.raises(QuantizationError, match=r"lm_head must be one of \['none', 'int8'\], got 'int4'"):
+        resolve_quantization("int8:lm_head=int4", {})
+    with pytest.raises(QuantizationError, match=r"lm_head must be one of \['none', 'int8', 'int4'\], got 'fp8'"):
+        resolve_quantization("int4:lm_head=fp8", {})
     with pytest.raises(QuantizationError, match="not quantized on the fly"):
         GPTQMethod.from_options({"kernel": "torch"})
 

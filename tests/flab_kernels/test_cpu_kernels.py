@@ -69,31 +69,43 @@ def test_linear_matches_torch(ext, dtype, m, n, k, bias):
     _close(out, F.linear(x.float(), w.float(), b), dtype)
 
 
-@pytest.mark.parametrize("m,n,k", [(5, 70, 64), (8, 33, 576), (16, 40, 96), (17, 100, 32), (31, 17, 128), (40, 48, 64)])
+@pytest.mark.parametrize(
+    "m,n,k", [(5, 70, 64), (8, 33, 576), (16, 40, 96), (17, 100, 32), (31, 17, 128), (40, 48, 64), (100, 20, 64)]
+)
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_of_many_rows(ext, m, n, k, bias):
-    """bf16 products of more than 4 rows (AMX tiles on a variant that has them, for K a multiple of 32; the GEMV
-    tiles otherwise): odd row counts (a partial group of 16), N not a multiple of the block, a bias; within the
-    bf16 tolerance of the fp32 product, and the fp32 output (no rounding) within summation-order noise."""
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_linear_of_many_rows(ext, m, n, k, bias, kind):
+    """bf16 activations, more than 4 rows, on bf16 or int8 weights (AMX tiles on a variant that has them, for K a
+    multiple of 32: int8 codes widened to bf16 per tile; the GEMV tiles otherwise): odd row counts (a partial group
+    of 16, several groups of 32), N not a multiple of the block, a bias; within the bf16 tolerance of the fp32
+    product of the same (dequantized) weights."""
     g = torch.Generator().manual_seed(m * 7 + n + k)
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     b = torch.randn(n, generator=g) if bias else None
-    packed = ops.pack_weight(w)
-    ref = F.linear(x.float(), w.float(), b)
-    _close(ops.linear(ext, x, packed, b, n), ref, torch.bfloat16)
-    assert ops.linear_max_rows(ext, packed) == (32 if ext.has_amx() and k % 32 == 0 else 4)
+    if kind == "bf16":
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        packed = ops.pack_weight(w)
+        out, ref = ops.linear(ext, x, packed, b, n), F.linear(x.float(), w.float(), b)
+        assert ops.linear_max_rows(ext, packed) == (32 if ext.has_amx() and k % 32 == 0 else 4)
+    else:
+        q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scales = torch.rand(n, generator=g) / 64
+        out = ops.linear_int8(ext, x, ops.pack_int8_weight(q), scales, b, n)
+        ref = F.linear(x.float(), q.float() * scales[:, None], b)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    _close(out, ref, torch.bfloat16)
 
 
 def test_linear_row_limits(ext):
-    """Our product's row limit: 4 (GEMV tiles), 32 for bf16 weights whose K is a multiple of 32 on AMX; int8 and
-    fp32 packings 4."""
+    """Our product's row limit: 4 (GEMV tiles), 32 for bf16 weights whose K is a multiple of 32 on AMX, fp32 4;
+    int8 every row count but on AVX2 (its tiles take one row at a time)."""
     amx = ext.has_amx()
     assert ext.isa() == "amx" or not amx
     assert ops.linear_max_rows(ext, ops.pack_weight(torch.randn(16, 64).bfloat16())) == (32 if amx else 4)
     assert ops.linear_max_rows(ext, ops.pack_weight(torch.randn(16, 40).bfloat16())) == 4
     assert ops.linear_max_rows(ext, ops.pack_weight(torch.randn(16, 64))) == 4
-    assert ops.linear_max_rows(ext, ops.pack_int8_weight(torch.randint(-8, 8, (16, 64), dtype=torch.int8))) == 4
+    int8 = ops.linear_max_rows(ext, ops.pack_int8_weight(torch.randint(-8, 8, (16, 64), dtype=torch.int8)))
+    assert int8 == (4 if ext.isa() == "avx2" else ext.EVERY_ROW_COUNT)
 
 
 def test_linear_keeps_leading_dims_and_takes_strided_input(ext):

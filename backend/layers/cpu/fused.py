@@ -50,7 +50,7 @@ FUSED_DTYPES = ops.PACKED_DTYPES
 @dataclass(frozen=True)
 class KernelUse:
     """What `use_cpu_kernels` put on our kernels: how many modules, whether decode steps run the decode stack, and
-    up to how many rows every 16-bit / int8 linear runs our product (0: none does)."""
+    up to how many rows every 16-bit linear runs our product (0: there is none)."""
 
     modules: int
     stacked: bool
@@ -76,8 +76,9 @@ class FusedProduct:
 
 
 class FusedInt8Product:
-    """Weight-only int8 (backend/quantization int8: codes (N, K), one scale per row) by our kernel for few rows;
-    None for more (the quantized module's own product)."""
+    """Weight-only int8 (backend/quantization int8: codes (N, K), one scale per row) by our kernel up to `max_rows`
+    rows (every row count on AVX512 / AMX: ahead of the quantized module's own product everywhere measured), None
+    for more (the module's product)."""
 
     def __init__(self, ext: ModuleType, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.ext = ext
@@ -169,7 +170,8 @@ class FusedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         p = self.product
-        rows = "every row count" if isinstance(p, FusedInt4Product) else f"up to {p.max_rows} rows"
+        every = isinstance(p, FusedInt4Product) or p.max_rows == p.ext.EVERY_ROW_COUNT
+        rows = "every row count" if every else f"up to {p.max_rows} rows"
         return f"in_features={self.in_features}, out_features={self.out_features}, C++ kernel for {rows}"
 
 
@@ -292,8 +294,8 @@ def _int4_groups(module: nn.Module) -> ops.Int4Packed | None:
 
 def fuse_linears(model: nn.Module, ext: ModuleType) -> tuple[int, int]:
     """Wrap every linear our GEMV can run in a FusedLinear, and give sibling groups' shared product ours; in place.
-    Returns (how many linears, siblings counted one each, run our kernel; the fewest of their row limits, 0 when
-    none: int4 takes every row count and does not count)."""
+    Returns (how many linears, siblings counted one each, run our kernel; the fewest rows a 16-bit one takes, 0
+    when there is none: the quantized ones take more, int4 every row count)."""
     count, max_rows = 0, []
     products: dict[int, FusedProduct] = {}  # SiblingProduct -> ours (one per group)
     for parent in list(model.modules()):
@@ -319,7 +321,6 @@ def fuse_linears(model: nn.Module, ext: ModuleType) -> tuple[int, int]:
                 product = FusedInt8Product(ext, child.w_q, child.w_scales.reshape(-1), child.bias)
                 setattr(parent, name, FusedLinear(child, product))
                 count += 1
-                max_rows.append(product.max_rows)
             elif (int4 := _int4_groups(child)) is not None:
                 product = FusedInt4Product(ext, int4, child.out_features, child.in_features, child.bias)
                 setattr(parent, name, FusedLinear(child, product))

@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", [] { return std::string(flab::kIsa); }, "the instruction set this variant was built for");
   m.def("has_amx", &flab::amx_ready, "bf16 products of many rows on AMX tiles (this variant, and the OS allows it)");
   m.def("has_bf16_dot", &flab::has_bf16_dot, "bf16 pairs multiplied natively (AVX512-BF16)");
+  m.attr("EVERY_ROW_COUNT") = flab::kEveryRow;  // linear_max_rows of a product that takes every row count
   m.def("linear_max_rows", &flab::linear_max_rows, "the most rows for which linear / linear_int8 beat oneDNN here");
   m.def("linear", &flab::linear, "x (M, K) @ packed W.T (+ fp32 bias) -> (M, N)");
   m.def("linear_int8", &flab::linear_int8, "x (M, K) @ (int8 packed Q * scales).T (+ fp32 bias) -> (M, N)");

@@ -321,29 +321,58 @@ void write_tile(const float* acc, int mt, int nb, int64_t m0, int64_t blk, const
 
 #if defined(__AMX_BF16__)
 // AMX: tmm0-3 the C tiles (2 row groups x 2 blocks), tmm4-5 the A tiles (16 rows of x, 32 bf16 of K each), tmm6-7
-// the B tiles: 16 pairs of K x 16 outputs, 64 bytes a row, which is the bf16 packing as it lies ([KP][16][2] of a
-// block), read in place
+// the B tiles: 16 pairs of K x 16 outputs, 64 bytes a row. A `Tiles` source gives block b's B tile at pair p: the
+// bf16 packing as it lies ([KP][16][2] of a block) or int8 codes widened into that layout
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
 
-template <int MT, int NB>
-void tile_amx(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t KP, float* acc_out) {
-  const int64_t bs = KP * 2 * kBlock;
+constexpr int64_t kAhead = 4 * kAmxPairs;  // pairs prefetched ahead: the weight comes from memory
+
+struct Bf16Tiles {  // read in place
+  const uint16_t* w;  // the first block of the group
+  int64_t bs;         // elements between two blocks
+  const void* tile(int b, int64_t p) { return w + b * bs + p * 2 * kBlock; }
+  void prefetch(int b, int64_t p) const {
+    for (int64_t line = 0; line < kAmxPairs; ++line) __builtin_prefetch(w + b * bs + (p + line) * 2 * kBlock);
+  }
+};
+
+struct Int8Tiles {  // codes [K][16] of a block, widened to bf16 pairs (exact: |code| <= 128) in a buffer
+  const int8_t* w;
+  int64_t bs;
+  alignas(64) uint32_t buf[2][kAmxPairs * kBlock];
+  const void* tile(int b, int64_t p) {
+    const int8_t* src = w + b * bs + 2 * p * kBlock;  // k = 2p: 16 codes, then k = 2p + 1's
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    for (int64_t i = 0; i < kAmxPairs; ++i) {
+      const __m512 even = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i * kBlock))));
+      const __m512 odd = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (2 * i + 1) * kBlock))));
+      // small integers are exact in bf16: the fp32 bits' high halves, even k low, odd k high
+      const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
+                                           _mm512_and_si512(_mm512_castps_si512(odd), high));
+      _mm512_store_si512(buf[b] + i * kBlock, pair);
+    }
+    return buf[b];
+  }
+  void prefetch(int b, int64_t p) const {
+    for (int64_t line = 0; line < 2 * kAmxPairs * kBlock; line += 64) __builtin_prefetch(w + b * bs + 2 * p * kBlock + line);
+  }
+};
+
+template <int MT, int NB, typename Tiles>
+void tile_amx(const uint16_t* x, int64_t xs, Tiles& tiles, int64_t KP, float* acc_out) {
   _tile_zero(0);
   if (NB > 1) _tile_zero(1);
   if (MT > 1) _tile_zero(2);
   if (MT > 1 && NB > 1) _tile_zero(3);
-  constexpr int64_t kAhead = 4 * kAmxPairs;  // pairs ahead: the weight comes from memory
   for (int64_t p = 0; p < KP; p += kAmxPairs) {
     if (p + kAhead < KP)
-      for (int b = 0; b < NB; ++b)
-        for (int64_t line = 0; line < kAmxPairs; ++line)
-          __builtin_prefetch(w + b * bs + (p + kAhead + line) * 2 * kBlock);
-    _tile_loadd(6, w + p * 2 * kBlock, 64);
-    if (NB > 1) _tile_loadd(7, w + bs + p * 2 * kBlock, 64);
+      for (int b = 0; b < NB; ++b) tiles.prefetch(b, p + kAhead);
+    _tile_loadd(6, tiles.tile(0, p), 64);
+    if (NB > 1) _tile_loadd(7, tiles.tile(1, p), 64);
     _tile_loadd(4, x + 2 * p, xs * 2);
     if (MT > 1) _tile_loadd(5, x + 16 * xs + 2 * p, xs * 2);
     _tile_dpbf16ps(0, 4, 6);
@@ -357,6 +386,34 @@ void tile_amx(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t KP, floa
   if (NB > 1) _tile_stored(1, acc_out + kBlock, ld);
   if (MT > 1) _tile_stored(2, acc_out + 16 * NB * kBlock, ld);
   if (MT > 1 && NB > 1) _tile_stored(3, acc_out + 16 * NB * kBlock + kBlock, ld);
+}
+
+// blocks [b0, b1) two at a time, rows 32 at a time; `tiles_at(blk)` the B source of the blocks from blk
+template <typename TilesAt>
+void amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, int64_t KP, const TilesAt& tiles_at,
+                const float* scales, const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  alignas(64) float acc[2 * 16 * 2 * kBlock];
+  for (int64_t blk = b0; blk < b1; blk += 2) {
+    const int nb = static_cast<int>(std::min<int64_t>(2, b1 - blk));
+    auto tiles = tiles_at(blk);
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const int mt = M - m0 > 16 ? 2 : 1;
+      const uint16_t* xr = x + m0 * x_stride;
+      if (mt == 2 && nb == 2) tile_amx<2, 2>(xr, x_stride, tiles, KP, acc);
+      else if (mt == 2) tile_amx<2, 1>(xr, x_stride, tiles, KP, acc);
+      else if (nb == 2) tile_amx<1, 2>(xr, x_stride, tiles, KP, acc);
+      else tile_amx<1, 1>(xr, x_stride, tiles, KP, acc);
+      write_tile(acc, static_cast<int>(std::min<int64_t>(16 * mt, M - m0)), nb, m0, blk, bias, N, out, out_bf16,
+                 scales);
+    }
+  }
+  _tile_release();
 }
 #endif
 
@@ -381,30 +438,26 @@ bool amx_ready() {
 void gemm_bf16_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const uint16_t* w, int64_t KP,
                           const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
 #if defined(__AMX_BF16__)
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
-  alignas(64) float acc[2 * 16 * 2 * kBlock];
   const int64_t bs = KP * 2 * kBlock;
-  for (int64_t blk = b0; blk < b1; blk += 2) {
-    const int nb = static_cast<int>(std::min<int64_t>(2, b1 - blk));
-    for (int64_t m0 = 0; m0 < M; m0 += 32) {
-      const int mt = M - m0 > 16 ? 2 : 1;
-      const uint16_t* xr = x + m0 * x_stride;
-      if (mt == 2 && nb == 2) tile_amx<2, 2>(xr, x_stride, w + blk * bs, KP, acc);
-      else if (mt == 2) tile_amx<2, 1>(xr, x_stride, w + blk * bs, KP, acc);
-      else if (nb == 2) tile_amx<1, 2>(xr, x_stride, w + blk * bs, KP, acc);
-      else tile_amx<1, 1>(xr, x_stride, w + blk * bs, KP, acc);
-      write_tile(acc, static_cast<int>(std::min<int64_t>(16 * mt, M - m0)), nb, m0, blk, bias, N, out, out_bf16);
-    }
-  }
-  _tile_release();
+  amx_blocks(x, M, x_stride, KP, [&](int64_t blk) { return Bf16Tiles{w + blk * bs, bs}; }, nullptr, bias, N, b0, b1,
+             out, out_bf16);
 #else
   (void)x, (void)M, (void)x_stride, (void)w, (void)KP, (void)bias, (void)N, (void)b0, (void)b1, (void)out,
       (void)out_bf16;
+  std::abort();  // callers check amx_ready() first
+#endif
+}
+
+void gemm_i8_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const int8_t* w, int64_t K,
+                        const float* scales, const float* bias, int64_t N, int64_t b0, int64_t b1, void* out,
+                        bool out_bf16) {
+#if defined(__AMX_BF16__)
+  const int64_t bs = K * kBlock;
+  amx_blocks(x, M, x_stride, K / 2, [&](int64_t blk) { return Int8Tiles{w + blk * bs, bs, {}}; }, scales, bias, N, b0,
+             b1, out, out_bf16);
+#else
+  (void)x, (void)M, (void)x_stride, (void)w, (void)K, (void)scales, (void)bias, (void)N, (void)b0, (void)b1,
+      (void)out, (void)out_bf16;
   std::abort();  // callers check amx_ready() first
 #endif
 }

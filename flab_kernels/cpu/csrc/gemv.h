@@ -49,6 +49,11 @@ constexpr int64_t kAmxPairs = 16;  // K pairs per tile
 bool amx_ready();
 void gemm_bf16_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const uint16_t* w, int64_t KP,
                           const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
+// int8 weights [NB][K][16] (gemv_i8_blocks' packing) on AMX: each block's codes widened to bf16 pairs per tile
+// (exact), x bf16 as above; K a multiple of 2 * kAmxPairs
+void gemm_i8_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const int8_t* w, int64_t K,
+                        const float* scales, const float* bias, int64_t N, int64_t b0, int64_t b1, void* out,
+                        bool out_bf16);
 
 bool has_bf16_dot();  // this variant multiplies bf16 pairs natively (x stays bf16)
 

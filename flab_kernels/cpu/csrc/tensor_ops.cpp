@@ -56,14 +56,21 @@ namespace flab {
 
 namespace {
 
-bool amx_packing(const torch::Tensor& packed) {  // bf16 packing, K pairs a multiple of the tiles', AMX usable
-  return packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(1) % flab::kAmxPairs == 0 &&
-         flab::amx_ready();
+// AMX usable and a packing whose K (pairs) fills whole tiles: bf16 [NB][KP][16][2], int8 [NB][K][16]
+bool amx_packing(const torch::Tensor& packed) {
+  const bool bf16 = packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(1) % flab::kAmxPairs == 0;
+  const bool int8 = packed.scalar_type() == at::kChar && packed.dim() == 3 && packed.size(1) % (2 * flab::kAmxPairs) == 0;
+  return (bf16 || int8) && flab::amx_ready();
 }
 
 }  // namespace
 
-int64_t linear_max_rows(const torch::Tensor& packed) { return amx_packing(packed) ? kAmxMaxRows : kGemvMaxRows; }
+int64_t linear_max_rows(const torch::Tensor& packed) {
+#if defined(__AVX512F__)
+  if (packed.scalar_type() == at::kChar) return kEveryRow;
+#endif
+  return amx_packing(packed) ? kAmxMaxRows : kGemvMaxRows;
+}
 
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                      int64_t N, int64_t K) {
@@ -128,13 +135,23 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
   const int64_t M = x.size(0), NB = packed.size(0);
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  auto xin = x.to(at::kFloat).contiguous();
-  const float* xp = xin.data_ptr<float>();
   const auto* w = packed.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   void* op = out.data_ptr();
   const bool out_bf16 = out.scalar_type() == at::kBFloat16;
+  if (x.scalar_type() == at::kBFloat16 && M > kGemvMaxRows && amx_packing(packed)) {
+    auto xa = x.contiguous();
+    const int64_t padded = (M + 15) / 16 * 16;  // the tiles read whole groups of 16 rows
+    if (padded != M) xa = at::constant_pad_nd(xa, {0, 0, 0, padded - M});
+    const auto* xp = reinterpret_cast<const uint16_t*>(xa.data_ptr());
+    claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
+      flab::gemm_i8_amx_blocks(xp, M, K, w, K, sp, b, N, b0, b1, op, out_bf16);
+    });
+    return out;
+  }
+  auto xin = x.to(at::kFloat).contiguous();
+  const float* xp = xin.data_ptr<float>();
   claim_parallel(NB, M * N * K, 4, [&](int64_t b0, int64_t b1) {
     flab::gemv_i8_blocks(xp, M, K, w, K, sp, b, N, b0, b1, op, out_bf16);
   });

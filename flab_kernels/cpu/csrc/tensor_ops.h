@@ -14,8 +14,12 @@ namespace flab {
 // has them and K is a multiple of 32 (else the GEMV tiles: correct, slower than oneDNN there)
 constexpr int64_t kGemvMaxRows = 4;
 constexpr int64_t kAmxMaxRows = 32;  // measured against oneDNN (docs/cpu_kernels.md): ahead to 32 rows, even at 64
+// int8 weights: our tiles (AMX for bf16 x where it runs, else the AVX512 GEMV tiles) were ahead of torch's
+// _weight_int8pack_mm, the quantized module's own product, at every row count measured (4-2048, docs/cpu_kernels.md):
+// every row count there; the AVX2 tiles (one row at a time) up to kGemvMaxRows
+constexpr int64_t kEveryRow = INT64_MAX;
 // the most rows for which `linear` (int8 packing: `linear_int8`) is the product to run on this weight; above, oneDNN
-// (the module the linear wraps) is faster
+// or the quantized module (what the linear wraps) is faster
 int64_t linear_max_rows(const torch::Tensor& packed);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                      int64_t N, int64_t K);

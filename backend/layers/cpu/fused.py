@@ -19,9 +19,9 @@ paged decode.
   columns of the qkv output (`cpu_kernel`), and their `PagedAttention` the K/V store (one call) and our paged
   decode kernel on decode-only steps (no gather of the context).
 Both implementations get the linears; the norms are the native models' (transformers runs its own modules).
-Decode attention: native layers call the kernel here (`FusedPagedAttention`); the transformers implementation's
-injected attention reaches it through the torch attention backend, which holds the same loaded module
-(backend/layers/attention_backends.py `TorchAttention.cpu_kernels`).
+Decode attention: both implementations reach the kernel through the torch attention backend, which holds the same
+loaded module (backend/layers/attention_backends.py `TorchAttention.cpu_kernels`): native layers through
+`paged_attention` (marked `FusedPagedAttention`), the transformers implementation through the injected function.
 The loaded extension module is kept on each module (`kernels`): no module-level state.
 """
 
@@ -33,7 +33,6 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from backend.core.forward_batch import ForwardBatch
 from backend.layers.activation import KernelActivation
 from backend.layers.attention import PagedAttention
 from backend.layers.cpu.packed import PackedLinear
@@ -187,45 +186,13 @@ class FusedRMSNorm(RMSNorm):
 
 
 class FusedPagedAttention(PagedAttention):
-    """Decode-only steps on the torch attention backend: our paged decode kernel reads the K/V blocks in place
-    (threads split by sequence and KV head). Prefill and mixed steps, other backends and padded cache slots run
-    the shared path (PagedAttention)."""
+    """A native attention layer of an engine whose torch attention backend holds our kernels: its decode-only
+    steps run our paged decode kernel and the one-call K/V store through that backend (`TorchAttention.store` /
+    `attend`, the path the transformers implementation takes too); prefill and mixed steps, other backends and
+    calls the kernel does not take run the shared path. The class marks the layers the decode stack may take
+    and the lab labels."""
 
     kernels: ModuleType
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, sinks: torch.Tensor | None = None
-    ) -> torch.Tensor:  # q: (T, Hq * D), k/v: (T, Hkv * D) -> (T, Hq * D)
-        k_cache, v_cache = batch.kv_cache.k[self.layer_idx], batch.kv_cache.v[self.layer_idx]
-        if (
-            batch.max_query_len != 1
-            or batch.attention.name != "torch"
-            or q.device.type != "cpu"
-            or q.dtype not in FUSED_DTYPES
-            or k_cache.dtype != q.dtype
-            or k_cache.shape[-1] != self.head_dim
-            or v_cache.shape[-1] != self.head_dim
-        ):
-            return super().forward(q, k, v, batch, sinks)
-        t = q.shape[0]
-        hkv, d = self.num_kv_heads, self.head_dim
-        if k.dim() == 2 and v.dim() == 2 and k.stride(1) == 1 and v.stride(1) == 1 and k.dtype == k_cache.dtype:
-            ops.store_kv(self.kernels, k, v, k_cache, v_cache, batch.slot_mapping)  # one call, rows copied
-        else:
-            batch.attention.store(k.view(t, hkv, d), v.view(t, hkv, d), k_cache, v_cache, batch.slot_mapping)
-        out = ops.paged_decode(
-            self.kernels,
-            q.view(t, self.num_heads, d),
-            k_cache,
-            v_cache,
-            batch.block_tables,
-            batch.seq_lens,
-            self.scale,
-            self.softcap,
-            self.sliding_window,
-            sinks,
-        )  # (T, Hq, D)
-        return out.view(t, self.num_heads * d)
 
 
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

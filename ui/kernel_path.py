@@ -4,7 +4,7 @@ tab's per-step breakdown, read from the engine's describe() and the step's atten
 With the fused kernels loaded, each module still picks per call: our paged decode kernel for decode-only steps
 (`FusedPagedAttention` in native models; the transformers implementation's injected attention reaches it through the
 torch attention backend, which holds the kernels: backend/layers/attention_backends.py), our product for up to
-describe()'s `cpu_kernel_rows` rows (`FusedLinear`: 4, 32 for bf16 on AMX tiles), our RMSNorm (native models); larger
+describe()'s `cpu_kernel_rows` rows (`FusedLinear`: 4, 32 for bf16 on AVX512 / AMX), our RMSNorm (native models); larger
 products and prefill / mixed steps run the module they wrap. A native Llama-shaped model runs its decode-only steps
 through every layer in one C++ call (the decode stack, backend/layers/cpu/decode_stack.py: the same kernels, no Python
 between them); a traced step runs module by module, so that its attention calls can be recorded.

@@ -133,7 +133,8 @@ def linear_int8(
 
 def linear_max_rows(ext: ModuleType, packed: torch.Tensor) -> int:
     """The most rows for which `linear` (an int8 packing: `linear_int8`) is the product to run on this packed weight
-    here: 4 (GEMV tiles), 32 for bf16 on AMX tiles; above, oneDNN is faster (docs/cpu_kernels.md)."""
+    here: 4 (GEMV tiles), 32 for bf16 on AVX512 (AMX tiles where they run), every row count for int8 on AVX512;
+    above, oneDNN / the quantized module is faster (docs/cpu_kernels.md, csrc/tensor_ops.h)."""
     return int(ext.linear_max_rows(packed))
 
 

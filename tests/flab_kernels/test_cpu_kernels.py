@@ -86,7 +86,7 @@ def test_linear_of_many_rows(ext, m, n, k, bias, kind):
         w = torch.randn(n, k, generator=g).to(torch.bfloat16)
         packed = ops.pack_weight(w)
         out, ref = ops.linear(ext, x, packed, b, n), F.linear(x.float(), w.float(), b)
-        assert ops.linear_max_rows(ext, packed) == (32 if ext.has_amx() and k % 32 == 0 else 4)
+        assert ops.linear_max_rows(ext, packed) == _bf16_rows(ext, k)
     else:
         q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
         scales = torch.rand(n, generator=g) / 64
@@ -96,13 +96,20 @@ def test_linear_of_many_rows(ext, m, n, k, bias, kind):
     _close(out, ref, torch.bfloat16)
 
 
+def _bf16_rows(ext, k: int) -> int:
+    """The row limit of a bf16 weight of K columns: 32 on AVX512 (AMX tiles for K a multiple of 32, the GEMV tiles
+    elsewhere; 4 for other K where AMX runs, since oneDNN has it too), 4 on AVX2."""
+    if ext.isa() == "avx2":
+        return 4
+    return 4 if ext.has_amx() and k % 32 else 32
+
+
 def test_linear_row_limits(ext):
-    """Our product's row limit: 4 (GEMV tiles), 32 for bf16 weights whose K is a multiple of 32 on AMX, fp32 4;
-    int8 every row count but on AVX2 (its tiles take one row at a time)."""
-    amx = ext.has_amx()
-    assert ext.isa() == "amx" or not amx
-    assert ops.linear_max_rows(ext, ops.pack_weight(torch.randn(16, 64).bfloat16())) == (32 if amx else 4)
-    assert ops.linear_max_rows(ext, ops.pack_weight(torch.randn(16, 40).bfloat16())) == 4
+    """Our product's row limit, declared in C++ (tensor_ops.h): bf16 as `_bf16_rows`, fp32 4, int8 every row count
+    but on AVX2 (its tiles take one row at a time)."""
+    assert ext.isa() == "amx" or not ext.has_amx()
+    assert ops.linear_max_rows(ext, ops.pack_weight(torch.randn(16, 64).bfloat16())) == _bf16_rows(ext, 64)
+    assert ops.linear_max_rows(ext, ops.pack_weight(torch.randn(16, 40).bfloat16())) == _bf16_rows(ext, 40)
     assert ops.linear_max_rows(ext, ops.pack_weight(torch.randn(16, 64))) == 4
     int8 = ops.linear_max_rows(ext, ops.pack_int8_weight(torch.randint(-8, 8, (16, 64), dtype=torch.int8)))
     assert int8 == (4 if ext.isa() == "avx2" else ext.EVERY_ROW_COUNT)

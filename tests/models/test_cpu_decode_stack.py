@@ -96,7 +96,7 @@ def test_the_torch_path_has_no_stack(tiny_model):
     "dtype,quantization", [("bfloat16", None), ("float32", None), ("float32", "int8"), ("bfloat16", "int4")]
 )
 def test_more_rows_than_the_gemv_takes(tiny_model, dtype, quantization):
-    """More requests than our products take rows (describe()'s cpu_kernel_rows: 4, 32 for bf16 on AMX tiles) decode
+    """More requests than our products take rows (describe()'s cpu_kernel_rows: 4, 32 for bf16 on AVX512) decode
     in steps above that limit (bf16: oneDNN's prepacked GEMM called from C++; fp32 and int8: the wrapped module
     called back in Python), then of fewer (ours): the same bits as the per-module path throughout."""
     path = tiny_model("llama")

@@ -4,7 +4,7 @@ paged decode.
 `use_cpu_kernels(model, ext)` runs once at load, after the CPU linear swaps of build.py:
 - every bf16 / fp32 linear (plain, oneDNN `PackedLinear`, `UpcastLinear`, and the shared product of
   `SiblingLinear` groups) gets a copy of its weight packed for our GEMV (flab_kernels/cpu/ops.py); products of
-  up to the kernel's row limit (decode steps: 4 rows, 32 on AMX tiles for bf16, `ops.linear_max_rows`) run our
+  up to the kernel's row limit (decode steps: 4 rows, 32 for bf16 on AVX512 / AMX, `ops.linear_max_rows`) run our
   kernel, which streams the weight once across both cores; larger ones (prefill, big batches) run the module it
   wraps, whose oneDNN GEMM is faster there. The two copies cost the weights' bytes twice; a decode step reads
   only ours (build.py `decode_weight_bytes`).

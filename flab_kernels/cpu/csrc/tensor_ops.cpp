@@ -68,8 +68,9 @@ bool amx_packing(const torch::Tensor& packed) {
 int64_t linear_max_rows(const torch::Tensor& packed) {
 #if defined(__AVX512F__)
   if (packed.scalar_type() == at::kChar) return kEveryRow;
+  if (packed.scalar_type() == at::kBFloat16) return flab::amx_ready() && !amx_packing(packed) ? kGemvMaxRows : kBf16MaxRows;
 #endif
-  return amx_packing(packed) ? kAmxMaxRows : kGemvMaxRows;
+  return kGemvMaxRows;
 }
 
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,

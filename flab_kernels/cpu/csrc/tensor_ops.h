@@ -11,9 +11,14 @@ namespace flab {
 
 // x (M, K) -> (M, N) = x @ W.T + bias, W packed by flab_kernels/cpu/ops.py (bf16 [NB][KP][16][2], fp32 [NB][K][16]).
 // Up to kGemvMaxRows rows the GEMV tiles; more rows of bf16 x on bf16 weights run on AMX tiles where this variant
-// has them and K is a multiple of 32 (else the GEMV tiles: correct, slower than oneDNN there)
+// has them and K is a multiple of 32, else the GEMV tiles again (4 rows at a time)
 constexpr int64_t kGemvMaxRows = 4;
-constexpr int64_t kAmxMaxRows = 32;  // measured against oneDNN (docs/cpu_kernels.md): ahead to 32 rows, even at 64
+// bf16 weights on AVX512: our product up to this many rows. Measured on the 121 products of a SmolLM2-135M step,
+// weights from memory, both cores, against oneDNN capped to the same instruction set (ONEDNN_MAX_CPU_ISA;
+// docs/cpu_kernels.md): AMX tiles 10.7 vs 14.8 ms at 32 rows (even at 64); AVX512-BF16 GEMV tiles 12.3 vs 15.6 ms
+// at 5 rows, 44.9 vs 47.4 at 32; AVX512 without BF16 13.3 vs 31.5 at 5, 33.8 vs 123.5 at 32. A weight AMX cannot
+// take (K not a multiple of 32) on a CPU whose oneDNN has AMX: kGemvMaxRows
+constexpr int64_t kBf16MaxRows = 32;
 // int8 weights: our tiles (AMX for bf16 x where it runs, else the AVX512 GEMV tiles) were ahead of torch's
 // _weight_int8pack_mm, the quantized module's own product, at every row count measured (4-2048, docs/cpu_kernels.md):
 // every row count there; the AVX2 tiles (one row at a time) up to kGemvMaxRows

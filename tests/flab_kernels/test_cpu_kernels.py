@@ -276,13 +276,16 @@ def test_linear_int8_matches_torch(ext, dtype, m, n, k, bias):
     _close(out, F.linear(x.float(), q.float() * scales[:, None], b), dtype)
 
 
-INT4_CASES = [  # (M, N, K, group): odd N, K not a whole number of groups, groups of 2..128, 1-9 rows
+INT4_CASES = [  # (M, N, K, group): odd N, K not a whole number of groups, groups of 2..128, 1-70 rows
     (1, 16, 32, 32),
     (1, 33, 70, 32),
     (2, 576, 576, 64),
     (3, 49, 256, 128),
     (4, 5, 2, 2),
     (9, 70, 100, 8),
+    (12, 40, 64, 8),  # AMX (K a multiple of 32, 8+ rows): several groups in one tile
+    (20, 17, 96, 16),
+    (70, 33, 128, 32),  # three groups of 32 rows
 ]
 
 
@@ -311,7 +314,9 @@ def test_linear_int4_matches_torch(ext, dtype, m, n, k, group, with_zeros, bias)
         _close(out, F.linear(x.float(), w, b), dtype)
 
 
-INT4_ROWS = [1, 2, 4, 5, 8, 13, 32, 64]  # up to 4: the group-wise tile; above: dequantized blocks, every row over them
+# the group-wise tile below 8 rows (AMX) or 32; the weight dequantized per pair of blocks into AMX tiles from 8 rows
+# (K a multiple of 32), else dequantized once for torch's GEMM from 32
+INT4_ROWS = [1, 2, 4, 5, 8, 13, 32, 64]
 INT4_SHAPES = [(33, 70, 32), (49, 200, 64), (96, 256, 128), (16, 576, 64)]  # (N, K, group): odd N, K partial groups
 
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <vector>
 
 #if defined(__AMX_BF16__)
 #include <sys/syscall.h>
@@ -334,32 +335,60 @@ constexpr int64_t kAhead = 4 * kAmxPairs;  // pairs prefetched ahead: the weight
 struct Bf16Tiles {  // read in place
   const uint16_t* w;  // the first block of the group
   int64_t bs;         // elements between two blocks
-  const void* tile(int b, int64_t p) { return w + b * bs + p * 2 * kBlock; }
+  void load(int, int64_t) {}
+  const void* tile(int b, int64_t p) const { return w + b * bs + p * 2 * kBlock; }
   void prefetch(int b, int64_t p) const {
     for (int64_t line = 0; line < kAmxPairs; ++line) __builtin_prefetch(w + b * bs + (p + line) * 2 * kBlock);
   }
 };
 
-struct Int8Tiles {  // codes [K][16] of a block, widened to bf16 pairs (exact: |code| <= 128) in a buffer
+// Quantized blocks widened to bf16 pairs once per group of blocks, for every K (all the group's rows then read the
+// buffer): `Widen::pair(b, p)` the 16 lanes (rows) of block b's pair p, even k in the low half
+template <typename Widen>
+struct WidenedTiles {
+  Widen widen;
+  std::vector<uint32_t>* buf;  // (2, KP, 16), the calling thread's
+  int64_t KP;
+  void load(int nb, int64_t blk) {
+    buf->resize(2 * KP * kBlock + 16);
+    for (int b = 0; b < nb; ++b)
+      for (int64_t p = 0; p < KP; ++p) _mm512_storeu_si512(row(b, p), widen.pair(blk, b, p));
+  }
+  uint32_t* row(int b, int64_t p) const { return buf->data() + (b * KP + p) * kBlock; }
+  const void* tile(int b, int64_t p) const { return row(b, p); }
+  void prefetch(int, int64_t) const {}
+};
+
+struct Int8Widen {  // codes [K][16] a block: exact in bf16 (|code| <= 128), the fp32 bits' high halves
   const int8_t* w;
   int64_t bs;
-  alignas(64) uint32_t buf[2][kAmxPairs * kBlock];
-  const void* tile(int b, int64_t p) {
-    const int8_t* src = w + b * bs + 2 * p * kBlock;  // k = 2p: 16 codes, then k = 2p + 1's
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-    for (int64_t i = 0; i < kAmxPairs; ++i) {
-      const __m512 even = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i * kBlock))));
-      const __m512 odd = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (2 * i + 1) * kBlock))));
-      // small integers are exact in bf16: the fp32 bits' high halves, even k low, odd k high
-      const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
-                                           _mm512_and_si512(_mm512_castps_si512(odd), high));
-      _mm512_store_si512(buf[b] + i * kBlock, pair);
-    }
-    return buf[b];
+  __m512i pair(int64_t blk, int b, int64_t p) const {
+    const int8_t* src = w + (blk + b) * bs + 2 * p * kBlock;  // k = 2p: 16 codes, then k = 2p + 1's
+    const __m512 even = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+    const __m512 odd = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kBlock))));
+    return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
+                           _mm512_and_si512(_mm512_castps_si512(odd), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
-  void prefetch(int b, int64_t p) const {
-    for (int64_t line = 0; line < 2 * kAmxPairs * kBlock; line += 64) __builtin_prefetch(w + b * bs + 2 * p * kBlock + line);
+};
+
+// int4 codes [KP][16] a block with [G][16] scales / offsets: code * scale + offset in fp32 as dequant_i4_kn computes
+// it, rounded once to bf16 (the weight the many-row route multiplies)
+template <typename S>
+struct Int4Widen {
+  const uint8_t* w;
+  const S *scales, *offsets;
+  int64_t bs, ss, gp;  // bytes between blocks, scale entries between blocks, pairs per group
+  __m512i pair(int64_t blk, int b, int64_t p) const {
+    vf s, o, lo, hi;
+    const int64_t g = p / gp, at = (blk + b) * ss + g * kBlock;
+    vscale(scales + at, offsets + at, s, o);
+    vnibbles(w + (blk + b) * bs + p * kBlock, lo, hi);
+    // both rounded to nearest even in one conversion (words 0-15 the even k, 16-31 the odd), then interleaved
+    const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(vfma(hi, s, o), vfma(lo, s, o)));
+    return _mm512_permutexvar_epi16(kInterleave, both);
   }
+  static inline const __m512i kInterleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                                             8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 };
 
 template <int MT, int NB, typename Tiles>
@@ -402,6 +431,7 @@ void amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, int64_t KP, cons
   for (int64_t blk = b0; blk < b1; blk += 2) {
     const int nb = static_cast<int>(std::min<int64_t>(2, b1 - blk));
     auto tiles = tiles_at(blk);
+    tiles.load(nb, blk);
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
       const int mt = M - m0 > 16 ? 2 : 1;
       const uint16_t* xr = x + m0 * x_stride;
@@ -452,12 +482,37 @@ void gemm_i8_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const in
                         const float* scales, const float* bias, int64_t N, int64_t b0, int64_t b1, void* out,
                         bool out_bf16) {
 #if defined(__AMX_BF16__)
-  const int64_t bs = K * kBlock;
-  amx_blocks(x, M, x_stride, K / 2, [&](int64_t blk) { return Int8Tiles{w + blk * bs, bs, {}}; }, scales, bias, N, b0,
-             b1, out, out_bf16);
+  thread_local std::vector<uint32_t> buf;
+  const Int8Widen widen{w, K * kBlock};
+  amx_blocks(x, M, x_stride, K / 2, [&](int64_t) { return WidenedTiles<Int8Widen>{widen, &buf, K / 2}; }, scales,
+             bias, N, b0, b1, out, out_bf16);
 #else
   (void)x, (void)M, (void)x_stride, (void)w, (void)K, (void)scales, (void)bias, (void)N, (void)b0, (void)b1,
       (void)out, (void)out_bf16;
+  std::abort();  // callers check amx_ready() first
+#endif
+}
+
+void gemm_i4_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const uint8_t* w, int64_t KP, int64_t G,
+                        int64_t group_pairs, const void* scales, const void* offsets, bool bf16_scales,
+                        const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+#if defined(__AMX_BF16__)
+  thread_local std::vector<uint32_t> buf;
+  const int64_t bs = KP * kBlock, ss = G * kBlock;
+  auto run = [&](auto widen) {
+    using Widen = decltype(widen);
+    amx_blocks(x, M, x_stride, KP, [&](int64_t) { return WidenedTiles<Widen>{widen, &buf, KP}; }, nullptr, bias, N,
+               b0, b1, out, out_bf16);
+  };
+  if (bf16_scales)
+    run(Int4Widen<uint16_t>{w, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(offsets), bs, ss,
+                            group_pairs});
+  else
+    run(Int4Widen<float>{w, static_cast<const float*>(scales), static_cast<const float*>(offsets), bs, ss,
+                         group_pairs});
+#else
+  (void)x, (void)M, (void)x_stride, (void)w, (void)KP, (void)G, (void)group_pairs, (void)scales, (void)offsets,
+      (void)bf16_scales, (void)bias, (void)N, (void)b0, (void)b1, (void)out, (void)out_bf16;
   std::abort();  // callers check amx_ready() first
 #endif
 }

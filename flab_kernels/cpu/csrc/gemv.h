@@ -54,6 +54,11 @@ void gemm_bf16_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const 
 void gemm_i8_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const int8_t* w, int64_t K,
                         const float* scales, const float* bias, int64_t N, int64_t b0, int64_t b1, void* out,
                         bool out_bf16);
+// int4 group-wise weights (gemv_i4_blocks' packing) on AMX: each block's codes dequantized per tile as
+// dequant_i4_blocks does, rounded once to bf16 (the weight the many-row route multiplies); x bf16 as above
+void gemm_i4_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const uint8_t* w, int64_t KP, int64_t G,
+                        int64_t group_pairs, const void* scales, const void* offsets, bool bf16_scales,
+                        const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16);
 
 bool has_bf16_dot();  // this variant multiplies bf16 pairs natively (x stays bf16)
 

@@ -183,6 +183,20 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   const auto* w = packed.data_ptr<uint8_t>();
   const void* sp = scales.data_ptr();
   const void* op_ = offsets.data_ptr();
+  if (x.scalar_type() == at::kBFloat16 && M >= kInt4AmxMinRows && M <= kInt4AmxMaxRows &&
+      KP % flab::kAmxPairs == 0 && flab::amx_ready()) {  // AMX tiles over the weight dequantized a block pair at a time
+    auto out = torch::empty({M, N}, x.options());
+    auto xa = 2 * KP != K ? at::constant_pad_nd(x, {0, 2 * KP - K}) : x.contiguous();
+    const int64_t padded = (M + 15) / 16 * 16;  // the tiles read whole groups of 16 rows
+    if (padded != M) xa = at::constant_pad_nd(xa, {0, 0, 0, padded - M});
+    const auto* xp = reinterpret_cast<const uint16_t*>(xa.data_ptr());
+    const float* b = bias ? bias->data_ptr<float>() : nullptr;
+    void* op = out.data_ptr();
+    claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
+      flab::gemm_i4_amx_blocks(xp, M, 2 * KP, w, KP, G, group_size / 2, sp, op_, bf16_scales, b, N, b0, b1, op, true);
+    });
+    return out;
+  }
   if (M >= mm_rows) {  // many rows: the weight dequantized once, torch's GEMM (oneDNN, AMX where present) over it
     auto wt = torch::empty({2 * KP, NB * flab::kBlock}, x.options());  // W^T, in x's dtype
     const bool wt_bf16 = wt.scalar_type() == at::kBFloat16;

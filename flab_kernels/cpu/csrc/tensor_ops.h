@@ -36,6 +36,11 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
 // rows the group-wise tile over the packed codes (the codes read once for every row: the rows loop inside each
 // block); from mm_rows on the weight dequantized once into W^T of x's dtype (bf16: rounded once) and torch's GEMM
 constexpr int64_t kInt4MmRows = 32;  // measured (docs/cpu_kernels.md, backend/tools/bench_int4_rows.py)
+// bf16 x on AMX, kInt4AmxMinRows to kInt4AmxMaxRows rows: each pair of blocks dequantized once into AMX B tiles
+// (rounded to bf16, as the many-row route rounds it; no W^T copy). Measured on SmolLM2-135M's 120 layer products,
+// both cores (docs/cpu_kernels.md): 6 rows 8.1 ms against the group-wise tile's 7.5, 8 rows 8.0 / 8.8, 32 rows 9.8
+// against dequantize + GEMM's 34.7, 512 rows 53.5 / 62.9, 2048 rows 256 / 157
+constexpr int64_t kInt4AmxMinRows = 8, kInt4AmxMaxRows = 512;
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
                           int64_t group_size, int64_t mm_rows = kInt4MmRows);

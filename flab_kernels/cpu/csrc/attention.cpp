@@ -116,6 +116,19 @@ inline void scale_row(float* a, float r, int64_t d) {
   for (; i < d; ++i) a[i] *= r;
 }
 
+// max of s[0, n): whole vectors, one horizontal max, the tail one by one (no chain of n dependent scalar maxes)
+inline float vmax_row(const float* s, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  if (n >= L) {
+    vf v = vload(s);
+    for (j = L; j + L <= n; j += L) v = vmax(v, vload(s + j));
+    best = vhmax(v);
+  }
+  for (; j < n; ++j) best = std::max(best, s[j]);
+  return best;
+}
+
 // p[j] = exp(s[j] - m) for j in [0, n), n <= block size; returns their sum
 inline float exp_row(float* s, int64_t n, float m) {
   float total = 0.0f;
@@ -231,8 +244,7 @@ void decode_range(const T* q, const T* k_cache, const T* v_cache, const int32_t*
     }
     for (int64_t g = 0; g < G; ++g) {
       float* s = scores + g * BS;
-      float block_max = m[g];
-      for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, s[j]);
+      const float block_max = std::max(m[g], vmax_row(s, n));
       const float rescale = std::exp(m[g] - block_max);  // 0 on the first block (m = -inf)
       if (rescale != 1.0f) scale_row(acc + g * DV, rescale, DV);
       l[g] = l[g] * rescale + exp_row(s, n, block_max);

@@ -1,6 +1,6 @@
 // fp32 vectors for the element-wise kernels (norm_act.cpp, attention.cpp): the instruction set is the compiler's
 // (AVX512F or AVX2 + FMA, the variant's -m flags). Loads and stores of bf16 round to nearest even as torch; `vexp`
-// is exp(x) within 2 ulp over [-87, 88]; `vsum` the horizontal sum of one vector.
+// is exp(x) within 2 ulp over [-87, 88]; `vsum` / `vhmax` the horizontal sum / max of one vector.
 #pragma once
 
 #include <cstdint>
@@ -91,7 +91,15 @@ inline vf vexp(vf x) {
 
 #if defined(__AVX512F__)
 inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 #else
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline float vhmax(vf v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
 inline float vsum(vf v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

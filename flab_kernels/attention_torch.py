@@ -131,12 +131,14 @@ def build_plan(
     block_tables: torch.Tensor,  # (S, MB) int32
     block_size: int,
     compute_dtype: torch.dtype | None = None,
+    decode: bool = True,
 ) -> TorchAttentionPlan:
-    """Precompute the gather indices of one step (python lists in, index tensors out)."""
+    """Precompute the gather indices of one step (python lists in, index tensors out). `decode=False`: a plan of
+    the prefill sequences only (the caller attends the decode rows by other means)."""
     num_seqs = len(seq_lens)
     decode_ids = [i for i in range(num_seqs) if query_start_loc[i + 1] - query_start_loc[i] == 1]
     groups = []
-    if decode_ids:
+    if decode_ids and decode:
         by_len = sorted(decode_ids, key=lambda i: seq_lens[i])
         cuts = split_by_length([seq_lens[i] for i in by_len], block_size)
         if not cuts:
@@ -152,7 +154,7 @@ def build_plan(
         if i not in decode_set:
             nb = -(-seq_lens[i] // block_size)
             prefills.append((i, query_start_loc[i], query_start_loc[i + 1], seq_lens[i], block_tables[i, :nb].long()))
-    all_decode = len(decode_ids) == num_seqs == query_start_loc[-1] and len(groups) == 1
+    all_decode = decode and len(decode_ids) == num_seqs == query_start_loc[-1] and len(groups) == 1
     return TorchAttentionPlan(groups, prefills, all_decode, compute_dtype)
 
 

@@ -8,8 +8,9 @@ other op of the engine (flab_kernels/dispatch.py): the triton backend's engine r
 activation kernels, the torch backend's the torch math.
 
     torch   the CPU path and the reference: a per-step plan of block gathers (flab_kernels/attention_torch.py);
-            with the engine's C++ CPU kernels loaded (EngineConfig.cpu_kernels "fused"), decode-only steps read the
-            paged K/V in place through our paged decode kernel and K/V rows are stored in one call
+            with the engine's C++ CPU kernels loaded (EngineConfig.cpu_kernels "fused"), decode-only steps and the
+            decode rows of steps with prefill read the paged K/V in place through our paged decode kernel (the
+            prefills keep the plan) and K/V rows are stored in one call
             (flab_kernels/cpu/ops.py), for both implementations (native layers and the injected HF attention)
     triton  the CUDA kernels (flab_kernels/kv_store.py, flab_kernels/paged_attention.py, flab_kernels/paged_decode.py)
 """
@@ -60,11 +61,21 @@ class AttentionBackend:
         raise NotImplementedError  # pragma: no cover - every registered backend implements it
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeRows:
+    """The decode rows of a step with prefill: their token indices and their sequences' block tables and lengths."""
+
+    tokens: torch.Tensor  # (Sd,) int64
+    block_tables: torch.Tensor  # (Sd, MB) int32
+    seq_lens: torch.Tensor  # (Sd,) int32
+
+
 @dataclasses.dataclass
 class TorchStep:
     """The torch backend's metadata of one step: whether its attention calls run our C++ paged decode kernel
-    (chosen once per step: one new token per sequence and the kernels loaded) and the plan of block gathers for
-    the others (built in `prepare`, or on first use in a step on the kernel: a call the kernel does not take)."""
+    (chosen once per step, the kernels loaded: `cpu_decode`, one new token per sequence; `cpu_mixed`, a step with
+    prefill whose decode rows the kernel takes while the prefills run the plan) and the plans of block gathers
+    (built in `prepare` for a step without the kernel, else on first use: a call the kernel does not take)."""
 
     query_start_loc: list[int]
     seq_lens: list[int]
@@ -72,22 +83,44 @@ class TorchStep:
     block_size: int
     compute_dtype: torch.dtype | None
     cpu_decode: bool
+    cpu_mixed: bool = False
 
     @cached_property
     def plan(self) -> TorchAttentionPlan:
         return build_plan(self.query_start_loc, self.seq_lens, self.block_tables, self.block_size, self.compute_dtype)
 
+    @cached_property
+    def prefill_plan(self) -> TorchAttentionPlan:  # the prefill sequences only
+        qsl, bt, bs = self.query_start_loc, self.block_tables, self.block_size
+        return build_plan(qsl, self.seq_lens, bt, bs, self.compute_dtype, decode=False)
+
+    @cached_property
+    def decode_rows(self) -> DecodeRows:
+        qsl = self.query_start_loc
+        seqs = [i for i in range(len(self.seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+        device = self.block_tables.device
+        ids = torch.tensor(seqs, dtype=torch.long, device=device)
+        return DecodeRows(
+            torch.tensor([qsl[i] for i in seqs], dtype=torch.long, device=device),
+            self.block_tables.index_select(0, ids).contiguous(),
+            torch.tensor([self.seq_lens[i] for i in seqs], dtype=torch.int32, device=device),
+        )
+
 
 def cpu_decode_takes(args: PagedAttentionArgs) -> bool:
-    """Whether our C++ paged decode kernel computes this call as the torch path does: a decode-only call on CPU,
-    bf16 / fp32 q of the caches' dtype, K and V cached at q's head size (a slot padded to one head size,
-    KVSlot.padded, arrives here zero-padded: the same products), contiguous caches, no bidirectional span, sinks
-    one per query head. Sliding window, softcap and sinks as flab_kernels/attention_torch.py."""
+    """Whether our C++ paged decode kernel computes this call as the torch path does: a decode-only call without
+    bidirectional spans that `cpu_decode_rows_take`."""
+    return args.max_query_len == 1 and not args.bidirectional and cpu_decode_rows_take(args)
+
+
+def cpu_decode_rows_take(args: PagedAttentionArgs) -> bool:
+    """Whether the kernel computes this call's decode rows as the torch path does: on CPU, bf16 / fp32 q of the
+    caches' dtype, K and V cached at q's head size (a slot padded to one head size, KVSlot.padded, arrives here
+    zero-padded: the same products), contiguous caches, sinks one per query head. Sliding window, softcap and sinks
+    as flab_kernels/attention_torch.py; bidirectional spans belong to prefill sequences."""
     q, kc, vc = args.q, args.k_cache, args.v_cache
     return (
-        args.max_query_len == 1
-        and not args.bidirectional
-        and q.device.type == "cpu"
+        q.device.type == "cpu"
         and q.dtype in cpu_ops.PACKED_DTYPES
         and kc.dtype == q.dtype
         and vc.dtype == q.dtype
@@ -110,10 +143,13 @@ class TorchAttention(AttentionBackend):
     name = "torch"
 
     def prepare(self, query_start_loc, seq_lens, block_tables, block_size):
-        decode = self.cpu_kernels is not None and len(seq_lens) == query_start_loc[-1]  # one new token each
-        step = TorchStep(query_start_loc, seq_lens, block_tables, block_size, self.compute_dtype, decode)
-        if not decode:
-            step.plan  # noqa: B018 - built before the forward, as every backend prepares its step
+        kernels = self.cpu_kernels is not None
+        decode = kernels and len(seq_lens) == query_start_loc[-1]  # one new token each
+        rows = sum(1 for a, b in zip(query_start_loc, query_start_loc[1:]) if b - a == 1)
+        mixed = kernels and not decode and rows > 0
+        step = TorchStep(query_start_loc, seq_lens, block_tables, block_size, self.compute_dtype, decode, mixed)
+        if not decode:  # built before the forward, as every backend prepares its step
+            _ = (step.prefill_plan, step.decode_rows) if mixed else step.plan
         return step
 
     def store(self, k, v, k_cache, v_cache, slots):
@@ -132,6 +168,17 @@ class TorchAttention(AttentionBackend):
                 self.cpu_kernels, a.q, a.k_cache, a.v_cache, a.block_tables, a.seq_lens, a.scale, a.softcap,
                 a.sliding_window, a.sinks,
             )  # fmt: skip
+        if metadata.cpu_mixed and cpu_decode_rows_take(a):  # the prefills on the plan, the decode rows on the kernel
+            out = paged_attention_planned(
+                a.q, a.k_cache, a.v_cache, metadata.prefill_plan, a.scale, a.softcap, a.sliding_window, a.sinks,
+                a.bidirectional,
+            )  # fmt: skip
+            rows = metadata.decode_rows
+            decoded = cpu_ops.paged_decode(
+                self.cpu_kernels, a.q.index_select(0, rows.tokens), a.k_cache, a.v_cache, rows.block_tables,
+                rows.seq_lens, a.scale, a.softcap, a.sliding_window, a.sinks,
+            )  # fmt: skip
+            return out.index_copy_(0, rows.tokens, decoded)
         return paged_attention_planned(
             a.q, a.k_cache, a.v_cache, metadata.plan, a.scale, a.softcap, a.sliding_window, a.sinks, a.bidirectional
         )

@@ -2,7 +2,8 @@
 serves both implementations: the transformers fallback reaches it through the injected attention function.
 
 The backend alone (fast): a decode-only step runs the kernel and stores K/V in one call, with the torch path's
-results; steps with prefill, bidirectional spans and K / V head sizes it does not take run the planned torch path.
+results; a step with prefill runs its decode rows on the kernel and its prefills on the planned torch path;
+decode-only steps with bidirectional spans and K / V head sizes it does not take run the planned torch path.
 The engine: greedy tokens of the transformers implementation with `cpu_kernels="fused"` equal the torch path's
 (fp32 exactly; bf16 as tests/models/test_cpu_kernels_engine.py), and its decode steps called the kernel."""
 
@@ -99,16 +100,32 @@ def test_a_decode_step_runs_the_kernel_with_the_torch_results(ext, dtype, option
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"softcap": 5.0, "sliding_window": 6}, {"span": True}])
+def test_a_step_with_prefill_runs_its_decode_rows_on_the_kernel(ext, dtype, options):
+    """Prefills (one with a cached prefix) between decode rows: the prefills on the planned torch path (with their
+    bidirectional span), the decode rows in one kernel call; the torch path's output and caches."""
+    hq, hkv, d = 4, 2, 16
+    kernels = CountingKernels(ext)
+    mixed = make_paged_batch([1, 3, 1, 5, 1], [9, 4, 17, 0, 40], hq, hkv, d, 16, dtype, seed=6)
+    t = 11
+    rows = torch.randn(t, hkv * d).to(dtype).view(t, hkv, d), torch.randn(t, hkv * d).to(dtype).view(t, hkv, d)
+    if options.pop("span", False):
+        options = {"bidirectional": (BidirectionalSpan(3, 1, 4),)}  # tokens 1-3 of the 5-token prefill
+    out, k_cache, v_cache = _step(TorchAttention(cpu_kernels=kernels), mixed, *rows, **options)
+    ref, k_ref, v_ref = _step(TorchAttention(), mixed, *rows, **options)
+    assert kernels.calls == {"paged_decode": 1, "store_kv": 1}  # rows stored in one call on every step
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    prefill_rows = [1, 2, 3, 5, 6, 7, 8, 9]
+    assert torch.equal(out[prefill_rows], ref[prefill_rows])  # the same planned path for the prefills
+
+
 def test_other_steps_and_calls_run_the_torch_path(ext):
     hq, hkv, d = 4, 2, 16
     kernels = CountingKernels(ext)
     backend = TorchAttention(cpu_kernels=kernels)
-    mixed = make_paged_batch([3, 1], [4, 17], hq, hkv, d, 16, torch.float32, seed=6)  # a step with prefill
-    rows = torch.randn(4, hkv * d).view(4, hkv, d), torch.randn(4, hkv * d).view(4, hkv, d)
-    out, k_cache, _ = _step(backend, mixed, *rows)
-    ref, k_ref, _ = _step(TorchAttention(), mixed, *rows)
-    assert torch.equal(out, ref) and torch.equal(k_cache, k_ref)
-    assert kernels.calls == {"paged_decode": 0, "store_kv": 1}  # rows stored in one call on every step
     decode = make_paged_batch([1, 1], [4, 17], hq, hkv, d, 16, torch.float32, seed=7)
     new = _new_kv(2, hkv, d, torch.float32)
     span = (BidirectionalSpan(0, 0, 5),)
@@ -189,9 +206,10 @@ def test_transformers_fp32_decode_on_the_kernel_gives_the_torch_tokens(tiny_mode
     plain, plain_info, _ = _tokens(path, cpu_kernels="torch")
     assert info["cpu_kernels"] == "fused" and plain_info["cpu_kernels"] == "torch"
     assert fused == plain
-    # the three prompts prefill in one step (which samples their first token), then 11 decode-only steps: each
-    # layer's attention on the kernel in each
-    assert calls == 11 * info["layers"], (calls, info["layers"])
+    # the three prompts prefill in one step (which samples their first token; the one-token prompt is a row of one
+    # new token there, which the kernel takes), then 11 decode-only steps: each layer's attention on the kernel in
+    # each of the 12
+    assert calls == 12 * info["layers"], (calls, info["layers"])
 
 
 @pytest.fixture(scope="module")

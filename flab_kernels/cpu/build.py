@@ -31,6 +31,7 @@ SOURCES = (
     "tensor_ops.cpp",
     "decode_stack.cpp",
     "gemv.cpp",
+    "amx.cpp",
     "norm_act.cpp",
     "attention.cpp",
     "claim.cpp",

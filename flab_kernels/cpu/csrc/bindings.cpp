@@ -1,6 +1,7 @@
 // Python bindings of the kernels on tensors (tensor_ops.h) and of the decode stack (decode_stack.h).
 #include <torch/extension.h>
 
+#include "amx.h"
 #include "decode_stack.h"
 #include "gemv.h"
 #include "tensor_ops.h"

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <utility>
 
+#include "amx.h"
 #include "attention.h"
 #include "claim.h"
 #include "gemv.h"

@@ -4,6 +4,7 @@ and the same KV sizing (context, blocks, cache bytes) as a loaded Engine with th
 from __future__ import annotations
 
 import pytest
+import torch
 
 from backend import Engine
 from backend.core.errors import KVCacheError, QuantizationError
@@ -42,6 +43,26 @@ def test_estimate_parses_what_the_engine_parses():
         estimate_memory("tiny:qwen3", quantization="gptq")  # a checkpoint format on a full-precision checkpoint
     with pytest.raises(QuantizationError):
         Engine("tiny:qwen3", quantization="gptq")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_estimate_counts_a_quantized_lm_head(tmp_path, tied):
+    """`lm_head=int8`: the output head counted in int8 (untied: instead of its bf16 weight; tied: a quantized copy
+    beside the embedding, which stays), as the loaded engine holds it."""
+    from backend.loading.tiny_models import build_tiny_model
+
+    path = str(build_tiny_model("llama", tmp_path / "m", dtype=torch.bfloat16, tie_word_embeddings=tied))
+    plain = estimate_memory(path, dtype="bfloat16", quantization="int4:g32,kernel=torch")
+    head = estimate_memory(path, dtype="bfloat16", quantization="int4:g32,kernel=torch,lm_head=int8")
+    with Engine(path, dtype="bfloat16", device="cpu", cpu_kernels="torch", num_kv_blocks=16) as e:
+        vocab, hidden = e.model.lm_head.out_features, e.model.lm_head.in_features
+    int8_head = vocab * hidden + vocab * 2  # codes + one bf16 scale per row
+    expected = plain.weight_bytes + int8_head - (0 if tied else vocab * hidden * 2)
+    assert head.weight_bytes == expected
+    options = dict(dtype="bfloat16", device="cpu", cpu_kernels="torch", cpu_linear="none", num_kv_blocks=16)
+    with Engine(path, quantization="int4:g32,kernel=torch,lm_head=int8", **options) as e:
+        with Engine(path, quantization="int4:g32,kernel=torch", **options) as p:  # no packed copies on either side
+            assert e.weights_bytes - p.weights_bytes == head.weight_bytes - plain.weight_bytes
 
 
 def test_estimate_refuses_settings_the_engine_refuses():

@@ -18,13 +18,15 @@ DTYPE_CHOICES = ["auto", *DTYPES]
 
 def _quant_choices() -> list[str]:
     """'as in checkpoint', 'none', then the on-the-fly methods ('int4' at its default group, then the other
-    int4 group sizes by name); checkpoint formats (gptq, awq...) load 'as in checkpoint'."""
+    int4 group sizes by name, then llama.cpp Q4 files' mix: group 32 with the lm_head in int8); checkpoint formats
+    (gptq, awq...) load 'as in checkpoint'."""
     choices = ["as in checkpoint", "none"]
     for name, method in QUANTIZATION_METHODS.items():
         if method.on_the_fly:
             choices.append(name)
             if name == "int4":
                 choices += [f"int4:g{g}" for g in INT4_GROUP_SIZES if g != Int4Config.group_size]
+                choices.append("int4:g32,lm_head=int8")
     return choices
 
 

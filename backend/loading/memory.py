@@ -70,7 +70,7 @@ from backend.units import format_bytes, format_count
 
 KV_DTYPES_BY_BYTES: dict[int, torch.dtype] = {4: torch.float32, 2: torch.bfloat16, 1: torch.float8_e4m3fn}
 ON_THE_FLY = ("int8", "int4", "fp8")  # methods whose bytes are computed here (checkpoint formats: as stored)
-UNQUANTIZED_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "shared", "word_embeddings")
+UNQUANTIZED_NAME_PARTS = ("embed", "wte", "wpe", "shared", "word_embeddings")  # the output head: `_is_head`
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # per-expert checkpoint tensors
 # Tensor names of an image-text model's vision tower and projector (the rest: its language model)
 VISION_NAME_PARTS = ("vision", "visual", "multi_modal_projector", "mm_projector", "connector.", "image_newline")
@@ -316,6 +316,15 @@ def compute_estimate(
         weight_bytes += size
         if image_text and _is_vision(t):
             vision_bytes += size
+    tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    if on_the_fly is not None and _head_format(on_the_fly) is not None and tied and not any(map(_is_head, tensors)):
+        # a tied lm_head quantized from the embedding, which stays: the quantized copy is extra
+        embedding = next((t for t in tensors if "embed_tokens" in t.name and len(t.shape) == 2), None)
+        if embedding is not None:
+            weight_bytes += _quantized_bytes(
+                TensorMeta("lm_head.weight", embedding.dtype, embedding.shape), on_the_fly, act_bytes
+            )
+            quantized += 1
     load_peak = weight_bytes
     if layer_extra:
         per_expert_names = any(_PER_EXPERT.search(t.name) for t in tensors)
@@ -434,15 +443,28 @@ def _architecture(config: dict) -> str | None:
     return archs[0] if archs else None
 
 
+def _head_format(method) -> str | None:
+    """The output projection's quantized format when an on-the-fly request's `lm_head=` asks for one, else None."""
+    head = getattr(method.config, "lm_head", "none")
+    return None if head == "none" else head
+
+
+def _is_head(t: TensorMeta) -> bool:
+    lowered = t.name.lower()
+    return "lm_head" in lowered or lowered == "output.weight"
+
+
 def _quantizable(t: TensorMeta, method) -> bool:
     if len(t.shape) == 3 and t.dtype in FLOAT_DTYPES and _is_expert(t) and t.name.rpartition(".")[2] in STACKED_WEIGHTS:
         return not method.skip(t.name.rpartition(".")[0])  # stacked experts (E, N, K): quantized per expert
     if len(t.shape) != 2 or t.dtype not in FLOAT_DTYPES or not t.name.endswith(".weight"):
         return False
+    if _is_head(t):
+        return _head_format(method) is not None  # full precision unless `lm_head=` says otherwise
     prefix = t.name.removesuffix(".weight")
     lowered = t.name.lower()
-    if any(part in lowered for part in UNQUANTIZED_NAME_PARTS) or lowered == "output.weight":
-        return False  # embeddings (not linear layers) and the output head
+    if any(part in lowered for part in UNQUANTIZED_NAME_PARTS):
+        return False  # embeddings (not linear layers)
     return not method.skip(prefix) and not method.skip(prefix.removeprefix("model."))
 
 
@@ -451,7 +473,7 @@ def _quantized_bytes(t: TensorMeta, method, scale_bytes: int) -> int:
         experts, n, k = t.shape
         return experts * _quantized_bytes(TensorMeta(t.name, t.dtype, (n, k)), method, scale_bytes)
     n, k = t.shape  # (out_features, in_features)
-    if method.name == "int8":
+    if method.name == "int8" or (_is_head(t) and _head_format(method) == "int8"):
         return n * k + n * scale_bytes
     if method.name == "fp8":
         return n * k + n * 4

@@ -145,8 +145,7 @@ class TorchAttention(AttentionBackend):
     def prepare(self, query_start_loc, seq_lens, block_tables, block_size):
         kernels = self.cpu_kernels is not None
         decode = kernels and len(seq_lens) == query_start_loc[-1]  # one new token each
-        rows = sum(1 for a, b in zip(query_start_loc, query_start_loc[1:]) if b - a == 1)
-        mixed = kernels and not decode and rows > 0
+        mixed = kernels and not decode and any(b - a == 1 for a, b in zip(query_start_loc, query_start_loc[1:]))
         step = TorchStep(query_start_loc, seq_lens, block_tables, block_size, self.compute_dtype, decode, mixed)
         if not decode:  # built before the forward, as every backend prepares its step
             _ = (step.prefill_plan, step.decode_rows) if mixed else step.plan

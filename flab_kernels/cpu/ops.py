@@ -4,7 +4,8 @@
     linear(ext, x, packed, bias, N)   (..., K) -> (..., N): x @ w.T + bias, fp32 accumulation
     pack_int8_weight(q), linear_int8(ext, x, packed, scales, bias, N)   weight-only int8 (per-row scales)
     pack_int4_weight(codes, scales, offsets, group, centered), linear_int4(ext, x, packed, bias, N)   int4 group-wise
-      (few rows: the group-wise tile over the packed codes; many: the weight dequantized once, torch's GEMM)
+      (few rows: the group-wise tile over the packed codes; many: AMX tiles, or the weight dequantized once and
+      torch's GEMM)
     rms_norm(ext, x, w, eps, residual, offset)   as flab_kernels.norm.rms_norm_torch
     silu_and_mul(ext, x)              as flab_kernels.activation.silu_and_mul_torch
     rope_(ext, x, cos, sin, heads, head_dim)   in place, as backend/layers/rotary.py's torch math

@@ -8,11 +8,11 @@ paged decode.
   kernel, which streams the weight once across both cores; larger ones (prefill, big batches) run the module it
   wraps, whose oneDNN GEMM is faster there. The two copies cost the weights' bytes twice; a decode step reads
   only ours (build.py `decode_weight_bytes`).
-- int8 weight-only linears (on-the-fly `int8`: per-row symmetric scales) the same way: our int8 GEMV for
-  decode rows (codes widened to fp32 in registers, per-row scales at the end), the quantized module above;
-  int4 group-wise linears (contiguous groups: on-the-fly `int4`, GPTQ without act-order, ...) too, repacked
-  to our layout (two codes a byte, 16 rows a block; per-group scale and offset), for every row count (prefill
-  included: the weight dequantized once, then torch's GEMM).
+- int8 weight-only linears (on-the-fly `int8`: per-row symmetric scales) the same way, up to their row limit
+  (every row count on AVX512: codes widened to fp32 in registers, or to bf16 pairs for AMX tiles; per-row scales
+  at the end), the quantized module above it; int4 group-wise linears (contiguous groups: on-the-fly `int4`, GPTQ
+  without act-order, ...) too, repacked to our layout (two codes a byte, 16 rows a block; per-group scale and
+  offset), for every row count (csrc/tensor_ops.h `linear_int4` names the routes by row count).
 - native models' `RMSNorm` modules run the fused kernel for bf16 / fp32 activations, SiLU MLPs (a module
   whose `act` is "silu": the dense MLP, MoE experts) our SiLU-and-mul (vectorized exp) through
   backend/layers/activation.py's `KernelActivation`, their `RotaryEmbedding` our in-place RoPE over the q | k
@@ -95,9 +95,9 @@ class FusedInt8Product:
 
 class FusedInt4Product:
     """Weight-only int4, group-wise (backend/quantization int4 with contiguous groups), by our kernel for every row
-    count: the group-wise tile for few rows, the weight dequantized once and torch's GEMM for many (faster than
-    the module's own `cpu_int4pack` product at every count measured, 1-512 rows: docs/cpu_kernels.md). Packed from
-    the module's codes, scales and zeros."""
+    count: the group-wise tile for few rows, AMX tiles or the weight dequantized once and torch's GEMM for many
+    (faster than the module's own `cpu_int4pack` product at every count measured: docs/cpu_kernels.md). Packed
+    from the module's codes, scales and zeros."""
 
     def __init__(self, ext: ModuleType, weight: ops.Int4Packed, n: int, k: int, bias: torch.Tensor | None) -> None:
         self.ext = ext
@@ -186,11 +186,10 @@ class FusedRMSNorm(RMSNorm):
 
 
 class FusedPagedAttention(PagedAttention):
-    """A native attention layer of an engine whose torch attention backend holds our kernels: its decode-only
-    steps run our paged decode kernel and the one-call K/V store through that backend (`TorchAttention.store` /
-    `attend`, the path the transformers implementation takes too); prefill and mixed steps, other backends and
-    calls the kernel does not take run the shared path. The class marks the layers the decode stack may take
-    and the lab labels."""
+    """A native attention layer of an engine whose torch attention backend holds our kernels: its decode rows run
+    our paged decode kernel and the one-call K/V store through that backend (`TorchAttention.store` / `attend`,
+    the path the transformers implementation takes too); prefills, other backends and calls the kernel does not
+    take run the shared path. The class marks the layers the decode stack may take and the lab labels."""
 
     kernels: ModuleType
 

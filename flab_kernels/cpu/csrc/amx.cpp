@@ -22,8 +22,9 @@ namespace {
 using namespace packed;
 
 // AMX: tmm0-3 the C tiles (2 row groups x 2 blocks), tmm4-5 the A tiles (16 rows of x, 32 bf16 of K each), tmm6-7
-// the B tiles: 16 pairs of K x 16 outputs, 64 bytes a row. A `Tiles` source gives block b's B tile at pair p: the
-// bf16 packing as it lies ([KP][16][2] of a block) or int8 codes widened into that layout
+// the B tiles: 16 pairs of K x 16 outputs, 64 bytes a row. A `Tiles` source, `load`ed with a group of (up to two)
+// blocks, gives block b's B tile at pair p: the bf16 packing as it lies ([KP][16][2] of a block) or int8 / int4
+// codes widened into that layout
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -33,12 +34,13 @@ struct alignas(64) TileConfig {
 constexpr int64_t kAhead = 4 * kAmxPairs;  // pairs prefetched ahead: the weight comes from memory
 
 struct Bf16Tiles {  // read in place
-  const uint16_t* w;  // the first block of the group
-  int64_t bs;         // elements between two blocks
-  void load(int, int64_t) {}
-  const void* tile(int b, int64_t p) const { return w + b * bs + p * 2 * kBlock; }
+  const uint16_t* w;
+  int64_t bs;                   // elements between two blocks
+  const uint16_t* at = nullptr;  // the first block of the group
+  void load(int, int64_t blk) { at = w + blk * bs; }
+  const void* tile(int b, int64_t p) const { return at + b * bs + p * 2 * kBlock; }
   void prefetch(int b, int64_t p) const {
-    for (int64_t line = 0; line < kAmxPairs; ++line) __builtin_prefetch(w + b * bs + (p + line) * 2 * kBlock);
+    for (int64_t line = 0; line < kAmxPairs; ++line) __builtin_prefetch(at + b * bs + (p + line) * 2 * kBlock);
   }
 };
 
@@ -50,7 +52,7 @@ struct WidenedTiles {
   std::vector<uint32_t>* buf;  // (2, KP, 16), the calling thread's
   int64_t KP;
   void load(int nb, int64_t blk) {
-    buf->resize(2 * KP * kBlock + 16);
+    buf->resize(2 * KP * kBlock);
     for (int b = 0; b < nb; ++b)
       for (int64_t p = 0; p < KP; ++p) _mm512_storeu_si512(row(b, p), widen.pair(blk, b, p));
   }
@@ -117,10 +119,10 @@ void tile_amx(const uint16_t* x, int64_t xs, Tiles& tiles, int64_t KP, float* ac
   if (MT > 1 && NB > 1) _tile_stored(3, acc_out + 16 * NB * kBlock + kBlock, ld);
 }
 
-// blocks [b0, b1) two at a time, rows 32 at a time; `tiles_at(blk)` the B source of the blocks from blk
-template <typename TilesAt>
-void amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, int64_t KP, const TilesAt& tiles_at,
-                const float* scales, const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
+// blocks [b0, b1) two at a time (each pair `load`ed into `tiles`), rows 32 at a time
+template <typename Tiles>
+void amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, int64_t KP, Tiles tiles, const float* scales,
+                const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
     config.rows[t] = 16;
@@ -130,7 +132,6 @@ void amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, int64_t KP, cons
   alignas(64) float acc[2 * 16 * 2 * kBlock];
   for (int64_t blk = b0; blk < b1; blk += 2) {
     const int nb = static_cast<int>(std::min<int64_t>(2, b1 - blk));
-    auto tiles = tiles_at(blk);
     tiles.load(nb, blk);
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
       const int mt = M - m0 > 16 ? 2 : 1;
@@ -168,9 +169,7 @@ bool amx_ready() {
 void gemm_bf16_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const uint16_t* w, int64_t KP,
                           const float* bias, int64_t N, int64_t b0, int64_t b1, void* out, bool out_bf16) {
 #if defined(__AMX_BF16__)
-  const int64_t bs = KP * 2 * kBlock;
-  amx_blocks(x, M, x_stride, KP, [&](int64_t blk) { return Bf16Tiles{w + blk * bs, bs}; }, nullptr, bias, N, b0, b1,
-             out, out_bf16);
+  amx_blocks(x, M, x_stride, KP, Bf16Tiles{w, KP * 2 * kBlock}, nullptr, bias, N, b0, b1, out, out_bf16);
 #else
   (void)x, (void)M, (void)x_stride, (void)w, (void)KP, (void)bias, (void)N, (void)b0, (void)b1, (void)out,
       (void)out_bf16;
@@ -183,9 +182,8 @@ void gemm_i8_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const in
                         bool out_bf16) {
 #if defined(__AMX_BF16__)
   thread_local std::vector<uint32_t> buf;
-  const Int8Widen widen{w, K * kBlock};
-  amx_blocks(x, M, x_stride, K / 2, [&](int64_t) { return WidenedTiles<Int8Widen>{widen, &buf, K / 2}; }, scales,
-             bias, N, b0, b1, out, out_bf16);
+  const WidenedTiles<Int8Widen> tiles{Int8Widen{w, K * kBlock}, &buf, K / 2};
+  amx_blocks(x, M, x_stride, K / 2, tiles, scales, bias, N, b0, b1, out, out_bf16);
 #else
   (void)x, (void)M, (void)x_stride, (void)w, (void)K, (void)scales, (void)bias, (void)N, (void)b0, (void)b1,
       (void)out, (void)out_bf16;
@@ -200,9 +198,8 @@ void gemm_i4_amx_blocks(const uint16_t* x, int64_t M, int64_t x_stride, const ui
   thread_local std::vector<uint32_t> buf;
   const int64_t bs = KP * kBlock, ss = G * kBlock;
   auto run = [&](auto widen) {
-    using Widen = decltype(widen);
-    amx_blocks(x, M, x_stride, KP, [&](int64_t) { return WidenedTiles<Widen>{widen, &buf, KP}; }, nullptr, bias, N,
-               b0, b1, out, out_bf16);
+    const WidenedTiles<decltype(widen)> tiles{widen, &buf, KP};
+    amx_blocks(x, M, x_stride, KP, tiles, nullptr, bias, N, b0, b1, out, out_bf16);
   };
   if (bf16_scales)
     run(Int4Widen<uint16_t>{w, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(offsets), bs, ss,

@@ -20,7 +20,6 @@ constexpr int MT_MAX = 4, NB_MAX = 4;
 constexpr int MT_MAX = 1, NB_MAX = 2;  // 16 ymm registers
 #endif
 
-
 constexpr int R = kBlock / L;  // vectors per block row of 16 outputs
 
 // bf16 weights, fp32 x: acc[m][b * 16 + j] = sum_k x[m, k] * w[block b, row j, k]

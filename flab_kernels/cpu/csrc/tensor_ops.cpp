@@ -57,12 +57,23 @@ namespace flab {
 
 namespace {
 
-// AMX usable and a packing whose K (pairs) fills whole tiles: bf16 [NB][KP][16][2], int8 [NB][K][16]
+// AMX usable and a packing whose K (pairs) fills whole tiles: bf16 [NB][KP][16][2], int8 [NB][K][16], int4
+// [NB][KP][16] bytes
 bool amx_packing(const torch::Tensor& packed) {
-  const bool bf16 = packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(1) % flab::kAmxPairs == 0;
-  const bool int8 = packed.scalar_type() == at::kChar && packed.dim() == 3 && packed.size(1) % (2 * flab::kAmxPairs) == 0;
-  return (bf16 || int8) && flab::amx_ready();
+  const auto type = packed.scalar_type();
+  const bool bf16 = type == at::kBFloat16 && packed.dim() == 4, int8 = type == at::kChar && packed.dim() == 3,
+             int4 = type == at::kByte && packed.dim() == 3;
+  const int64_t per_tile = int8 ? 2 * flab::kAmxPairs : flab::kAmxPairs;  // dim 1 is K (int8) or K pairs
+  return (bf16 || int8 || int4) && packed.size(1) % per_tile == 0 && flab::amx_ready();
 }
+
+// bf16 rows as the AMX tiles read them: contiguous, zero rows up to a whole group of 16 (not written out)
+torch::Tensor amx_rows(const torch::Tensor& x) {
+  const int64_t M = x.size(0), padded = (M + 15) / 16 * 16;
+  return padded == M ? x.contiguous() : at::constant_pad_nd(x, {0, 0, 0, padded - M});
+}
+
+const uint16_t* bf16_data(const torch::Tensor& x) { return reinterpret_cast<const uint16_t*>(x.data_ptr()); }
 
 }  // namespace
 
@@ -100,9 +111,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const 
     const bool out_bf16 = out.scalar_type() == at::kBFloat16;
     TORCH_CHECK(out_bf16 || out.scalar_type() == at::kFloat, "linear: output must be bf16 or fp32");
     if (dot && M > kGemvMaxRows && amx_packing(packed)) {
-      const int64_t padded = (M + 15) / 16 * 16;  // the tiles read whole groups of 16 rows
-      if (padded != M) xin = at::constant_pad_nd(xin, {0, 0, 0, padded - M});
-      const auto* xa = reinterpret_cast<const uint16_t*>(xin.data_ptr());
+      const auto xt = amx_rows(xin);
+      const uint16_t* xa = bf16_data(xt);
       claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
         flab::gemm_bf16_amx_blocks(xa, M, 2 * KP, w, KP, b, N, b0, b1, op, out_bf16);
       });
@@ -143,10 +153,8 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
   void* op = out.data_ptr();
   const bool out_bf16 = out.scalar_type() == at::kBFloat16;
   if (x.scalar_type() == at::kBFloat16 && M > kGemvMaxRows && amx_packing(packed)) {
-    auto xa = x.contiguous();
-    const int64_t padded = (M + 15) / 16 * 16;  // the tiles read whole groups of 16 rows
-    if (padded != M) xa = at::constant_pad_nd(xa, {0, 0, 0, padded - M});
-    const auto* xp = reinterpret_cast<const uint16_t*>(xa.data_ptr());
+    const auto xt = amx_rows(x);
+    const uint16_t* xp = bf16_data(xt);
     claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
       flab::gemm_i8_amx_blocks(xp, M, K, w, K, sp, b, N, b0, b1, op, out_bf16);
     });
@@ -185,12 +193,10 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   const void* sp = scales.data_ptr();
   const void* op_ = offsets.data_ptr();
   if (x.scalar_type() == at::kBFloat16 && M >= kInt4AmxMinRows && M <= kInt4AmxMaxRows &&
-      KP % flab::kAmxPairs == 0 && flab::amx_ready()) {  // AMX tiles over the weight dequantized a block pair at a time
+      amx_packing(packed)) {  // AMX tiles over the weight dequantized a block pair at a time
     auto out = torch::empty({M, N}, x.options());
-    auto xa = 2 * KP != K ? at::constant_pad_nd(x, {0, 2 * KP - K}) : x.contiguous();
-    const int64_t padded = (M + 15) / 16 * 16;  // the tiles read whole groups of 16 rows
-    if (padded != M) xa = at::constant_pad_nd(xa, {0, 0, 0, padded - M});
-    const auto* xp = reinterpret_cast<const uint16_t*>(xa.data_ptr());
+    const auto xt = amx_rows(2 * KP != K ? at::constant_pad_nd(x, {0, 2 * KP - K}) : x);
+    const uint16_t* xp = bf16_data(xt);
     const float* b = bias ? bias->data_ptr<float>() : nullptr;
     void* op = out.data_ptr();
     claim_parallel(NB, M * N * K, 2, [&](int64_t b0, int64_t b1) {
